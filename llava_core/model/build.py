@@ -1,0 +1,112 @@
+"""Build a LLaVA model from a vision encoder and a language model, the same way for a 7B run and for a test.
+
+`assemble_llava` takes two directories (or hub ids) in Hugging Face format, e.g. `openai/clip-vit-large-patch14-336`
+and `lmsys/vicuna-7b-v1.5`, and returns transformers' own `LlavaForConditionalGeneration` with a fresh LLaVA-1.5
+projector (Linear, GELU, Linear) plus a matching `LlavaProcessor`. The quickstart calls it on tiny models that
+`llava_core.model.tiny` saves to disk first, so the code path is the one a real cluster runs.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForCausalLM,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
+
+from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+
+log = logging.getLogger(__name__)
+
+IMAGE_TOKEN = "<image>"
+PAD_TOKEN = "<pad>"
+
+
+def load_tokenizer_with_image_token(llm_path: str):
+    """The LLM's tokenizer with `<image>` and `<pad>` added where missing (Vicuna has neither), as the HF
+    conversion of LLaVA does."""
+    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE):
+    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=chat_template,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
+    )
+
+
+def image_seq_length(vision_config) -> int:
+    """Image tokens per image: one per patch (the CLS token is dropped). 576 for CLIP ViT-L/14 at 336 px."""
+    return (vision_config.image_size // vision_config.patch_size) ** 2
+
+
+def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32):
+    """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor."""
+    tokenizer = load_tokenizer_with_image_token(llm_path)
+    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
+        llm.resize_token_embeddings(len(tokenizer))
+
+    config = LlavaConfig(
+        vision_config=vision.config,
+        text_config=llm.config,
+        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        image_seq_length=image_seq_length(vision.config),
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    # Build the shell on the meta device, then move the loaded parts in: no second copy of a 7B LLM in memory.
+    with torch.device("meta"):
+        model = LlavaForConditionalGeneration(config)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    model.config.text_config = llm.config
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size)
+    return model, processor
+
+
+def load_llava(path: str, dtype: torch.dtype = torch.float32):
+    """A LLaVA checkpoint in HF format (this project's stage outputs and exports, or llava-hf/* models)."""
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    processor = AutoProcessor.from_pretrained(path)
+    return model, processor
+
+
+def load_official_projector(model, projector_path: str) -> None:
+    """Load an official LLaVA `mm_projector.bin` (keys `model.mm_projector.{0,2}.{weight,bias}`) into the model."""
+    state = torch.load(projector_path, map_location="cpu", weights_only=True)
+    renamed = {
+        key.replace("model.mm_projector.0.", "linear_1.").replace("model.mm_projector.2.", "linear_2."): value
+        for key, value in state.items()
+    }
+    missing, unexpected = model.model.multi_modal_projector.load_state_dict(renamed, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{projector_path} is not a LLaVA mlp2x_gelu projector: missing {missing}, unexpected {unexpected}")

@@ -1,0 +1,121 @@
+"""One way to read and write run data, whether it lives on local disk or in S3 (`s3://bucket/prefix`).
+
+Everything goes through pyarrow's filesystem layer, the same one Ray Data and Ray Train use, so a path that works
+for one stage works for all of them. `AWS_ENDPOINT_URL` points it at an S3-compatible server (MinIO, moto).
+"""
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+from typing import Any
+
+import pyarrow.fs as pafs
+
+
+def is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def join(base: str, *parts: str) -> str:
+    if is_remote(base):
+        return posixpath.join(base, *parts)
+    return os.path.join(base, *parts)
+
+
+def absolute(path: str) -> str:
+    """Ray workers may run in another working directory: hand them absolute paths."""
+    return path if is_remote(path) else os.path.abspath(path)
+
+
+def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem for `path` and the path inside it."""
+    if not is_remote(path):
+        return pafs.LocalFileSystem(), os.path.abspath(path)
+    if path.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+        return fs, path[len("s3://"):]
+    return pafs.FileSystem.from_uri(path)
+
+
+def exists(path: str) -> bool:
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type != pafs.FileType.NotFound
+
+
+def makedirs(path: str) -> None:
+    fs, inner = filesystem(path)
+    fs.create_dir(inner, recursive=True)
+
+
+def read_bytes(path: str) -> bytes:
+    fs, inner = filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return f.read()
+
+
+def write_bytes(path: str, data: bytes) -> None:
+    fs, inner = filesystem(path)
+    parent = posixpath.dirname(inner) if is_remote(path) else os.path.dirname(inner)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    with fs.open_output_stream(inner) as f:
+        f.write(data)
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_text(path: str, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def read_json(path: str) -> Any:
+    return json.loads(read_text(path))
+
+
+def write_json(path: str, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Files below `path` (recursively), as full paths in the same scheme as `path`, sorted."""
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type == pafs.FileType.NotFound:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if is_remote(path):
+        scheme = path.split("://", 1)[0]
+        return [f"{scheme}://{p}" for p in found]
+    return found
+
+
+def delete_dir(path: str) -> None:
+    fs, inner = filesystem(path)
+    if fs.get_file_info(inner).type != pafs.FileType.NotFound:
+        fs.delete_dir(inner)
+
+
+def copy_dir(src: str, dst: str) -> None:
+    """Copy a directory tree between any two locations (local <-> s3 included)."""
+    src_fs, src_inner = filesystem(src)
+    dst_fs, dst_inner = filesystem(dst)
+    dst_fs.create_dir(dst_inner, recursive=True)
+    pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
+
+
+def local_copy(path: str, cache_root: str) -> str:
+    """A local directory holding the contents of `path`; remote paths are downloaded under `cache_root` once.
+
+    transformers' `from_pretrained` needs local files, so model directories in S3 are mirrored first.
+    """
+    if not is_remote(path):
+        return path
+    target = os.path.join(cache_root, path.replace("://", "/").strip("/"))
+    if not os.path.exists(os.path.join(target, ".complete")):
+        copy_dir(path, target)
+        open(os.path.join(target, ".complete"), "w").close()
+    return target

@@ -1,0 +1,199 @@
+"""The per-worker training loop of the align and instruct stages (runs inside Ray Train workers).
+
+One screenful per idea: build the model for the stage, freeze what the stage does not train, hand it to DeepSpeed,
+then step through the batch plan, reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the
+step counter from the last checkpoint Ray Train hands back.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import ray.train
+import torch
+
+from llava_core import storage
+from llava_core.train.batching import BatchPlan, collate, load_examples
+from llava_core.train.freeze import set_trainable
+
+DS_TAG = "deepspeed"
+
+
+def cosine_with_warmup(total_steps: int, warmup_ratio: float):
+    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
+    return {
+        "train_batch_size": stage["global_batch_size"],
+        "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": stage["max_grad_norm"],
+        "zero_optimization": {"stage": stage["zero_stage"]},
+        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},
+        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_model(config: dict):
+    from llava_core.model.build import assemble_llava, load_llava
+
+    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector
+    if config["init_from"]:
+        model, processor = load_llava(config["init_from"])
+    else:
+        model, processor = assemble_llava(config["vision_path"], config["llm_path"])
+    return model, processor
+
+
+def keep_projector_in_graph(model, loss: torch.Tensor) -> torch.Tensor:
+    """Text-only micro-batches never touch the projector; add it with weight 0 so every rank's backward covers the
+    same parameters (otherwise ZeRO's gradient reduction waits for a rank that never sends)."""
+    projector = model.model.multi_modal_projector
+    dummy = torch.zeros(1, projector.linear_1.in_features, dtype=loss.dtype, device=loss.device)
+    return loss + 0.0 * projector(dummy).sum()
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+
+    stage = config["stage"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+
+    model, processor = build_model(config)
+    parts = set_trainable(model, stage["trainable"])
+    if stage["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    examples = load_examples(config["shards"])
+    grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
+    plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"])
+    steps_per_epoch = plan.steps_per_epoch(examples.num_rows)
+    total_steps = steps_per_epoch * stage["epochs"]
+    if total_steps == 0:
+        raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, stage["warmup_ratio"]))
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(stage, world, grad_accum, config["use_gpu"]))
+
+    start_step, history = restore(engine)
+    if rank == 0:
+        log_start(config, parts, total_steps, start_step, plan)
+    image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
+    pad_id = processor.tokenizer.pad_token_id
+
+    window = {"t": time.time(), "tokens": 0, "samples": 0}
+    for step in range(start_step, total_steps):
+        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        losses = []
+        for rows in plan.micro_batches(examples.num_rows, epoch, step_in_epoch, rank):
+            batch = collate(examples, rows, pad_id, image_shape)
+            batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+            if batch["pixel_values"] is None:
+                batch.pop("pixel_values")
+            loss = engine(**batch).loss
+            if "pixel_values" not in batch:
+                loss = keep_projector_in_graph(engine.module, loss)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.detach().float())
+            window["tokens"] += int(batch["attention_mask"].sum())
+            window["samples"] += len(rows)
+        record = step_metrics(engine, scheduler, losses, window, step, world)
+        history.append(record)
+        is_last = step + 1 == total_steps
+        if rank == 0 and ((step + 1) % stage["log_every"] == 0 or is_last or step == start_step):
+            print_progress(config["stage_name"], record, total_steps, config["start_time"])
+        if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
+            save_and_report(engine, processor, step + 1, total_steps, history, rank, config, is_last)
+
+
+def step_metrics(engine, scheduler, losses, window, step, world) -> dict:
+    """Loss averaged over every rank's micro-batches; throughput summed over ranks since the last step."""
+    loss = torch.stack(losses).mean()
+    torch.distributed.all_reduce(loss)
+    counts = torch.tensor([window["tokens"], window["samples"]], dtype=torch.float64)
+    torch.distributed.all_reduce(counts)
+    now = time.time()
+    elapsed = max(now - window["t"], 1e-9)
+    window.update(t=now, tokens=0, samples=0)
+    grad_norm = engine.get_global_grad_norm()
+    return {
+        "step": step + 1,
+        "loss": round(float(loss) / world, 6),
+        "lr": float(scheduler.get_last_lr()[0]),
+        "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
+        "tokens_per_s": round(float(counts[0]) / elapsed, 2),
+        "samples_per_s": round(float(counts[1]) / elapsed, 2),
+        "time": round(now, 3),
+    }
+
+
+def print_progress(stage_name: str, record: dict, total_steps: int, start_time: float) -> None:
+    done = record["step"]
+    elapsed = time.time() - start_time
+    eta = elapsed / done * (total_steps - done) if done else 0
+    print(f"[{stage_name}] step {done}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+          f"samples/s {record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f} "
+          f"ETA {time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+
+
+def log_start(config, parts, total_steps, start_step, plan) -> None:
+    trained = {k: v["parameters"] for k, v in parts.items() if v["trainable"]}
+    frozen = {k: v["parameters"] for k, v in parts.items() if not v["trainable"]}
+    print(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
+          f"{plan.global_batch_size} samples ({plan.world_size} workers x {plan.micro_batch_size} x "
+          f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+
+
+def restore(engine) -> tuple[int, list]:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return 0, []
+    with checkpoint.as_directory() as directory:
+        engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
+        with open(os.path.join(directory, "train_state.json")) as f:
+            state = json.load(f)
+    return state["step"], state["history"]
+
+
+def save_and_report(engine, processor, step, total_steps, history, rank, config, is_last) -> None:
+    """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only."""
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
+        if rank == 0:
+            with open(os.path.join(directory, "train_state.json"), "w") as f:
+                json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
+            if is_last:
+                write_stage_output(engine.module, processor, history, config["output_dir"])
+        last = history[-1]
+        ray.train.report({"step": step, "loss": last["loss"]},
+                         checkpoint=ray.train.Checkpoint.from_directory(directory))
+
+
+def write_stage_output(model, processor, history, output_dir: str) -> None:
+    """The stage's hand-off: a complete HF LLaVA directory plus its metrics (ZeRO-2: rank 0 holds every weight)."""
+    with tempfile.TemporaryDirectory() as local:
+        model.save_pretrained(os.path.join(local, "model"))
+        processor.save_pretrained(os.path.join(local, "model"))
+        with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        storage.copy_dir(local, output_dir)

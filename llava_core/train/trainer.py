@@ -1,0 +1,55 @@
+"""Driver side of a training stage: one Ray Train `TorchTrainer` running `train_loop_per_worker`.
+
+Ray Train owns the worker group, restarts it from the latest checkpoint on failure (`max_failures`), and keeps
+checkpoints in `<stage dir>/ray/<stage>`; running the same stage again resumes from there.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from llava_core import storage
+from llava_core.config import ScalingSettings, TrainStageSettings
+from llava_core.train.loop import train_loop_per_worker
+
+
+def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources)
+
+
+def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
+                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None) -> dict:
+    """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`."""
+    loop_config = {
+        "stage_name": stage_name,
+        "stage": dataclasses.asdict(stage),
+        "use_gpu": scaling.use_gpu,
+        "shards": shards,
+        "vision_path": vision_path,
+        "llm_path": llm_path,
+        "init_from": init_from,
+        "output_dir": stage_dir,
+        "start_time": time.time(),
+    }
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling_config(scaling),
+        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=stage_name,
+            storage_path=storage.join(stage_dir, "ray"),
+            failure_config=FailureConfig(max_failures=stage.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result.metrics or {}
