@@ -228,7 +228,29 @@ def load_workflow(path: str, overrides: list[str] = ()) -> Workflow:
         raise WorkflowError(f"{path}: not valid YAML: {error}") from None
     workflow = _build(Workflow, apply_overrides(data, list(overrides)), "")
     validate(workflow)
+    resolve_local_paths(workflow)
     return workflow
+
+
+def resolve_local_paths(w: Workflow) -> None:
+    """Make local paths absolute: Ray workers run in other working directories. Hub ids stay as they are."""
+    import os
+
+    from llava_core import storage
+
+    def local(path: str) -> str:
+        return path if not path or storage.is_remote(path) else os.path.abspath(path)
+
+    for ds in w.datasets.values():
+        ds.path, ds.image_folder = local(ds.path), local(ds.image_folder)
+    e = w.evaluate
+    e.questions, e.answers, e.image_folder = local(e.questions), local(e.answers), local(e.image_folder)
+    for attr in ("vision_tower", "llm"):
+        path = getattr(w.model, attr)
+        if w.synthetic is not None or os.path.exists(path):  # the quickstart creates its models on first run
+            setattr(w.model, attr, local(path))
+    if w.synthetic is not None:
+        w.synthetic.root = local(w.synthetic.root)
 
 
 def validate(w: Workflow) -> None:
@@ -252,8 +274,9 @@ def validate(w: Workflow) -> None:
             raise WorkflowError(
                 f"{stage_name}.global_batch_size: {stage.global_batch_size} is not divisible by scaling.num_workers "
                 f"x {stage_name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number")
-        if stage.zero_stage not in (0, 1, 2, 3):
-            raise WorkflowError(f"{stage_name}.zero_stage: {stage.zero_stage} is not 0, 1, 2 or 3")
+        if stage.zero_stage not in (0, 1, 2):
+            raise WorkflowError(f"{stage_name}.zero_stage: {stage.zero_stage} is not supported yet; use 0, 1 or 2 "
+                                f"(ZeRO-3 needs a gathered export, not built yet)")
     if w.prepare.too_long not in ("reject", "truncate"):
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):

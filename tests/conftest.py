@@ -29,7 +29,8 @@ def tiny_dataset(tmp_path_factory):
     paths = synthetic.generate(root, align_rows=64, instruct_rows=64, eval_questions=16, text_only_rows=4, seed=1)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
-    paths.update(tiny.save_tiny_models(os.path.join(root, "models"), corpus, tiny.TinyModelConfig()))
+    paths.update(vision=os.path.join(root, "models", "vision"), llm=os.path.join(root, "models", "llm"))
+    tiny.save_tiny_models(paths["vision"], paths["llm"], corpus, tiny.TinyModelConfig())
     paths["root"] = root
     return paths
 

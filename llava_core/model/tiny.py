@@ -6,7 +6,6 @@ project loads them exactly as it loads the real models.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -82,12 +81,10 @@ def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelC
     tokenizer.save_pretrained(path)
 
 
-def save_tiny_models(root: str, corpus: list[str], cfg: TinyModelConfig) -> dict[str, str]:
-    """Write `<root>/vision` and `<root>/llm`; returns their paths."""
+def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
+    """Write a tiny CLIP vision tower to `vision_path` and a tiny LLaMA with its tokenizer to `llm_path`."""
     import torch
 
     torch.manual_seed(cfg.seed)
-    paths = {"vision": os.path.join(root, "vision"), "llm": os.path.join(root, "llm")}
-    save_tiny_vision_tower(paths["vision"], cfg)
-    save_tiny_llm(paths["llm"], train_tokenizer(corpus, cfg.vocab_size), cfg)
-    return paths
+    save_tiny_vision_tower(vision_path, cfg)
+    save_tiny_llm(llm_path, train_tokenizer(corpus, cfg.vocab_size), cfg)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 
@@ -147,21 +148,27 @@ def step_metrics(engine, scheduler, losses, window, step, world) -> dict:
     }
 
 
+def say(line: str) -> None:
+    # Ray Train patches print() to also log each line, which shows every line twice on the driver.
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def print_progress(stage_name: str, record: dict, total_steps: int, start_time: float) -> None:
     done = record["step"]
     elapsed = time.time() - start_time
     eta = elapsed / done * (total_steps - done) if done else 0
-    print(f"[{stage_name}] step {done}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-          f"samples/s {record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f} "
-          f"ETA {time.strftime('%M:%S', time.gmtime(eta))}", flush=True)
+    say(f"[{stage_name}] step {done}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
+        f"samples/s {record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f} "
+        f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
 
 def log_start(config, parts, total_steps, start_step, plan) -> None:
     trained = {k: v["parameters"] for k, v in parts.items() if v["trainable"]}
     frozen = {k: v["parameters"] for k, v in parts.items() if not v["trainable"]}
-    print(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
-          f"{plan.global_batch_size} samples ({plan.world_size} workers x {plan.micro_batch_size} x "
-          f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""), flush=True)
+    say(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
+        f"{plan.global_batch_size} samples ({plan.world_size} workers x {plan.micro_batch_size} x "
+        f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 
 def restore(engine) -> tuple[int, list]:

@@ -1,0 +1,28 @@
+# The two commands of the README's quickstart: `make run` and `make test`. Both install what is missing first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+ARGS ?=
+# CPU build of torch on machines without a GPU; on a GPU machine install your CUDA build first and set TORCH_SPEC=
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install run test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(BIN)/llava-ray run workflows/quickstart.yaml $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest tests $(ARGS)
+
+clean:
+	rm -rf runs data/quickstart

@@ -1,0 +1,36 @@
+"""Errors in the OpenAI API's shape, so OpenAI clients raise their usual typed exceptions with our message."""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ApiError(Exception):
+    """A request the server refuses; becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
+
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
+                 error_type: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.error_type = error_type
+
+    def body(self) -> dict:
+        return error_body(self.message, self.error_type, self.param, self.code)
+
+
+def error_body(message: str, error_type: str, param: Optional[str] = None, code: Optional[str] = None) -> dict:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def bad_request(message: str, param: Optional[str] = None, code: Optional[str] = None) -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+def model_not_found(name: str) -> ApiError:
+    return ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+
+
+def unauthorized(message: str) -> ApiError:
+    return ApiError(401, message, None, "invalid_api_key")

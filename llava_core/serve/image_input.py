@@ -1,0 +1,61 @@
+"""Turn an `image_url` part's URL into a checked PIL image, or a 400 that says what is wrong with it."""
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+
+from PIL import Image
+
+from llava_core.data.formats import RowError
+from llava_core.data.images import decode_image
+from llava_core.serve.errors import bad_request
+
+DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*);base64,(?P<data>.*)",
+                      re.DOTALL)
+
+MESSAGES_FOR_REASON = {
+    "not_an_image": "the data is not an image in a format the server can read",
+    "image_corrupt": "the image is corrupt or truncated",
+    "image_too_large": "the image has too many pixels",
+    "image_empty": "the image is empty",
+}
+
+
+def image_from_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
+    encoded = base64_payload(url, param)
+    # Refuse oversized payloads from their length, before spending memory on decoding them.
+    if len(encoded) * 3 // 4 > max_bytes + 2:
+        raise bad_request(f"image is larger than the limit of {max_bytes} bytes", param, "image_too_large")
+    data = decode_base64(encoded, param)
+    if len(data) > max_bytes:
+        raise bad_request(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
+                          "image_too_large")
+    try:
+        return decode_image(data, max_pixels)
+    except RowError as error:
+        message = MESSAGES_FOR_REASON.get(error.reason, error.reason)
+        raise bad_request(f"invalid image: {message} ({error.detail})" if error.detail else f"invalid image: {message}",
+                          param, "invalid_image" if error.reason != "image_too_large" else error.reason) from None
+
+
+def base64_payload(url: str, param: str) -> str:
+    if url.startswith(("http://", "https://")):
+        raise bad_request("image URLs over http(s) are not supported yet; send the image inline as a "
+                          "data:image/...;base64,... URL", param, "unsupported_image_url")
+    match = DATA_URL.fullmatch(url.strip())
+    if not match:
+        raise bad_request("image_url.url must be a data:image/...;base64,... URL", param, "invalid_image_url")
+    mime = match.group("mime")
+    if mime is not None and not mime.startswith("image/"):
+        raise bad_request(f"the data URL's media type is {mime}, not an image type", param, "invalid_image_url")
+    return match.group("data")
+
+
+def decode_base64(encoded: str, param: str) -> bytes:
+    # Whitespace is common in pasted base64 (line-wrapped `base64` output); anything else invalid is refused.
+    compact = "".join(encoded.split())
+    try:
+        return base64.b64decode(compact, validate=True)
+    except (binascii.Error, ValueError) as error:
+        raise bad_request(f"image_url.url is not valid base64: {error}", param, "invalid_base64") from None

@@ -1,0 +1,223 @@
+"""The OpenAI Chat Completions wire format: check a request body completely and turn it into engine input.
+
+Everything a client can get wrong is found here, before the request joins a batch, and reported as a 400 naming the
+field (`messages[0].content[1].image_url`): a bad request must never fail the batch it would have shared.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Optional
+
+from PIL import Image
+
+from llava_core.config import ServeSettings
+from llava_core.model.build import IMAGE_TOKEN
+from llava_core.serve.engine import Completion, GenerationRequest, SamplingSettings
+from llava_core.serve.errors import bad_request, model_not_found
+from llava_core.serve.image_input import image_from_url
+
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+MAX_STOP_STRINGS = 4
+
+
+@dataclass
+class ChatRequest:
+    messages: list[dict]  # chat-template messages, images as {"type": "image"} parts
+    images: list[Image.Image]
+    sampling: SamplingSettings  # max_tokens is a placeholder until `fit_to_context` has seen the prompt's length
+    requested_max_tokens: Optional[int]  # None when the client left it to the server
+
+
+def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise bad_request("the request body must be a JSON object")
+    check_model(body.get("model"), model_name)
+    check_unsupported_options(body)
+    # Cheap checks first: a wrong max_tokens should not cost decoding the images.
+    sampling, max_tokens = parse_sampling(body), requested_max_tokens(body, settings)
+    raw_messages = body.get("messages")
+    if not isinstance(raw_messages, list) or not raw_messages:
+        raise bad_request("messages must be a non-empty array", "messages")
+    check_image_count(raw_messages, settings.max_images)
+    images: list[Image.Image] = []  # filled in order by parse_message, as the chat template places them
+    messages = [parse_message(m, f"messages[{i}]", images, settings) for i, m in enumerate(raw_messages)]
+    if messages[-1]["role"] != "user":
+        raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
+    return ChatRequest(messages, images, sampling, max_tokens)
+
+
+def check_model(name: Any, model_name: str) -> None:
+    if not isinstance(name, str) or not name:
+        raise bad_request("model is required and must be a string", "model")
+    if name != model_name:
+        raise model_not_found(name)
+
+
+def check_unsupported_options(body: dict) -> None:
+    if body.get("stream"):
+        raise bad_request("stream is not supported yet", "stream")
+    n = body.get("n")
+    if n is not None and (not is_int(n) or n != 1):
+        raise bad_request("only n=1 is supported", "n")
+
+
+def check_image_count(raw_messages: list, max_images: int) -> None:
+    """Count image parts before decoding any, so a request with 1000 images costs nothing."""
+    count = sum(
+        1
+        for message in raw_messages if isinstance(message, dict) and isinstance(message.get("content"), list)
+        for part in message["content"] if isinstance(part, dict) and part.get("type") == "image_url"
+    )
+    if count > max_images:
+        raise bad_request(f"too many images: {count}, the limit is {max_images} per request", "messages",
+                          "too_many_images")
+
+
+def parse_message(message: Any, where: str, images: list, settings: ServeSettings) -> dict:
+    if not isinstance(message, dict):
+        raise bad_request(f"{where} must be an object", where)
+    role = message.get("role")
+    if role not in ROLES:
+        raise bad_request(f"{where}.role: unknown role {role!r}; expected one of {sorted(ROLES)}", f"{where}.role")
+    role = ROLES[role]
+    content = message.get("content")
+    if content is None and role == "assistant":
+        content = ""  # assistant turns that only called tools have no content; there is nothing to show the model
+    if isinstance(content, str):
+        check_text(content, f"{where}.content")
+        return {"role": role, "content": content}
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string or an array of content parts", f"{where}.content")
+    parts = [parse_part(part, f"{where}.content[{i}]", role, images, settings) for i, part in enumerate(content)]
+    return {"role": role, "content": parts}
+
+
+def parse_part(part: Any, where: str, role: str, images: list, settings: ServeSettings) -> dict:
+    if not isinstance(part, dict):
+        raise bad_request(f"{where} must be an object", where)
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise bad_request(f"{where}.text must be a string", f"{where}.text")
+        check_text(text, f"{where}.text")
+        return {"type": "text", "text": text}
+    if kind == "image_url":
+        if role != "user":
+            raise bad_request(f"{where}: images are only accepted in user messages", where)
+        images.append(image_from_url(image_url_of(part, where), settings.max_image_bytes,
+                                     settings.max_image_pixels, f"{where}.image_url"))
+        return {"type": "image"}
+    raise bad_request(f"{where}.type: unknown content part type {kind!r}; expected 'text' or 'image_url'",
+                      f"{where}.type")
+
+
+def image_url_of(part: dict, where: str) -> str:
+    image_url = part.get("image_url")
+    url = image_url.get("url") if isinstance(image_url, dict) else None
+    if not isinstance(url, str):
+        raise bad_request(f"{where}.image_url must be an object with a string url", f"{where}.image_url")
+    return url
+
+
+def check_text(text: str, where: str) -> None:
+    # A typed "<image>" would become an image placeholder with no image behind it.
+    if IMAGE_TOKEN in text:
+        raise bad_request(f"{where} contains {IMAGE_TOKEN}; send images as image_url parts instead", where)
+
+
+def parse_sampling(body: dict) -> SamplingSettings:
+    temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
+    top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
+    if top_p == 0:
+        raise bad_request("top_p must be greater than 0", "top_p")
+    seed = body.get("seed")
+    if seed is not None and not is_int(seed):
+        raise bad_request("seed must be an integer", "seed")
+    return SamplingSettings(max_tokens=1, temperature=temperature, top_p=top_p, stop=stop_strings(body), seed=seed)
+
+
+def requested_max_tokens(body: dict, settings: ServeSettings) -> Optional[int]:
+    # max_completion_tokens is the current name; max_tokens is the older one that most clients still send.
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = body.get(key)
+    if value is None:
+        return None
+    if not is_int(value) or value <= 0:
+        raise bad_request(f"{key} must be a positive integer", key)
+    if value > settings.max_tokens_limit:
+        raise bad_request(f"{key} is {value}, over this server's limit of {settings.max_tokens_limit}", key)
+    return value
+
+
+def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int,
+                   default_max_tokens: int) -> GenerationRequest:
+    """The engine's input, with an answer length that fits the model's context: refuse what cannot fit, shorten the
+    server's own default."""
+    room = context_length - prompt_tokens
+    if room <= 0:
+        raise bad_request(f"the prompt is {prompt_tokens} tokens (images included), which does not fit the model's "
+                          f"context of {context_length} tokens", "messages", "context_length_exceeded")
+    wanted = request.requested_max_tokens
+    if wanted is not None and wanted > room:
+        raise bad_request(f"the prompt is {prompt_tokens} tokens and max_tokens is {wanted}; together they exceed the "
+                          f"model's context of {context_length} tokens", "max_tokens", "context_length_exceeded")
+    max_tokens = wanted if wanted is not None else min(default_max_tokens, room)
+    return GenerationRequest(request.messages, request.images, replace(request.sampling, max_tokens=max_tokens))
+
+
+def stop_strings(body: dict) -> tuple[str, ...]:
+    stop = body.get("stop")
+    if stop is None:
+        return ()
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad_request("stop must be a string or an array of strings", "stop")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad_request(f"stop accepts at most {MAX_STOP_STRINGS} strings", "stop")
+    return tuple(s for s in stops if s)
+
+
+def number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise bad_request(f"{key} must be a number", key)
+    if not low <= value <= high:
+        raise bad_request(f"{key} must be between {low:g} and {high:g}", key)
+    return float(value)
+
+
+def is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def chat_completion_body(completion: Completion, model_name: str) -> dict:
+    return {
+        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model_name,
+        "choices": [{
+            "index": 0,
+            "message": {"role": "assistant", "content": completion.text},
+            "finish_reason": completion.finish_reason,
+            "logprobs": None,
+        }],
+        "usage": {
+            "prompt_tokens": completion.prompt_tokens,
+            "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        },
+    }
+
+
+def models_body(model_name: str, created: int) -> dict:
+    return {"object": "list", "data": [model_card(model_name, created)]}
+
+
+def model_card(model_name: str, created: int) -> dict:
+    return {"id": model_name, "object": "model", "created": created, "owned_by": "llava-ray"}

@@ -1,0 +1,201 @@
+"""The stage runner: prepare -> align -> instruct -> export -> evaluate -> serve, in one Ray job.
+
+Each stage reads the previous stage's output from the run directory and ends by writing `_stage.json` with the hash of
+the settings (and upstream hashes) that produced it. A stage whose marker matches is skipped, so running a workflow
+again goes straight to what changed; a changed setting reruns that stage and every stage after it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from llava_core import storage
+from llava_core.config import Workflow, settings_hash
+
+log = logging.getLogger(__name__)
+
+STAGES = ("prepare", "align", "instruct", "export", "evaluate", "serve")
+
+
+@dataclass
+class RunContext:
+    workflow: Workflow
+    run_dir: str
+    vision_path: str
+    llm_path: str
+    hashes: dict = field(default_factory=dict)
+
+    def stage_dir(self, stage: str) -> str:
+        return storage.join(self.run_dir, stage)
+
+    @property
+    def cache_dir(self) -> str:
+        return os.path.join(os.path.expanduser("~"), ".cache", "llava-ray")
+
+
+def banner(text: str) -> None:
+    print(f"\n{'=' * 20} {text} {'=' * 20}", flush=True)
+
+
+# --- the stages ------------------------------------------------------------------------------------------------
+
+
+def stage_prepare(ctx: RunContext) -> dict:
+    from llava_core.data.pipeline import run_prepare
+
+    return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"))
+
+
+def _train(ctx: RunContext, stage_name: str, init_from: str | None) -> dict:
+    from llava_core.train.trainer import run_training_stage
+
+    stage = getattr(ctx.workflow, stage_name)
+    manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
+    shards = manifest["datasets"][stage.dataset]["shards"]
+    run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
+                       ctx.vision_path, ctx.llm_path, init_from)
+    history = [json.loads(line) for line in
+               storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")).splitlines()]
+    return {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
+            "samples_per_s": round(sum(r["samples_per_s"] for r in history) / len(history), 2)}
+
+
+def stage_align(ctx: RunContext) -> dict:
+    return _train(ctx, "align", init_from=None)
+
+
+def stage_instruct(ctx: RunContext) -> dict:
+    aligned = storage.local_copy(storage.join(ctx.stage_dir("align"), "model"), ctx.cache_dir)
+    return _train(ctx, "instruct", init_from=aligned)
+
+
+def stage_export(ctx: RunContext) -> dict:
+    from llava_core.model.export import export_hf
+
+    return export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
+
+
+def stage_evaluate(ctx: RunContext) -> dict:
+    from llava_core.eval.evaluate import run_evaluate
+
+    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"), ctx.cache_dir)
+
+
+def stage_serve(ctx: RunContext) -> dict:
+    from llava_core.serve.demo import serve_and_demo
+
+    return serve_and_demo(ctx)
+
+
+STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
+    "prepare": stage_prepare, "align": stage_align, "instruct": stage_instruct,
+    "export": stage_export, "evaluate": stage_evaluate, "serve": stage_serve,
+}
+
+
+def stage_settings(w: Workflow, stage: str):
+    """What a stage's output depends on besides its upstream stages."""
+    return {
+        "prepare": (w.model, w.datasets, w.prepare, w.synthetic),
+        "align": (w.align, w.scaling.num_workers),
+        "instruct": (w.instruct, w.scaling.num_workers),
+        "export": (),
+        "evaluate": (w.evaluate,),
+        "serve": (w.serve,),
+    }[stage]
+
+
+# --- the runner ------------------------------------------------------------------------------------------------
+
+
+def marker_path(ctx: RunContext, stage: str) -> str:
+    return storage.join(ctx.stage_dir(stage), "_stage.json")
+
+
+def finished(ctx: RunContext, stage: str) -> dict | None:
+    path = marker_path(ctx, stage)
+    if not storage.exists(path):
+        return None
+    marker = storage.read_json(path)
+    return marker if marker.get("hash") == ctx.hashes[stage] else None
+
+
+def compute_hashes(w: Workflow) -> dict:
+    hashes, upstream = {}, ""
+    for stage in STAGES:
+        upstream = settings_hash(upstream, stage, *stage_settings(w, stage))
+        hashes[stage] = upstream
+    return hashes
+
+
+def run_stages(ctx: RunContext, selected: list[str], force: set[str]) -> dict:
+    summary_path = storage.join(ctx.run_dir, "summary.json")
+    summary = storage.read_json(summary_path) if storage.exists(summary_path) else {}
+    summary["workflow"] = ctx.workflow.name
+    for stage in selected:
+        done = None if stage in force or stage == "serve" else finished(ctx, stage)
+        if done:
+            banner(f"{stage}: done earlier with the same settings, skipped")
+            summary[stage] = {**done["metrics"], "status": "skipped", "seconds": done["seconds"]}
+            continue
+        banner(f"stage {stage}")
+        started = time.time()
+        try:
+            metrics = STAGE_FUNCTIONS[stage](ctx)
+        except BaseException:
+            summary[stage] = {"status": "failed", "seconds": round(time.time() - started, 1)}
+            storage.write_json(summary_path, summary)
+            raise
+        seconds = round(time.time() - started, 1)
+        if stage != "serve":
+            storage.write_json(marker_path(ctx, stage),
+                               {"hash": ctx.hashes[stage], "seconds": seconds, "metrics": metrics})
+        summary[stage] = {**metrics, "status": "done", "seconds": seconds}
+        storage.write_json(summary_path, summary)
+        print(f"[{stage}] finished in {seconds:.1f}s: {json.dumps(metrics)}", flush=True)
+    storage.write_json(summary_path, summary)
+    return summary
+
+
+def select_stages(only: str | None, start: str | None) -> tuple[list[str], set[str]]:
+    """--only X: just X (forced); --from X: X and after, X forced; default: everything."""
+    if only:
+        return [only], {only}
+    if start:
+        return list(STAGES[STAGES.index(start):]), {start}
+    return list(STAGES), set()
+
+
+def resolve_base_models(w: Workflow) -> tuple[str, str]:
+    """Paths or hub ids of the vision tower and LLM; the quickstart creates its tiny ones first."""
+    if w.synthetic is not None:
+        from llava_core.data.bootstrap import ensure_synthetic
+
+        ensure_synthetic(w)
+    return w.model.vision_tower, w.model.llm
+
+
+def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
+                 exit_after_serve: bool = False) -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=w.ray_address, configure_logging=False)
+    vision, llm = resolve_base_models(w)
+    ctx = RunContext(w, w.run_dir, vision, llm, hashes=compute_hashes(w))
+    print(f"run directory: {ctx.run_dir}", flush=True)
+    selected, force = select_stages(only, start)
+    summary = run_stages(ctx, selected, force)
+    if "serve" in selected:
+        from llava_core.serve.app import shutdown
+        from llava_core.serve.demo import serve_until_interrupted
+
+        if exit_after_serve:
+            shutdown()
+        else:
+            serve_until_interrupted()
+    return summary
