@@ -1,0 +1,68 @@
+"""Decode, check and pad images; every failure becomes a `RowError` with its own reason."""
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from llava_core import storage
+from llava_core.data.formats import RowError
+
+DEFAULT_MAX_PIXELS = 64_000_000  # well above any real training image, far below a decompression bomb
+
+
+def read_image_bytes(image_folder: str, name: str) -> bytes:
+    path = name if storage.is_remote(name) or name.startswith("/") else storage.join(image_folder, name)
+    try:
+        return storage.read_bytes(path)
+    except (FileNotFoundError, OSError) as error:
+        if not storage.exists(path):
+            raise RowError("image_missing", path) from error
+        raise RowError("image_unreadable", f"{path}: {error}") from error
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """An RGB image from encoded bytes of any format PIL reads (a GIF saved as .jpg decodes as the GIF it is)."""
+    if not data:
+        raise RowError("image_empty", "zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size  # read from the header, before any pixel is decoded
+            if width * height > max_pixels:
+                raise RowError("image_too_large", f"{width}x{height} pixels > limit {max_pixels}")
+            if width == 0 or height == 0:
+                raise RowError("image_empty", f"{width}x{height}")
+            image.load()
+    except RowError:
+        raise
+    except UnidentifiedImageError as error:
+        raise RowError("not_an_image", str(error)) from error
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise RowError("image_too_large", str(error)) from error
+    except (OSError, SyntaxError, ValueError) as error:
+        raise RowError("image_corrupt", str(error)) from error
+    image = ImageOps.exif_transpose(image)
+    return image.convert("RGB")
+
+
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's `pad` aspect-ratio mode: centre the image on a square canvas of the processor's mean colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new("RGB", (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def mean_colour(image_processor) -> tuple[int, int, int]:
+    return tuple(int(round(c * 255)) for c in image_processor.image_mean)
+
+
+def blank_image(image_processor, size: int = 64) -> Image.Image:
+    """An image with no content (the mean colour): the evaluation's image-blind baseline."""
+    return Image.new("RGB", (size, size), mean_colour(image_processor))

@@ -1,0 +1,195 @@
+"""A synthetic LLaVA dataset of coloured shapes, written in the official on-disk layout.
+
+Images are PNGs in an image folder; annotations are JSON arrays of `{"id", "image", "conversations"}` rows, as in
+`blip_laion_cc_sbu_558k.json` (align) and `llava_v1_5_mix665k.json` (instruct). A held-out evaluation split is written
+as LLaVA eval files: `questions.jsonl` (`question_id`, `image`, `text`, `category`) and `answers.jsonl`.
+The task can only be solved by looking: colour, shape, count and position are uniformly random.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+
+from PIL import Image, ImageDraw
+
+COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
+SHAPES = ("circle", "square", "triangle")
+POSITIONS = ("left", "right", "top", "bottom")
+COUNT_WORDS = {1: "one", 2: "two"}
+WIDTH, HEIGHT = 96, 72  # not square on purpose: the "pad" aspect-ratio mode has something to do
+
+CAPTION_PROMPTS = (
+    "Describe the image briefly.",
+    "What is in this picture?",
+    "Give a short caption for the image.",
+)
+TEXT_ONLY_QA = (
+    ("Name a primary colour.", "red"),
+    ("How many sides does a triangle have?", "three"),
+    ("How many sides does a square have?", "four"),
+    ("Is a circle round?", "yes"),
+    ("What is one plus one?", "two"),
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    colour: str
+    kind: str
+    position: str
+
+    def phrase(self) -> str:
+        return f"a {self.colour} {self.kind} on the {self.position}"
+
+
+def random_scene(rng: random.Random) -> list[Shape]:
+    if rng.random() < 0.6:
+        return [Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))]
+    kinds = rng.sample(SHAPES, 2)
+    colours = rng.sample(list(COLOURS), 2)
+    first, second = ("left", "right") if rng.random() < 0.5 else ("top", "bottom")
+    return [Shape(colours[0], kinds[0], first), Shape(colours[1], kinds[1], second)]
+
+
+def _centre(position: str, rng: random.Random) -> tuple[int, int]:
+    jitter = lambda: rng.randint(-4, 4)  # noqa: E731
+    cx, cy = WIDTH // 2, HEIGHT // 2
+    offsets = {"left": (-WIDTH // 4, 0), "right": (WIDTH // 4, 0), "top": (0, -HEIGHT // 4), "bottom": (0, HEIGHT // 4)}
+    dx, dy = offsets[position]
+    return cx + dx + jitter(), cy + dy + jitter()
+
+
+def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
+    background = tuple(rng.randint(225, 255) for _ in range(3))
+    image = Image.new("RGB", (WIDTH, HEIGHT), background)
+    draw = ImageDraw.Draw(image)
+    for shape in scene:
+        cx, cy = _centre(shape.position, rng)
+        r = rng.randint(10, 15)
+        box = (cx - r, cy - r, cx + r, cy + r)
+        fill = COLOURS[shape.colour]
+        if shape.kind == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape.kind == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image
+
+
+def caption(scene: list[Shape]) -> str:
+    return " and ".join(shape.phrase() for shape in scene)
+
+
+def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
+    """(category, question, answer) triples that this scene answers unambiguously."""
+    qa = [("count", "How many shapes are there?", COUNT_WORDS[len(scene)])]
+    if len(scene) == 1:
+        s = scene[0]
+        qa += [
+            ("colour", "What colour is the shape?", s.colour),
+            ("shape", "What shape is it?", s.kind),
+            ("position", "Where is the shape?", s.position),
+        ]
+    else:
+        for s in scene:
+            qa += [
+                ("colour", f"What colour is the {s.kind}?", s.colour),
+                ("shape", f"What shape is on the {s.position}?", s.kind),
+                ("position", f"Where is the {s.colour} {s.kind}?", s.position),
+            ]
+    rng.shuffle(qa)
+    return qa
+
+
+def _image_turn(text: str, rng: random.Random) -> str:
+    # Real data puts <image> before or after the text; preparation normalises it to the front.
+    return f"<image>\n{text}" if rng.random() < 0.8 else f"{text}\n<image>"
+
+
+def align_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> dict:
+    return {
+        "id": f"align-{idx:06d}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": _image_turn(rng.choice(CAPTION_PROMPTS), rng)},
+            {"from": "gpt", "value": caption(scene)},
+        ],
+    }
+
+
+def instruct_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> dict:
+    qa = questions(scene, rng)[: rng.randint(2, 3)]
+    turns = []
+    for i, (_, q, a) in enumerate(qa):
+        turns.append({"from": "human", "value": _image_turn(q, rng) if i == 0 else q})
+        turns.append({"from": "gpt", "value": a})
+    return {"id": f"instruct-{idx:06d}", "image": image, "conversations": turns}
+
+
+def text_only_row(idx: int, rng: random.Random) -> dict:
+    q, a = rng.choice(TEXT_ONLY_QA)
+    return {"id": f"text-{idx:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
+
+
+def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int, seed: int) -> dict:
+    """Write the dataset under `root`; returns the paths. Two deliberately broken rows go into the instruct set
+    (a missing image and a corrupt file) because real data has them and preparation must reject them visibly."""
+    rng = random.Random(seed)
+    images_dir = os.path.join(root, "images")
+    os.makedirs(images_dir, exist_ok=True)
+
+    def new_image(name: str) -> tuple[str, list[Shape]]:
+        scene = random_scene(rng)
+        draw_scene(scene, rng).save(os.path.join(images_dir, name))
+        return name, scene
+
+    align = [align_row(i, *new_image(f"align_{i:06d}.png"), rng) for i in range(align_rows)]
+    instruct = [instruct_row(i, *new_image(f"instruct_{i:06d}.png"), rng) for i in range(instruct_rows)]
+    instruct += [text_only_row(i, rng) for i in range(text_only_rows)]
+    instruct += _broken_rows(images_dir, rng)
+    rng.shuffle(instruct)
+
+    eval_q, eval_a = [], []
+    for i in range(eval_questions):
+        name, scene = new_image(f"eval_{i:06d}.png")
+        category, q, a = questions(scene, rng)[0]
+        eval_q.append({"question_id": i, "image": name, "text": q, "category": category})
+        eval_a.append({"question_id": i, "answer": a})
+
+    paths = {
+        "align": os.path.join(root, "align.json"),
+        "instruct": os.path.join(root, "instruct.json"),
+        "eval_questions": os.path.join(root, "eval", "questions.jsonl"),
+        "eval_answers": os.path.join(root, "eval", "answers.jsonl"),
+        "image_folder": images_dir,
+    }
+    _write_json(paths["align"], align)
+    _write_json(paths["instruct"], instruct)
+    _write_jsonl(paths["eval_questions"], eval_q)
+    _write_jsonl(paths["eval_answers"], eval_a)
+    return paths
+
+
+def _broken_rows(images_dir: str, rng: random.Random) -> list[dict]:
+    with open(os.path.join(images_dir, "corrupt_000000.png"), "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + bytes(rng.randrange(256) for _ in range(64)))
+    turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
+    return [
+        {"id": "broken-missing-image", "image": "does_not_exist.png", "conversations": turns},
+        {"id": "broken-corrupt-image", "image": "corrupt_000000.png", "conversations": turns},
+    ]
+
+
+def _write_json(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(rows, f, indent=1)
+
+
+def _write_jsonl(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)

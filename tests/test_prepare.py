@@ -1,0 +1,118 @@
+"""The prepare stage on Ray Data: every good row written once, every bad row rejected with its reason."""
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from llava_core.data import pipeline
+
+SETTINGS = {"max_length": 200, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
+
+
+def _turns(question="<image>\nWhat colour is the shape?", answer="red"):
+    return [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]
+
+
+def _save(folder, name, data: bytes):
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(data)
+
+
+def _png(size=(40, 30), colour=(200, 20, 20), fmt="PNG") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dirty_dataset(tmp_path_factory):
+    """One JSON array in the official layout: good rows of each kind plus one row of every bad kind."""
+    folder = str(tmp_path_factory.mktemp("dirty"))
+    images = os.path.join(folder, "images")
+    os.makedirs(images)
+    _save(images, "good.png", _png())
+    _save(images, "second.png", _png(colour=(20, 20, 200)))
+    _save(images, "gif_named.jpg", _png(fmt="GIF"))  # a GIF saved as .jpg: decodes, so it is kept
+    _save(images, "truncated.png", _png()[:60])
+    _save(images, "text.png", b"this is not an image at all")
+    _save(images, "empty.png", b"")
+    _save(images, "bomb.png", _png(size=(1200, 1000)))  # 1.2 MP > the 1 MP limit of this test
+    good = [
+        {"id": "image-row", "image": "good.png", "conversations": _turns()},
+        {"id": "tag-after-text", "image": "good.png", "conversations": _turns("What colour?\n<image>")},
+        {"id": "text-only", "conversations": _turns("What is one plus one?", "two")},
+        {"id": "multi-image", "image": ["good.png", "second.png"],
+         "conversations": _turns("<image>\n<image>\nWhich colours?", "red and blue")},
+        {"id": "gif-as-jpg", "image": "gif_named.jpg", "conversations": _turns()},
+        {"id": "role-content", "image": "good.png",
+         "conversations": [{"role": "user", "content": "<image>\nq"}, {"role": "assistant", "content": "a"}]},
+    ]
+    bad = {
+        "image_missing": {"image": "nope.png", "conversations": _turns()},
+        "image_corrupt": {"image": "truncated.png", "conversations": _turns()},
+        "not_an_image": {"image": "text.png", "conversations": _turns()},
+        "image_empty": {"image": "empty.png", "conversations": _turns()},
+        "image_too_large": {"image": "bomb.png", "conversations": _turns()},
+        "empty_conversation": {"image": "good.png", "conversations": []},
+        "malformed_conversation": {"image": "good.png", "conversations": [{"from": "human", "value": 3},
+                                                                          {"from": "gpt", "value": "x"}]},
+        "roles_out_of_order": {"image": "good.png", "conversations": [
+            {"from": "human", "value": "<image>\nq"}, {"from": "human", "value": "q2"}, {"from": "gpt", "value": "a"}]},
+        "image_tag_mismatch": {"image": ["good.png", "second.png"], "conversations": _turns()},
+        "too_long": {"image": "good.png", "conversations": _turns("<image>\n" + "very long question " * 60)},
+    }
+    rows = good + [{"id": f"bad-{reason}", **row} for reason, row in bad.items()]
+    path = os.path.join(folder, "data.json")
+    with open(path, "w") as f:
+        json.dump(rows, f)
+    return {"path": path, "image_folder": images, "good": [r["id"] for r in good], "bad": bad}
+
+
+def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path):
+    source = {"path": dirty_dataset["path"], "image_folder": dirty_dataset["image_folder"], "template": "vicuna_v1"}
+    entry, lengths = pipeline.prepare_dataset("mix", source, tiny_dataset["vision"], tiny_dataset["llm"], SETTINGS,
+                                              str(tmp_path), num_actors=2, rows_per_shard=100)
+    rejects = [json.loads(line) for line in open(tmp_path / "mix" / "rejects.jsonl")]
+    assert {r["id"]: r["reason"] for r in rejects} == {f"bad-{k}": k for k in dirty_dataset["bad"]}
+    assert all(r["source"] == dirty_dataset["path"] for r in rejects)
+    assert entry["rows_in"] == 16 and entry["rows_written"] == 6 and entry["rows_rejected"] == 10
+    assert entry["rejected_by_reason"] == {k: 1 for k in dirty_dataset["bad"]}
+    assert entry["text_only_rows"] == 1
+
+    table = pq.read_table([p for p in entry["shards"]])
+    assert sorted(table.column("id").to_pylist()) == sorted(dirty_dataset["good"])  # each good row exactly once
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    assert by_id["multi-image"]["num_images"] == 2
+    assert len(by_id["multi-image"]["pixel_values"]) == 2 * 3 * 64 * 64 * 4
+    assert by_id["text-only"]["pixel_values"] == b""
+    image_row = by_id["image-row"]
+    assert image_row["length"] == len(image_row["input_ids"]) == len(image_row["labels"])
+    assert sorted(lengths.tolist()) == sorted(r["length"] for r in by_id.values())
+
+
+def test_padding_uses_the_mean_colour(tiny_dataset):
+    from llava_core.data.rows import RowPreparer
+
+    preparer = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"],
+                           {"template": "vicuna_v1", "image_folder": "", "max_length": 512})
+    wide = Image.new("RGB", (64, 32), (255, 255, 255))  # padded top and bottom to 64x64
+    buffer = io.BytesIO()
+    wide.save(buffer, format="PNG")
+    pixels = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.float32).reshape(3, 64, 64)
+    processor = preparer.image_processor
+    fill = np.array([round(c * 255) / 255 for c in processor.image_mean])
+    expected_pad = (fill - np.array(processor.image_mean)) / np.array(processor.image_std)
+    np.testing.assert_allclose(pixels[:, 0, 0], expected_pad, atol=0.02)  # top band: mean colour, ~0 normalised
+    assert pixels[:, 32, 32].min() > 1.0  # white centre stays white
+
+
+def test_reject_threshold_stops_the_stage():
+    manifest = {"datasets": {"mix": {"rows_in": 100, "rows_rejected": 5, "rejected_by_reason": {"image_missing": 5},
+                                     "source": "x.json"}}}
+    pipeline.check_reject_fraction(manifest, 0.05)
+    with pytest.raises(pipeline.TooManyRejects, match="5 of 100 rows rejected"):
+        pipeline.check_reject_fraction(manifest, 0.01)

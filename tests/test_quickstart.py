@@ -1,0 +1,157 @@
+"""The quickstart workflow end to end, as `make run` runs it: data -> align -> instruct -> export -> evaluate -> serve.
+
+Runs the real stages (Ray Data, Ray Train + DeepSpeed ZeRO-2 on 2 CPU workers, Ray Serve) on the real quickstart
+settings in a temporary directory, then checks values: row counts and rejects, what each stage trained, that the
+model learned to look at images, that the export loads without this project, and that re-runs skip finished work.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from llava_core.config import load_workflow
+from llava_core.workflow import run_workflow
+
+QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("quickstart")
+    old = os.getcwd()
+    os.chdir(path)  # the workflow's relative paths (data/, runs/) land here
+    yield path
+    os.chdir(old)
+
+
+@pytest.fixture(scope="module")
+def port():
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def first_run(ray_session, workdir, port):
+    workflow = load_workflow(QUICKSTART, [f"serve.port={port}"])
+    summary = run_workflow(workflow, exit_after_serve=True)
+    return workflow, summary
+
+
+def run_file(workflow, *parts):
+    return os.path.join(workflow.run_dir, *parts)
+
+
+def test_every_stage_ran_and_the_model_learned_to_look(first_run):
+    workflow, summary = first_run
+    assert [summary[s]["status"] for s in ("prepare", "align", "instruct", "export", "evaluate", "serve")] == \
+        ["done"] * 6
+    assert all(summary[s]["seconds"] > 0 for s in ("prepare", "align", "instruct", "evaluate"))
+    evaluation = summary["evaluate"]
+    assert evaluation["questions"] == 200
+    assert evaluation["accuracy"] >= 0.85, evaluation
+    assert evaluation["accuracy"] - evaluation["blind_accuracy"] >= 0.40, evaluation
+    on_disk = json.load(open(run_file(workflow, "summary.json")))
+    assert on_disk["evaluate"]["accuracy"] == evaluation["accuracy"]
+
+
+def test_prepare_counts_and_rejects_the_broken_rows(first_run):
+    workflow, _ = first_run
+    manifest = json.load(open(run_file(workflow, "prepare", "manifest.json")))
+    instruct = manifest["datasets"]["instruct"]
+    assert instruct["rows_in"] == 3000 + 40 + 2
+    assert instruct["rows_rejected"] == 2 and instruct["rows_written"] == 3040
+    assert instruct["text_only_rows"] == 40
+    rejects = [json.loads(line) for line in open(run_file(workflow, "prepare", "instruct", "rejects.jsonl"))]
+    assert {r["id"]: r["reason"] for r in rejects} == {"broken-missing-image": "image_missing",
+                                                      "broken-corrupt-image": "not_an_image"}
+    assert manifest["datasets"]["align"]["rows_written"] == 2000
+    assert os.path.getsize(run_file(workflow, "prepare", "lengths.png")) > 1000
+    stats = json.load(open(run_file(workflow, "prepare", "stats.json")))
+    assert stats["align"]["min"] >= 64 + 2  # 64 image tokens, BOS and at least one caption token
+
+
+def _weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_align_trains_only_the_projector_and_instruct_adds_the_llm(first_run):
+    workflow, _ = first_run
+    base_llm = load_file(os.path.join(workflow.model.llm, "model.safetensors"))
+    base_vision = load_file(os.path.join(workflow.model.vision_tower, "model.safetensors"))
+    aligned, instructed = _weights(run_file(workflow, "align", "model")), _weights(run_file(workflow, "instruct", "model"))
+
+    layer = "layers.0.self_attn.q_proj.weight"
+    llm_key = next(k for k in aligned if k.endswith("language_model." + layer))
+    vision_key = next(k for k in aligned if k.endswith("encoder.layers.0.mlp.fc1.weight"))
+    projector_key = next(k for k in aligned if k.endswith("multi_modal_projector.linear_1.weight"))
+    assert (aligned[llm_key] == base_llm["model." + layer]).all()  # LLM frozen in align
+    assert (aligned[vision_key] == base_vision["vision_model.encoder.layers.0.mlp.fc1.weight"]).all()
+    assert not (instructed[llm_key] == aligned[llm_key]).all()  # LLM trained in instruct
+    assert not (instructed[projector_key] == aligned[projector_key]).all()
+    assert (instructed[vision_key] == aligned[vision_key]).all()  # vision frozen throughout
+
+
+def test_training_ran_the_planned_steps_and_the_loss_fell(first_run):
+    workflow, summary = first_run
+    for stage, rows, epochs in (("align", 2000, 1), ("instruct", 3040, 3)):
+        history = [json.loads(line) for line in open(run_file(workflow, stage, "metrics.jsonl"))]
+        assert [r["step"] for r in history] == list(range(1, rows // 32 * epochs + 1))
+        assert history[-1]["loss"] < history[0]["loss"]
+        assert all(r["samples_per_s"] > 0 and r["grad_norm"] is not None for r in history)
+    assert summary["instruct"]["final_loss"] < 1.0
+
+
+SCRIPT = """
+import json, sys
+from PIL import Image
+import torch
+from transformers import AutoProcessor, LlavaForConditionalGeneration
+export, image_path, question = sys.argv[1:4]
+model = LlavaForConditionalGeneration.from_pretrained(export)
+processor = AutoProcessor.from_pretrained(export)
+image = Image.open(image_path).convert("RGB")
+side = max(image.size)  # LLaVA-1.5 "pad": centre on a square of the processor's mean colour
+canvas = Image.new("RGB", (side, side), tuple(round(c * 255) for c in processor.image_processor.image_mean))
+canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+inputs = processor(images=canvas, text=prompt, return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
+answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+print(json.dumps({"answer": answer, "imported_llava_core": "llava_core" in sys.modules}))
+"""
+
+
+def test_export_loads_with_plain_transformers_and_matches_the_endpoint(first_run):
+    workflow, summary = first_run
+    demo = json.load(open(run_file(workflow, "serve", "demo.json")))
+    question = json.loads(open(workflow.evaluate.questions).readline())
+    image = os.path.join(workflow.evaluate.image_folder, question["image"])
+    result = subprocess.run([sys.executable, "-c", SCRIPT, run_file(workflow, "export"), image, question["text"]],
+                            capture_output=True, text=True, check=True, cwd="/")
+    loaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert loaded["imported_llava_core"] is False
+    assert loaded["answer"] == demo["answer"] == summary["serve"]["answer"]
+    assert demo["answer"] != ""
+
+
+def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(first_run, port):
+    workflow, first = first_run
+    again = run_workflow(load_workflow(QUICKSTART, [f"serve.port={port}"]), exit_after_serve=True)
+    assert [again[s]["status"] for s in ("prepare", "align", "instruct", "export", "evaluate")] == ["skipped"] * 5
+    assert again["evaluate"]["accuracy"] == first["evaluate"]["accuracy"]
+    assert again["serve"]["answer"] == first["serve"]["answer"]
+
+    changed = run_workflow(load_workflow(QUICKSTART, [f"serve.port={port}", "evaluate.max_new_tokens=1"]),
+                           exit_after_serve=True)
+    assert [changed[s]["status"] for s in ("prepare", "align", "instruct", "export")] == ["skipped"] * 4
+    assert changed["evaluate"]["status"] == "done"
