@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
@@ -28,6 +29,7 @@ class TinyModelConfig:
     llm_heads: int = 4
     vocab_size: int = 600
     max_positions: int = 1024
+    position_embedding_std: float = 0.3
     seed: int = 0
 
 
@@ -58,7 +60,13 @@ def save_tiny_vision_tower(path: str, cfg: TinyModelConfig) -> None:
         num_attention_heads=4,
         projection_dim=cfg.vision_hidden,
     )
-    CLIPVisionModel(config).save_pretrained(path)
+    model = CLIPVisionModel(config)
+    # A trained CLIP's patch features say where they are; random ones barely do (position embeddings start ~15x
+    # weaker than patch content). Give the frozen random stand-in position embeddings as strong as its content so
+    # questions about position are answerable at all, as they are with the real tower.
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
+    model.save_pretrained(path)
     CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
     ).save_pretrained(path)
@@ -83,8 +91,6 @@ def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelC
 
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
     """Write a tiny CLIP vision tower to `vision_path` and a tiny LLaMA with its tokenizer to `llm_path`."""
-    import torch
-
     torch.manual_seed(cfg.seed)
     save_tiny_vision_tower(vision_path, cfg)
     save_tiny_llm(llm_path, train_tokenizer(corpus, cfg.vocab_size), cfg)
