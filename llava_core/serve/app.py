@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 
+import ray
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from ray import serve
@@ -122,11 +123,18 @@ def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
     """Serve `model_dir` on the already-initialised Ray; returns the base URL once `/health` answers."""
     serve.start(http_options={"host": settings.host, "port": settings.port})
     deployment = LlavaServer.options(num_replicas=settings.num_replicas,
-                                     max_ongoing_requests=settings.max_ongoing_requests)
+                                     max_ongoing_requests=settings.max_ongoing_requests,
+                                     ray_actor_options=replica_resources())
     serve.run(deployment.bind(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
     url = f"http://{client_host(settings.host)}:{settings.port}"
     wait_until_healthy(url)
     return url
+
+
+def replica_resources() -> dict:
+    # ServeSettings has no resource fields: a replica takes one GPU when the cluster has any, else one CPU.
+    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
+    return {"num_cpus": 1, "num_gpus": 1} if has_gpu else {"num_cpus": 1}
 
 
 def shutdown() -> None:

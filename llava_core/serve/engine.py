@@ -18,18 +18,21 @@ from PIL import Image
 from llava_core.data import images as image_ops
 from llava_core.model.build import IMAGE_TOKEN, load_llava
 
+# Dividing logits by a temperature this close to 0 overflows them to inf and the sampler fails on NaN probabilities;
+# the limit of sampling as the temperature goes to 0 is greedy decoding anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 @dataclass(frozen=True)
 class SamplingSettings:
     max_tokens: int
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: Optional[int] = None
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass
@@ -71,9 +74,11 @@ def first_stop_position(text: str, stops: tuple[str, ...]) -> Optional[int]:
 
 
 class GenerationEngine:
-    def __init__(self, model_dir: str, device: Optional[str] = None):
-        model, processor = load_llava(model_dir)
+    def __init__(self, model_dir: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        # bf16 halves a 7B model's memory on GPU; CPUs run it slowly, so they keep fp32 (what the evaluation used).
+        dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
+        model, processor = load_llava(model_dir, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer

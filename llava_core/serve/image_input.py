@@ -23,20 +23,29 @@ MESSAGES_FOR_REASON = {
 
 
 def image_from_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
-    encoded = base64_payload(url, param)
-    # Refuse oversized payloads from their length, before spending memory on decoding them.
+    # Whitespace is common in pasted base64 (line-wrapped `base64` output) and means nothing.
+    encoded = "".join(base64_payload(url, param).split())
+    # Refuse oversized payloads from their length (4 characters per 3 bytes), before spending memory on decoding.
     if len(encoded) * 3 // 4 > max_bytes + 2:
-        raise bad_request(f"image is larger than the limit of {max_bytes} bytes", param, "image_too_large")
+        raise bad_request(f"the image is larger than the limit of {max_bytes} bytes", param, "image_too_large")
     data = decode_base64(encoded, param)
     if len(data) > max_bytes:
-        raise bad_request(f"image is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
+        raise bad_request(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
                           "image_too_large")
     try:
         return decode_image(data, max_pixels)
     except RowError as error:
-        message = MESSAGES_FOR_REASON.get(error.reason, error.reason)
-        raise bad_request(f"invalid image: {message} ({error.detail})" if error.detail else f"invalid image: {message}",
-                          param, "invalid_image" if error.reason != "image_too_large" else error.reason) from None
+        raise image_error(error, param) from None
+    except Exception as error:  # noqa: BLE001 - PIL's decoders fail on crafted files in many ways; all are the client's
+        raise image_error(RowError("image_corrupt", f"{type(error).__name__}: {error}"), param) from None
+
+
+def image_error(error: RowError, param: str):
+    message = f"invalid image: {MESSAGES_FOR_REASON.get(error.reason, error.reason)}"
+    if error.detail:
+        message += f" ({error.detail})"
+    code = "image_too_large" if error.reason == "image_too_large" else "invalid_image"
+    return bad_request(message, param, code)
 
 
 def base64_payload(url: str, param: str) -> str:
@@ -53,9 +62,7 @@ def base64_payload(url: str, param: str) -> str:
 
 
 def decode_base64(encoded: str, param: str) -> bytes:
-    # Whitespace is common in pasted base64 (line-wrapped `base64` output); anything else invalid is refused.
-    compact = "".join(encoded.split())
     try:
-        return base64.b64decode(compact, validate=True)
+        return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
         raise bad_request(f"image_url.url is not valid base64: {error}", param, "invalid_base64") from None

@@ -20,6 +20,7 @@ from llava_core.serve.image_input import image_from_url
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
 
 
 @dataclass
@@ -134,8 +135,8 @@ def parse_sampling(body: dict) -> SamplingSettings:
     if top_p == 0:
         raise bad_request("top_p must be greater than 0", "top_p")
     seed = body.get("seed")
-    if seed is not None and not is_int(seed):
-        raise bad_request("seed must be an integer", "seed")
+    if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise bad_request("seed must be a 64-bit integer", "seed")
     return SamplingSettings(max_tokens=1, temperature=temperature, top_p=top_p, stop=stop_strings(body), seed=seed)
 
 

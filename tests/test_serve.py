@@ -1,0 +1,285 @@
+"""The Ray Serve endpoint, through the official OpenAI client and raw HTTP, against plain transformers' answers."""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import random
+import socket
+import threading
+
+import openai
+import pytest
+import requests
+import torch
+from PIL import Image
+
+from llava_core.config import ServeSettings
+from llava_core.data.images import mean_colour, pad_to_square
+
+MODEL = "tiny-llava"
+API_KEY = "test-key"
+MAX_TOKENS = 6
+LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes, mime: str = "image/png") -> str:
+    return f"data:{mime};base64," + base64.b64encode(data).decode()
+
+
+def image_part(data: bytes) -> dict:
+    return {"type": "image_url", "image_url": {"url": data_url(data)}}
+
+
+def wide_image(colour=(200, 30, 30)) -> Image.Image:
+    """Not square: the tiny model answers differently when the image is not padded the way training did."""
+    image = Image.new("RGB", (48, 24), (20, 20, 20))
+    image.paste(Image.new("RGB", (16, 12), colour), (8, 6))
+    return image
+
+
+def tall_image() -> Image.Image:
+    return Image.new("RGB", (20, 56), (30, 160, 60))
+
+
+def noise_png(side: int) -> bytes:
+    """Noise does not compress: a PNG of about 3 bytes per pixel."""
+    return png_bytes(Image.frombytes("RGB", (side, side), random.Random(0).randbytes(side * side * 3)))
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_llava_dir):
+    from llava_core.serve.app import deploy, shutdown
+
+    # A batch wait of 0.1 s lets concurrent requests meet in one batch even on a slow, busy machine.
+    settings = ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8, batch_wait_timeout_s=0.1,
+                             default_max_tokens=4, **LIMITS)
+    url = deploy(tiny_llava_dir, settings, MODEL)
+    yield url
+    shutdown()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llava_dir):
+    """Greedy answers from plain transformers, with images padded to square as in training."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
+    processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+
+    @torch.inference_mode()
+    def answer(messages: list[dict], images: list[Image.Image], max_new_tokens: int = MAX_TOKENS) -> dict:
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        padded = [pad_to_square(image, mean_colour(processor.image_processor)) for image in images]
+        inputs = processor(images=padded or None, text=[prompt], return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+        raw = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        return {"text": raw.strip(), "raw": raw, "prompt_tokens": inputs["input_ids"].shape[1]}
+
+    return answer
+
+
+def ask(client, messages: list[dict], **options):
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0, **options}
+    return client.chat.completions.create(model=MODEL, messages=messages, **options)
+
+
+def test_answer_with_image_matches_transformers(client, reference):
+    question = "What colour is the square?"
+    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                         [wide_image()])
+    assert expected["text"], "the reference answer is empty, so the comparison would prove nothing"
+
+    response = ask(client, [{"role": "user", "content": [{"type": "text", "text": question},
+                                                         image_part(png_bytes(wide_image()))]}])
+
+    assert response.object == "chat.completion" and response.model == MODEL and response.id
+    assert response.choices[0].message.content == expected["text"]
+    assert response.choices[0].finish_reason in ("stop", "length")
+    assert response.usage.prompt_tokens == expected["prompt_tokens"]
+    assert 0 < response.usage.completion_tokens <= MAX_TOKENS
+
+
+def test_multi_turn_history_with_image_in_an_earlier_turn(client, reference):
+    history = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
+               {"role": "assistant", "content": "A green bar."},
+               {"role": "user", "content": "How tall is it?"}]
+    expected = reference(history, [tall_image()])
+
+    sent = [dict(history[0], content=[image_part(png_bytes(tall_image())),
+                                      {"type": "text", "text": "What is this?"}])] + history[1:]
+    response = ask(client, sent)
+
+    assert response.choices[0].message.content == expected["text"]
+    assert response.usage.prompt_tokens == expected["prompt_tokens"]
+
+
+def test_stop_string_cuts_the_answer(client, reference):
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    raw = reference(messages, [], max_new_tokens=12)["raw"]
+    assert len(raw) >= 4, "the reference answer is too short to cut"
+    stop = raw[len(raw) // 2:len(raw) // 2 + 2]
+
+    response = ask(client, messages, max_tokens=12, stop=[stop])
+
+    assert response.choices[0].message.content == raw[:raw.find(stop)].strip()
+    assert response.choices[0].finish_reason == "stop"
+
+
+def test_seeded_sampling_repeats(client):
+    messages = [{"role": "user", "content": "Say something."}]
+    first, second = (ask(client, messages, temperature=1.0, top_p=0.9, seed=7) for _ in range(2))
+    assert first.choices[0].message.content == second.choices[0].message.content
+
+
+def test_models_lists_the_served_model(client, server):
+    assert [model.id for model in client.models.list()] == [MODEL]
+    assert requests.get(server + "/health", timeout=30).status_code == 200  # no key needed: load balancers probe it
+
+
+def good_body(**changes) -> dict:
+    body = {"model": MODEL, "max_tokens": 2, "temperature": 0,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "Hi?"},
+                                                      image_part(png_bytes(wide_image()))]}]}
+    return {**body, **changes}
+
+
+def with_content(*parts) -> dict:
+    return good_body(messages=[{"role": "user", "content": [{"type": "text", "text": "Hi?"}, *parts]}])
+
+
+def image_url_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+GOOD_PNG = png_bytes(wide_image())
+
+LONG_TEXT = "red square " * 1500  # about 3000 tokens, the tiny model's context is 1024
+ASSISTANT_IMAGE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [image_part(GOOD_PNG)]},
+                   {"role": "user", "content": "And?"}]
+
+# case -> (body, status, a fragment of the message that proves the intended check refused it)
+BAD_REQUESTS = {
+    "malformed JSON": (b'{"model": "tiny-llava", "messages": [', 400, "not valid JSON"),
+    "body not an object": ([1, 2], 400, "JSON object"),
+    "messages not a list": (good_body(messages="hello"), 400, "non-empty array"),
+    "empty messages": (good_body(messages=[]), 400, "non-empty array"),
+    "message not an object": (good_body(messages=["hello"]), 400, "must be an object"),
+    "unknown role": (good_body(messages=[{"role": "robot", "content": "hi"}]), 400, "unknown role"),
+    "content of wrong type": (good_body(messages=[{"role": "user", "content": 5}]), 400, "string or an array"),
+    "text part not a string": (with_content({"type": "text", "text": 5}), 400, ".text must be a string"),
+    "unknown part type": (with_content({"type": "input_audio"}), 400, "unknown content part type"),
+    "image_url not an object": (with_content({"type": "image_url", "image_url": 5}), 400, "must be an object"),
+    "http image url": (with_content(image_url_part("https://example.com/cat.png")), 400, "not supported yet"),
+    "not a data url": (with_content(image_url_part("cat.png")), 400, "data:image"),
+    "bad base64": (with_content(image_url_part("data:image/png;base64,@@not-base64@@")), 400, "not valid base64"),
+    "empty image": (with_content(image_url_part("data:image/png;base64,")), 400, "empty"),
+    "bytes not an image": (with_content(image_part(b"just some text, not a picture")), 400, "not an image"),
+    "truncated image": (with_content(image_part(GOOD_PNG[: len(GOOD_PNG) // 2])), 400, "truncated"),
+    "image over the byte limit": (with_content(image_part(noise_png(120))), 400, "30000 bytes"),
+    "image over the pixel limit": (with_content(image_part(png_bytes(Image.new("RGB", (400, 400))))), 400,
+                                   "too many pixels"),
+    "too many images": (with_content(*[image_part(GOOD_PNG)] * (LIMITS["max_images"] + 1)), 400, "too many images"),
+    "image in an assistant turn": (good_body(messages=ASSISTANT_IMAGE), 400, "only accepted in user messages"),
+    "typed image token": (good_body(messages=[{"role": "user", "content": "look: <image>"}]), 400, "<image>"),
+    "last message not from the user": (good_body(messages=[{"role": "assistant", "content": "Hi"}]), 400, "last"),
+    "max_tokens zero": (good_body(max_tokens=0), 400, "max_tokens"),
+    "max_tokens over the limit": (good_body(max_tokens=LIMITS["max_tokens_limit"] + 1), 400, "limit of 32"),
+    "max_tokens a string": (good_body(max_tokens="2"), 400, "max_tokens"),
+    "max_completion_tokens negative": (good_body(max_completion_tokens=-1), 400, "max_completion_tokens"),
+    "temperature a string": (good_body(temperature="hot"), 400, "temperature"),
+    "temperature too high": (good_body(temperature=3), 400, "between 0 and 2"),
+    "top_p zero": (good_body(top_p=0), 400, "top_p"),
+    "stop not strings": (good_body(stop=[1]), 400, "stop"),
+    "seed a float": (good_body(seed=1.5), 400, "seed"),
+    "seed over 64 bits": (good_body(seed=2**70), 400, "seed"),
+    "n above one": (good_body(n=2), 400, "n=1"),
+    "stream": (good_body(stream=True), 400, "stream is not supported yet"),
+    "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
+    "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
+    "unknown model": (good_body(model="gpt-4o"), 404, "does not exist"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_bad_request_gets_a_4xx_in_openai_shape(server, case):
+    body, status, fragment = BAD_REQUESTS[case]
+    data = body if isinstance(body, bytes) else json.dumps(body)
+    response = requests.post(server + "/v1/chat/completions", data=data,
+                             headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+                             timeout=60)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert fragment in error["message"] and error["type"] == "invalid_request_error"
+    assert set(error) == {"message", "type", "param", "code"}
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong-key"}, {"Authorization": API_KEY}])
+def test_missing_or_wrong_key_is_401(server, headers):
+    response = requests.post(server + "/v1/chat/completions", json=good_body(), headers=headers, timeout=60)
+    assert response.status_code == 401
+    assert response.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_openai_client_raises_its_typed_errors(server, client):
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        ask(client, [{"role": "user", "content": "hi"}], max_tokens=0)
+    wrong_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong_key.models.list()
+
+
+def test_normal_request_succeeds_after_the_bad_ones(client, reference):
+    question = [{"type": "image"}, {"type": "text", "text": "Hi?"}]
+    expected = reference([{"role": "user", "content": question}], [wide_image()], max_new_tokens=2)
+    response = ask(client, good_body()["messages"], max_tokens=2)
+    assert response.choices[0].message.content == expected["text"]
+
+
+def test_concurrent_requests_share_batches_and_keep_their_answers(client, reference):
+    from llava_core.serve.app import BATCH_SIZE_HEADER
+
+    # Different prompt lengths and images, so the batch really is left-padded.
+    questions = [f"Question {i}: what do you see{'?' * i}" for i in range(8)]
+    requests = [([{"role": "user", "content": [{"type": "text", "text": q}, image_part(png_bytes(wide_image()))]}]
+                 if i % 2 else [{"role": "user", "content": q}]) for i, q in enumerate(questions)]
+    expected = [reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}]
+                          if i % 2 else [{"role": "user", "content": q}], [wide_image()] if i % 2 else [])["text"]
+                for i, q in enumerate(questions)]
+    start_together = threading.Barrier(len(requests))
+    results: list = [None] * len(requests)
+
+    def send(index: int) -> None:
+        start_together.wait()
+        raw = client.chat.completions.with_raw_response.create(
+            model=MODEL, messages=requests[index], max_tokens=MAX_TOKENS, temperature=0)
+        results[index] = (raw.parse().choices[0].message.content, int(raw.headers[BATCH_SIZE_HEADER]))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert all(result is not None for result in results), "some requests failed"
+    assert [answer for answer, _ in results] == expected
+    assert max(batch_size for _, batch_size in results) > 1
