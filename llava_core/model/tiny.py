@@ -65,7 +65,7 @@ def save_tiny_vision_tower(path: str, cfg: TinyModelConfig) -> None:
     # weaker than patch content). Give the frozen random stand-in position embeddings as strong as its content so
     # questions about position are answerable at all, as they are with the real tower.
     with torch.no_grad():
-        model.vision_model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
+        model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
     model.save_pretrained(path)
     CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
