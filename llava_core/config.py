@@ -145,7 +145,8 @@ class EvaluateSettings:
 
     def all_sets(self) -> dict:
         """Every set to evaluate, by name, the inline one first."""
-        inline = {MAIN_EVAL_SET: EvalSetSettings("llava", self.questions, self.answers, self.image_folder)}
+        inline = {MAIN_EVAL_SET: EvalSetSettings(layout="llava", questions=self.questions, answers=self.answers,
+                                                 image_folder=self.image_folder)}
         return {**(inline if self.questions else {}), **self.sets}
 
     def primary_set(self) -> Optional[str]:

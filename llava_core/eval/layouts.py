@@ -66,7 +66,10 @@ def read_rows(path: str) -> list[dict]:
     if path.endswith(".tsv"):
         return list(csv.DictReader(io.StringIO(storage.read_text(path)), delimiter="\t"))
     if path.endswith(".json"):
-        data = json.loads(storage.read_text(path))
+        try:
+            data = json.loads(storage.read_text(path))
+        except json.JSONDecodeError:
+            return read_jsonl(path)  # POPE's coco_pope_*.json are JSON lines
         if isinstance(data, dict):
             for key in ("questions", "annotations"):
                 if isinstance(data.get(key), list):

@@ -61,6 +61,11 @@ def category_table(metrics: dict) -> str:
     return f"<table><tr><th>category</th><th>accuracy</th></tr>{rows}</table>"
 
 
+def reference_text(example: dict) -> str:
+    options = example.get("options") or {}
+    return " | ".join(f"{r}. {options[r]}" if r in options else r for r in example["references"])
+
+
 def example_rows(examples: list[dict]) -> str:
     rows = []
     for e in examples:
@@ -68,7 +73,7 @@ def example_rows(examples: list[dict]) -> str:
         blind = f"<br><small>blind: {escape(e['blind_prediction'])}</small>" if "blind_prediction" in e else ""
         rows.append(
             f'<tr><td><img src="data:image/png;base64,{e["thumbnail"]}" alt="{escape(str(e["question_id"]))}"></td>'
-            f"<td><pre>{escape(e['question'])}</pre></td><td>{escape(' | '.join(e['references']))}</td>"
+            f"<td><pre>{escape(e['question'])}</pre></td><td>{escape(reference_text(e))}</td>"
             f"<td>{mark} {escape(e['prediction'])}{blind}</td></tr>")
     return ("<table><tr><th>image</th><th>question</th><th>reference</th><th>prediction</th></tr>"
             + "".join(rows) + "</table>")
