@@ -184,16 +184,25 @@ def test_multiple_choice_circular_by_hand(tmp_path, image_folder):
     assert score.metrics["by_category"] == {"colour": float(Fraction(2, 6)), "other": float(Fraction(2, 6))}
 
 
-def test_multiple_choice_reads_option_text_and_mmbench_tsv(tmp_path):
+def png_b64(colour) -> str:
     import base64
     import io
 
     buffer = io.BytesIO()
-    Image.new("RGB", (20, 10), (200, 0, 0)).save(buffer, format="PNG")
-    image = base64.b64encode(buffer.getvalue()).decode()
+    Image.new("RGB", (20, 10), colour).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def write_mmbench_tsv(path, image: str, n: int = 6):
     header = "index\tquestion\thint\tA\tB\tC\tD\tanswer\tcategory\timage\n"
-    lines = [f"{i}\tWhat colour?\tnan\tred\tgreen\tblue\t\t{'ABC'[i % 3]}\tcolour\t{image}\n" for i in range(6)]
-    (tmp_path / "mmbench.tsv").write_text(header + "".join(lines))
+    lines = [f"{i}\tWhat colour?\tnan\tred\tgreen\tblue\t\t{'ABC'[i % 3]}\tcolour\t{image}\n" for i in range(n)]
+    path.write_text(header + "".join(lines))
+    return str(path)
+
+
+def test_multiple_choice_reads_option_text_and_mmbench_tsv(tmp_path):
+    image = png_b64((200, 0, 0))
+    write_mmbench_tsv(tmp_path / "mmbench.tsv", image)
     items = load_eval_set(EvalSetSettings(layout="choice", questions=str(tmp_path / "mmbench.tsv")))
     assert items[0].text == f"What colour?\nA. red\nB. green\nC. blue\n{OPTION_LETTER}"
     assert items[0].image_b64 == image and items[0].options == {"A": "red", "B": "green", "C": "blue"}
@@ -272,3 +281,22 @@ def test_quickstart_has_one_primary_llava_set():
 def test_bad_evaluate_settings_name_their_path(override, message):
     with pytest.raises(WorkflowError, match=re.escape(message)):
         load_workflow("workflows/quickstart.yaml", [override])
+
+
+def test_inline_images_are_stored_once_per_question_and_sent_by_path(tmp_path):
+    """A circular MMBench question is asked once per rotation; its inline image is written once, then referenced."""
+    settings = EvaluateSettings(blind_baseline=False, sets={"mmbench": EvalSetSettings(
+        layout="choice", circular=True, questions=write_mmbench_tsv(tmp_path / "mm.tsv", png_b64((0, 0, 200)), n=4))})
+    asked = []
+
+    def answer(queries):
+        asked.extend(queries)
+        return {q.key: "A" for q in queries}
+
+    results = evaluate_sets(settings, answer, blank=None, out_dir=str(tmp_path / "out"), title="mm")
+    stored = sorted(p.name for p in (tmp_path / "out" / "mmbench" / "images").iterdir())
+    assert stored == ["0.png", "1.png", "2.png", "3.png"]
+    assert len(asked) == 4 * 3 and all(q.image_path.endswith(".png") and not q.image_b64 for q in asked)
+    # Always "A": right in exactly one of the three rotations of every question, so never circularly right; in the
+    # given order right for questions 0 and 3 (answers A, B, C, A).
+    assert results["mmbench"]["accuracy"] == 0.0 and results["mmbench"]["plain_accuracy"] == 0.5

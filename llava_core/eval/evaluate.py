@@ -42,6 +42,23 @@ def blank_png(export_dir: str | None, cache_root: str) -> str:
     return base64.b64encode(buffer.getvalue()).decode()
 
 
+def image_extension(data: bytes) -> str:
+    return ".jpg" if data[:2] == b"\xff\xd8" else ".png" if data[:4] == b"\x89PNG" else ".img"
+
+
+def store_inline_images(items: list[EvalItem], folder: str) -> None:
+    """Write inline images (MMBench's TSV) to the run directory once per question, so that queries carry a path:
+    a circular question would otherwise ship its image through Ray once per rotation."""
+    written = {}
+    for item in items:
+        if item.image_b64:
+            if item.question_id not in written:
+                data = base64.b64decode(item.image_b64)
+                written[item.question_id] = storage.join(folder, f"{item.question_id}{image_extension(data)}")
+                storage.write_bytes(written[item.question_id], data)
+            item.image_path, item.image_b64 = written[item.question_id], ""
+
+
 def build_queries(sets: dict[str, list[EvalItem]], blank: str | None) -> tuple[list[Query], dict]:
     """One query per item (and one more with the blank image per item when blank is given); keys are indices."""
     queries, where = [], {}
@@ -86,6 +103,8 @@ def evaluate_sets(settings: EvaluateSettings, answer, blank: str | None, out_dir
     """Load every set, get all answers in one pass of `answer(queries) -> {key: text}`, score, write, report."""
     configs = settings.all_sets()
     sets = {name: load_eval_set(s) for name, s in configs.items()}
+    for name, items in sets.items():
+        store_inline_images(items, storage.join(out_dir, name, "images"))
     queries, where = build_queries(sets, blank)
     answers = answer(queries)
     results, examples = {}, {}
