@@ -100,13 +100,63 @@ class TrainStageSettings:
     seed: int = 0
 
 
+EVAL_LAYOUTS = ("llava", "vqa", "pope", "choice")
+MAIN_EVAL_SET = "main"  # the name of the set given by evaluate.questions / answers / image_folder
+
+
+@dataclass
+class EvalSetSettings:
+    """One evaluation set; `llava_core.eval.layouts` reads each layout."""
+    layout: str = "llava"  # llava | vqa | pope | choice
+    questions: str = ""  # jsonl (all layouts), VQAv2 questions JSON (vqa), MMBench TSV (choice)
+    answers: str = ""  # required for llava; optional elsewhere when the questions carry their answers
+    image_folder: str = ""
+    image_template: str = ""  # vqa: image name from row fields, e.g. COCO_val2014_{image_id:012d}.jpg
+    primary: bool = False  # its accuracy / blind_accuracy become the top-level evaluate.accuracy / blind_accuracy
+    circular: bool = False  # choice: correct only if correct under every rotation of the options (MMBench)
+    prompt_suffix: Optional[str] = None  # None: the layout's LLaVA-1.5 instruction; "" for none
+    limit: int = 0  # evaluate only the first N questions; 0 = all
+
+
+@dataclass
+class EvalEndpointSettings:
+    """Evaluate a live OpenAI-compatible endpoint instead of the exported model."""
+    url: str = ""  # base URL, e.g. http://127.0.0.1:8000 (with or without /v1)
+    model: str = ""
+    api_key: Optional[str] = None
+    concurrency: int = 8  # requests in flight; the server batches them
+    timeout_s: float = 300.0
+
+
 @dataclass
 class EvaluateSettings:
+    # A LLaVA-layout set named "main", written inline (the quickstart's held-out questions); primary unless a set
+    # in `sets` says `primary: true`.
     questions: str = ""  # LLaVA eval layout: jsonl of {question_id, image, text[, category]}
     answers: str = ""  # jsonl of {question_id, answer}
     image_folder: str = ""
+    sets: dict = field(default_factory=dict)  # name -> EvalSetSettings
     max_new_tokens: int = 8
     batch_size: int = 32
+    num_actors: int = 2  # in-process inference: Ray Data actors, each holding one copy of the model
+    blind_baseline: bool = True  # also answer every question with a blank image
+    report_examples: int = 6  # examples per set shown in evaluate/report.html
+    endpoint: Optional[EvalEndpointSettings] = None  # set: ask this endpoint instead of the export
+
+    def all_sets(self) -> dict:
+        """Every set to evaluate, by name, the inline one first."""
+        inline = {MAIN_EVAL_SET: EvalSetSettings(layout="llava", questions=self.questions, answers=self.answers,
+                                                 image_folder=self.image_folder)}
+        return {**(inline if self.questions else {}), **self.sets}
+
+    def primary_set(self) -> Optional[str]:
+        sets = self.all_sets()
+        marked = [name for name, s in sets.items() if s.primary]
+        if marked:
+            return marked[0]
+        if MAIN_EVAL_SET in sets:
+            return MAIN_EVAL_SET
+        return next(iter(sets)) if len(sets) == 1 else None
 
 
 @dataclass
@@ -149,7 +199,7 @@ class Workflow:
         return storage.join(storage.absolute(self.storage), self.name)
 
 
-DICT_OF = {("Workflow", "datasets"): DatasetSettings}
+DICT_OF = {("Workflow", "datasets"): DatasetSettings, ("EvaluateSettings", "sets"): EvalSetSettings}
 
 
 def _type_name(tp) -> str:
@@ -245,6 +295,8 @@ def resolve_local_paths(w: Workflow) -> None:
         ds.path, ds.image_folder = local(ds.path), local(ds.image_folder)
     e = w.evaluate
     e.questions, e.answers, e.image_folder = local(e.questions), local(e.answers), local(e.image_folder)
+    for s in e.sets.values():
+        s.questions, s.answers, s.image_folder = local(s.questions), local(s.answers), local(s.image_folder)
     for attr in ("vision_tower", "llm"):
         path = getattr(w.model, attr)
         if w.synthetic is not None or os.path.exists(path):  # the quickstart creates its models on first run
@@ -281,6 +333,40 @@ def validate(w: Workflow) -> None:
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
         raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
+    validate_evaluate(w.evaluate)
+
+
+def validate_evaluate(e: EvaluateSettings) -> None:
+    if MAIN_EVAL_SET in e.sets and e.questions:
+        raise WorkflowError(f"evaluate.sets.{MAIN_EVAL_SET}: the name is taken by evaluate.questions; rename the set")
+    if e.questions and not e.answers:
+        raise WorkflowError("evaluate.answers: required with evaluate.questions (LLaVA layout)")
+    for name, s in e.sets.items():
+        where = f"evaluate.sets.{name}"
+        if s.layout not in EVAL_LAYOUTS:
+            raise WorkflowError(f"{where}.layout: {s.layout!r} is not one of {list(EVAL_LAYOUTS)}")
+        if not s.questions:
+            raise WorkflowError(f"{where}.questions: required")
+        if s.layout == "llava" and not s.answers:
+            raise WorkflowError(f"{where}.answers: required for the llava layout")
+        if s.circular and s.layout != "choice":
+            raise WorkflowError(f"{where}.circular: only multiple choice (layout: choice) has options to rotate")
+        if s.limit < 0:
+            raise WorkflowError(f"{where}.limit: {s.limit} is negative; 0 means all questions")
+    marked = [name for name, s in e.sets.items() if s.primary]
+    if len(marked) > 1:
+        raise WorkflowError(f"evaluate.sets: {', '.join(marked)} are all marked primary; mark one")
+    for key in ("max_new_tokens", "batch_size", "num_actors"):
+        if getattr(e, key) < 1:
+            raise WorkflowError(f"evaluate.{key}: {getattr(e, key)} must be at least 1")
+    if e.endpoint is not None:
+        if not e.endpoint.url.startswith(("http://", "https://")):
+            raise WorkflowError(f"evaluate.endpoint.url: {e.endpoint.url!r} is not an http(s) URL")
+        if not e.endpoint.model:
+            raise WorkflowError("evaluate.endpoint.model: required (the model id the endpoint answers to, "
+                                "see its /v1/models)")
+        if e.endpoint.concurrency < 1:
+            raise WorkflowError(f"evaluate.endpoint.concurrency: {e.endpoint.concurrency} must be at least 1")
 
 
 def settings_hash(*parts: Any) -> str:

@@ -82,7 +82,8 @@ def stage_export(ctx: RunContext) -> dict:
 def stage_evaluate(ctx: RunContext) -> dict:
     from llava_core.eval.evaluate import run_evaluate
 
-    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"), ctx.cache_dir)
+    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"), ctx.cache_dir,
+                        title=f"{ctx.workflow.name}: evaluation")
 
 
 def stage_serve(ctx: RunContext) -> dict:

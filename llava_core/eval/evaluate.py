@@ -1,89 +1,158 @@
-"""The evaluate stage: held-out questions answered greedily by the exported model, scored by exact match.
+"""The evaluate stage: every eval set of the workflow answered greedily, scored by its benchmark's rules, reported.
 
-Beside the real score it reports the image-blind baseline: the same model and questions with a blank (mean-colour)
+Beside each real score it reports the image-blind baseline: the same model and questions with a blank (mean-colour)
 image. A model that learned to look scores far above it; one that learned only answer priors does not.
+
+Answers come from the exported model in Ray Data actors, or from a live OpenAI-compatible endpoint when
+`evaluate.endpoint` is set; both get the same prompts and image bytes (`llava_core.eval.backends`). Outputs:
+`evaluate/<set>/predictions.jsonl`, `evaluate/metrics.json`, `evaluate/report.html`, and the stage metrics (in
+`summary.json`): per-set metrics under `sets`, and the primary set's `accuracy` / `blind_accuracy` at the top.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
-import re
-import string
-from collections import defaultdict
 
-import torch
+from PIL import Image
 
 from llava_core import storage
-from llava_core.data import images
-from llava_core.model.build import load_llava
+from llava_core.config import EvaluateSettings
+from llava_core.eval.backends import Query, answer_by_endpoint, answer_in_process, generate_answers, image_bytes
+from llava_core.eval.backends import prompt_for  # noqa: F401 - part of this module's interface
+from llava_core.eval.layouts import EvalItem, load_eval_set, read_jsonl  # noqa: F401 - read_jsonl: serve demo
+from llava_core.eval.report import render_report, thumbnail_b64
+from llava_core.eval.scoring import SetScore, normalise_answer, score_set  # noqa: F401 - normalise_answer: API
+
+__all__ = ["run_evaluate", "generate_answers", "normalise_answer", "read_jsonl", "evaluate_sets"]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
-def normalise_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, collapse spaces (the VQA convention)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = re.sub(r"\b(a|an|the)\b", " ", text)
-    return " ".join(text.split())
+def blank_png(export_dir: str | None, cache_root: str) -> str:
+    """The blind baseline's image, base64 PNG: the export's processor mean colour (CLIP's without an export)."""
+    mean = CLIP_MEAN
+    if export_dir and storage.exists(export_dir):
+        from transformers import AutoImageProcessor
+
+        mean = AutoImageProcessor.from_pretrained(storage.local_copy(export_dir, cache_root)).image_mean
+    image = Image.new("RGB", (64, 64), tuple(int(round(c * 255)) for c in mean))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
 
 
-def read_jsonl(path: str) -> list[dict]:
-    return [json.loads(line) for line in storage.read_text(path).splitlines() if line.strip()]
+def image_extension(data: bytes) -> str:
+    return ".jpg" if data[:2] == b"\xff\xd8" else ".png" if data[:4] == b"\x89PNG" else ".img"
 
 
-def prompt_for(processor, question: str) -> str:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def store_inline_images(items: list[EvalItem], folder: str) -> None:
+    """Write inline images (MMBench's TSV) to the run directory once per question, so that queries carry a path:
+    a circular question would otherwise ship its image through Ray once per rotation."""
+    written = {}
+    for item in items:
+        if item.image_b64:
+            if item.question_id not in written:
+                data = base64.b64decode(item.image_b64)
+                written[item.question_id] = storage.join(folder, f"{item.question_id}{image_extension(data)}")
+                storage.write_bytes(written[item.question_id], data)
+            item.image_path, item.image_b64 = written[item.question_id], ""
 
 
-@torch.inference_mode()
-def generate_answers(model, processor, questions: list[str], pil_images: list, max_new_tokens: int,
-                     batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding; images are padded to square as in training."""
-    processor.tokenizer.padding_side = "left"
-    fill = images.mean_colour(processor.image_processor)
-    answers = []
-    for start in range(0, len(questions), batch_size):
-        chunk = slice(start, start + batch_size)
-        prompts = [prompt_for(processor, q) for q in questions[chunk]]
-        padded = [images.pad_to_square(im, fill) for im in pil_images[chunk]]
-        inputs = processor(images=padded, text=prompts, padding=True, return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers += [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
-    return answers
+def build_queries(sets: dict[str, list[EvalItem]], blank: str | None) -> tuple[list[Query], dict]:
+    """One query per item (and one more with the blank image per item when blank is given); keys are indices."""
+    queries, where = [], {}
+    for name, items in sets.items():
+        for index, item in enumerate(items):
+            where[(name, index, False)] = str(len(queries))
+            queries.append(Query(str(len(queries)), item.text, item.image_path, item.image_b64))
+            if blank is not None:
+                where[(name, index, True)] = str(len(queries))
+                queries.append(Query(str(len(queries)), item.text, image_b64=blank))
+    return queries, where
 
 
-def score(predictions: list[str], references: list[str], categories: list[str]) -> dict:
-    hits = [normalise_answer(p) == normalise_answer(r) for p, r in zip(predictions, references)]
-    by_category = defaultdict(list)
-    for category, hit in zip(categories, hits):
-        by_category[category].append(hit)
-    return {
-        "accuracy": sum(hits) / max(len(hits), 1),
-        "by_category": {c: round(sum(h) / len(h), 4) for c, h in sorted(by_category.items())},
-        "count": len(hits),
-    }
+def rounded(metrics: dict) -> dict:
+    return {k: rounded(v) if isinstance(v, dict) else round(v, 4) if isinstance(v, float) else v
+            for k, v in metrics.items()}
 
 
-def run_evaluate(export_dir: str, settings, out_dir: str, cache_root: str) -> dict:
-    model, processor = load_llava(storage.local_copy(export_dir, cache_root))
-    model.eval()
-    questions = read_jsonl(settings.questions)
-    answers = {a["question_id"]: a["answer"] for a in read_jsonl(settings.answers)}
-    texts = [q["text"] for q in questions]
-    refs = [answers[q["question_id"]] for q in questions]
-    categories = [q.get("category", "all") for q in questions]
-    pictures = [images.decode_image(images.read_image_bytes(settings.image_folder, q["image"])) for q in questions]
-    blank = [images.blank_image(processor.image_processor, size=max(p.size)) for p in pictures]
+def prediction_rows(items: list[EvalItem], predictions: list[str], score: SetScore,
+                    blind: list[str] | None, blind_score: SetScore | None) -> list[dict]:
+    rows = []
+    for i, item in enumerate(items):
+        row = {"question_id": item.question_id, "key": item.key, "category": item.category, "question": item.text,
+               "references": item.references, "prediction": predictions[i], **score.rows[i]}
+        if item.options:
+            row.update(options=item.options, rotation=item.rotation)
+        if blind is not None:
+            row.update(blind_prediction=blind[i], blind_parsed=blind_score.rows[i]["parsed"],
+                       blind_correct=blind_score.rows[i]["correct"])
+        rows.append(row)
+    return rows
 
-    seen = generate_answers(model, processor, texts, pictures, settings.max_new_tokens, settings.batch_size)
-    blind = generate_answers(model, processor, texts, blank, settings.max_new_tokens, settings.batch_size)
-    real, baseline = score(seen, refs, categories), score(blind, refs, categories)
 
-    rows = [{"question_id": q["question_id"], "question": t, "answer": r, "prediction": s, "blind_prediction": b,
-             "correct": normalise_answer(s) == normalise_answer(r)}
-            for q, t, r, s, b in zip(questions, texts, refs, seen, blind)]
-    storage.write_text(storage.join(out_dir, "predictions.jsonl"), "".join(json.dumps(r) + "\n" for r in rows))
-    metrics = {"accuracy": round(real["accuracy"], 4), "blind_accuracy": round(baseline["accuracy"], 4),
-               "by_category": real["by_category"], "blind_by_category": baseline["by_category"],
-               "questions": real["count"]}
+def examples_for_report(items: list[EvalItem], rows: list[dict], count: int) -> list[dict]:
+    chosen = [i for i, item in enumerate(items) if item.rotation == 0][:count]
+    return [{**rows[i], "thumbnail": thumbnail_b64(image_bytes(Query("", "", items[i].image_path,
+                                                                     items[i].image_b64)))}
+            for i in chosen]
+
+
+def evaluate_sets(settings: EvaluateSettings, answer, blank: str | None, out_dir: str, title: str) -> dict:
+    """Load every set, get all answers in one pass of `answer(queries) -> {key: text}`, score, write, report."""
+    configs = settings.all_sets()
+    sets = {name: load_eval_set(s) for name, s in configs.items()}
+    for name, items in sets.items():
+        store_inline_images(items, storage.join(out_dir, name, "images"))
+    queries, where = build_queries(sets, blank)
+    answers = answer(queries)
+    results, examples = {}, {}
+    for name, items in sets.items():
+        layout = configs[name].layout
+        predictions = [answers[where[(name, i, False)]] for i in range(len(items))]
+        score = score_set(layout, items, predictions)
+        blind = [answers[where[(name, i, True)]] for i in range(len(items))] if blank is not None else None
+        blind_score = score_set(layout, items, blind) if blind is not None else None
+        rows = prediction_rows(items, predictions, score, blind, blind_score)
+        storage.write_text(storage.join(out_dir, name, "predictions.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in rows))
+        results[name] = {"layout": layout, **rounded(score.metrics)}
+        if blind_score is not None:
+            results[name]["blind"] = rounded(blind_score.metrics)
+        examples[name] = examples_for_report(items, rows, settings.report_examples)
+    storage.write_text(storage.join(out_dir, "report.html"), render_report(title, results, examples))
+    return results
+
+
+def stage_metrics(results: dict, primary: str | None, backend: str) -> dict:
+    """Per-set metrics under `sets`; the primary set's headline numbers on top (the summary.json contract)."""
+    metrics = {"backend": backend, "primary": primary, "sets": results}
+    if primary is not None:
+        main = results[primary]
+        metrics.update(accuracy=main["accuracy"], questions=main["count"], by_category=main["by_category"])
+        if "blind" in main:
+            metrics.update(blind_accuracy=main["blind"]["accuracy"], blind_by_category=main["blind"]["by_category"])
+    return metrics
+
+
+def run_evaluate(export_dir: str, settings: EvaluateSettings, out_dir: str, cache_root: str,
+                 title: str = "evaluation") -> dict:
+    if not settings.all_sets():
+        print("evaluate: no eval sets in the workflow (evaluate.questions or evaluate.sets); nothing to do", flush=True)
+        return {"sets": {}}
+    endpoint = settings.endpoint
+    blank = blank_png(export_dir, cache_root) if settings.blind_baseline else None
+    if endpoint is not None:
+        def answer(queries):
+            return answer_by_endpoint(queries, endpoint, settings.max_new_tokens)
+        backend = f"endpoint {endpoint.url} ({endpoint.model})"
+    else:
+        def answer(queries):
+            return answer_in_process(queries, export_dir, cache_root, settings.max_new_tokens,
+                                     settings.batch_size, settings.num_actors)
+        backend = "ray_data"
+    results = evaluate_sets(settings, answer, blank, out_dir, title)
+    metrics = stage_metrics(results, settings.primary_set(), backend)
     storage.write_json(storage.join(out_dir, "metrics.json"), metrics)
     return metrics

@@ -1,0 +1,88 @@
+"""`evaluate/report.html`: one self-contained page with the metrics table and a few examples per set.
+
+Images are embedded as base64 PNG thumbnails, so the page can be mailed or opened from a bucket; every piece of text
+(questions, answers, set names) is escaped, because predictions are model output and questions are user data.
+"""
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+
+from PIL import Image
+
+from llava_core.data import images
+
+THUMBNAIL = 160  # pixels, the longer side
+# Columns of the metrics table, in order; a layout shows the ones it has.
+METRIC_COLUMNS = ("accuracy", "exact_match", "plain_accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
+table { border-collapse: collapse; margin-bottom: 2em; }
+th, td { border: 1px solid #ccc; padding: 4px 8px; text-align: left; vertical-align: top; }
+th { background: #f3f3f3; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.ok { color: #1a7f37; } .wrong { color: #c62828; }
+pre { white-space: pre-wrap; margin: 0; max-width: 36em; }
+"""
+
+
+def thumbnail_b64(data: bytes) -> str:
+    image = images.decode_image(data)
+    image.thumbnail((THUMBNAIL, THUMBNAIL), Image.Resampling.BICUBIC)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+def number(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else escape(str(value))
+
+
+def metrics_table(sets: dict) -> str:
+    columns = [c for c in METRIC_COLUMNS if any(c in m for m in sets.values())]
+    head = "".join(f"<th>{escape(c)}</th>" for c in ["set", "layout", "questions", *columns, "blind accuracy"])
+    body = []
+    for name, m in sets.items():
+        cells = [escape(name), escape(m["layout"]), number(m["count"])]
+        cells += [number(m[c]) if c in m else "" for c in columns]
+        cells.append(number(m["blind"]["accuracy"]) if "blind" in m else "")
+        body.append("<tr>" + "".join(f'<td class="num">{c}</td>' if i > 1 else f"<td>{c}</td>"
+                                     for i, c in enumerate(cells)) + "</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def category_table(metrics: dict) -> str:
+    categories = metrics.get("by_category", {})
+    if len(categories) < 2:
+        return ""
+    rows = "".join(f"<tr><td>{escape(str(c))}</td><td class='num'>{number(v)}</td></tr>" for c, v in categories.items())
+    return f"<table><tr><th>category</th><th>accuracy</th></tr>{rows}</table>"
+
+
+def reference_text(example: dict) -> str:
+    options = example.get("options") or {}
+    return " | ".join(f"{r}. {options[r]}" if r in options else r for r in example["references"])
+
+
+def example_rows(examples: list[dict]) -> str:
+    rows = []
+    for e in examples:
+        mark = '<span class="ok">&#10003;</span>' if e["correct"] else '<span class="wrong">&#10007;</span>'
+        blind = f"<br><small>blind: {escape(e['blind_prediction'])}</small>" if "blind_prediction" in e else ""
+        rows.append(
+            f'<tr><td><img src="data:image/png;base64,{e["thumbnail"]}" alt="{escape(str(e["question_id"]))}"></td>'
+            f"<td><pre>{escape(e['question'])}</pre></td><td>{escape(reference_text(e))}</td>"
+            f"<td>{mark} {escape(e['prediction'])}{blind}</td></tr>")
+    return ("<table><tr><th>image</th><th>question</th><th>reference</th><th>prediction</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def render_report(title: str, sets: dict, examples: dict) -> str:
+    """sets: name -> metrics (with `layout`, `count`, optionally `blind`); examples: name -> list of example dicts."""
+    sections = [f"<h2>{escape(name)} <small>({escape(sets[name]['layout'])})</small></h2>"
+                + category_table(sets[name]) + example_rows(examples.get(name, [])) for name in sets]
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+            f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{metrics_table(sets)}"
+            + "".join(sections) + "</body></html>")
