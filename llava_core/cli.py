@@ -1,4 +1,4 @@
-"""`llava-ray`: run or validate a workflow, or serve an exported model."""
+"""`llava-ray`: run, validate or submit a workflow, follow a submitted job, or serve an exported model."""
 from __future__ import annotations
 
 import argparse
@@ -28,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("workflow")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
+    _add_job_commands(sub)
+
     serve = sub.add_parser("serve", help="serve an exported model (HF LLaVA directory) on its own")
     serve.add_argument("model_dir")
     serve.add_argument("--host", default="127.0.0.1")
@@ -35,6 +37,58 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default="")
     serve.add_argument("--api-key", default=os.environ.get("LLAVA_RAY_API_KEY"))
     return parser
+
+
+def _add_job_commands(sub) -> None:
+    address_help = "the cluster's dashboard, e.g. http://HEAD:8265 (default: $RAY_ADDRESS, else the local head)"
+    submit = sub.add_parser("submit", help="submit a workflow to a Ray cluster as one Ray Job")
+    submit.add_argument("workflow")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--only", choices=STAGES)
+    submit.add_argument("--from", dest="start", choices=STAGES)
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment variable for the job (repeatable), e.g. AWS_ENDPOINT_URL=...")
+    submit.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
+    submit.add_argument("--job-id", help="submission id (default: generated)")
+    submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+
+    status = sub.add_parser("status", help="status of a submitted job, or of every job on the cluster")
+    status.add_argument("job_id", nargs="?")
+    status.add_argument("--address", help=address_help)
+
+    logs = sub.add_parser("logs", help="logs of a submitted job")
+    logs.add_argument("job_id")
+    logs.add_argument("--address", help=address_help)
+    logs.add_argument("--follow", "-f", action="store_true", help="keep printing until the job ends")
+
+
+def _submit(args) -> int:
+    from llava_core import submit
+
+    load_workflow(args.workflow, args.overrides)  # a bad workflow fails here, not minutes later on the cluster
+    stage_args = ["--only", args.only] if args.only else ["--from", args.start] if args.start else []
+    env = dict(pair.split("=", 1) for pair in args.env)
+    job_id = submit.submit(args.workflow, args.address, args.overrides, stage_args, env, args.pip, args.job_id)
+    address = submit.dashboard_address(args.address)
+    print(f"submitted {job_id} to {address}\n  follow: llava-ray logs {job_id} --follow --address {address}"
+          f"\n  status: llava-ray status {job_id} --address {address}", flush=True)
+    if not args.wait:
+        return 0
+    submit.print_logs(args.address, job_id, follow=True)
+    final = submit.wait(args.address, job_id, timeout_s=60)
+    print(f"job {job_id}: {final}")
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def _job_command(args) -> int:
+    from llava_core import submit
+
+    if args.command == "status":
+        print("\n".join(submit.status_lines(args.address, args.job_id)) or "no jobs")
+    else:
+        submit.print_logs(args.address, args.job_id, args.follow)
+    return 0
 
 
 def _serve(args) -> int:
@@ -59,6 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args)
+        if args.command in ("status", "logs"):
+            return _job_command(args)
+        if args.command == "submit":
+            return _submit(args)
         workflow = load_workflow(args.workflow, args.overrides)
     except WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)

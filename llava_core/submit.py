@@ -23,10 +23,21 @@ def dashboard_address(address: str | None) -> str:
     return address if address.startswith(("http://", "https://")) else DEFAULT_ADDRESS
 
 
+def auth_headers() -> dict[str, str]:
+    """Ray 2.5x+ clusters require a token by default (`ray get-auth-token`). Like Ray's own CLI, take it from
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; a cluster without token auth ignores the header."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+    if not token and os.path.exists(path):
+        with open(path) as f:
+            token = f.read().strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(dashboard_address(address))
+    return JobSubmissionClient(dashboard_address(address), headers=auth_headers())
 
 
 def stage_working_dir(workflow_path: str) -> str:

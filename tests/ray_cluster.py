@@ -1,0 +1,83 @@
+"""A real multi-process Ray cluster for tests: `ray start --block` heads and workers on loopback, on free ports.
+
+Other Ray instances may run on this machine (the test session's own `ray.init`, other developers' runs), so every
+port a node opens is chosen free here, and the cluster is stopped by ending its own `ray start` processes, never with
+a machine-wide `ray stop`.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import requests
+
+RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
+              "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _node_ports() -> list[str]:
+    return [arg for flag in PORT_FLAGS for arg in (flag, str(free_port()))]
+
+
+def _start(args: list[str], log_path: str) -> subprocess.Popen:
+    log = open(log_path, "w")
+    # Job entrypoints run `python ...` from PATH: make it this interpreter, as an activated venv or an image would.
+    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    # A new session, so the whole node (raylet, GCS, dashboard, workers) can be ended as one process group.
+    return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+
+
+def _wait_for_dashboard(url: str, nodes: int, timeout_s: float = 120) -> None:
+    from llava_core.submit import auth_headers
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            reply = requests.get(f"{url}/nodes?view=summary", headers=auth_headers(), timeout=5)
+            alive = [n for n in reply.json()["data"]["summary"] if n["raylet"]["state"] == "ALIVE"]
+            if len(alive) >= nodes:
+                return
+        except (requests.RequestException, KeyError, ValueError):
+            pass
+        time.sleep(1)
+    raise TimeoutError(f"the test Ray cluster at {url} did not come up with {nodes} nodes in {timeout_s:.0f}s")
+
+
+@contextlib.contextmanager
+def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1):
+    """Yields (gcs_address, dashboard_url) of a cluster of `nodes` nodes on this machine."""
+    gcs_port, dashboard_port = free_port(), free_port()
+    processes = [_start(["--head", f"--port={gcs_port}", f"--num-cpus={cpus_per_node}", "--include-dashboard=true",
+                         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                         f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp_dir}"],
+                        os.path.join(tmp_dir, "head.log"))]
+    gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+    try:
+        _wait_for_dashboard(dashboard, 1)
+        for i in range(1, nodes):
+            processes.append(_start([f"--address={gcs}", f"--num-cpus={cpus_per_node}"],
+                                    os.path.join(tmp_dir, f"worker{i}.log")))
+        _wait_for_dashboard(dashboard, nodes)
+        yield gcs, dashboard
+    finally:
+        for process in reversed(processes):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGTERM)
+        for process in processes:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)

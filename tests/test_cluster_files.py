@@ -1,0 +1,100 @@
+"""The files a platform team deploys with: they parse, carry what KubeRay / the cluster launcher require, and pin the
+same versions that pyproject.toml allows (a drifted image is the classic 'works on my laptop' failure)."""
+import os
+import re
+
+import pytest
+import yaml
+from packaging.requirements import Requirement
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+
+
+def load(name: str) -> dict:
+    with open(os.path.join(ROOT, "cluster", name)) as f:
+        return yaml.safe_load(f)
+
+
+def project_requirements() -> dict[str, Requirement]:
+    import tomllib
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    return {Requirement(d).name.lower(): Requirement(d) for d in deps}
+
+
+def dockerfile_pins() -> dict[str, str]:
+    text = open(os.path.join(ROOT, "cluster", "Dockerfile")).read()
+    return {name.lower(): version for name, version in re.findall(r'"?([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^"\s]*)"?',
+                                                                     text)}
+
+
+def test_dockerfile_pins_satisfy_pyproject_and_the_base_image_matches_ray():
+    pins, required = dockerfile_pins(), project_requirements()
+    for name in ("ray", "torch", "transformers", "deepspeed", "pyarrow", "s3fs", "pillow", "pyyaml", "peft"):
+        assert name in pins, f"cluster/Dockerfile does not pin {name}"
+        if name in required:
+            assert required[name].specifier.contains(pins[name], prereleases=True), \
+                f"cluster/Dockerfile pins {name}=={pins[name]}, outside pyproject's {required[name]}"
+    base = re.search(r"^FROM rayproject/ray:([0-9.]+)-", open(os.path.join(ROOT, "cluster", "Dockerfile")).read(), re.M)
+    assert base and base.group(1) == pins["ray"]
+
+
+def ray_version_of(manifest: dict) -> str:
+    spec = manifest["spec"]
+    return (spec.get("rayClusterSpec") or spec)["rayVersion"]
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml", "rayservice.yaml"])
+def test_kuberay_manifests(name):
+    manifest = load(name)
+    assert manifest["apiVersion"] == "ray.io/v1"
+    assert manifest["kind"] == {"rayjob.yaml": "RayJob", "raycluster.yaml": "RayCluster",
+                                "rayservice.yaml": "RayService"}[name]
+    assert ray_version_of(manifest) == dockerfile_pins()["ray"]
+    cluster = manifest["spec"].get("rayClusterSpec") or manifest["spec"]
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head coordinates; it must not host training workers
+    gpu_groups = [g for g in cluster["workerGroupSpecs"]
+                  if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu_groups, f"{name}: no GPU worker group"
+    for group in gpu_groups:
+        pod = group["template"]["spec"]
+        shm = [v for v in pod["volumes"] if v["name"] == "dshm"]
+        assert shm and shm[0]["emptyDir"]["medium"] == "Memory"
+        assert any(m["mountPath"] == "/dev/shm" for m in pod["containers"][0]["volumeMounts"])
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    images = {c["image"] for g in [head, *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]}
+    assert len(images) == 1, f"{name}: head and workers must run the same image, got {images}"
+
+
+def test_rayjob_runs_the_workflow_from_its_configmap():
+    job = load("rayjob.yaml")
+    assert job["spec"]["entrypoint"].startswith("python jobs/run_workflow.py /etc/llava/")
+    assert os.path.exists(os.path.join(ROOT, "jobs", "run_workflow.py"))
+    volumes = job["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"name": "workflow", "configMap": {"name": "llava-workflow"}} in volumes
+
+
+def test_rayservice_serve_config_imports_this_project():
+    import importlib
+
+    service = load("rayservice.yaml")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    app = config["applications"][0]
+    module, _, attr = app["import_path"].rpartition(".")
+    module = module.replace(":", ".")
+    assert callable(getattr(importlib.import_module(module), attr))
+    assert app["route_prefix"] == "/"
+
+
+def test_aws_cluster_launcher_config():
+    config = load("aws.yaml")
+    assert config["provider"]["type"] == "aws"
+    types = config["available_node_types"]
+    assert types[config["head_node_type"]]["resources"] == {"CPU": 0}
+    assert any(t["node_config"]["InstanceType"].startswith(("p4", "p5", "g5", "g6")) for t in types.values())
+    assert config["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
+    assert any("--shm-size" in option for option in config["docker"]["run_options"])
+    assert config["docker"]["image"] == load("rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"][
+        "template"]["spec"]["containers"][0]["image"]
