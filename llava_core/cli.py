@@ -27,6 +27,12 @@ def _parser() -> argparse.ArgumentParser:
     validate = sub.add_parser("validate", help="check a workflow file without running anything")
     validate.add_argument("workflow")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    validate.add_argument("--plan", action="store_true",
+                          help="also print the stages, their resources and steps, GPU-hours and memory per GPU")
+    validate.add_argument("--gpu", default="a100-80gb", help="GPU type the plan assumes (a100-80gb, h100-80gb, ...)")
+    validate.add_argument("--mfu", type=float, default=0.3, help="model-FLOPs utilisation the plan assumes")
+    validate.add_argument("--check-remote", action="store_true", help="also check that s3:// paths exist")
+    validate.add_argument("--json", action="store_true", help="print the plan as JSON")
 
     _add_job_commands(sub)
 
@@ -91,6 +97,27 @@ def _job_command(args) -> int:
     return 0
 
 
+def _validate(args, workflow) -> int:
+    from llava_core import preflight
+
+    try:
+        preflight.check(workflow, check_remote=args.check_remote)
+    except WorkflowError as error:
+        print(f"error: {args.workflow}: {error}", file=sys.stderr)
+        return 2
+    print(f"{args.workflow}: valid; run directory {workflow.run_dir}")
+    if args.plan:
+        from llava_core.plan import build_plan, format_plan
+
+        try:
+            plan = build_plan(workflow, gpu=args.gpu, mfu=args.mfu)
+        except KeyError as error:
+            print(f"error: {error.args[0]}", file=sys.stderr)
+            return 2
+        print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
+    return 0
+
+
 def _serve(args) -> int:
     import ray
 
@@ -122,11 +149,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.command == "validate":
-        print(f"{args.workflow}: valid; run directory {workflow.run_dir}")
-        return 0
+        return _validate(args, workflow)
     from llava_core.workflow import run_workflow
 
-    summary = run_workflow(workflow, only=args.only, start=args.start, exit_after_serve=args.exit_after_serve)
+    try:
+        summary = run_workflow(workflow, only=args.only, start=args.start, exit_after_serve=args.exit_after_serve)
+    except WorkflowError as error:  # found once the run directory is known (a stage's missing input)
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from llava_core import storage
-from llava_core.config import Workflow, settings_hash
+from llava_core.config import Workflow, WorkflowError, settings_hash
 
 log = logging.getLogger(__name__)
 
@@ -180,16 +180,44 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
     return w.model.vision_tower, w.model.llm
 
 
+# What each stage reads from the run directory: the stage before it, except that evaluate and serve read the export.
+NEEDS = {"align": "prepare", "instruct": "align", "export": "instruct", "evaluate": "export", "serve": "export"}
+
+
+def check_upstream(ctx: RunContext, selected: list[str]) -> None:
+    """A stage whose input is neither selected to run nor finished on disk cannot start: say so before any work."""
+    for stage in selected:
+        needed = NEEDS.get(stage)
+        if needed and needed not in selected and not storage.exists(marker_path(ctx, needed)):
+            raise WorkflowError(f"--only/--from {stage}: it needs the {needed} stage's output, which is not in "
+                                f"{ctx.stage_dir(needed)}; run with --from {needed} (or without --only/--from)")
+
+
+def warn_about_resources(w: Workflow) -> None:
+    """On a live cluster, say early when no node can host a training worker (an autoscaler may still add one)."""
+    import ray
+
+    from llava_core import preflight
+
+    for problem in preflight.resource_problems(w, ray.nodes()):
+        print(f"warning: {problem}", flush=True)
+
+
 def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
                  exit_after_serve: bool = False) -> dict:
     import ray
 
+    from llava_core import preflight
+
+    preflight.check(w)
+    selected, force = select_stages(only, start)
     if not ray.is_initialized():
         ray.init(address=w.ray_address, configure_logging=False)
+    warn_about_resources(w)
     vision, llm = resolve_base_models(w)
     ctx = RunContext(w, w.run_dir, vision, llm, hashes=compute_hashes(w))
+    check_upstream(ctx, selected)
     print(f"run directory: {ctx.run_dir}", flush=True)
-    selected, force = select_stages(only, start)
     summary = run_stages(ctx, selected, force)
     if "serve" in selected:
         from llava_core.serve.app import shutdown

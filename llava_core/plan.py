@@ -1,0 +1,274 @@
+"""`llava-ray validate --plan`: what a workflow will do and roughly what it will cost, before anything runs.
+
+Per training stage: workers and their resources, steps, tokens, FLOPs, GPU-hours and memory per GPU. Nothing is
+downloaded: model sizes come from a local `config.json` or from the architectures of the models the official recipe
+uses (below); dataset sizes from the prepare stage's manifest when it exists, else from the official files' known row
+counts, else from counting a local file. Every assumption is printed beside the numbers it produced.
+
+FLOPs per token (the usual 2N forward / 4N backward rule, attention's quadratic term ignored, ~2% at 7B and 2k
+tokens): trained parameters 6N; frozen parameters that gradients flow through (the LLM in align) 4N; frozen
+parameters before the first trained one (the vision tower) 2N, once per image token; gradient checkpointing adds one
+more forward (2N) for the checkpointed LLM.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from llava_core import storage
+
+# Architectures of the recipe's models, so a plan needs no download: (hidden, layers, intermediate, vocab) for LLaMA-style
+# LLMs; parameter count and tokens per image for vision towers.
+KNOWN_LLMS = {
+    "lmsys/vicuna-7b-v1.5": (4096, 32, 11008, 32000),
+    "lmsys/vicuna-13b-v1.5": (5120, 40, 13824, 32000),
+    "meta-llama/Meta-Llama-3-8B-Instruct": (4096, 32, 14336, 128256),
+    "mistralai/Mistral-7B-Instruct-v0.2": (4096, 32, 14336, 32000),
+}
+KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": (303_507_456, 576, 1024)}  # params, tokens/image, width
+KNOWN_DATASETS = {"blip_laion_cc_sbu_558k": 558_128, "llava_v1_5_mix665k": 665_298}
+# Average tokens per row, image tokens included, when nothing better is known: LLaVA-Pretrain captions are short;
+# the 665k mix averages a few hundred text tokens and ~94% of its rows carry an image.
+DEFAULT_TEXT_TOKENS = {"plain": 20, "vicuna_v1": 250, "chat_template": 250}
+IMAGE_ROW_FRACTION = {"plain": 1.0, "vicuna_v1": 0.94, "chat_template": 0.94}
+GPUS = {"a100-80gb": (312e12, 80), "a100-40gb": (312e12, 40), "h100-80gb": (989e12, 80), "h200": (989e12, 141),
+        "l40s": (362e12, 48), "cpu": (1e12, 0)}
+
+
+@dataclass
+class ModelSize:
+    llm: int
+    vision: int
+    projector: int
+    image_tokens: int
+    hidden: int
+    layers: int
+    intermediate: int
+    source: str
+
+
+def llama_params(hidden: int, layers: int, intermediate: int, vocab: int) -> int:
+    """Embeddings + untied lm_head + per layer (4 attention + 3 MLP projections + 2 norms) + final norm.
+    Grouped-query attention's smaller k/v projections are counted as full ones: a few % high for LLaMA-3."""
+    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
+
+
+def local_config(path: str) -> dict | None:
+    config_path = os.path.join(path, "config.json")
+    return json.load(open(config_path)) if not storage.is_remote(path) and os.path.exists(config_path) else None
+
+
+def llm_shape(llm: str) -> tuple[int, int, int, int, str]:
+    config = local_config(llm)
+    if config:
+        return (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"],
+                "config.json")
+    if llm in KNOWN_LLMS:
+        return (*KNOWN_LLMS[llm], "known architecture")
+    raise KeyError(f"model.llm {llm!r}: not a local HF directory and not one of the known architectures "
+                   f"({', '.join(KNOWN_LLMS)}); plan with a local copy of its config.json")
+
+
+def tower_size(tower: str) -> tuple[int, int, int]:
+    """(parameters, tokens per image, feature width)."""
+    config = local_config(tower)
+    if config:
+        vision = config.get("vision_config", config)
+        hidden, layers = vision["hidden_size"], vision["num_hidden_layers"]
+        params = layers * (4 * hidden * hidden + 2 * hidden * vision["intermediate_size"])
+        return params, (vision["image_size"] // vision["patch_size"]) ** 2, hidden
+    if tower in KNOWN_TOWERS:
+        return KNOWN_TOWERS[tower]
+    raise KeyError(f"model.vision_tower {tower!r}: not a local HF directory and not a known tower "
+                   f"({', '.join(KNOWN_TOWERS)})")
+
+
+def model_size(workflow) -> ModelSize:
+    hidden, layers, intermediate, vocab, source = llm_shape(workflow.model.llm)
+    vision, image_tokens, vision_width = tower_size(workflow.model.vision_tower)
+    projector = vision_width * hidden + hidden + hidden * hidden + hidden  # Linear, GELU, Linear
+    return ModelSize(llama_params(hidden, layers, intermediate, vocab), vision, projector, image_tokens, hidden,
+                     layers, intermediate, source)
+
+
+def prepared_entry(workflow, name: str) -> dict | None:
+    """The prepare stage's manifest entry for a dataset, when it ran and its storage is reachable from here."""
+    try:
+        manifest = storage.read_json(storage.join(workflow.run_dir, "prepare", "manifest.json"))
+    except (OSError, ValueError):  # not prepared yet, or a bucket this machine cannot reach
+        return None
+    return manifest["datasets"].get(name)
+
+
+def dataset_rows(workflow, name: str) -> tuple[int | None, str]:
+    entry = prepared_entry(workflow, name)
+    if entry:
+        return entry["rows_written"], "prepare manifest"
+    path = workflow.datasets[name].path
+    for known, rows in KNOWN_DATASETS.items():
+        if known in os.path.basename(path):
+            return rows, "known size of the official file"
+    if not storage.is_remote(path) and os.path.exists(path) and os.path.getsize(path) < 200_000_000:
+        from llava_core.data.formats import read_annotation_rows
+
+        return len(read_annotation_rows(path)), "counted"
+    return None, "unknown (run the prepare stage, then plan again)"
+
+
+def lora_rank(stage) -> int:
+    lora = getattr(stage, "lora", None)
+    if lora is None or not getattr(lora, "enabled", True):
+        return 0
+    return int(getattr(lora, "r", 0))
+
+
+def trained_params(stage, size: ModelSize) -> dict[str, int]:
+    """Parameters that get gradients and optimizer state, per part. LoRA on every LLM Linear layer holds
+    r x (in + out) per layer: q,k,v,o are hidden x hidden, gate/up/down hidden x intermediate."""
+    parts = {"projector": size.projector, "llm": size.llm, "vision": size.vision}
+    trained = {part: parts[part] for part in stage.trainable}
+    r = lora_rank(stage)
+    if "llm" in trained and r:
+        h, i = size.hidden, size.intermediate
+        trained["llm"] = size.layers * r * (4 * 2 * h + 3 * (h + i))
+    return trained
+
+
+def tokens_per_row(workflow, dataset: str, size: ModelSize) -> tuple[float, float, str]:
+    """(tokens per row, images per row): measured by the prepare stage when it ran, else the recipe's averages."""
+    entry = prepared_entry(workflow, dataset)
+    if entry and entry["rows_written"]:
+        image_rows = entry["rows_written"] - entry.get("text_only_rows", 0)
+        return entry["tokens"] / entry["rows_written"], image_rows / entry["rows_written"], "prepare manifest"
+    template = workflow.datasets[dataset].template
+    fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
+    return fraction * size.image_tokens + DEFAULT_TEXT_TOKENS.get(template, 250), fraction, "recipe averages"
+
+
+def stage_flops_per_row(stage, size: ModelSize, tokens: float, images: float) -> float:
+    trained = trained_params(stage, size)
+    checkpointing = 2 if getattr(stage, "gradient_checkpointing", False) else 0
+    if "llm" in trained:
+        # LoRA: the frozen base still runs forward and backward (activations), its adapters add their own 6N.
+        llm = (6 * size.llm if not lora_rank(stage) else 4 * size.llm + 6 * trained["llm"]) + checkpointing * size.llm
+    else:
+        llm = 4 * size.llm + checkpointing * size.llm  # frozen, but the projector's gradient flows through it
+    vision = (6 if "vision" in trained else 2) * size.vision
+    return tokens * llm + images * size.image_tokens * (vision + 6 * size.projector)
+
+
+def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
+    """bf16 weights (2 B), bf16 gradients (2 B) and fp32 Adam (master + 2 moments, 12 B) per parameter, divided over
+    the workers as the ZeRO stage shards them; offloaded state lives in CPU memory instead. Activations: the
+    checkpointed layer inputs (2 B x hidden per token per layer) plus one layer's working set (~34 B x hidden per
+    token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
+    SDPA/flash attention never store)."""
+    zero = getattr(stage, "zero_stage", 2)
+    total = size.llm + size.vision + size.projector
+    trained = sum(trained_params(stage, size).values())
+    weights = 2 * total / (workers if zero >= 3 else 1)
+    grads = 2 * trained / (workers if zero >= 2 else 1)
+    optimizer = 12 * trained / (workers if zero >= 1 else 1)
+    if getattr(stage, "offload_optimizer", False):
+        optimizer = 0.0
+    if getattr(stage, "offload_params", False) and zero >= 3:
+        weights = 0.0
+    per_token_layer = 2 * size.hidden
+    sequence = stage.micro_batch_size * tokens
+    if getattr(stage, "gradient_checkpointing", False):
+        activations = sequence * (per_token_layer * size.layers + 34 * size.hidden)
+    else:
+        activations = sequence * 34 * size.hidden * size.layers
+    gb = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
+    gb = {k: round(v / 1e9, 3) for k, v in gb.items()}
+    gb["total"] = round(sum(gb.values()), 3)
+    return gb
+
+
+def training_plan(workflow, stage_name: str, size: ModelSize, gpu: str, mfu: float) -> dict:
+    stage, scaling = getattr(workflow, stage_name), workflow.scaling
+    rows, rows_source = dataset_rows(workflow, stage.dataset)
+    tokens, images, tokens_source = tokens_per_row(workflow, stage.dataset, size)
+    workers = scaling.num_workers
+    plan = {
+        "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
+        "workers": workers, "resources_per_worker": worker_resources(scaling),
+        "trainable": {p: n for p, n in trained_params(stage, size).items()},
+        "zero_stage": getattr(stage, "zero_stage", 2),
+        "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
+        "tokens_per_row": round(tokens), "tokens_from": tokens_source,
+        "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens),
+    }
+    if rows is None:
+        return plan
+    steps = rows // stage.global_batch_size * stage.epochs
+    flops = stage_flops_per_row(stage, size, tokens, images) * steps * stage.global_batch_size
+    peak = GPUS[gpu][0]
+    gpus = workers if scaling.use_gpu else 0
+    plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)
+    if gpus:
+        hours = flops / (gpus * peak * mfu) / 3600
+        plan.update(gpu_hours=round(hours * gpus, 1), wall_hours=round(hours, 2))
+    return plan
+
+
+def worker_resources(scaling) -> dict:
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
+    return resources
+
+
+def build_plan(workflow, gpu: str = "a100-80gb", mfu: float = 0.3) -> dict:
+    if gpu not in GPUS:
+        raise KeyError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}")
+    size = model_size(workflow)
+    return {
+        "model": {"llm_params": size.llm, "vision_params": size.vision, "projector_params": size.projector,
+                  "image_tokens": size.image_tokens, "from": size.source},
+        "assumptions": {"gpu": gpu, "peak_flops": GPUS[gpu][0], "mfu": mfu},
+        "stages": [{"stage": "prepare", "engine": "Ray Data", "actors": workflow.prepare.num_actors,
+                    "datasets": sorted(workflow.datasets)},
+                   training_plan(workflow, "align", size, gpu, mfu),
+                   training_plan(workflow, "instruct", size, gpu, mfu),
+                   {"stage": "export", "engine": "transformers"},
+                   {"stage": "evaluate", "engine": "Ray Data"},
+                   {"stage": "serve", "engine": "Ray Serve", "replicas": workflow.serve.num_replicas}],
+    }
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"
+
+
+def format_plan(plan: dict) -> str:
+    m, a = plan["model"], plan["assumptions"]
+    lines = [f"model: LLM {human(m['llm_params'])}, vision {human(m['vision_params'])}, projector "
+             f"{human(m['projector_params'])} parameters, {m['image_tokens']} tokens per image ({m['from']})",
+             f"assuming {a['gpu']} at {a['peak_flops'] / 1e12:.0f} TFLOP/s peak and {a['mfu']:.0%} model-FLOPs "
+             f"utilisation (--gpu, --mfu)"]
+    for s in plan["stages"]:
+        if "workers" not in s:
+            lines.append(f"  {s['stage']:<9} {s['engine']}" + (f", {s['actors']} actors" if "actors" in s else "")
+                         + (f", {s['replicas']} replica(s)" if "replicas" in s else ""))
+            continue
+        trained = ", ".join(f"{p} {human(n)}" for p, n in s["trainable"].items())
+        lines.append(f"  {s['stage']:<9} Ray Train + DeepSpeed ZeRO-{s['zero_stage']}: {s['workers']} workers x "
+                     f"{s['resources_per_worker']}, accumulation {s['grad_accum']}; trains {trained}")
+        if s.get("steps") is None:
+            lines.append(f"            rows {s['rows_from']}")
+        else:
+            lines.append(f"            {s['rows']:,} rows ({s['rows_from']}) -> {s['steps']:,} steps, "
+                         f"{human(s['tokens'])} tokens at ~{s['tokens_per_row']} per row ({s['tokens_from']}), "
+                         f"{s['flops']:.2e} FLOPs")
+        if "gpu_hours" in s:
+            lines.append(f"            ~{s['gpu_hours']} GPU-hours, ~{s['wall_hours']} h wall")
+        mem = s["memory_per_gpu_gb"]
+        device = "GPU" if "GPU" in s["resources_per_worker"] else "worker"
+        lines.append(f"            memory per {device} ~{mem['total']:.1f} GB (weights {mem['weights']:.1f}, gradients "
+                     f"{mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f})")
+    return "\n".join(lines)

@@ -1,0 +1,71 @@
+"""Checks of a workflow against the world it will run in, before any worker starts.
+
+`config.validate` checks the file on its own (keys, types, values). This module checks what the file points at: that
+local paths exist (remote ones on request: a laptop validating a cluster workflow often has no bucket access), and
+that each training worker fits on one node of the cluster. Every problem is reported at once, each with its YAML path
+and what to do about it.
+"""
+from __future__ import annotations
+
+import os
+
+from llava_core import storage
+from llava_core.config import Workflow, WorkflowError
+
+# No node type of the clouds or of KubeRay's GPU operators has more: a worker is one process on one node.
+MAX_GPUS_PER_NODE = 8
+
+
+def looks_local(model: str) -> bool:
+    """Hub ids are `org/name`; anything else (absolute, relative with more parts, existing) is a path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model)
+
+
+def path_problems(w: Workflow, check_remote: bool = False) -> list[str]:
+    if w.synthetic is not None:
+        return []  # the quickstart creates its data and models on the first run
+    wanted = [(f"datasets.{name}.path", ds.path) for name, ds in w.datasets.items()]
+    wanted += [(f"datasets.{name}.image_folder", ds.image_folder) for name, ds in w.datasets.items() if ds.image_folder]
+    for name, s in w.evaluate.all_sets().items():
+        where = "evaluate" if name == "main" and w.evaluate.questions else f"evaluate.sets.{name}"
+        wanted += [(f"{where}.{key}", getattr(s, key)) for key in ("questions", "answers", "image_folder")
+                   if getattr(s, key)]
+    wanted += [(f"model.{attr}", getattr(w.model, attr)) for attr in ("vision_tower", "llm")
+               if looks_local(getattr(w.model, attr))]
+    problems = []
+    for where, path in wanted:
+        if storage.is_remote(path) and not check_remote:
+            continue
+        if not storage.exists(path):
+            hint = ("check the bucket, prefix and credentials (AWS_* variables, AWS_ENDPOINT_URL)"
+                    if storage.is_remote(path) else f"no such file or directory (relative paths are resolved "
+                                                    f"against {os.getcwd()})")
+            problems.append(f"{where}: {path} does not exist; {hint}")
+    return problems
+
+
+def resource_problems(w: Workflow, nodes: list[dict] | None = None) -> list[str]:
+    """`nodes`: `ray.nodes()` of a live cluster; without it only what no cluster could satisfy is reported."""
+    s = w.scaling
+    problems = []
+    if s.use_gpu and s.gpus_per_worker > MAX_GPUS_PER_NODE:
+        problems.append(f"scaling.gpus_per_worker: {s.gpus_per_worker:g} GPUs for one worker, but a worker is one "
+                        f"process on one node and nodes have at most {MAX_GPUS_PER_NODE}; use more workers "
+                        f"(scaling.num_workers) with one GPU each")
+    if not nodes:
+        return problems
+    alive = [n.get("Resources", {}) for n in nodes if n.get("Alive", True)]
+    need = "GPU" if s.use_gpu else "CPU"
+    per_worker = s.gpus_per_worker if s.use_gpu else s.cpus_per_worker
+    largest = max((r.get(need, 0) for r in alive), default=0)
+    if largest < per_worker:
+        problems.append(f"scaling.{'gpus' if s.use_gpu else 'cpus'}_per_worker: {per_worker} {need}s per worker, but "
+                        f"the largest node of this cluster has {largest:g}; lower it, or add a node type that has "
+                        f"enough (an autoscaling cluster may still provide one)")
+    return problems
+
+
+def check(w: Workflow, check_remote: bool = False, nodes: list[dict] | None = None) -> None:
+    problems = path_problems(w, check_remote) + resource_problems(w, nodes)
+    if problems:
+        raise WorkflowError("\n  ".join([f"{len(problems)} problem(s):", *problems]))

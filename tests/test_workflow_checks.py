@@ -1,0 +1,101 @@
+"""Workflow problems found before any worker starts: each with its YAML path and a hint, non-zero exit; and the plan."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from llava_core import preflight
+from llava_core.config import WorkflowError, load_workflow
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+FULL_SIZE = ["llava-v1.5-7b.yaml", "llava-v1.5-13b.yaml", "llava-v1.5-7b-lora.yaml"]
+
+
+def validate(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "llava_core.cli", "validate", *args], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120)
+
+
+def cluster_workflow(tmp_path, *overrides):
+    """A full-size workflow whose data paths are local files, so path checks have something to find or miss."""
+    data = tmp_path / "data.json"
+    data.write_text("[]")
+    return load_workflow(os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml"), [
+        f"datasets.align.path={data}", f"datasets.align.image_folder={tmp_path}",
+        f"datasets.instruct.path={data}", f"datasets.instruct.image_folder={tmp_path}", *overrides])
+
+
+def test_missing_local_paths_are_all_reported_with_their_yaml_path(tmp_path):
+    workflow = cluster_workflow(tmp_path, f"datasets.instruct.image_folder={tmp_path / 'nope'}",
+                                "model.llm=./models/my-llm")
+    with pytest.raises(WorkflowError) as error:
+        preflight.check(workflow)
+    message = str(error.value)
+    assert message.startswith("2 problem(s):")
+    assert f"datasets.instruct.image_folder: {tmp_path / 'nope'} does not exist" in message
+    assert "model.llm:" in message and "my-llm does not exist" in message
+    assert "datasets.align.path" not in message  # it exists
+    preflight.check(cluster_workflow(tmp_path))  # hub ids and s3:// paths are not looked up by default
+
+
+def test_a_worker_bigger_than_any_node_is_refused(tmp_path):
+    workflow = cluster_workflow(tmp_path, "scaling.gpus_per_worker=16")
+    with pytest.raises(WorkflowError, match="scaling.gpus_per_worker: 16 GPUs for one worker"):
+        preflight.check(workflow)
+    nodes = [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": 4.0}}]
+    problems = preflight.resource_problems(cluster_workflow(tmp_path, "scaling.gpus_per_worker=6"), nodes)
+    assert problems and "the largest node of this cluster has 4" in problems[0]
+    assert preflight.resource_problems(cluster_workflow(tmp_path), nodes) == []
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("instruct.lrr=1", "instruct.lrr: unknown key (did you mean 'lr'?)"),
+    ("scaling.num_workers=three", "scaling.num_workers: expected int, got 'three'"),
+    ("instruct.global_batch_size=100", "instruct.global_batch_size: 100 is not divisible by scaling.num_workers"),
+    ("instruct.dataset=missing", "instruct.dataset: 'missing' is not a key of datasets"),
+])
+def test_validate_exits_non_zero_with_the_yaml_path(override, fragment):
+    result = validate("workflows/llava-v1.5-7b.yaml", "--set", override)
+    assert result.returncode == 2 and fragment in result.stderr, result.stderr
+
+
+def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
+    from llava_core.workflow import RunContext, check_upstream, compute_hashes
+
+    workflow = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}")
+    ctx = RunContext(workflow, workflow.run_dir, "", "", hashes=compute_hashes(workflow))
+    with pytest.raises(WorkflowError, match="--only/--from instruct: it needs the align stage's output"):
+        check_upstream(ctx, ["instruct", "export", "evaluate", "serve"])
+    check_upstream(ctx, ["prepare", "align", "instruct"])  # each input is produced first: fine
+
+
+@pytest.mark.parametrize("name", FULL_SIZE)
+def test_full_size_workflows_validate_and_plan_here_without_downloading(name):
+    result = validate(f"workflows/{name}", "--plan", "--json")
+    assert result.returncode == 0, result.stderr
+    plan = json.loads(result.stdout[result.stdout.index("{"):])
+    stages = {s["stage"]: s for s in plan["stages"]}
+    align, instruct = stages["align"], stages["instruct"]
+    assert align["workers"] == instruct["workers"] == 8
+    assert align["rows"] == 558_128 and instruct["rows"] == 665_298
+    assert align["steps"] == 558_128 // 256 and instruct["steps"] == 665_298 // 128
+    assert set(align["trainable"]) == {"projector"} and set(instruct["trainable"]) == {"projector", "llm"}
+    assert 15e6 < align["trainable"]["projector"] < 35e6  # LLaVA-1.5's mlp2x_gelu: ~21M (7B), ~31M (13B)
+    # The recipe's wall times on 8x A100 are ~3.5-5.5 h (align) and ~10-20 h (instruct): the plan is in that range.
+    assert 2 < align["wall_hours"] < 12 and 5 < instruct["wall_hours"] < 40
+    assert 5 < instruct["memory_per_gpu_gb"]["total"] < 80, instruct["memory_per_gpu_gb"]
+    text = validate(f"workflows/{name}", "--plan").stdout
+    assert "GPU-hours" in text and "memory per GPU" in text
+
+
+def test_plan_memory_follows_the_zero_stage():
+    from llava_core.plan import build_plan
+
+    base = os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml")
+    memory = {zero: next(s for s in build_plan(load_workflow(base, [f"instruct.zero_stage={zero}"]))["stages"]
+                         if s["stage"] == "instruct")["memory_per_gpu_gb"] for zero in (2, 3)}
+    # ZeRO-3 also shards the 13.5 GB of bf16 weights over 8 GPUs.
+    assert memory[3]["weights"] == pytest.approx(memory[2]["weights"] / 8, rel=0.01)
+    assert memory[3]["optimizer"] == memory[2]["optimizer"]
