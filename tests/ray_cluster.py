@@ -31,10 +31,11 @@ def _node_ports() -> list[str]:
     return [arg for flag in PORT_FLAGS for arg in (flag, str(free_port()))]
 
 
-def _start(args: list[str], log_path: str) -> subprocess.Popen:
+def _start(args: list[str], log_path: str, extra_env: dict) -> subprocess.Popen:
     log = open(log_path, "w")
     # Job entrypoints run `python ...` from PATH: make it this interpreter, as an activated venv or an image would.
-    env = {**os.environ, "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
+    env = {**os.environ, **extra_env,
+           "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     # A new session, so the whole node (raylet, GCS, dashboard, workers) can be ended as one process group.
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],
                             stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -57,19 +58,21 @@ def _wait_for_dashboard(url: str, nodes: int, timeout_s: float = 120) -> None:
 
 
 @contextlib.contextmanager
-def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1):
-    """Yields (gcs_address, dashboard_url) of a cluster of `nodes` nodes on this machine."""
+def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1, env: dict | None = None):
+    """Yields (gcs_address, dashboard_url) of a cluster of `nodes` nodes on this machine. `env` is every node's
+    environment on top of this process's (as a cluster's nodes get S3 credentials from their image or IAM role)."""
+    env = env or {}
     gcs_port, dashboard_port = free_port(), free_port()
     processes = [_start(["--head", f"--port={gcs_port}", f"--num-cpus={cpus_per_node}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                          f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp_dir}"],
-                        os.path.join(tmp_dir, "head.log"))]
+                        os.path.join(tmp_dir, "head.log"), env)]
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(dashboard, 1)
         for i in range(1, nodes):
             processes.append(_start([f"--address={gcs}", f"--num-cpus={cpus_per_node}"],
-                                    os.path.join(tmp_dir, f"worker{i}.log")))
+                                    os.path.join(tmp_dir, f"worker{i}.log"), env))
         _wait_for_dashboard(dashboard, nodes)
         yield gcs, dashboard
     finally:
