@@ -143,6 +143,61 @@ def test_stop_string_cuts_the_answer(client, reference):
     assert response.choices[0].finish_reason == "stop"
 
 
+def stream_chunks(client, messages: list[dict], **options) -> list:
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0, **options}
+    return list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **options))
+
+
+def test_streaming_with_image_gives_the_plain_answer_in_deltas(client, reference):
+    question = "What colour is the square?"
+    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                         [wide_image()])
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}, image_part(png_bytes(wide_image()))]}]
+
+    chunks = stream_chunks(client, messages, stream_options={"include_usage": True})
+    plain = ask(client, messages)
+
+    assert all(chunk.object == "chat.completion.chunk" and chunk.model == MODEL for chunk in chunks)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2, f"the answer came in one piece, not streamed: {deltas}"
+    assert "".join(deltas) == expected["text"] == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.prompt_tokens == expected["prompt_tokens"] == plain.usage.prompt_tokens
+    assert usage_chunk.usage.completion_tokens == plain.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_streaming_with_a_stop_string_holds_back_the_stop(client, reference):
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    raw = reference(messages, [], max_new_tokens=12)["raw"]
+    stop = raw[len(raw) // 2:len(raw) // 2 + 2]
+
+    chunks = stream_chunks(client, messages, max_tokens=12, stop=[stop])
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == raw[:raw.find(stop)].strip() == ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_raw_event_stream_ends_with_done_and_no_usage_unless_asked(server):
+    body = good_body(stream=True, max_tokens=3)
+    response = requests.post(server + "/v1/chat/completions", json=body, stream=True, timeout=60,
+                             headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    assert all("usage" not in payload for payload in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_seeded_sampling_repeats(client):
     messages = [{"role": "user", "content": "Say something."}]
     first, second = (ask(client, messages, temperature=1.0, top_p=0.9, seed=7) for _ in range(2))
@@ -211,7 +266,8 @@ BAD_REQUESTS = {
     "seed a float": (good_body(seed=1.5), 400, "seed"),
     "seed over 64 bits": (good_body(seed=2**70), 400, "seed"),
     "n above one": (good_body(n=2), 400, "n=1"),
-    "stream": (good_body(stream=True), 400, "stream is not supported yet"),
+    "stream not a boolean": (good_body(stream="yes"), 400, "stream must be a boolean"),
+    "stream_options without stream": (good_body(stream_options={"include_usage": True}), 400, "only allowed"),
     "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
     "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
     "unknown model": (good_body(model="gpt-4o"), 404, "does not exist"),
@@ -274,7 +330,16 @@ def test_concurrent_requests_share_batches_and_keep_their_answers(client, refere
             model=MODEL, messages=requests[index], max_tokens=MAX_TOKENS, temperature=0)
         results[index] = (raw.parse().choices[0].message.content, int(raw.headers[BATCH_SIZE_HEADER]))
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    def send_streaming(index: int) -> None:
+        start_together.wait()
+        with client.chat.completions.with_streaming_response.create(
+                model=MODEL, messages=requests[index], max_tokens=MAX_TOKENS, temperature=0, stream=True) as raw:
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+            results[index] = (text, int(raw.headers[BATCH_SIZE_HEADER]))
+
+    # A third of the requests stream: streaming and plain requests share the same batches.
+    threads = [threading.Thread(target=send_streaming if i % 3 == 0 else send, args=(i,))
+               for i in range(len(requests))]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -7,6 +7,7 @@ import re
 
 from PIL import Image
 
+from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
 from llava_core.data.images import decode_image
 from llava_core.serve.errors import bad_request
@@ -22,7 +23,8 @@ MESSAGES_FOR_REASON = {
 }
 
 
-def image_from_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
+def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image:
+    max_bytes, max_pixels = settings.max_image_bytes, settings.max_image_pixels
     # Whitespace is common in pasted base64 (line-wrapped `base64` output) and means nothing.
     encoded = "".join(base64_payload(url, param).split())
     # Refuse oversized payloads from their length (4 characters per 3 bytes), before spending memory on decoding.
