@@ -20,7 +20,11 @@ from llava_core.data.images import mean_colour, pad_to_square
 MODEL = "tiny-llava"
 API_KEY = "test-key"
 MAX_TOKENS = 6
-LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300)
+LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300,
+              max_body_bytes=200_000)
+# Small capacity, so that a burst of requests overflows it: 8 in the replica, 8 waiting, the rest get 429. (Serve counts
+# requests that arrive together as queued until each is assigned, so the queue must hold a batch's worth.)
+CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
 
 
 def free_port() -> int:
@@ -54,6 +58,11 @@ def tall_image() -> Image.Image:
     return Image.new("RGB", (20, 56), (30, 160, 60))
 
 
+def bomb_png() -> bytes:
+    """A decompression bomb: 64 million pixels of one colour that deflate to a few kilobytes."""
+    return png_bytes(Image.new("1", (8000, 8000)))
+
+
 def noise_png(side: int) -> bytes:
     """Noise does not compress: a PNG of about 3 bytes per pixel."""
     return png_bytes(Image.frombytes("RGB", (side, side), random.Random(0).randbytes(side * side * 3)))
@@ -65,7 +74,7 @@ def server(ray_session, tiny_llava_dir):
 
     # A batch wait of 0.1 s lets concurrent requests meet in one batch even on a slow, busy machine.
     settings = ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8, batch_wait_timeout_s=0.1,
-                             default_max_tokens=4, **LIMITS)
+                             default_max_tokens=4, **LIMITS, **CAPACITY)
     url = deploy(tiny_llava_dir, settings, MODEL)
     yield url
     shutdown()
@@ -225,6 +234,7 @@ def image_url_part(url: str) -> dict:
 
 
 GOOD_PNG = png_bytes(wide_image())
+BOMB = bomb_png()
 
 LONG_TEXT = "red square " * 1500  # about 3000 tokens, the tiny model's context is 1024
 ASSISTANT_IMAGE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [image_part(GOOD_PNG)]},
@@ -251,6 +261,7 @@ BAD_REQUESTS = {
     "image over the byte limit": (with_content(image_part(noise_png(120))), 400, "30000 bytes"),
     "image over the pixel limit": (with_content(image_part(png_bytes(Image.new("RGB", (400, 400))))), 400,
                                    "too many pixels"),
+    "decompression bomb": (with_content(image_part(BOMB)), 400, "too many pixels"),
     "too many images": (with_content(*[image_part(GOOD_PNG)] * (LIMITS["max_images"] + 1)), 400, "too many images"),
     "image in an assistant turn": (good_body(messages=ASSISTANT_IMAGE), 400, "only accepted in user messages"),
     "typed image token": (good_body(messages=[{"role": "user", "content": "look: <image>"}]), 400, "<image>"),
@@ -258,6 +269,7 @@ BAD_REQUESTS = {
     "max_tokens zero": (good_body(max_tokens=0), 400, "max_tokens"),
     "max_tokens over the limit": (good_body(max_tokens=LIMITS["max_tokens_limit"] + 1), 400, "limit of 32"),
     "max_tokens a string": (good_body(max_tokens="2"), 400, "max_tokens"),
+    "max_tokens negative": (good_body(max_tokens=-3), 400, "max_tokens must be a positive integer"),
     "max_completion_tokens negative": (good_body(max_completion_tokens=-1), 400, "max_completion_tokens"),
     "temperature a string": (good_body(temperature="hot"), 400, "temperature"),
     "temperature too high": (good_body(temperature=3), 400, "between 0 and 2"),
@@ -267,6 +279,7 @@ BAD_REQUESTS = {
     "seed over 64 bits": (good_body(seed=2**70), 400, "seed"),
     "n above one": (good_body(n=2), 400, "n=1"),
     "stream not a boolean": (good_body(stream="yes"), 400, "stream must be a boolean"),
+    "stream_options not an object": (good_body(stream=True, stream_options=[1]), 400, "stream_options must be"),
     "stream_options without stream": (good_body(stream_options={"include_usage": True}), 400, "only allowed"),
     "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
     "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
@@ -302,6 +315,69 @@ def test_openai_client_raises_its_typed_errors(server, client):
     wrong_key = openai.OpenAI(base_url=server + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong_key.models.list()
+
+
+def test_bomb_is_small_but_huge():
+    assert len(BOMB) < LIMITS["max_image_bytes"] and Image.open(io.BytesIO(BOMB)).size == (8000, 8000)
+
+
+def test_max_completion_tokens_n_1_and_usage(client, reference):
+    messages = [{"role": "user", "content": [image_part(GOOD_PNG), {"type": "text", "text": "Colour?"}]}]
+    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                         [wide_image()], max_new_tokens=3)
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, n=1,
+                                              temperature=0)
+    assert len(response.choices) == 1
+    assert response.choices[0].message.content == expected["text"]
+    usage = response.usage
+    assert usage.prompt_tokens == expected["prompt_tokens"] and 0 < usage.completion_tokens <= 3
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_health_and_readiness_need_no_key(server):
+    assert requests.get(server + "/health", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(server + "/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": MODEL}
+
+
+def post_raw(server: str, data, **headers) -> requests.Response:
+    return requests.post(server + "/v1/chat/completions", data=data, timeout=60,
+                         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                                  **headers})
+
+
+def test_oversize_body_is_413_before_parsing(server):
+    # Not even JSON: a body over the limit is refused for its size, without being parsed.
+    too_big = b"x" * (LIMITS["max_body_bytes"] + 1)
+    response = post_raw(server, too_big)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+
+    # A chunked body declares no length: it is counted while it is read.
+    chunked = post_raw(server, (too_big[i:i + 50_000] for i in range(0, len(too_big), 50_000)))
+    assert chunked.status_code == 413, chunked.text
+    assert "limit of 200000 bytes" in chunked.json()["error"]["message"]
+
+
+def test_burst_over_capacity_gets_429_and_never_a_500(server):
+    body = json.dumps(good_body(max_tokens=LIMITS["max_tokens_limit"], messages=[{"role": "user", "content": "Go"}]))
+    burst = 40
+    start_together = threading.Barrier(burst)
+    statuses: list = [None] * burst
+
+    def send(index: int) -> None:
+        start_together.wait()
+        statuses[index] = post_raw(server, body).status_code
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(burst)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0, "the burst never overflowed the queue"
+    assert statuses.count(200) >= CAPACITY["max_ongoing_requests"], statuses
 
 
 def test_normal_request_succeeds_after_the_bad_ones(client, reference):
