@@ -7,6 +7,8 @@ import json
 import random
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -68,13 +70,62 @@ def noise_png(side: int) -> bytes:
     return png_bytes(Image.frombytes("RGB", (side, side), random.Random(0).randbytes(side * side * 3)))
 
 
+FETCH_TIMEOUT_S = 1.0
+# The endpoint fetches http(s) image URLs from 127.0.0.1 only: the tests' own image host.
+IMAGE_URLS = dict(image_url_hosts=["127.0.0.1"], allow_private_image_hosts=True, image_fetch_timeout_s=FETCH_TIMEOUT_S)
+
+
+class ImageHost(ThreadingHTTPServer):
+    """A tiny web server on 127.0.0.1 that records every request it gets."""
+    daemon_threads = True
+
+    def __init__(self, routes: dict):
+        self.routes, self.requested = routes, []
+        super().__init__(("127.0.0.1", 0), ImageHostHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server_address[1]}{path}"
+
+
+class ImageHostHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.server.requested.append((self.path, self.headers.get("Host")))
+        status, headers, body, delay = self.server.routes.get(self.path, (404, {}, b"", 0))
+        time.sleep(delay)
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    big = noise_png(120)
+    routes = {
+        "/cat.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(GOOD_PNG))}, GOOD_PNG, 0),
+        "/big.png": (200, {"Content-Length": str(len(big))}, big, 0),
+        "/big-undeclared.png": (200, {}, big, 0),  # no Content-Length: counted while read
+        "/slow.png": (200, {}, GOOD_PNG, FETCH_TIMEOUT_S + 2),
+        "/moved.png": (302, {"Location": "/cat.png"}, b"", 0),
+        "/page.html": (200, {"Content-Type": "text/html"}, b"<html>not a picture</html>", 0),
+    }
+    host = ImageHost(routes)
+    yield host
+    host.shutdown()
+
+
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_llava_dir):
     from llava_core.serve.app import deploy, shutdown
 
     # A batch wait of 0.1 s lets concurrent requests meet in one batch even on a slow, busy machine.
     settings = ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8, batch_wait_timeout_s=0.1,
-                             default_max_tokens=4, **LIMITS, **CAPACITY)
+                             default_max_tokens=4, **LIMITS, **CAPACITY, **IMAGE_URLS)
     url = deploy(tiny_llava_dir, settings, MODEL)
     yield url
     shutdown()
@@ -252,7 +303,9 @@ BAD_REQUESTS = {
     "text part not a string": (with_content({"type": "text", "text": 5}), 400, ".text must be a string"),
     "unknown part type": (with_content({"type": "input_audio"}), 400, "unknown content part type"),
     "image_url not an object": (with_content({"type": "image_url", "image_url": 5}), 400, "must be an object"),
-    "http image url": (with_content(image_url_part("https://example.com/cat.png")), 400, "not supported yet"),
+    "http image url of a host not allowed": (with_content(image_url_part("https://example.com/cat.png")), 400,
+                                             "'example.com' is not allowed"),
+    "ftp image url": (with_content(image_url_part("ftp://127.0.0.1/cat.png")), 400, "data:image"),
     "not a data url": (with_content(image_url_part("cat.png")), 400, "data:image"),
     "bad base64": (with_content(image_url_part("data:image/png;base64,@@not-base64@@")), 400, "not valid base64"),
     "empty image": (with_content(image_url_part("data:image/png;base64,")), 400, "empty"),
@@ -378,6 +431,84 @@ def test_burst_over_capacity_gets_429_and_never_a_500(server):
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) > 0, "the burst never overflowed the queue"
     assert statuses.count(200) >= CAPACITY["max_ongoing_requests"], statuses
+
+
+def test_image_url_from_an_allowed_host_gives_the_inline_answer(client, image_host):
+    question = [{"type": "text", "text": "What colour is the square?"}]
+    by_url = ask(client, [{"role": "user", "content": question + [image_url_part(image_host.url("/cat.png"))]}])
+    inline = ask(client, [{"role": "user", "content": question + [image_part(GOOD_PNG)]}])
+    assert by_url.choices[0].message.content == inline.choices[0].message.content
+    assert by_url.usage == inline.usage
+    assert ("/cat.png", f"127.0.0.1:{image_host.server_address[1]}") in image_host.requested
+
+
+# path on the image host (or a full URL) -> (status, a fragment of the message)
+BAD_IMAGE_URLS = {
+    "host not on the allowlist": ("http://localhost:{port}/cat.png?never", "'localhost' is not allowed"),
+    "over the byte limit, declared": ("/big.png", "over the limit of 30000 bytes"),
+    "over the byte limit, undeclared": ("/big-undeclared.png", "larger than the limit of 30000 bytes"),
+    "too slow": ("/slow.png", "no answer within 1s"),
+    "redirect": ("/moved.png", "redirects are not followed"),
+    "not found": ("/missing.png", "HTTP 404"),
+    "not an image": ("/page.html", "not an image"),
+    "credentials in the URL": ("http://user:pw@127.0.0.1:{port}/cat.png?never", "credentials"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGE_URLS))
+def test_bad_image_url_gets_a_400(server, image_host, case):
+    target, fragment = BAD_IMAGE_URLS[case]
+    url = target.format(port=image_host.server_address[1]) if "://" in target else image_host.url(target)
+    started = time.monotonic()
+    response = post_raw(server, json.dumps(with_content(image_url_part(url))))
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert time.monotonic() - started < FETCH_TIMEOUT_S + 10
+    if case in ("host not on the allowlist", "credentials in the URL"):
+        assert not any(path.startswith("/cat.png?never") for path, _ in image_host.requested)
+
+
+def test_host_resolving_to_a_private_address_is_refused_without_a_request(image_host):
+    from llava_core.serve.errors import ApiError
+    from llava_core.serve.image_fetch import fetch_image_bytes
+
+    settings = ServeSettings(image_url_hosts=["localhost", "127.0.0.1"])  # private hosts refused by default
+    before = list(image_host.requested)
+    for host in ("localhost", "127.0.0.1"):
+        with pytest.raises(ApiError, match="resolves to a private or reserved address"):
+            fetch_image_bytes(image_host.url("/cat.png", host), settings, "image_url")
+    assert image_host.requested == before
+
+
+def test_fetch_connects_to_the_address_it_checked(image_host, monkeypatch):
+    """The resolver is replaced (a made-up name has no DNS here): the name resolves once, and the request goes to
+    that address with the name as its Host header."""
+    from llava_core.serve import image_fetch
+
+    looked_up = []
+    monkeypatch.setattr(image_fetch, "resolve", lambda host, port: looked_up.append(host) or ["127.0.0.1"])
+    settings = ServeSettings(image_url_hosts=["images.example.test"], allow_private_image_hosts=True)
+    port = image_host.server_address[1]
+
+    data = image_fetch.fetch_image_bytes(f"http://images.example.test:{port}/cat.png", settings, "image_url")
+
+    assert data == GOOD_PNG and looked_up == ["images.example.test"]
+    assert image_host.requested[-1] == ("/cat.png", f"images.example.test:{port}")
+
+
+@pytest.mark.parametrize("addresses", [["10.1.2.3"], ["93.184.216.34", "192.168.0.7"], ["169.254.169.254"],
+                                       ["::1"], ["::ffff:127.0.0.1"], ["fe80::1%eth0"], ["100.64.0.1"], ["0.0.0.0"]])
+def test_any_internal_address_among_the_answers_is_refused(monkeypatch, addresses):
+    """The resolver is replaced so the test needs no DNS; refused before any connection is tried."""
+    from llava_core.serve import image_fetch
+    from llava_core.serve.errors import ApiError
+
+    monkeypatch.setattr(image_fetch, "resolve", lambda host, port: addresses)
+    monkeypatch.setattr(image_fetch, "download", lambda *args: pytest.fail("connected to an internal address"))
+    with pytest.raises(ApiError, match="private or reserved"):
+        image_fetch.fetch_image_bytes("https://images.example.test/a.png",
+                                      ServeSettings(image_url_hosts=["images.example.test"]), "image_url")
+    assert image_fetch.is_public_address("93.184.216.34") and image_fetch.is_public_address("2606:4700::1111")
 
 
 def test_normal_request_succeeds_after_the_bad_ones(client, reference):
