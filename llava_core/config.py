@@ -159,6 +159,13 @@ class ServeSettings:
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
 
+def serve_settings_from_dict(data: dict, where: str = "serve") -> ServeSettings:
+    """Serve settings from a mapping (a workflow's `serve:` section, a Serve config's args), checked like a workflow."""
+    settings = _build(ServeSettings, data, where)
+    validate_serve(settings, where)
+    return settings
+
+
 def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     if s.engine not in SERVE_ENGINES:
         raise WorkflowError(f"{where}.engine: {s.engine!r} is not one of {list(SERVE_ENGINES)}")

@@ -13,6 +13,8 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import os
+import tempfile
 import threading
 import time
 import urllib.error
@@ -25,16 +27,16 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_core.config import ServeSettings
+from llava_core import storage
+from llava_core.config import ServeSettings, serve_settings_from_dict
 from llava_core.serve import protocol
 from llava_core.serve.answer_stream import StreamEvent
+from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
 from llava_core.serve.errors import ApiError, bad_request, error_body, payload_too_large, unauthorized, unavailable
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "llava"
-DEPLOYMENT_NAME = "LlavaServer"
 # Each response says how many requests shared its `generate` call: the observable proof that batching happens.
 BATCH_SIZE_HEADER = "x-llava-batch-size"
 
@@ -82,7 +84,9 @@ def load_in_background(model_dir: str) -> concurrent.futures.Future:
 
     def load() -> None:
         try:
-            future.set_result(GenerationEngine(model_dir))
+            # transformers loads local files; a model in S3 is mirrored to this node's disk once.
+            local = storage.local_copy(model_dir, os.path.join(tempfile.gettempdir(), "llava-ray-models"))
+            future.set_result(GenerationEngine(local))
         except BaseException as error:  # noqa: BLE001 - reported by /ready and check_health
             log.exception("loading the model from %s failed", model_dir)
             future.set_exception(error)
@@ -229,27 +233,6 @@ class LlavaServer:
         await job  # raises what generation raised, which fails every request of the batch
 
 
-def deployment_options(settings: ServeSettings, gpus: float) -> dict:
-    """Ray Serve deployment options from the workflow's serve settings."""
-    options = {
-        "max_ongoing_requests": settings.max_ongoing_requests,
-        "max_queued_requests": settings.max_queued_requests,
-        "backpressure_config": {"status_code": settings.overload_status, "retry_after_s": 1},
-        "ray_actor_options": {"num_cpus": settings.cpus_per_replica, "num_gpus": gpus},
-    }
-    if settings.autoscaling is not None:
-        a = settings.autoscaling
-        options["autoscaling_config"] = {
-            "min_replicas": a.min_replicas, "max_replicas": a.max_replicas,
-            "initial_replicas": a.initial_replicas if a.initial_replicas is not None else a.min_replicas,
-            "target_ongoing_requests": a.target_ongoing_requests,
-            "upscale_delay_s": a.upscale_delay_s, "downscale_delay_s": a.downscale_delay_s,
-        }
-    else:
-        options["num_replicas"] = settings.num_replicas
-    return options
-
-
 def gpus_per_replica(settings: ServeSettings) -> float:
     # Not set in the workflow: a replica takes one GPU when the cluster has any, else none.
     if settings.gpus_per_replica is not None:
@@ -258,8 +241,17 @@ def gpus_per_replica(settings: ServeSettings) -> float:
 
 
 def application(model_dir: str, settings: ServeSettings, model_name: str):
-    options = deployment_options(settings, gpus_per_replica(settings))
+    options = replica_options(settings, gpus_per_replica(settings))
     return LlavaServer.options(**options).bind(model_dir, settings, model_name)
+
+
+def build_app(args: dict):
+    """The application builder a Ray Serve config names (`import_path: llava_core.serve.app:build_app`), as
+    `llava-ray serve --config-out` writes it: `args` holds `model_dir`, `model_name` and the `settings` mapping."""
+    settings = serve_settings_from_dict(args.get("settings") or {}, "args.settings")
+    model_dir = args["model_dir"]
+    return application(model_dir, settings, args.get("model_name") or settings.model_name
+                       or default_model_name(model_dir))
 
 
 def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
