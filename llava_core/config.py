@@ -142,6 +142,7 @@ class ServeSettings:
     cpus_per_replica: float = 1
     gpus_per_replica: Optional[float] = None  # None: 1 when the cluster has a GPU, else 0; fractions share a GPU
     max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
+    health_check_period_s: float = 5  # how soon Serve notices a dead or failed replica and starts a new one
     max_queued_requests: int = 64  # per deployment handle; -1 = no limit; above it requests get `overload_status`
     overload_status: int = 429  # 429 or 503, with a Retry-After header
     max_batch_size: int = 8
@@ -172,7 +173,8 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     if s.overload_status not in OVERLOAD_STATUSES:
         raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
     positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
-                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "image_fetch_timeout_s")
+                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "image_fetch_timeout_s",
+                "health_check_period_s")
     for key in positive:
         if getattr(s, key) <= 0:
             raise WorkflowError(f"{where}.{key}: must be greater than 0, got {getattr(s, key)}")

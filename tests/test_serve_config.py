@@ -59,7 +59,7 @@ def test_config_for_a_run_dir_deploys_the_export_with_the_workflow_settings(tmp_
     [deployment] = app["deployments"]
     assert deployment == {
         "name": "LlavaServer", "max_ongoing_requests": 12, "max_queued_requests": 40,
-        "backpressure_config": {"status_code": 503, "retry_after_s": 1},
+        "backpressure_config": {"status_code": 503, "retry_after_s": 1}, "health_check_period_s": 5.0,
         "ray_actor_options": {"num_cpus": 2.0, "num_gpus": 0.5},
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 4, "initial_replicas": 1,
                                "target_ongoing_requests": 6.0, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0},
@@ -105,7 +105,7 @@ def test_vllm_engine_config_is_a_ray_serve_llm_app(tmp_path, run_dir, workflow_f
                                     "tensor_parallel_size": 1}
     assert config.accelerator_type == "L4"
     assert config.deployment_config == {
-        "max_ongoing_requests": 12, "max_queued_requests": 40,
+        "max_ongoing_requests": 12, "max_queued_requests": 40, "health_check_period_s": 5.0,
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
                                "target_ongoing_requests": 6.0, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0},
     }

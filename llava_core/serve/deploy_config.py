@@ -47,6 +47,7 @@ def replica_options(settings: ServeSettings, gpus: float | None) -> dict:
         "max_ongoing_requests": settings.max_ongoing_requests,
         "max_queued_requests": settings.max_queued_requests,
         "backpressure_config": {"status_code": settings.overload_status, "retry_after_s": 1},
+        "health_check_period_s": settings.health_check_period_s,
     }
     if gpus is not None:
         options["ray_actor_options"] = {"num_cpus": settings.cpus_per_replica, "num_gpus": gpus}
