@@ -418,9 +418,14 @@ def test_burst_over_capacity_gets_429_and_never_a_500(server):
     start_together = threading.Barrier(burst)
     statuses: list = [None] * burst
 
+    retry_after = set()
+
     def send(index: int) -> None:
         start_together.wait()
-        statuses[index] = post_raw(server, body).status_code
+        response = post_raw(server, body)
+        statuses[index] = response.status_code
+        if response.status_code == 429:
+            retry_after.add(response.headers.get("retry-after"))
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(burst)]
     for thread in threads:
@@ -430,6 +435,7 @@ def test_burst_over_capacity_gets_429_and_never_a_500(server):
 
     assert set(statuses) <= {200, 429}, statuses
     assert statuses.count(429) > 0, "the burst never overflowed the queue"
+    assert retry_after == {"1"}
     assert statuses.count(200) >= CAPACITY["max_ongoing_requests"], statuses
 
 
