@@ -1,4 +1,5 @@
-"""The Ray Serve endpoint, through the official OpenAI client and raw HTTP, against plain transformers' answers."""
+"""The Ray Serve endpoint through the official OpenAI client and raw HTTP (plain and streaming answers, batching, every
+bad-input case, image URLs from a local image host, capacity), against plain transformers' answers."""
 from __future__ import annotations
 
 import base64
