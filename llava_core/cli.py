@@ -36,12 +36,21 @@ def _parser() -> argparse.ArgumentParser:
 
     _add_job_commands(sub)
 
-    serve = sub.add_parser("serve", help="serve an exported model (HF LLaVA directory) on its own")
-    serve.add_argument("model_dir")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--model-name", default="")
-    serve.add_argument("--api-key", default=os.environ.get("LLAVA_RAY_API_KEY"))
+    serve = sub.add_parser("serve", help="serve an exported model on its own, or write a Ray Serve config for it",
+                           description="Serve an export (a run directory means its export/ folder) at an "
+                                       "OpenAI-compatible endpoint, or with --config-out write a Ray Serve config "
+                                       "for `serve deploy` or a KubeRay RayService.")
+    serve.add_argument("model_dir", help="export directory, or a run directory containing export/ (local or s3://)")
+    serve.add_argument("--workflow", help="take the `serve:` settings of this workflow file")
+    serve.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a serve setting, e.g. --set num_replicas=2 --set engine=vllm (repeatable)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default 8000)")
+    serve.add_argument("--model-name", help="the model id clients send (default: the run's name)")
+    serve.add_argument("--api-key", default=os.environ.get("LLAVA_RAY_API_KEY"),
+                       help="require `Authorization: Bearer KEY` (default $LLAVA_RAY_API_KEY)")
+    serve.add_argument("--config-out", metavar="FILE",
+                       help="write a Ray Serve config YAML for this export and exit, without serving")
     return parser
 
 
@@ -116,20 +125,58 @@ def _validate(args, workflow) -> int:
             return 2
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+def serve_settings(args):
+    """The workflow's `serve:` section (if given), then --set overrides, then the explicit flags."""
+    import yaml
+
+    from llava_core.config import apply_overrides, serve_settings_from_dict
+
+    data = {}
+    if args.workflow:
+        try:
+            with open(args.workflow) as f:
+                data = (yaml.safe_load(f) or {}).get("serve") or {}
+        except (OSError, yaml.YAMLError) as error:
+            raise WorkflowError(f"--workflow {args.workflow}: {error}") from None
+    # `--set serve.port=9000` and `--set port=9000` mean the same here.
+    data = apply_overrides(data, [o.removeprefix("serve.") for o in args.overrides])
+    flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "api_key": args.api_key}
+    data.update({key: value for key, value in flags.items() if value is not None})
+    if args.config_out:
+        data.setdefault("host", "0.0.0.0")  # a config file is for a cluster, where the proxy must be reachable
+    return serve_settings_from_dict(data)
 
 
 def _serve(args) -> int:
+    from llava_core.serve.deploy_config import default_model_name, resolve_model_dir
+
+    settings = serve_settings(args)
+    try:
+        model_dir = resolve_model_dir(args.model_dir)
+    except FileNotFoundError as error:
+        raise WorkflowError(str(error)) from None
+    name = settings.model_name or default_model_name(model_dir)
+    if args.config_out:
+        from llava_core.serve.deploy_config import serve_config, write_serve_config
+
+        write_serve_config(args.config_out, serve_config(model_dir, settings, name))
+        print(f"wrote {args.config_out} ({settings.engine} engine, model '{name}' from {model_dir}); "
+              f"deploy it with: serve deploy {args.config_out}")
+        return 0
     import ray
 
-    from llava_core.config import ServeSettings
-    from llava_core.serve.app import deploy
+    ray.init(configure_logging=False)
+    if settings.engine == "vllm":
+        from llava_core.serve.vllm_engine import run_vllm
+
+        url = run_vllm(model_dir, settings, name)
+    else:
+        from llava_core.serve.app import deploy
+
+        url = deploy(model_dir, settings, name)
+    print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
     from llava_core.serve.demo import serve_until_interrupted
 
-    name = args.model_name or os.path.basename(os.path.normpath(args.model_dir))
-    settings = ServeSettings(host=args.host, port=args.port, model_name=name, api_key=args.api_key)
-    ray.init(configure_logging=False)
-    url = deploy(os.path.abspath(args.model_dir), settings, name)
-    print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
     serve_until_interrupted()
     return 0
 

@@ -160,20 +160,84 @@ class EvaluateSettings:
 
 
 @dataclass
+class AutoscalingSettings:
+    """Ray Serve autoscaling of the serve deployment; when set, `serve.num_replicas` is not used."""
+    min_replicas: int = 1
+    max_replicas: int = 2
+    initial_replicas: Optional[int] = None
+    target_ongoing_requests: float = 8  # per replica; above it Serve adds replicas
+    upscale_delay_s: float = 30
+    downscale_delay_s: float = 600
+
+
+@dataclass
+class VllmSettings:
+    """For `serve.engine: vllm`: serve the export with vLLM through `ray.serve.llm` (GPU clusters)."""
+    engine_kwargs: dict = field(default_factory=dict)  # passed to vLLM as they are: max_model_len, dtype, ...
+    accelerator_type: Optional[str] = None  # e.g. A10G, L4, H100; None = any GPU
+
+
+SERVE_ENGINES = ("transformers", "vllm")
+OVERLOAD_STATUSES = (429, 503)
+
+
+@dataclass
 class ServeSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = ""  # defaults to the workflow name
+    engine: str = "transformers"  # transformers (this package's engine, CPU or GPU) | vllm (ray.serve.llm, GPU)
     num_replicas: int = 1
-    max_ongoing_requests: int = 32
+    autoscaling: Optional[AutoscalingSettings] = None
+    cpus_per_replica: float = 1
+    gpus_per_replica: Optional[float] = None  # None: 1 when the cluster has a GPU, else 0; fractions share a GPU
+    max_ongoing_requests: int = 32  # per replica; more wait in Serve's queue
+    health_check_period_s: float = 5  # how soon Serve notices a dead or failed replica and starts a new one
+    max_queued_requests: int = 64  # per deployment handle; -1 = no limit; above it requests get `overload_status`
+    overload_status: int = 429  # 429 or 503, with a Retry-After header
     max_batch_size: int = 8
     batch_wait_timeout_s: float = 0.02
     default_max_tokens: int = 64
     max_tokens_limit: int = 512
+    max_body_bytes: int = 100_000_000  # larger request bodies get 413 before they are parsed
     max_images: int = 4
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
+    image_url_hosts: list = field(default_factory=list)  # hosts http(s) image URLs may point at; empty = none
+    allow_private_image_hosts: bool = False  # allow hosts that resolve to private/loopback/link-local addresses
+    image_fetch_timeout_s: float = 10.0
     api_key: Optional[str] = None  # when set, requests need `Authorization: Bearer <key>`
+    vllm: VllmSettings = field(default_factory=VllmSettings)
+
+
+def serve_settings_from_dict(data: dict, where: str = "serve") -> ServeSettings:
+    """Serve settings from a mapping (a workflow's `serve:` section, a Serve config's args), checked like a workflow."""
+    settings = _build(ServeSettings, data, where)
+    validate_serve(settings, where)
+    return settings
+
+
+def validate_serve(s: ServeSettings, where: str = "serve") -> None:
+    if s.engine not in SERVE_ENGINES:
+        raise WorkflowError(f"{where}.engine: {s.engine!r} is not one of {list(SERVE_ENGINES)}")
+    if s.overload_status not in OVERLOAD_STATUSES:
+        raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
+    positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
+                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "image_fetch_timeout_s",
+                "health_check_period_s")
+    for key in positive:
+        if getattr(s, key) <= 0:
+            raise WorkflowError(f"{where}.{key}: must be greater than 0, got {getattr(s, key)}")
+    if s.max_queued_requests == 0 or s.max_queued_requests < -1:
+        raise WorkflowError(f"{where}.max_queued_requests: a positive number, or -1 for no limit")
+    if s.cpus_per_replica < 0 or (s.gpus_per_replica is not None and s.gpus_per_replica < 0):
+        raise WorkflowError(f"{where}: cpus_per_replica and gpus_per_replica cannot be negative")
+    if not all(isinstance(h, str) and h and "/" not in h for h in s.image_url_hosts):
+        raise WorkflowError(f"{where}.image_url_hosts: a list of host names such as images.example.com")
+    a = s.autoscaling
+    if a is not None and not 0 <= a.min_replicas <= a.max_replicas:
+        raise WorkflowError(f"{where}.autoscaling: needs 0 <= min_replicas <= max_replicas, got "
+                            f"{a.min_replicas} and {a.max_replicas}")
 
 
 @dataclass
@@ -334,6 +398,7 @@ def validate(w: Workflow) -> None:
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
         raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
     validate_evaluate(w.evaluate)
+    validate_serve(w.serve)
 
 
 def validate_evaluate(e: EvaluateSettings) -> None:

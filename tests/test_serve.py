@@ -1,4 +1,5 @@
-"""The Ray Serve endpoint, through the official OpenAI client and raw HTTP, against plain transformers' answers."""
+"""The Ray Serve endpoint through the official OpenAI client and raw HTTP (plain and streaming answers, batching, every
+bad-input case, image URLs from a local image host, capacity), against plain transformers' answers."""
 from __future__ import annotations
 
 import base64
@@ -7,6 +8,8 @@ import json
 import random
 import socket
 import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import openai
 import pytest
@@ -20,7 +23,11 @@ from llava_core.data.images import mean_colour, pad_to_square
 MODEL = "tiny-llava"
 API_KEY = "test-key"
 MAX_TOKENS = 6
-LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300)
+LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300,
+              max_body_bytes=200_000)
+# Small capacity, so that a burst of requests overflows it: 8 in the replica, 8 waiting, the rest get 429. (Serve counts
+# requests that arrive together as queued until each is assigned, so the queue must hold a batch's worth.)
+CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
 
 
 def free_port() -> int:
@@ -54,9 +61,63 @@ def tall_image() -> Image.Image:
     return Image.new("RGB", (20, 56), (30, 160, 60))
 
 
+def bomb_png() -> bytes:
+    """A decompression bomb: 64 million pixels of one colour that deflate to a few kilobytes."""
+    return png_bytes(Image.new("1", (8000, 8000)))
+
+
 def noise_png(side: int) -> bytes:
     """Noise does not compress: a PNG of about 3 bytes per pixel."""
     return png_bytes(Image.frombytes("RGB", (side, side), random.Random(0).randbytes(side * side * 3)))
+
+
+FETCH_TIMEOUT_S = 1.0
+# The endpoint fetches http(s) image URLs from 127.0.0.1 only: the tests' own image host.
+IMAGE_URLS = dict(image_url_hosts=["127.0.0.1"], allow_private_image_hosts=True, image_fetch_timeout_s=FETCH_TIMEOUT_S)
+
+
+class ImageHost(ThreadingHTTPServer):
+    """A tiny web server on 127.0.0.1 that records every request it gets."""
+    daemon_threads = True
+
+    def __init__(self, routes: dict):
+        self.routes, self.requested = routes, []
+        super().__init__(("127.0.0.1", 0), ImageHostHandler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.server_address[1]}{path}"
+
+
+class ImageHostHandler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.server.requested.append((self.path, self.headers.get("Host")))
+        status, headers, body, delay = self.server.routes.get(self.path, (404, {}, b"", 0))
+        time.sleep(delay)
+        self.send_response(status)
+        for key, value in headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def image_host():
+    big = noise_png(120)
+    routes = {
+        "/cat.png": (200, {"Content-Type": "image/png", "Content-Length": str(len(GOOD_PNG))}, GOOD_PNG, 0),
+        "/big.png": (200, {"Content-Length": str(len(big))}, big, 0),
+        "/big-undeclared.png": (200, {}, big, 0),  # no Content-Length: counted while read
+        "/slow.png": (200, {}, GOOD_PNG, FETCH_TIMEOUT_S + 2),
+        "/moved.png": (302, {"Location": "/cat.png"}, b"", 0),
+        "/page.html": (200, {"Content-Type": "text/html"}, b"<html>not a picture</html>", 0),
+    }
+    host = ImageHost(routes)
+    yield host
+    host.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +126,7 @@ def server(ray_session, tiny_llava_dir):
 
     # A batch wait of 0.1 s lets concurrent requests meet in one batch even on a slow, busy machine.
     settings = ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8, batch_wait_timeout_s=0.1,
-                             default_max_tokens=4, **LIMITS)
+                             default_max_tokens=4, **LIMITS, **CAPACITY, **IMAGE_URLS)
     url = deploy(tiny_llava_dir, settings, MODEL)
     yield url
     shutdown()
@@ -143,6 +204,61 @@ def test_stop_string_cuts_the_answer(client, reference):
     assert response.choices[0].finish_reason == "stop"
 
 
+def stream_chunks(client, messages: list[dict], **options) -> list:
+    options = {"max_tokens": MAX_TOKENS, "temperature": 0, **options}
+    return list(client.chat.completions.create(model=MODEL, messages=messages, stream=True, **options))
+
+
+def test_streaming_with_image_gives_the_plain_answer_in_deltas(client, reference):
+    question = "What colour is the square?"
+    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
+                         [wide_image()])
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}, image_part(png_bytes(wide_image()))]}]
+
+    chunks = stream_chunks(client, messages, stream_options={"include_usage": True})
+    plain = ask(client, messages)
+
+    assert all(chunk.object == "chat.completion.chunk" and chunk.model == MODEL for chunk in chunks)
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    deltas = [c.choices[0].delta.content for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(deltas) >= 2, f"the answer came in one piece, not streamed: {deltas}"
+    assert "".join(deltas) == expected["text"] == plain.choices[0].message.content
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == [plain.choices[0].finish_reason]
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.prompt_tokens == expected["prompt_tokens"] == plain.usage.prompt_tokens
+    assert usage_chunk.usage.completion_tokens == plain.usage.completion_tokens
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_streaming_with_a_stop_string_holds_back_the_stop(client, reference):
+    messages = [{"role": "user", "content": "Describe the picture."}]
+    raw = reference(messages, [], max_new_tokens=12)["raw"]
+    stop = raw[len(raw) // 2:len(raw) // 2 + 2]
+
+    chunks = stream_chunks(client, messages, max_tokens=12, stop=[stop])
+
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == raw[:raw.find(stop)].strip() == ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_raw_event_stream_ends_with_done_and_no_usage_unless_asked(server):
+    body = good_body(stream=True, max_tokens=3)
+    response = requests.post(server + "/v1/chat/completions", json=body, stream=True, timeout=60,
+                             headers={"Authorization": f"Bearer {API_KEY}"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = [line for line in response.iter_lines(decode_unicode=True) if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(line[len("data: "):]) for line in events[:-1]]
+    assert all("usage" not in payload for payload in payloads)
+    assert payloads[-1]["choices"][0]["finish_reason"] == "length"
+
+
 def test_seeded_sampling_repeats(client):
     messages = [{"role": "user", "content": "Say something."}]
     first, second = (ask(client, messages, temperature=1.0, top_p=0.9, seed=7) for _ in range(2))
@@ -170,6 +286,7 @@ def image_url_part(url: str) -> dict:
 
 
 GOOD_PNG = png_bytes(wide_image())
+BOMB = bomb_png()
 
 LONG_TEXT = "red square " * 1500  # about 3000 tokens, the tiny model's context is 1024
 ASSISTANT_IMAGE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [image_part(GOOD_PNG)]},
@@ -187,7 +304,9 @@ BAD_REQUESTS = {
     "text part not a string": (with_content({"type": "text", "text": 5}), 400, ".text must be a string"),
     "unknown part type": (with_content({"type": "input_audio"}), 400, "unknown content part type"),
     "image_url not an object": (with_content({"type": "image_url", "image_url": 5}), 400, "must be an object"),
-    "http image url": (with_content(image_url_part("https://example.com/cat.png")), 400, "not supported yet"),
+    "http image url of a host not allowed": (with_content(image_url_part("https://example.com/cat.png")), 400,
+                                             "'example.com' is not allowed"),
+    "ftp image url": (with_content(image_url_part("ftp://127.0.0.1/cat.png")), 400, "data:image"),
     "not a data url": (with_content(image_url_part("cat.png")), 400, "data:image"),
     "bad base64": (with_content(image_url_part("data:image/png;base64,@@not-base64@@")), 400, "not valid base64"),
     "empty image": (with_content(image_url_part("data:image/png;base64,")), 400, "empty"),
@@ -196,6 +315,7 @@ BAD_REQUESTS = {
     "image over the byte limit": (with_content(image_part(noise_png(120))), 400, "30000 bytes"),
     "image over the pixel limit": (with_content(image_part(png_bytes(Image.new("RGB", (400, 400))))), 400,
                                    "too many pixels"),
+    "decompression bomb": (with_content(image_part(BOMB)), 400, "too many pixels"),
     "too many images": (with_content(*[image_part(GOOD_PNG)] * (LIMITS["max_images"] + 1)), 400, "too many images"),
     "image in an assistant turn": (good_body(messages=ASSISTANT_IMAGE), 400, "only accepted in user messages"),
     "typed image token": (good_body(messages=[{"role": "user", "content": "look: <image>"}]), 400, "<image>"),
@@ -203,6 +323,7 @@ BAD_REQUESTS = {
     "max_tokens zero": (good_body(max_tokens=0), 400, "max_tokens"),
     "max_tokens over the limit": (good_body(max_tokens=LIMITS["max_tokens_limit"] + 1), 400, "limit of 32"),
     "max_tokens a string": (good_body(max_tokens="2"), 400, "max_tokens"),
+    "max_tokens negative": (good_body(max_tokens=-3), 400, "max_tokens must be a positive integer"),
     "max_completion_tokens negative": (good_body(max_completion_tokens=-1), 400, "max_completion_tokens"),
     "temperature a string": (good_body(temperature="hot"), 400, "temperature"),
     "temperature too high": (good_body(temperature=3), 400, "between 0 and 2"),
@@ -211,7 +332,9 @@ BAD_REQUESTS = {
     "seed a float": (good_body(seed=1.5), 400, "seed"),
     "seed over 64 bits": (good_body(seed=2**70), 400, "seed"),
     "n above one": (good_body(n=2), 400, "n=1"),
-    "stream": (good_body(stream=True), 400, "stream is not supported yet"),
+    "stream not a boolean": (good_body(stream="yes"), 400, "stream must be a boolean"),
+    "stream_options not an object": (good_body(stream=True, stream_options=[1]), 400, "stream_options must be"),
+    "stream_options without stream": (good_body(stream_options={"include_usage": True}), 400, "only allowed"),
     "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
     "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
     "unknown model": (good_body(model="gpt-4o"), 404, "does not exist"),
@@ -248,6 +371,153 @@ def test_openai_client_raises_its_typed_errors(server, client):
         wrong_key.models.list()
 
 
+def test_bomb_is_small_but_huge():
+    assert len(BOMB) < LIMITS["max_image_bytes"] and Image.open(io.BytesIO(BOMB)).size == (8000, 8000)
+
+
+def test_max_completion_tokens_n_1_and_usage(client, reference):
+    messages = [{"role": "user", "content": [image_part(GOOD_PNG), {"type": "text", "text": "Colour?"}]}]
+    expected = reference([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]}],
+                         [wide_image()], max_new_tokens=3)
+    response = client.chat.completions.create(model=MODEL, messages=messages, max_completion_tokens=3, n=1,
+                                              temperature=0)
+    assert len(response.choices) == 1
+    assert response.choices[0].message.content == expected["text"]
+    usage = response.usage
+    assert usage.prompt_tokens == expected["prompt_tokens"] and 0 < usage.completion_tokens <= 3
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_health_and_readiness_need_no_key(server):
+    assert requests.get(server + "/health", timeout=30).json() == {"status": "ok"}
+    ready = requests.get(server + "/ready", timeout=30)
+    assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": MODEL}
+
+
+def post_raw(server: str, data, **headers) -> requests.Response:
+    return requests.post(server + "/v1/chat/completions", data=data, timeout=60,
+                         headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
+                                  **headers})
+
+
+def test_oversize_body_is_413_before_parsing(server):
+    # Not even JSON: a body over the limit is refused for its size, without being parsed.
+    too_big = b"x" * (LIMITS["max_body_bytes"] + 1)
+    response = post_raw(server, too_big)
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+
+    # A chunked body declares no length: it is counted while it is read.
+    chunked = post_raw(server, (too_big[i:i + 50_000] for i in range(0, len(too_big), 50_000)))
+    assert chunked.status_code == 413, chunked.text
+    assert "limit of 200000 bytes" in chunked.json()["error"]["message"]
+
+
+def test_burst_over_capacity_gets_429_and_never_a_500(server):
+    body = json.dumps(good_body(max_tokens=LIMITS["max_tokens_limit"], messages=[{"role": "user", "content": "Go"}]))
+    burst = 40
+    start_together = threading.Barrier(burst)
+    statuses: list = [None] * burst
+
+    retry_after = set()
+
+    def send(index: int) -> None:
+        start_together.wait()
+        response = post_raw(server, body)
+        statuses[index] = response.status_code
+        if response.status_code == 429:
+            retry_after.add(response.headers.get("retry-after"))
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(burst)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+
+    assert set(statuses) <= {200, 429}, statuses
+    assert statuses.count(429) > 0, "the burst never overflowed the queue"
+    assert retry_after == {"1"}
+    assert statuses.count(200) >= CAPACITY["max_ongoing_requests"], statuses
+
+
+def test_image_url_from_an_allowed_host_gives_the_inline_answer(client, image_host):
+    question = [{"type": "text", "text": "What colour is the square?"}]
+    by_url = ask(client, [{"role": "user", "content": question + [image_url_part(image_host.url("/cat.png"))]}])
+    inline = ask(client, [{"role": "user", "content": question + [image_part(GOOD_PNG)]}])
+    assert by_url.choices[0].message.content == inline.choices[0].message.content
+    assert by_url.usage == inline.usage
+    assert ("/cat.png", f"127.0.0.1:{image_host.server_address[1]}") in image_host.requested
+
+
+# path on the image host (or a full URL) -> (status, a fragment of the message)
+BAD_IMAGE_URLS = {
+    "host not on the allowlist": ("http://localhost:{port}/cat.png?never", "'localhost' is not allowed"),
+    "over the byte limit, declared": ("/big.png", "over the limit of 30000 bytes"),
+    "over the byte limit, undeclared": ("/big-undeclared.png", "larger than the limit of 30000 bytes"),
+    "too slow": ("/slow.png", "no answer within 1s"),
+    "redirect": ("/moved.png", "redirects are not followed"),
+    "not found": ("/missing.png", "HTTP 404"),
+    "not an image": ("/page.html", "not an image"),
+    "credentials in the URL": ("http://user:pw@127.0.0.1:{port}/cat.png?never", "credentials"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_IMAGE_URLS))
+def test_bad_image_url_gets_a_400(server, image_host, case):
+    target, fragment = BAD_IMAGE_URLS[case]
+    url = target.format(port=image_host.server_address[1]) if "://" in target else image_host.url(target)
+    started = time.monotonic()
+    response = post_raw(server, json.dumps(with_content(image_url_part(url))))
+    assert response.status_code == 400, response.text
+    assert fragment in response.json()["error"]["message"]
+    assert time.monotonic() - started < FETCH_TIMEOUT_S + 10
+    if case in ("host not on the allowlist", "credentials in the URL"):
+        assert not any(path.startswith("/cat.png?never") for path, _ in image_host.requested)
+
+
+def test_host_resolving_to_a_private_address_is_refused_without_a_request(image_host):
+    from llava_core.serve.errors import ApiError
+    from llava_core.serve.image_fetch import fetch_image_bytes
+
+    settings = ServeSettings(image_url_hosts=["localhost", "127.0.0.1"])  # private hosts refused by default
+    before = list(image_host.requested)
+    for host in ("localhost", "127.0.0.1"):
+        with pytest.raises(ApiError, match="resolves to a private or reserved address"):
+            fetch_image_bytes(image_host.url("/cat.png", host), settings, "image_url")
+    assert image_host.requested == before
+
+
+def test_fetch_connects_to_the_address_it_checked(image_host, monkeypatch):
+    """The resolver is replaced (a made-up name has no DNS here): the name resolves once, and the request goes to
+    that address with the name as its Host header."""
+    from llava_core.serve import image_fetch
+
+    looked_up = []
+    monkeypatch.setattr(image_fetch, "resolve", lambda host, port: looked_up.append(host) or ["127.0.0.1"])
+    settings = ServeSettings(image_url_hosts=["images.example.test"], allow_private_image_hosts=True)
+    port = image_host.server_address[1]
+
+    data = image_fetch.fetch_image_bytes(f"http://images.example.test:{port}/cat.png", settings, "image_url")
+
+    assert data == GOOD_PNG and looked_up == ["images.example.test"]
+    assert image_host.requested[-1] == ("/cat.png", f"images.example.test:{port}")
+
+
+@pytest.mark.parametrize("addresses", [["10.1.2.3"], ["93.184.216.34", "192.168.0.7"], ["169.254.169.254"],
+                                       ["::1"], ["::ffff:127.0.0.1"], ["fe80::1%eth0"], ["100.64.0.1"], ["0.0.0.0"]])
+def test_any_internal_address_among_the_answers_is_refused(monkeypatch, addresses):
+    """The resolver is replaced so the test needs no DNS; refused before any connection is tried."""
+    from llava_core.serve import image_fetch
+    from llava_core.serve.errors import ApiError
+
+    monkeypatch.setattr(image_fetch, "resolve", lambda host, port: addresses)
+    monkeypatch.setattr(image_fetch, "download", lambda *args: pytest.fail("connected to an internal address"))
+    with pytest.raises(ApiError, match="private or reserved"):
+        image_fetch.fetch_image_bytes("https://images.example.test/a.png",
+                                      ServeSettings(image_url_hosts=["images.example.test"]), "image_url")
+    assert image_fetch.is_public_address("93.184.216.34") and image_fetch.is_public_address("2606:4700::1111")
+
+
 def test_normal_request_succeeds_after_the_bad_ones(client, reference):
     question = [{"type": "image"}, {"type": "text", "text": "Hi?"}]
     expected = reference([{"role": "user", "content": question}], [wide_image()], max_new_tokens=2)
@@ -274,7 +544,16 @@ def test_concurrent_requests_share_batches_and_keep_their_answers(client, refere
             model=MODEL, messages=requests[index], max_tokens=MAX_TOKENS, temperature=0)
         results[index] = (raw.parse().choices[0].message.content, int(raw.headers[BATCH_SIZE_HEADER]))
 
-    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(requests))]
+    def send_streaming(index: int) -> None:
+        start_together.wait()
+        with client.chat.completions.with_streaming_response.create(
+                model=MODEL, messages=requests[index], max_tokens=MAX_TOKENS, temperature=0, stream=True) as raw:
+            text = "".join(chunk.choices[0].delta.content or "" for chunk in raw.parse() if chunk.choices)
+            results[index] = (text, int(raw.headers[BATCH_SIZE_HEADER]))
+
+    # A third of the requests stream: streaming and plain requests share the same batches.
+    threads = [threading.Thread(target=send_streaming if i % 3 == 0 else send, args=(i,))
+               for i in range(len(requests))]
     for thread in threads:
         thread.start()
     for thread in threads:

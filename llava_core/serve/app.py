@@ -1,33 +1,42 @@
-"""An OpenAI-compatible chat endpoint for the exported model on Ray Serve, with dynamic batching.
+"""An OpenAI-compatible chat endpoint for the exported model on Ray Serve, with dynamic batching and streaming.
 
 Each request is checked completely in the ingress (`protocol`), then waits a few milliseconds in `@serve.batch` so
-that concurrent requests share one `generate` call. Every refusal is a 4xx in OpenAI's error shape; only a fault of
-the server itself is a 500.
+that concurrent requests share one `generate` call. The batch function is an async generator: after every decoding
+step it hands each request its new text, which a streaming request sends as a server-sent event and a plain request
+collects, so both kinds share batches and get the same answer. Every refusal is a 4xx in OpenAI's error shape; only
+a fault of the server itself is a 500.
 """
 # No `from __future__ import annotations` here: FastAPI must see `Request` as a class, not as a string, once Serve has
 # rebound the route methods to the replica.
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
+import os
+import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from typing import AsyncIterator, Optional
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from llava_core.config import ServeSettings
+from llava_core import storage
+from llava_core.config import ServeSettings, serve_settings_from_dict
 from llava_core.serve import protocol
-from llava_core.serve.engine import Completion, GenerationEngine, GenerationRequest
-from llava_core.serve.errors import ApiError, bad_request, error_body, unauthorized
+from llava_core.serve.answer_stream import StreamEvent
+from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
+from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
+from llava_core.serve.errors import ApiError, bad_request, error_body, payload_too_large, unauthorized, unavailable
 
 log = logging.getLogger(__name__)
 
-APP_NAME = "llava"
 # Each response says how many requests shared its `generate` call: the observable proof that batching happens.
 BATCH_SIZE_HEADER = "x-llava-batch-size"
 
@@ -36,7 +45,7 @@ api = FastAPI(title="llava-ray")
 
 @api.exception_handler(ApiError)
 async def api_error_response(request: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -51,29 +60,76 @@ async def server_error_response(request: Request, error: Exception) -> JSONRespo
     return JSONResponse(error_body(f"internal server error: {type(error).__name__}", "server_error"), status_code=500)
 
 
-async def read_json(request: Request):
-    raw = await request.body()
+async def read_json(request: Request, max_bytes: int):
+    """The parsed body, refused with 413 as soon as it is known to be over `max_bytes` (from Content-Length, or while
+    reading a body that does not declare its length), before anything is parsed."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise payload_too_large(int(declared), max_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise payload_too_large(size, max_bytes)
+        chunks.append(chunk)
     try:
-        return json.loads(raw)
+        return json.loads(b"".join(chunks))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise bad_request(f"the request body is not valid JSON: {error}") from None
 
 
-@serve.deployment
+def load_in_background(model_dir: str) -> concurrent.futures.Future:
+    """Load the model in a thread, so the replica answers `/health` (and says it is not ready) while it loads."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+
+    def load() -> None:
+        try:
+            # transformers loads local files; a model in S3 is mirrored to this node's disk once.
+            local = storage.local_copy(model_dir, os.path.join(tempfile.gettempdir(), "llava-ray-models"))
+            future.set_result(GenerationEngine(local))
+        except BaseException as error:  # noqa: BLE001 - reported by /ready and check_health
+            log.exception("loading the model from %s failed", model_dir)
+            future.set_exception(error)
+
+    threading.Thread(target=load, name="load-model", daemon=True).start()
+    return future
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class LlavaServer:
     def __init__(self, model_dir: str, settings: ServeSettings, model_name: str):
-        self.engine = GenerationEngine(model_dir)
         self.settings = settings
         self.model_name = model_name
         self.created = int(time.time())
+        self.loading = load_in_background(model_dir)
         # `@serve.batch` takes its limits at class definition; the workflow's settings replace them per deployment.
         self.generate_batch.set_max_batch_size(settings.max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
+    def check_health(self) -> None:
+        # Serve calls this periodically; a replica whose model failed to load is replaced by a new one.
+        if self.loading.done() and self.loading.exception() is not None:
+            raise RuntimeError(f"the model failed to load: {self.loading.exception()!r}")
+
+    async def engine(self) -> GenerationEngine:
+        """The loaded engine; requests that arrive while it loads wait for it."""
+        try:
+            return await asyncio.wrap_future(self.loading)
+        except Exception as error:  # noqa: BLE001 - the replica will be replaced; the client may retry
+            raise unavailable(f"the model failed to load ({type(error).__name__}); retry shortly") from None
+
     @api.get("/health")
     async def health(self) -> dict:
         return {"status": "ok"}
+
+    @api.get("/ready")
+    async def ready(self) -> JSONResponse:
+        """200 once the model is loaded and answering; 503 while it loads (or if loading failed)."""
+        if self.loading.done() and self.loading.exception() is None:
+            return JSONResponse({"status": "ready", "model": self.model_name})
+        reason = "the model is loading" if not self.loading.done() else "the model failed to load"
+        return JSONResponse(error_body(reason, "server_error", code="not_ready"), status_code=503)
 
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
@@ -87,14 +143,52 @@ class LlavaServer:
         return protocol.model_card(self.model_name, self.created)
 
     @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> JSONResponse:
+    async def chat_completions(self, request: Request):
         self.authorize(request)
-        body = await read_json(request)
+        body = await read_json(request, self.settings.max_body_bytes)
+        engine = await self.engine()
         # Image decoding and tokenizing are CPU work; a thread keeps the event loop free to accept other requests.
-        generation_request = await asyncio.to_thread(self.validate, body)
-        completion, batch_size = await self.generate_batch(generation_request)
-        return JSONResponse(protocol.chat_completion_body(completion, self.model_name),
-                            headers={BATCH_SIZE_HEADER: str(batch_size)})
+        chat, generation_request = await asyncio.to_thread(self.validate, engine, body)
+        events = self.answer_events(generation_request)
+        try:
+            # Wait for the first step before answering, so a failure before any text is an ordinary error response.
+            first, batch_size = await anext(events)
+        except BaseException:
+            generation_request.cancelled.set()
+            raise
+        headers = {BATCH_SIZE_HEADER: str(batch_size)}
+        if chat.stream:
+            return StreamingResponse(self.stream(chat, generation_request, first, events),
+                                     media_type="text/event-stream", headers=headers)
+        try:
+            collected = [first] + [event async for event, _ in events]
+        finally:
+            generation_request.cancelled.set()
+        return JSONResponse(protocol.chat_completion_body(completion_from_events(collected), self.model_name),
+                            headers=headers)
+
+    async def stream(self, chat: protocol.ChatRequest, generation_request: GenerationRequest, first: StreamEvent,
+                     events: AsyncIterator) -> AsyncIterator[str]:
+        writer = protocol.ChunkWriter(self.model_name, chat.include_usage)
+        try:
+            yield writer.start() + writer.event(first)
+            async for event, _ in events:
+                yield writer.event(event)
+        except Exception as error:  # noqa: BLE001 - the status line is sent already; say it in the stream
+            log.exception("streaming failed")
+            yield writer.sse(error_body(f"internal server error: {type(error).__name__}", "server_error"))
+        finally:
+            # A client that went away cancels this generator; its row in the batch stops at the next step.
+            generation_request.cancelled.set()
+
+    async def answer_events(self, generation_request: GenerationRequest) -> AsyncIterator[tuple[StreamEvent, int]]:
+        """This request's events from its batch, up to and including the one with its finish_reason."""
+        async for item in self.generate_batch(generation_request):
+            if item is None:
+                continue
+            yield item
+            if item[0].finish_reason is not None:
+                return
 
     def authorize(self, request: Request) -> None:
         expected = self.settings.api_key
@@ -106,35 +200,67 @@ class LlavaServer:
         if not hmac.compare_digest(key.strip().encode(), expected.encode()):
             raise unauthorized("incorrect API key")
 
-    def validate(self, body) -> GenerationRequest:
+    def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatRequest, GenerationRequest]:
         chat = protocol.parse_chat_request(body, self.settings, self.model_name)
-        prompt_tokens = self.engine.count_prompt_tokens(chat.messages, len(chat.images))
-        return protocol.fit_to_context(chat, prompt_tokens, self.engine.context_length,
-                                       self.settings.default_max_tokens)
+        prompt_tokens = engine.count_prompt_tokens(chat.messages, len(chat.images))
+        return chat, protocol.fit_to_context(chat, prompt_tokens, engine.context_length,
+                                             self.settings.default_max_tokens)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
-    async def generate_batch(self, requests: list[GenerationRequest]) -> list[tuple[Completion, int]]:
+    async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
+        """Run one batch; after each decoding step yield, per request, `(event, batch size)`, None (nothing new)
+        or, once its answer is complete, the sentinel that ends its stream."""
+        engine = await self.engine()
+        loop = asyncio.get_running_loop()
+        steps: asyncio.Queue = asyncio.Queue()
+
+        def on_step(events: list[Optional[StreamEvent]]) -> None:  # called in the generation thread
+            loop.call_soon_threadsafe(steps.put_nowait, events)
+
         # Generation blocks for the whole batch; in a thread, the replica keeps taking requests for the next one.
-        completions = await asyncio.to_thread(self.engine.generate, requests)
-        return [(completion, len(requests)) for completion in completions]
+        job = asyncio.ensure_future(asyncio.to_thread(engine.run_batch, requests, on_step))
+        job.add_done_callback(lambda _: steps.put_nowait(None))
+        finished = [False] * len(requests)
+        while (events := await steps.get()) is not None:
+            results = []
+            for row, event in enumerate(events):
+                if finished[row]:
+                    results.append(StopAsyncIteration)
+                    continue
+                results.append(None if event is None else (event, len(requests)))
+                finished[row] = event is not None and event.finish_reason is not None
+            yield results
+        await job  # raises what generation raised, which fails every request of the batch
+
+
+def gpus_per_replica(settings: ServeSettings) -> float:
+    # Not set in the workflow: a replica takes one GPU when the cluster has any, else none.
+    if settings.gpus_per_replica is not None:
+        return settings.gpus_per_replica
+    return 1.0 if ray.cluster_resources().get("GPU", 0) >= 1 else 0.0
+
+
+def application(model_dir: str, settings: ServeSettings, model_name: str):
+    options = replica_options(settings, gpus_per_replica(settings))
+    return LlavaServer.options(**options).bind(model_dir, settings, model_name)
+
+
+def build_app(args: dict):
+    """The application builder a Ray Serve config names (`import_path: llava_core.serve.app:build_app`), as
+    `llava-ray serve --config-out` writes it: `args` holds `model_dir`, `model_name` and the `settings` mapping."""
+    settings = serve_settings_from_dict(args.get("settings") or {}, "args.settings")
+    model_dir = args["model_dir"]
+    return application(model_dir, settings, args.get("model_name") or settings.model_name
+                       or default_model_name(model_dir))
 
 
 def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
-    """Serve `model_dir` on the already-initialised Ray; returns the base URL once `/health` answers."""
+    """Serve `model_dir` on the already-initialised Ray; returns the base URL once the model answers (`/ready`)."""
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    deployment = LlavaServer.options(num_replicas=settings.num_replicas,
-                                     max_ongoing_requests=settings.max_ongoing_requests,
-                                     ray_actor_options=replica_resources())
-    serve.run(deployment.bind(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
+    serve.run(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
     url = f"http://{client_host(settings.host)}:{settings.port}"
-    wait_until_healthy(url)
+    wait_until_ready(url)
     return url
-
-
-def replica_resources() -> dict:
-    # ServeSettings has no resource fields: a replica takes one GPU when the cluster has any, else one CPU.
-    has_gpu = ray.cluster_resources().get("GPU", 0) >= 1
-    return {"num_cpus": 1, "num_gpus": 1} if has_gpu else {"num_cpus": 1}
 
 
 def shutdown() -> None:
@@ -146,16 +272,16 @@ def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
 
 
-def wait_until_healthy(url: str, timeout_s: float = 60.0) -> None:
+def wait_until_ready(url: str, timeout_s: float = 120.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
                 if response.status == 200:
                     return
         except (urllib.error.URLError, OSError):
             pass
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}/health did not answer within {timeout_s:.0f}s; if Serve was already running "
+            raise RuntimeError(f"{url}/ready did not answer within {timeout_s:.0f}s; if Serve was already running "
                                "with other HTTP options, call shutdown() first")
         time.sleep(0.2)

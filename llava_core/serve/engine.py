@@ -1,38 +1,32 @@
 """Generate answers for already-validated chat requests with the exported LLaVA model, several at a time.
 
 The engine knows nothing about HTTP: it takes chat-template messages (images as `{"type": "image"}` parts), the
-decoded images in the order they appear, and sampling settings, and runs them as one left-padded batch per group of
-compatible sampling settings. Prompts and images go through exactly the steps training and `llava_core.eval` use
-(chat template, pad-to-square with the processor's mean colour, `LlavaProcessor`), so a served answer is the answer
-the evaluation measured.
+decoded images in the order they appear, and sampling settings, and runs a batch of them as one left-padded
+`generate` call. Every request keeps its own sampling settings (`sampling.PerRequestSampler`), max_tokens and stop
+strings (`BatchProgress` ends each row on its own), and after every decoding step each request gets its new text
+(`answer_stream`), which is what streaming sends. Prompts and images go through exactly the steps training and
+`llava_core.eval` use (chat template, pad-to-square with the processor's mean colour, `LlavaProcessor`), so a served
+answer is the answer the evaluation measured.
 """
 from __future__ import annotations
 
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from PIL import Image
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from llava_core.data import images as image_ops
 from llava_core.model.build import IMAGE_TOKEN, load_llava
+from llava_core.serve.answer_stream import AnswerStream, StreamEvent
+from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
 
-# Dividing logits by a temperature this close to 0 overflows them to inf and the sampler fails on NaN probabilities;
-# the limit of sampling as the temperature goes to 0 is greedy decoding anyway.
-GREEDY_BELOW_TEMPERATURE = 1e-5
+__all__ = ["Completion", "GenerationEngine", "GenerationRequest", "SamplingSettings", "StreamEvent"]
 
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_tokens: int
-    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW_TEMPERATURE
+# Called after every decoding step with one entry per request: its new event, or None when it had already finished.
+StepCallback = Callable[[list[Optional[StreamEvent]]], None]
 
 
 @dataclass
@@ -40,6 +34,8 @@ class GenerationRequest:
     messages: list[dict]  # chat-template messages; each image is a {"type": "image"} part
     images: list[Image.Image] = field(default_factory=list)  # decoded, in the order their parts appear
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=64))
+    # Set when nobody waits for the answer any more (the client went away): its row stops at the next step.
+    cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
 
 @dataclass
@@ -50,27 +46,32 @@ class Completion:
     completion_tokens: int
 
 
-def sampling_group_key(request: GenerationRequest, index: int) -> tuple:
-    """Requests with equal keys can share one `generate` call (max_tokens and stop are applied per row afterwards)."""
-    sampling = request.sampling
-    if sampling.greedy:
-        return ("greedy",)
-    if sampling.seed is not None:
-        # A seeded request runs alone: its draws would otherwise depend on which requests shared its batch.
-        return ("seeded", index)
-    return ("sampled", sampling.temperature, sampling.top_p)
+def completion_from_events(events: list[StreamEvent]) -> Completion:
+    last = events[-1]
+    return Completion("".join(e.delta for e in events), last.finish_reason, last.prompt_tokens,
+                      last.completion_tokens)
 
 
-def group_by_sampling(requests: list[GenerationRequest]) -> list[list[int]]:
-    groups: dict[tuple, list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault(sampling_group_key(request, index), []).append(index)
-    return list(groups.values())
+class BatchProgress(StoppingCriteria):
+    """Feeds each step's new tokens to the requests' answer streams and ends each row when its answer is done."""
 
+    def __init__(self, streams: list[AnswerStream], requests: list[GenerationRequest], on_step: StepCallback):
+        self.streams = streams
+        self.requests = requests
+        self.on_step = on_step
 
-def first_stop_position(text: str, stops: tuple[str, ...]) -> Optional[int]:
-    positions = [text.find(stop) for stop in stops if stop and stop in text]
-    return min(positions) if positions else None
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        events: list[Optional[StreamEvent]] = []
+        for stream, request, token in zip(self.streams, self.requests, input_ids[:, -1].tolist()):
+            if stream.done:
+                events.append(None)
+            elif request.cancelled.is_set():
+                stream.finish("cancelled")
+                events.append(None)
+            else:
+                events.append(stream.push(token))
+        self.on_step(events)
+        return torch.tensor([s.done for s in self.streams], dtype=torch.bool, device=input_ids.device)
 
 
 class GenerationEngine:
@@ -114,33 +115,40 @@ class GenerationEngine:
             text_tokens = len(self.tokenizer(prompt)["input_ids"])
         return text_tokens + n_images * (self.tokens_per_image - 1)
 
-    @torch.inference_mode()
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """One completion per request, in order."""
-        completions: list[Optional[Completion]] = [None] * len(requests)
-        for indices in group_by_sampling(requests):
-            group = [requests[i] for i in indices]
-            for index, completion in zip(indices, self._generate_group(group)):
-                completions[index] = completion
-        return completions
+        events: list[list[StreamEvent]] = [[] for _ in requests]
 
-    def _generate_group(self, group: list[GenerationRequest]) -> list[Completion]:
-        inputs = self._batch_inputs(group)
-        sampling = group[0].sampling  # equal for the whole group, apart from max_tokens and stop
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        output = self.model.generate(
-            **inputs,
-            max_new_tokens=max(r.sampling.max_tokens for r in group),
-            pad_token_id=self.tokenizer.pad_token_id,
-            **self._sampling_kwargs(sampling),
-        )
-        prompt_width = inputs["input_ids"].shape[1]
+        def collect(step: list[Optional[StreamEvent]]) -> None:
+            for row, event in enumerate(step):
+                if event is not None:
+                    events[row].append(event)
+
+        self.run_batch(requests, collect)
+        return [completion_from_events(row) for row in events]
+
+    @torch.inference_mode()
+    def run_batch(self, requests: list[GenerationRequest], on_step: StepCallback) -> None:
+        """Generate for all `requests` in one left-padded batch, reporting every step's new text to `on_step`.
+
+        Each request's last event has its `finish_reason` and token counts."""
+        inputs = self._batch_inputs(requests)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        return [
-            self._completion(output[row, prompt_width:].tolist(), request.sampling, int(prompt_lengths[row]))
-            for row, request in enumerate(group)
-        ]
+        streams = [AnswerStream(r.sampling, int(length), self.eos_token_ids, self._decode)
+                   for r, length in zip(requests, prompt_lengths)]
+        progress = BatchProgress(streams, requests, on_step)
+        self.model.generate(
+            **inputs,
+            max_new_tokens=max(r.sampling.max_tokens for r in requests),
+            pad_token_id=self.tokenizer.pad_token_id,
+            # Sampled rows pick their token in the sampler and leave only it possible, so argmax keeps it.
+            do_sample=False,
+            logits_processor=LogitsProcessorList([PerRequestSampler([r.sampling for r in requests])]),
+            stopping_criteria=StoppingCriteriaList([progress]),
+        )
+        leftovers = [None if s.done else s.finish("length") for s in streams]
+        if any(event is not None for event in leftovers):  # generate stopped first (a model-wide length limit)
+            on_step(leftovers)
 
     def _batch_inputs(self, group: list[GenerationRequest]) -> dict:
         prompts = [self.render_prompt(r.messages) for r in group]
@@ -149,39 +157,6 @@ class GenerationEngine:
         with self._tokenizer_lock:
             inputs = self.processor(images=pictures or None, text=prompts, padding=True, return_tensors="pt")
         return inputs.to(self.device)
-
-    @staticmethod
-    def _sampling_kwargs(sampling: SamplingSettings) -> dict:
-        if sampling.greedy:
-            return {"do_sample": False}
-        # top_k=0 switches off transformers' default top-k of 50, which the OpenAI API does not have.
-        return {"do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": 0}
-
-    def _completion(self, new_tokens: list[int], sampling: SamplingSettings, prompt_tokens: int) -> Completion:
-        tokens, finish_reason, generated = self._cut_at_end_of_sequence(new_tokens, sampling.max_tokens)
-        text = self._decode(tokens)
-        stop_at = first_stop_position(text, sampling.stop)
-        if stop_at is not None:
-            text, finish_reason = text[:stop_at], "stop"
-            generated = self._tokens_until_stop(tokens, sampling.stop)
-        # LLaVA's own serving strips the answer; the evaluation does too, so served and scored answers agree.
-        return Completion(text.strip(), finish_reason, prompt_tokens, generated)
-
-    def _cut_at_end_of_sequence(self, new_tokens: list[int], max_tokens: int) -> tuple[list[int], str, int]:
-        """The answer's tokens, why it ended, and how many tokens were generated (the end-of-sequence one counts)."""
-        for position, token in enumerate(new_tokens[:max_tokens]):
-            if token in self.eos_token_ids:
-                return new_tokens[:position], "stop", position + 1
-        # The group ran to its longest max_tokens; a row that asked for fewer is cut to its own limit.
-        tokens = new_tokens[:max_tokens]
-        return tokens, "length", len(tokens)
-
-    def _tokens_until_stop(self, tokens: list[int], stops: tuple[str, ...]) -> int:
-        """Tokens generated up to the one that completed a stop string: what a server stopping early would count."""
-        for count in range(1, len(tokens) + 1):
-            if first_stop_position(self._decode(tokens[:count]), stops) is not None:
-                return count
-        return len(tokens)
 
     def _decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:

@@ -8,8 +8,9 @@ class ApiError(Exception):
     """A request the server refuses; becomes `{"error": {"message", "type", "param", "code"}}` with `status`."""
 
     def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None,
-                 error_type: str = "invalid_request_error"):
+                 error_type: str = "invalid_request_error", headers: Optional[dict] = None):
         super().__init__(message)
+        self.headers = headers
         self.status = status
         self.message = message
         self.param = param
@@ -34,3 +35,12 @@ def model_not_found(name: str) -> ApiError:
 
 def unauthorized(message: str) -> ApiError:
     return ApiError(401, message, None, "invalid_api_key")
+
+
+def payload_too_large(size: int, limit: int) -> ApiError:
+    return ApiError(413, f"the request body is {size} bytes or more, over this server's limit of {limit} bytes",
+                    None, "request_too_large")
+
+
+def unavailable(message: str) -> ApiError:
+    return ApiError(503, message, None, "service_unavailable", "server_error", headers={"Retry-After": "1"})

@@ -1,4 +1,5 @@
-"""Turn an `image_url` part's URL into a checked PIL image, or a 400 that says what is wrong with it."""
+"""Turn an `image_url` part's URL (inline `data:` or an allowed http(s) host) into a checked PIL image, or a 400 that
+says what is wrong with it."""
 from __future__ import annotations
 
 import base64
@@ -7,9 +8,11 @@ import re
 
 from PIL import Image
 
+from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
 from llava_core.data.images import decode_image
 from llava_core.serve.errors import bad_request
+from llava_core.serve.image_fetch import fetch_image_bytes
 
 DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[\w.+-]+)*);base64,(?P<data>.*)",
                       re.DOTALL)
@@ -22,7 +25,15 @@ MESSAGES_FOR_REASON = {
 }
 
 
-def image_from_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Image.Image:
+def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image:
+    if url.strip().lower().startswith(("http://", "https://")):
+        data = fetch_image_bytes(url.strip(), settings, param)
+    else:
+        data = data_url_bytes(url, settings.max_image_bytes, param)
+    return checked_image(data, settings.max_image_pixels, param)
+
+
+def data_url_bytes(url: str, max_bytes: int, param: str) -> bytes:
     # Whitespace is common in pasted base64 (line-wrapped `base64` output) and means nothing.
     encoded = "".join(base64_payload(url, param).split())
     # Refuse oversized payloads from their length (4 characters per 3 bytes), before spending memory on decoding.
@@ -32,6 +43,10 @@ def image_from_url(url: str, max_bytes: int, max_pixels: int, param: str) -> Ima
     if len(data) > max_bytes:
         raise bad_request(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
                           "image_too_large")
+    return data
+
+
+def checked_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
     try:
         return decode_image(data, max_pixels)
     except RowError as error:
@@ -49,12 +64,10 @@ def image_error(error: RowError, param: str):
 
 
 def base64_payload(url: str, param: str) -> str:
-    if url.startswith(("http://", "https://")):
-        raise bad_request("image URLs over http(s) are not supported yet; send the image inline as a "
-                          "data:image/...;base64,... URL", param, "unsupported_image_url")
     match = DATA_URL.fullmatch(url.strip())
     if not match:
-        raise bad_request("image_url.url must be a data:image/...;base64,... URL", param, "invalid_image_url")
+        raise bad_request("image_url.url must be a data:image/...;base64,... URL (or an http(s) URL of an allowed "
+                          "host)", param, "invalid_image_url")
     mime = match.group("mime")
     if mime is not None and not mime.startswith("image/"):
         raise bad_request(f"the data URL's media type is {mime}, not an image type", param, "invalid_image_url")

@@ -5,6 +5,7 @@ field (`messages[0].content[1].image_url`): a bad request must never fail the ba
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -14,6 +15,7 @@ from PIL import Image
 
 from llava_core.config import ServeSettings
 from llava_core.model.build import IMAGE_TOKEN
+from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.engine import Completion, GenerationRequest, SamplingSettings
 from llava_core.serve.errors import bad_request, model_not_found
 from llava_core.serve.image_input import image_from_url
@@ -29,13 +31,16 @@ class ChatRequest:
     images: list[Image.Image]
     sampling: SamplingSettings  # max_tokens is a placeholder until `fit_to_context` has seen the prompt's length
     requested_max_tokens: Optional[int]  # None when the client left it to the server
+    stream: bool = False
+    include_usage: bool = False  # streaming only: end with a chunk that carries `usage`
 
 
 def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     check_model(body.get("model"), model_name)
-    check_unsupported_options(body)
+    check_n(body)
+    stream, include_usage = stream_options(body)
     # Cheap checks first: a wrong max_tokens should not cost decoding the images.
     sampling, max_tokens = parse_sampling(body), requested_max_tokens(body, settings)
     raw_messages = body.get("messages")
@@ -46,7 +51,7 @@ def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> C
     messages = [parse_message(m, f"messages[{i}]", images, settings) for i, m in enumerate(raw_messages)]
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
-    return ChatRequest(messages, images, sampling, max_tokens)
+    return ChatRequest(messages, images, sampling, max_tokens, stream, include_usage)
 
 
 def check_model(name: Any, model_name: str) -> None:
@@ -56,9 +61,23 @@ def check_model(name: Any, model_name: str) -> None:
         raise model_not_found(name)
 
 
-def check_unsupported_options(body: dict) -> None:
-    if body.get("stream"):
-        raise bad_request("stream is not supported yet", "stream")
+def stream_options(body: dict) -> tuple[bool, bool]:
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise bad_request("stream must be a boolean", "stream")
+    options = body.get("stream_options")
+    if options is None:
+        return stream, False
+    if not stream:
+        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise bad_request("stream_options must be an object like {\"include_usage\": true}", "stream_options")
+    return stream, options.get("include_usage", False)
+
+
+def check_n(body: dict) -> None:
     n = body.get("n")
     if n is not None and (not is_int(n) or n != 1):
         raise bad_request("only n=1 is supported", "n")
@@ -108,8 +127,7 @@ def parse_part(part: Any, where: str, role: str, images: list, settings: ServeSe
     if kind == "image_url":
         if role != "user":
             raise bad_request(f"{where}: images are only accepted in user messages", where)
-        images.append(image_from_url(image_url_of(part, where), settings.max_image_bytes,
-                                     settings.max_image_pixels, f"{where}.image_url"))
+        images.append(image_from_url(image_url_of(part, where), settings, f"{where}.image_url"))
         return {"type": "image"}
     raise bad_request(f"{where}.type: unknown content part type {kind!r}; expected 'text' or 'image_url'",
                       f"{where}.type")
@@ -196,9 +214,13 @@ def is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
 def chat_completion_body(completion: Completion, model_name: str) -> dict:
     return {
-        "id": f"chatcmpl-{uuid.uuid4().hex}",
+        "id": completion_id(),
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model_name,
@@ -208,12 +230,50 @@ def chat_completion_body(completion: Completion, model_name: str) -> dict:
             "finish_reason": completion.finish_reason,
             "logprobs": None,
         }],
-        "usage": {
-            "prompt_tokens": completion.prompt_tokens,
-            "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-        },
+        "usage": usage_body(completion.prompt_tokens, completion.completion_tokens),
     }
+
+
+def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+class ChunkWriter:
+    """One streamed answer as server-sent events in OpenAI's `chat.completion.chunk` format: a first chunk with
+    the role, one chunk per text delta, a chunk with `finish_reason`, a `usage` chunk with no choices when the client
+    asked for it (`stream_options.include_usage`, as OpenAI does), then `data: [DONE]`."""
+
+    def __init__(self, model_name: str, include_usage: bool):
+        self.id, self.created, self.model = completion_id(), int(time.time()), model_name
+        self.include_usage = include_usage
+
+    def start(self) -> str:
+        return self.chunk({"role": "assistant", "content": ""})
+
+    def event(self, event: StreamEvent) -> str:
+        text = self.chunk({"content": event.delta}) if event.delta else ""
+        if event.finish_reason is None:
+            return text
+        text += self.chunk({}, event.finish_reason)
+        if self.include_usage:
+            text += self.sse({**self.envelope([]), "usage": usage_body(event.prompt_tokens, event.completion_tokens)})
+        return text + "data: [DONE]\n\n"
+
+    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        body = self.envelope([choice])
+        if self.include_usage:
+            body["usage"] = None  # OpenAI's chunks say `usage: null` until the last one
+        return self.sse(body)
+
+    def envelope(self, choices: list) -> dict:
+        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
+                "choices": choices}
+
+    @staticmethod
+    def sse(body: dict) -> str:
+        return f"data: {json.dumps(body)}\n\n"
 
 
 def models_body(model_name: str, created: int) -> dict:

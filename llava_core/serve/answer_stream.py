@@ -1,0 +1,93 @@
+"""One request's generated tokens become text, step by step: what a streaming client receives as deltas is, joined,
+exactly the non-streaming answer.
+
+Both kinds of request go through this class. It ends the answer at the end-of-sequence token, at the first stop
+string or at max_tokens, and holds back text that may still change: a trailing partial UTF-8 character, a suffix that
+could be the start of a stop string, and whitespace at either end (the answer is stripped, as LLaVA's own serving and
+the evaluation do).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from llava_core.serve.sampling import SamplingSettings
+
+# What decoding shows for the first bytes of a character split over tokens; at the end of the text it may still
+# become a real character with the next token.
+INCOMPLETE_CHARACTER = "\ufffd"
+
+
+@dataclass
+class StreamEvent:
+    """What one request gets from one decoding step; `finish_reason` is set on its last event only."""
+    delta: str
+    finish_reason: Optional[str] = None  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+def first_stop_position(text: str, stops: tuple[str, ...]) -> Optional[int]:
+    positions = [text.find(stop) for stop in stops if stop and stop in text]
+    return min(positions) if positions else None
+
+
+def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that a stop string starts with: it may yet become a stop."""
+    longest = 0
+    for stop in stops:
+        for length in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:length]):
+                longest = length
+                break
+    return longest
+
+
+class AnswerStream:
+    def __init__(self, sampling: SamplingSettings, prompt_tokens: int, eos_token_ids: set[int],
+                 decode: Callable[[list[int]], str]):
+        self.sampling = sampling
+        self.prompt_tokens = prompt_tokens
+        self.eos_token_ids = eos_token_ids
+        self.decode = decode
+        self.tokens: list[int] = []
+        self.generated = 0  # tokens the model produced for this answer, an end-of-sequence token included
+        self.sent = ""  # text already handed out
+        self.finish_reason: Optional[str] = None
+        self.text = ""  # the answer so far, cut at a stop string
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    def push(self, token: int) -> StreamEvent:
+        """Take the next generated token; the event carries whatever text became certain."""
+        self.generated += 1
+        if token in self.eos_token_ids:
+            return self.finish("stop")
+        self.tokens.append(token)
+        self.text = self.decode(self.tokens)
+        stop_at = first_stop_position(self.text, self.sampling.stop)
+        if stop_at is not None:
+            self.text = self.text[:stop_at]
+            return self.finish("stop")
+        if self.generated >= self.sampling.max_tokens:
+            return self.finish("length")
+        return StreamEvent(self.take(self.settled_text()))
+
+    def finish(self, reason: str) -> StreamEvent:
+        self.finish_reason = reason
+        return StreamEvent(self.take(self.text.strip()), reason, self.prompt_tokens, self.generated)
+
+    def settled_text(self) -> str:
+        text = self.text.lstrip()
+        text = text[:len(text) - stop_prefix_length(text, self.sampling.stop)]
+        return text.rstrip(INCOMPLETE_CHARACTER).rstrip()
+
+    def take(self, text: str) -> str:
+        """The part of `text` not sent yet. Text already sent cannot be taken back: should decoding ever revise it,
+        the delta waits until the text agrees with what was sent again."""
+        if not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta

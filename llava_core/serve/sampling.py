@@ -1,0 +1,72 @@
+"""Per-request sampling inside one batched `generate` call.
+
+`generate` applies one temperature and one top-p to a whole batch. To let every request keep its own settings (and
+a seeded request its own random stream, whoever shares its batch), the sampling happens here, in a logits
+processor: each sampled row draws its token with its own `torch.Generator` and leaves only that token possible, so
+`generate` can run greedy (argmax) for the whole batch. Greedy rows pass through untouched, which keeps them
+identical to plain greedy `generate`.
+"""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from transformers import LogitsProcessor
+
+# Dividing logits by a temperature this close to 0 overflows them to inf and the sampler fails on NaN probabilities;
+# the limit of sampling as the temperature goes to 0 is greedy decoding anyway.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    max_tokens: int
+    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: Optional[int] = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+
+class PerRequestSampler(LogitsProcessor):
+    """Draws each sampled row's next token with that row's temperature, top-p and random generator."""
+
+    def __init__(self, settings: list[SamplingSettings]):
+        self.settings = settings
+        self.generators = [None if s.greedy else new_generator(s.seed) for s in settings]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, (sampling, generator) in enumerate(zip(self.settings, self.generators)):
+            if generator is None:
+                continue
+            token = draw(scores[row], sampling.temperature, sampling.top_p, generator)
+            scores[row] = float("-inf")
+            scores[row, token] = 0.0
+        return scores
+
+
+def new_generator(seed: Optional[int]) -> torch.Generator:
+    generator = torch.Generator()  # on the CPU: draws do not depend on the accelerator
+    generator.manual_seed(seed if seed is not None else secrets.randbits(63))
+    return generator
+
+
+def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
+    probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if top_p < 1.0:
+        probs = nucleus(probs, top_p)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the most likely tokens whose probabilities add up to top_p (the one that crosses it included)."""
+    sorted_probs, order = torch.sort(probs, descending=True)
+    before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability mass ranked above each token
+    sorted_probs[before >= top_p] = 0.0
+    kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return kept / kept.sum()
