@@ -6,6 +6,7 @@ again goes straight to what changed; a changed setting reruns that stage and eve
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -54,6 +55,8 @@ def _train(ctx: RunContext, stage_name: str, init_from: str | None) -> dict:
     from llava_core.train.trainer import run_training_stage
 
     stage = getattr(ctx.workflow, stage_name)
+    if stage.init_projector:  # workers run elsewhere: relative paths must be absolute
+        stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     shards = manifest["datasets"][stage.dataset]["shards"]
     run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
@@ -69,6 +72,8 @@ def stage_align(ctx: RunContext) -> dict:
 
 
 def stage_instruct(ctx: RunContext) -> dict:
+    if ctx.workflow.instruct.init_projector:  # an official mm_projector.bin replaces this run's align output
+        return _train(ctx, "instruct", init_from=None)
     aligned = storage.local_copy(storage.join(ctx.stage_dir("align"), "model"), ctx.cache_dir)
     return _train(ctx, "instruct", init_from=aligned)
 
@@ -76,7 +81,12 @@ def stage_instruct(ctx: RunContext) -> dict:
 def stage_export(ctx: RunContext) -> dict:
     from llava_core.model.export import export_hf
 
-    return export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
+    metrics = export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
+    adapter = storage.join(ctx.stage_dir("instruct"), "adapter")
+    if storage.exists(storage.join(adapter, "adapter_config.json")):  # LoRA: the adapter alone, beside the merge
+        storage.copy_dir(adapter, storage.join(ctx.stage_dir("export"), "adapter"))
+        metrics["adapter"] = storage.join(ctx.stage_dir("export"), "adapter")
+    return metrics
 
 
 def stage_evaluate(ctx: RunContext) -> dict:

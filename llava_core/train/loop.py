@@ -6,6 +6,7 @@ step counter from the last checkpoint Ray Train hands back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -17,8 +18,9 @@ import ray.train
 import torch
 
 from llava_core import storage
+from llava_core.model.lora import is_peft, llava_of, merged_state_dict, save_adapter
 from llava_core.train.batching import BatchPlan, collate, load_examples
-from llava_core.train.freeze import set_trainable
+from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
 
 DS_TAG = "deepspeed"
 
@@ -36,34 +38,54 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
 
 
 def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
+    zero = {"stage": stage["zero_stage"]}
+    if stage["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if stage["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
         "train_batch_size": stage["global_batch_size"],
         "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": stage["max_grad_norm"],
-        "zero_optimization": {"stage": stage["zero_stage"]},
-        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},  # CPU kernels are fp32: bf16 there is slower
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def build_optimizer(groups: list[dict], stage: dict, use_gpu: bool):
+    """torch AdamW; with optimizer offload on a GPU, DeepSpeed's CPU Adam (torch's is far slower on CPU state)."""
+    groups = [{k: v for k, v in g.items() if k != "part"} for g in groups]
+    if stage["offload_optimizer"] and use_gpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    return torch.optim.AdamW(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
+
+
 def build_model(config: dict):
     from llava_core.model.build import assemble_llava, load_llava
 
-    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector
+    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector (and LoRA)
     if config["init_from"]:
         model, processor = load_llava(config["init_from"])
     else:
         model, processor = assemble_llava(config["vision_path"], config["llm_path"])
+    if config["stage"]["init_projector"]:
+        from llava_core.model.build import load_official_projector
+
+        load_official_projector(model, config["stage"]["init_projector"])
     return model, processor
 
 
 def keep_projector_in_graph(model, loss: torch.Tensor) -> torch.Tensor:
     """Text-only micro-batches never touch the projector; add it with weight 0 so every rank's backward covers the
     same parameters (otherwise ZeRO's gradient reduction waits for a rank that never sends)."""
-    projector = model.model.multi_modal_projector
+    projector = llava_of(model).model.multi_modal_projector
     dummy = torch.zeros(1, projector.linear_1.in_features, dtype=loss.dtype, device=loss.device)
     return loss + 0.0 * projector(dummy).sum()
 
@@ -77,9 +99,9 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
     model, processor = build_model(config)
-    parts = set_trainable(model, stage["trainable"])
+    model = apply_stage_training(model, stage["trainable"], stage["lora"])
     if stage["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(config["shards"])
     grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
     plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"])
@@ -88,8 +110,9 @@ def train_loop_per_worker(config: dict) -> None:
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"])
+    parts = describe_training(model, groups)
+    optimizer = build_optimizer(groups, stage, config["use_gpu"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, stage["warmup_ratio"]))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
@@ -124,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0 and ((step + 1) % stage["log_every"] == 0 or is_last or step == start_step):
             print_progress(config["stage_name"], record, total_steps, config["start_time"])
         if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
-            save_and_report(engine, processor, step + 1, total_steps, history, rank, config, is_last)
+            save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
 
 
 def step_metrics(engine, scheduler, losses, window, step, world) -> dict:
@@ -164,8 +187,8 @@ def print_progress(stage_name: str, record: dict, total_steps: int, start_time: 
 
 
 def log_start(config, parts, total_steps, start_step, plan) -> None:
-    trained = {k: v["parameters"] for k, v in parts.items() if v["trainable"]}
-    frozen = {k: v["parameters"] for k, v in parts.items() if not v["trainable"]}
+    trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
+    frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
     say(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
         f"{plan.global_batch_size} samples ({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
@@ -182,25 +205,46 @@ def restore(engine) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
-def save_and_report(engine, processor, step, total_steps, history, rank, config, is_last) -> None:
+def save_and_report(engine, processor, step, total_steps, history, parts, rank, config, is_last) -> None:
     """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only."""
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
         if rank == 0:
             with open(os.path.join(directory, "train_state.json"), "w") as f:
                 json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
-            if is_last:
-                write_stage_output(engine.module, processor, history, config["output_dir"])
+        if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
+            write_stage_output(engine.module, processor, history, parts, config, rank)
         last = history[-1]
         ray.train.report({"step": step, "loss": last["loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def write_stage_output(model, processor, history, output_dir: str) -> None:
-    """The stage's hand-off: a complete HF LLaVA directory plus its metrics (ZeRO-2: rank 0 holds every weight)."""
-    with tempfile.TemporaryDirectory() as local:
-        model.save_pretrained(os.path.join(local, "model"))
-        processor.save_pretrained(os.path.join(local, "model"))
-        with open(os.path.join(local, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-        storage.copy_dir(local, output_dir)
+def gathered(model, zero_stage: int):
+    """Full weights on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights everywhere)."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def write_stage_output(model, processor, history, parts, config, rank) -> None:
+    """The stage's hand-off: a complete HF LLaVA directory (LoRA merged in), the adapter alone when LoRA trained,
+    `trainable.json` and the metrics. Written by global rank 0."""
+    with gathered(model, config["stage"]["zero_stage"]):
+        if rank != 0:
+            return
+        with tempfile.TemporaryDirectory() as local:
+            base = llava_of(model)
+            if is_peft(model):
+                state = merged_state_dict(model)
+                save_adapter(model, os.path.join(local, "adapter"))
+            else:
+                state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            base.save_pretrained(os.path.join(local, "model"), state_dict=state)
+            processor.save_pretrained(os.path.join(local, "model"))
+            with open(os.path.join(local, "trainable.json"), "w") as f:
+                json.dump(parts, f, indent=1)
+            with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
+            storage.copy_dir(local, config["output_dir"])
