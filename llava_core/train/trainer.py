@@ -24,7 +24,8 @@ def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
 
 
 def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
-                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None) -> dict:
+                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None,
+                       test_hooks: dict | None = None) -> dict:
     """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`."""
     loop_config = {
         "stage_name": stage_name,
@@ -36,6 +37,8 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
         "init_from": init_from,
         "output_dir": stage_dir,
         "start_time": time.time(),
+        "peak_tflops_per_worker": scaling.peak_tflops_per_worker,
+        "test_hooks": test_hooks,  # tests only: progress file and a pause after a checkpoint (see loop.TestHooks)
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
