@@ -60,8 +60,9 @@ def _train(ctx: RunContext, stage_name: str, init_from: str | None) -> dict:
         stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     shards = manifest["datasets"][stage.dataset]["shards"]
+    # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
     run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
-                       ctx.vision_path, ctx.llm_path, init_from)
+                       ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}")
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):

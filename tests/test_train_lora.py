@@ -118,3 +118,34 @@ def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path)
     torch.save({"model.mm_projector.weight": official["model.mm_projector.0.weight"]}, path)  # LLaVA-1.0 linear
     with pytest.raises(ValueError, match="mm_projector.0/2"):
         load_official_projector(model, path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"zero_stage": 4}, "zero_stage"),
+    ({"offload_params": True}, "needs zero_stage 3"),
+    ({"lora": {"r": 8}, "trainable": ["projector"]}, "add 'llm'"),
+    ({"lora": {"target_modules": ["lm_head"]}}, "target_modules"),
+    ({"sampling": "by_length"}, "sampling"),
+    ({"init_projector": "mm_projector.bin"}, "only the instruct stage"),
+])
+def test_bad_training_settings_are_rejected_before_anything_runs(settings, message):
+    from llava_core.config import WorkflowError, _build, Workflow, validate
+
+    data = {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
+            "align": {"dataset": "align", "global_batch_size": 32, "micro_batch_size": 16, **settings}}
+    if "lora" in settings and "trainable" not in settings:
+        data["align"]["trainable"] = ["projector", "llm"]
+    with pytest.raises(WorkflowError, match=message):
+        validate(_build(Workflow, data, ""))
+
+
+def test_llava_15_lora_settings_are_accepted():
+    from llava_core.config import _build, Workflow, validate
+
+    w = _build(Workflow, {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
+                          "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"], "lora": {},
+                                       "lr": 2e-4, "projector_lr": 2e-5,
+                                       "zero_stage": 3, "offload_params": True, "offload_optimizer": True,
+                                       "sampling": "modality_grouped", "init_projector": "mm_projector.bin"}}, "")
+    validate(w)
+    assert (w.instruct.lora.r, w.instruct.lora.alpha, len(w.instruct.lora.target_modules)) == (128, 256, 7)
