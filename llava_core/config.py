@@ -17,6 +17,9 @@ from typing import Any, Optional
 import yaml
 
 TRAINABLE_PARTS = ("projector", "llm", "vision")
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every LLaMA Linear
+SAMPLING = ("random", "length_grouped", "modality_grouped")
+TRACKERS = ("", "mlflow", "wandb")
 
 
 class WorkflowError(ValueError):
@@ -29,6 +32,7 @@ class ScalingSettings:
     use_gpu: bool = False
     cpus_per_worker: float = 1
     gpus_per_worker: float = 1  # only read when use_gpu is true
+    peak_tflops_per_worker: Optional[float] = None  # for MFU; None: known GPUs (H100, A100, ...) or no MFU
 
 
 @dataclass
@@ -81,6 +85,15 @@ class PrepareSettings:
 
 
 @dataclass
+class LoraSettings:
+    """LoRA on the LLM's Linear layers only (never projector, vision tower or lm_head). LLaVA-1.5: r=128, alpha=256."""
+    r: int = 128
+    alpha: int = 256
+    dropout: float = 0.05
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+
+
+@dataclass
 class TrainStageSettings:
     dataset: str = ""  # a key of `datasets`
     trainable: list = field(default_factory=lambda: ["projector"])  # any of projector, llm, vision
@@ -88,17 +101,26 @@ class TrainStageSettings:
     global_batch_size: int = 128
     micro_batch_size: int = 16
     lr: float = 2e-5
+    projector_lr: Optional[float] = None  # None: same as lr (LLaVA-1.5 LoRA: lr 2e-4, projector 2e-5)
+    lora: Optional[LoraSettings] = None  # set (even `lora: {}`) to train LoRA adapters instead of the whole LLM
+    init_projector: str = ""  # instruct only: an official LLaVA mm_projector.bin to start from instead of align
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     zero_stage: int = 2
+    offload_optimizer: bool = False  # ZeRO 2/3: optimizer state in CPU memory
+    offload_params: bool = False  # ZeRO 3 only: parameters in CPU memory
     bf16: bool = True  # only on GPU; CPU training runs in fp32
     gradient_checkpointing: bool = False
+    sampling: str = "random"  # random | length_grouped | modality_grouped (LLaVA-1.5 instruct)
+    packing: bool = False  # several samples per row (no attention across them); micro_batch_size counts rows
+    pack_length: int = 0  # tokens per packed row; 0: the longest sample
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the stage fails
     log_every: int = 10
     seed: int = 0
+    tracking: str = ""  # "", "mlflow" (MLFLOW_TRACKING_URI) or "wandb" (WANDB_PROJECT); TensorBoard is always on
 
 
 EVAL_LAYOUTS = ("llava", "vqa", "pope", "choice")
@@ -391,9 +413,7 @@ def validate(w: Workflow) -> None:
             raise WorkflowError(
                 f"{stage_name}.global_batch_size: {stage.global_batch_size} is not divisible by scaling.num_workers "
                 f"x {stage_name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number")
-        if stage.zero_stage not in (0, 1, 2):
-            raise WorkflowError(f"{stage_name}.zero_stage: {stage.zero_stage} is not supported yet; use 0, 1 or 2 "
-                                f"(ZeRO-3 needs a gathered export, not built yet)")
+        validate_train_stage(stage_name, stage)
     if w.prepare.too_long not in ("reject", "truncate"):
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
@@ -433,6 +453,32 @@ def validate_evaluate(e: EvaluateSettings) -> None:
                                 "see its /v1/models)")
         if e.endpoint.concurrency < 1:
             raise WorkflowError(f"evaluate.endpoint.concurrency: {e.endpoint.concurrency} must be at least 1")
+
+
+def validate_train_stage(name: str, stage: TrainStageSettings) -> None:
+    if stage.zero_stage not in (0, 1, 2, 3):
+        raise WorkflowError(f"{name}.zero_stage: {stage.zero_stage} is not a DeepSpeed ZeRO stage; use 0, 1, 2 or 3")
+    if stage.offload_params and stage.zero_stage != 3:
+        raise WorkflowError(f"{name}.offload_params: needs zero_stage 3 (ZeRO 1/2 keep parameters on the device)")
+    if stage.offload_optimizer and stage.zero_stage not in (1, 2, 3):
+        raise WorkflowError(f"{name}.offload_optimizer: needs zero_stage 1, 2 or 3")
+    if stage.sampling not in SAMPLING:
+        raise WorkflowError(f"{name}.sampling: {stage.sampling!r} is not one of {list(SAMPLING)}")
+    if stage.tracking not in TRACKERS:
+        raise WorkflowError(f"{name}.tracking: {stage.tracking!r} is not one of {list(TRACKERS)}")
+    if stage.lora is not None:
+        if "llm" not in stage.trainable:
+            raise WorkflowError(f"{name}.lora: LoRA trains the LLM; add 'llm' to {name}.trainable or remove lora")
+        bad = [m for m in stage.lora.target_modules if m not in LORA_TARGETS]
+        if bad or not stage.lora.target_modules:
+            raise WorkflowError(f"{name}.lora.target_modules: {bad or 'empty'}; choose from {list(LORA_TARGETS)}")
+        if stage.lora.r < 1 or not 0 <= stage.lora.dropout < 1:
+            raise WorkflowError(f"{name}.lora: r must be >= 1 and dropout in [0, 1)")
+    if stage.init_projector and name != "instruct":
+        raise WorkflowError(f"{name}.init_projector: only the instruct stage starts from an official projector")
+    if stage.packing and stage.sampling == "modality_grouped":
+        raise WorkflowError(f"{name}.packing: packs rows of any modality together; use sampling random or "
+                            f"length_grouped with packing")
 
 
 def settings_hash(*parts: Any) -> str:

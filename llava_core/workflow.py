@@ -6,6 +6,7 @@ again goes straight to what changed; a changed setting reruns that stage and eve
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from typing import Callable
 
 from llava_core import storage
 from llava_core.config import Workflow, WorkflowError, settings_hash
+from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,38 @@ def _train(ctx: RunContext, stage_name: str, init_from: str | None) -> dict:
     from llava_core.train.trainer import run_training_stage
 
     stage = getattr(ctx.workflow, stage_name)
+    if stage.init_projector:  # workers run elsewhere: relative paths must be absolute
+        stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     shards = manifest["datasets"][stage.dataset]["shards"]
+    # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
     run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
-                       ctx.vision_path, ctx.llm_path, init_from)
-    history = [json.loads(line) for line in
-               storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")).splitlines()]
-    return {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"],
-            "samples_per_s": round(sum(r["samples_per_s"] for r in history) / len(history), 2)}
+                       ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}")
+    history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
+    metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
+    for key in ("samples_per_s", "tokens_per_s", "mfu"):
+        values = [r[key] for r in history if r.get(key) is not None]
+        if values:
+            metrics[key] = round(sum(values) / len(values), 4)
+    return metrics
+
+
+def plot_training(ctx: RunContext) -> str:
+    """Both stages' loss curves in one PNG beside the instruct output."""
+    import tempfile
+
+    from llava_core.train.metrics import plot_loss_curves
+
+    histories = {}
+    for stage in ("align", "instruct"):
+        path = storage.join(ctx.stage_dir(stage), "metrics.jsonl")
+        if storage.exists(path):
+            histories[stage] = read_history(storage.read_text(path))
+    target = storage.join(ctx.stage_dir("instruct"), "loss_curves.png")
+    with tempfile.TemporaryDirectory() as local:
+        plot_loss_curves(histories, os.path.join(local, "loss.png"))
+        storage.write_bytes(target, open(os.path.join(local, "loss.png"), "rb").read())
+    return target
 
 
 def stage_align(ctx: RunContext) -> dict:
@@ -69,14 +95,24 @@ def stage_align(ctx: RunContext) -> dict:
 
 
 def stage_instruct(ctx: RunContext) -> dict:
-    aligned = storage.local_copy(storage.join(ctx.stage_dir("align"), "model"), ctx.cache_dir)
-    return _train(ctx, "instruct", init_from=aligned)
+    if ctx.workflow.instruct.init_projector:  # an official mm_projector.bin replaces this run's align output
+        metrics = _train(ctx, "instruct", init_from=None)
+    else:
+        aligned = storage.local_copy(storage.join(ctx.stage_dir("align"), "model"), ctx.cache_dir)
+        metrics = _train(ctx, "instruct", init_from=aligned)
+    metrics["loss_curves"] = plot_training(ctx)
+    return metrics
 
 
 def stage_export(ctx: RunContext) -> dict:
     from llava_core.model.export import export_hf
 
-    return export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
+    metrics = export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
+    adapter = storage.join(ctx.stage_dir("instruct"), "adapter")
+    if storage.exists(storage.join(adapter, "adapter_config.json")):  # LoRA: the adapter alone, beside the merge
+        storage.copy_dir(adapter, storage.join(ctx.stage_dir("export"), "adapter"))
+        metrics["adapter"] = storage.join(ctx.stage_dir("export"), "adapter")
+    return metrics
 
 
 def stage_evaluate(ctx: RunContext) -> dict:

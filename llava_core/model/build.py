@@ -102,11 +102,17 @@ def load_llava(path: str, dtype: torch.dtype = torch.float32):
 
 def load_official_projector(model, projector_path: str) -> None:
     """Load an official LLaVA `mm_projector.bin` (keys `model.mm_projector.{0,2}.{weight,bias}`) into the model."""
-    state = torch.load(projector_path, map_location="cpu", weights_only=True)
+    import io
+
+    from llava_core import storage
+
+    state = torch.load(io.BytesIO(storage.read_bytes(projector_path)), map_location="cpu", weights_only=True)
     renamed = {
         key.replace("model.mm_projector.0.", "linear_1.").replace("model.mm_projector.2.", "linear_2."): value
         for key, value in state.items()
     }
     missing, unexpected = model.model.multi_modal_projector.load_state_dict(renamed, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{projector_path} is not a LLaVA mlp2x_gelu projector: missing {missing}, unexpected {unexpected}")
+        raise ValueError(f"{projector_path} is not a LLaVA mlp2x_gelu projector: missing {missing}, unexpected "
+                         f"{unexpected}; expected keys model.mm_projector.0/2.weight|bias")
+    log.info("loaded the official projector %s", projector_path)

@@ -1,12 +1,20 @@
 """From prepared parquet shards to micro-batches, identically planned on every rank.
 
-Each rank reads the (small) per-row columns, then every epoch draws the same seeded permutation and takes its own
-micro-batches from it: every rank runs exactly the same number of steps (unequal counts hang collective ops), and a
-resumed run continues with exactly the batches it would have seen.
+Each rank reads the (small) per-row columns and computes the same epoch plan from a seeded generator: every rank
+runs exactly the same number of steps (unequal counts hang collective ops), and a resumed run continues with exactly
+the batches it would have seen. A plan is a list of micro-batches; a micro-batch is a list of rows; a row is the
+sample indices it holds (one sample, or several when packing).
+
+Sampling: `random`; `length_grouped` (samples of similar length share a global step, so little padding and no
+straggler rank); `modality_grouped` (LLaVA-1.5's `group_by_modality_length`: image and text-only samples in
+separate steps, each length-grouped). Packing puts several samples in one row up to `pack_length` tokens
+(best-fit decreasing inside shuffled windows), with position ids restarting per sample: transformers then keeps
+attention within each sample.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -17,29 +25,117 @@ from llava_core import storage
 from llava_core.data.templates import IGNORE_INDEX
 
 COLUMNS = ["input_ids", "labels", "pixel_values", "num_images", "length"]
+GROUP_WINDOW_STEPS = 16  # length grouping sorts windows of this many global batches: local order, global shuffle
+PACK_WINDOW = 4096  # samples per packing window: big enough to pack tightly, small enough to stay shuffled
 
 
 @dataclass
 class BatchPlan:
     world_size: int
-    micro_batch_size: int
+    micro_batch_size: int  # samples per micro-batch; rows per micro-batch when packing
     grad_accum: int
     seed: int
+    sampling: str = "random"
+    packing: bool = False
+    pack_length: int = 0
+    _cache: dict = field(default_factory=dict, repr=False)
 
     @property
     def global_batch_size(self) -> int:
         return self.world_size * self.micro_batch_size * self.grad_accum
 
-    def steps_per_epoch(self, num_rows: int) -> int:
-        return num_rows // self.global_batch_size  # the last, partial global batch is dropped, as by LLaVA
+    @property
+    def micro_per_step(self) -> int:
+        return self.world_size * self.grad_accum
 
-    def micro_batches(self, num_rows: int, epoch: int, step: int, rank: int) -> list[np.ndarray]:
-        """Row indices of this rank's `grad_accum` micro-batches for optimizer step `step` of `epoch`."""
-        order = np.random.default_rng([self.seed, epoch]).permutation(num_rows)
-        start = step * self.global_batch_size
-        step_rows = order[start:start + self.global_batch_size]
-        micro = step_rows.reshape(self.world_size * self.grad_accum, self.micro_batch_size)
-        return [micro[k] for k in range(rank, len(micro), self.world_size)]
+    def epoch_plan(self, lengths: np.ndarray, num_images: np.ndarray, epoch: int) -> list[list[np.ndarray]]:
+        """All micro-batches of `epoch` in order; the last, partial global batch is dropped, as by LLaVA."""
+        if epoch not in self._cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            if self.packing:
+                rows = pack(rng.permutation(len(lengths)), lengths, self.pack_length or int(lengths.max()))
+                rows = [rows[i] for i in rng.permutation(len(rows))]
+            else:
+                rows = [np.array([i]) for i in self.sample_order(lengths, num_images, rng)]
+            micro = [rows[i:i + self.micro_batch_size] for i in range(0, len(rows), self.micro_batch_size)]
+            micro = micro[: len(micro) // self.micro_per_step * self.micro_per_step]
+            if micro and len(micro[-1]) < self.micro_batch_size:
+                micro = micro[:-self.micro_per_step]
+            self._cache = {epoch: micro}
+        return self._cache[epoch]
+
+    def sample_order(self, lengths, num_images, rng) -> np.ndarray:
+        order = rng.permutation(len(lengths))
+        if self.sampling == "random":
+            return order
+        if self.sampling == "length_grouped":
+            return self.length_grouped(order, lengths, rng)
+        with_images = order[num_images[order] > 0]
+        text_only = order[num_images[order] == 0]
+        steps = self.step_groups(with_images, lengths) + self.step_groups(text_only, lengths)
+        full = [s for s in steps if len(s) == self.global_batch_size]
+        leftover = np.concatenate([s for s in steps if len(s) < self.global_batch_size] or [np.array([], int)])
+        return np.concatenate([full[i] for i in rng.permutation(len(full))] + [leftover]).astype(np.int64)
+
+    def length_grouped(self, order, lengths, rng) -> np.ndarray:
+        steps = self.step_groups(order, lengths)
+        full = [s for s in steps if len(s) == self.global_batch_size]
+        rest = [s for s in steps if len(s) < self.global_batch_size]
+        return np.concatenate([full[i] for i in rng.permutation(len(full))] + rest).astype(np.int64)
+
+    def step_groups(self, order: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+        """Global batches of similar lengths: sort windows of the shuffled order by length, cut into steps."""
+        window = self.global_batch_size * GROUP_WINDOW_STEPS
+        steps = []
+        for start in range(0, len(order), window):
+            chunk = order[start:start + window]
+            chunk = chunk[np.argsort(-lengths[chunk], kind="stable")]
+            steps += [chunk[i:i + self.global_batch_size] for i in range(0, len(chunk), self.global_batch_size)]
+        return steps
+
+    def steps_in_epoch(self, lengths, num_images, epoch: int) -> int:
+        return len(self.epoch_plan(lengths, num_images, epoch)) // self.micro_per_step
+
+    def micro_batches(self, lengths, num_images, epoch: int, step: int, rank: int) -> list[list[np.ndarray]]:
+        """This rank's `grad_accum` micro-batches for optimizer step `step` of `epoch`."""
+        plan = self.epoch_plan(lengths, num_images, epoch)
+        step_micro = plan[step * self.micro_per_step:(step + 1) * self.micro_per_step]
+        return [step_micro[k] for k in range(rank, len(step_micro), self.world_size)]
+
+
+def pack(order: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Best-fit decreasing inside windows of the shuffled order: each bin holds samples totalling <= capacity."""
+    if lengths.max(initial=0) > capacity:
+        raise ValueError(f"a sample of {int(lengths.max())} tokens does not fit pack_length {capacity}; raise "
+                         f"pack_length to at least the longest sample (prepare.max_length)")
+    bins: list[np.ndarray] = []
+    for start in range(0, len(order), PACK_WINDOW):
+        window = order[start:start + PACK_WINDOW]
+        free: list[tuple[int, int]] = []  # (free tokens, bin id), sorted: bisect finds the tightest fit
+        members: list[list[int]] = []
+        for i in window[np.argsort(-lengths[window], kind="stable")]:
+            need = int(lengths[i])
+            at = bisect.bisect_left(free, (need, -1))
+            if at < len(free):
+                room, b = free.pop(at)
+            else:
+                room, b = capacity, len(members)
+                members.append([])
+            members[b].append(int(i))
+            if room - need > 0:
+                bisect.insort(free, (room - need, b))
+        bins += [np.array(m) for m in members]
+    return bins
+
+
+def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float:
+    """Padded share of the tokens the model processes: each micro-batch is padded to its longest row."""
+    real = padded = 0
+    for micro in plan:
+        row_tokens = [int(lengths[row].sum()) for row in micro]
+        real += sum(row_tokens)
+        padded += max(row_tokens) * len(row_tokens)
+    return 1 - real / padded if padded else 0.0
 
 
 def load_examples(shard_paths: list[str]) -> pa.Table:
@@ -68,3 +164,36 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: t
     images = [np.frombuffer(b, dtype=np.float32) for b in picked.column("pixel_values").to_pylist() if b]
     pixel_values = torch.from_numpy(np.concatenate(images).reshape(-1, *image_shape)) if images else None
     return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, "pixel_values": pixel_values}
+
+
+def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int,
+                   image_shape: tuple[int, int, int]) -> dict:
+    """Packed rows: samples back to back, position ids restarting at 0 for each, no attention_mask (transformers
+    builds a block-diagonal causal mask from the restarts). Images follow their samples' order, so each image fills
+    its own sample's image tokens. The padding tail is its own unsupervised segment."""
+    single = collate(table, np.concatenate(bins), pad_token_id, image_shape)  # same rows and image decoding
+    sizes = single["attention_mask"].sum(dim=1).tolist()
+    width = max(sum(sizes[k] for k in span) for span in spans_of(bins))
+    ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(bins), width), IGNORE_INDEX, dtype=torch.long)
+    positions = torch.zeros((len(bins), width), dtype=torch.long)
+    for row, span in enumerate(spans_of(bins)):
+        at = 0
+        for k in span:
+            n = sizes[k]
+            ids[row, at:at + n] = single["input_ids"][k, :n]
+            labels[row, at:at + n] = single["labels"][k, :n]
+            labels[row, at] = IGNORE_INDEX  # nothing precedes a sample's first token: never predict it
+            positions[row, at:at + n] = torch.arange(n)
+            at += n
+        positions[row, at:] = torch.arange(width - at)
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": single["pixel_values"]}
+
+
+def spans_of(bins: list[np.ndarray]) -> list[range]:
+    """Indices into the concatenated samples, one range per packed row."""
+    spans, start = [], 0
+    for b in bins:
+        spans.append(range(start, start + len(b)))
+        start += len(b)
+    return spans

@@ -1,18 +1,35 @@
-"""Which parameters a stage trains: the stage names parts, this module applies and reports it."""
+"""Which parameters a stage trains: the stage names parts (and LoRA), this module applies it, builds the optimizer's
+parameter groups and reports exactly what trains.
+
+Parts of transformers' LlavaForConditionalGeneration: `vision` (the CLIP tower), `projector`, `llm` (decoder and
+lm_head), plus `lora` when LoRA adapters wrap the LLM's Linear layers (the LLM itself then stays frozen).
+"""
 from __future__ import annotations
 
-import logging
+import torch
 
-log = logging.getLogger(__name__)
+from llava_core.model.lora import apply_lora, llava_of
 
 
 def parts_of(model) -> dict:
     """The named parts of transformers' LlavaForConditionalGeneration."""
+    model = llava_of(model)
     return {
         "vision": [model.model.vision_tower],
         "projector": [model.model.multi_modal_projector],
         "llm": [model.model.language_model, model.lm_head],
     }
+
+
+def part_of(name: str) -> str:
+    """The part a parameter belongs to, from its name (works inside a peft wrapper too)."""
+    if "lora_" in name:
+        return "lora"
+    if "multi_modal_projector" in name:
+        return "projector"
+    if "vision_tower" in name:
+        return "vision"
+    return "llm"
 
 
 def set_trainable(model, trainable: list[str]) -> dict[str, dict]:
@@ -27,3 +44,55 @@ def set_trainable(model, trainable: list[str]) -> dict[str, dict]:
             count += sum(p.numel() for p in module.parameters())
         report[part] = {"trainable": train, "parameters": count}
     return report
+
+
+def apply_stage_training(model, trainable: list[str], lora: dict | None):
+    """Freeze per stage; with LoRA the LLM stays frozen and gets adapters. Returns the model to train (a peft model
+    with LoRA)."""
+    full = [p for p in trainable if not (lora and p == "llm")]
+    set_trainable(model, full)
+    if lora:
+        model = apply_lora(model, lora)  # peft freezes everything but the adapters: unfreeze the full parts again
+        for part, modules in parts_of(model).items():
+            for module in modules:
+                if part in full:
+                    module.requires_grad_(True)
+    return model
+
+
+def parameter_groups(model, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
+    """AdamW groups per part: the projector may have its own lr; biases and norms get no weight decay (as in HF
+    Trainer). Each group carries its `part` name for the report."""
+    groups: dict[tuple[str, bool], dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = part_of(name)
+        decay = param.ndim >= 2
+        group = groups.setdefault((part, decay), {
+            "params": [], "part": part,
+            "lr": projector_lr if (part == "projector" and projector_lr is not None) else lr,
+            "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def describe_training(model, groups: list[dict]) -> dict:
+    """{"trained": {part: {parameters, lr}}, "frozen": {part: parameters}, totals}: what the log and trainable.json
+    show."""
+    trained: dict[str, dict] = {}
+    for group in groups:
+        entry = trained.setdefault(group["part"], {"parameters": 0, "lr": group["lr"]})
+        entry["parameters"] += sum(numel(p) for p in group["params"])
+    frozen: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            frozen[part_of(name)] = frozen.get(part_of(name), 0) + numel(param)
+    return {"trained": trained, "frozen": frozen,
+            "trainable_parameters": sum(v["parameters"] for v in trained.values()),
+            "total_parameters": sum(v["parameters"] for v in trained.values()) + sum(frozen.values())}
+
+
+def numel(param: torch.nn.Parameter) -> int:
+    """Parameter count, also under ZeRO-3 where the local tensor is an empty shard."""
+    return getattr(param, "ds_numel", None) or param.numel()

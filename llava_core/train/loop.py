@@ -6,19 +6,25 @@ step counter from the last checkpoint Ray Train hands back.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import tempfile
 import time
 
+import numpy as np
 import ray.train
 import torch
 
 from llava_core import storage
-from llava_core.train.batching import BatchPlan, collate, load_examples
-from llava_core.train.freeze import set_trainable
+from llava_core.data.templates import IGNORE_INDEX
+from llava_core.model.lora import is_peft, llava_of, merged_state_dict, save_adapter
+from llava_core.train.batching import BatchPlan, collate, collate_packed, load_examples
+from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
+from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops
 
 DS_TAG = "deepspeed"
 
@@ -36,36 +42,74 @@ def cosine_with_warmup(total_steps: int, warmup_ratio: float):
 
 
 def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
+    zero = {"stage": stage["zero_stage"]}
+    if stage["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if stage["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
     return {
         "train_batch_size": stage["global_batch_size"],
         "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
         "gradient_accumulation_steps": grad_accum,
         "gradient_clipping": stage["max_grad_norm"],
-        "zero_optimization": {"stage": stage["zero_stage"]},
-        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},
+        "zero_optimization": zero,
+        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},  # CPU kernels are fp32: bf16 there is slower
         "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
 
 
+def build_optimizer(groups: list[dict], stage: dict, use_gpu: bool):
+    """torch AdamW; with optimizer offload on a GPU, DeepSpeed's CPU Adam (torch's is far slower on CPU state)."""
+    groups = [{k: v for k, v in g.items() if k != "part"} for g in groups]
+    if stage["offload_optimizer"] and use_gpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    return torch.optim.AdamW(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
+
+
 def build_model(config: dict):
     from llava_core.model.build import assemble_llava, load_llava
 
-    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector
+    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector (and LoRA)
     if config["init_from"]:
         model, processor = load_llava(config["init_from"])
     else:
         model, processor = assemble_llava(config["vision_path"], config["llm_path"])
+    if config["stage"]["init_projector"]:
+        from llava_core.model.build import load_official_projector
+
+        load_official_projector(model, config["stage"]["init_projector"])
     return model, processor
 
 
-def keep_projector_in_graph(model, loss: torch.Tensor) -> torch.Tensor:
-    """Text-only micro-batches never touch the projector; add it with weight 0 so every rank's backward covers the
-    same parameters (otherwise ZeRO's gradient reduction waits for a rank that never sends)."""
-    projector = model.model.multi_modal_projector
-    dummy = torch.zeros(1, projector.linear_1.in_features, dtype=loss.dtype, device=loss.device)
-    return loss + 0.0 * projector(dummy).sum()
+def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, image_shape, pad_id: int) -> dict:
+    """A text-only micro-batch gets one extra row: a blank image's tokens, nothing supervised. The vision tower and
+    projector then run in the same order as on every other rank: ZeRO-3 gathers parameters module by module and
+    ZeRO-2 reduces the same gradients, so a rank that skipped them would hang the others (the official code's
+    ZeRO hang). Rows are independent and the row has no labels, so the loss is unchanged."""
+    ids = batch["input_ids"]
+    width = max(ids.shape[1], image_tokens)
+
+    def add_row(tensor, row_value, fill):
+        grown = torch.full((tensor.shape[0] + 1, width), fill, dtype=tensor.dtype)
+        grown[:-1, : tensor.shape[1]] = tensor
+        grown[-1, :image_tokens] = row_value
+        return grown
+
+    out = dict(batch)
+    out["input_ids"] = add_row(ids, image_token_id, pad_id)
+    out["labels"] = add_row(batch["labels"], IGNORE_INDEX, IGNORE_INDEX)
+    if "attention_mask" in batch:
+        out["attention_mask"] = add_row(batch["attention_mask"], 1, 0)
+    if "position_ids" in batch:  # packed rows: the blank row is its own sequence
+        out["position_ids"] = add_row(batch["position_ids"], torch.arange(image_tokens), 0)
+        out["position_ids"][:-1, ids.shape[1]:] = torch.arange(width - ids.shape[1])
+    out["pixel_values"] = torch.zeros(1, *image_shape)
+    return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -77,65 +121,122 @@ def train_loop_per_worker(config: dict) -> None:
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
     model, processor = build_model(config)
-    parts = set_trainable(model, stage["trainable"])
+    model = apply_stage_training(model, stage["trainable"], stage["lora"])
     if stage["gradient_checkpointing"]:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(config["shards"])
+    lengths = examples.column("length").to_numpy().astype(np.int64)
+    num_images = examples.column("num_images").to_numpy().astype(np.int64)
     grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
-    plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"])
-    steps_per_epoch = plan.steps_per_epoch(examples.num_rows)
-    total_steps = steps_per_epoch * stage["epochs"]
+    plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"], stage["sampling"],
+                     stage["packing"], stage["pack_length"])
+    epoch_steps = [plan.steps_in_epoch(lengths, num_images, e) for e in range(stage["epochs"])]
+    total_steps = sum(epoch_steps)
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"])
+    parts = describe_training(model, groups)
+    flops = flops_counter(model, stage["trainable"], bool(stage["lora"]))
+    peak = peak_flops(config["peak_tflops_per_worker"], config["use_gpu"])
+    optimizer = build_optimizer(groups, stage, config["use_gpu"])
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, stage["warmup_ratio"]))
     engine, optimizer, _, scheduler = deepspeed.initialize(
         model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
         config=deepspeed_config(stage, world, grad_accum, config["use_gpu"]))
 
     start_step, history = restore(engine)
+    hooks = TestHooks(config.get("test_hooks"), rank, start_step)
+    writer = MetricsWriter(config["stage_name"], stage, tensorboard_dir(config)) if rank == 0 else None
     if rank == 0:
         log_start(config, parts, total_steps, start_step, plan)
     image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
     pad_id = processor.tokenizer.pad_token_id
+    image_token_id, image_tokens = llava_of(model).config.image_token_index, llava_of(model).config.image_seq_length
+    make_batch = collate_packed if stage["packing"] else collate
 
-    window = {"t": time.time(), "tokens": 0, "samples": 0}
+    window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0}
     for step in range(start_step, total_steps):
-        epoch, step_in_epoch = divmod(step, steps_per_epoch)
+        epoch, step_in_epoch = epoch_and_step(step, epoch_steps)
         losses = []
-        for rows in plan.micro_batches(examples.num_rows, epoch, step_in_epoch, rank):
-            batch = collate(examples, rows, pad_id, image_shape)
-            batch = {k: (v.to(device) if v is not None else None) for k, v in batch.items()}
+        for micro in plan.micro_batches(lengths, num_images, epoch, step_in_epoch, rank):
+            rows = np.concatenate(micro)
+            batch = make_batch(examples, micro if stage["packing"] else rows, pad_id, image_shape)
             if batch["pixel_values"] is None:
-                batch.pop("pixel_values")
-            loss = engine(**batch).loss
-            if "pixel_values" not in batch:
-                loss = keep_projector_in_graph(engine.module, loss)
+                batch = with_blank_image_row(batch, image_token_id, image_tokens, image_shape, pad_id)
+            batch = {k: v.to(device) for k, v in batch.items()}
+            loss = engine(**batch, use_cache=False).loss  # with a cache, packed rows would attend across samples
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
-            window["tokens"] += int(batch["attention_mask"].sum())
+            tokens, images = int(lengths[rows].sum()), int(num_images[rows].sum())
+            window["tokens"] += tokens
             window["samples"] += len(rows)
-        record = step_metrics(engine, scheduler, losses, window, step, world)
+            window["flops"] += flops(tokens, images)
+        record = step_metrics(engine, scheduler, losses, window, step, world, peak)
         history.append(record)
         is_last = step + 1 == total_steps
-        if rank == 0 and ((step + 1) % stage["log_every"] == 0 or is_last or step == start_step):
-            print_progress(config["stage_name"], record, total_steps, config["start_time"])
+        if rank == 0:
+            writer.write(record)
+            if (step + 1) % stage["log_every"] == 0 or is_last or step == start_step:
+                print_progress(config["stage_name"], record, total_steps, config["start_time"])
         if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
-            save_and_report(engine, processor, step + 1, total_steps, history, rank, config, is_last)
+            save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
+            hooks.after_checkpoint(step + 1)
+    if writer:
+        writer.close()
 
 
-def step_metrics(engine, scheduler, losses, window, step, world) -> dict:
+def epoch_and_step(step: int, epoch_steps: list[int]) -> tuple[int, int]:
+    """(epoch, step within it) of a global step; epochs may differ in length when packing."""
+    for epoch, count in enumerate(epoch_steps):
+        if step < count:
+            return epoch, step
+        step -= count
+    raise IndexError("step beyond the planned epochs")
+
+
+def tensorboard_dir(config: dict) -> str:
+    """TensorBoard events go straight into the stage directory when it is local; into a temp dir (copied with the
+    stage output) when it is remote."""
+    if storage.is_remote(config["output_dir"]):
+        return os.path.join(tempfile.gettempdir(), "llava-ray-tensorboard", config["stage_name"])
+    return os.path.join(config["output_dir"], "tensorboard")
+
+
+class TestHooks:
+    """Test-only observation points (`test_hooks` in the loop config; never set by a workflow): every rank appends
+    its pid and progress to `progress_file`; `hold_after_checkpoint: k` keeps the first attempt busy for
+    `hold_seconds` after checkpoint k, so a test can kill a worker at a known point; `fail_after_checkpoint: k`
+    raises after checkpoint k in an attempt that started before it."""
+
+    def __init__(self, hooks: dict | None, rank: int, start_step: int):
+        self.hooks, self.rank, self.start_step = hooks or {}, rank, start_step
+        self.log({"event": "start", "start_step": start_step})
+
+    def log(self, record: dict) -> None:
+        if "progress_file" in self.hooks:
+            with open(self.hooks["progress_file"], "a") as f:
+                f.write(json.dumps({**record, "rank": self.rank, "pid": os.getpid()}) + "\n")
+
+    def after_checkpoint(self, step: int) -> None:
+        self.log({"event": "checkpoint", "step": step})
+        if step == self.hooks.get("hold_after_checkpoint") and self.start_step < step:
+            time.sleep(self.hooks.get("hold_seconds", 60))
+        if step == self.hooks.get("fail_after_checkpoint") and self.start_step < step:
+            time.sleep(5)  # let the controller register the checkpoint first (it polls workers every ~2 s)
+            raise RuntimeError(f"test hook: failing after checkpoint {step}")
+
+
+def step_metrics(engine, scheduler, losses, window, step, world, peak) -> dict:
     """Loss averaged over every rank's micro-batches; throughput summed over ranks since the last step."""
     loss = torch.stack(losses).mean()
     torch.distributed.all_reduce(loss)
-    counts = torch.tensor([window["tokens"], window["samples"]], dtype=torch.float64)
+    counts = torch.tensor([window["tokens"], window["samples"], window["flops"]], dtype=torch.float64)
     torch.distributed.all_reduce(counts)
     now = time.time()
     elapsed = max(now - window["t"], 1e-9)
-    window.update(t=now, tokens=0, samples=0)
+    window.update(t=now, tokens=0, samples=0, flops=0.0)
     grad_norm = engine.get_global_grad_norm()
     return {
         "step": step + 1,
@@ -144,6 +245,8 @@ def step_metrics(engine, scheduler, losses, window, step, world) -> dict:
         "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
         "tokens_per_s": round(float(counts[0]) / elapsed, 2),
         "samples_per_s": round(float(counts[1]) / elapsed, 2),
+        "tflops_per_s": round(float(counts[2]) / elapsed / 1e12, 4),
+        "mfu": None if peak is None else round(float(counts[2]) / elapsed / (world * peak), 4),
         "time": round(now, 3),
     }
 
@@ -164,10 +267,10 @@ def print_progress(stage_name: str, record: dict, total_steps: int, start_time: 
 
 
 def log_start(config, parts, total_steps, start_step, plan) -> None:
-    trained = {k: v["parameters"] for k, v in parts.items() if v["trainable"]}
-    frozen = {k: v["parameters"] for k, v in parts.items() if not v["trainable"]}
+    trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
+    frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
     say(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
-        f"{plan.global_batch_size} samples ({plan.world_size} workers x {plan.micro_batch_size} x "
+        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} ({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 
@@ -182,25 +285,49 @@ def restore(engine) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
-def save_and_report(engine, processor, step, total_steps, history, rank, config, is_last) -> None:
+def save_and_report(engine, processor, step, total_steps, history, parts, rank, config, is_last) -> None:
     """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only."""
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
         if rank == 0:
             with open(os.path.join(directory, "train_state.json"), "w") as f:
                 json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
-            if is_last:
-                write_stage_output(engine.module, processor, history, config["output_dir"])
+        if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
+            write_stage_output(engine.module, processor, history, parts, config, rank)
         last = history[-1]
         ray.train.report({"step": step, "loss": last["loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def write_stage_output(model, processor, history, output_dir: str) -> None:
-    """The stage's hand-off: a complete HF LLaVA directory plus its metrics (ZeRO-2: rank 0 holds every weight)."""
-    with tempfile.TemporaryDirectory() as local:
-        model.save_pretrained(os.path.join(local, "model"))
-        processor.save_pretrained(os.path.join(local, "model"))
-        with open(os.path.join(local, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-        storage.copy_dir(local, output_dir)
+def gathered(model, zero_stage: int):
+    """Full weights on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights everywhere)."""
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def write_stage_output(model, processor, history, parts, config, rank) -> None:
+    """The stage's hand-off: a complete HF LLaVA directory (LoRA merged in), the adapter alone when LoRA trained,
+    `trainable.json` and the metrics. Written by global rank 0."""
+    with gathered(model, config["stage"]["zero_stage"]):
+        if rank != 0:
+            return
+        with tempfile.TemporaryDirectory() as local:
+            base = llava_of(model)
+            if is_peft(model):
+                state = merged_state_dict(model)
+                save_adapter(model, os.path.join(local, "adapter"))
+            else:
+                state = {k: v.detach().clone() for k, v in base.state_dict().items()}
+            base.save_pretrained(os.path.join(local, "model"), state_dict=state)
+            processor.save_pretrained(os.path.join(local, "model"))
+            with open(os.path.join(local, "trainable.json"), "w") as f:
+                json.dump(parts, f, indent=1)
+            with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in history)
+            tensorboard = tensorboard_dir(config)
+            if storage.is_remote(config["output_dir"]) and os.path.isdir(tensorboard):
+                shutil.copytree(tensorboard, os.path.join(local, "tensorboard"))
+            storage.copy_dir(local, config["output_dir"])

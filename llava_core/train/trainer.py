@@ -24,8 +24,13 @@ def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
 
 
 def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
-                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None) -> dict:
-    """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`."""
+                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None,
+                       test_hooks: dict | None = None, run_name: str | None = None) -> dict:
+    """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`.
+
+    `run_name` (default: the stage name) names the Ray Train run under `<stage_dir>/ray`: a run with the same name
+    resumes from its latest checkpoint, so the workflow puts the stage's settings hash in it (changed settings
+    start fresh; a rerun after a crash resumes)."""
     loop_config = {
         "stage_name": stage_name,
         "stage": dataclasses.asdict(stage),
@@ -36,6 +41,8 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
         "init_from": init_from,
         "output_dir": stage_dir,
         "start_time": time.time(),
+        "peak_tflops_per_worker": scaling.peak_tflops_per_worker,
+        "test_hooks": test_hooks,  # tests only: progress file and a pause after a checkpoint (see loop.TestHooks)
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -43,7 +50,7 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
         scaling_config=scaling_config(scaling),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=stage_name,
+            name=run_name or stage_name,
             storage_path=storage.join(stage_dir, "ray"),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),

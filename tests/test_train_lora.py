@@ -1,0 +1,151 @@
+"""What trains: LoRA on the LLM only, merged into a plain HF checkpoint; parameter groups; the official projector."""
+import json
+import os
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from llava_core.model.build import assemble_llava, load_official_projector
+from llava_core.model.lora import merged_state_dict, save_adapter
+from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
+
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0,
+        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+
+
+def tiny_batch(model, processor, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    config = model.config
+    n_image = config.image_seq_length
+    text = torch.randint(5, 100, (2, 12), generator=g)
+    image = torch.full((2, n_image), config.image_token_index)
+    ids = torch.cat([text[:, :2], image, text[:, 2:]], dim=1)
+    size = processor.image_processor.crop_size["height"]
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone(),
+            "pixel_values": torch.randn(2, 3, size, size, generator=g)}
+
+
+def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset):
+    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model = apply_stage_training(model, ["projector", "llm"], LORA)
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    lora_modules = {n.split(".lora_")[0] for n in trained if "lora_" in n}
+    assert lora_modules and all(".language_model." in n for n in lora_modules)
+    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == set(LORA["target_modules"])
+    non_lora = [n for n in trained if "lora_" not in n]
+    assert non_lora and all("multi_modal_projector" in n for n in non_lora)
+
+    groups = parameter_groups(model, lr=2e-4, projector_lr=2e-5, weight_decay=0.1)
+    report = describe_training(model, groups)
+    projector = model.get_base_model().model.multi_modal_projector
+    assert report["trained"]["projector"] == {"parameters": sum(p.numel() for p in projector.parameters()),
+                                              "lr": 2e-5}
+    assert report["trained"]["lora"]["lr"] == 2e-4 and set(report["trained"]) == {"projector", "lora"}
+    assert report["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert set(report["frozen"]) == {"llm", "vision"}
+    assert report["total_parameters"] == sum(p.numel() for p in model.parameters())
+    # biases get no weight decay, matrices do
+    assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
+
+
+def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_path):
+    from peft import PeftModel
+
+    from llava_core.model.export import export_hf
+
+    torch.manual_seed(0)
+    model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    base_dir = str(tmp_path / "base")
+    model.save_pretrained(base_dir)  # what the instruct stage starts from (the align output)
+    processor.save_pretrained(base_dir)
+    model = apply_stage_training(model, ["projector", "llm"], LORA)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = tiny_batch(model.get_base_model(), processor)
+    for _ in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    with torch.no_grad():
+        peft_logits = model(**batch).logits
+
+    stage_out = tmp_path / "instruct"
+    model.get_base_model().save_pretrained(stage_out / "model", state_dict=merged_state_dict(model))
+    processor.save_pretrained(stage_out / "model")
+    files = save_adapter(model, str(stage_out / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= set(files)
+    export_hf(str(stage_out / "model"), str(tmp_path / "export"), str(tmp_path / "cache"))
+
+    merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with torch.no_grad():
+        merged_logits = merged(**batch).logits
+    assert torch.allclose(merged_logits, peft_logits, atol=1e-4)
+
+    # The adapter alone: base + peft adapter + the non-LoRA trained parts give the same model again.
+    from safetensors.torch import load_file
+
+    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    with torch.no_grad():
+        base_logits = base(**batch).logits
+    assert not torch.allclose(base_logits, peft_logits, atol=1e-3)  # training changed something
+    reloaded = PeftModel.from_pretrained(base, stage_out / "adapter").eval()
+    extra = load_file(stage_out / "adapter" / "non_lora_trainables.safetensors")
+    missing = reloaded.get_base_model().load_state_dict(extra, strict=False)
+    assert not missing.unexpected_keys
+    with torch.no_grad():
+        assert torch.allclose(reloaded(**batch).logits, peft_logits, atol=1e-4)
+
+
+def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path):
+    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    projector = model.model.multi_modal_projector
+    g = torch.Generator().manual_seed(3)
+    official = {
+        "model.mm_projector.0.weight": torch.randn(projector.linear_1.weight.shape, generator=g),
+        "model.mm_projector.0.bias": torch.randn(projector.linear_1.bias.shape, generator=g),
+        "model.mm_projector.2.weight": torch.randn(projector.linear_2.weight.shape, generator=g),
+        "model.mm_projector.2.bias": torch.randn(projector.linear_2.bias.shape, generator=g),
+    }
+    path = str(tmp_path / "mm_projector.bin")
+    torch.save(official, path)
+    load_official_projector(model, path)
+    assert torch.equal(projector.linear_1.weight, official["model.mm_projector.0.weight"])
+    assert torch.equal(projector.linear_2.bias, official["model.mm_projector.2.bias"])
+
+    torch.save({"model.mm_projector.weight": official["model.mm_projector.0.weight"]}, path)  # LLaVA-1.0 linear
+    with pytest.raises(ValueError, match="mm_projector.0/2"):
+        load_official_projector(model, path)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"zero_stage": 4}, "zero_stage"),
+    ({"offload_params": True}, "needs zero_stage 3"),
+    ({"lora": {"r": 8}, "trainable": ["projector"]}, "add 'llm'"),
+    ({"lora": {"target_modules": ["lm_head"]}}, "target_modules"),
+    ({"sampling": "by_length"}, "sampling"),
+    ({"init_projector": "mm_projector.bin"}, "only the instruct stage"),
+])
+def test_bad_training_settings_are_rejected_before_anything_runs(settings, message):
+    from llava_core.config import WorkflowError, _build, Workflow, validate
+
+    data = {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
+            "align": {"dataset": "align", "global_batch_size": 32, "micro_batch_size": 16, **settings}}
+    if "lora" in settings and "trainable" not in settings:
+        data["align"]["trainable"] = ["projector", "llm"]
+    with pytest.raises(WorkflowError, match=message):
+        validate(_build(Workflow, data, ""))
+
+
+def test_llava_15_lora_settings_are_accepted():
+    from llava_core.config import _build, Workflow, validate
+
+    w = _build(Workflow, {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
+                          "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"], "lora": {},
+                                       "lr": 2e-4, "projector_lr": 2e-5,
+                                       "zero_stage": 3, "offload_params": True, "offload_optimizer": True,
+                                       "sampling": "modality_grouped", "init_projector": "mm_projector.bin"}}, "")
+    validate(w)
+    assert (w.instruct.lora.r, w.instruct.lora.alpha, len(w.instruct.lora.target_modules)) == (128, 256, 7)
