@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 
 from llava_core.data import pipeline
+from llava_core.data.sources import Source
 
 SETTINGS = {"max_length": 200, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
@@ -65,30 +66,43 @@ def dirty_dataset(tmp_path_factory):
         "image_tag_mismatch": {"image": ["good.png", "second.png"], "conversations": _turns()},
         "too_long": {"image": "good.png", "conversations": _turns("<image>\n" + "very long question " * 60)},
     }
+    good.append({"id": "model-empty", "model": "", "conversations": _turns("Say hi.", "hi")})  # as in mix665k
     rows = good + [{"id": f"bad-{reason}", **row} for reason, row in bad.items()]
+    rows.append(7)  # not a row object at all: rejected as malformed_row (it has no id)
+    bad["malformed_row"] = None
     path = os.path.join(folder, "data.json")
     with open(path, "w") as f:
         json.dump(rows, f)
     return {"path": path, "image_folder": images, "good": [r["id"] for r in good], "bad": bad}
 
 
+def _prepare(dataset, tiny_dataset, out_dir, path=None, image_folder=None):
+    source = Source(path or dataset["path"], image_folder or dataset["image_folder"])
+    return pipeline.prepare_dataset("mix", [source], "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
+                                    SETTINGS, str(out_dir), num_actors=2, rows_per_shard=100)
+
+
+def _expected_rejects(dataset):
+    return {(f"bad-{k}" if k != "malformed_row" else ""): k for k in dataset["bad"]}
+
+
 def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path):
-    source = {"path": dirty_dataset["path"], "image_folder": dirty_dataset["image_folder"], "template": "vicuna_v1"}
-    entry, lengths = pipeline.prepare_dataset("mix", source, tiny_dataset["vision"], tiny_dataset["llm"], SETTINGS,
-                                              str(tmp_path), num_actors=2, rows_per_shard=100)
+    entry, lengths = _prepare(dirty_dataset, tiny_dataset, tmp_path)
     rejects = [json.loads(line) for line in open(tmp_path / "mix" / "rejects.jsonl")]
-    assert {r["id"]: r["reason"] for r in rejects} == {f"bad-{k}": k for k in dirty_dataset["bad"]}
+    assert {r["id"]: r["reason"] for r in rejects} == _expected_rejects(dirty_dataset)
     assert all(r["source"] == dirty_dataset["path"] for r in rejects)
-    assert entry["rows_in"] == 16 and entry["rows_written"] == 6 and entry["rows_rejected"] == 10
+    assert [r["index"] for r in rejects] == list(range(7, 18))  # the bad rows follow the 7 good ones in the file
+    assert entry["rows_in"] == 18 and entry["rows_written"] == 7 and entry["rows_rejected"] == 11
     assert entry["rejected_by_reason"] == {k: 1 for k in dirty_dataset["bad"]}
-    assert entry["text_only_rows"] == 1
+    assert entry["text_only_rows"] == 2
+    assert entry["sources"][dirty_dataset["path"]]["rows_in"] == 18
 
     table = pq.read_table([p for p in entry["shards"]])
     assert sorted(table.column("id").to_pylist()) == sorted(dirty_dataset["good"])  # each good row exactly once
     by_id = {row["id"]: row for row in table.to_pylist()}
-    assert by_id["multi-image"]["num_images"] == 2
-    assert len(by_id["multi-image"]["pixel_values"]) == 2 * 3 * 64 * 64 * 4
-    assert by_id["text-only"]["pixel_values"] == b""
+    assert by_id["multi-image"]["num_images"] == 2 and by_id["multi-image"]["modality"] == "image"
+    assert len(by_id["multi-image"]["pixel_values"]["uint8"]) == 2 * 3 * 64 * 64  # uint8 crops, not float32
+    assert by_id["text-only"]["pixel_values"]["uint8"] == b"" and by_id["text-only"]["modality"] == "text"
     image_row = by_id["image-row"]
     assert image_row["length"] == len(image_row["input_ids"]) == len(image_row["labels"])
     assert sorted(lengths.tolist()) == sorted(r["length"] for r in by_id.values())
@@ -102,8 +116,14 @@ def test_padding_uses_the_mean_colour(tiny_dataset):
     wide = Image.new("RGB", (64, 32), (255, 255, 255))  # padded top and bottom to 64x64
     buffer = io.BytesIO()
     wide.save(buffer, format="PNG")
-    pixels = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.float32).reshape(3, 64, 64)
+    crop = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.uint8).reshape(3, 64, 64)
+    scale, offset = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (preparer.scale, preparer.offset))
+    pixels = crop * scale + offset
     processor = preparer.image_processor
+    # Lossless: the stored uint8 crop + affine is exactly what the processor's float path gives for the padded image.
+    from llava_core.data.images import pad_to_square
+    reference = processor(images=[pad_to_square(wide, preparer.pad_fill)], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixels, reference, atol=1e-5)
     fill = np.array([round(c * 255) / 255 for c in processor.image_mean])
     expected_pad = (fill - np.array(processor.image_mean)) / np.array(processor.image_std)
     np.testing.assert_allclose(pixels[:, 0, 0], expected_pad, atol=0.02)  # top band: mean colour, ~0 normalised

@@ -1,7 +1,11 @@
 """The prepare stage on Ray Data: raw LLaVA rows -> validated, tokenized, label-masked parquet shards.
 
-Per dataset it writes `<out>/<name>/shards/*.parquet` (good rows), `<out>/<name>/rejects.jsonl` (every rejected row
-with its reason) and counts in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for every source.
+A dataset is one source or a mixture of sources (each with its image folder and sampling). Every source is first
+streamed once into arrow blocks of raw rows in the object store (`sources.staged_blocks`); a pool of
+`RowPreparer` actors turns each row into an example or a rejection. Per dataset it writes
+`<out>/<name>/shards/*.parquet` (good rows), `<out>/<name>/rejects.jsonl` (every rejected row with its reason, row
+id, source and index) and counts in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the
+dataset and for every source.
 """
 from __future__ import annotations
 
@@ -11,71 +15,107 @@ from collections import Counter
 
 import numpy as np
 import ray
+from ray.data import ActorPoolStrategy
+from ray.data.expressions import col
 
 from llava_core import storage
-from llava_core.data.formats import read_annotation_rows
+from llava_core.config import dataset_sources
 from llava_core.data.rows import RowPreparer, RowSettings
+from llava_core.data.sources import Source, keep_indices, select_indices, staged_blocks
 
 log = logging.getLogger(__name__)
 
 SHARD_COLUMNS = ["id", "source", "index", "input_ids", "labels", "pixel_values", "num_images", "length",
-                 "num_supervised"]
+                 "num_supervised", "modality"]
 
 
 class TooManyRejects(RuntimeError):
     pass
 
 
-def prepare_dataset(name: str, source: dict, vision_path: str, llm_path: str, settings: dict, out_dir: str,
-                    num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
-    """Prepare one annotation file; returns its manifest entry and the token length of every written row."""
-    raw_rows = read_annotation_rows(source["path"])
-    log.info("prepare %s: %d rows from %s", name, len(raw_rows), source["path"])
-    items = [{"source": source["path"], "index": i, "raw": json.dumps(row)} for i, row in enumerate(raw_rows)]
-    row_settings = RowSettings(template=source["template"], image_folder=source.get("image_folder", ""), **settings)
+def prepare_dataset(name: str, sources: list[Source], template: str, vision_path: str, llm_path: str,
+                    settings: dict, out_dir: str, num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
+    """Prepare one dataset (a mixture of sources); returns its manifest entry and the token length of every row."""
+    dataset_dir = storage.join(out_dir, name)
+    storage.delete_dir(dataset_dir)  # a re-run replaces, never appends to, an earlier attempt
+    blocks, selected = [], {}
+    for source in sources:
+        source_blocks, total = _stage(source)
+        selected[source.path] = select_indices(source.sampling, total, source.seed)
+        if len(selected[source.path]) < total:
+            source_blocks = [ray.put(keep_indices(ray.get(ref), selected[source.path])) for ref in source_blocks]
+        blocks += source_blocks
+        log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total,
+                 len(selected[source.path]), source.sampling)
+    row_settings = RowSettings(template=template, **settings)
+    if sum(len(s) for s in selected.values()) == 0:
+        raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
 
     prepared = (
-        ray.data.from_items(items, override_num_blocks=max(num_actors * 4, 1))
+        ray.data.from_arrow_refs(blocks)
         .map_batches(
             RowPreparer,
             fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path,
                                    "settings": row_settings.__dict__},
+            batch_format="pyarrow",
             batch_size=32,
-            concurrency=num_actors,
+            compute=ActorPoolStrategy(size=num_actors),
             num_cpus=1,
         )
         .materialize()
     )
-    dataset_dir = storage.join(out_dir, name)
-    storage.delete_dir(dataset_dir)  # a re-run replaces, never appends to, an earlier attempt
-    good = prepared.filter(lambda row: row["reason"] == "")
+    good = prepared.filter(expr=col("reason") == "")
     fs, shard_path = storage.filesystem(storage.join(dataset_dir, "shards"))
     good.select_columns(SHARD_COLUMNS).write_parquet(shard_path, filesystem=fs, min_rows_per_file=rows_per_shard)
 
-    rejects = prepared.filter(lambda row: row["reason"] != "").select_columns(
+    rejects = prepared.filter(expr=col("reason") != "").select_columns(
         ["id", "source", "index", "reason", "detail"]).take_all()
+    rejects = sorted(rejects, key=lambda r: (r["source"], r["index"]))
     storage.write_text(storage.join(dataset_dir, "rejects.jsonl"),
-                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejects, key=lambda r: r["index"])))
-    lengths = np.asarray(good.select_columns(["length"]).to_pandas()["length"], dtype=np.int64)
-    return _manifest_entry(name, source, len(raw_rows), lengths, rejects, good, dataset_dir), lengths
+                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    written = good.select_columns(["source", "length", "num_images", "num_supervised"]).to_pandas()
+    entry = _manifest_entry(sources, template, selected, written, rejects, dataset_dir)
+    return entry, np.asarray(written["length"], dtype=np.int64)
 
 
-def _manifest_entry(name, source, rows_in, lengths, rejects, good, dataset_dir) -> dict:
-    counts = good.select_columns(["num_images", "num_supervised"]).to_pandas()
-    entry = {
-        "source": source["path"],
-        "template": source["template"],
+def _stage(source: Source) -> tuple[list, int]:
+    """Stream a source file once into blocks in the object store: no process holds the whole file."""
+    refs, total = [], 0
+    for block in staged_blocks(source):
+        refs.append(ray.put(block))
+        total += block.num_rows
+    return refs, total
+
+
+def _counts(rows_in: int, written, rejects: list[dict]) -> dict:
+    counts = {
         "rows_in": rows_in,
-        "rows_written": int(len(lengths)),
+        "rows_written": int(len(written)),
         "rows_rejected": len(rejects),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "text_only_rows": int((counts["num_images"] == 0).sum()),
-        "tokens": int(lengths.sum()),
-        "supervised_tokens": int(counts["num_supervised"].sum()),
-        "max_length": int(lengths.max(initial=0)),
+        "text_only_rows": int((written["num_images"] == 0).sum()),
+        "tokens": int(written["length"].sum()),
+        "supervised_tokens": int(written["num_supervised"].sum()),
+    }
+    assert counts["rows_in"] == counts["rows_written"] + counts["rows_rejected"], counts  # nothing may vanish
+    return counts
+
+
+def _manifest_entry(sources, template, selected, written, rejects, dataset_dir) -> dict:
+    per_source = {}
+    for source in sources:
+        mine = [r for r in rejects if r["source"] == source.path]
+        per_source[source.path] = {"sampling": source.sampling,
+                                   **_counts(len(selected[source.path]), written[written["source"] == source.path],
+                                             mine)}
+    entry = {
+        "source": sources[0].path if len(sources) == 1 else [s.path for s in sources],
+        "template": template,
+        **_counts(sum(len(s) for s in selected.values()), written, rejects),
+        "max_length": int(written["length"].max()) if len(written) else 0,
+        "sources": per_source,
         "shards": storage.list_files(storage.join(dataset_dir, "shards"), ".parquet"),
     }
-    assert entry["rows_in"] == entry["rows_written"] + entry["rows_rejected"], entry  # nothing may vanish
     return entry
 
 
@@ -104,8 +144,9 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     settings = {"max_length": p.max_length, "too_long": p.too_long, "image_aspect_ratio": p.image_aspect_ratio,
                 "max_image_pixels": p.max_image_pixels}
     manifest, all_lengths = {"datasets": {}}, {}
-    for name, source in workflow.datasets.items():
-        entry, lengths = prepare_dataset(name, source.__dict__, vision_path, llm_path, settings, out_dir,
+    for name, dataset in workflow.datasets.items():
+        sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]
+        entry, lengths = prepare_dataset(name, sources, dataset.template, vision_path, llm_path, settings, out_dir,
                                          p.num_actors, p.rows_per_shard)
         manifest["datasets"][name] = entry
         all_lengths[name] = lengths
