@@ -136,3 +136,108 @@ def test_reject_threshold_stops_the_stage():
     pipeline.check_reject_fraction(manifest, 0.05)
     with pytest.raises(pipeline.TooManyRejects, match="5 of 100 rows rejected"):
         pipeline.check_reject_fraction(manifest, 0.01)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 protocol server (moto_server) on a free loopback port, with the env vars boto/pyarrow read."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                requests.get(endpoint, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _upload(folder: str, bucket: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            s3.upload_file(path, bucket, os.path.relpath(path, folder))
+    return f"s3://{bucket}"
+
+
+def _shard_rows(entry) -> list[dict]:
+    table = pq.read_table(entry["shards"]).drop_columns(["source"])  # the source path is the one thing that differs
+    return sorted(table.to_pylist(), key=lambda r: r["index"])
+
+
+def test_the_same_preparation_from_s3_gives_identical_shards(ray_session, tiny_dataset, dirty_dataset, s3_server,
+                                                              tmp_path):
+    local_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "local")
+    bucket = _upload(os.path.dirname(dirty_dataset["path"]), "llava-dirty")
+    s3_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "s3", path=f"{bucket}/data.json",
+                           image_folder=f"{bucket}/images")
+    assert _shard_rows(s3_entry) == _shard_rows(local_entry)
+    rejects = [json.loads(line) for line in open(tmp_path / "s3" / "mix" / "rejects.jsonl")]
+    assert {r["id"]: r["reason"] for r in rejects} == _expected_rejects(dirty_dataset)
+    assert {r["source"] for r in rejects} == {f"{bucket}/data.json"}
+    assert {k: s3_entry[k] for k in ("rows_in", "rows_written", "rows_rejected", "rejected_by_reason")} == \
+        {k: local_entry[k] for k in ("rows_in", "rows_written", "rows_rejected", "rejected_by_reason")}
+
+
+def test_mixture_of_jsonl_and_hub_parquet_with_sampling(ray_session, tiny_dataset, dirty_dataset, tmp_path):
+    """Two sources in one dataset: JSONL read from an image folder (last 3 rows), and hub-layout parquet with the
+    image bytes inline (struct {bytes, path}, a plain binary list, or none) sampled at random."""
+    import pyarrow as pa
+
+    folder = dirty_dataset["image_folder"]
+    jsonl = tmp_path / "rows.jsonl"
+    rows = [{"id": f"j{i}", "image": "good.png", "conversations": _turns()} for i in range(5)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + "{not json\n" + json.dumps(rows[4]) + "\n")
+    conversations = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "blue"}]
+    hub = pa.table({
+        "id": [f"h{i}" for i in range(8)],
+        "image": [{"bytes": _png(colour=(20, 20, 200)), "path": f"h{i}.png"} if i % 2 else None for i in range(8)],
+        "conversations": [conversations if i % 2 else _turns("Say hi.", "hi") for i in range(8)],
+    })
+    pq.write_table(hub, tmp_path / "hub.parquet")
+    sources = [Source(str(jsonl), folder, "last:3"), Source(str(tmp_path / "hub.parquet"), "", "50%", seed=3)]
+    entry, _ = pipeline.prepare_dataset("mix", sources, "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
+                                        SETTINGS, str(tmp_path / "out"), num_actors=2, rows_per_shard=100)
+    per_source = entry["sources"]
+    assert per_source[str(jsonl)]["rows_in"] == 3 and per_source[str(jsonl)]["rows_rejected"] == 1
+    assert per_source[str(jsonl)]["rejected_by_reason"] == {"malformed_row": 1}  # the "{not json" line
+    hub_source = per_source[str(tmp_path / "hub.parquet")]
+    assert hub_source["rows_in"] == 4 and hub_source["rows_written"] == 4
+    assert all(s["rows_in"] == s["rows_written"] + s["rows_rejected"] for s in per_source.values())
+    table = pq.read_table(entry["shards"])
+    got = sorted(table.column("id").to_pylist())
+    from llava_core.data.sources import select_indices
+    expected_hub = [f"h{i}" for i in select_indices("50%", 8, 3)]
+    assert got == sorted(["j3", "j4"] + expected_hub)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for hub_id in expected_hub:  # inline images decode; rows without one are text-only
+        assert by_id[hub_id]["num_images"] == (int(hub_id[1:]) % 2)
+        assert len(by_id[hub_id]["pixel_values"]["uint8"]) == (int(hub_id[1:]) % 2) * 3 * 64 * 64

@@ -61,6 +61,7 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
             batch_size=32,
             compute=ActorPoolStrategy(size=num_actors),
             num_cpus=1,
+            **_worker_env(),
         )
         .materialize()
     )
@@ -76,6 +77,12 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
     written = good.select_columns(["source", "length", "num_images", "num_supervised"]).to_pandas()
     entry = _manifest_entry(sources, template, selected, written, rejects, dataset_dir)
     return entry, np.asarray(written["length"], dtype=np.int64)
+
+
+def _worker_env() -> dict:
+    """Images in S3 are read by the actors: hand them the driver's endpoint and credentials when it has any."""
+    env = storage.s3_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _stage(source: Source) -> tuple[list, int]:
