@@ -301,6 +301,11 @@ def validate(w: Workflow) -> None:
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
         raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
+    if not 0.0 <= w.prepare.max_reject_fraction <= 1.0:
+        raise WorkflowError(f"prepare.max_reject_fraction: {w.prepare.max_reject_fraction} is not between 0 and 1")
+    for key in ("max_length", "rows_per_shard", "num_actors"):
+        if getattr(w.prepare, key) < 1:
+            raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
 
 
 def validate_sources(ds: DatasetSettings, where: str) -> None:
