@@ -71,7 +71,7 @@ def save_models(vision_path: str, llm_path: str, corpus: list[str]) -> None:
 
     from llava_core.model.tiny import train_tokenizer
 
-    CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024).save_pretrained(vision_path)
+    CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, num_attention_heads=16).save_pretrained(vision_path)
     CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
                           image_mean=[0.48145466, 0.4578275, 0.40821073],
                           image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(vision_path)
