@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from llava_core.data import pipeline
@@ -106,6 +107,23 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     image_row = by_id["image-row"]
     assert image_row["length"] == len(image_row["input_ids"]) == len(image_row["labels"])
     assert sorted(lengths.tolist()) == sorted(r["length"] for r in by_id.values())
+
+    # What the trainer reads: collate turns the stored crops into the processor's own float32 pixels.
+    from transformers import AutoImageProcessor
+
+    from llava_core.data.images import decode_image, mean_colour, pad_to_square
+    from llava_core.train.batching import collate, load_examples
+    examples = load_examples(entry["shards"])
+    ids = examples.column("input_ids").to_pylist()
+    row = next(i for i, x in enumerate(ids) if x == by_id["multi-image"]["input_ids"])
+    batch = collate(examples, np.array([row]), pad_token_id=0, image_shape=(3, 64, 64))
+    processor = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
+    originals = [decode_image(open(os.path.join(dirty_dataset["image_folder"], n), "rb").read())
+                 for n in ("good.png", "second.png")]
+    expected = processor(images=[pad_to_square(im, mean_colour(processor)) for im in originals],
+                         return_tensors="np")["pixel_values"]
+    assert batch["pixel_values"].dtype == torch.float32 and tuple(batch["pixel_values"].shape) == (2, 3, 64, 64)
+    np.testing.assert_allclose(batch["pixel_values"].numpy(), expected, atol=1e-5)
 
 
 def test_padding_uses_the_mean_colour(tiny_dataset):
