@@ -54,3 +54,17 @@ def test_hub_parquet_images_travel_inline(tmp_path):
     assert [(row.get("image"), inline) for row, inline in got] == [
         (["a.png"], [b"PNGDATA"]), (None, []), (["rel/c.jpg"], []), (["inline-0"], [b"X"])]
     assert got[0][0]["conversations"] == [{"from": "human", "value": "q"}]
+
+
+def test_an_unforeseen_error_in_a_row_is_a_counted_reject(tiny_dataset):
+    """A row that breaks the code in a way nobody planned for is rejected with the exception, not a crashed job."""
+    from llava_core.data.rows import RowPreparer
+
+    preparer = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"], {"template": "vicuna_v1", "max_length": 512})
+    weird = {"id": "w", "image": 5, "conversations": [{"from": "human", "value": "<image>\nq"},
+                                                    {"from": "gpt", "value": "a"}]}
+    result = preparer.prepare(json.dumps(weird))
+    assert (result["id"], result["reason"]) == ("w", "unexpected_error") and "TypeError" in result["detail"]
+    good = preparer.prepare(json.dumps({"id": "t", "conversations": [{"from": "human", "value": "hi"},
+                                                                      {"from": "gpt", "value": "yo"}]}))
+    assert good["reason"] == "" and good["modality"] == "text" and good["num_supervised"] > 0

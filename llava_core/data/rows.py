@@ -78,7 +78,11 @@ class RowPreparer:
             row_id = str(row.get("id", ""))
             return {"id": row_id, "reason": "", "detail": "",
                     **self._example(row, image_folder or self.settings.image_folder, inline or [])}
-        except RowError as error:
+        except Exception as error:  # noqa: BLE001
+            # One odd row must not kill a 665K-row job: anything unforeseen is a counted, reported reject too
+            # (`unexpected_error` with the exception), and the reject threshold still stops a run that is all errors.
+            if not isinstance(error, RowError):
+                error = RowError("unexpected_error", f"{type(error).__name__}: {error}")
             return {"id": row_id, "reason": error.reason, "detail": error.detail[:500], "input_ids": [],
                     "labels": [], "pixel_values": self._pixel_record(b""), "num_images": 0, "length": 0,
                     "num_supervised": 0, "modality": ""}
