@@ -7,7 +7,8 @@ image) and a byte-level BPE tokenizer trained on the spot; nothing is downloaded
 - pipeline: `prepare_dataset` on a local Ray with --cores CPUs and as many actors (staging, decode/pad/process,
   template + tokenize + mask, parquet shards, rejects), timed from the call to its return (Ray start-up excluded,
   actor start-up included);
-- floor: the same `RowPreparer` work and a parquet write in a child process pinned to one core with one thread.
+- floor: the same `RowPreparer` work and a parquet write in a child process pinned to one core with one thread,
+  timed on --floor-rows rows before and after the pipeline (averaged: on a shared machine the load drifts).
 
 Last line: {"samples_per_s", "floor_samples_per_s_single_core", "cores", "efficiency"} with
 efficiency = samples_per_s / (cores * floor). Run it on a quiet machine: other load shows up as lost efficiency.
@@ -123,6 +124,15 @@ def run_floor(paths: dict, rows: int, out_dir: str) -> float:
     return time.perf_counter() - start
 
 
+def run_floor_child(args) -> float:
+    """The floor in a child process pinned to one core, with one thread for every math library."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+    child = subprocess.run([sys.executable, __file__, "--floor-only", "--rows", str(args.rows),
+                            "--floor-rows", str(args.floor_rows), "--cache-dir", args.cache_dir],
+                           env=env, capture_output=True, text=True, check=True)
+    return json.loads(child.stdout.strip().splitlines()[-1])["floor_s"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=2000)
@@ -138,17 +148,20 @@ def main() -> None:
             os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
             print(json.dumps({"floor_s": run_floor(paths, args.floor_rows, out_dir)}))
             return
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
-        child = subprocess.run([sys.executable, __file__, "--floor-only", "--rows", str(args.rows),
-                                "--floor-rows", str(args.floor_rows), "--cache-dir", args.cache_dir],
-                               env=env, capture_output=True, text=True, check=True)
-        floor_s = json.loads(child.stdout.strip().splitlines()[-1])["floor_s"]
+        # The floor runs before and after the pipeline and the two are averaged: on a shared machine the load drifts.
+        loads = [os.getloadavg()[0]]
+        floor_before = run_floor_child(args)
         seconds, entry = run_pipeline(paths, args.cores, out_dir)
+        loads.append(os.getloadavg()[0])
+        floor_after = run_floor_child(args)
+        loads.append(os.getloadavg()[0])
     assert entry["rows_written"] == args.rows, entry
+    floor_s = (floor_before + floor_after) / 2
     floor = args.floor_rows / floor_s
     samples_per_s = args.rows / seconds
     print(f"pipeline: {args.rows} rows in {seconds:.1f} s on {args.cores} cores; floor: {args.floor_rows} rows in "
-          f"{floor_s:.1f} s on one core; load average now {os.getloadavg()[0]:.2f}", file=sys.stderr)
+          f"{floor_before:.1f} s before, {floor_after:.1f} s after, on one core; 1-min load average at start, after "
+          f"the pipeline, at the end: {', '.join(f'{x:.2f}' for x in loads)}", file=sys.stderr)
     print(json.dumps({"samples_per_s": round(samples_per_s, 2), "floor_samples_per_s_single_core": round(floor, 2),
                       "cores": args.cores, "efficiency": round(samples_per_s / (args.cores * floor), 3)}))
 
