@@ -2,10 +2,10 @@
 
 A dataset is one source or a mixture of sources (each with its image folder and sampling). Every source is first
 streamed once into arrow blocks of raw rows in the object store (`sources.staged_blocks`); a pool of
-`RowPreparer` actors turns each row into an example or a rejection. Per dataset it writes
-`<out>/<name>/shards/*.parquet` (good rows), `<out>/<name>/rejects.jsonl` (every rejected row with its reason, row
-id, source and index) and counts in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the
-dataset and for every source.
+`RowPreparer` actors turns each row into an example or a rejection, written in one streaming pass. Per dataset it
+writes `<out>/<name>/rows/status=written/*.parquet` (the shards), `<out>/<name>/rows/status=rejected/`,
+`<out>/<name>/rejects.jsonl` (every rejected row with its reason, row id, source and index) and counts in
+`<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the dataset and for every source.
 """
 from __future__ import annotations
 
@@ -17,7 +17,6 @@ from collections import Counter
 import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.expressions import col
 
 from llava_core import storage
 from llava_core.config import dataset_sources
@@ -26,8 +25,6 @@ from llava_core.data.sources import Source, keep_indices, select_indices, staged
 
 log = logging.getLogger(__name__)
 
-SHARD_COLUMNS = ["id", "source", "index", "input_ids", "labels", "pixel_values", "num_images", "length",
-                 "num_supervised", "modality"]
 
 
 class TooManyRejects(RuntimeError):
@@ -53,37 +50,53 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
     if sum(len(s) for s in selected.values()) == 0:
         raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
 
-    prepared = (
-        ray.data.from_arrow_refs(blocks)
-        .map_batches(
-            RowPreparer,
-            fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path,
-                                   "settings": row_settings.__dict__},
-            batch_format="pyarrow",
-            batch_size=32,
-            compute=ActorPoolStrategy(size=num_actors),
-            num_cpus=1,
-            **_worker_env(),
-        )
-        .materialize()
+    prepared = ray.data.from_arrow_refs(blocks).map_batches(
+        RowPreparer,
+        fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path, "settings": row_settings.__dict__},
+        batch_format="pyarrow",
+        batch_size=32,
+        compute=ActorPoolStrategy(size=num_actors),
+        num_cpus=1,
+        **_worker_env(),
     )
-    staged_s = time.perf_counter() - start
-    good = prepared.filter(expr=col("reason") == "")
-    fs, shard_path = storage.filesystem(storage.join(dataset_dir, "shards"))
-    good.select_columns(SHARD_COLUMNS).write_parquet(shard_path, filesystem=fs, min_rows_per_file=rows_per_shard)
+    rows_dir = storage.join(dataset_dir, "rows")
+    _write_streaming(prepared, rows_dir, rows_per_shard)
 
-    # One pass over the small columns gives the rejects and every count of the manifest.
-    summary = prepared.select_columns(["id", "source", "index", "reason", "detail", "length", "num_images",
-                                       "num_supervised"]).to_pandas()
+    # The small columns of every row, read back from the files: the rejects and every count of the manifest.
+    summary = _read_columns(storage.list_files(rows_dir, ".parquet"),
+                            ["id", "source", "index", "reason", "detail", "length", "num_images", "num_supervised"])
     rejects = summary[summary["reason"] != ""].sort_values(["source", "index"])
     rejects = rejects[["id", "source", "index", "reason", "detail"]].to_dict("records")
     storage.write_text(storage.join(dataset_dir, "rejects.jsonl"),
                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     written = summary[summary["reason"] == ""]
-    log.info("prepare %s: %d rows in %.1f s (%.1f s to stage and prepare, %.1f s to write)", name, len(summary),
-             time.perf_counter() - start, staged_s, time.perf_counter() - start - staged_s)
+    log.info("prepare %s: %d rows in %.1f s", name, len(summary), time.perf_counter() - start)
     entry = _manifest_entry(sources, template, selected, written, rejects, dataset_dir)
     return entry, np.asarray(written["length"], dtype=np.int64)
+
+
+def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:
+    """One streaming pass: written rows to `rows/status=written/` (the shards), rejected ones (tiny: no tokens, no
+    pixels) to `rows/status=rejected/`. Nothing is materialised: at 665K images that would be ~225 GB of pixels."""
+    import warnings
+
+    fs, path = storage.filesystem(rows_dir)
+    with warnings.catch_warnings():
+        # Ray suggests a repartition by key instead of min_rows_per_file with partitions: that is a shuffle, i.e.
+        # exactly the full materialisation this write avoids.
+        warnings.filterwarnings("ignore", message="Using `min_rows_per_file` with non-empty `partition_cols`")
+        prepared.write_parquet(path, filesystem=fs, partition_cols=["status"], min_rows_per_file=rows_per_shard)
+
+
+def _read_columns(paths: list[str], columns: list[str]):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        fs, inner = storage.filesystem(path)
+        tables.append(pq.read_table(inner, filesystem=fs, columns=columns))
+    return pd.concat([t.to_pandas() for t in tables], ignore_index=True) if tables else pd.DataFrame(columns=columns)
 
 
 def _worker_env() -> dict:
@@ -128,7 +141,7 @@ def _manifest_entry(sources, template, selected, written, rejects, dataset_dir) 
         **_counts(sum(len(s) for s in selected.values()), written, rejects),
         "max_length": int(written["length"].max()) if len(written) else 0,
         "sources": per_source,
-        "shards": storage.list_files(storage.join(dataset_dir, "shards"), ".parquet"),
+        "shards": storage.list_files(storage.join(dataset_dir, "rows", "status=written"), ".parquet"),
     }
     return entry
 

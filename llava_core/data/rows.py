@@ -40,6 +40,7 @@ OUTPUT_SCHEMA = pa.schema([
     ("detail", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
     ("pixel_values", PIXELS_TYPE), ("num_images", pa.int32()), ("length", pa.int32()),
     ("num_supervised", pa.int32()), ("modality", pa.string()),
+    ("status", pa.string()),  # written | rejected: the pipeline partitions its one streaming write by it
 ])
 OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
@@ -65,7 +66,7 @@ class RowPreparer:
         columns = [batch.column(c).to_pylist() for c in ("source", "image_folder", "index", "raw", "image_bytes")]
         for source, image_folder, index, raw, inline in zip(*columns):
             example = self.prepare(raw, image_folder or self.settings.image_folder, inline or [])
-            example.update(source=source, index=index)
+            example.update(source=source, index=index, status="rejected" if example["reason"] else "written")
             for name in OUTPUT_COLUMNS:
                 out[name].append(example[name])
         return pa.table(out, schema=OUTPUT_SCHEMA)
