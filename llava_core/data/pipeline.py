@@ -85,7 +85,9 @@ def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:
         # Ray suggests a repartition by key instead of min_rows_per_file with partitions: that is a shuffle, i.e.
         # exactly the full materialisation this write avoids.
         warnings.filterwarnings("ignore", message="Using `min_rows_per_file` with non-empty `partition_cols`")
-        prepared.write_parquet(path, filesystem=fs, partition_cols=["status"], min_rows_per_file=rows_per_shard)
+        # Writing is I/O: with a CPU reserved, the writes wait for an actor to finish and pile up at the end.
+        prepared.write_parquet(path, filesystem=fs, partition_cols=["status"], min_rows_per_file=rows_per_shard,
+                               ray_remote_args={"num_cpus": 0})
 
 
 def _read_columns(paths: list[str], columns: list[str]):
