@@ -67,10 +67,29 @@ class ModelSettings:
 
 
 @dataclass
-class DatasetSettings:
-    path: str = ""  # JSON array, JSONL or parquet of LLaVA rows
+class SourceSettings:
+    """One annotation file of a dataset mixture, as in LLaVA-NeXT's data YAML."""
+    path: str = ""  # JSON array, JSONL or parquet (image bytes inline or paths), local or s3://
     image_folder: str = ""  # relative image paths are resolved against this
-    template: str = "vicuna_v1"  # plain | vicuna_v1
+    sampling: str = "all"  # all | first:N | last:N | random:N | N% (random) | first:N% | last:N% | random:N%
+    seed: int = 0  # for random sampling
+
+
+@dataclass
+class DatasetSettings:
+    path: str = ""  # JSON array, JSONL or parquet of LLaVA rows (or give `sources` for a mixture)
+    image_folder: str = ""  # relative image paths are resolved against this
+    template: str = "vicuna_v1"  # plain | vicuna_v1 | chat_template (the LLM tokenizer's own Jinja template)
+    sampling: str = "all"  # as SourceSettings.sampling, for `path`
+    seed: int = 0
+    sources: list = field(default_factory=list)  # a mixture: list of SourceSettings mappings, instead of `path`
+
+
+def dataset_sources(ds: DatasetSettings) -> list[SourceSettings]:
+    """The sources of a dataset: its mixture, or its single `path`."""
+    if ds.sources:
+        return list(ds.sources)
+    return [SourceSettings(path=ds.path, image_folder=ds.image_folder, sampling=ds.sampling, seed=ds.seed)]
 
 
 @dataclass
@@ -380,6 +399,8 @@ def resolve_local_paths(w: Workflow) -> None:
 
     for ds in w.datasets.values():
         ds.path, ds.image_folder = local(ds.path), local(ds.image_folder)
+        for source in ds.sources:
+            source.path, source.image_folder = local(source.path), local(source.image_folder)
     e = w.evaluate
     e.questions, e.answers, e.image_folder = local(e.questions), local(e.answers), local(e.image_folder)
     for s in e.sets.values():
@@ -398,8 +419,7 @@ def validate(w: Workflow) -> None:
     for name, ds in w.datasets.items():
         if ds.template not in TEMPLATES:
             raise WorkflowError(f"datasets.{name}.template: {ds.template!r} is not one of {list(TEMPLATES)}")
-        if not ds.path:
-            raise WorkflowError(f"datasets.{name}.path: required")
+        validate_sources(ds, f"datasets.{name}")
     for stage_name in ("align", "instruct"):
         stage: TrainStageSettings = getattr(w, stage_name)
         if stage.dataset not in w.datasets:
@@ -418,6 +438,11 @@ def validate(w: Workflow) -> None:
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
         raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
+    if not 0.0 <= w.prepare.max_reject_fraction <= 1.0:
+        raise WorkflowError(f"prepare.max_reject_fraction: {w.prepare.max_reject_fraction} is not between 0 and 1")
+    for key in ("max_length", "rows_per_shard", "num_actors"):
+        if getattr(w.prepare, key) < 1:
+            raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
     validate_evaluate(w.evaluate)
     validate_serve(w.serve)
 
@@ -479,6 +504,28 @@ def validate_train_stage(name: str, stage: TrainStageSettings) -> None:
     if stage.packing and stage.sampling == "modality_grouped":
         raise WorkflowError(f"{name}.packing: packs rows of any modality together; use sampling random or "
                             f"length_grouped with packing")
+
+
+def validate_sources(ds: DatasetSettings, where: str) -> None:
+    """`path` or `sources` (not both); each source a mapping with a path and a sampling strategy that parses."""
+    from llava_core.data.sources import parse_sampling
+
+    if ds.path and ds.sources:
+        raise WorkflowError(f"{where}: give either path (one source) or sources (a mixture), not both")
+    if not ds.path and not ds.sources:
+        raise WorkflowError(f"{where}.path: required (or sources: a list of {{path, image_folder, sampling}})")
+    if not isinstance(ds.sources, list):
+        raise WorkflowError(f"{where}.sources: expected a list of mappings")
+    ds.sources = [s if isinstance(s, SourceSettings) else _build(SourceSettings, s, f"{where}.sources[{i}]")
+                  for i, s in enumerate(ds.sources)]
+    for i, source in enumerate(dataset_sources(ds)):
+        at = f"{where}.sources[{i}]" if ds.sources else where
+        if not source.path:
+            raise WorkflowError(f"{at}.path: required")
+        try:
+            parse_sampling(source.sampling)
+        except ValueError as error:
+            raise WorkflowError(f"{at}.sampling: {error}") from None
 
 
 def settings_hash(*parts: Any) -> str:

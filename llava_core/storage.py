@@ -39,6 +39,15 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(path)
 
 
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
+               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+
+
+def s3_env() -> dict:
+    """The driver's S3 settings, for Ray workers that were started before they were set (or on other nodes)."""
+    return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
+
+
 def exists(path: str) -> bool:
     fs, inner = filesystem(path)
     return fs.get_file_info(inner).type != pafs.FileType.NotFound

@@ -67,16 +67,20 @@ def test_packing_fills_rows_and_keeps_every_sample_once():
 
 
 def test_collate_pads_and_keeps_images_in_row_order():
-    image = lambda v: np.full((3, 2, 2), v, dtype=np.float32).tobytes()  # noqa: E731
+    def image(v):  # stored uint8 crops + the affine back to normalised float pixels
+        return {"uint8": np.full((3, 2, 2), v, dtype=np.uint8).tobytes(), "scale": [2.0, 1.0, 1.0],
+                "offset": [-1.0, 0.0, 0.5]}
     table = pa.table({
         "input_ids": [[5, 6, 7], [8], [9, 9]], "labels": [[-100, 6, 7], [8], [-100, 9]],
-        "pixel_values": [image(1.0), b"", image(3.0)], "num_images": [1, 0, 1], "length": [3, 1, 2]})
+        "pixel_values": [image(1), {"uint8": b"", "scale": [1.0] * 3, "offset": [0.0] * 3}, image(3)],
+        "num_images": [1, 0, 1], "length": [3, 1, 2]})
     batch = collate(table, np.array([2, 1, 0]), pad_token_id=0, image_shape=(3, 2, 2))
     assert batch["input_ids"].tolist() == [[9, 9, 0], [8, 0, 0], [5, 6, 7]]
     assert batch["labels"].tolist() == [[-100, 9, -100], [8, -100, -100], [-100, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
-    assert batch["pixel_values"].shape == (2, 3, 2, 2)
-    assert torch.equal(batch["pixel_values"][:, 0, 0, 0], torch.tensor([3.0, 1.0]))
+    assert batch["pixel_values"].shape == (2, 3, 2, 2) and batch["pixel_values"].dtype == torch.float32
+    assert torch.equal(batch["pixel_values"][:, 0, 0, 0], torch.tensor([5.0, 1.0]))  # 3*2-1, 1*2-1: rows 2 then 0
+    assert torch.equal(batch["pixel_values"][0, :, 1, 1], torch.tensor([5.0, 3.0, 3.5]))  # per-channel affine
 
     packed = collate_packed(table, [np.array([2, 1]), np.array([0])], pad_token_id=0, image_shape=(3, 2, 2))
     assert packed["input_ids"].tolist() == [[9, 9, 8], [5, 6, 7]]

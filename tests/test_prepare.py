@@ -6,9 +6,11 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from llava_core.data import pipeline
+from llava_core.data.sources import Source
 
 SETTINGS = {"max_length": 200, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
@@ -65,33 +67,63 @@ def dirty_dataset(tmp_path_factory):
         "image_tag_mismatch": {"image": ["good.png", "second.png"], "conversations": _turns()},
         "too_long": {"image": "good.png", "conversations": _turns("<image>\n" + "very long question " * 60)},
     }
+    good.append({"id": "model-empty", "model": "", "conversations": _turns("Say hi.", "hi")})  # as in mix665k
     rows = good + [{"id": f"bad-{reason}", **row} for reason, row in bad.items()]
+    rows.append(7)  # not a row object at all: rejected as malformed_row (it has no id)
+    bad["malformed_row"] = None
     path = os.path.join(folder, "data.json")
     with open(path, "w") as f:
         json.dump(rows, f)
     return {"path": path, "image_folder": images, "good": [r["id"] for r in good], "bad": bad}
 
 
+def _prepare(dataset, tiny_dataset, out_dir, path=None, image_folder=None):
+    source = Source(path or dataset["path"], image_folder or dataset["image_folder"])
+    return pipeline.prepare_dataset("mix", [source], "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
+                                    SETTINGS, str(out_dir), num_actors=2, rows_per_shard=100)
+
+
+def _expected_rejects(dataset):
+    return {(f"bad-{k}" if k != "malformed_row" else ""): k for k in dataset["bad"]}
+
+
 def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path):
-    source = {"path": dirty_dataset["path"], "image_folder": dirty_dataset["image_folder"], "template": "vicuna_v1"}
-    entry, lengths = pipeline.prepare_dataset("mix", source, tiny_dataset["vision"], tiny_dataset["llm"], SETTINGS,
-                                              str(tmp_path), num_actors=2, rows_per_shard=100)
+    entry, lengths = _prepare(dirty_dataset, tiny_dataset, tmp_path)
     rejects = [json.loads(line) for line in open(tmp_path / "mix" / "rejects.jsonl")]
-    assert {r["id"]: r["reason"] for r in rejects} == {f"bad-{k}": k for k in dirty_dataset["bad"]}
+    assert {r["id"]: r["reason"] for r in rejects} == _expected_rejects(dirty_dataset)
     assert all(r["source"] == dirty_dataset["path"] for r in rejects)
-    assert entry["rows_in"] == 16 and entry["rows_written"] == 6 and entry["rows_rejected"] == 10
+    assert [r["index"] for r in rejects] == list(range(7, 18))  # the bad rows follow the 7 good ones in the file
+    assert entry["rows_in"] == 18 and entry["rows_written"] == 7 and entry["rows_rejected"] == 11
     assert entry["rejected_by_reason"] == {k: 1 for k in dirty_dataset["bad"]}
-    assert entry["text_only_rows"] == 1
+    assert entry["text_only_rows"] == 2
+    assert entry["sources"][dirty_dataset["path"]]["rows_in"] == 18
 
     table = pq.read_table([p for p in entry["shards"]])
     assert sorted(table.column("id").to_pylist()) == sorted(dirty_dataset["good"])  # each good row exactly once
     by_id = {row["id"]: row for row in table.to_pylist()}
-    assert by_id["multi-image"]["num_images"] == 2
-    assert len(by_id["multi-image"]["pixel_values"]) == 2 * 3 * 64 * 64 * 4
-    assert by_id["text-only"]["pixel_values"] == b""
+    assert by_id["multi-image"]["num_images"] == 2 and by_id["multi-image"]["modality"] == "image"
+    assert len(by_id["multi-image"]["pixel_values"]["uint8"]) == 2 * 3 * 64 * 64  # uint8 crops, not float32
+    assert by_id["text-only"]["pixel_values"]["uint8"] == b"" and by_id["text-only"]["modality"] == "text"
     image_row = by_id["image-row"]
     assert image_row["length"] == len(image_row["input_ids"]) == len(image_row["labels"])
     assert sorted(lengths.tolist()) == sorted(r["length"] for r in by_id.values())
+
+    # What the trainer reads: collate turns the stored crops into the processor's own float32 pixels.
+    from transformers import AutoImageProcessor
+
+    from llava_core.data.images import decode_image, mean_colour, pad_to_square
+    from llava_core.train.batching import collate, load_examples
+    examples = load_examples(entry["shards"])
+    ids = examples.column("input_ids").to_pylist()
+    row = next(i for i, x in enumerate(ids) if x == by_id["multi-image"]["input_ids"])
+    batch = collate(examples, np.array([row]), pad_token_id=0, image_shape=(3, 64, 64))
+    processor = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
+    originals = [decode_image(open(os.path.join(dirty_dataset["image_folder"], n), "rb").read())
+                 for n in ("good.png", "second.png")]
+    expected = processor(images=[pad_to_square(im, mean_colour(processor)) for im in originals],
+                         return_tensors="np")["pixel_values"]
+    assert batch["pixel_values"].dtype == torch.float32 and tuple(batch["pixel_values"].shape) == (2, 3, 64, 64)
+    np.testing.assert_allclose(batch["pixel_values"].numpy(), expected, atol=1e-5)
 
 
 def test_padding_uses_the_mean_colour(tiny_dataset):
@@ -102,8 +134,14 @@ def test_padding_uses_the_mean_colour(tiny_dataset):
     wide = Image.new("RGB", (64, 32), (255, 255, 255))  # padded top and bottom to 64x64
     buffer = io.BytesIO()
     wide.save(buffer, format="PNG")
-    pixels = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.float32).reshape(3, 64, 64)
+    crop = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.uint8).reshape(3, 64, 64)
+    scale, offset = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (preparer.scale, preparer.offset))
+    pixels = crop * scale + offset
     processor = preparer.image_processor
+    # Lossless: the stored uint8 crop + affine is exactly what the processor's float path gives for the padded image.
+    from llava_core.data.images import pad_to_square
+    reference = processor(images=[pad_to_square(wide, preparer.pad_fill)], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixels, reference, atol=1e-5)
     fill = np.array([round(c * 255) / 255 for c in processor.image_mean])
     expected_pad = (fill - np.array(processor.image_mean)) / np.array(processor.image_std)
     np.testing.assert_allclose(pixels[:, 0, 0], expected_pad, atol=0.02)  # top band: mean colour, ~0 normalised
@@ -116,3 +154,108 @@ def test_reject_threshold_stops_the_stage():
     pipeline.check_reject_fraction(manifest, 0.05)
     with pytest.raises(pipeline.TooManyRejects, match="5 of 100 rows rejected"):
         pipeline.check_reject_fraction(manifest, 0.01)
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """A real S3 protocol server (moto_server) on a free loopback port, with the env vars boto/pyarrow read."""
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import requests
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        for _ in range(100):
+            try:
+                requests.get(endpoint, timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        yield endpoint
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _upload(folder: str, bucket: str) -> str:
+    import boto3
+
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket=bucket)
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = os.path.join(root, name)
+            s3.upload_file(path, bucket, os.path.relpath(path, folder))
+    return f"s3://{bucket}"
+
+
+def _shard_rows(entry) -> list[dict]:
+    table = pq.read_table(entry["shards"]).drop_columns(["source"])  # the source path is the one thing that differs
+    return sorted(table.to_pylist(), key=lambda r: r["index"])
+
+
+def test_the_same_preparation_from_s3_gives_identical_shards(ray_session, tiny_dataset, dirty_dataset, s3_server,
+                                                              tmp_path):
+    local_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "local")
+    bucket = _upload(os.path.dirname(dirty_dataset["path"]), "llava-dirty")
+    s3_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "s3", path=f"{bucket}/data.json",
+                           image_folder=f"{bucket}/images")
+    assert _shard_rows(s3_entry) == _shard_rows(local_entry)
+    rejects = [json.loads(line) for line in open(tmp_path / "s3" / "mix" / "rejects.jsonl")]
+    assert {r["id"]: r["reason"] for r in rejects} == _expected_rejects(dirty_dataset)
+    assert {r["source"] for r in rejects} == {f"{bucket}/data.json"}
+    assert {k: s3_entry[k] for k in ("rows_in", "rows_written", "rows_rejected", "rejected_by_reason")} == \
+        {k: local_entry[k] for k in ("rows_in", "rows_written", "rows_rejected", "rejected_by_reason")}
+
+
+def test_mixture_of_jsonl_and_hub_parquet_with_sampling(ray_session, tiny_dataset, dirty_dataset, tmp_path):
+    """Two sources in one dataset: JSONL read from an image folder (last 3 rows), and hub-layout parquet with the
+    image bytes inline (struct {bytes, path}, a plain binary list, or none) sampled at random."""
+    import pyarrow as pa
+
+    folder = dirty_dataset["image_folder"]
+    jsonl = tmp_path / "rows.jsonl"
+    rows = [{"id": f"j{i}", "image": "good.png", "conversations": _turns()} for i in range(5)]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows[:4]) + "{not json\n" + json.dumps(rows[4]) + "\n")
+    conversations = [{"from": "human", "value": "<image>\nWhat colour?"}, {"from": "gpt", "value": "blue"}]
+    hub = pa.table({
+        "id": [f"h{i}" for i in range(8)],
+        "image": [{"bytes": _png(colour=(20, 20, 200)), "path": f"h{i}.png"} if i % 2 else None for i in range(8)],
+        "conversations": [conversations if i % 2 else _turns("Say hi.", "hi") for i in range(8)],
+    })
+    pq.write_table(hub, tmp_path / "hub.parquet")
+    sources = [Source(str(jsonl), folder, "last:3"), Source(str(tmp_path / "hub.parquet"), "", "50%", seed=3)]
+    entry, _ = pipeline.prepare_dataset("mix", sources, "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
+                                        SETTINGS, str(tmp_path / "out"), num_actors=2, rows_per_shard=100)
+    per_source = entry["sources"]
+    assert per_source[str(jsonl)]["rows_in"] == 3 and per_source[str(jsonl)]["rows_rejected"] == 1
+    assert per_source[str(jsonl)]["rejected_by_reason"] == {"malformed_row": 1}  # the "{not json" line
+    hub_source = per_source[str(tmp_path / "hub.parquet")]
+    assert hub_source["rows_in"] == 4 and hub_source["rows_written"] == 4
+    assert all(s["rows_in"] == s["rows_written"] + s["rows_rejected"] for s in per_source.values())
+    table = pq.read_table(entry["shards"])
+    got = sorted(table.column("id").to_pylist())
+    from llava_core.data.sources import select_indices
+    expected_hub = [f"h{i}" for i in select_indices("50%", 8, 3)]
+    assert got == sorted(["j3", "j4"] + expected_hub)
+    by_id = {r["id"]: r for r in table.to_pylist()}
+    for hub_id in expected_hub:  # inline images decode; rows without one are text-only
+        assert by_id[hub_id]["num_images"] == (int(hub_id[1:]) % 2)
+        assert len(by_id[hub_id]["pixel_values"]["uint8"]) == (int(hub_id[1:]) % 2) * 3 * 64 * 64

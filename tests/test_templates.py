@@ -116,3 +116,75 @@ def test_export_chat_template_renders_the_training_prompt(tiny_llava_dir):
     trained = templates.render_vicuna_v1(turns, "</s>").text
     # The inference prompt is the training text up to the position of the answer being generated.
     assert trained.startswith(prompt) and trained[len(prompt):] == " a circle</s>"
+
+
+# A ChatML-style template (the shape of Qwen's), written here: nothing comes from the hub.
+CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+          "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chatml_tokenizer(tiny_dataset):
+    from llava_core.model.build import load_tokenizer_with_image_token
+
+    tokenizer = load_tokenizer_with_image_token(tiny_dataset["llm"])
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tokenizer.chat_template = CHATML
+    return tokenizer
+
+
+def supervised_runs(tokenizer, ids, labels):
+    supervised = np.flatnonzero(labels != templates.IGNORE_INDEX)
+    runs = np.split(supervised, np.flatnonzero(np.diff(supervised) != 1) + 1)
+    return [tokenizer.decode(ids[r]) for r in runs if len(r)]
+
+
+def test_chat_template_renders_the_tokenizers_template_and_masks_answers(chatml_tokenizer):
+    tok = chatml_tokenizer
+    rendered = templates.render("chat_template", formats.normalise_conversation(ROW, 1), tok)
+    assert rendered.text == (f"{tok.bos_token}<|im_start|>user\n<image>\nWhat colour is it?<|im_end|>\n"
+                             "<|im_start|>assistant\nred<|im_end|>\n"
+                             "<|im_start|>user\nAnd the shape?<|im_end|>\n"
+                             "<|im_start|>assistant\na circle<|im_end|>\n")
+    # The answer and its end-of-turn token; not the newline after it, not the role headers.
+    assert [rendered.text[s:e] for s, e in rendered.supervised] == ["red<|im_end|>", "a circle<|im_end|>"]
+    ids, labels = templates.tokenize_with_labels(rendered, tok)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # the template's BOS only, not a second one
+    assert (ids == tok.convert_tokens_to_ids("<image>")).sum() == 1
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert supervised_runs(tok, ids, labels) == ["red<|im_end|>", "a circle<|im_end|>"]
+    assert (ids == im_end).sum() == 4 and (labels == im_end).sum() == 2  # user turns' end tokens are not learned
+
+
+def test_chat_template_text_only_row(chatml_tokenizer):
+    tok = chatml_tokenizer
+    row = {"conversations": [{"from": "human", "value": "What is one plus one?"}, {"from": "gpt", "value": "two"}]}
+    rendered = templates.render("chat_template", formats.normalise_conversation(row, 0), tok)
+    assert rendered.text == (f"{tok.bos_token}<|im_start|>user\nWhat is one plus one?<|im_end|>\n"
+                             "<|im_start|>assistant\ntwo<|im_end|>\n")
+    ids, labels = templates.tokenize_with_labels(rendered, tok)
+    assert supervised_runs(tok, ids, labels) == ["two<|im_end|>"]
+
+
+def test_chat_template_that_rewrites_history_is_rejected(chatml_tokenizer):
+    """A template that renders earlier turns differently once later ones exist cannot give a trustworthy mask."""
+    tok = chatml_tokenizer
+    rewriting = ("{% for m in messages %}{% if loop.last and m['role'] == 'assistant' %}<|im_start|>final\n"
+                 "{% else %}<|im_start|>{{ m['role'] }}\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    original, tok.chat_template = tok.chat_template, rewriting
+    try:
+        with pytest.raises(RowError) as error:
+            templates.render("chat_template", formats.normalise_conversation(ROW, 1), tok)
+        assert error.value.reason == "chat_template_mismatch"
+    finally:
+        tok.chat_template = original
+
+
+def test_vicuna_v1_multi_turn_mask_and_plain_text_through_render(tokenizer):
+    """`render` dispatches by name and the masks of vicuna_v1 cover both answers of a multi-turn row."""
+    ids, labels = templates.tokenize_with_labels(
+        templates.render("vicuna_v1", formats.normalise_conversation(ROW, 1), tokenizer), tokenizer)
+    assert [r.strip() for r in supervised_runs(tokenizer, ids, labels)] == ["red</s>", "a circle</s>"]
+    with pytest.raises(ValueError, match="unknown template"):
+        templates.render("llama_2", [], tokenizer)

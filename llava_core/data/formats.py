@@ -1,16 +1,13 @@
-"""Read LLaVA-format annotation files and normalise each row's conversation.
+"""Normalise one LLaVA-format row: its image list and its conversation (reading files is `sources.py`'s job).
 
-Accepts what users have on disk: a JSON array (the official files), JSONL, or parquet; turns as `from/value` or
-`role/content`; `image` as one path, a list of paths, or absent (text-only). Problems are raised as `RowError` with a
-short machine-readable reason, so the pipeline can count and write them instead of crashing or dropping silently.
+Accepts turns as `from/value` or `role/content`; `image` as one path, a list of paths, or absent (text-only).
+Problems are raised as `RowError` with a short machine-readable reason, so the pipeline can count and write them
+instead of crashing or dropping silently.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
-
-from llava_core import storage
 
 IMAGE_TAG = "<image>"
 USER, ASSISTANT = "user", "assistant"
@@ -30,19 +27,6 @@ class RowError(ValueError):
 class Turn:
     role: str  # USER or ASSISTANT
     text: str  # with every <image> tag of the turn moved to its front, one "<image>\n" per image
-
-
-def read_annotation_rows(path: str) -> list[dict]:
-    """All rows of a JSON array, JSONL or parquet annotation file, local or s3://."""
-    if path.endswith(".parquet"):
-        import pyarrow.parquet as pq
-
-        fs, inner = storage.filesystem(path)
-        return pq.read_table(inner, filesystem=fs).to_pylist()
-    text = storage.read_text(path)
-    if text.lstrip().startswith("["):
-        return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def image_list(row: dict) -> list[str]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import warnings
 
+import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava_core import storage
@@ -66,3 +67,23 @@ def mean_colour(image_processor) -> tuple[int, int, int]:
 def blank_image(image_processor, size: int = 64) -> Image.Image:
     """An image with no content (the mean colour): the evaluation's image-blind baseline."""
     return Image.new("RGB", (size, size), mean_colour(image_processor))
+
+
+def processed_uint8(image_processor, decoded: list[Image.Image]) -> np.ndarray:
+    """The processor's resize + centre crop without its rescale and normalise: (N, 3, H, W) uint8.
+
+    The CLIP processors resize in 8-bit, so this is exactly what the float pixels are computed from: storing it
+    loses nothing (`normalisation` gives the affine that finishes the job in the trainer).
+    """
+    pixels = image_processor(images=decoded, do_rescale=False, do_normalize=False, return_tensors="np")["pixel_values"]
+    return np.ascontiguousarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8))
+
+
+def normalisation(image_processor) -> tuple[list[float], list[float]]:
+    """Per-channel (scale, offset) with float pixel = uint8 * scale + offset, as the processor computes it."""
+    mean = np.asarray(image_processor.image_mean, dtype=np.float64)
+    std = np.asarray(image_processor.image_std, dtype=np.float64)
+    rescale = image_processor.rescale_factor if image_processor.do_rescale else 1.0
+    scale = rescale / std if image_processor.do_normalize else np.full(3, rescale)
+    offset = -mean / std if image_processor.do_normalize else np.zeros(3)
+    return scale.tolist(), offset.tolist()

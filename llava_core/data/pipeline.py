@@ -1,81 +1,150 @@
 """The prepare stage on Ray Data: raw LLaVA rows -> validated, tokenized, label-masked parquet shards.
 
-Per dataset it writes `<out>/<name>/shards/*.parquet` (good rows), `<out>/<name>/rejects.jsonl` (every rejected row
-with its reason) and counts in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for every source.
+A dataset is one source or a mixture of sources (each with its image folder and sampling). Every source is first
+streamed once into arrow blocks of raw rows in the object store (`sources.staged_blocks`); a pool of
+`RowPreparer` actors turns each row into an example or a rejection, written in one streaming pass. Per dataset it
+writes `<out>/<name>/rows/status=written/*.parquet` (the shards), `<out>/<name>/rows/status=rejected/`,
+`<out>/<name>/rejects.jsonl` (every rejected row with its reason, row id, source and index) and counts in
+`<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the dataset and for every source.
 """
 from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 
 import numpy as np
 import ray
+from ray.data import ActorPoolStrategy
 
 from llava_core import storage
-from llava_core.data.formats import read_annotation_rows
+from llava_core.config import dataset_sources
 from llava_core.data.rows import RowPreparer, RowSettings
+from llava_core.data.sources import Source, keep_indices, select_indices, staged_blocks
 
 log = logging.getLogger(__name__)
 
-SHARD_COLUMNS = ["id", "source", "index", "input_ids", "labels", "pixel_values", "num_images", "length",
-                 "num_supervised"]
 
 
 class TooManyRejects(RuntimeError):
     pass
 
 
-def prepare_dataset(name: str, source: dict, vision_path: str, llm_path: str, settings: dict, out_dir: str,
-                    num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
-    """Prepare one annotation file; returns its manifest entry and the token length of every written row."""
-    raw_rows = read_annotation_rows(source["path"])
-    log.info("prepare %s: %d rows from %s", name, len(raw_rows), source["path"])
-    items = [{"source": source["path"], "index": i, "raw": json.dumps(row)} for i, row in enumerate(raw_rows)]
-    row_settings = RowSettings(template=source["template"], image_folder=source.get("image_folder", ""), **settings)
-
-    prepared = (
-        ray.data.from_items(items, override_num_blocks=max(num_actors * 4, 1))
-        .map_batches(
-            RowPreparer,
-            fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path,
-                                   "settings": row_settings.__dict__},
-            batch_size=32,
-            concurrency=num_actors,
-            num_cpus=1,
-        )
-        .materialize()
-    )
+def prepare_dataset(name: str, sources: list[Source], template: str, vision_path: str, llm_path: str,
+                    settings: dict, out_dir: str, num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
+    """Prepare one dataset (a mixture of sources); returns its manifest entry and the token length of every row."""
     dataset_dir = storage.join(out_dir, name)
     storage.delete_dir(dataset_dir)  # a re-run replaces, never appends to, an earlier attempt
-    good = prepared.filter(lambda row: row["reason"] == "")
-    fs, shard_path = storage.filesystem(storage.join(dataset_dir, "shards"))
-    good.select_columns(SHARD_COLUMNS).write_parquet(shard_path, filesystem=fs, min_rows_per_file=rows_per_shard)
+    start = time.perf_counter()
+    blocks, selected = [], {}
+    for source in sources:
+        source_blocks, total = _stage(source)
+        selected[source.path] = select_indices(source.sampling, total, source.seed)
+        if len(selected[source.path]) < total:
+            source_blocks = [ray.put(keep_indices(ray.get(ref), selected[source.path])) for ref in source_blocks]
+        blocks += source_blocks
+        log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total,
+                 len(selected[source.path]), source.sampling)
+    row_settings = RowSettings(template=template, **settings)
+    if sum(len(s) for s in selected.values()) == 0:
+        raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
 
-    rejects = prepared.filter(lambda row: row["reason"] != "").select_columns(
-        ["id", "source", "index", "reason", "detail"]).take_all()
+    prepared = ray.data.from_arrow_refs(blocks).map_batches(
+        RowPreparer,
+        fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path, "settings": row_settings.__dict__},
+        batch_format="pyarrow",
+        batch_size=32,
+        compute=ActorPoolStrategy(size=num_actors),
+        num_cpus=1,
+        **_worker_env(),
+    )
+    rows_dir = storage.join(dataset_dir, "rows")
+    _write_streaming(prepared, rows_dir, rows_per_shard)
+
+    # The small columns of every row, read back from the files: the rejects and every count of the manifest.
+    summary = _read_columns(storage.list_files(rows_dir, ".parquet"),
+                            ["id", "source", "index", "reason", "detail", "length", "num_images", "num_supervised"])
+    rejects = summary[summary["reason"] != ""].sort_values(["source", "index"])
+    rejects = rejects[["id", "source", "index", "reason", "detail"]].to_dict("records")
     storage.write_text(storage.join(dataset_dir, "rejects.jsonl"),
-                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in sorted(rejects, key=lambda r: r["index"])))
-    lengths = np.asarray(good.select_columns(["length"]).to_pandas()["length"], dtype=np.int64)
-    return _manifest_entry(name, source, len(raw_rows), lengths, rejects, good, dataset_dir), lengths
+                       "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
+    written = summary[summary["reason"] == ""]
+    log.info("prepare %s: %d rows in %.1f s", name, len(summary), time.perf_counter() - start)
+    entry = _manifest_entry(sources, template, selected, written, rejects, dataset_dir)
+    return entry, np.asarray(written["length"], dtype=np.int64)
 
 
-def _manifest_entry(name, source, rows_in, lengths, rejects, good, dataset_dir) -> dict:
-    counts = good.select_columns(["num_images", "num_supervised"]).to_pandas()
-    entry = {
-        "source": source["path"],
-        "template": source["template"],
+def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:
+    """One streaming pass: written rows to `rows/status=written/` (the shards), rejected ones (tiny: no tokens, no
+    pixels) to `rows/status=rejected/`. Nothing is materialised: at 665K images that would be ~225 GB of pixels."""
+    import warnings
+
+    fs, path = storage.filesystem(rows_dir)
+    with warnings.catch_warnings():
+        # Ray suggests a repartition by key instead of min_rows_per_file with partitions: that is a shuffle, i.e.
+        # exactly the full materialisation this write avoids.
+        warnings.filterwarnings("ignore", message="Using `min_rows_per_file` with non-empty `partition_cols`")
+        # Writing is I/O: with a CPU reserved, the writes wait for an actor to finish and pile up at the end.
+        prepared.write_parquet(path, filesystem=fs, partition_cols=["status"], min_rows_per_file=rows_per_shard,
+                               ray_remote_args={"num_cpus": 0})
+
+
+def _read_columns(paths: list[str], columns: list[str]):
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    tables = []
+    for path in paths:
+        fs, inner = storage.filesystem(path)
+        tables.append(pq.read_table(inner, filesystem=fs, columns=columns))
+    return pd.concat([t.to_pandas() for t in tables], ignore_index=True) if tables else pd.DataFrame(columns=columns)
+
+
+def _worker_env() -> dict:
+    """Images in S3 are read by the actors: hand them the driver's endpoint and credentials when it has any."""
+    env = storage.s3_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
+def _stage(source: Source) -> tuple[list, int]:
+    """Stream a source file once into blocks in the object store: no process holds the whole file."""
+    refs, total = [], 0
+    for block in staged_blocks(source):
+        refs.append(ray.put(block))
+        total += block.num_rows
+    return refs, total
+
+
+def _counts(rows_in: int, written, rejects: list[dict]) -> dict:
+    counts = {
         "rows_in": rows_in,
-        "rows_written": int(len(lengths)),
+        "rows_written": int(len(written)),
         "rows_rejected": len(rejects),
         "rejected_by_reason": dict(sorted(Counter(r["reason"] for r in rejects).items())),
-        "text_only_rows": int((counts["num_images"] == 0).sum()),
-        "tokens": int(lengths.sum()),
-        "supervised_tokens": int(counts["num_supervised"].sum()),
-        "max_length": int(lengths.max(initial=0)),
-        "shards": storage.list_files(storage.join(dataset_dir, "shards"), ".parquet"),
+        "text_only_rows": int((written["num_images"] == 0).sum()),
+        "tokens": int(written["length"].sum()),
+        "supervised_tokens": int(written["num_supervised"].sum()),
     }
-    assert entry["rows_in"] == entry["rows_written"] + entry["rows_rejected"], entry  # nothing may vanish
+    assert counts["rows_in"] == counts["rows_written"] + counts["rows_rejected"], counts  # nothing may vanish
+    return counts
+
+
+def _manifest_entry(sources, template, selected, written, rejects, dataset_dir) -> dict:
+    per_source = {}
+    for source in sources:
+        mine = [r for r in rejects if r["source"] == source.path]
+        per_source[source.path] = {"sampling": source.sampling,
+                                   **_counts(len(selected[source.path]), written[written["source"] == source.path],
+                                             mine)}
+    entry = {
+        "source": sources[0].path if len(sources) == 1 else [s.path for s in sources],
+        "template": template,
+        **_counts(sum(len(s) for s in selected.values()), written, rejects),
+        "max_length": int(written["length"].max()) if len(written) else 0,
+        "sources": per_source,
+        "shards": storage.list_files(storage.join(dataset_dir, "rows", "status=written"), ".parquet"),
+    }
     return entry
 
 
@@ -104,8 +173,9 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     settings = {"max_length": p.max_length, "too_long": p.too_long, "image_aspect_ratio": p.image_aspect_ratio,
                 "max_image_pixels": p.max_image_pixels}
     manifest, all_lengths = {"datasets": {}}, {}
-    for name, source in workflow.datasets.items():
-        entry, lengths = prepare_dataset(name, source.__dict__, vision_path, llm_path, settings, out_dir,
+    for name, dataset in workflow.datasets.items():
+        sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]
+        entry, lengths = prepare_dataset(name, sources, dataset.template, vision_path, llm_path, settings, out_dir,
                                          p.num_actors, p.rows_per_shard)
         manifest["datasets"][name] = entry
         all_lengths[name] = lengths

@@ -15,13 +15,14 @@ from llava_core.data.formats import ASSISTANT, IMAGE_TAG, RowError, Turn
 from llava_core.model.chat_template import VICUNA_SYSTEM
 
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "vicuna_v1")
+TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 
 
 @dataclass
 class Rendered:
     text: str
     supervised: list[tuple[int, int]]  # [start, end) character spans
+    add_special_tokens: bool = True  # False when the template writes its own BOS (chat templates do)
 
 
 def render_plain(turns: list[Turn], eos: str) -> Rendered:
@@ -46,18 +47,45 @@ def render_vicuna_v1(turns: list[Turn], eos: str, system: str = VICUNA_SYSTEM) -
     return Rendered(text, spans)
 
 
-RENDERERS = {"plain": render_plain, "vicuna_v1": render_vicuna_v1}
+def render_chat_template(turns: list[Turn], tokenizer) -> Rendered:
+    """The tokenizer's own Jinja chat template (LLaMA-3, Qwen, Mistral bases), rendered turn by turn.
+
+    For the k-th answer, the conversation up to its question rendered with the generation prompt is where the answer
+    starts, and the conversation up to the answer is where it ends: the span between them is the answer and its
+    end-of-turn token (trailing whitespace after that token is not supervised). Both renderings must be prefixes of
+    the full text; a template that rewrites earlier turns (some hide past reasoning) breaks that and the row is
+    rejected as `chat_template_mismatch` rather than trained with a wrong mask.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat_template': the tokenizer has no chat_template; use vicuna_v1 or plain, or "
+                         "a base model whose tokenizer_config.json carries one")
+    messages = [{"role": t.role, "content": t.text} for t in turns]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for k, turn in enumerate(turns):
+        if turn.role != ASSISTANT:
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        if not (text.startswith(prompt) and text.startswith(upto) and len(prompt) < len(upto.rstrip())):
+            raise RowError("chat_template_mismatch", f"rendering up to turn {k} is not a prefix of the conversation")
+        spans.append((len(prompt), len(upto.rstrip())))
+    return Rendered(text, spans, add_special_tokens=False)
 
 
-def render(template: str, turns: list[Turn], eos: str) -> Rendered:
-    if template not in RENDERERS:
-        raise ValueError(f"unknown template {template!r}; choose one of {sorted(RENDERERS)}")
-    return RENDERERS[template](turns, eos)
+def render(template: str, turns: list[Turn], tokenizer) -> Rendered:
+    if template == "plain":
+        return render_plain(turns, tokenizer.eos_token)
+    if template == "vicuna_v1":
+        return render_vicuna_v1(turns, tokenizer.eos_token)
+    if template == "chat_template":
+        return render_chat_template(turns, tokenizer)
+    raise ValueError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")
 
 
 def tokenize_with_labels(rendered: Rendered, tokenizer) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the rendered text and labels (-100 outside the supervised spans)."""
-    encoding = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=True)
+    encoding = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=rendered.add_special_tokens)
     ids = np.asarray(encoding["input_ids"], dtype=np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
     for i, (start, end) in enumerate(encoding["offset_mapping"]):

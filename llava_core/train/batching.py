@@ -161,8 +161,7 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: t
         batch_ids[i, : len(row_ids)] = torch.tensor(row_ids)
         batch_labels[i, : len(row_labels)] = torch.tensor(row_labels)
         attention[i, : len(row_ids)] = 1
-    images = [np.frombuffer(b, dtype=np.float32) for b in picked.column("pixel_values").to_pylist() if b]
-    pixel_values = torch.from_numpy(np.concatenate(images).reshape(-1, *image_shape)) if images else None
+    pixel_values = _pixel_values(picked.column("pixel_values").to_pylist(), image_shape)
     return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, "pixel_values": pixel_values}
 
 
@@ -197,3 +196,13 @@ def spans_of(bins: list[np.ndarray]) -> list[range]:
         spans.append(range(start, start + len(b)))
         start += len(b)
     return spans
+def _pixel_values(records: list[dict], image_shape: tuple[int, int, int]) -> torch.Tensor | None:
+    """The rows' stored uint8 crops, in row order, as the float32 pixels the processor would have produced."""
+    images = []
+    for record in records:
+        if record and record["uint8"]:
+            crops = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(-1, *image_shape).astype(np.float32)
+            scale = np.asarray(record["scale"], dtype=np.float32).reshape(1, -1, 1, 1)
+            offset = np.asarray(record["offset"], dtype=np.float32).reshape(1, -1, 1, 1)
+            images.append(crops * scale + offset)
+    return torch.from_numpy(np.concatenate(images)) if images else None
