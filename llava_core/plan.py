@@ -13,10 +13,12 @@ more forward (2N) for the checkpointed LLM.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 
 from llava_core import storage
+from llava_core.config import dataset_sources
 
 # Architectures of the recipe's models, so a plan needs no download: (hidden, layers, intermediate, vocab) for LLaMA-style
 # LLMs; parameter count and tokens per image for vision towers.
@@ -105,7 +107,17 @@ def dataset_rows(workflow, name: str) -> tuple[int | None, str]:
     entry = prepared_entry(workflow, name)
     if entry:
         return entry["rows_written"], "prepare manifest"
-    path = workflow.datasets[name].path
+    total, how = 0, set()
+    for source in dataset_sources(workflow.datasets[name]):
+        rows, source_how = source_rows(source.path)
+        if rows is None:
+            return None, source_how
+        total += sampled_rows(rows, source.sampling)
+        how.add(source_how)
+    return total, " + ".join(sorted(how))
+
+
+def source_rows(path: str) -> tuple[int | None, str]:
     for known, rows in KNOWN_DATASETS.items():
         if known in os.path.basename(path):
             return rows, "known size of the official file"
@@ -114,6 +126,17 @@ def dataset_rows(workflow, name: str) -> tuple[int | None, str]:
 
         return len(read_annotation_rows(path)), "counted"
     return None, "unknown (run the prepare stage, then plan again)"
+
+
+def sampled_rows(rows: int, sampling: str) -> int:
+    """Rows a source contributes under its sampling strategy (`all`, `first:N`, `random:N`, `25%`, ...)."""
+    from llava_core.data.sources import parse_sampling
+
+    parsed = parse_sampling(sampling)
+    if parsed is None:
+        return rows
+    _, number, percent = parsed
+    return min(rows, math.ceil(number * rows / 100) if percent else number)
 
 
 def lora_rank(stage) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 
 from llava_core import storage
-from llava_core.config import Workflow, WorkflowError
+from llava_core.config import Workflow, WorkflowError, dataset_sources
 
 # No node type of the clouds or of KubeRay's GPU operators has more: a worker is one process on one node.
 MAX_GPUS_PER_NODE = 8
@@ -24,8 +24,12 @@ def looks_local(model: str) -> bool:
 def path_problems(w: Workflow, check_remote: bool = False) -> list[str]:
     if w.synthetic is not None:
         return []  # the quickstart creates its data and models on the first run
-    wanted = [(f"datasets.{name}.path", ds.path) for name, ds in w.datasets.items()]
-    wanted += [(f"datasets.{name}.image_folder", ds.image_folder) for name, ds in w.datasets.items() if ds.image_folder]
+    wanted = []
+    for name, ds in w.datasets.items():
+        for i, source in enumerate(dataset_sources(ds)):
+            where = f"datasets.{name}.sources[{i}]" if ds.sources else f"datasets.{name}"
+            wanted += [(f"{where}.{key}", getattr(source, key)) for key in ("path", "image_folder")
+                       if getattr(source, key)]
     for name, s in w.evaluate.all_sets().items():
         where = "evaluate" if name == "main" and w.evaluate.questions else f"evaluate.sets.{name}"
         wanted += [(f"{where}.{key}", getattr(s, key)) for key in ("questions", "answers", "image_folder")
