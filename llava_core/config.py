@@ -45,7 +45,6 @@ class TinyModelSettings:
     llm_layers: int = 2
     llm_heads: int = 4
     vocab_size: int = 600
-    pretrain_steps: int = 0  # causal-LM steps on the dataset's text: a "pretrained" LLM, as the recipe assumes
 
 
 @dataclass

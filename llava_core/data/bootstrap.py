@@ -9,14 +9,6 @@ from llava_core.data import synthetic
 from llava_core.model import tiny
 
 
-def chat_texts(rows: list[dict]) -> list[str]:
-    """The conversations as plain chat text without images: what the tiny LLM is pretrained on."""
-    def turn(t: dict) -> str:
-        text = t["value"].replace("<image>", "").strip()
-        return f"USER: {text}" if t["from"] == "human" else f"ASSISTANT: {text}"
-    return [" ".join(turn(t) for t in row["conversations"]) for row in rows]
-
-
 def ensure_synthetic(workflow) -> None:
     s = workflow.synthetic
     marker = os.path.join(s.root, ".complete")
@@ -28,6 +20,6 @@ def ensure_synthetic(workflow) -> None:
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     model_cfg = tiny.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
-    tiny.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, chat_texts(rows))
+    tiny.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)

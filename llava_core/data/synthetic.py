@@ -25,8 +25,7 @@ CAPTION_PROMPTS = (
     "What is in this picture?",
     "Give a short caption for the image.",
 )
-GENERATOR_VERSION = 2  # part of the dataset's hash: bump it when a change here should regenerate existing data
-DESCRIBE_FRACTION = 0.5  # instruct rows that open with a request to describe the image
+GENERATOR_VERSION = 3  # part of the dataset's hash: bump it when a change here should regenerate existing data
 TEXT_ONLY_QA = (
     ("Name a primary colour.", "red"),
     ("How many sides does a triangle have?", "three"),
@@ -124,10 +123,6 @@ def align_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> d
 
 def instruct_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> dict:
     qa = questions(scene, rng)[: rng.randint(2, 3)]
-    if rng.random() < DESCRIBE_FRACTION:
-        # A description turn, as LLaVA's instruct mix has: every word of "a red circle on the left and a blue square
-        # on the right" ties a colour to a shape and a place, which short answers alone teach slowly.
-        qa.insert(0, ("describe", rng.choice(CAPTION_PROMPTS), caption(scene)))
     turns = []
     for i, (_, q, a) in enumerate(qa):
         turns.append({"from": "human", "value": _image_turn(q, rng) if i == 0 else q})

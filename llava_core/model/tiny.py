@@ -30,7 +30,6 @@ class TinyModelConfig:
     vocab_size: int = 600
     max_positions: int = 1024
     position_embedding_std: float = 0.3
-    pretrain_steps: int = 0  # causal-LM steps on the dataset's text before saving (0: random weights)
     seed: int = 0
 
 
@@ -73,7 +72,7 @@ def save_tiny_vision_tower(path: str, cfg: TinyModelConfig) -> None:
     ).save_pretrained(path)
 
 
-def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig, corpus: list[str] = ()) -> None:
+def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -> None:
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.llm_hidden,
@@ -86,40 +85,12 @@ def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelC
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
     )
-    model = LlamaForCausalLM(config)
-    if cfg.pretrain_steps:
-        pretrain(model, tokenizer, corpus, cfg.pretrain_steps)
-    model.save_pretrained(path)
+    LlamaForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
-def pretrain(model, tokenizer, texts: list[str], steps: int, batch_size: int = 32, lr: float = 3e-3) -> float:
-    """A few hundred causal-LM steps on the dataset's own text. LLaVA's recipe assumes a pretrained LLM (Vicuna knows
-    what "red" and "left" are before it sees an image); this gives the tiny stand-in that much, in seconds. Returns
-    the last loss."""
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
-    model.train()
-    for _ in range(steps):
-        picked = [texts[i] for i in torch.randint(len(texts), (batch_size,), generator=generator).tolist()]
-        ids = [tokenizer(text)["input_ids"] + [tokenizer.eos_token_id] for text in picked]
-        width = max(map(len, ids))
-        input_ids = torch.tensor([row + [tokenizer.eos_token_id] * (width - len(row)) for row in ids])
-        attention_mask = torch.tensor([[1] * len(row) + [0] * (width - len(row)) for row in ids])
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        loss = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    return float(loss.detach())
-
-
-def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
-                     pretrain_texts: list[str] = ()) -> None:
+def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
     """Write a tiny CLIP vision tower to `vision_path` and a tiny LLaMA with its tokenizer to `llm_path`."""
     torch.manual_seed(cfg.seed)
     save_tiny_vision_tower(vision_path, cfg)
-    tokenizer = train_tokenizer(corpus, cfg.vocab_size)
-    save_tiny_llm(llm_path, tokenizer, cfg, list(pretrain_texts) or corpus)
+    save_tiny_llm(llm_path, train_tokenizer(corpus, cfg.vocab_size), cfg)
