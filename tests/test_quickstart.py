@@ -57,9 +57,10 @@ def test_every_stage_ran_and_the_model_learned_to_look(first_run):
     assert all(summary[s]["seconds"] > 0 for s in ("prepare", "align", "instruct", "evaluate"))
     evaluation = summary["evaluate"]
     assert evaluation["questions"] == 200
-    # Measured 0.68 against a blind 0.20 on 2 cores; the goal of 0.85 is not reached yet (see README).
-    assert evaluation["accuracy"] >= 0.60, evaluation
-    assert evaluation["accuracy"] - evaluation["blind_accuracy"] >= 0.35, evaluation
+    # Measured 0.785 against a blind 0.22 (6000 instruct rows x 3 epochs); the goal of 0.85 is not reached
+    # yet (see README): below 0.65 or a gap under 0.40 means training got worse.
+    assert evaluation["accuracy"] >= 0.65, evaluation
+    assert evaluation["accuracy"] - evaluation["blind_accuracy"] >= 0.40, evaluation
     on_disk = json.load(open(run_file(workflow, "summary.json")))
     assert on_disk["evaluate"]["accuracy"] == evaluation["accuracy"]
 
@@ -68,8 +69,8 @@ def test_prepare_counts_and_rejects_the_broken_rows(first_run):
     workflow, _ = first_run
     manifest = json.load(open(run_file(workflow, "prepare", "manifest.json")))
     instruct = manifest["datasets"]["instruct"]
-    assert instruct["rows_in"] == 3000 + 40 + 2
-    assert instruct["rows_rejected"] == 2 and instruct["rows_written"] == 3040
+    assert instruct["rows_in"] == 6000 + 40 + 2
+    assert instruct["rows_rejected"] == 2 and instruct["rows_written"] == 6040
     assert instruct["text_only_rows"] == 40
     rejects = [json.loads(line) for line in open(run_file(workflow, "prepare", "instruct", "rejects.jsonl"))]
     assert {r["id"]: r["reason"] for r in rejects} == {"broken-missing-image": "image_missing",
@@ -105,7 +106,7 @@ def test_align_trains_only_the_projector_and_instruct_adds_the_llm(first_run):
 
 def test_training_ran_the_planned_steps_and_the_loss_fell(first_run):
     workflow, summary = first_run
-    for stage, rows, epochs in (("align", 2000, 1), ("instruct", 3040, 4)):
+    for stage, rows, epochs in (("align", 2000, 1), ("instruct", 6040, 3)):
         history = [json.loads(line) for line in open(run_file(workflow, stage, "metrics.jsonl"))]
         assert [r["step"] for r in history] == list(range(1, rows // 32 * epochs + 1))
         assert history[-1]["loss"] < history[0]["loss"]
