@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import requests
@@ -62,10 +64,13 @@ def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1, env:
     """Yields (gcs_address, dashboard_url) of a cluster of `nodes` nodes on this machine. `env` is every node's
     environment on top of this process's (as a cluster's nodes get S3 credentials from their image or IAM role)."""
     env = env or {}
+    os.makedirs(tmp_dir, exist_ok=True)
+    # Ray's own files go to a short path: its Unix sockets live there, and socket paths are limited to 107 bytes.
+    ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     gcs_port, dashboard_port = free_port(), free_port()
     processes = [_start(["--head", f"--port={gcs_port}", f"--num-cpus={cpus_per_node}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                         f"--ray-client-server-port={free_port()}", f"--temp-dir={tmp_dir}"],
+                         f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_temp}"],
                         os.path.join(tmp_dir, "head.log"), env)]
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     try:
@@ -84,3 +89,4 @@ def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1, env:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 os.killpg(process.pid, signal.SIGKILL)
+        shutil.rmtree(ray_temp, ignore_errors=True)

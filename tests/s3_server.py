@@ -15,8 +15,8 @@ MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
 
 
 @contextlib.contextmanager
-def s3_server(bucket: str):
-    """Yields the environment that points pyarrow, s3fs and boto at a fresh server holding an empty `bucket`."""
+def s3_server(bucket: str | None = None):
+    """Yields the environment that points pyarrow, s3fs and boto at a fresh server (holding an empty `bucket`)."""
     port = free_port()
     server = subprocess.Popen([MOTO_SERVER, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
@@ -27,7 +27,10 @@ def s3_server(bucket: str):
         deadline = time.monotonic() + 30
         while True:
             try:
-                requests.put(f"{endpoint}/{bucket}", timeout=2).raise_for_status()  # CreateBucket
+                if bucket:
+                    requests.put(f"{endpoint}/{bucket}", timeout=2).raise_for_status()  # CreateBucket
+                else:
+                    requests.get(endpoint, timeout=2)
                 break
             except requests.RequestException:
                 if time.monotonic() > deadline:

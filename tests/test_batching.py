@@ -86,7 +86,7 @@ def test_collate_pads_and_keeps_images_in_row_order():
     assert packed["input_ids"].tolist() == [[9, 9, 8], [5, 6, 7]]
     assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 1, 2]]
     assert packed["labels"].tolist() == [[-100, 9, -100], [-100, 6, 7]]  # a sample's first token is never a target
-    assert torch.equal(packed["pixel_values"][:, 0, 0, 0], torch.tensor([3.0, 1.0]))
+    assert torch.equal(packed["pixel_values"][:, 0, 0, 0], torch.tensor([5.0, 1.0]))  # images follow their samples
     assert "attention_mask" not in packed
 
 

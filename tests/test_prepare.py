@@ -158,40 +158,11 @@ def test_reject_threshold_stops_the_stage():
 
 @pytest.fixture(scope="module")
 def s3_server():
-    """A real S3 protocol server (moto_server) on a free loopback port, with the env vars boto/pyarrow read."""
-    import socket
-    import subprocess
-    import sys
-    import time
+    """A real S3 protocol server (moto) on a free loopback port; this process's AWS_* variables point at it."""
+    from tests.s3_server import environment, s3_server as start_s3_server
 
-    import requests
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        for _ in range(100):
-            try:
-                requests.get(endpoint, timeout=1)
-                break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        yield endpoint
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+    with start_s3_server() as env, environment(env):
+        yield env["AWS_ENDPOINT_URL"]
 
 
 def _upload(folder: str, bucket: str) -> str:
