@@ -148,6 +148,34 @@ def test_export_loads_with_plain_transformers_and_matches_the_endpoint(first_run
     assert demo["answer"] != ""
 
 
+def test_the_endpoint_answers_the_held_out_questions_exactly_as_in_process_evaluation(first_run, tmp_path):
+    """The evaluate stage through the live endpoint (OpenAI protocol) against its in-process answers (Ray Data)."""
+    import dataclasses
+
+    from llava_core.config import EvalEndpointSettings, ServeSettings
+    from llava_core.eval.evaluate import run_evaluate
+    from llava_core.serve.app import deploy, shutdown
+
+    workflow, _ = first_run
+    export = run_file(workflow, "export")
+    url = deploy(export, ServeSettings(port=free_port(), max_batch_size=16, batch_wait_timeout_s=0.05), "quickstart")
+    try:
+        settings = dataclasses.replace(workflow.evaluate, blind_baseline=False,
+                                       endpoint=EvalEndpointSettings(url=url, model="quickstart", concurrency=16))
+        metrics = run_evaluate(export, settings, str(tmp_path / "through-endpoint"), str(tmp_path / "cache"))
+    finally:
+        shutdown()
+
+    def predictions(folder):
+        rows = [json.loads(line) for line in open(os.path.join(folder, "main", "predictions.jsonl"))]
+        return {row["question_id"]: row["prediction"] for row in rows}
+
+    in_process = predictions(run_file(workflow, "evaluate"))
+    assert len(in_process) == 200
+    assert predictions(tmp_path / "through-endpoint") == in_process
+    assert metrics["accuracy"] == json.load(open(run_file(workflow, "evaluate", "metrics.json")))["accuracy"]
+
+
 def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(first_run, port):
     workflow, first = first_run
     again = run_workflow(load_workflow(QUICKSTART, [f"serve.port={port}"]), exit_after_serve=True)

@@ -34,8 +34,9 @@ def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
         has_image = i % 4 != 0
         ids = text[:2] + [image_id] * n_image + text[2:] if has_image else text
         labels = [-100] * (len(ids) - 4) + ids[-4:]
-        pixels = rng.standard_normal((3, vision.image_size, vision.image_size)).astype(np.float32).tobytes()
-        for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels if has_image else b""),
+        crop = rng.integers(0, 256, (3, vision.image_size, vision.image_size), dtype=np.uint8).tobytes()
+        pixels = {"uint8": crop if has_image else b"", "scale": [2 / 255] * 3, "offset": [-1.0] * 3}  # shard layout
+        for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
                            ("num_images", int(has_image)), ("length", len(ids))):
             table[key].append(value)
     pq.write_table(pa.table(table), path)

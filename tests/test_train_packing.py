@@ -23,7 +23,8 @@ def sample_table(model, processor, seed=0):
         text = torch.randint(5, 100, (text_len,), generator=g).tolist()
         ids = text[:2] + [image_id] * n_image + text[2:] if has_image else text
         labels = [-100] * (len(ids) - 4) + ids[-4:]
-        image = torch.randn(3, size, size, generator=g).numpy().astype(np.float32).tobytes() if has_image else b""
+        crop = torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8).numpy().tobytes()
+        image = {"uint8": crop if has_image else b"", "scale": [2 / 255] * 3, "offset": [-1.0] * 3}  # shard layout
         for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", image),
                            ("num_images", int(has_image)), ("length", len(ids))):
             rows[key].append(value)
