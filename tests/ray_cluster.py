@@ -19,6 +19,9 @@ import time
 import requests
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
+# Ray 2.5x+ heads enable token authentication when a token exists (~/.ray/auth_token); a node joining with
+# `ray start --address` and a driver connecting with ray.init must then be told so explicitly, as on a real cluster.
+AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 
@@ -36,7 +39,7 @@ def _node_ports() -> list[str]:
 def _start(args: list[str], log_path: str, extra_env: dict) -> subprocess.Popen:
     log = open(log_path, "w")
     # Job entrypoints run `python ...` from PATH: make it this interpreter, as an activated venv or an image would.
-    env = {**os.environ, **extra_env,
+    env = {**os.environ, **AUTH_ENV, **extra_env,
            "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")}
     # A new session, so the whole node (raylet, GCS, dashboard, workers) can be ended as one process group.
     return subprocess.Popen([RAY, "start", "--block", "--disable-usage-stats", *args, *_node_ports()],

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from tests.ray_cluster import free_port, local_ray_cluster
+from tests.ray_cluster import AUTH_ENV, free_port, local_ray_cluster
 from tests.s3_server import environment, s3_server
 
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
@@ -43,7 +43,7 @@ def test_quickstart_on_two_nodes_with_its_run_directory_in_s3(tmp_path):
         run = subprocess.run(
             [sys.executable, "-m", "llava_core.cli", "run", QUICKSTART, "--exit-after-serve",
              *[arg for o in overrides for arg in ("--set", o)]],
-            cwd=tmp_path, env={**os.environ, **s3_env}, capture_output=True, text=True, timeout=1200)
+            cwd=tmp_path, env={**os.environ, **AUTH_ENV, **s3_env}, capture_output=True, text=True, timeout=1200)
         assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
         assert len(training_worker_nodes(dashboard)) == 2  # align's and instruct's workers, one per node
 
