@@ -236,6 +236,16 @@ def training_plan(workflow, stage_name: str, size: ModelSize, gpu: str, mfu: flo
     return plan
 
 
+def memory_advice(stage_plan: dict, gpu: str) -> str:
+    """Say before the run, not as an OOM an hour in, when a stage will not fit the GPU, and what to change."""
+    capacity = GPUS[gpu][1]
+    need = stage_plan["memory_per_gpu_gb"]["total"]
+    if "GPU" not in stage_plan["resources_per_worker"] or need <= 0.9 * capacity:
+        return ""
+    return (f"needs ~{need:.0f} GB of the {gpu}'s {capacity} GB: raise zero_stage (3 shards the weights), set "
+            f"offload_optimizer, turn on gradient_checkpointing, or lower micro_batch_size")
+
+
 def worker_resources(scaling) -> dict:
     resources = {"CPU": scaling.cpus_per_worker}
     if scaling.use_gpu:
@@ -294,4 +304,7 @@ def format_plan(plan: dict) -> str:
         device = "GPU" if "GPU" in s["resources_per_worker"] else "worker"
         lines.append(f"            memory per {device} ~{mem['total']:.1f} GB (weights {mem['weights']:.1f}, gradients "
                      f"{mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f})")
+        advice = memory_advice(s, plan["assumptions"]["gpu"])
+        if advice:
+            lines.append(f"            warning: {advice}")
     return "\n".join(lines)

@@ -99,3 +99,11 @@ def test_plan_memory_follows_the_zero_stage():
     # ZeRO-3 also shards the 13.5 GB of bf16 weights over 8 GPUs.
     assert memory[3]["weights"] == pytest.approx(memory[2]["weights"] / 8, rel=0.01)
     assert memory[3]["optimizer"] == memory[2]["optimizer"]
+
+
+def test_plan_warns_before_a_stage_that_cannot_fit_the_gpu():
+    fits = validate("workflows/llava-v1.5-13b.yaml", "--plan")
+    assert fits.returncode == 0 and "warning:" not in fits.stdout
+    too_big = validate("workflows/llava-v1.5-13b.yaml", "--plan", "--set", "instruct.zero_stage=2",
+                       "--set", "instruct.gradient_checkpointing=false")
+    assert "warning: needs ~" in too_big.stdout and "raise zero_stage" in too_big.stdout
