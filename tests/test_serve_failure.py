@@ -127,7 +127,9 @@ def test_killed_replica_is_replaced_and_requests_recover(server):
 
     assert new_pid != old_pid
     assert before_kill and set(before_kill) == {200}
-    assert failed, "no request was in flight when the replica died, so the test proved nothing"
+    # Requests in flight at the kill either fail cleanly (checked below) or, when Serve's router retries them on the
+    # new replica, succeed: both are fine. What the test needs is that some overlapped the outage.
+    assert during, "no request overlapped the replica's death, so the test proved nothing"
     assert "timeout" not in {outcome for _, _, outcome in results}, "a request hung until its client timeout"
     assert all(took < CLIENT_TIMEOUT_S for _, took, _ in results)
     # Failures are clean: an HTTP error status or a closed connection, never a hang.
