@@ -224,6 +224,8 @@ def check_upstream(ctx: RunContext, selected: list[str]) -> None:
     """A stage whose input is neither selected to run nor finished on disk cannot start: say so before any work."""
     for stage in selected:
         needed = NEEDS.get(stage)
+        if stage == "instruct" and ctx.workflow.instruct.init_projector:
+            needed = "prepare"  # starts from an official projector, not from align
         if needed and needed not in selected and not storage.exists(marker_path(ctx, needed)):
             raise WorkflowError(f"--only/--from {stage}: it needs the {needed} stage's output, which is not in "
                                 f"{ctx.stage_dir(needed)}; run with --from {needed} (or without --only/--from)")

@@ -69,6 +69,9 @@ def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
     with pytest.raises(WorkflowError, match="--only/--from instruct: it needs the align stage's output"):
         check_upstream(ctx, ["instruct", "export", "evaluate", "serve"])
     check_upstream(ctx, ["prepare", "align", "instruct"])  # each input is produced first: fine
+    official = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}", "instruct.init_projector=mm_projector.bin")
+    with pytest.raises(WorkflowError, match="it needs the prepare stage's output"):  # not align's
+        check_upstream(RunContext(official, official.run_dir, "", "", hashes=compute_hashes(official)), ["instruct"])
 
 
 @pytest.mark.parametrize("name", FULL_SIZE)
