@@ -281,6 +281,13 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
                             f"{a.min_replicas} and {a.max_replicas}")
 
 
+# LLaVA's defaults per stage, under whatever a workflow's `align:` / `instruct:` section sets.
+STAGE_DEFAULTS = {
+    "align": {"dataset": "align", "lr": 1e-3},
+    "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"]},
+}
+
+
 @dataclass
 class Workflow:
     name: str = "llava"
@@ -291,9 +298,8 @@ class Workflow:
     datasets: dict = field(default_factory=dict)  # name -> DatasetSettings
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
-    align: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(dataset="align", lr=1e-3))
-    instruct: TrainStageSettings = field(
-        default_factory=lambda: TrainStageSettings(dataset="instruct", trainable=["projector", "llm"]))
+    align: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(**STAGE_DEFAULTS["align"]))
+    instruct: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(**STAGE_DEFAULTS["instruct"]))
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
 
@@ -323,6 +329,8 @@ def _build(cls, data: Any, path: str):
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(names))})"
             raise WorkflowError(f"{where}: unknown key{hint}")
+        if cls.__name__ == "Workflow" and key in STAGE_DEFAULTS and isinstance(value, dict):
+            value = {**STAGE_DEFAULTS[key], **value}  # a partial `instruct:` still trains projector + LLM
         if (cls.__name__, key) in DICT_OF:
             if not isinstance(value, dict):
                 raise WorkflowError(f"{where}: expected a mapping of name -> settings")

@@ -35,3 +35,12 @@ def test_override_changes_only_that_stage_and_later_hashes():
     assert changed["prepare"] == base["prepare"] and changed["align"] == base["align"]
     assert all(changed[s] != base[s] for s in ("instruct", "export", "evaluate", "serve"))
     assert load_workflow(QUICKSTART, ["instruct.lr=5e-4"]).instruct.lr == 5e-4
+
+
+def test_a_partial_stage_section_keeps_that_stages_llava_defaults(tmp_path):
+    path = tmp_path / "w.yaml"
+    path.write_text("datasets: {align: {path: a.json, template: plain}, instruct: {path: b.json}}\n"
+                    "align: {epochs: 2}\ninstruct: {lr: 1.0e-5}\n")
+    w = load_workflow(str(path))
+    assert (w.align.trainable, w.align.lr, w.align.epochs) == (["projector"], 1e-3, 2)
+    assert (w.instruct.trainable, w.instruct.lr, w.instruct.dataset) == (["projector", "llm"], 1e-5, "instruct")
