@@ -140,10 +140,7 @@ def sampled_rows(rows: int, sampling: str) -> int:
 
 
 def lora_rank(stage) -> int:
-    lora = getattr(stage, "lora", None)
-    if lora is None or not getattr(lora, "enabled", True):
-        return 0
-    return int(getattr(lora, "r", 0))
+    return stage.lora.r if stage.lora is not None else 0
 
 
 def trained_params(stage, size: ModelSize) -> dict[str, int]:
@@ -171,7 +168,7 @@ def tokens_per_row(workflow, dataset: str, size: ModelSize) -> tuple[float, floa
 
 def stage_flops_per_row(stage, size: ModelSize, tokens: float, images: float) -> float:
     trained = trained_params(stage, size)
-    checkpointing = 2 if getattr(stage, "gradient_checkpointing", False) else 0
+    checkpointing = 2 if stage.gradient_checkpointing else 0
     if "llm" in trained:
         # LoRA: the frozen base still runs forward and backward (activations), its adapters add their own 6N.
         llm = (6 * size.llm if not lora_rank(stage) else 4 * size.llm + 6 * trained["llm"]) + checkpointing * size.llm
@@ -187,19 +184,19 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     checkpointed layer inputs (2 B x hidden per token per layer) plus one layer's working set (~34 B x hidden per
     token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
     SDPA/flash attention never store)."""
-    zero = getattr(stage, "zero_stage", 2)
+    zero = stage.zero_stage
     total = size.llm + size.vision + size.projector
     trained = sum(trained_params(stage, size).values())
     weights = 2 * total / (workers if zero >= 3 else 1)
     grads = 2 * trained / (workers if zero >= 2 else 1)
     optimizer = 12 * trained / (workers if zero >= 1 else 1)
-    if getattr(stage, "offload_optimizer", False):
+    if stage.offload_optimizer:
         optimizer = 0.0
-    if getattr(stage, "offload_params", False) and zero >= 3:
+    if stage.offload_params and zero >= 3:
         weights = 0.0
     per_token_layer = 2 * size.hidden
     sequence = stage.micro_batch_size * tokens
-    if getattr(stage, "gradient_checkpointing", False):
+    if stage.gradient_checkpointing:
         activations = sequence * (per_token_layer * size.layers + 34 * size.hidden)
     else:
         activations = sequence * 34 * size.hidden * size.layers
@@ -218,7 +215,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, gpu: str, mfu: flo
         "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
         "workers": workers, "resources_per_worker": worker_resources(scaling),
         "trainable": {p: n for p, n in trained_params(stage, size).items()},
-        "zero_stage": getattr(stage, "zero_stage", 2),
+        "zero_stage": stage.zero_stage,
         "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
         "tokens_per_row": round(tokens), "tokens_from": tokens_source,
         "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens),

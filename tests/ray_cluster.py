@@ -10,13 +10,13 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
 import requests
+from tests.ports import free_port
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Ray 2.5x+ heads enable token authentication when a token exists (~/.ray/auth_token); a node joining with
@@ -25,11 +25,6 @@ AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _node_ports() -> list[str]:

@@ -9,7 +9,7 @@ import time
 
 import requests
 
-from tests.ray_cluster import free_port
+from tests.ports import free_port
 
 MOTO_SERVER = os.path.join(os.path.dirname(sys.executable), "moto_server")
 

@@ -7,7 +7,8 @@ import os
 import subprocess
 import sys
 
-from tests.ray_cluster import AUTH_ENV, free_port, local_ray_cluster
+from tests.ports import free_port
+from tests.ray_cluster import AUTH_ENV, local_ray_cluster
 from tests.s3_server import environment, s3_server
 
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))

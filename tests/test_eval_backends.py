@@ -7,7 +7,6 @@ recomputed from the written predictions through the scoring entry point, and the
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch
@@ -18,15 +17,11 @@ from llava_core.eval.backends import actor_pool_size, generate_answers
 from llava_core.eval.evaluate import run_evaluate
 from llava_core.eval.layouts import load_eval_set
 from llava_core.eval.scoring import score_set
+from tests.ports import free_port
 
 MODEL = "tiny-llava-eval"
 API_KEY = "eval-key"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def write_jsonl(path, rows):

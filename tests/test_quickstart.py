@@ -6,7 +6,6 @@ model learned to look at images, that the export loads without this project, and
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -15,14 +14,10 @@ from safetensors.torch import load_file
 
 from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
+from tests.ports import free_port
 
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

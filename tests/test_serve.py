@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import random
-import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,6 +18,7 @@ from PIL import Image
 
 from llava_core.config import ServeSettings
 from llava_core.data.images import mean_colour, pad_to_square
+from tests.ports import free_port
 
 MODEL = "tiny-llava"
 API_KEY = "test-key"
@@ -29,11 +29,6 @@ LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_ima
 # requests that arrive together as queued until each is assigned, so the queue must hold a batch's worth.)
 CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def png_bytes(image: Image.Image) -> bytes:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import threading
 import time
 
@@ -13,16 +12,12 @@ import pytest
 import requests
 
 from llava_core.config import ServeSettings
+from tests.ports import free_port
 
 MODEL = "tiny-llava"
 CLIENT_TIMEOUT_S = 30.0  # a new replica starts (imports torch, loads the model) in ~5-15 s here
 REPLICA_CLASS = "ServeReplica:llava:LlavaServer"
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
