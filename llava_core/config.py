@@ -45,6 +45,7 @@ class TinyModelSettings:
     llm_layers: int = 2
     llm_heads: int = 4
     vocab_size: int = 600
+    tower_pretraining_steps: int = 1000  # stands in for CLIP's pretraining; 0: a random tower
 
 
 @dataclass

@@ -49,13 +49,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return image.convert("RGB")
 
 
-def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int] | int) -> Image.Image:
     """LLaVA-1.5's `pad` aspect-ratio mode: centre the image on a square canvas of the processor's mean colour."""
     width, height = image.size
     if width == height:
         return image
     side = max(width, height)
-    canvas = Image.new("RGB", (side, side), fill)
+    canvas = Image.new(image.mode, (side, side), fill)
     canvas.paste(image, ((side - width) // 2, (side - height) // 2))
     return canvas
 

@@ -12,6 +12,7 @@ import os
 import random
 from dataclasses import dataclass
 
+import numpy as np
 from PIL import Image, ImageDraw
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220), "yellow": (235, 210, 40)}
@@ -25,7 +26,7 @@ CAPTION_PROMPTS = (
     "What is in this picture?",
     "Give a short caption for the image.",
 )
-GENERATOR_VERSION = 3  # part of the dataset's hash: bump it when a change here should regenerate existing data
+GENERATOR_VERSION = 4  # part of the dataset's hash: bump it when a change here should regenerate existing data
 TEXT_ONLY_QA = (
     ("Name a primary colour.", "red"),
     ("How many sides does a triangle have?", "three"),
@@ -63,21 +64,47 @@ def _centre(position: str, rng: random.Random) -> tuple[int, int]:
 
 
 def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
+    return draw_scene_with_mask(scene, rng)[0]
+
+
+def draw_scene_with_mask(scene: list[Shape], rng: random.Random) -> tuple[Image.Image, Image.Image]:
+    """The image and a same-size mask whose pixel value is 1 + the index in `scene` of the shape drawn there."""
     background = tuple(rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (WIDTH, HEIGHT), background)
-    draw = ImageDraw.Draw(image)
-    for shape in scene:
+    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    for index, shape in enumerate(scene):
         cx, cy = _centre(shape.position, rng)
         r = rng.randint(10, 15)
         box = (cx - r, cy - r, cx + r, cy + r)
-        fill = COLOURS[shape.colour]
-        if shape.kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif shape.kind == "square":
-            draw.rectangle(box, fill=fill)
-        else:
-            draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
-    return image
+        for canvas, fill in ((image, COLOURS[shape.colour]), (mask, index + 1)):
+            draw = ImageDraw.Draw(canvas)
+            if shape.kind == "circle":
+                draw.ellipse(box, fill=fill)
+            elif shape.kind == "square":
+                draw.rectangle(box, fill=fill)
+            else:
+                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+    return image, mask
+
+
+def patch_labels(scene: list[Shape], mask: Image.Image, grid: int) -> np.ndarray:
+    """(grid * grid, 3) class ids per patch of a square mask: colour, shape and position of the shape that covers
+    at least a quarter of the patch; 0 where none does (background)."""
+    side = mask.size[0]
+    cell = side // grid
+    owners = np.asarray(mask).reshape(grid, cell, grid, cell).transpose(0, 2, 1, 3).reshape(grid * grid, -1)
+    labels = np.zeros((grid * grid, 3), dtype=np.int64)
+    for index, shape in enumerate(scene):
+        covered = (owners == index + 1).mean(axis=1) >= 0.25
+        labels[covered] = (
+            list(COLOURS).index(shape.colour) + 1,
+            SHAPES.index(shape.kind) + 1,
+            POSITIONS.index(shape.position) + 1,
+        )
+    return labels
+
+
+PATCH_LABEL_CLASSES = (len(COLOURS) + 1, len(SHAPES) + 1, len(POSITIONS) + 1)
 
 
 def caption(scene: list[Shape]) -> str:

@@ -2,11 +2,14 @@
 
 Nothing can be downloaded here, so the quickstart and the tests build these from configs (random weights), train a
 byte-level BPE tokenizer on the dataset's own text, and save everything with `save_pretrained`. From then on the
-project loads them exactly as it loads the real models.
+project loads them exactly as it loads the real models. The quickstart also gives the vision tower a short
+pretraining of its own (`pretrain_vision_tower`), because LLaVA starts from a trained CLIP, never a random one.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -30,7 +33,12 @@ class TinyModelConfig:
     vocab_size: int = 600
     max_positions: int = 1024
     position_embedding_std: float = 0.3
+    tower_pretraining_steps: int = 0  # only with a batch source given to save_tiny_models
     seed: int = 0
+
+
+# (pixel_values (B, 3, H, W), per-patch class ids (B, patches, kinds)) from the image processor given
+TowerBatches = Callable[[object], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -50,7 +58,8 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     )
 
 
-def save_tiny_vision_tower(path: str, cfg: TinyModelConfig) -> None:
+def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optional[tuple[TowerBatches, tuple]] = None):
+    """Save a tiny CLIP vision tower and its processor; `pretraining` = (batch source, classes per label kind)."""
     config = CLIPVisionConfig(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -66,10 +75,48 @@ def save_tiny_vision_tower(path: str, cfg: TinyModelConfig) -> None:
     # questions about position are answerable at all, as they are with the real tower.
     with torch.no_grad():
         model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
-    model.save_pretrained(path)
-    CLIPImageProcessorPil(
+    processor = CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
-    ).save_pretrained(path)
+    )
+    if pretraining and cfg.tower_pretraining_steps > 0:
+        batches, classes = pretraining
+        pretrain_vision_tower(model, batches(processor), classes, cfg.tower_pretraining_steps)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps: int, lr: float = 3e-3) -> float:
+    """Teach the layer LLaVA reads (hidden state -2) to say what lies under each patch, one linear head per label
+    kind; the heads are thrown away after. This stands in for CLIP's pretraining: a trained CLIP's patch tokens
+    already carry the object they belong to, which a random tower's do not (they carry only the local pixels, and a
+    tiny LLM trained for minutes cannot learn to bind colour, shape and place across them). Returns the final
+    per-patch accuracy of the foreground patches."""
+    heads = torch.nn.ModuleList(torch.nn.Linear(model.config.hidden_size, n) for n in classes)
+    optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    model.train()
+    start, accuracy = time.time(), 0.0
+    for step in range(1, steps + 1):
+        pixels, labels = next(batches)
+        features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        logits = [head(features) for head in heads]
+        loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., k].flatten()) for k, l in enumerate(logits))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        if step % 50 == 0 or step == steps:
+            accuracy = _foreground_accuracy(logits, labels)
+            print(f"[vision tower] step {step}/{steps} loss {loss.item():.4f} "
+                  f"patch accuracy {accuracy:.3f} ({time.time() - start:.0f}s)", flush=True)
+    model.eval()
+    return accuracy
+
+
+def _foreground_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
+    foreground = labels[..., 0] > 0
+    hits = [(l.argmax(-1) == labels[..., k])[foreground] for k, l in enumerate(logits)]
+    return torch.stack(hits).float().mean().item()
 
 
 def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelConfig) -> None:
@@ -89,8 +136,9 @@ def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelC
     tokenizer.save_pretrained(path)
 
 
-def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
+def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
+                     tower_pretraining: Optional[tuple[TowerBatches, tuple]] = None) -> None:
     """Write a tiny CLIP vision tower to `vision_path` and a tiny LLaMA with its tokenizer to `llm_path`."""
     torch.manual_seed(cfg.seed)
-    save_tiny_vision_tower(vision_path, cfg)
+    save_tiny_vision_tower(vision_path, cfg, tower_pretraining)
     save_tiny_llm(llm_path, train_tokenizer(corpus, cfg.vocab_size), cfg)
