@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
+from torch.nn.functional import cross_entropy
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
@@ -58,8 +59,7 @@ def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFa
     )
 
 
-def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optional[tuple[TowerBatches, tuple]] = None):
-    """Save a tiny CLIP vision tower and its processor; `pretraining` = (batch source, classes per label kind)."""
+def vision_tower(cfg: TinyModelConfig) -> CLIPVisionModel:
     config = CLIPVisionConfig(
         image_size=cfg.image_size,
         patch_size=cfg.patch_size,
@@ -71,13 +71,22 @@ def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optiona
     )
     model = CLIPVisionModel(config)
     # A trained CLIP's patch features say where they are; random ones barely do (position embeddings start ~15x
-    # weaker than patch content). Give the frozen random stand-in position embeddings as strong as its content so
+    # weaker than patch content). Give the random stand-in position embeddings as strong as its content so
     # questions about position are answerable at all, as they are with the real tower.
     with torch.no_grad():
         model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
-    processor = CLIPImageProcessorPil(
+    return model
+
+
+def tiny_image_processor(cfg: TinyModelConfig) -> CLIPImageProcessorPil:
+    return CLIPImageProcessorPil(
         size={"shortest_edge": cfg.image_size}, crop_size={"height": cfg.image_size, "width": cfg.image_size}
     )
+
+
+def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optional[tuple[TowerBatches, tuple]] = None):
+    """Save a tiny CLIP vision tower and its processor; `pretraining` = (batch source, classes per label kind)."""
+    model, processor = vision_tower(cfg), tiny_image_processor(cfg)
     if pretraining and cfg.tower_pretraining_steps > 0:
         batches, classes = pretraining
         pretrain_vision_tower(model, batches(processor), classes, cfg.tower_pretraining_steps)
@@ -100,7 +109,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps
         pixels, labels = next(batches)
         features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
         logits = [head(features) for head in heads]
-        loss = sum(torch.nn.functional.cross_entropy(l.flatten(0, 1), labels[..., k].flatten()) for k, l in enumerate(logits))
+        loss = sum(cross_entropy(l.flatten(0, 1), labels[..., k].flatten()) for k, l in enumerate(logits))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -108,7 +117,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps
         if step % 50 == 0 or step == steps:
             accuracy = _foreground_accuracy(logits, labels)
             print(f"[vision tower] step {step}/{steps} loss {loss.item():.4f} "
-                  f"patch accuracy {accuracy:.3f} ({time.time() - start:.0f}s)", flush=True)
+                  f"patch accuracy {accuracy:.3f} (this batch) {time.time() - start:.0f}s", flush=True)
     model.eval()
     return accuracy
 
