@@ -5,9 +5,12 @@ for one stage works for all of them. `AWS_ENDPOINT_URL` points it at an S3-compa
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import posixpath
+import shutil
+import tempfile
 from typing import Any
 
 import pyarrow.fs as pafs
@@ -117,14 +120,33 @@ def copy_dir(src: str, dst: str) -> None:
 
 
 def local_copy(path: str, cache_root: str) -> str:
-    """A local directory holding the contents of `path`; remote paths are downloaded under `cache_root` once.
+    """A local directory holding the contents of `path`; remote paths are downloaded under `cache_root`.
 
-    transformers' `from_pretrained` needs local files, so model directories in S3 are mirrored first.
+    transformers' `from_pretrained` needs local files, so model directories in S3 are mirrored first. The copy is
+    named after the remote listing (names, sizes, modification times): a stage that ran again with other settings
+    writes the same path, and must not be served the old copy. Copies land in a temporary directory and are renamed
+    into place, so processes that ask at the same time never read a half-written one.
     """
     if not is_remote(path):
         return path
-    target = os.path.join(cache_root, path.replace("://", "/").strip("/"))
-    if not os.path.exists(os.path.join(target, ".complete")):
-        copy_dir(path, target)
-        open(os.path.join(target, ".complete"), "w").close()
+    version = hashlib.sha1(json.dumps(listing(path)).encode()).hexdigest()[:16]
+    target = os.path.join(cache_root, path.replace("://", "/").strip("/"), version)
+    if not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+        copy_dir(path, staging)
+        try:
+            os.rename(staging, target)
+        except OSError:  # another process finished the same copy first
+            shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def listing(path: str) -> list[tuple[str, int, int | None]]:
+    """(relative name, size, modification time in ns) of every file under a directory, sorted."""
+    fs, inner = filesystem(path)
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
+    files = [(i.path[len(inner):].lstrip("/"), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"{path}: no files there")
+    return sorted(files)
