@@ -282,13 +282,6 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
                             f"{a.min_replicas} and {a.max_replicas}")
 
 
-# LLaVA's defaults per stage, under whatever a workflow's `align:` / `instruct:` section sets.
-STAGE_DEFAULTS = {
-    "align": {"dataset": "align", "lr": 1e-3},
-    "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"]},
-}
-
-
 @dataclass
 class Workflow:
     name: str = "llava"
@@ -299,8 +292,10 @@ class Workflow:
     datasets: dict = field(default_factory=dict)  # name -> DatasetSettings
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
-    align: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(**STAGE_DEFAULTS["align"]))
-    instruct: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(**STAGE_DEFAULTS["instruct"]))
+    # LLaVA's defaults per stage; a workflow's `align:` / `instruct:` section overrides only the keys it sets.
+    align: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(dataset="align", lr=1e-3))
+    instruct: TrainStageSettings = field(
+        default_factory=lambda: TrainStageSettings(dataset="instruct", trainable=["projector", "llm"]))
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
 
@@ -318,11 +313,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _build(cls, data: Any, path: str):
+def _build(cls, data: Any, path: str, base: Any = None):
+    """`cls` from a mapping; keys it does not set keep their value in `base` (default: the class defaults)."""
     if not isinstance(data, dict):
         raise WorkflowError(f"{path or 'workflow'}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    names = set(fields)
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
@@ -330,15 +327,24 @@ def _build(cls, data: Any, path: str):
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(names))})"
             raise WorkflowError(f"{where}: unknown key{hint}")
-        if cls.__name__ == "Workflow" and key in STAGE_DEFAULTS and isinstance(value, dict):
-            value = {**STAGE_DEFAULTS[key], **value}  # a partial `instruct:` still trains projector + LLM
-        if (cls.__name__, key) in DICT_OF:
+        section_default = _section_default(fields[key], value)
+        if section_default is not None:
+            kwargs[key] = _build(type(section_default), value, where, base=section_default)
+        elif (cls.__name__, key) in DICT_OF:
             if not isinstance(value, dict):
                 raise WorkflowError(f"{where}: expected a mapping of name -> settings")
             kwargs[key] = {k: _build(DICT_OF[(cls.__name__, key)], v, f"{where}.{k}") for k, v in value.items()}
         else:
             kwargs[key] = _convert(hints[key], value, where)
-    return cls(**kwargs)
+    return dataclasses.replace(base, **kwargs) if base is not None else cls(**kwargs)
+
+
+def _section_default(f: dataclasses.Field, value: Any):
+    """A nested section's own default (a partial `instruct:` still trains projector + LLM), or None."""
+    if not isinstance(value, dict) or f.default_factory is dataclasses.MISSING:
+        return None
+    default = f.default_factory()
+    return default if dataclasses.is_dataclass(default) else None
 
 
 def _convert(tp, value, where):

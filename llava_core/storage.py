@@ -92,13 +92,18 @@ def write_json(path: str, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
-def list_files(path: str, suffix: str = "") -> list[str]:
-    """Files below `path` (recursively), as full paths in the same scheme as `path`, sorted."""
+def _file_infos(path: str) -> tuple[str, list[pafs.FileInfo]]:
+    """The filesystem path of `path` and the infos of the files below it (recursively); none if it is absent."""
     fs, inner = filesystem(path)
     if fs.get_file_info(inner).type == pafs.FileType.NotFound:
-        return []
+        return inner, []
     infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    found = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    return inner, [i for i in infos if i.type == pafs.FileType.File]
+
+
+def list_files(path: str, suffix: str = "") -> list[str]:
+    """Files below `path` (recursively), as full paths in the same scheme as `path`, sorted."""
+    found = sorted(i.path for i in _file_infos(path)[1] if i.path.endswith(suffix))
     if is_remote(path):
         scheme = path.split("://", 1)[0]
         return [f"{scheme}://{p}" for p in found]
@@ -144,9 +149,8 @@ def local_copy(path: str, cache_root: str) -> str:
 
 def listing(path: str) -> list[tuple[str, int, int | None]]:
     """(relative name, size, modification time in ns) of every file under a directory, sorted."""
-    fs, inner = filesystem(path)
-    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=True))
-    files = [(i.path[len(inner):].lstrip("/"), i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File]
+    inner, infos = _file_infos(path)
+    files = [(i.path[len(inner):].lstrip("/"), i.size, i.mtime_ns) for i in infos]
     if not files:
         raise FileNotFoundError(f"{path}: no files there")
     return sorted(files)

@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import requests
+
 from tests.ports import free_port
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -24,7 +25,6 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 AUTH_ENV = {"RAY_AUTH_MODE": "token"}
 PORT_FLAGS = ("--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
               "--dashboard-agent-grpc-port", "--runtime-env-agent-port", "--metrics-export-port")
-
 
 
 def _node_ports() -> list[str]:

@@ -23,7 +23,6 @@ MODEL = "tiny-llava-eval"
 API_KEY = "eval-key"
 
 
-
 def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return str(path)

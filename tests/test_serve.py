@@ -30,7 +30,6 @@ LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_ima
 CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
 
 
-
 def png_bytes(image: Image.Image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")

@@ -19,7 +19,6 @@ CLIENT_TIMEOUT_S = 30.0  # a new replica starts (imports torch, loads the model)
 REPLICA_CLASS = "ServeReplica:llava:LlavaServer"
 
 
-
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_llava_dir):
     from llava_core.serve.app import deploy, shutdown

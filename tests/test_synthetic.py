@@ -22,13 +22,6 @@ def test_the_mask_marks_exactly_the_pixels_of_each_shape():
     assert left < synthetic.WIDTH / 2 < right
 
 
-def test_drawing_with_a_mask_draws_the_same_image_as_before():
-    scene = synthetic.random_scene(random.Random(5))
-    plain = synthetic.draw_scene(scene, random.Random(9))
-    with_mask, _ = synthetic.draw_scene_with_mask(scene, random.Random(9))
-    assert np.array_equal(np.asarray(plain), np.asarray(with_mask))
-
-
 def test_patch_labels_name_the_shape_under_each_patch():
     scene = [synthetic.Shape("green", "square", "top"), synthetic.Shape("yellow", "circle", "bottom")]
     mask = Image.new("L", (16, 16), 0)

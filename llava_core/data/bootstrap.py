@@ -26,7 +26,9 @@ def ensure_synthetic(workflow) -> None:
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     model_cfg = tiny.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
-    pretraining = (lambda processor: labelled_scene_batches(processor, model_cfg), synthetic.PATCH_LABEL_CLASSES)
+    # A generator: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
+    pretraining = (labelled_scene_batches(tiny.tiny_image_processor(model_cfg), model_cfg),
+                   synthetic.PATCH_LABEL_CLASSES)
     tiny.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)

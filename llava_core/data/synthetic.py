@@ -72,19 +72,23 @@ def draw_scene_with_mask(scene: list[Shape], rng: random.Random) -> tuple[Image.
     background = tuple(rng.randint(225, 255) for _ in range(3))
     image = Image.new("RGB", (WIDTH, HEIGHT), background)
     mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    draw_image, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
     for index, shape in enumerate(scene):
         cx, cy = _centre(shape.position, rng)
         r = rng.randint(10, 15)
-        box = (cx - r, cy - r, cx + r, cy + r)
-        for canvas, fill in ((image, COLOURS[shape.colour]), (mask, index + 1)):
-            draw = ImageDraw.Draw(canvas)
-            if shape.kind == "circle":
-                draw.ellipse(box, fill=fill)
-            elif shape.kind == "square":
-                draw.rectangle(box, fill=fill)
-            else:
-                draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
+        _paint(draw_image, shape.kind, cx, cy, r, COLOURS[shape.colour])
+        _paint(draw_mask, shape.kind, cx, cy, r, index + 1)
     return image, mask
+
+
+def _paint(draw: ImageDraw.ImageDraw, kind: str, cx: int, cy: int, r: int, fill) -> None:
+    box = (cx - r, cy - r, cx + r, cy + r)
+    if kind == "circle":
+        draw.ellipse(box, fill=fill)
+    elif kind == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fill)
 
 
 def patch_labels(scene: list[Shape], mask: Image.Image, grid: int) -> np.ndarray:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import torch
 from torch.nn.functional import cross_entropy
@@ -36,10 +36,6 @@ class TinyModelConfig:
     position_embedding_std: float = 0.3
     tower_pretraining_steps: int = 0  # only with a batch source given to save_tiny_models
     seed: int = 0
-
-
-# (pixel_values (B, 3, H, W), per-patch class ids (B, patches, kinds)) from the image processor given
-TowerBatches = Callable[[object], Iterator[tuple[torch.Tensor, torch.Tensor]]]
 
 
 def train_tokenizer(corpus: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -84,14 +80,18 @@ def tiny_image_processor(cfg: TinyModelConfig) -> CLIPImageProcessorPil:
     )
 
 
-def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optional[tuple[TowerBatches, tuple]] = None):
-    """Save a tiny CLIP vision tower and its processor; `pretraining` = (batch source, classes per label kind)."""
-    model, processor = vision_tower(cfg), tiny_image_processor(cfg)
+# (batches of (pixel_values (B, 3, H, W), per-patch class ids (B, patches, kinds)), classes per label kind)
+TowerPretraining = tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple]
+
+
+def save_tiny_vision_tower(path: str, cfg: TinyModelConfig, pretraining: Optional[TowerPretraining] = None) -> None:
+    """Save a tiny CLIP vision tower and its processor, pretrained first when `pretraining` data is given."""
+    model = vision_tower(cfg)
     if pretraining and cfg.tower_pretraining_steps > 0:
         batches, classes = pretraining
-        pretrain_vision_tower(model, batches(processor), classes, cfg.tower_pretraining_steps)
+        pretrain_vision_tower(model, batches, classes, cfg.tower_pretraining_steps)
     model.save_pretrained(path)
-    processor.save_pretrained(path)
+    tiny_image_processor(cfg).save_pretrained(path)
 
 
 def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps: int, lr: float = 3e-3) -> float:
@@ -146,7 +146,7 @@ def save_tiny_llm(path: str, tokenizer: PreTrainedTokenizerFast, cfg: TinyModelC
 
 
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
-                     tower_pretraining: Optional[tuple[TowerBatches, tuple]] = None) -> None:
+                     tower_pretraining: Optional[TowerPretraining] = None) -> None:
     """Write a tiny CLIP vision tower to `vision_path` and a tiny LLaMA with its tokenizer to `llm_path`."""
     torch.manual_seed(cfg.seed)
     save_tiny_vision_tower(vision_path, cfg, tower_pretraining)
