@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def tiny_export(root: str, questions: int) -> tuple[str, str]:
     from llava_core.data import synthetic
-    from llava_core.model import tiny
+    from llava_core.model import standins
     from llava_core.model.build import assemble_llava
 
     paths = synthetic.generate(root, align_rows=32, instruct_rows=32, eval_questions=questions, text_only_rows=2,
@@ -37,7 +37,7 @@ def tiny_export(root: str, questions: int) -> tuple[str, str]:
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     vision, llm = os.path.join(root, "models", "vision"), os.path.join(root, "models", "llm")
-    tiny.save_tiny_models(vision, llm, corpus, tiny.TinyModelConfig())
+    standins.save_tiny_models(vision, llm, corpus, standins.TinyModelConfig())
     model, processor = assemble_llava(vision, llm)
     export = os.path.join(root, "export")
     model.save_pretrained(export)

@@ -67,16 +67,12 @@ def build_dataset(root: str, rows: int, seed: int = 0) -> dict:
 
 
 def save_models(vision_path: str, llm_path: str, corpus: list[str]) -> None:
-    """CLIP ViT-L/14-336's processor and geometry (config only, no weights are needed to prepare data)."""
-    from transformers import CLIPImageProcessorPil, CLIPVisionConfig
+    """Stand-ins of CLIP ViT-L/14-336 (its geometry and legacy processor config) and Vicuna's tokenizer."""
+    from llava_core.model.standins import TinyModelConfig, save_clip, save_vicuna
 
-    from llava_core.model.tiny import train_tokenizer
-
-    CLIPVisionConfig(image_size=336, patch_size=14, hidden_size=1024, num_attention_heads=16).save_pretrained(vision_path)
-    CLIPImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
-                          image_mean=[0.48145466, 0.4578275, 0.40821073],
-                          image_std=[0.26862954, 0.26130258, 0.27577711]).save_pretrained(vision_path)
-    train_tokenizer(corpus, vocab_size=2000).save_pretrained(llm_path)
+    geometry = TinyModelConfig(image_size=336, patch_size=14, vision_layers=1, vocab_size=2000)
+    save_clip(vision_path, geometry)
+    save_vicuna(llm_path, corpus, geometry)
 
 
 SETTINGS = {"max_length": 2048, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 64_000_000}

@@ -31,7 +31,7 @@ MODEL = "tiny-llava"
 
 def build_tiny_llava(root: str) -> str:
     from llava_core.data import synthetic
-    from llava_core.model import tiny
+    from llava_core.model import standins
     from llava_core.model.build import assemble_llava
 
     paths = synthetic.generate(os.path.join(root, "data"), align_rows=64, instruct_rows=64, eval_questions=16,
@@ -39,7 +39,7 @@ def build_tiny_llava(root: str) -> str:
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     vision, llm = os.path.join(root, "vision"), os.path.join(root, "llm")
-    tiny.save_tiny_models(vision, llm, corpus, tiny.TinyModelConfig())
+    standins.save_tiny_models(vision, llm, corpus, standins.TinyModelConfig())
     model, processor = assemble_llava(vision, llm)
     out = os.path.join(root, "tiny_llava")
     model.save_pretrained(out)

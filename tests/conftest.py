@@ -23,14 +23,14 @@ def ray_session():
 def tiny_dataset(tmp_path_factory):
     """A small synthetic dataset in the official LLaVA layout plus tiny base models saved in HF format."""
     from llava_core.data import synthetic
-    from llava_core.model import tiny
+    from llava_core.model import standins
 
     root = str(tmp_path_factory.mktemp("tiny_dataset"))
     paths = synthetic.generate(root, align_rows=64, instruct_rows=64, eval_questions=16, text_only_rows=4, seed=1)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     paths.update(vision=os.path.join(root, "models", "vision"), llm=os.path.join(root, "models", "llm"))
-    tiny.save_tiny_models(paths["vision"], paths["llm"], corpus, tiny.TinyModelConfig())
+    standins.save_tiny_models(paths["vision"], paths["llm"], corpus, standins.TinyModelConfig())
     paths["root"] = root
     return paths
 

@@ -7,7 +7,7 @@ from PIL import Image
 
 from llava_core.data import synthetic
 from llava_core.data.bootstrap import labelled_scene_batches
-from llava_core.model import tiny
+from llava_core.model import standins
 
 
 def test_the_mask_marks_exactly_the_pixels_of_each_shape():
@@ -36,15 +36,15 @@ def test_patch_labels_name_the_shape_under_each_patch():
 
 
 def test_pretraining_teaches_the_tower_what_each_patch_shows():
-    cfg = tiny.TinyModelConfig(vision_layers=2, vision_hidden=64, tower_pretraining_steps=120)
-    processor = tiny.tiny_image_processor(cfg)
+    cfg = standins.TinyModelConfig(vision_layers=2, vision_hidden=64, tower_pretraining_steps=120)
+    processor = standins.tiny_image_processor(cfg)
     batches = labelled_scene_batches(processor, cfg, batch_size=32, pool=512)
     pixels, labels = next(batches)
     assert pixels.shape == (32, 3, 64, 64) and labels.shape == (32, 64, 3)
     assert 0.05 < (labels[..., 0] > 0).float().mean() < 0.5  # shapes cover some patches, never all
     torch.manual_seed(0)
-    tower = tiny.vision_tower(cfg)
-    accuracy = tiny.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES, cfg.tower_pretraining_steps)
+    tower = standins.vision_tower(cfg)
+    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES, cfg.tower_pretraining_steps)
     # Chance on the foreground patches is about 1/4 per label kind; a tower that learned nothing stays near it.
     assert accuracy > 0.6
     assert not tower.training

@@ -30,7 +30,7 @@ def test_vicuna_v1_renders_the_official_format():
     rendered = templates.render_vicuna_v1(turns, "</s>")
     assert rendered.text == (f"{VICUNA_SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT: red</s>"
                              "USER: And the shape? ASSISTANT: a circle</s>")
-    assert [rendered.text[s:e] for s, e in rendered.supervised] == ["red</s>", "a circle</s>"]
+    assert [rendered.text[s:e] for s, e in rendered.supervised] == [" red</s>", " a circle</s>"]
 
 
 def test_vicuna_v1_mask_covers_exactly_the_answers(tokenizer):

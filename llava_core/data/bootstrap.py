@@ -12,7 +12,7 @@ from PIL import Image
 from llava_core.config import settings_hash
 from llava_core.data import synthetic
 from llava_core.data.images import mean_colour, pad_to_square
-from llava_core.model import tiny
+from llava_core.model import standins
 
 
 def ensure_synthetic(workflow) -> None:
@@ -25,16 +25,16 @@ def ensure_synthetic(workflow) -> None:
     paths = synthetic.generate(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
-    model_cfg = tiny.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
+    model_cfg = standins.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
     # A generator: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
-    pretraining = (labelled_scene_batches(tiny.tiny_image_processor(model_cfg), model_cfg),
+    pretraining = (labelled_scene_batches(standins.tiny_image_processor(model_cfg), model_cfg),
                    synthetic.PATCH_LABEL_CLASSES)
-    tiny.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
+    standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)
 
 
-def labelled_scene_batches(processor, cfg: tiny.TinyModelConfig, batch_size: int = 64, pool: int = 4096):
+def labelled_scene_batches(processor, cfg: standins.TinyModelConfig, batch_size: int = 64, pool: int = 4096):
     """Endless shuffled batches of fresh scenes (never the dataset's images), padded and processed exactly as
     preparation does, with per-patch labels of what each patch shows (the vision tower's pretraining data)."""
     rng = random.Random(f"tower-{cfg.seed}")

@@ -1,9 +1,12 @@
-"""Render a conversation in a training template and compute its label mask from token offsets.
+"""Render a conversation in a training template and compute its label mask at the tokens where generation starts.
 
-Rendering returns the full text plus the character spans the model must learn to produce (assistant answers and their
-end-of-turn token). Tokenizing the full text once with offsets then marks every token that overlaps a span: the ids
-are the ones inference sees, and the mask cannot disagree with them (the official code re-tokenizes pieces and
-silently zeroes samples where the counts differ: "tokenization mismatch").
+Rendering returns the full text plus, for every assistant answer, the character span from the end of the inference
+prompt (the conversation so far, as the export's chat template renders it with the generation prompt) to the end of
+the answer's end-of-turn token. Tokenizing then supervises exactly the tokens after the prompt's own tokens up to the
+tokens of the text through the answer: with a LLaMA tokenizer ` 4` after `ASSISTANT:` is two tokens (`▁`, `4`), and
+the `▁` is the first token the model must generate, so it must be learned. A row whose prompt tokens are not a
+prefix of its own tokens has no trustworthy mask and is rejected (`tokenization_mismatch`), never trained silently
+with a wrong one (the official code's "tokenization mismatch" zeroes such samples' loss without a word).
 """
 from __future__ import annotations
 
@@ -21,12 +24,13 @@ TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 @dataclass
 class Rendered:
     text: str
-    supervised: list[tuple[int, int]]  # [start, end) character spans
+    supervised: list[tuple[int, int]]  # per answer: [end of its inference prompt, end of its end-of-turn token)
     add_special_tokens: bool = True  # False when the template writes its own BOS (chat templates do)
 
 
 def render_plain(turns: list[Turn], eos: str) -> Rendered:
-    """Stage-1 format: the instruction is discarded; `<image>` + caption + newline, caption and newline supervised."""
+    """Stage-1 format: the instruction is discarded; `<image>` + caption + newline, caption and newline supervised
+    (the prompt is `<image>` alone)."""
     if len(turns) != 2 or turns[0].text.count(IMAGE_TAG) != 1:
         raise RowError("template_mismatch", "the plain template needs one image and one caption turn")
     answer = turns[1].text.strip() + "\n"
@@ -38,8 +42,8 @@ def render_vicuna_v1(turns: list[Turn], eos: str, system: str = VICUNA_SYSTEM) -
     text, spans = system + " ", []
     for turn in turns:
         if turn.role == ASSISTANT:
-            text += "ASSISTANT: "
-            answer = turn.text.strip() + eos
+            text += "ASSISTANT:"  # the inference prompt ends here; the space belongs to the answer's first token
+            answer = " " + turn.text.strip() + eos
             spans.append((len(text), len(text) + len(answer)))
             text += answer
         else:
@@ -84,14 +88,26 @@ def render(template: str, turns: list[Turn], tokenizer) -> Rendered:
 
 
 def tokenize_with_labels(rendered: Rendered, tokenizer) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the rendered text and labels (-100 outside the supervised spans)."""
-    encoding = tokenizer(rendered.text, return_offsets_mapping=True, add_special_tokens=rendered.add_special_tokens)
-    ids = np.asarray(encoding["input_ids"], dtype=np.int64)
+    """Token ids of the rendered text and labels: per answer, the tokens after those of its inference prompt up to
+    those of the text through its end-of-turn token; -100 everywhere else."""
+    cuts = [cut for span in rendered.supervised for cut in span]
+    # One batched call: the full text and each prompt / through-the-answer prefix (tokenized in parallel in Rust).
+    encoded = tokenizer([rendered.text] + [rendered.text[:cut] for cut in cuts],
+                        add_special_tokens=rendered.add_special_tokens)["input_ids"]
+    ids = np.asarray(encoded[0], dtype=np.int64)
     labels = np.full_like(ids, IGNORE_INDEX)
-    for i, (start, end) in enumerate(encoding["offset_mapping"]):
-        if end > start and any(start < s_end and end > s_start for s_start, s_end in rendered.supervised):
-            labels[i] = ids[i]
+    for k in range(len(rendered.supervised)):
+        prompt, through = encoded[1 + 2 * k], encoded[2 + 2 * k]
+        if not (_is_prefix(prompt, ids) and _is_prefix(through, ids)) or len(through) <= len(prompt):
+            raise RowError("tokenization_mismatch",
+                           f"answer {k + 1}: the tokens of its prompt or of the text through it are not a prefix of "
+                           "the row's tokens, so no mask would match what inference sees")
+        labels[len(prompt):len(through)] = ids[len(prompt):len(through)]
     return ids, labels
+
+
+def _is_prefix(prefix: list[int], ids: np.ndarray) -> bool:
+    return len(prefix) <= len(ids) and np.array_equal(ids[:len(prefix)], prefix)
 
 
 def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, image_seq_length: int):

@@ -3,7 +3,7 @@
 `assemble_llava` takes two directories (or hub ids) in Hugging Face format, e.g. `openai/clip-vit-large-patch14-336`
 and `lmsys/vicuna-7b-v1.5`, and returns transformers' own `LlavaForConditionalGeneration` with a fresh LLaVA-1.5
 projector (Linear, GELU, Linear) plus a matching `LlavaProcessor`. The quickstart calls it on tiny models that
-`llava_core.model.tiny` saves to disk first, so the code path is the one a real cluster runs.
+`llava_core.model.standins` saves to disk first, so the code path is the one a real cluster runs.
 """
 from __future__ import annotations
 
@@ -52,6 +52,15 @@ def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template:
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
     )
+
+
+def vision_config(vision_path: str):
+    """The vision tower's own config: the nested `vision_config` of a full CLIP repo (`CLIPConfig`, as
+    `openai/clip-vit-large-patch14-336` ships), or the config itself for a bare vision model."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(vision_path)
+    return getattr(config, "vision_config", None) or config
 
 
 def image_seq_length(vision_config) -> int:
