@@ -249,6 +249,7 @@ class ServeSettings:
     allow_private_image_hosts: bool = False  # allow hosts that resolve to private/loopback/link-local addresses
     image_fetch_timeout_s: float = 10.0
     api_key: Optional[str] = None  # when set, requests need `Authorization: Bearer <key>`
+    ready_timeout_s: Optional[float] = None  # how long deploy waits for /ready; None: 120 s + 60 s per GB of weights
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
 
@@ -270,6 +271,9 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     for key in positive:
         if getattr(s, key) <= 0:
             raise WorkflowError(f"{where}.{key}: must be greater than 0, got {getattr(s, key)}")
+    if s.ready_timeout_s is not None and s.ready_timeout_s <= 0:
+        raise WorkflowError(f"{where}.ready_timeout_s: must be greater than 0 (or null: from the model's size), "
+                            f"got {s.ready_timeout_s}")
     if s.max_queued_requests == 0 or s.max_queued_requests < -1:
         raise WorkflowError(f"{where}.max_queued_requests: a positive number, or -1 for no limit")
     if s.cpus_per_replica < 0 or (s.gpus_per_replica is not None and s.gpus_per_replica < 0):

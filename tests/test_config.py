@@ -22,6 +22,7 @@ def test_quickstart_loads_with_absolute_local_paths():
     ("align.dataset=nothing", "align.dataset: 'nothing' is not a key of datasets"),
     ("align.trainable=[lm]", "align.trainable"),
     ("datasets.align.template=llama9", "datasets.align.template: 'llama9'"),
+    ("serve.ready_timeout_s=0", "serve.ready_timeout_s: must be greater than 0"),
 ])
 def test_bad_settings_name_their_yaml_path(override, message):
     with pytest.raises(WorkflowError) as error:

@@ -17,8 +17,6 @@ import os
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
 from typing import AsyncIterator, Optional
 
 import ray
@@ -34,6 +32,7 @@ from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
 from llava_core.serve.errors import ApiError, bad_request, error_body, payload_too_large, unauthorized, unavailable
+from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +241,9 @@ def gpus_per_replica(settings: ServeSettings) -> float:
 
 def application(model_dir: str, settings: ServeSettings, model_name: str):
     options = replica_options(settings, gpus_per_replica(settings))
+    env = storage.s3_env()
+    if env:  # the replica mirrors an s3:// export itself, on a node that may not have the driver's S3 settings
+        options["ray_actor_options"]["runtime_env"] = {"env_vars": env}
     return LlavaServer.options(**options).bind(model_dir, settings, model_name)
 
 
@@ -255,11 +257,15 @@ def build_app(args: dict):
 
 
 def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
-    """Serve `model_dir` on the already-initialised Ray; returns the base URL once the model answers (`/ready`)."""
+    """Serve `model_dir` (a storage URI every node can read: each replica mirrors it itself) on the already-initialised
+    Ray; returns the base URL once the model answers (`/ready`), or fails saying what the replicas are doing."""
+    timeout_s = ready_timeout_s(settings, model_dir)
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    serve.run(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
+    # Not waiting inside Serve: its wait has no limit (a replica that no node can place waits forever) and says nothing.
+    target = serve.RunTarget(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
+    serve.run_many([target], wait_for_applications_running=False)
     url = f"http://{client_host(settings.host)}:{settings.port}"
-    wait_until_ready(url)
+    wait_until_ready(url, APP_NAME, timeout_s)
     return url
 
 
@@ -270,18 +276,3 @@ def shutdown() -> None:
 
 def client_host(host: str) -> str:
     return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-
-
-def wait_until_ready(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except (urllib.error.URLError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url}/ready did not answer within {timeout_s:.0f}s; if Serve was already running "
-                               "with other HTTP options, call shutdown() first")
-        time.sleep(0.2)

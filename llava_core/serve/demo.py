@@ -1,29 +1,117 @@
-"""The serve stage of a workflow: deploy the export, prove it answers with one real request, then keep serving."""
+"""The serve stage of a workflow: deploy the export, prove it answers with one real request, then keep serving.
+
+The demo asks the first question of the workflow's primary eval set; a workflow without one (the full-size ones)
+asks the first image row of its instruct data instead, read from the start of the file without loading the rest.
+"""
 from __future__ import annotations
 
 import base64
+import dataclasses
+import io
+import json
 import time
+from dataclasses import dataclass
 
 import requests
+from PIL import Image, UnidentifiedImageError
 
 from llava_core import storage
-from llava_core.eval.evaluate import read_jsonl
+from llava_core.config import DatasetSettings, EvalSetSettings, Workflow, dataset_sources
+from llava_core.data import formats
+from llava_core.data.images import read_image_bytes
+from llava_core.data.sources import iter_rows
+
+
+@dataclass
+class DemoQuestion:
+    text: str
+    images: list[bytes]
+    origin: str  # where the image was read: the log line and demo.json say it
+
+
+def image_mime(image_bytes: bytes) -> str:
+    """The media type of encoded image bytes (image/png, image/jpeg, ...), read from their header."""
+    try:
+        with Image.open(io.BytesIO(image_bytes)) as image:
+            return Image.MIME[image.format]
+    except (UnidentifiedImageError, KeyError) as error:
+        raise ValueError(f"not an image in a format PIL knows ({error})") from None
 
 
 def image_data_url(image_bytes: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(image_bytes).decode()
+    return f"data:{image_mime(image_bytes)};base64," + base64.b64encode(image_bytes).decode()
 
 
-def chat_request(model_name: str, question: str, image_bytes: bytes, max_tokens: int = 16) -> dict:
+def chat_request(model_name: str, question: str, images: list[bytes], max_tokens: int = 16) -> dict:
     return {
         "model": model_name,
         "messages": [{"role": "user", "content": [
             {"type": "text", "text": question},
-            {"type": "image_url", "image_url": {"url": image_data_url(image_bytes)}},
+            *({"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in images),
         ]}],
         "max_tokens": max_tokens,
         "temperature": 0,
     }
+
+
+def demo_question(w: Workflow) -> DemoQuestion:
+    sets = w.evaluate.all_sets()
+    if sets:
+        return eval_question(sets[w.evaluate.primary_set() or next(iter(sets))])
+    return instruct_question(w.datasets[w.instruct.dataset])
+
+
+def eval_question(s: EvalSetSettings) -> DemoQuestion:
+    from llava_core.eval.layouts import load_eval_set
+
+    item = load_eval_set(dataclasses.replace(s, limit=1))[0]  # asked as evaluate asks it, instruction included
+    image = base64.b64decode(item.image_b64) if item.image_b64 else storage.read_bytes(item.image_path)
+    return DemoQuestion(item.text, [image], item.image_path or f"{s.questions} (inline image)")
+
+
+MAX_BAD_ROWS = 20  # image rows that cannot be asked (prepare rejects them too) before the demo gives up
+
+
+def instruct_question(ds: DatasetSettings) -> DemoQuestion:
+    """The first human turn of the first good row with an image, its `<image>` tags removed. Rows are streamed from
+    the start of each source, so a 1 GB annotation file is read only up to that row."""
+    problems = []
+    for where, raw, inline, image_folder in dataset_rows(ds):
+        try:
+            question = row_question(raw, inline, image_folder)
+        except ValueError as error:  # RowError included
+            problems.append(f"{where}: {error}")
+            if len(problems) >= MAX_BAD_ROWS:  # a wrong image_folder: every row fails; do not read them all
+                break
+            continue
+        if question is not None:
+            return dataclasses.replace(question, origin=f"{where} ({question.origin})")
+    raise ValueError(f"no row to ask the endpoint about in {[s.path for s in dataset_sources(ds)]}"
+                     + (f"; the first problem: {problems[0]}" if problems else ": no row has an image")
+                     + "; or give the workflow an eval set (evaluate.questions or evaluate.sets)")
+
+
+def dataset_rows(ds: DatasetSettings):
+    """(where, raw JSON, inline images, image folder) of every row of every source, in file order, streamed."""
+    for source in dataset_sources(ds):
+        for index, (raw, inline) in enumerate(iter_rows(source.path)):
+            yield f"{source.path} row {index}", raw, inline, source.image_folder
+
+
+def row_question(raw: str, inline: list, image_folder: str) -> DemoQuestion | None:
+    """The row's question and images; None for a text-only row. A row prepare would reject raises ValueError."""
+    row = json.loads(raw)
+    if not isinstance(row, dict):
+        raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
+    names = formats.image_list(row)
+    if not names:
+        return None
+    turns = formats.normalise_conversation(row, len(names))
+    images = [inline[i] if i < len(inline) and inline[i] is not None else read_image_bytes(image_folder, name)
+              for i, name in enumerate(names)]
+    for image in images:
+        image_mime(image)  # an image the server cannot read would fail the demo: take the next row
+    return DemoQuestion(turns[0].text.replace(formats.IMAGE_TAG, "").strip(), images, ", ".join(map(str, names)))
 
 
 def curl_example(url: str, model_name: str, api_key: str | None) -> str:
@@ -41,20 +129,22 @@ def serve_and_demo(ctx) -> dict:
 
     w = ctx.workflow
     model_name = w.serve.model_name or w.name
-    url = deploy(storage.local_copy(ctx.stage_dir("export"), ctx.cache_dir), w.serve, model_name)
-    question = read_jsonl(w.evaluate.questions)[0]
-    image_bytes = storage.read_bytes(storage.join(w.evaluate.image_folder, question["image"]))
+    question = demo_question(w)  # before deploying: a workflow with nothing to ask fails without waiting for a model
+    # The export's URI, not a copy on this (the driver's) disk: the replica may run on another node and mirrors it.
+    url = deploy(storage.absolute(ctx.stage_dir("export")), w.serve, model_name)
     headers = {"Authorization": f"Bearer {w.serve.api_key}"} if w.serve.api_key else {}
     started = time.time()
-    response = requests.post(f"{url}/v1/chat/completions", json=chat_request(model_name, question["text"], image_bytes),
-                             headers=headers, timeout=120)
+    request = chat_request(model_name, question.text, question.images)
+    response = requests.post(f"{url}/v1/chat/completions", json=request, headers=headers, timeout=120)
     response.raise_for_status()
-    answer = response.json()["choices"][0]["message"]["content"]
+    body = response.json()
+    answer = body["choices"][0]["message"]["content"]
     print(f"\nendpoint  {url}/v1/chat/completions  (model '{model_name}', OpenAI-compatible)")
-    print(f"asked     {question['text']!r} about {question['image']}")
+    print(f"asked     {question.text!r} about {question.origin}")
     print(f"answered  {answer!r} in {time.time() - started:.2f}s")
     print(f"try it:\n{curl_example(url, model_name, w.serve.api_key)}\n", flush=True)
-    result = {"url": url, "model": model_name, "question": question["text"], "answer": answer}
+    result = {"url": url, "model": model_name, "question": question.text, "image": question.origin, "answer": answer,
+              "usage": body["usage"]}
     storage.write_json(storage.join(ctx.stage_dir("serve"), "demo.json"), result)
     return result
 

@@ -1,0 +1,163 @@
+"""The workflow's serve stage: the demo question for a workflow without an eval set (from the instruct data, read only
+up to its first image row), the readiness wait sized from the export, and a timeout error that says what Serve is
+doing. One Serve instance, deployed by the stage itself."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+
+import pytest
+import requests
+from PIL import Image
+
+from llava_core.config import DatasetSettings, ServeSettings, Workflow
+from llava_core.serve import readiness
+from llava_core.serve.demo import chat_request, image_mime, instruct_question
+from tests.ports import free_port
+
+QUESTION = "What colour is the shape in the middle?"
+
+
+def encoded(image: Image.Image, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def instruct_data(tmp_path_factory):
+    """A JSON array: a text-only row, then a row with a JPEG image, then enough rows to need several reads."""
+    root = tmp_path_factory.mktemp("instruct")
+    os.makedirs(root / "images")
+    image = encoded(Image.new("RGB", (40, 24), (30, 90, 200)), "JPEG")
+    (root / "images" / "blue.jpg").write_bytes(image)
+    text_only = {"id": "t0", "conversations": [{"from": "human", "value": "Say hello."},
+                                               {"from": "gpt", "value": "Hello."}]}
+    with_image = {"id": "i1", "image": "blue.jpg", "conversations": [
+        {"from": "human", "value": f"<image>\n{QUESTION}"}, {"from": "gpt", "value": "Blue."}]}
+    rows = [text_only, with_image] + [dict(text_only, id=f"t{i}") for i in range(2, 4000)]
+    path = root / "instruct.json"
+    path.write_text(json.dumps(rows))
+    return {"path": str(path), "image_folder": str(root / "images"), "image": image}
+
+
+def test_the_demo_question_is_the_first_image_rows_first_turn(instruct_data, tmp_path):
+    dataset = DatasetSettings(path=instruct_data["path"], image_folder=instruct_data["image_folder"])
+    question = instruct_question(dataset)
+    assert question.text == QUESTION
+    assert question.images == [instruct_data["image"]]
+    assert question.origin == f"{instruct_data['path']} row 1 (blue.jpg)"
+
+    # Read as a stream up to that row: a file whose end is cut off (as a half-uploaded 1 GB file would be) still works.
+    text = open(instruct_data["path"]).read()
+    cut = tmp_path / "cut.json"
+    cut.write_text(text[: len(text) // 2])
+    assert instruct_question(DatasetSettings(path=str(cut), image_folder=dataset.image_folder)).text == QUESTION
+
+
+def test_with_an_eval_set_the_demo_asks_its_first_question(instruct_data, tmp_path):
+    from llava_core.config import EvalSetSettings
+    from llava_core.eval.layouts import SHORT_ANSWER
+    from llava_core.serve.demo import demo_question
+
+    questions = tmp_path / "pope.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": "blue.jpg", "text": f"Is there a cat {i}?",
+                                             "label": "no"}) + "\n" for i in range(3)))
+    folder = instruct_data["image_folder"]
+    workflow = Workflow(datasets={"instruct": DatasetSettings(path=instruct_data["path"], image_folder=folder)})
+    workflow.evaluate.sets = {"pope": EvalSetSettings(layout="pope", questions=str(questions), image_folder=folder)}
+    question = demo_question(workflow)
+    assert question.text == f"Is there a cat 0?\n{SHORT_ANSWER}"  # as evaluate asks it
+    assert question.images == [instruct_data["image"]]
+
+
+def test_images_are_sent_in_their_own_format():
+    image = Image.new("RGB", (8, 8), (200, 30, 30))
+    assert image_mime(encoded(image, "JPEG")) == "image/jpeg"
+    assert image_mime(encoded(image, "PNG")) == "image/png"
+    url = chat_request("m", "Hi?", [encoded(image, "WEBP")])["messages"][0]["content"][1]["image_url"]["url"]
+    assert url.startswith("data:image/webp;base64,")
+
+
+def test_ready_timeout_grows_with_the_weight_files():
+    listing = [("config.json", 10**6, 0), ("model-00001-of-00002.safetensors", 5 * 10**9, 0),
+               ("model-00002-of-00002.safetensors", 2 * 10**9, 0), ("adapter/adapter_model.bin", 10**9, 0),
+               ("tokenizer.json", 3 * 10**6, 0)]
+    assert readiness.weight_bytes(listing) == 8 * 10**9
+    assert readiness.derived_timeout_s(8 * 10**9) == 120 + 8 * 60
+    assert readiness.derived_timeout_s(0) == 120
+
+
+def test_ready_timeout_setting_wins_and_a_bad_one_is_refused(tiny_llava_dir):
+    from llava_core.config import WorkflowError, serve_settings_from_dict
+
+    weights = os.path.getsize(os.path.join(tiny_llava_dir, "model.safetensors"))
+    assert readiness.ready_timeout_s(ServeSettings(), tiny_llava_dir) == pytest.approx(120 + 60 * weights / 1e9)
+    assert readiness.ready_timeout_s(ServeSettings(ready_timeout_s=900), tiny_llava_dir) == 900
+    with pytest.raises(WorkflowError, match="serve.ready_timeout_s: must be greater than 0"):
+        serve_settings_from_dict({"ready_timeout_s": -5})
+
+
+def test_status_line_names_the_replicas_and_their_message():
+    from ray.serve.schema import (ApplicationStatus, ApplicationStatusOverview, DeploymentStatus,
+                                  DeploymentStatusOverview, DeploymentStatusTrigger, ReplicaState, ServeStatus)
+
+    deployment = DeploymentStatusOverview(
+        status=DeploymentStatus.UPDATING, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
+        replica_states={ReplicaState.STARTING: 1, ReplicaState.RUNNING: 0},
+        message="Deployment 'LlavaServer' has 1 replica that has taken more than 30s to be scheduled: resources "
+                "{'CPU': 1.0, 'GPU': 1.0} are not available")
+    app = ApplicationStatusOverview(status=ApplicationStatus.DEPLOYING, message="", last_deployed_time_s=0.0,
+                                    deployments={"LlavaServer": deployment})
+    line = readiness.describe_status(ServeStatus(applications={"llava": app}), "llava")
+    assert line == ("application llava: DEPLOYING; deployment LlavaServer: UPDATING, 1 replica STARTING: Deployment "
+                    "'LlavaServer' has 1 replica that has taken more than 30s to be scheduled: resources "
+                    "{'CPU': 1.0, 'GPU': 1.0} are not available")
+    assert readiness.describe_status(ServeStatus(), "llava") == "application llava: not deployed"
+
+
+@pytest.fixture(scope="module")
+def served_demo(ray_session, tiny_llava_dir, instruct_data, tmp_path_factory):
+    """The serve stage of a workflow with no eval set, on a run directory holding an export."""
+    from llava_core.serve.app import shutdown
+    from llava_core.workflow import RunContext, compute_hashes, stage_serve
+
+    run_dir = str(tmp_path_factory.mktemp("run"))
+    shutil.copytree(tiny_llava_dir, os.path.join(run_dir, "export"))
+    instruct = DatasetSettings(path=instruct_data["path"], image_folder=instruct_data["image_folder"])
+    workflow = Workflow(name="no-eval-set", datasets={"instruct": instruct}, serve=ServeSettings(port=free_port()))
+    assert not workflow.evaluate.all_sets()
+    ctx = RunContext(workflow, run_dir, "", "", hashes=compute_hashes(workflow))
+    result = stage_serve(ctx)
+    yield ctx, result
+    shutdown()
+
+
+def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(served_demo, instruct_data):
+    ctx, result = served_demo
+    demo = json.load(open(os.path.join(ctx.stage_dir("serve"), "demo.json")))
+    assert demo == result
+    assert demo["question"] == QUESTION and demo["image"].endswith("row 1 (blue.jpg)")
+    assert isinstance(demo["answer"], str)
+
+    # The same question about the same JPEG, sent by hand: the same answer and the same prompt, image tokens included.
+    asked = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60,
+                          json=chat_request(demo["model"], QUESTION, [instruct_data["image"]])).json()
+    text_only = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60,
+                              json=chat_request(demo["model"], QUESTION, [])).json()
+    assert demo["answer"] == asked["choices"][0]["message"]["content"]
+    assert demo["usage"]["prompt_tokens"] == asked["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
+
+
+def test_running_out_of_time_says_what_serve_is_doing(served_demo):
+    from llava_core.serve.deploy_config import APP_NAME
+
+    nowhere = f"http://127.0.0.1:{free_port()}"  # Serve runs, but nothing answers here
+    with pytest.raises(RuntimeError) as error:
+        readiness.wait_until_ready(nowhere, APP_NAME, timeout_s=1.0)
+    message = str(error.value)
+    assert f"{nowhere}/ready did not answer 200 within 1s" in message
+    assert "application llava: RUNNING; deployment LlavaServer: HEALTHY, 1 replica RUNNING" in message
+    assert "no answer" in message
