@@ -71,7 +71,7 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), configure_logging=False, log_to_driver=False)
 
     started = time.time()
-    local = run_evaluate(export, settings, os.path.join(tmp, "in_process"), os.path.join(tmp, "cache"))
+    local = run_evaluate(export, settings, os.path.join(tmp, "in_process"))
     in_process_s = time.time() - started
 
     url = deploy(export, ServeSettings(port=free_port(), max_batch_size=args.concurrency), "bench")
@@ -81,7 +81,7 @@ def main() -> None:
         remote_settings = replace(settings, endpoint=EvalEndpointSettings(url=url, model="bench",
                                                                           concurrency=args.concurrency))
         started = time.time()
-        remote = run_evaluate(export, remote_settings, os.path.join(tmp, "endpoint"), os.path.join(tmp, "cache"))
+        remote = run_evaluate(export, remote_settings, os.path.join(tmp, "endpoint"))
         endpoint_s = time.time() - started
     finally:
         shutdown()

@@ -64,6 +64,7 @@ class SyntheticSettings:
 class ModelSettings:
     vision_tower: str = "openai/clip-vit-large-patch14-336"  # HF id or path (local or s3://)
     llm: str = "lmsys/vicuna-7b-v1.5"
+    mirror: str = ""  # storage prefix with copies of hub repos as <mirror>/<org>/<name>; "" = fetch once per run
 
 
 @dataclass

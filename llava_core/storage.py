@@ -5,6 +5,7 @@ for one stage works for all of them. `AWS_ENDPOINT_URL` points it at an S3-compa
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -124,26 +125,37 @@ def copy_dir(src: str, dst: str) -> None:
     pafs.copy_files(src_inner, dst_inner, source_filesystem=src_fs, destination_filesystem=dst_fs)
 
 
-def local_copy(path: str, cache_root: str) -> str:
-    """A local directory holding the contents of `path`; remote paths are downloaded under `cache_root`.
+def cache_root() -> str:
+    """This process's own cache for mirrored model directories: every node (and pod) has its own disk."""
+    return os.path.join(os.path.expanduser("~"), ".cache", "llava-ray")
+
+
+def local_copy(path: str, cache_dir: str | None = None) -> str:
+    """A local directory holding the contents of `path`; remote paths are downloaded under `cache_dir` (default:
+    this process's `cache_root()`, never a path chosen on another machine).
 
     transformers' `from_pretrained` needs local files, so model directories in S3 are mirrored first. The copy is
     named after the remote listing (names, sizes, modification times): a stage that ran again with other settings
-    writes the same path, and must not be served the old copy. Copies land in a temporary directory and are renamed
-    into place, so processes that ask at the same time never read a half-written one.
+    writes the same path, and must not be served the old copy. One process per node downloads while the others
+    (8 ranks of a GPU node) wait on a file lock and then find the finished copy; copies land in a temporary
+    directory and are renamed into place, so nobody ever reads a half-written one.
     """
     if not is_remote(path):
         return path
     version = hashlib.sha1(json.dumps(listing(path)).encode()).hexdigest()[:16]
-    target = os.path.join(cache_root, path.replace("://", "/").strip("/"), version)
-    if not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
-        copy_dir(path, staging)
-        try:
-            os.rename(staging, target)
-        except OSError:  # another process finished the same copy first
-            shutil.rmtree(staging, ignore_errors=True)
+    target = os.path.join(cache_dir or cache_root(), path.replace("://", "/").strip("/"), version)
+    if os.path.exists(target):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with open(target + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(target):
+            staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
+            try:
+                copy_dir(path, staging)
+                os.rename(staging, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
     return target
 
 

@@ -27,16 +27,12 @@ STAGES = ("prepare", "align", "instruct", "export", "evaluate", "serve")
 class RunContext:
     workflow: Workflow
     run_dir: str
-    vision_path: str
+    vision_path: str  # where every process reads the base models: a storage URI, a local path or a hub id
     llm_path: str
     hashes: dict = field(default_factory=dict)
 
     def stage_dir(self, stage: str) -> str:
         return storage.join(self.run_dir, stage)
-
-    @property
-    def cache_dir(self) -> str:
-        return os.path.join(os.path.expanduser("~"), ".cache", "llava-ray")
 
 
 def banner(text: str) -> None:
@@ -52,17 +48,19 @@ def stage_prepare(ctx: RunContext) -> dict:
     return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"))
 
 
-def _train(ctx: RunContext, stage_name: str, init_from: str | None) -> dict:
+def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None) -> dict:
     from llava_core.train.trainer import run_training_stage
 
-    stage = getattr(ctx.workflow, stage_name)
     if stage.init_projector:  # workers run elsewhere: relative paths must be absolute
         stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     shards = manifest["datasets"][stage.dataset]["shards"]
+    # Instruct's output is the export; align hands on the projector alone unless it trained more than that.
+    save_model = stage_name == "instruct" or set(stage.trainable) != {"projector"} or bool(stage.lora)
     # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
     run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
-                       ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}")
+                       ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}",
+                       template=ctx.workflow.datasets[stage.dataset].template, save_model=save_model)
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):
@@ -91,15 +89,20 @@ def plot_training(ctx: RunContext) -> str:
 
 
 def stage_align(ctx: RunContext) -> dict:
-    return _train(ctx, "align", init_from=None)
+    return _train(ctx, "align", ctx.workflow.align)
 
 
 def stage_instruct(ctx: RunContext) -> dict:
-    if ctx.workflow.instruct.init_projector:  # an official mm_projector.bin replaces this run's align output
-        metrics = _train(ctx, "instruct", init_from=None)
-    else:
-        aligned = storage.local_copy(storage.join(ctx.stage_dir("align"), "model"), ctx.cache_dir)
-        metrics = _train(ctx, "instruct", init_from=aligned)
+    """Starts from the base models plus align's `mm_projector.bin` (or an official one the workflow names), as the
+    official stage 2 does; from align's full model only when align trained more than the projector."""
+    stage, align_dir = ctx.workflow.instruct, ctx.stage_dir("align")
+    init_from = None
+    if not stage.init_projector:
+        if storage.exists(storage.join(align_dir, "model", "config.json")):
+            init_from = storage.join(align_dir, "model")
+        else:
+            stage = dataclasses.replace(stage, init_projector=storage.join(align_dir, "mm_projector.bin"))
+    metrics = _train(ctx, "instruct", stage, init_from)
     metrics["loss_curves"] = plot_training(ctx)
     return metrics
 
@@ -107,18 +110,13 @@ def stage_instruct(ctx: RunContext) -> dict:
 def stage_export(ctx: RunContext) -> dict:
     from llava_core.model.export import export_hf
 
-    metrics = export_hf(storage.join(ctx.stage_dir("instruct"), "model"), ctx.stage_dir("export"), ctx.cache_dir)
-    adapter = storage.join(ctx.stage_dir("instruct"), "adapter")
-    if storage.exists(storage.join(adapter, "adapter_config.json")):  # LoRA: the adapter alone, beside the merge
-        storage.copy_dir(adapter, storage.join(ctx.stage_dir("export"), "adapter"))
-        metrics["adapter"] = storage.join(ctx.stage_dir("export"), "adapter")
-    return metrics
+    return export_hf(ctx.stage_dir("instruct"), ctx.stage_dir("export"))
 
 
 def stage_evaluate(ctx: RunContext) -> dict:
     from llava_core.eval.evaluate import run_evaluate
 
-    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"), ctx.cache_dir,
+    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"),
                         title=f"{ctx.workflow.name}: evaluation")
 
 
@@ -208,12 +206,15 @@ def select_stages(only: str | None, start: str | None) -> tuple[list[str], set[s
 
 
 def resolve_base_models(w: Workflow) -> tuple[str, str]:
-    """Paths or hub ids of the vision tower and LLM; the quickstart creates its tiny ones first."""
+    """Where every process reads the vision tower and LLM from; the quickstart creates its tiny ones first."""
+    from llava_core.model.base_models import base_model_location
+
     if w.synthetic is not None:
         from llava_core.data.bootstrap import ensure_synthetic
 
         ensure_synthetic(w)
-    return w.model.vision_tower, w.model.llm
+    return (base_model_location(w.model.vision_tower, w.model.mirror, w.run_dir),
+            base_model_location(w.model.llm, w.model.mirror, w.run_dir))
 
 
 # What each stage reads from the run directory: the stage before it, except that evaluate and serve read the export.

@@ -63,7 +63,7 @@ def eval_sets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def in_process(ray_session, tiny_llava_dir, eval_sets, tmp_path_factory):
     out = tmp_path_factory.mktemp("eval_in_process")
-    return run_evaluate(tiny_llava_dir, eval_sets, str(out), str(out / "cache"), title="tiny"), out
+    return run_evaluate(tiny_llava_dir, eval_sets, str(out), title="tiny"), out
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,7 @@ def through_endpoint(in_process, tiny_llava_dir, eval_sets, tmp_path_factory):
         settings = replace(eval_sets, endpoint=EvalEndpointSettings(url=url + "/v1", model=MODEL, api_key=API_KEY,
                                                                     concurrency=6))
         out = tmp_path_factory.mktemp("eval_endpoint")
-        metrics = run_evaluate(tiny_llava_dir, settings, str(out), str(out / "cache"), title="tiny")
+        metrics = run_evaluate(tiny_llava_dir, settings, str(out), title="tiny")
     finally:
         shutdown()
     return metrics, out

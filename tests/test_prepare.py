@@ -12,7 +12,7 @@ from PIL import Image
 from llava_core.data import pipeline
 from llava_core.data.sources import Source
 
-SETTINGS = {"max_length": 200, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
+SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
 
 def _turns(question="<image>\nWhat colour is the shape?", answer="red"):

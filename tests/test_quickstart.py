@@ -157,7 +157,7 @@ def test_the_endpoint_answers_the_held_out_questions_exactly_as_in_process_evalu
     try:
         settings = dataclasses.replace(workflow.evaluate, blind_baseline=False,
                                        endpoint=EvalEndpointSettings(url=url, model="quickstart", concurrency=16))
-        metrics = run_evaluate(export, settings, str(tmp_path / "through-endpoint"), str(tmp_path / "cache"))
+        metrics = run_evaluate(export, settings, str(tmp_path / "through-endpoint"))
     finally:
         shutdown()
 

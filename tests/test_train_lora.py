@@ -7,7 +7,6 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from llava_core.model.build import assemble_llava, load_official_projector
-from llava_core.model.lora import merged_state_dict, save_adapter
 from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
 
 LORA = {"r": 4, "alpha": 8, "dropout": 0.0,
@@ -49,10 +48,11 @@ def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset)
     assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
 
 
-def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_path):
+def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_path, ray_session):
     from peft import PeftModel
 
     from llava_core.model.export import export_hf
+    from llava_core.train.loop import save_hf_model
 
     torch.manual_seed(0)
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
@@ -72,14 +72,15 @@ def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_pa
         peft_logits = model(**batch).logits
 
     stage_out = tmp_path / "instruct"
-    model.get_base_model().save_pretrained(stage_out / "model", state_dict=merged_state_dict(model))
-    processor.save_pretrained(stage_out / "model")
-    files = save_adapter(model, str(stage_out / "adapter"))
-    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= set(files)
-    export_hf(str(stage_out / "model"), str(tmp_path / "export"), str(tmp_path / "cache"))
+    save_hf_model(model, processor, str(stage_out / "model"), torch.float32)  # the stage output, adapter beside it
+    files = set(os.listdir(stage_out / "adapter"))
+    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= files
+    metrics = export_hf(str(stage_out), str(tmp_path / "export"))
+    assert set(os.listdir(tmp_path / "export" / "adapter")) == files
 
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
     assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert metrics["parameters"] == sum(p.numel() for p in merged.parameters())  # counted from the file headers
     with torch.no_grad():
         merged_logits = merged(**batch).logits
     assert torch.allclose(merged_logits, peft_logits, atol=1e-4)

@@ -67,13 +67,13 @@ def generate_answers(model, processor, questions: list[str], pil_images: list, m
 class ExportAnswerer:
     """A Ray Data actor holding one copy of the exported model."""
 
-    def __init__(self, export_dir: str, cache_root: str, max_new_tokens: int, batch_size: int):
+    def __init__(self, export_dir: str, max_new_tokens: int, batch_size: int):
         from llava_core.model.build import load_llava
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        # Copied on the actor's own node: on a cluster the driver's disk is not the worker's.
-        model, self.processor = load_llava(storage.local_copy(export_dir, cache_root), dtype=dtype)
+        # load_llava mirrors an s3:// export to the actor's own node: on a cluster the driver's disk is not its disk.
+        model, self.processor = load_llava(export_dir, dtype=dtype)
         self.model = model.to(device).eval()
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
@@ -96,7 +96,7 @@ def actor_pool_size(wanted: int) -> tuple[int, dict]:
     return max(1, min(wanted, free_cpus)), {"num_cpus": 1}
 
 
-def answer_in_process(queries: list[Query], export_dir: str, cache_root: str, max_new_tokens: int,
+def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int,
                       batch_size: int, num_actors: int) -> dict[str, str]:
     import ray
 
@@ -105,7 +105,7 @@ def answer_in_process(queries: list[Query], export_dir: str, cache_root: str, ma
     answered = (
         ray.data.from_items([asdict(q) for q in queries],
                             override_num_blocks=max(1, min(len(queries) // batch_size + 1, 4 * size)))
-        .map_batches(ExportAnswerer, fn_constructor_args=(export_dir, cache_root, max_new_tokens, batch_size),
+        .map_batches(ExportAnswerer, fn_constructor_args=(export_dir, max_new_tokens, batch_size),
                      batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=size), **resources)
         .take_all()
     )

@@ -29,17 +29,29 @@ __all__ = ["run_evaluate", "generate_answers", "normalise_answer", "evaluate_set
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
-def blank_png(export_dir: str | None, cache_root: str) -> str:
-    """The blind baseline's image, base64 PNG: the export's processor mean colour (CLIP's without an export)."""
+def blank_png(export_dir: str | None) -> str:
+    """The blind baseline's image, base64 PNG: the export's processor mean colour (CLIP's without an export). Only
+    the processor's small config file is read: the driver never copies the model."""
     mean = CLIP_MEAN
     if export_dir and storage.exists(export_dir):
-        from transformers import AutoImageProcessor
-
-        mean = AutoImageProcessor.from_pretrained(storage.local_copy(export_dir, cache_root)).image_mean
+        mean = processor_image_mean(export_dir)
     image = Image.new("RGB", (64, 64), tuple(int(round(c * 255)) for c in mean))
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return base64.b64encode(buffer.getvalue()).decode()
+
+
+def processor_image_mean(export_dir: str) -> list[float]:
+    """`image_mean` from the export's processor config (transformers 5 writes processor_config.json; older exports
+    and llava-hf repos have preprocessor_config.json)."""
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        path = storage.join(export_dir, name)
+        if storage.exists(path):
+            config = storage.read_json(path)
+            config = config.get("image_processor", config)
+            if "image_mean" in config:
+                return config["image_mean"]
+    return list(CLIP_MEAN)
 
 
 def image_extension(data: bytes) -> str:
@@ -136,20 +148,19 @@ def stage_metrics(results: dict, primary: str | None, backend: str) -> dict:
     return metrics
 
 
-def run_evaluate(export_dir: str, settings: EvaluateSettings, out_dir: str, cache_root: str,
-                 title: str = "evaluation") -> dict:
+def run_evaluate(export_dir: str, settings: EvaluateSettings, out_dir: str, title: str = "evaluation") -> dict:
     if not settings.all_sets():
         print("evaluate: no eval sets in the workflow (evaluate.questions or evaluate.sets); nothing to do", flush=True)
         return {"sets": {}}
     endpoint = settings.endpoint
-    blank = blank_png(export_dir, cache_root) if settings.blind_baseline else None
+    blank = blank_png(export_dir) if settings.blind_baseline else None
     if endpoint is not None:
         def answer(queries):
             return answer_by_endpoint(queries, endpoint, settings.max_new_tokens)
         backend = f"endpoint {endpoint.url} ({endpoint.model})"
     else:
         def answer(queries):
-            return answer_in_process(queries, export_dir, cache_root, settings.max_new_tokens,
+            return answer_in_process(queries, export_dir, settings.max_new_tokens,
                                      settings.batch_size, settings.num_actors)
         backend = "ray_data"
     results = evaluate_sets(settings, answer, blank, out_dir, title)

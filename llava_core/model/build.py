@@ -22,6 +22,7 @@ from transformers import (
 )
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
+from llava_core import storage
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ PAD_TOKEN = "<pad>"
 def load_tokenizer_with_image_token(llm_path: str):
     """The LLM's tokenizer with `<image>` and `<pad>` added where missing (Vicuna has neither), as the HF
     conversion of LLaVA does."""
-    tokenizer = AutoTokenizer.from_pretrained(llm_path)
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(llm_path))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -42,7 +43,7 @@ def load_tokenizer_with_image_token(llm_path: str):
 
 
 def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE):
-    image_processor = AutoImageProcessor.from_pretrained(vision_path)
+    image_processor = AutoImageProcessor.from_pretrained(storage.local_copy(vision_path))
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -59,7 +60,7 @@ def vision_config(vision_path: str):
     `openai/clip-vit-large-patch14-336` ships), or the config itself for a bare vision model."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(vision_path)
+    config = AutoConfig.from_pretrained(storage.local_copy(vision_path))
     return getattr(config, "vision_config", None) or config
 
 
@@ -68,8 +69,12 @@ def image_seq_length(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
-def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32):
-    """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor."""
+def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32, template: str = "vicuna_v1"):
+    """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor, whose chat template
+    renders `template`'s inference prompt (the LLM tokenizer's own for `chat_template`).
+
+    The paths are local directories, hub ids or storage URIs (`s3://`, mirrored to this process's own disk)."""
+    vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
     tokenizer = load_tokenizer_with_image_token(llm_path)
     vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
@@ -98,28 +103,48 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
 
-    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size)
+    chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
+    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size, chat_template=chat_template)
     return model, processor
 
 
 def load_llava(path: str, dtype: torch.dtype = torch.float32):
-    """A LLaVA checkpoint in HF format (this project's stage outputs and exports, or llava-hf/* models)."""
+    """A LLaVA checkpoint in HF format (this project's stage outputs and exports, or llava-hf/* models), local or a
+    storage URI."""
+    path = storage.local_copy(path)
     model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
+
+
+OFFICIAL_PROJECTOR_KEYS = {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}
+
+
+def official_projector_bytes(projector: torch.nn.Module) -> bytes:
+    """The projector as the official stage 1 saves it (`mm_projector.bin`, keys `model.mm_projector.{0,2}.*`): the
+    whole hand-off from alignment to instruction tuning, ~40 MB for 7B instead of a 14 GB model copy."""
+    import io
+
+    state = {}
+    for key, value in projector.state_dict().items():
+        for ours, official in OFFICIAL_PROJECTOR_KEYS.items():
+            if key.startswith(ours):
+                state[official + key[len(ours):]] = value.detach().cpu().clone()
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()
 
 
 def load_official_projector(model, projector_path: str) -> None:
     """Load an official LLaVA `mm_projector.bin` (keys `model.mm_projector.{0,2}.{weight,bias}`) into the model."""
     import io
 
-    from llava_core import storage
-
     state = torch.load(io.BytesIO(storage.read_bytes(projector_path)), map_location="cpu", weights_only=True)
-    renamed = {
-        key.replace("model.mm_projector.0.", "linear_1.").replace("model.mm_projector.2.", "linear_2."): value
-        for key, value in state.items()
-    }
+    renamed = {}
+    for key, value in state.items():
+        for ours, official in OFFICIAL_PROJECTOR_KEYS.items():
+            key = key.replace(official, ours)
+        renamed[key] = value
     missing, unexpected = model.model.multi_modal_projector.load_state_dict(renamed, strict=False)
     if missing or unexpected:
         raise ValueError(f"{projector_path} is not a LLaVA mlp2x_gelu projector: missing {missing}, unexpected "

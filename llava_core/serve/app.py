@@ -14,7 +14,6 @@ import hmac
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from typing import AsyncIterator, Optional
@@ -84,7 +83,7 @@ def load_in_background(model_dir: str) -> concurrent.futures.Future:
     def load() -> None:
         try:
             # transformers loads local files; a model in S3 is mirrored to this node's disk once.
-            local = storage.local_copy(model_dir, os.path.join(tempfile.gettempdir(), "llava-ray-models"))
+            local = storage.local_copy(model_dir)
             future.set_result(GenerationEngine(local))
         except BaseException as error:  # noqa: BLE001 - reported by /ready and check_health
             log.exception("loading the model from %s failed", model_dir)

@@ -21,6 +21,7 @@ import torch
 
 from llava_core import storage
 from llava_core.data.templates import IGNORE_INDEX
+from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import is_peft, llava_of, merged_state_dict, save_adapter
 from llava_core.train.batching import BatchPlan, collate, collate_packed, load_examples
 from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
@@ -78,7 +79,7 @@ def build_model(config: dict):
     if config["init_from"]:
         model, processor = load_llava(config["init_from"])
     else:
-        model, processor = assemble_llava(config["vision_path"], config["llm_path"])
+        model, processor = assemble_llava(config["vision_path"], config["llm_path"], template=config["template"])
     if config["stage"]["init_projector"]:
         from llava_core.model.build import load_official_projector
 
@@ -299,6 +300,23 @@ def save_and_report(engine, processor, step, total_steps, history, parts, rank, 
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
+def save_hf_model(model, processor, directory: str, dtype: torch.dtype) -> None:
+    """The whole model as a plain HF checkpoint (safetensors) in `dtype`, with processor and generation defaults."""
+    base = llava_of(model)
+    if is_peft(model):
+        state = merged_state_dict(model)
+        save_adapter(model, os.path.join(os.path.dirname(directory), "adapter"))
+    else:
+        state = base.state_dict()
+    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
+    for config in (base.config, base.config.text_config, base.config.vision_config):
+        config.dtype = dtype  # what from_pretrained loads by default: the export says how it trained
+    base.generation_config.do_sample = False  # LLaVA evaluates greedily; clients can still ask for sampling
+    base.generation_config.max_new_tokens = 64
+    base.save_pretrained(directory, state_dict=state)
+    processor.save_pretrained(directory)
+
+
 def gathered(model, zero_stage: int):
     """Full weights on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights everywhere)."""
     if zero_stage != 3:
@@ -308,21 +326,25 @@ def gathered(model, zero_stage: int):
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
+def saved_dtype(config: dict) -> torch.dtype:
+    """The dtype the weights trained in, which the stage output is written in: bf16 on GPU, fp32 on CPU."""
+    return torch.bfloat16 if config["use_gpu"] and config["stage"]["bf16"] else torch.float32
+
+
 def write_stage_output(model, processor, history, parts, config, rank) -> None:
-    """The stage's hand-off: a complete HF LLaVA directory (LoRA merged in), the adapter alone when LoRA trained,
-    `trainable.json` and the metrics. Written by global rank 0."""
+    """The stage's hand-off, written by global rank 0: `mm_projector.bin` (the official stage-1 file), and when the
+    next stage needs more than the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the
+    training dtype, with greedy generation defaults: the export is this directory as it is. Also the adapter alone
+    when LoRA trained, `trainable.json` and the metrics."""
     with gathered(model, config["stage"]["zero_stage"]):
         if rank != 0:
             return
         with tempfile.TemporaryDirectory() as local:
             base = llava_of(model)
-            if is_peft(model):
-                state = merged_state_dict(model)
-                save_adapter(model, os.path.join(local, "adapter"))
-            else:
-                state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-            base.save_pretrained(os.path.join(local, "model"), state_dict=state)
-            processor.save_pretrained(os.path.join(local, "model"))
+            with open(os.path.join(local, "mm_projector.bin"), "wb") as f:
+                f.write(official_projector_bytes(base.model.multi_modal_projector))
+            if config["save_model"]:
+                save_hf_model(model, processor, os.path.join(local, "model"), saved_dtype(config))
             with open(os.path.join(local, "trainable.json"), "w") as f:
                 json.dump(parts, f, indent=1)
             with open(os.path.join(local, "metrics.jsonl"), "w") as f:
