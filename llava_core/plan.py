@@ -94,17 +94,18 @@ def model_size(workflow) -> ModelSize:
                      layers, intermediate, source)
 
 
-def prepared_entry(workflow, name: str) -> dict | None:
-    """The prepare stage's manifest entry for a dataset, when it ran and its storage is reachable from here."""
+def prepared_datasets(workflow) -> dict:
+    """The prepare stage's manifest entries per dataset, when it ran and its storage is reachable from here. Read
+    once per plan: an unreachable bucket costs seconds of retries per attempt."""
     try:
         manifest = storage.read_json(storage.join(workflow.run_dir, "prepare", "manifest.json"))
     except (OSError, ValueError):  # not prepared yet, or a bucket this machine cannot reach
-        return None
-    return manifest["datasets"].get(name)
+        return {}
+    return manifest["datasets"]
 
 
-def dataset_rows(workflow, name: str) -> tuple[int | None, str]:
-    entry = prepared_entry(workflow, name)
+def dataset_rows(workflow, name: str, prepared: dict) -> tuple[int | None, str]:
+    entry = prepared.get(name)
     if entry:
         return entry["rows_written"], "prepare manifest"
     total, how = 0, set()
@@ -122,9 +123,9 @@ def source_rows(path: str) -> tuple[int | None, str]:
         if known in os.path.basename(path):
             return rows, "known size of the official file"
     if not storage.is_remote(path) and os.path.exists(path) and os.path.getsize(path) < 200_000_000:
-        from llava_core.data.formats import read_annotation_rows
+        from llava_core.data.sources import iter_rows  # the reader prepare streams with: the rows it will see
 
-        return len(read_annotation_rows(path)), "counted"
+        return sum(1 for _ in iter_rows(path)), "counted"
     return None, "unknown (run the prepare stage, then plan again)"
 
 
@@ -155,9 +156,9 @@ def trained_params(stage, size: ModelSize) -> dict[str, int]:
     return trained
 
 
-def tokens_per_row(workflow, dataset: str, size: ModelSize) -> tuple[float, float, str]:
+def tokens_per_row(workflow, dataset: str, size: ModelSize, prepared: dict) -> tuple[float, float, str]:
     """(tokens per row, images per row): measured by the prepare stage when it ran, else the recipe's averages."""
-    entry = prepared_entry(workflow, dataset)
+    entry = prepared.get(dataset)
     if entry and entry["rows_written"]:
         image_rows = entry["rows_written"] - entry.get("text_only_rows", 0)
         return entry["tokens"] / entry["rows_written"], image_rows / entry["rows_written"], "prepare manifest"
@@ -206,10 +207,10 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     return gb
 
 
-def training_plan(workflow, stage_name: str, size: ModelSize, gpu: str, mfu: float) -> dict:
+def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gpu: str, mfu: float) -> dict:
     stage, scaling = getattr(workflow, stage_name), workflow.scaling
-    rows, rows_source = dataset_rows(workflow, stage.dataset)
-    tokens, images, tokens_source = tokens_per_row(workflow, stage.dataset, size)
+    rows, rows_source = dataset_rows(workflow, stage.dataset, prepared)
+    tokens, images, tokens_source = tokens_per_row(workflow, stage.dataset, size, prepared)
     workers = scaling.num_workers
     plan = {
         "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
@@ -253,15 +254,15 @@ def worker_resources(scaling) -> dict:
 def build_plan(workflow, gpu: str = "a100-80gb", mfu: float = 0.3) -> dict:
     if gpu not in GPUS:
         raise KeyError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}")
-    size = model_size(workflow)
+    size, prepared = model_size(workflow), prepared_datasets(workflow)
     return {
         "model": {"llm_params": size.llm, "vision_params": size.vision, "projector_params": size.projector,
                   "image_tokens": size.image_tokens, "from": size.source},
         "assumptions": {"gpu": gpu, "peak_flops": GPUS[gpu][0], "mfu": mfu},
         "stages": [{"stage": "prepare", "engine": "Ray Data", "actors": workflow.prepare.num_actors,
                     "datasets": sorted(workflow.datasets)},
-                   training_plan(workflow, "align", size, gpu, mfu),
-                   training_plan(workflow, "instruct", size, gpu, mfu),
+                   training_plan(workflow, "align", size, prepared, gpu, mfu),
+                   training_plan(workflow, "instruct", size, prepared, gpu, mfu),
                    {"stage": "export", "engine": "transformers"},
                    {"stage": "evaluate", "engine": "Ray Data"},
                    {"stage": "serve", "engine": "Ray Serve", "replicas": workflow.serve.num_replicas}],

@@ -5,7 +5,9 @@ for one stage works for all of them. `AWS_ENDPOINT_URL` points it at an S3-compa
 """
 from __future__ import annotations
 
+import atexit
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -37,19 +39,52 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
     if not is_remote(path):
         return pafs.LocalFileSystem(), os.path.abspath(path)
     if path.startswith("s3://"):
-        endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-        fs = pafs.S3FileSystem(endpoint_override=endpoint, region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-        return fs, path[len("s3://"):]
+        inner = path[len("s3://"):]
+        return s3_filesystem(inner.split("/", 1)[0]), inner
     return pafs.FileSystem.from_uri(path)
 
 
-S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID",
-               "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+S3_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", *S3_CREDENTIAL_VARS)
 
 
 def s3_env() -> dict:
     """The driver's S3 settings, for Ray workers that were started before they were set (or on other nodes)."""
     return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
+
+
+def s3_filesystem(bucket: str) -> pafs.S3FileSystem:
+    """This process's S3 client for `bucket` under the current environment.
+
+    The region is resolved, never guessed: a bucket outside the guessed region answers every request with HTTP 301.
+    A custom endpoint (MinIO, moto) has no bucket regions to ask, so there the SDK's own default stands.
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if not region and not endpoint:
+        region = bucket_region(bucket)
+    return _s3_client(endpoint, region, *(os.environ.get(name) for name in S3_CREDENTIAL_VARS))
+
+
+@functools.lru_cache(maxsize=None)
+def bucket_region(bucket: str) -> str:
+    """One HEAD request per bucket and process: the answer does not change while we run."""
+    return pafs.resolve_s3_region(bucket)
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_client(endpoint: str | None, region: str | None, *credentials: str | None) -> pafs.S3FileSystem:
+    """One client per process and settings: every image read reuses its connections instead of opening new ones.
+
+    The credentials are only the cache key (changed keys must get a new client); the SDK reads them from the
+    environment itself, and falls back to its chain (IRSA web identity, instance profile) when they are unset.
+    """
+    return pafs.S3FileSystem(endpoint_override=endpoint, **({"region": region} if region else {}))
+
+
+# pyarrow finalises S3 at exit and may hang on clients still alive then (apache/arrow#50188); drop ours first
+# (atexit runs last-registered first, and pyarrow.fs registered its handler on import, above).
+atexit.register(_s3_client.cache_clear)
 
 
 def exists(path: str) -> bool:

@@ -69,6 +69,26 @@ def test_kuberay_manifests(name):
     assert len(images) == 1, f"{name}: head and workers must run the same image, got {images}"
 
 
+def credential_source(group: dict) -> dict:
+    """Where a pod's S3 credentials come from: its service account (IRSA) and the secrets its containers read."""
+    pod = group["template"]["spec"]
+    secrets = [(source["secretRef"]["name"], None) for c in pod["containers"] for source in c.get("envFrom", [])
+               if "secretRef" in source]
+    secrets += [(var["name"], var["valueFrom"]["secretKeyRef"]["name"]) for c in pod["containers"]
+                for var in c.get("env", []) if "secretKeyRef" in var.get("valueFrom", {})]
+    return {"serviceAccountName": pod.get("serviceAccountName"), "secrets": sorted(secrets)}
+
+
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml", "rayservice.yaml"])
+def test_the_head_reads_s3_with_the_same_credentials_as_every_worker(name):
+    """The driver on the head reads the data manifests and the annotation file: workers alone with keys is not enough."""
+    cluster = cluster_spec(load(name))
+    head = credential_source(cluster["headGroupSpec"])
+    assert head["secrets"] or head["serviceAccountName"], f"{name}: the head has no S3 credentials"
+    for group in cluster["workerGroupSpecs"]:
+        assert credential_source(group) == head, f"{name}: worker group {group['groupName']} differs from the head"
+
+
 def test_rayjob_runs_the_workflow_from_its_configmap():
     job = load("rayjob.yaml")
     assert job["spec"]["entrypoint"].startswith("python jobs/run_workflow.py /etc/llava/")
@@ -102,5 +122,10 @@ def test_aws_cluster_launcher_config():
     assert any(t["node_config"]["InstanceType"].startswith(("p4", "p5", "g5", "g6")) for t in types.values())
     assert config["max_workers"] >= sum(t.get("max_workers", 0) for t in types.values())
     assert any("--shm-size" in option for option in config["docker"]["run_options"])
+    # S3 through instance profiles on every node type, the head included; keys are never written into the config.
+    assert all("Name" in t["node_config"]["IamInstanceProfile"] or "Arn" in t["node_config"]["IamInstanceProfile"]
+               for t in types.values())
+    assert not any("AWS_ACCESS_KEY_ID" in option or "AWS_SECRET" in option for option in config["docker"]["run_options"])
+    assert any(option.startswith("--env AWS_REGION=") for option in config["docker"]["run_options"])
     assert config["docker"]["image"] == load("rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"]

@@ -1,5 +1,8 @@
-"""Remote model directories mirrored for `from_pretrained`: a rewritten directory is fetched again, never stale."""
+"""S3 and local storage: one client per process and settings, regions resolved; remote model directories mirrored
+for `from_pretrained` (a rewritten directory is fetched again, never stale)."""
 import os
+
+import pytest
 
 from llava_core import storage
 from tests.s3_server import environment, s3_server
@@ -24,3 +27,71 @@ def test_a_rewritten_remote_directory_is_downloaded_again(tmp_path):
 
 def test_local_paths_are_used_where_they_are(tmp_path):
     assert storage.local_copy(str(tmp_path), "/nonexistent-cache") == str(tmp_path)
+
+
+@pytest.fixture
+def clean_s3(monkeypatch):
+    """No S3 settings from this machine, and no clients or regions cached by an earlier test."""
+    for name in storage.S3_ENV_VARS:
+        monkeypatch.delenv(name, raising=False)
+    storage._s3_client.cache_clear()
+    storage.bucket_region.cache_clear()
+    yield monkeypatch
+    storage._s3_client.cache_clear()
+    storage.bucket_region.cache_clear()
+
+
+class Recorder:
+    """Stands in for pafs.S3FileSystem: keeps the arguments each client was made with."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, **kwargs):
+        self.calls.append(kwargs)
+        return object()
+
+
+def test_one_client_serves_every_path_of_a_bucket_and_a_round_trip_works(clean_s3):
+    with s3_server("client-test") as env, environment(env):
+        first, inner = storage.filesystem("s3://client-test/runs/a.json")
+        second, _ = storage.filesystem("s3://client-test/images/b.jpg")
+        assert first is second and inner == "client-test/runs/a.json"
+        storage.write_json("s3://client-test/runs/a.json", {"rows": 3})
+        assert storage.read_json("s3://client-test/runs/a.json") == {"rows": 3}
+        assert storage.list_files("s3://client-test/runs") == ["s3://client-test/runs/a.json"]
+        with environment({"AWS_ENDPOINT_URL": "http://127.0.0.1:1"}):
+            assert storage.filesystem("s3://client-test/runs/a.json")[0] is not first  # another server
+        with environment({"AWS_ACCESS_KEY_ID": "rotated"}):
+            assert storage.filesystem("s3://client-test/runs/a.json")[0] is not first  # other keys
+        assert storage.filesystem("s3://client-test/runs/a.json")[0] is first  # back as it was
+
+
+def test_aws_region_wins_over_aws_default_region(clean_s3):
+    clean_s3.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")
+    clean_s3.setenv("AWS_DEFAULT_REGION", "us-west-2")
+    assert storage.filesystem("s3://bucket/key")[0].region == "us-west-2"
+    clean_s3.setenv("AWS_REGION", "eu-central-1")
+    assert storage.filesystem("s3://bucket/key")[0].region == "eu-central-1"
+    assert storage.s3_env()["AWS_REGION"] == "eu-central-1"  # Ray workers get it too
+
+
+def test_a_custom_endpoint_without_region_gets_no_forced_region(clean_s3):
+    recorder = Recorder()
+    clean_s3.setattr(storage.pafs, "S3FileSystem", recorder)
+    clean_s3.setattr(storage.pafs, "resolve_s3_region", lambda bucket: pytest.fail("asked AWS for a MinIO bucket"))
+    clean_s3.setenv("AWS_ENDPOINT_URL", "http://minio:9000")
+    storage.filesystem("s3://bucket/key")
+    assert recorder.calls == [{"endpoint_override": "http://minio:9000"}]
+
+
+def test_without_region_or_endpoint_the_bucket_is_asked_once(clean_s3):
+    asked = []
+    clean_s3.setattr(storage.pafs, "resolve_s3_region", lambda bucket: asked.append(bucket) or "ap-southeast-2")
+    clean_s3.setenv("AWS_ACCESS_KEY_ID", "key")
+    clean_s3.setenv("AWS_SECRET_ACCESS_KEY", "secret")
+    fs, _ = storage.filesystem("s3://far-away/a.json")
+    assert fs.region == "ap-southeast-2"
+    assert storage.filesystem("s3://far-away/images/b.jpg")[0] is fs
+    storage.filesystem("s3://other-bucket/c.json")
+    assert asked == ["far-away", "other-bucket"]

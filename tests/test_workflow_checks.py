@@ -110,3 +110,40 @@ def test_plan_warns_before_a_stage_that_cannot_fit_the_gpu():
     too_big = validate("workflows/llava-v1.5-13b.yaml", "--plan", "--set", "instruct.zero_stage=2",
                        "--set", "instruct.gradient_checkpointing=false")
     assert "warning: needs ~" in too_big.stdout and "raise zero_stage" in too_big.stdout
+
+
+def test_plan_counts_the_rows_of_local_files_it_has_no_known_size_for(tmp_path):
+    """A dataset file of any name is counted by streaming it: JSONL (blank lines skipped), JSON array, parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from llava_core.plan import build_plan, source_rows
+
+    row = {"id": "0", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\nWhat?"},
+                                                          {"from": "gpt", "value": "A square."}]}
+    captions = tmp_path / "my_captions.jsonl"
+    captions.write_text("\n".join(json.dumps(row) for _ in range(300)) + "\n\n")
+    chats = tmp_path / "my_chats.json"
+    chats.write_text(json.dumps([row] * 130))
+    workflow = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}", f"datasets.align.path={captions}",
+                                f"datasets.instruct.path={chats}")
+    stages = {s["stage"]: s for s in build_plan(workflow)["stages"]}
+    assert (stages["align"]["rows"], stages["align"]["rows_from"]) == (300, "counted")
+    assert (stages["instruct"]["rows"], stages["instruct"]["rows_from"]) == (130, "counted")
+    assert stages["align"]["steps"] == 300 // 256 and stages["instruct"]["steps"] == 130 // 128
+    hub = tmp_path / "train-00000.parquet"
+    pq.write_table(pa.table({"id": [str(i) for i in range(42)], "conversations": [json.dumps(row)] * 42}), hub)
+    assert source_rows(str(hub)) == (42, "counted")
+
+
+def test_plan_takes_rows_and_tokens_from_the_prepare_manifest_when_it_exists(tmp_path):
+    from llava_core import storage
+    from llava_core.plan import build_plan
+
+    workflow = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}")
+    storage.write_json(storage.join(workflow.run_dir, "prepare", "manifest.json"),
+                       {"datasets": {"align": {"rows_written": 512, "tokens": 512 * 600, "text_only_rows": 0}}})
+    stages = {s["stage"]: s for s in build_plan(workflow)["stages"]}
+    assert (stages["align"]["rows"], stages["align"]["rows_from"]) == (512, "prepare manifest")
+    assert (stages["align"]["tokens_per_row"], stages["align"]["tokens_from"]) == (600, "prepare manifest")
+    assert stages["instruct"]["rows"] == 0 and stages["instruct"]["rows_from"] == "counted"  # not prepared: "[]"
