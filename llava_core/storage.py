@@ -165,9 +165,13 @@ def cache_root() -> str:
     return os.path.join(os.path.expanduser("~"), ".cache", "llava-ray")
 
 
-def local_copy(path: str, cache_dir: str | None = None) -> str:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".gguf")
+
+
+def local_copy(path: str, cache_dir: str | None = None, without_weights: bool = False) -> str:
     """A local directory holding the contents of `path`; remote paths are downloaded under `cache_dir` (default:
-    this process's `cache_root()`, never a path chosen on another machine).
+    this process's `cache_root()`, never a path chosen on another machine). `without_weights` copies only the small
+    files (configs, tokenizer, processor): what a data-preparation actor needs of a 14 GB model repo.
 
     transformers' `from_pretrained` needs local files, so model directories in S3 are mirrored first. The copy is
     named after the remote listing (names, sizes, modification times): a stage that ran again with other settings
@@ -177,7 +181,8 @@ def local_copy(path: str, cache_dir: str | None = None) -> str:
     """
     if not is_remote(path):
         return path
-    version = hashlib.sha1(json.dumps(listing(path)).encode()).hexdigest()[:16]
+    files = [f for f in listing(path) if not (without_weights and f[0].endswith(WEIGHT_SUFFIXES))]
+    version = hashlib.sha1(json.dumps(files).encode()).hexdigest()[:16]
     target = os.path.join(cache_dir or cache_root(), path.replace("://", "/").strip("/"), version)
     if os.path.exists(target):
         return target
@@ -187,11 +192,21 @@ def local_copy(path: str, cache_dir: str | None = None) -> str:
         if not os.path.exists(target):
             staging = tempfile.mkdtemp(prefix=".partial-", dir=os.path.dirname(target))
             try:
-                copy_dir(path, staging)
+                if without_weights:
+                    for name, _, _ in files:
+                        write_local(os.path.join(staging, name), read_bytes(join(path, name)))
+                else:
+                    copy_dir(path, staging)
                 os.rename(staging, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def write_local(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def listing(path: str) -> list[tuple[str, int, int | None]]:

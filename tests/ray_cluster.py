@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -57,25 +58,53 @@ def _wait_for_dashboard(url: str, nodes: int, timeout_s: float = 120) -> None:
     raise TimeoutError(f"the test Ray cluster at {url} did not come up with {nodes} nodes in {timeout_s:.0f}s")
 
 
+def private_disk(tmp_dir: str, node: str) -> dict:
+    """A node's own HOME and temp directory, as separate machines have: a path one node writes there (a model
+    mirrored into ~/.cache, a temp file) does not exist for the others. What a real node's image or secret holds
+    stays shared: the cluster's auth token (as a mounted secret) and the compiled DeepSpeed ops (as the image)."""
+    home, tmp = os.path.join(tmp_dir, node, "home"), os.path.join(tmp_dir, node, "tmp")
+    os.makedirs(home, exist_ok=True)
+    os.makedirs(tmp, exist_ok=True)
+    return {"HOME": home, "TMPDIR": tmp, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
+            "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR")
+            or os.path.join(os.path.expanduser("~"), ".cache", "torch_extensions")}
+
+
+def cluster_token_path() -> str:
+    """This user's Ray token file, created if missing: every node and driver of a test cluster reads it."""
+    path = os.path.expanduser("~/.ray/auth_token")
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes
+    return path
+
+
 @contextlib.contextmanager
-def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1, env: dict | None = None):
+def local_ray_cluster(tmp_dir: str, nodes: int = 1, cpus_per_node: int = 1, env: dict | None = None,
+                      private_disks: bool = False):
     """Yields (gcs_address, dashboard_url) of a cluster of `nodes` nodes on this machine. `env` is every node's
-    environment on top of this process's (as a cluster's nodes get S3 credentials from their image or IAM role)."""
+    environment on top of this process's (as a cluster's nodes get S3 credentials from their image or IAM role).
+    With `private_disks` every node gets its own HOME and temp directory (`private_disk`)."""
     env = env or {}
     os.makedirs(tmp_dir, exist_ok=True)
+
+    def node_env(name: str) -> dict:
+        return {**env, **(private_disk(tmp_dir, name) if private_disks else {})}
+
     # Ray's own files go to a short path: its Unix sockets live there, and socket paths are limited to 107 bytes.
     ray_temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")
     gcs_port, dashboard_port = free_port(), free_port()
     processes = [_start(["--head", f"--port={gcs_port}", f"--num-cpus={cpus_per_node}", "--include-dashboard=true",
                          "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                          f"--ray-client-server-port={free_port()}", f"--temp-dir={ray_temp}"],
-                        os.path.join(tmp_dir, "head.log"), env)]
+                        os.path.join(tmp_dir, "head.log"), node_env("head"))]
     gcs, dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_for_dashboard(dashboard, 1)
         for i in range(1, nodes):
             processes.append(_start([f"--address={gcs}", f"--num-cpus={cpus_per_node}"],
-                                    os.path.join(tmp_dir, f"worker{i}.log"), env))
+                                    os.path.join(tmp_dir, f"worker{i}.log"), node_env(f"worker{i}")))
         _wait_for_dashboard(dashboard, nodes)
         yield gcs, dashboard
     finally:

@@ -95,3 +95,40 @@ def test_without_region_or_endpoint_the_bucket_is_asked_once(clean_s3):
     assert storage.filesystem("s3://far-away/images/b.jpg")[0] is fs
     storage.filesystem("s3://other-bucket/c.json")
     assert asked == ["far-away", "other-bucket"]
+
+
+def test_without_weights_copies_only_the_small_files(tmp_path):
+    with s3_server("cache-test") as env, environment(env):
+        remote = "s3://cache-test/hub/lmsys/vicuna-7b-v1.5"
+        for name in ("config.json", "tokenizer.model", "tokenizer_config.json", "pytorch_model-00001-of-00002.bin",
+                     "pytorch_model.bin.index.json", "model.safetensors"):
+            storage.write_text(storage.join(remote, name), name)
+        small = storage.local_copy(remote, str(tmp_path), without_weights=True)
+        assert sorted(os.listdir(small)) == ["config.json", "pytorch_model.bin.index.json", "tokenizer.model",
+                                             "tokenizer_config.json"]
+        full = storage.local_copy(remote, str(tmp_path))
+        assert full != small and len(os.listdir(full)) == 6  # a full copy is never served from the small one
+
+
+def test_processes_of_one_node_download_a_model_once(tmp_path, monkeypatch):
+    """8 ranks of a GPU node asking at once: one downloads, the others wait for its copy (one file lock)."""
+    import threading
+
+    with s3_server("cache-test") as env, environment(env):
+        remote = "s3://cache-test/runs/r/instruct/model"
+        storage.write_text(storage.join(remote, "config.json"), "{}")
+        copies, real_copy = [], storage.copy_dir
+
+        def counted_copy(src, dst):
+            copies.append(src)
+            real_copy(src, dst)
+        monkeypatch.setattr(storage, "copy_dir", counted_copy)
+        results = []
+        threads = [threading.Thread(target=lambda: results.append(storage.local_copy(remote, str(tmp_path))))
+                   for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(set(results)) == 1 and len(results) == 4
+        assert copies == [remote]

@@ -47,13 +47,12 @@ OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 
 class RowPreparer:
     def __init__(self, vision_path: str, llm_path: str, settings: dict):
-        from transformers import AutoImageProcessor
-
-        from llava_core.model.build import IMAGE_TOKEN, image_seq_length, load_tokenizer_with_image_token, vision_config
+        from llava_core.model.build import (IMAGE_TOKEN, image_seq_length, load_image_processor,
+                                            load_tokenizer_with_image_token, vision_config)
 
         self.settings = RowSettings(**settings)
         self.tokenizer = load_tokenizer_with_image_token(llm_path)
-        self.image_processor = AutoImageProcessor.from_pretrained(vision_path)
+        self.image_processor = load_image_processor(vision_path)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_seq_length = image_seq_length(vision_config(vision_path))
         self.pad_fill = images.mean_colour(self.image_processor)

@@ -34,7 +34,7 @@ PAD_TOKEN = "<pad>"
 def load_tokenizer_with_image_token(llm_path: str):
     """The LLM's tokenizer with `<image>` and `<pad>` added where missing (Vicuna has neither), as the HF
     conversion of LLaVA does."""
-    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(llm_path))
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(llm_path, without_weights=True))
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     if tokenizer.pad_token is None:
@@ -42,10 +42,14 @@ def load_tokenizer_with_image_token(llm_path: str):
     return tokenizer
 
 
+def load_image_processor(vision_path: str):
+    """The vision tower's image processor (a legacy CLIPFeatureExtractor config loads too); reads no weights."""
+    return AutoImageProcessor.from_pretrained(storage.local_copy(vision_path, without_weights=True))
+
+
 def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE):
-    image_processor = AutoImageProcessor.from_pretrained(storage.local_copy(vision_path))
     return LlavaProcessor(
-        image_processor=image_processor,
+        image_processor=load_image_processor(vision_path),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
@@ -60,7 +64,7 @@ def vision_config(vision_path: str):
     `openai/clip-vit-large-patch14-336` ships), or the config itself for a bare vision model."""
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(storage.local_copy(vision_path))
+    config = AutoConfig.from_pretrained(storage.local_copy(vision_path, without_weights=True))
     return getattr(config, "vision_config", None) or config
 
 

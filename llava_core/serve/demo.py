@@ -144,7 +144,7 @@ def serve_and_demo(ctx) -> dict:
     print(f"answered  {answer!r} in {time.time() - started:.2f}s")
     print(f"try it:\n{curl_example(url, model_name, w.serve.api_key)}\n", flush=True)
     result = {"url": url, "model": model_name, "question": question.text, "image": question.origin, "answer": answer,
-              "usage": body["usage"]}
+              "max_tokens": request["max_tokens"], "usage": body["usage"]}
     storage.write_json(storage.join(ctx.stage_dir("serve"), "demo.json"), result)
     return result
 

@@ -1,0 +1,156 @@
+"""The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-13b.yaml`, `-7b-lora.yaml`), with
+`--set` overrides only for where the models and data are, how big the batches and epochs are and how many CPU
+workers run, through every stage including `serve`, on a two-node Ray cluster whose nodes share no disk:
+
+- the base models are the faithful stand-ins of their hub repos (`llava_core.model.standins`), in a mirror bucket
+  under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends;
+- the data is a small dataset in the official layout (one JSON array per stage, images in a folder) in S3, and the run
+  directory is in S3 too, all on a real S3 protocol server (moto);
+- every node has a private HOME and temp directory, and the driver has its own: nothing a worker or replica opens
+  can be a file the driver wrote. The local copies of models and data are deleted before the run.
+
+Afterwards the export loads in plain transformers and gives the endpoint's answer to the serve stage's demo request.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.ports import free_port
+from tests.ray_cluster import AUTH_ENV, cluster_token_path, local_ray_cluster
+from tests.s3_server import environment, s3_server
+
+WORKFLOWS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows"))
+BUCKET = "s3://llava-test"
+HUB_IDS = ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5"]
+SIZES = ["align.global_batch_size=16", "align.micro_batch_size=4", "instruct.global_batch_size=16",
+         "instruct.micro_batch_size=4", "instruct.epochs=1", "prepare.num_actors=2", "prepare.rows_per_shard=100"]
+SCALING = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1"]
+DATA = [f"datasets.align.path={BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
+        f"datasets.align.image_folder={BUCKET}/LLaVA-Pretrain/images",
+        f"datasets.instruct.path={BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json",
+        f"datasets.instruct.image_folder={BUCKET}/LLaVA-Instruct/images"]
+
+
+def upload(local: str, remote: str) -> None:
+    from llava_core import storage
+
+    if os.path.isdir(local):
+        storage.copy_dir(local, remote)
+    else:
+        storage.write_bytes(remote, open(local, "rb").read())
+
+
+@pytest.fixture(scope="module")
+def s3_world(tmp_path_factory):
+    """The bucket with the stand-ins under their hub ids and the two stages' data; nothing of it left on disk."""
+    from llava_core.data import synthetic
+    from llava_core.model import standins
+
+    local = str(tmp_path_factory.mktemp("full_size_sources"))
+    with s3_server("llava-test") as env, environment(env):
+        # 200 instruct rows: the dataset's two broken rows (a missing and a corrupt image) stay under the
+        # workflows' 1% reject limit, as a real dataset's few bad rows must.
+        paths = synthetic.generate(local, align_rows=64, instruct_rows=200, eval_questions=0, text_only_rows=2,
+                                   seed=3)
+        rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
+        corpus = [turn["value"] for row in rows for turn in row["conversations"]]
+        sizes = standins.TinyModelConfig(image_size=336, patch_size=14, vision_layers=2)  # CLIP-L/336: 576 tokens
+        for hub_id in HUB_IDS:
+            standins.save_standin(hub_id, os.path.join(local, "hub", hub_id), corpus, sizes)
+        upload(os.path.join(local, "hub"), f"{BUCKET}/hub")
+        upload(paths["align"], f"{BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json")
+        upload(paths["image_folder"], f"{BUCKET}/LLaVA-Pretrain/images")
+        upload(paths["instruct"], f"{BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json")
+        upload(paths["image_folder"], f"{BUCKET}/LLaVA-Instruct/images")
+        shutil.rmtree(local)
+        yield env
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_world, tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("full_size_cluster"))
+    with local_ray_cluster(os.path.join(root, "ray"), nodes=2, cpus_per_node=1, env=s3_world,
+                           private_disks=True) as (gcs, dashboard):
+        yield gcs, root, dashboard
+
+
+def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.CompletedProcess:
+    driver_home = os.path.join(root, f"driver-{name}", "home")
+    os.makedirs(driver_home)
+    overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
+                 f"serve.port={free_port()}", "serve.host=127.0.0.1", *DATA, *SIZES, *SCALING]
+    driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
+                  "TMPDIR": os.path.dirname(driver_home)}
+    return subprocess.run(
+        [sys.executable, "-m", "llava_core.cli", "run", os.path.join(WORKFLOWS, f"{name}.yaml"), "--exit-after-serve",
+         *[arg for o in overrides for arg in ("--set", o)]],
+        cwd=os.path.dirname(driver_home), env=driver_env, capture_output=True, text=True, timeout=1500)
+
+
+def training_worker_nodes(dashboard: str) -> set:
+    """Nodes that hosted Ray Train workers, from the dashboard's state API (dead actors included)."""
+    import requests
+
+    from llava_core.submit import auth_headers
+
+    reply = requests.get(f"{dashboard}/api/v0/actors", headers=auth_headers(), timeout=30, params={
+        "filter_keys": "class_name", "filter_predicates": "=", "filter_values": "RayTrainWorker", "detail": "1",
+        "limit": "100"})
+    reply.raise_for_status()
+    return {actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
+
+
+def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: bytes, max_new_tokens: int) -> str:
+    import io
+
+    import torch
+    from PIL import Image
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(export_dir).eval()
+    processor = AutoProcessor.from_pretrained(export_dir)
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[Image.open(io.BytesIO(image_bytes)).convert("RGB")], text=prompt, return_tensors="pt")
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+
+
+@pytest.mark.parametrize("name", ["llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-lora"])
+def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, tmp_path):
+    from llava_core import storage
+
+    gcs, root, dashboard = cluster
+    run = run_workflow(name, gcs, root, s3_world)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    assert len(training_worker_nodes(dashboard)) == 2  # one training worker per node
+    driver_home = os.path.join(root, f"driver-{name}", "home")
+    assert not os.path.exists(os.path.join(driver_home, ".cache", "llava-ray")), "the driver mirrored a model"
+    for node in ("head", "worker1"):  # each node mirrored the models it used into its own cache
+        assert os.listdir(os.path.join(root, "ray", node, "home", ".cache", "llava-ray"))
+
+    with environment(s3_world):
+        run_dir = f"{BUCKET}/runs/{name}"
+        summary = storage.read_json(storage.join(run_dir, "summary.json"))
+        assert [summary[s]["status"] for s in ("prepare", "align", "instruct", "export", "evaluate", "serve")] \
+            == ["done"] * 6
+        manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
+        assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
+        assert manifest["datasets"]["align"]["max_length"] > 576  # CLIP-L/336's image tokens are counted
+        # Align hands on the projector alone (the official mm_projector.bin), not a model copy.
+        align_files = {name for name, _, _ in storage.listing(storage.join(run_dir, "align"))}
+        assert "mm_projector.bin" in align_files and not any(f.startswith("model/") for f in align_files)
+        assert ("adapter/adapter_config.json" in set(summary["export"]["files"]) or
+                "adapter" in summary["export"]) == name.endswith("lora")
+        export = str(tmp_path / "export")
+        storage.copy_dir(storage.join(run_dir, "export"), export)
+        demo = storage.read_json(storage.join(run_dir, "serve", "demo.json"))
+        image = storage.read_bytes(f"{BUCKET}/LLaVA-Instruct/images/{demo['image']}")
+    config = json.load(open(os.path.join(export, "config.json")))
+    assert config["dtype"] == "float32"  # trained on CPU in fp32, exported as trained (bf16 on a GPU run)
+    assert demo["answer"] == answer_in_plain_transformers(export, demo["question"], image, demo["max_tokens"])
