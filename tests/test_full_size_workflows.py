@@ -13,6 +13,7 @@ Afterwards the export loads in plain transformers and gives the endpoint's answe
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -137,6 +138,7 @@ def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(nam
     with environment(s3_world):
         run_dir = f"{BUCKET}/runs/{name}"
         summary = storage.read_json(storage.join(run_dir, "summary.json"))
+        print(name, {stage: summary[stage]["seconds"] for stage in summary if isinstance(summary[stage], dict)})
         assert [summary[s]["status"] for s in ("prepare", "align", "instruct", "export", "evaluate", "serve")] \
             == ["done"] * 6
         manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
@@ -150,7 +152,8 @@ def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(nam
         export = str(tmp_path / "export")
         storage.copy_dir(storage.join(run_dir, "export"), export)
         demo = storage.read_json(storage.join(run_dir, "serve", "demo.json"))
-        image = storage.read_bytes(f"{BUCKET}/LLaVA-Instruct/images/{demo['image']}")
+        asked_image = re.search(r"\((.+)\)$", demo["image"]).group(1)  # "<file> row N (<image name>)"
+        image = storage.read_bytes(f"{BUCKET}/LLaVA-Instruct/images/{asked_image}")
     config = json.load(open(os.path.join(export, "config.json")))
     assert config["dtype"] == "float32"  # trained on CPU in fp32, exported as trained (bf16 on a GPU run)
     assert demo["answer"] == answer_in_plain_transformers(export, demo["question"], image, demo["max_tokens"])
