@@ -48,6 +48,11 @@ def stage_prepare(ctx: RunContext) -> dict:
     return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"))
 
 
+def saves_full_model(stage_name: str, stage) -> bool:
+    """Instruct's output is the export; align hands on the projector alone unless it trained more than that."""
+    return stage_name == "instruct" or set(stage.trainable) != {"projector"} or bool(stage.lora)
+
+
 def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None) -> dict:
     from llava_core.train.trainer import run_training_stage
 
@@ -55,12 +60,11 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
         stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     shards = manifest["datasets"][stage.dataset]["shards"]
-    # Instruct's output is the export; align hands on the projector alone unless it trained more than that.
-    save_model = stage_name == "instruct" or set(stage.trainable) != {"projector"} or bool(stage.lora)
     # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
     run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
                        ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}",
-                       template=ctx.workflow.datasets[stage.dataset].template, save_model=save_model)
+                       template=ctx.workflow.datasets[stage.dataset].template,
+                       save_model=saves_full_model(stage_name, stage))
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):
@@ -98,7 +102,7 @@ def stage_instruct(ctx: RunContext) -> dict:
     stage, align_dir = ctx.workflow.instruct, ctx.stage_dir("align")
     init_from = None
     if not stage.init_projector:
-        if storage.exists(storage.join(align_dir, "model", "config.json")):
+        if saves_full_model("align", ctx.workflow.align):  # decided by settings: a stale align/model may be there
             init_from = storage.join(align_dir, "model")
         else:
             stage = dataclasses.replace(stage, init_projector=storage.join(align_dir, "mm_projector.bin"))
