@@ -18,7 +18,7 @@ from llava_core.model import standins
 def ensure_synthetic(workflow) -> None:
     s = workflow.synthetic
     marker = os.path.join(s.root, ".complete")
-    wanted = settings_hash(s, workflow.model, synthetic.GENERATOR_VERSION)
+    wanted = settings_hash(s, workflow.model, synthetic.GENERATOR_VERSION, standins.VERSION)
     if os.path.exists(marker) and json.load(open(marker)).get("hash") == wanted:
         return
     print(f"creating the synthetic dataset and tiny base models in {s.root}", flush=True)

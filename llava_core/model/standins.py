@@ -40,6 +40,7 @@ from llava_core.model.chat_template import VICUNA_SYSTEM
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TRANSFORMERS_VERSION_OF_THE_REPOS = "4.31.0"  # what the Vicuna v1.5 repos' configs record
+VERSION = 2  # of what these functions write: part of the quickstart's settings hash, so old copies are replaced
 
 
 @dataclass
@@ -118,10 +119,13 @@ def train_llama_tokenizer(corpus: list[str], vocab_size: int) -> bytes:
     import sentencepiece as spm
 
     model = io.BytesIO()
-    # Every printable ASCII character is a piece of its own, as in LLaMA's vocabulary (digits above all).
+    # Every printable ASCII character is a piece of its own, as in LLaMA's vocabulary (digits above all). The
+    # template's words are in every training row (and common in LLaMA's web-scale data): weighted like that, they
+    # become whole pieces instead of being spelled out letter by letter (71 tokens for the system prompt, not 29).
     alphabet = " ".join(string.ascii_letters + string.digits + string.punctuation)
+    template = [VICUNA_SYSTEM + " USER: ASSISTANT:"] * max(1, len(corpus) // 16)
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus + [VICUNA_SYSTEM, "USER: ASSISTANT:", alphabet]), model_writer=model,
+        sentence_iterator=iter(corpus + template + [alphabet]), model_writer=model,
         vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True, add_dummy_prefix=True,
         remove_extra_whitespaces=False, normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, hard_vocab_limit=False,
