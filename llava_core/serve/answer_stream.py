@@ -45,11 +45,12 @@ def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 
 class AnswerStream:
     def __init__(self, sampling: SamplingSettings, prompt_tokens: int, eos_token_ids: set[int],
-                 decode: Callable[[list[int]], str]):
+                 decode: Callable[[list[int]], str], byte_token_ids: frozenset[int] = frozenset()):
         self.sampling = sampling
         self.prompt_tokens = prompt_tokens
         self.eos_token_ids = eos_token_ids
         self.decode = decode
+        self.byte_token_ids = byte_token_ids  # LLaMA-style byte fallback pieces, <0x00> ... <0xFF>
         self.tokens: list[int] = []
         self.generated = 0  # tokens the model produced for this answer, an end-of-sequence token included
         self.sent = ""  # text already handed out
@@ -80,9 +81,21 @@ class AnswerStream:
         return StreamEvent(self.take(self.text.strip()), reason, self.prompt_tokens, self.generated)
 
     def settled_text(self) -> str:
-        text = self.text.lstrip()
+        text = self.text.lstrip() if not self._ends_in_bytes() else self.decode(self._before_bytes()).lstrip()
         text = text[:len(text) - stop_prefix_length(text, self.sampling.stop)]
         return text.rstrip(INCOMPLETE_CHARACTER).rstrip()
+
+    def _ends_in_bytes(self) -> bool:
+        return bool(self.tokens) and self.tokens[-1] in self.byte_token_ids
+
+    def _before_bytes(self) -> list[int]:
+        """The tokens before a trailing run of byte-fallback pieces. Such a run is decoded as one: it may still
+        become a character, or turn every byte of it into U+FFFD, an ASCII one already shown included (`<0x39>` is
+        "9" alone, but "\ufffd\ufffd" followed by `<0xB9>`). Text from a run is final once a piece ends it."""
+        end = len(self.tokens)
+        while end and self.tokens[end - 1] in self.byte_token_ids:
+            end -= 1
+        return self.tokens[:end]
 
     def take(self, text: str) -> str:
         """The part of `text` not sent yet. Text already sent cannot be taken back: should decoding ever revise it,

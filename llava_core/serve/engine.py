@@ -10,6 +10,7 @@ answer is the answer the evaluation measured.
 """
 from __future__ import annotations
 
+import re
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -74,6 +75,9 @@ class BatchProgress(StoppingCriteria):
         return torch.tensor([s.done for s in self.streams], dtype=torch.bool, device=input_ids.device)
 
 
+BYTE_FALLBACK_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece's byte pieces (LLaMA, Vicuna, Mistral)
+
+
 class GenerationEngine:
     def __init__(self, model_dir: str, device: Optional[str] = None, dtype: Optional[torch.dtype] = None):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -87,6 +91,8 @@ class GenerationEngine:
         self.tokenizer.padding_side = "left"
         self.pad_fill = image_ops.mean_colour(processor.image_processor)
         self.eos_token_ids = self._eos_token_ids()
+        self.byte_token_ids = frozenset(i for token, i in self.tokenizer.get_vocab().items()
+                                        if BYTE_FALLBACK_TOKEN.fullmatch(token))
         self.context_length = model.config.text_config.max_position_embeddings
         # The Rust tokenizer raises "Already borrowed" when request validation and a running batch use it at once.
         self._tokenizer_lock = threading.Lock()
@@ -134,7 +140,7 @@ class GenerationEngine:
         Each request's last event has its `finish_reason` and token counts."""
         inputs = self._batch_inputs(requests)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        streams = [AnswerStream(r.sampling, int(length), self.eos_token_ids, self._decode)
+        streams = [AnswerStream(r.sampling, int(length), self.eos_token_ids, self._decode, self.byte_token_ids)
                    for r, length in zip(requests, prompt_lengths)]
         progress = BatchProgress(streams, requests, on_step)
         self.model.generate(
