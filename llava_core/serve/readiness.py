@@ -17,12 +17,11 @@ from llava_core.config import ServeSettings
 
 BASE_WAIT_S = 120.0  # a replica process starts, imports torch and transformers, loads a small model
 WAIT_S_PER_GB = 60.0  # mirroring from S3 and reading the weights: ~17 MB/s, slow on purpose (shared disks, busy nodes)
-WEIGHT_SUFFIXES = (".safetensors", ".bin")
 
 
 def weight_bytes(files: list[tuple]) -> int:
     """The size of the weight files in a `storage.listing` (name, size, ...)."""
-    return sum(size for name, size, *_ in files if name.endswith(WEIGHT_SUFFIXES))
+    return sum(size for name, size, *_ in files if name.endswith(storage.WEIGHT_SUFFIXES))
 
 
 def derived_timeout_s(weights: int) -> float:
