@@ -317,13 +317,14 @@ def save_hf_model(model, processor, directory: str, dtype: torch.dtype) -> None:
     processor.save_pretrained(directory)
 
 
-def gathered(model, zero_stage: int):
-    """Full weights on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights everywhere)."""
+def gathered(parameters, zero_stage: int):
+    """Full `parameters` on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights
+    everywhere)."""
     if zero_stage != 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
 
 
 def saved_dtype(config: dict) -> torch.dtype:
@@ -336,13 +337,15 @@ def write_stage_output(model, processor, history, parts, config, rank) -> None:
     next stage needs more than the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the
     training dtype, with greedy generation defaults: the export is this directory as it is. Also the adapter alone
     when LoRA trained, `trainable.json` and the metrics."""
-    with gathered(model, config["stage"]["zero_stage"]):
+    projector = llava_of(model).model.multi_modal_projector
+    # A projector-only hand-off gathers the projector's 21M parameters, not the 7B of the whole model on every rank.
+    wanted = model.parameters() if config["save_model"] else projector.parameters()
+    with gathered(wanted, config["stage"]["zero_stage"]):
         if rank != 0:
             return
         with tempfile.TemporaryDirectory() as local:
-            base = llava_of(model)
             with open(os.path.join(local, "mm_projector.bin"), "wb") as f:
-                f.write(official_projector_bytes(base.model.multi_modal_projector))
+                f.write(official_projector_bytes(projector))
             if config["save_model"]:
                 save_hf_model(model, processor, os.path.join(local, "model"), saved_dtype(config))
             with open(os.path.join(local, "trainable.json"), "w") as f:
