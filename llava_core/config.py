@@ -19,6 +19,8 @@ import yaml
 TRAINABLE_PARTS = ("projector", "llm", "vision")
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every LLaMA Linear
 SAMPLING = ("random", "length_grouped", "modality_grouped")
+ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
+LOSS_NORMALIZATIONS = ("token", "sample")
 TRACKERS = ("", "mlflow", "wandb")
 
 
@@ -132,6 +134,8 @@ class TrainStageSettings:
     offload_params: bool = False  # ZeRO 3 only: parameters in CPU memory
     bf16: bool = True  # only on GPU; CPU training runs in fp32
     gradient_checkpointing: bool = False
+    attn_implementation: str = "sdpa"  # sdpa | flash_attention_2 (GPU, flash-attn installed) | eager
+    loss_normalization: str = "token"  # token: every supervised token weighs the same | sample: LLaVA-1.5's
     sampling: str = "random"  # random | length_grouped | modality_grouped (LLaVA-1.5 instruct)
     packing: bool = False  # several samples per row (no attention across them); micro_batch_size counts rows
     pack_length: int = 0  # tokens per packed row; 0: the longest sample
@@ -453,6 +457,9 @@ def validate(w: Workflow) -> None:
                 f"{stage_name}.global_batch_size: {stage.global_batch_size} is not divisible by scaling.num_workers "
                 f"x {stage_name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number")
         validate_train_stage(stage_name, stage)
+        if stage.attn_implementation == "flash_attention_2" and not w.scaling.use_gpu:
+            raise WorkflowError(f"{stage_name}.attn_implementation: flash_attention_2 runs on GPUs only "
+                                f"(scaling.use_gpu is false); use sdpa")
     if w.prepare.too_long not in ("reject", "truncate"):
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
     if w.prepare.image_aspect_ratio not in ("pad", "square"):
@@ -508,6 +515,9 @@ def validate_train_stage(name: str, stage: TrainStageSettings) -> None:
         raise WorkflowError(f"{name}.offload_optimizer: needs zero_stage 1, 2 or 3")
     if stage.sampling not in SAMPLING:
         raise WorkflowError(f"{name}.sampling: {stage.sampling!r} is not one of {list(SAMPLING)}")
+    for key, allowed in (("attn_implementation", ATTN_IMPLEMENTATIONS), ("loss_normalization", LOSS_NORMALIZATIONS)):
+        if getattr(stage, key) not in allowed:
+            raise WorkflowError(f"{name}.{key}: {getattr(stage, key)!r} is not one of {list(allowed)}")
     if stage.tracking not in TRACKERS:
         raise WorkflowError(f"{name}.tracking: {stage.tracking!r} is not one of {list(TRACKERS)}")
     if stage.lora is not None:

@@ -52,7 +52,7 @@ def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_pa
     from peft import PeftModel
 
     from llava_core.model.export import export_hf
-    from llava_core.train.loop import save_hf_model
+    from llava_core.train.save import save_hf_model
 
     torch.manual_seed(0)
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])

@@ -7,6 +7,7 @@ projector (Linear, GELU, Linear) plus a matching `LlavaProcessor`. The quickstar
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -20,9 +21,11 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
 )
+from transformers.initialization import no_init_weights
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_core import storage
+from llava_core.model.zero3 import gathered, zero3_paused
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
 
 log = logging.getLogger(__name__)
@@ -73,17 +76,22 @@ def image_seq_length(vision_config) -> int:
     return (vision_config.image_size // vision_config.patch_size) ** 2
 
 
-def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32, template: str = "vicuna_v1"):
+def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32, template: str = "vicuna_v1",
+                   attn_implementation: str = "sdpa", device: torch.device | None = None):
     """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor, whose chat template
     renders `template`'s inference prompt (the LLM tokenizer's own for `chat_template`).
 
-    The paths are local directories, hub ids or storage URIs (`s3://`, mirrored to this process's own disk)."""
+    The paths are local directories, hub ids or storage URIs (`s3://`, mirrored to this process's own disk). Weights
+    load in `dtype`, straight onto `device` when given; under an active ZeRO-3 config (training) every part loads
+    partitioned across the ranks instead."""
     vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
     tokenizer = load_tokenizer_with_image_token(llm_path)
-    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
-    if llm.get_input_embeddings().num_embeddings < len(tokenizer):
-        llm.resize_token_embeddings(len(tokenizer))
+    placement = {"device_map": {"": device}} if device is not None else {}
+    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation,
+                                             **placement)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
+                                               **placement)
+    padded_vocab = pad_embeddings(llm, len(tokenizer))
 
     config = LlavaConfig(
         vision_config=vision.config,
@@ -96,27 +104,60 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
         tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
     )
     config.pad_token_id = tokenizer.pad_token_id
-    # Build the shell on the meta device, then move the loaded parts in: no second copy of a 7B LLM in memory.
-    with torch.device("meta"):
+    # Build the shell on the meta device, uninitialised, then move the loaded parts in: no second copy of a 7B LLM.
+    with torch.device("meta"), no_init_weights(), zero3_paused():
         model = LlavaForConditionalGeneration(config)
     model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    model.model.multi_modal_projector = LlavaMultiModalProjector(config).to(dtype)
+    model.model.multi_modal_projector = new_projector(config, dtype, device)
     model.config.text_config = llm.config
+    model.set_attn_implementation(attn_implementation)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if padded_vocab > len(tokenizer):  # rows no token maps to: never generated
+        model.generation_config.suppress_tokens = list(range(len(tokenizer), padded_vocab))
 
     chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
     processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size, chat_template=chat_template)
     return model, processor
 
 
-def load_llava(path: str, dtype: torch.dtype = torch.float32):
+EMBEDDING_MULTIPLE = 64  # tensor-core friendly vocabulary sizes: 32002 tokens -> 32064 rows, as llava-hf's models
+
+
+def pad_embeddings(llm, tokens: int) -> int:
+    """Grow the LLM's embeddings and lm_head to hold `tokens` (Vicuna lacks `<image>` and `<pad>`), rounded up to a
+    multiple of 64; a vocabulary that already holds them is left as it is. Returns the rows it has."""
+    rows = llm.get_input_embeddings().num_embeddings
+    if rows >= tokens:
+        return rows
+    llm.resize_token_embeddings(tokens, pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    return llm.get_input_embeddings().num_embeddings
+
+
+def new_projector(config, dtype: torch.dtype, device: torch.device | None):
+    """A freshly initialised projector: partitioned under ZeRO-3 (in the config's dtype, which is `dtype`), as
+    transformers builds models there; else on `device` (the host when None)."""
+    from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
+
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
+            return LlavaMultiModalProjector(config)
+    with torch.device(device) if device is not None else contextlib.nullcontext():
+        return LlavaMultiModalProjector(config).to(dtype)
+
+
+def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
+               device: torch.device | None = None):
     """A LLaVA checkpoint in HF format (this project's stage outputs and exports, or llava-hf/* models), local or a
-    storage URI."""
+    storage URI; partitioned as it loads under an active ZeRO-3 config."""
     path = storage.local_copy(path)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype)
+    placement = {"device_map": {"": device}} if device is not None else {}
+    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                          **placement)
     processor = AutoProcessor.from_pretrained(path)
     return model, processor
 
@@ -149,7 +190,9 @@ def load_official_projector(model, projector_path: str) -> None:
         for ours, official in OFFICIAL_PROJECTOR_KEYS.items():
             key = key.replace(official, ours)
         renamed[key] = value
-    missing, unexpected = model.model.multi_modal_projector.load_state_dict(renamed, strict=False)
+    projector = model.model.multi_modal_projector
+    with gathered(list(projector.parameters()), modifier_rank=0):  # every rank reads the file; rank 0's copy wins
+        missing, unexpected = projector.load_state_dict(renamed, strict=False)
     if missing or unexpected:
         raise ValueError(f"{projector_path} is not a LLaVA mlp2x_gelu projector: missing {missing}, unexpected "
                          f"{unexpected}; expected keys model.mm_projector.0/2.weight|bias")

@@ -1,4 +1,5 @@
-"""LoRA on the LLM of a LLaVA model with peft: wrap, save the adapter alone, and get merged weights for export.
+"""LoRA on the LLM of a LLaVA model with peft: wrap it and save the adapter alone (train/save.py merges it into the
+exported weights).
 
 Adapters go on the LLM's Linear layers only (LLaVA-1.5: q,k,v,o,gate,up,down; r=128, alpha=256), never on the
 projector, the vision tower or lm_head: the target regex is anchored on the language model's module path. The
@@ -8,8 +9,6 @@ adapter directory is peft's own (loads with `PeftModel.from_pretrained(base, dir
 from __future__ import annotations
 
 import os
-
-import torch
 
 
 def llava_of(model):
@@ -35,21 +34,6 @@ def apply_lora(model, settings: dict):
     from peft import get_peft_model
 
     return get_peft_model(model, lora_config(settings))
-
-
-def merged_state_dict(model) -> dict[str, torch.Tensor]:
-    """The base model's weights with LoRA merged in (copies; the model itself is left unmerged). Keys are those of a
-    plain LlavaForConditionalGeneration."""
-    model.merge_adapter()
-    try:
-        state = {}
-        for key, value in llava_of(model).state_dict().items():
-            if "lora_" in key:
-                continue
-            state[key.replace(".base_layer.", ".")] = value.detach().clone()
-    finally:
-        model.unmerge_adapter()
-    return state
 
 
 def save_adapter(model, directory: str) -> list[str]:

@@ -1,14 +1,13 @@
 """The per-worker training loop of the align and instruct stages (runs inside Ray Train workers).
 
-One screenful per idea: build the model for the stage, freeze what the stage does not train, hand it to DeepSpeed,
-then step through the batch plan, reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the
-step counter from the last checkpoint Ray Train hands back.
+Build the stage's model (partitioned as it loads under ZeRO-3), hand it to DeepSpeed (`train/engine.py`), then step
+through the batch plan, reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the step
+counter from the last checkpoint Ray Train hands back; the final checkpoint holds only the step counter and history
+(the stage output holds the weights), so no optimizer state is kept once a stage is done.
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import math
 import os
 import shutil
 import sys
@@ -22,68 +21,34 @@ import torch
 from llava_core import storage
 from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.build import official_projector_bytes
-from llava_core.model.lora import is_peft, llava_of, merged_state_dict, save_adapter
+from llava_core.model.lora import llava_of
 from llava_core.train.batching import BatchPlan, collate, collate_packed, load_examples
-from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
+from llava_core.train.engine import (build_engine, deepspeed_config, flatten_packed, optimizer_step, training_dtype,
+                                     zero3_loading)
+from llava_core.train.freeze import describe_training
 from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops
+from llava_core.model.zero3 import gathered
+from llava_core.train.save import save_hf_model
 
 DS_TAG = "deepspeed"
 
 
-def cosine_with_warmup(total_steps: int, warmup_ratio: float):
-    warmup = max(1, math.ceil(total_steps * warmup_ratio)) if warmup_ratio > 0 else 0
+def build_model(config: dict, device: torch.device):
+    """The stage's starting model in the training dtype with the chosen attention, and its processor."""
+    from llava_core.model.build import assemble_llava, load_llava, load_official_projector
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
-def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
-    zero = {"stage": stage["zero_stage"]}
-    if stage["offload_optimizer"]:
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    if stage["offload_params"]:
-        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    return {
-        "train_batch_size": stage["global_batch_size"],
-        "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
-        "gradient_accumulation_steps": grad_accum,
-        "gradient_clipping": stage["max_grad_norm"],
-        "zero_optimization": zero,
-        "bf16": {"enabled": bool(use_gpu and stage["bf16"])},  # CPU kernels are fp32: bf16 there is slower
-        "zero_allow_untested_optimizer": True,  # torch AdamW: DeepSpeed's fused Adam needs CUDA
-        "zero_force_ds_cpu_optimizer": False,
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def build_optimizer(groups: list[dict], stage: dict, use_gpu: bool):
-    """torch AdamW; with optimizer offload on a GPU, DeepSpeed's CPU Adam (torch's is far slower on CPU state)."""
-    groups = [{k: v for k, v in g.items() if k != "part"} for g in groups]
-    if stage["offload_optimizer"] and use_gpu:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
-    return torch.optim.AdamW(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
-
-
-def build_model(config: dict):
-    from llava_core.model.build import assemble_llava, load_llava
-
-    torch.manual_seed(config["stage"]["seed"])  # every rank must start from the same fresh projector (and LoRA)
+    stage = config["stage"]
+    dtype = training_dtype(stage, config["use_gpu"])
+    # ZeRO 0-2 keep whole weights on every GPU: load them straight there, not first into host memory per rank.
+    on = device if config["use_gpu"] and stage["zero_stage"] != 3 else None
+    torch.manual_seed(stage["seed"])  # every rank must start from the same fresh projector (and LoRA)
     if config["init_from"]:
-        model, processor = load_llava(config["init_from"])
+        model, processor = load_llava(config["init_from"], dtype, stage["attn_implementation"], on)
     else:
-        model, processor = assemble_llava(config["vision_path"], config["llm_path"], template=config["template"])
-    if config["stage"]["init_projector"]:
-        from llava_core.model.build import load_official_projector
-
-        load_official_projector(model, config["stage"]["init_projector"])
+        model, processor = assemble_llava(config["vision_path"], config["llm_path"], dtype, config["template"],
+                                          stage["attn_implementation"], on)
+    if stage["init_projector"]:
+        load_official_projector(model, stage["init_projector"])
     return model, processor
 
 
@@ -114,17 +79,11 @@ def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, im
 
 
 def train_loop_per_worker(config: dict) -> None:
-    import deepspeed
-
     stage = config["stage"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
-    model, processor = build_model(config)
-    model = apply_stage_training(model, stage["trainable"], stage["lora"])
-    if stage["gradient_checkpointing"]:
-        llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     examples = load_examples(config["shards"])
     lengths = examples.column("length").to_numpy().astype(np.int64)
     num_images = examples.column("num_images").to_numpy().astype(np.int64)
@@ -136,17 +95,15 @@ def train_loop_per_worker(config: dict) -> None:
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
 
-    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"])
+    with zero3_loading(deepspeed_config(stage, world, grad_accum, config["use_gpu"])):
+        model, processor = build_model(config, device)
+    engine, scheduler, groups = build_engine(model, stage, world, total_steps, config["use_gpu"], device)
+    model = engine.module
     parts = describe_training(model, groups)
     flops = flops_counter(model, stage["trainable"], bool(stage["lora"]))
     peak = peak_flops(config["peak_tflops_per_worker"], config["use_gpu"])
-    optimizer = build_optimizer(groups, stage, config["use_gpu"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, cosine_with_warmup(total_steps, stage["warmup_ratio"]))
-    engine, optimizer, _, scheduler = deepspeed.initialize(
-        model=model.to(device), optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world, grad_accum, config["use_gpu"]))
 
-    start_step, history = restore(engine)
+    start_step, history = restore(engine, total_steps)
     hooks = TestHooks(config.get("test_hooks"), rank, start_step)
     writer = MetricsWriter(config["stage_name"], stage, tensorboard_dir(config)) if rank == 0 else None
     if rank == 0:
@@ -155,26 +112,27 @@ def train_loop_per_worker(config: dict) -> None:
     pad_id = processor.tokenizer.pad_token_id
     image_token_id, image_tokens = llava_of(model).config.image_token_index, llava_of(model).config.image_seq_length
     make_batch = collate_packed if stage["packing"] else collate
+    flatten = stage["packing"] and stage["attn_implementation"] == "flash_attention_2"
+
+    def micro_batch(micro) -> dict:
+        rows = np.concatenate(micro)
+        batch = make_batch(examples, micro if stage["packing"] else rows, pad_id, image_shape)
+        if batch["pixel_values"] is None:
+            batch = with_blank_image_row(batch, image_token_id, image_tokens, image_shape, pad_id)
+        return flatten_packed(batch) if flatten else batch
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0}
     for step in range(start_step, total_steps):
         epoch, step_in_epoch = epoch_and_step(step, epoch_steps)
-        losses = []
-        for micro in plan.micro_batches(lengths, num_images, epoch, step_in_epoch, rank):
+        micro_batches = plan.micro_batches(lengths, num_images, epoch, step_in_epoch, rank)
+        loss = optimizer_step(engine, [micro_batch(m) for m in micro_batches], stage["loss_normalization"], device)
+        for micro in micro_batches:
             rows = np.concatenate(micro)
-            batch = make_batch(examples, micro if stage["packing"] else rows, pad_id, image_shape)
-            if batch["pixel_values"] is None:
-                batch = with_blank_image_row(batch, image_token_id, image_tokens, image_shape, pad_id)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            loss = engine(**batch, use_cache=False).loss  # with a cache, packed rows would attend across samples
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
             tokens, images = int(lengths[rows].sum()), int(num_images[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
             window["flops"] += flops(tokens, images)
-        record = step_metrics(engine, scheduler, losses, window, step, world, peak)
+        record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)
         is_last = step + 1 == total_steps
         if rank == 0:
@@ -229,25 +187,28 @@ class TestHooks:
             raise RuntimeError(f"test hook: failing after checkpoint {step}")
 
 
-def step_metrics(engine, scheduler, losses, window, step, world, peak) -> dict:
-    """Loss averaged over every rank's micro-batches; throughput summed over ranks since the last step."""
-    loss = torch.stack(losses).mean()
-    torch.distributed.all_reduce(loss)
-    counts = torch.tensor([window["tokens"], window["samples"], window["flops"]], dtype=torch.float64)
-    torch.distributed.all_reduce(counts)
+def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device) -> dict:
+    """The step's loss over every rank (as normalised: per token or per micro-batch) and throughput summed over
+    ranks since the last step. One all-reduce, on the training device (NCCL reduces nothing on the host)."""
+    numerator, denominator = loss
+    sums = torch.stack([numerator.to(torch.float64), torch.tensor(window["tokens"], dtype=torch.float64),
+                        torch.tensor(window["samples"], dtype=torch.float64),
+                        torch.tensor(window["flops"], dtype=torch.float64)]).to(device)
+    torch.distributed.all_reduce(sums)
+    sums = sums.tolist()
     now = time.time()
     elapsed = max(now - window["t"], 1e-9)
     window.update(t=now, tokens=0, samples=0, flops=0.0)
     grad_norm = engine.get_global_grad_norm()
     return {
         "step": step + 1,
-        "loss": round(float(loss) / world, 6),
+        "loss": round(sums[0] / float(denominator), 6),
         "lr": float(scheduler.get_last_lr()[0]),
         "grad_norm": None if grad_norm is None else round(float(grad_norm), 6),
-        "tokens_per_s": round(float(counts[0]) / elapsed, 2),
-        "samples_per_s": round(float(counts[1]) / elapsed, 2),
-        "tflops_per_s": round(float(counts[2]) / elapsed / 1e12, 4),
-        "mfu": None if peak is None else round(float(counts[2]) / elapsed / (world * peak), 4),
+        "tokens_per_s": round(sums[1] / elapsed, 2),
+        "samples_per_s": round(sums[2] / elapsed, 2),
+        "tflops_per_s": round(sums[3] / elapsed / 1e12, 4),
+        "mfu": None if peak is None else round(sums[3] / elapsed / (world * peak), 4),
         "time": round(now, 3),
     }
 
@@ -275,21 +236,27 @@ def log_start(config, parts, total_steps, start_step, plan) -> None:
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 
-def restore(engine) -> tuple[int, list]:
+def restore(engine, total_steps: int) -> tuple[int, list]:
+    """(step to start at, history so far) from Ray Train's latest checkpoint. A finished stage's checkpoint has no
+    DeepSpeed state to load: nothing is left to train."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
     with checkpoint.as_directory() as directory:
-        engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
         with open(os.path.join(directory, "train_state.json")) as f:
             state = json.load(f)
+        if state["step"] < total_steps:
+            engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
     return state["step"], state["history"]
 
 
 def save_and_report(engine, processor, step, total_steps, history, parts, rank, config, is_last) -> None:
-    """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only."""
+    """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only. The last
+    checkpoint skips the DeepSpeed state (optimizer included: 12 bytes per trained parameter, 84 GB for 7B): the
+    stage output written beside it holds the weights, and a resumed finished stage has nothing to train."""
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
+        if not is_last:
+            engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
         if rank == 0:
             with open(os.path.join(directory, "train_state.json"), "w") as f:
                 json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
@@ -300,59 +267,27 @@ def save_and_report(engine, processor, step, total_steps, history, parts, rank, 
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def save_hf_model(model, processor, directory: str, dtype: torch.dtype) -> None:
-    """The whole model as a plain HF checkpoint (safetensors) in `dtype`, with processor and generation defaults."""
-    base = llava_of(model)
-    if is_peft(model):
-        state = merged_state_dict(model)
-        save_adapter(model, os.path.join(os.path.dirname(directory), "adapter"))
-    else:
-        state = base.state_dict()
-    state = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in state.items()}
-    for config in (base.config, base.config.text_config, base.config.vision_config):
-        config.dtype = dtype  # what from_pretrained loads by default: the export says how it trained
-    base.generation_config.do_sample = False  # LLaVA evaluates greedily; clients can still ask for sampling
-    base.generation_config.max_new_tokens = 64
-    base.save_pretrained(directory, state_dict=state)
-    processor.save_pretrained(directory)
-
-
-def gathered(parameters, zero_stage: int):
-    """Full `parameters` on every rank for the duration (ZeRO-3 shards them; ZeRO 0-2 keep full weights
-    everywhere)."""
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(parameters), modifier_rank=None)
-
-
-def saved_dtype(config: dict) -> torch.dtype:
-    """The dtype the weights trained in, which the stage output is written in: bf16 on GPU, fp32 on CPU."""
-    return torch.bfloat16 if config["use_gpu"] and config["stage"]["bf16"] else torch.float32
-
-
 def write_stage_output(model, processor, history, parts, config, rank) -> None:
-    """The stage's hand-off, written by global rank 0: `mm_projector.bin` (the official stage-1 file), and when the
-    next stage needs more than the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the
-    training dtype, with greedy generation defaults: the export is this directory as it is. Also the adapter alone
-    when LoRA trained, `trainable.json` and the metrics."""
+    """The stage's hand-off: `mm_projector.bin` (the official stage-1 file), and when the next stage needs more than
+    the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the training dtype, with greedy
+    generation defaults: the export is this directory as it is. Also the adapter alone when LoRA trained,
+    `trainable.json` and the metrics. Every rank takes part in the gathers; global rank 0 writes."""
     projector = llava_of(model).model.multi_modal_projector
-    # A projector-only hand-off gathers the projector's 21M parameters, not the 7B of the whole model on every rank.
-    wanted = model.parameters() if config["save_model"] else projector.parameters()
-    with gathered(wanted, config["stage"]["zero_stage"]):
+    with tempfile.TemporaryDirectory() as local:
+        with gathered(list(projector.parameters())):  # 21M parameters for 7B: gathered alone
+            if rank == 0:
+                with open(os.path.join(local, "mm_projector.bin"), "wb") as f:
+                    f.write(official_projector_bytes(projector))
+        if config["save_model"]:
+            save_hf_model(model, processor, os.path.join(local, "model"),
+                          training_dtype(config["stage"], config["use_gpu"]), writer=rank == 0)
         if rank != 0:
             return
-        with tempfile.TemporaryDirectory() as local:
-            with open(os.path.join(local, "mm_projector.bin"), "wb") as f:
-                f.write(official_projector_bytes(projector))
-            if config["save_model"]:
-                save_hf_model(model, processor, os.path.join(local, "model"), saved_dtype(config))
-            with open(os.path.join(local, "trainable.json"), "w") as f:
-                json.dump(parts, f, indent=1)
-            with open(os.path.join(local, "metrics.jsonl"), "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in history)
-            tensorboard = tensorboard_dir(config)
-            if storage.is_remote(config["output_dir"]) and os.path.isdir(tensorboard):
-                shutil.copytree(tensorboard, os.path.join(local, "tensorboard"))
-            storage.copy_dir(local, config["output_dir"])
+        with open(os.path.join(local, "trainable.json"), "w") as f:
+            json.dump(parts, f, indent=1)
+        with open(os.path.join(local, "metrics.jsonl"), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        tensorboard = tensorboard_dir(config)
+        if storage.is_remote(config["output_dir"]) and os.path.isdir(tensorboard):
+            shutil.copytree(tensorboard, os.path.join(local, "tensorboard"))
+        storage.copy_dir(local, config["output_dir"])

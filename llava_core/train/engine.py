@@ -1,0 +1,154 @@
+"""The DeepSpeed engine of a training stage, and one optimizer step on it. Used by the Ray Train worker loop and,
+without Ray, by `benchmarks/gpu_step.py`.
+
+The model loads in the training dtype (bf16 on GPU, fp32 on CPU). Under ZeRO-3 it loads partitioned: while
+`zero3_loading` is active transformers builds every model inside `deepspeed.zero.Init`, each rank materialises only
+its 1/world share of each parameter and only rank 0 reads checkpoint values, so no rank ever holds the whole model
+(a 13B model in fp32 on every GPU was 52 GB before ZeRO-3 partitioned it).
+
+Loss normalisation (`loss_normalization`): `token` divides the summed loss of every supervised token by the number of
+supervised tokens in the whole optimizer step, counted over all ranks and micro-batches (HF Trainer's rule since
+4.46): every token weighs the same, whether its micro-batch holds short answers or long descriptions. `sample` is
+LLaVA-1.5's own: the mean of per-micro-batch token means, where a token in a short-answer batch under length or
+modality grouping weighs ~10x one in a long-description batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from llava_core.data.templates import IGNORE_INDEX
+from llava_core.model.lora import llava_of
+from llava_core.train.freeze import apply_stage_training, parameter_groups
+
+# transformers keeps a weak reference to the active HfDeepSpeedConfig: this keeps it alive for the worker's life, so
+# everything that asks `is_deepspeed_zero3_enabled()` (loading, resizing embeddings, peft) sees ZeRO-3.
+_ZERO3_CONFIG: list = []
+
+
+def training_dtype(stage: dict, use_gpu: bool) -> torch.dtype:
+    """bf16 on GPU when the stage asks for it; CPU kernels are fp32 (bf16 there is slower and less exact)."""
+    return torch.bfloat16 if use_gpu and stage["bf16"] else torch.float32
+
+
+def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
+    zero = {"stage": stage["zero_stage"]}
+    if stage["offload_optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
+    if stage["offload_params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
+    if stage["zero_stage"] == 3:
+        # Save writes the weights itself, module by module (train/save.py): never gather a 16-bit copy of everything.
+        zero["stage3_gather_16bit_weights_on_model_save"] = False
+    return {
+        "train_batch_size": stage["global_batch_size"],
+        "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
+        "gradient_accumulation_steps": grad_accum,
+        "gradient_clipping": stage["max_grad_norm"],
+        "zero_optimization": zero,
+        "bf16": {"enabled": training_dtype(stage, use_gpu) == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,  # torch AdamW (fused on GPU): DeepSpeed's FusedAdam needs its own build
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@contextlib.contextmanager
+def zero3_loading(ds_config: dict):
+    """Models built inside load partitioned when the stage runs ZeRO-3 (transformers' own `HfDeepSpeedConfig`
+    hook); a no-op otherwise. The config stays registered afterwards (see `_ZERO3_CONFIG`)."""
+    if ds_config["zero_optimization"]["stage"] == 3 and not _ZERO3_CONFIG:
+        import deepspeed
+        from transformers.integrations import HfDeepSpeedConfig
+
+        deepspeed.init_distributed()  # zero.Init checks the batch sizes against DeepSpeed's view of the world size
+
+        _ZERO3_CONFIG.append(HfDeepSpeedConfig(ds_config))
+    yield
+
+
+def build_optimizer(groups: list[dict], stage: dict, use_gpu: bool):
+    """torch AdamW, fused on GPU (one kernel for all parameters); with optimizer offload on a GPU, DeepSpeed's CPU
+    Adam (torch's is far slower on CPU state)."""
+    groups = [{k: v for k, v in g.items() if k != "part"} for g in groups]
+    if stage["offload_optimizer"] and use_gpu:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
+    return torch.optim.AdamW(groups, lr=stage["lr"], weight_decay=stage["weight_decay"], fused=use_gpu)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """As HF Trainer: ceil(ratio x total)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def build_engine(model, stage: dict, world_size: int, total_steps: int, use_gpu: bool, device: torch.device):
+    """(engine, scheduler, parameter groups): the model frozen per stage, checkpointed if asked, on `device` unless
+    ZeRO-3 already placed its partitions, in train mode, with AdamW and the transformers cosine schedule."""
+    import deepspeed
+    from transformers import get_cosine_schedule_with_warmup
+
+    model = apply_stage_training(model, stage["trainable"], stage["lora"])
+    if stage["gradient_checkpointing"]:
+        llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if stage["zero_stage"] != 3:
+        model = model.to(device)  # before the optimizer: fused AdamW wants its parameters on the GPU
+    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"])
+    optimizer = build_optimizer(groups, stage, use_gpu)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage["warmup_ratio"]),
+                                                total_steps)
+    grad_accum = stage["global_batch_size"] // (world_size * stage["micro_batch_size"])
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler,
+        config=deepspeed_config(stage, world_size, grad_accum, use_gpu))
+    # from_pretrained returns eval mode: without this, gradient checkpointing (transformers checkpoints only when
+    # `self.training`) and LoRA dropout silently do nothing.
+    engine.train()
+    return engine, scheduler, groups
+
+
+def supervised_tokens(batch: dict) -> int:
+    """Tokens the loss counts: labels shifted by one (the first position predicts nothing), as transformers does."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def optimizer_step(engine, batches: list[dict], normalization: str, device: torch.device) -> tuple:
+    """Forward and backward over this rank's micro-batches of one optimizer step, then DeepSpeed's step.
+
+    Returns (loss numerator, denominator) as device tensors, summed over ranks by the caller with one all-reduce:
+    token normalisation gives (summed token losses, supervised tokens), sample normalisation (summed micro-batch
+    means, micro-batches). DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
+    gradients over ranks; passing `num_items_in_batch` = global tokens / (ranks x accumulation) undoes both, so the
+    gradient is that of (sum of token losses) / (global supervised tokens)."""
+    micro_batches = len(batches) * torch.distributed.get_world_size()
+    if normalization == "token":
+        tokens = torch.tensor(float(sum(supervised_tokens(b) for b in batches)), device=device)
+        torch.distributed.all_reduce(tokens)
+        per_micro = tokens.clamp(min=1) / micro_batches  # the global count, as each micro-batch's share
+    numerator = torch.zeros((), device=device)
+    for batch in batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if normalization == "token":
+            loss = engine(**batch, use_cache=False, num_items_in_batch=per_micro).loss
+            numerator += loss.detach().float() * per_micro
+        else:
+            loss = engine(**batch, use_cache=False).loss  # with a cache, packed rows would attend across samples
+            numerator += loss.detach().float()
+        engine.backward(loss)
+        engine.step()
+    denominator = tokens if normalization == "token" else torch.tensor(float(micro_batches), device=device)
+    return numerator, denominator
+
+
+def flatten_packed(batch: dict) -> dict:
+    """Packed rows as one row, for flash attention's variable-length kernel (transformers takes that path only for a
+    batch of one row whose position ids restart). Each row's padding tail is already its own unsupervised segment,
+    so the segments stay separate; images keep their order."""
+    flat = dict(batch)
+    for key in ("input_ids", "labels", "position_ids"):
+        flat[key] = batch[key].reshape(1, -1)
+    return flat
