@@ -33,7 +33,8 @@ def training_dtype(stage: dict, use_gpu: bool) -> torch.dtype:
     return torch.bfloat16 if use_gpu and stage["bf16"] else torch.float32
 
 
-def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool) -> dict:
+def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool, hidden_size: int = 0) -> dict:
+    """DeepSpeed's config for the stage; `hidden_size` (the LLM's, once it is built) sizes ZeRO-3's prefetching."""
     zero = {"stage": stage["zero_stage"]}
     if stage["offload_optimizer"]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -42,6 +43,10 @@ def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: boo
     if stage["zero_stage"] == 3:
         # Save writes the weights itself, module by module (train/save.py): never gather a 16-bit copy of everything.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
+        if hidden_size:  # HF Trainer's "auto" values, as LLaVA's zero3.json asks for: prefetch ~one layer's matrix,
+            # keep only vectors (norms, biases) unpartitioned
+            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+            zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     return {
         "train_batch_size": stage["global_batch_size"],
         "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
@@ -104,7 +109,7 @@ def build_engine(model, stage: dict, world_size: int, total_steps: int, use_gpu:
     grad_accum = stage["global_batch_size"] // (world_size * stage["micro_batch_size"])
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world_size, grad_accum, use_gpu))
+        config=deepspeed_config(stage, world_size, grad_accum, use_gpu, llava_of(model).config.text_config.hidden_size))
     # from_pretrained returns eval mode: without this, gradient checkpointing (transformers checkpoints only when
     # `self.training`) and LoRA dropout silently do nothing.
     engine.train()
