@@ -1,63 +1,51 @@
 """Per-step training metrics from rank 0: metrics.jsonl, TensorBoard, and MLflow or W&B when configured.
 
-MFU counts matmul FLOPs per token from parameter counts: 6N for parts whose weights train (forward + both
-backward matmuls), 4N for frozen parts that gradients flow through (forward + input gradients: the LLM when the
-projector or LoRA trains), 2N for frozen parts that only run forward (a frozen vision tower). The LLM counts every
-token, the projector image tokens only, the vision tower its patches (+CLS) per image. Attention score FLOPs and
-the input embedding table are left out, so the figure is a slight underestimate.
+MFU divides the model FLOPs of `llava_core.flops` (the same model the plan uses) by the device's peak; here the
+part sizes come from the model's own parameters, so the count is exact for whatever model trains.
 """
 from __future__ import annotations
 
 import json
 import os
 
-# Dense bf16 peak per device (vendor spec sheets), for MFU when scaling.peak_tflops_per_worker is not set.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+from llava_core import flops as flop_model
 
 
 def peak_flops(configured_tflops: float | None, use_gpu: bool) -> float | None:
+    """Peak FLOP/s of one worker: `scaling.peak_tflops_per_worker` when set, else this CUDA device's entry in
+    `llava_core.flops.GPUS`; None (no MFU) on CPU or an unlisted device."""
     if configured_tflops:
         return configured_tflops * 1e12
     if use_gpu:
         import torch
 
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None  # CPU: no meaningful peak, no MFU
+        key = flop_model.gpu_for_device(torch.cuda.get_device_name())
+        if key:
+            return flop_model.GPUS[key].tflops * 1e12
+    return None
 
 
-def flops_coefficients(trainable: list[str], lora: bool) -> dict[str, int]:
-    """Per-part FLOPs per parameter per token: 6 trained, 4 frozen with gradients passing through, 2 forward-only."""
-    vision = 6 if "vision" in trainable else 2
-    projector = 6 if "projector" in trainable else (4 if vision == 6 else 2)
-    llm_trains = "llm" in trainable and not lora
-    llm = 6 if llm_trains else (4 if (lora or projector >= 4) else 2)
-    return {"vision": vision, "projector": projector, "llm": llm, "lora": 6}
-
-
-def flops_counter(model, trainable: list[str], lora: bool):
-    """A function (tokens, images) -> training FLOPs of one micro-batch, for this model and stage."""
+def model_part_sizes(model) -> flop_model.PartSizes:
+    """Part sizes counted from the parameters (ZeRO-3 shards counted whole). The input embedding table is a lookup,
+    not a matmul, unless it is tied to the lm_head, which a tied model's parameter list holds only once."""
     from llava_core.model.lora import llava_of
     from llava_core.train.freeze import numel, part_of
 
+    llava = llava_of(model)
+    embed = llava.get_input_embeddings().weight
+    tied = llava.get_output_embeddings().weight is embed
     counts = {"vision": 0, "projector": 0, "llm": 0, "lora": 0}
-    embed = llava_of(model).get_input_embeddings().weight
     for name, param in model.named_parameters():
-        if param is not embed:  # a lookup, not a matmul
+        if param is not embed or tied:
             counts[part_of(name)] += numel(param)
-    coef = flops_coefficients(trainable, lora)
-    vision_config = llava_of(model).config.vision_config
-    image_tokens = llava_of(model).config.image_seq_length
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+    vision = llava.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return flop_model.PartSizes(**counts, vision_positions=patches + 1, image_tokens=llava.config.image_seq_length)
 
-    def flops(tokens: int, images: int) -> float:
-        return float((coef["llm"] * counts["llm"] + coef["lora"] * counts["lora"]) * tokens
-                     + coef["projector"] * counts["projector"] * image_tokens * images
-                     + coef["vision"] * counts["vision"] * patches * images)
 
-    return flops
+def flops_counter(model, trainable: list[str], lora: bool):
+    """A function (tokens, images) -> model FLOPs of one micro-batch, for this model and stage."""
+    return flop_model.training_flops(model_part_sizes(model), trainable, lora)
 
 
 class MetricsWriter:
