@@ -1,4 +1,5 @@
-"""Per-step training metrics from rank 0: metrics.jsonl, TensorBoard, and MLflow or W&B when configured.
+"""Per-step training metrics from rank 0: metrics.jsonl and TensorBoard in the stage directory, kept current while
+the stage runs (also in S3), and MLflow or W&B when configured.
 
 MFU divides the model FLOPs of `llava_core.flops` (the same model the plan uses) by the device's peak; here the
 part sizes come from the model's own parameters, so the count is exact for whatever model trains.
@@ -6,9 +7,13 @@ part sizes come from the model's own parameters, so the count is exact for whate
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 
-from llava_core import flops as flop_model
+from llava_core import flops as flop_model, storage
+
+log = logging.getLogger(__name__)
 
 
 def peak_flops(configured_tflops: float | None, use_gpu: bool) -> float | None:
@@ -49,12 +54,18 @@ def flops_counter(model, trainable: list[str], lora: bool):
 
 
 class MetricsWriter:
-    """Rank 0's sinks besides metrics.jsonl (written with the stage output from the checkpointed history)."""
+    """Rank 0's metrics: `metrics.jsonl` and TensorBoard events in the stage directory, kept current while the stage
+    runs (copied every `metrics_sync_every` optimizer steps by a MetricsSync, and at close), plus MLflow or W&B when
+    configured. `history` (restored from the checkpoint when resuming) comes first in metrics.jsonl, and TensorBoard
+    drops the events a failed attempt wrote after that checkpoint."""
 
-    def __init__(self, stage_name: str, stage: dict, tensorboard_dir: str):
+    def __init__(self, stage_name: str, stage: dict, tensorboard_dir: str, output_dir: str, history: list[dict]):
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(tensorboard_dir)
+        self.records = list(history)
+        self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=history[-1]["step"] + 1 if history else None)
+        self.sync_every = stage["metrics_sync_every"]
+        self.sync = MetricsSync(output_dir, tensorboard_dir, self.tensorboard.flush)
         self.tracker = stage["tracking"]
         if self.tracker == "mlflow":
             import mlflow  # only imported when configured; MLFLOW_TRACKING_URI says where
@@ -67,6 +78,7 @@ class MetricsWriter:
             wandb.init(project=os.environ.get("WANDB_PROJECT", "llava-ray"), name=stage_name, config=stage)
 
     def write(self, record: dict) -> None:
+        self.records.append(record)
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         for key, value in values.items():
             self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
@@ -78,9 +90,14 @@ class MetricsWriter:
             import wandb
 
             wandb.log(values, step=record["step"])
+        if self.sync_every and record["step"] % self.sync_every == 0:
+            self.sync.request(list(self.records))
 
     def close(self) -> None:
+        """The final copy runs here, not in the background: a stage whose metrics did not land has failed."""
+        self.sync.stop()
         self.tensorboard.close()
+        self.sync.copy(self.records)
         if self.tracker == "mlflow":
             import mlflow
 
@@ -89,6 +106,54 @@ class MetricsWriter:
             import wandb
 
             wandb.finish()
+
+
+class MetricsSync:
+    """Copies metrics to the stage directory in a background thread: the whole `metrics.jsonl`, and the TensorBoard
+    events when the stage directory is remote (they are written to a local directory first; a local stage
+    directory holds them already). One copy runs at a time and a request made meanwhile replaces any waiting one, so
+    a slow bucket costs freshness, never training time; a failed copy is logged and the next one copies everything
+    again."""
+
+    def __init__(self, output_dir: str, tensorboard_dir: str, flush_events):
+        self.output_dir, self.tensorboard_dir, self.flush_events = output_dir, tensorboard_dir, flush_events
+        self.pending: list[dict] | None = None
+        self.stopped = False
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="metrics-sync", daemon=True)
+        self.thread.start()
+
+    def request(self, records: list[dict]) -> None:
+        with self.wake:
+            self.pending = records
+            self.wake.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while self.pending is None and not self.stopped:
+                    self.wake.wait()
+                if self.stopped:
+                    return
+                records, self.pending = self.pending, None
+            try:
+                self.copy(records)
+            except Exception as error:  # OSError, pyarrow's and the S3 SDK's own: none may stop training
+                log.warning("copying metrics to %s failed, retrying at the next sync: %s", self.output_dir, error)
+
+    def copy(self, records: list[dict]) -> None:
+        self.flush_events()
+        storage.write_text(storage.join(self.output_dir, "metrics.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in records))
+        if storage.is_remote(self.output_dir) and os.path.isdir(self.tensorboard_dir):
+            storage.copy_dir(self.tensorboard_dir, storage.join(self.output_dir, "tensorboard"))
+
+    def stop(self) -> None:
+        """Let the copy in flight finish and start no other."""
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join()
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], path: str) -> None:
