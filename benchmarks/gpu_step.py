@@ -5,7 +5,7 @@ Nothing is downloaded: both models are built from configs (LlamaConfig: 4096 wid
 project's freezing (projector + LLM train, vision frozen), packing (BatchPlan, rows of --pack-length tokens) and
 collation (collate_packed), bf16, SDPA (or --attn flash_attention_2), gradient checkpointing, AdamW with clipping.
 Sample lengths follow LLaVA-1.5's mix (benchmarks/padding.py). MFU counts 6N per token for trained parts, 2N for the
-frozen tower (llava_core.train.metrics), attention scores excluded. One GPU holds no fp32 AdamW state for 7B:
+frozen tower (llava_core.flops), attention scores excluded. One GPU holds no fp32 AdamW state for 7B:
 the optimizer keeps its state in bf16 (the parameters' dtype); a ZeRO cluster run keeps fp32 state sharded.
 
     python benchmarks/gpu_step.py                  # on a GPU

@@ -7,6 +7,7 @@ import os
 import sys
 
 from llava_core.config import WorkflowError, load_workflow
+from llava_core.flops import GPUS
 from llava_core.workflow import STAGES
 
 
@@ -29,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     validate.add_argument("--plan", action="store_true",
                           help="also print the stages, their resources and steps, GPU-hours and memory per GPU")
-    validate.add_argument("--gpu", default="a100-80gb", help="GPU type the plan assumes (a100-80gb, h100-80gb, ...)")
+    validate.add_argument("--gpu", default="a100-80gb", choices=GPUS, help="GPU type the plan assumes")
     validate.add_argument("--mfu", type=float, default=0.3, help="model-FLOPs utilisation the plan assumes")
     validate.add_argument("--check-remote", action="store_true", help="also check that s3:// paths exist")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")

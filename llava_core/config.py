@@ -143,6 +143,7 @@ class TrainStageSettings:
     keep_checkpoints: int = 2
     max_failures: int = 0  # worker-group restarts from the last checkpoint before the stage fails
     log_every: int = 10
+    metrics_sync_every: int = 50  # steps between background copies of metrics to the stage dir; 0 = only at the end
     seed: int = 0
     tracking: str = ""  # "", "mlflow" (MLFLOW_TRACKING_URI) or "wandb" (WANDB_PROJECT); TensorBoard is always on
 

@@ -5,13 +5,12 @@ downloaded: model sizes come from a local `config.json` or from the architecture
 uses (below); dataset sizes from the prepare stage's manifest when it exists, else from the official files' known row
 counts, else from counting a local file. Every assumption is printed beside the numbers it produced.
 
-FLOPs per token (the usual 2N forward / 4N backward rule, attention's quadratic term ignored, ~2% at 7B and 2k
-tokens): trained parameters 6N; frozen parameters that gradients flow through (the LLM in align) 4N; frozen
-parameters before the first trained one (the vision tower) 2N, once per image token; gradient checkpointing adds one
-more forward (2N) for the checkpointed LLM.
+FLOPs are model FLOPs from `llava_core.flops`, the same count the training stage's MFU uses: the time estimate is
+those FLOPs divided by `--mfu` of the GPU's peak, so an MFU a run reports is the one to plan the next run with.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -19,41 +18,41 @@ from dataclasses import dataclass
 
 from llava_core import storage
 from llava_core.config import dataset_sources
+from llava_core.flops import GPUS, PartSizes, training_flops
 
-# Architectures of the recipe's models, so a plan needs no download: (hidden, layers, intermediate, vocab) for LLaMA-style
-# LLMs; parameter count and tokens per image for vision towers.
+# Architectures of the recipe's models, so a plan needs no download: the config.json keys the plan reads.
 KNOWN_LLMS = {
-    "lmsys/vicuna-7b-v1.5": (4096, 32, 11008, 32000),
-    "lmsys/vicuna-13b-v1.5": (5120, 40, 13824, 32000),
-    "meta-llama/Meta-Llama-3-8B-Instruct": (4096, 32, 14336, 128256),
-    "mistralai/Mistral-7B-Instruct-v0.2": (4096, 32, 14336, 32000),
+    "lmsys/vicuna-7b-v1.5": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 11008,
+                             "num_attention_heads": 32, "num_key_value_heads": 32, "vocab_size": 32000},
+    "lmsys/vicuna-13b-v1.5": {"hidden_size": 5120, "num_hidden_layers": 40, "intermediate_size": 13824,
+                              "num_attention_heads": 40, "num_key_value_heads": 40, "vocab_size": 32000},
+    "meta-llama/Meta-Llama-3-8B-Instruct": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+                                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
+    "mistralai/Mistral-7B-Instruct-v0.2": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
+                                           "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
 }
-KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": (303_507_456, 576, 1024)}  # params, tokens/image, width
+# None of the known LLMs' tokenizers has `<image>` or `<pad>`; building LLaVA adds both and grows the embeddings
+# (llava_core.model.build.load_tokenizer_with_image_token).
+KNOWN_LLM_ADDED_TOKENS = 2
+KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": {"hidden_size": 1024, "num_hidden_layers": 24,
+                                                      "intermediate_size": 4096, "image_size": 336, "patch_size": 14}}
 KNOWN_DATASETS = {"blip_laion_cc_sbu_558k": 558_128, "llava_v1_5_mix665k": 665_298}
 # Average tokens per row, image tokens included, when nothing better is known: LLaVA-Pretrain captions are short;
 # the 665k mix averages a few hundred text tokens and ~94% of its rows carry an image.
 DEFAULT_TEXT_TOKENS = {"plain": 20, "vicuna_v1": 250, "chat_template": 250}
 IMAGE_ROW_FRACTION = {"plain": 1.0, "vicuna_v1": 0.94, "chat_template": 0.94}
-GPUS = {"a100-80gb": (312e12, 80), "a100-40gb": (312e12, 40), "h100-80gb": (989e12, 80), "h200": (989e12, 141),
-        "l40s": (362e12, 48), "cpu": (1e12, 0)}
 
 
 @dataclass
 class ModelSize:
-    llm: int
-    vision: int
-    projector: int
-    image_tokens: int
-    hidden: int
+    """What the plan knows of the model: the FLOP model's part sizes (LoRA is the stage's, added per stage), every
+    parameter per part (for memory), the (in, out) features of each Linear of one LLM layer (for LoRA's size)."""
+    parts: PartSizes
+    params: dict[str, int]
+    linears: dict[str, tuple[int, int]]
     layers: int
-    intermediate: int
+    hidden: int
     source: str
-
-
-def llama_params(hidden: int, layers: int, intermediate: int, vocab: int) -> int:
-    """Embeddings + untied lm_head + per layer (4 attention + 3 MLP projections + 2 norms) + final norm.
-    Grouped-query attention's smaller k/v projections are counted as full ones: a few % high for LLaMA-3."""
-    return 2 * vocab * hidden + layers * (4 * hidden * hidden + 3 * hidden * intermediate + 2 * hidden) + hidden
 
 
 def local_config(path: str) -> dict | None:
@@ -61,37 +60,75 @@ def local_config(path: str) -> dict | None:
     return json.load(open(config_path)) if not storage.is_remote(path) and os.path.exists(config_path) else None
 
 
-def llm_shape(llm: str) -> tuple[int, int, int, int, str]:
+def llm_config(llm: str) -> tuple[dict, int, str]:
+    """(config, vocabulary size of the built LLaVA, where the config came from)."""
     config = local_config(llm)
     if config:
-        return (config["hidden_size"], config["num_hidden_layers"], config["intermediate_size"], config["vocab_size"],
-                "config.json")
+        from llava_core.model.build import load_tokenizer_with_image_token  # the tokens building LLaVA adds
+
+        return config, max(config["vocab_size"], len(load_tokenizer_with_image_token(llm))), "config.json"
     if llm in KNOWN_LLMS:
-        return (*KNOWN_LLMS[llm], "known architecture")
+        config = KNOWN_LLMS[llm]
+        return config, config["vocab_size"] + KNOWN_LLM_ADDED_TOKENS, "known architecture"
     raise KeyError(f"model.llm {llm!r}: not a local HF directory and not one of the known architectures "
                    f"({', '.join(KNOWN_LLMS)}); plan with a local copy of its config.json")
 
 
-def tower_size(tower: str) -> tuple[int, int, int]:
-    """(parameters, tokens per image, feature width)."""
+def llama_linears(config: dict) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each Linear in one LLaMA-style decoder layer, by module name (LoRA's target names);
+    grouped-query attention's k/v projections are narrower."""
+    hidden, inner = config["hidden_size"], config["intermediate_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    q = config["num_attention_heads"] * head_dim
+    kv = config.get("num_key_value_heads", config["num_attention_heads"]) * head_dim
+    return {"q_proj": (hidden, q), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (q, hidden),
+            "gate_proj": (hidden, inner), "up_proj": (hidden, inner), "down_proj": (inner, hidden)}
+
+
+def llm_params(config: dict, vocab: int) -> tuple[int, int]:
+    """(parameters the FLOP model counts, all parameters) of a LLaMA-style LLM: per layer its Linears (with biases
+    where the config has them) and 2 norms, the final norm, the lm_head; all parameters add the input embedding
+    table unless it is tied to the lm_head."""
+    linears, hidden = llama_linears(config), config["hidden_size"]
+    biases = sum(out for name, (_, out) in linears.items() if config.get(
+        "mlp_bias" if name in ("gate_proj", "up_proj", "down_proj") else "attention_bias", False))
+    layer = sum(i * o for i, o in linears.values()) + biases + 2 * hidden
+    counted = config["num_hidden_layers"] * layer + hidden + vocab * hidden
+    return counted, counted + (0 if config.get("tie_word_embeddings", False) else vocab * hidden)
+
+
+def tower_config(tower: str) -> dict:
     config = local_config(tower)
     if config:
-        vision = config.get("vision_config", config)
-        hidden, layers = vision["hidden_size"], vision["num_hidden_layers"]
-        params = layers * (4 * hidden * hidden + 2 * hidden * vision["intermediate_size"])
-        return params, (vision["image_size"] // vision["patch_size"]) ** 2, hidden
+        return config.get("vision_config", config)  # a full CLIP repo nests its vision tower's config
     if tower in KNOWN_TOWERS:
         return KNOWN_TOWERS[tower]
     raise KeyError(f"model.vision_tower {tower!r}: not a local HF directory and not a known tower "
                    f"({', '.join(KNOWN_TOWERS)})")
 
 
+def clip_vision_params(config: dict) -> int:
+    """Every parameter of transformers' CLIPVisionModel: patch embedding (no bias), CLS and position embeddings,
+    pre-norm, per layer 4 attention + 2 MLP Linears with biases and 2 norms, post-norm."""
+    hidden, inner, patch = config["hidden_size"], config["intermediate_size"], config["patch_size"]
+    positions = (config["image_size"] // patch) ** 2 + 1
+    layer = 4 * (hidden * hidden + hidden) + 2 * hidden * inner + inner + hidden + 4 * hidden
+    return (config.get("num_channels", 3) * patch * patch * hidden + hidden + positions * hidden + 2 * hidden
+            + config["num_hidden_layers"] * layer + 2 * hidden)
+
+
 def model_size(workflow) -> ModelSize:
-    hidden, layers, intermediate, vocab, source = llm_shape(workflow.model.llm)
-    vision, image_tokens, vision_width = tower_size(workflow.model.vision_tower)
-    projector = vision_width * hidden + hidden + hidden * hidden + hidden  # Linear, GELU, Linear
-    return ModelSize(llama_params(hidden, layers, intermediate, vocab), vision, projector, image_tokens, hidden,
-                     layers, intermediate, source)
+    llm, vocab, source = llm_config(workflow.model.llm)
+    tower = tower_config(workflow.model.vision_tower)
+    hidden, patches = llm["hidden_size"], (tower["image_size"] // tower["patch_size"]) ** 2
+    projector = tower["hidden_size"] * hidden + hidden + hidden * hidden + hidden  # Linear, GELU, Linear
+    llm_counted, llm_all = llm_params(llm, vocab)
+    vision = clip_vision_params(tower)
+    # The "default" feature strategy drops CLS: one image token per patch (576 for CLIP ViT-L/14 at 336 px).
+    parts = PartSizes(vision=vision, projector=projector, llm=llm_counted, lora=0, vision_positions=patches + 1,
+                      image_tokens=patches)
+    return ModelSize(parts, {"llm": llm_all, "vision": vision, "projector": projector}, llama_linears(llm),
+                     llm["num_hidden_layers"], hidden, source)
 
 
 def prepared_datasets(workflow) -> dict:
@@ -140,19 +177,16 @@ def sampled_rows(rows: int, sampling: str) -> int:
     return min(rows, math.ceil(number * rows / 100) if percent else number)
 
 
-def lora_rank(stage) -> int:
-    return stage.lora.r if stage.lora is not None else 0
+def lora_params(stage, size: ModelSize) -> int:
+    """LoRA's parameters: r x (in + out) (peft's lora_A and lora_B) per adapted Linear, in every LLM layer."""
+    return size.layers * stage.lora.r * sum(sum(size.linears[name]) for name in stage.lora.target_modules)
 
 
 def trained_params(stage, size: ModelSize) -> dict[str, int]:
-    """Parameters that get gradients and optimizer state, per part. LoRA on every LLM Linear layer holds
-    r x (in + out) per layer: q,k,v,o are hidden x hidden, gate/up/down hidden x intermediate."""
-    parts = {"projector": size.projector, "llm": size.llm, "vision": size.vision}
-    trained = {part: parts[part] for part in stage.trainable}
-    r = lora_rank(stage)
-    if "llm" in trained and r:
-        h, i = size.hidden, size.intermediate
-        trained["llm"] = size.layers * r * (4 * 2 * h + 3 * (h + i))
+    """Parameters that get gradients and optimizer state, per part; with LoRA the LLM's are its adapters'."""
+    trained = {part: size.params[part] for part in stage.trainable}
+    if "llm" in trained and stage.lora is not None:
+        trained["llm"] = lora_params(stage, size)
     return trained
 
 
@@ -164,19 +198,14 @@ def tokens_per_row(workflow, dataset: str, size: ModelSize, prepared: dict) -> t
         return entry["tokens"] / entry["rows_written"], image_rows / entry["rows_written"], "prepare manifest"
     template = workflow.datasets[dataset].template
     fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
-    return fraction * size.image_tokens + DEFAULT_TEXT_TOKENS.get(template, 250), fraction, "recipe averages"
+    return fraction * size.parts.image_tokens + DEFAULT_TEXT_TOKENS.get(template, 250), fraction, "recipe averages"
 
 
 def stage_flops_per_row(stage, size: ModelSize, tokens: float, images: float) -> float:
-    trained = trained_params(stage, size)
-    checkpointing = 2 if stage.gradient_checkpointing else 0
-    if "llm" in trained:
-        # LoRA: the frozen base still runs forward and backward (activations), its adapters add their own 6N.
-        llm = (6 * size.llm if not lora_rank(stage) else 4 * size.llm + 6 * trained["llm"]) + checkpointing * size.llm
-    else:
-        llm = 4 * size.llm + checkpointing * size.llm  # frozen, but the projector's gradient flows through it
-    vision = (6 if "vision" in trained else 2) * size.vision
-    return tokens * llm + images * size.image_tokens * (vision + 6 * size.projector)
+    """Model FLOPs of one row of `tokens` tokens and `images` images (averages allowed) in this stage."""
+    lora = stage.lora is not None
+    parts = dataclasses.replace(size.parts, lora=lora_params(stage, size) if lora else 0)
+    return training_flops(parts, stage.trainable, lora)(tokens, images)
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
@@ -186,7 +215,7 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
     SDPA/flash attention never store)."""
     zero = stage.zero_stage
-    total = size.llm + size.vision + size.projector
+    total = sum(size.params.values())
     trained = sum(trained_params(stage, size).values())
     weights = 2 * total / (workers if zero >= 3 else 1)
     grads = 2 * trained / (workers if zero >= 2 else 1)
@@ -225,7 +254,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         return plan
     steps = rows // stage.global_batch_size * stage.epochs
     flops = stage_flops_per_row(stage, size, tokens, images) * steps * stage.global_batch_size
-    peak = GPUS[gpu][0]
+    peak = GPUS[gpu].tflops * 1e12
     gpus = workers if scaling.use_gpu else 0
     plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)
     if gpus:
@@ -236,7 +265,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
 
 def memory_advice(stage_plan: dict, gpu: str) -> str:
     """Say before the run, not as an OOM an hour in, when a stage will not fit the GPU, and what to change."""
-    capacity = GPUS[gpu][1]
+    capacity = GPUS[gpu].memory_gb
     need = stage_plan["memory_per_gpu_gb"]["total"]
     if "GPU" not in stage_plan["resources_per_worker"] or need <= 0.9 * capacity:
         return ""
@@ -256,9 +285,10 @@ def build_plan(workflow, gpu: str = "a100-80gb", mfu: float = 0.3) -> dict:
         raise KeyError(f"--gpu {gpu!r}: choose one of {', '.join(GPUS)}")
     size, prepared = model_size(workflow), prepared_datasets(workflow)
     return {
-        "model": {"llm_params": size.llm, "vision_params": size.vision, "projector_params": size.projector,
-                  "image_tokens": size.image_tokens, "from": size.source},
-        "assumptions": {"gpu": gpu, "peak_flops": GPUS[gpu][0], "mfu": mfu},
+        "model": {"llm_params": size.params["llm"], "vision_params": size.params["vision"],
+                  "projector_params": size.params["projector"], "image_tokens": size.parts.image_tokens,
+                  "from": size.source},
+        "assumptions": {"gpu": gpu, "peak_flops": GPUS[gpu].tflops * 1e12, "mfu": mfu},
         "stages": [{"stage": "prepare", "engine": "Ray Data", "actors": workflow.prepare.num_actors,
                     "datasets": sorted(workflow.datasets)},
                    training_plan(workflow, "align", size, prepared, gpu, mfu),

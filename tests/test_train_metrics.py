@@ -1,15 +1,20 @@
-"""Training metrics: the FLOPs convention behind MFU, the loss-curve PNG, TensorBoard events."""
+"""Training metrics: FLOPs counted from the model's parameters, the loss-curve PNG, TensorBoard events."""
 import os
 
-from llava_core.train.metrics import MetricsWriter, flops_coefficients, flops_counter, plot_loss_curves
+import threading
+import time
+
+import pytest
+import requests
+
+from llava_core import storage
+from llava_core.train.metrics import MetricsWriter, flops_counter, plot_loss_curves, read_history
+from tests.s3_server import environment, s3_server
+
+STAGE = {"tracking": "", "metrics_sync_every": 5}
 
 
-def test_flops_count_6n_trained_4n_backprop_through_2n_forward_only(tiny_dataset):
-    assert flops_coefficients(["projector"], lora=False) == {"vision": 2, "projector": 6, "llm": 4, "lora": 6}
-    assert flops_coefficients(["projector", "llm"], lora=False)["llm"] == 6
-    assert flops_coefficients(["projector", "llm"], lora=True)["llm"] == 4
-    assert flops_coefficients(["llm"], lora=False) == {"vision": 2, "projector": 2, "llm": 6, "lora": 6}
-
+def test_the_runtime_counts_flops_from_the_model_parameters(tiny_dataset):
     from llava_core.model.build import assemble_llava
 
     model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
@@ -31,27 +36,133 @@ def test_loss_curves_png_and_tensorboard_events(tmp_path):
     plot_loss_curves({"align": history, "instruct": history}, path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    writer = MetricsWriter("align", {"tracking": ""}, str(tmp_path / "tb"))
+    stage_dir = tmp_path / "align"
+    writer = MetricsWriter("align", STAGE, str(stage_dir / "tensorboard"), str(stage_dir), history=[])
     for record in history:
         writer.write(record)
     writer.close()
-    events = os.listdir(tmp_path / "tb")
+    events = os.listdir(stage_dir / "tensorboard")
     assert len(events) == 1
-    losses = [(e.step, v.simple_value) for e in read_events(str(tmp_path / "tb" / events[0]))
+    losses = [(e.step, v.simple_value) for e in read_events(open(stage_dir / "tensorboard" / events[0], "rb").read())
               for v in e.summary.value if v.tag == "train/loss"]
     assert [s for s, _ in losses] == list(range(1, 6))
     assert all(abs(value - 3.0 / s) < 1e-6 for s, value in losses)
+    assert read_history((stage_dir / "metrics.jsonl").read_text()) == history
 
 
-def read_events(path):
+def read_events(data: bytes):
     """TFRecord framing: length (8 bytes), its crc (4), the Event proto, its crc (4)."""
     import struct
 
     from tensorboardX.proto.event_pb2 import Event
 
-    data, at, out = open(path, "rb").read(), 0, []
+    at, out = 0, []
     while at < len(data):
         (length,) = struct.unpack("<Q", data[at:at + 8])
         out.append(Event.FromString(data[at + 12:at + 12 + length]))
         at += 12 + length + 4
     return out
+
+
+def records(steps) -> list[dict]:
+    return [{"step": s, "loss": round(3.0 / s, 6), "lr": 1e-3, "grad_norm": 1.0, "mfu": None, "time": float(s)}
+            for s in steps]
+
+
+def eventually(read, expected, timeout=30.0):
+    """Poll `read()` until it returns `expected` (uploads run in the background); the last value otherwise."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = read()
+        except (OSError, ValueError):  # not there yet
+            value = None
+        if value == expected or time.monotonic() > deadline:
+            return value
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def s3():
+    """One S3 server (bucket `metrics`) for this module's tests; yields its endpoint."""
+    with s3_server("metrics") as env, environment(env):
+        yield env["AWS_ENDPOINT_URL"]
+
+
+def remote_history(stage_dir: str) -> list[dict]:
+    return read_history(storage.read_text(storage.join(stage_dir, "metrics.jsonl")))
+
+
+def test_metrics_reach_s3_every_few_steps_while_the_stage_runs(s3, tmp_path):
+    stage_dir = "s3://metrics/runs/live/align"
+    writer = MetricsWriter("align", STAGE, str(tmp_path / "tb"), stage_dir, history=[])
+    for record in records(range(1, 13)):
+        writer.write(record)
+    # Steps 11 and 12 are after the last sync (step 10): the file holds exactly steps 1-10 until the end.
+    assert eventually(lambda: remote_history(stage_dir), records(range(1, 11))) == records(range(1, 11))
+    tensorboard = storage.join(stage_dir, "tensorboard")
+    assert eventually(lambda: any("tfevents" in f for f in storage.list_files(tensorboard)), True)
+    writer.close()
+    assert remote_history(stage_dir) == records(range(1, 13))
+    [events] = storage.list_files(storage.join(stage_dir, "tensorboard"))
+    steps = [e.step for e in read_events(storage.read_bytes(events)) for v in e.summary.value if v.tag == "train/loss"]
+    assert steps == list(range(1, 13))
+
+
+def test_a_slow_upload_never_blocks_a_step_and_requests_meanwhile_are_coalesced(tmp_path, monkeypatch):
+    release, uploads, real_write = threading.Event(), [], storage.write_text
+
+    def slow_write(path, text):
+        uploads.append(len(read_history(text)))
+        release.wait(timeout=60)  # the first upload hangs until the test lets it go
+        real_write(path, text)
+
+    monkeypatch.setattr(storage, "write_text", slow_write)
+    stage_dir = tmp_path / "align"
+    writer = MetricsWriter("align", {**STAGE, "metrics_sync_every": 1}, str(stage_dir / "tensorboard"),
+                           str(stage_dir), history=[])
+    started = time.monotonic()
+    for record in records(range(1, 21)):  # a sync requested at every step
+        writer.write(record)
+    assert time.monotonic() - started < 2.0  # the hung upload did not hold up the steps
+    assert eventually(lambda: len(uploads), 1) == 1
+    time.sleep(0.5)
+    assert len(uploads) == 1  # one upload in flight; the requests made meanwhile wait as one
+    release.set()
+    writer.close()
+    assert uploads[-1] == 20 and len(uploads) <= 3  # the hung one, the latest request, the final copy
+    assert read_history((stage_dir / "metrics.jsonl").read_text()) == records(range(1, 21))
+
+
+def test_a_failed_upload_is_logged_and_the_next_sync_succeeds(s3, tmp_path, caplog):
+    stage_dir = "s3://not-yet/runs/align"  # a bucket that does not exist until halfway through
+    writer = MetricsWriter("align", STAGE, str(tmp_path / "tb"), stage_dir, history=[])
+    with caplog.at_level("WARNING", logger="llava_core.train.metrics"):
+        for record in records(range(1, 6)):
+            writer.write(record)
+        assert eventually(lambda: any("retrying at the next sync" in r.getMessage() for r in caplog.records), True)
+    requests.put(f"{s3}/not-yet", timeout=10).raise_for_status()  # CreateBucket: the storage is back
+    for record in records(range(6, 11)):
+        writer.write(record)
+    assert eventually(lambda: remote_history(stage_dir), records(range(1, 11))) == records(range(1, 11))
+    writer.close()
+
+
+def test_a_resumed_stage_file_starts_with_the_history_restored_from_its_checkpoint(s3, tmp_path):
+    stage_dir = "s3://metrics/runs/resumed/align"
+    first = MetricsWriter("align", STAGE, str(tmp_path / "tb1"), stage_dir, history=[])
+    for record in records(range(1, 13)):  # the first attempt got to step 12, its last checkpoint was at step 8
+        first.write(record)
+    assert eventually(lambda: remote_history(stage_dir), records(range(1, 11))) == records(range(1, 11))
+    restored = records(range(1, 9))  # then it died; a new worker resumes from the checkpoint
+    again = [{**r, "loss": 0.5} for r in records(range(9, 11))]  # steps 9 and 10 once more, other numbers
+    second = MetricsWriter("align", STAGE, str(tmp_path / "tb2"), stage_dir, history=restored)
+    for record in again:
+        second.write(record)
+    assert eventually(lambda: remote_history(stage_dir), restored + again) == restored + again
+    second.close()
+    assert remote_history(stage_dir) == restored + again
+    # TensorBoard drops the first attempt's events from step 9 on: the new events file starts a session there.
+    files = storage.list_files(storage.join(stage_dir, "tensorboard"))
+    starts = [[e.step for e in read_events(storage.read_bytes(f)) if e.HasField("session_log")] for f in files]
+    assert [9] in starts

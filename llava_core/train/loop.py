@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -105,7 +104,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     start_step, history = restore(engine, total_steps)
     hooks = TestHooks(config.get("test_hooks"), rank, start_step)
-    writer = MetricsWriter(config["stage_name"], stage, tensorboard_dir(config)) if rank == 0 else None
+    writer = (MetricsWriter(config["stage_name"], stage, tensorboard_dir(config), config["output_dir"], history)
+              if rank == 0 else None)
     if rank == 0:
         log_start(config, parts, total_steps, start_step, plan)
     image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
@@ -156,8 +156,8 @@ def epoch_and_step(step: int, epoch_steps: list[int]) -> tuple[int, int]:
 
 
 def tensorboard_dir(config: dict) -> str:
-    """TensorBoard events go straight into the stage directory when it is local; into a temp dir (copied with the
-    stage output) when it is remote."""
+    """TensorBoard events go straight into the stage directory when it is local; into a temp dir (copied there by
+    the MetricsWriter) when it is remote."""
     if storage.is_remote(config["output_dir"]):
         return os.path.join(tempfile.gettempdir(), "llava-ray-tensorboard", config["stage_name"])
     return os.path.join(config["output_dir"], "tensorboard")
@@ -261,17 +261,18 @@ def save_and_report(engine, processor, step, total_steps, history, parts, rank, 
             with open(os.path.join(directory, "train_state.json"), "w") as f:
                 json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
         if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
-            write_stage_output(engine.module, processor, history, parts, config, rank)
+            write_stage_output(engine.module, processor, parts, config, rank)
         last = history[-1]
         ray.train.report({"step": step, "loss": last["loss"]},
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def write_stage_output(model, processor, history, parts, config, rank) -> None:
+def write_stage_output(model, processor, parts, config, rank) -> None:
     """The stage's hand-off: `mm_projector.bin` (the official stage-1 file), and when the next stage needs more than
     the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the training dtype, with greedy
-    generation defaults: the export is this directory as it is. Also the adapter alone when LoRA trained,
-    `trainable.json` and the metrics. Every rank takes part in the gathers; global rank 0 writes."""
+    generation defaults: the export is this directory as it is. Also the adapter alone when LoRA trained and
+    `trainable.json`; the metrics are rank 0's MetricsWriter's. Every rank takes part in the gathers; global rank 0
+    writes."""
     projector = llava_of(model).model.multi_modal_projector
     with tempfile.TemporaryDirectory() as local:
         with gathered(list(projector.parameters())):  # 21M parameters for 7B: gathered alone
@@ -285,9 +286,4 @@ def write_stage_output(model, processor, history, parts, config, rank) -> None:
             return
         with open(os.path.join(local, "trainable.json"), "w") as f:
             json.dump(parts, f, indent=1)
-        with open(os.path.join(local, "metrics.jsonl"), "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in history)
-        tensorboard = tensorboard_dir(config)
-        if storage.is_remote(config["output_dir"]) and os.path.isdir(tensorboard):
-            shutil.copytree(tensorboard, os.path.join(local, "tensorboard"))
         storage.copy_dir(local, config["output_dir"])

@@ -1,72 +1,71 @@
-"""Per-step training metrics from rank 0: metrics.jsonl, TensorBoard, and MLflow or W&B when configured.
+"""Per-step training metrics from rank 0: metrics.jsonl and TensorBoard in the stage directory, kept current while
+the stage runs (also in S3), and MLflow or W&B when configured.
 
-MFU counts matmul FLOPs per token from parameter counts: 6N for parts whose weights train (forward + both
-backward matmuls), 4N for frozen parts that gradients flow through (forward + input gradients: the LLM when the
-projector or LoRA trains), 2N for frozen parts that only run forward (a frozen vision tower). The LLM counts every
-token, the projector image tokens only, the vision tower its patches (+CLS) per image. Attention score FLOPs and
-the input embedding table are left out, so the figure is a slight underestimate.
+MFU divides the model FLOPs of `llava_core.flops` (the same model the plan uses) by the device's peak; here the
+part sizes come from the model's own parameters, so the count is exact for whatever model trains.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import threading
 
-# Dense bf16 peak per device (vendor spec sheets), for MFU when scaling.peak_tflops_per_worker is not set.
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
+from llava_core import flops as flop_model, storage
+
+log = logging.getLogger(__name__)
 
 
 def peak_flops(configured_tflops: float | None, use_gpu: bool) -> float | None:
+    """Peak FLOP/s of one worker: `scaling.peak_tflops_per_worker` when set, else this CUDA device's entry in
+    `llava_core.flops.GPUS`; None (no MFU) on CPU or an unlisted device."""
     if configured_tflops:
         return configured_tflops * 1e12
     if use_gpu:
         import torch
 
-        name = torch.cuda.get_device_name()
-        for key, tflops in PEAK_TFLOPS.items():
-            if key in name:
-                return tflops * 1e12
-    return None  # CPU: no meaningful peak, no MFU
+        key = flop_model.gpu_for_device(torch.cuda.get_device_name())
+        if key:
+            return flop_model.GPUS[key].tflops * 1e12
+    return None
 
 
-def flops_coefficients(trainable: list[str], lora: bool) -> dict[str, int]:
-    """Per-part FLOPs per parameter per token: 6 trained, 4 frozen with gradients passing through, 2 forward-only."""
-    vision = 6 if "vision" in trainable else 2
-    projector = 6 if "projector" in trainable else (4 if vision == 6 else 2)
-    llm_trains = "llm" in trainable and not lora
-    llm = 6 if llm_trains else (4 if (lora or projector >= 4) else 2)
-    return {"vision": vision, "projector": projector, "llm": llm, "lora": 6}
-
-
-def flops_counter(model, trainable: list[str], lora: bool):
-    """A function (tokens, images) -> training FLOPs of one micro-batch, for this model and stage."""
+def model_part_sizes(model) -> flop_model.PartSizes:
+    """Part sizes counted from the parameters (ZeRO-3 shards counted whole). The input embedding table is a lookup,
+    not a matmul, unless it is tied to the lm_head, which a tied model's parameter list holds only once."""
     from llava_core.model.lora import llava_of
     from llava_core.train.freeze import numel, part_of
 
+    llava = llava_of(model)
+    embed = llava.get_input_embeddings().weight
+    tied = llava.get_output_embeddings().weight is embed
     counts = {"vision": 0, "projector": 0, "llm": 0, "lora": 0}
-    embed = llava_of(model).get_input_embeddings().weight
     for name, param in model.named_parameters():
-        if param is not embed:  # a lookup, not a matmul
+        if param is not embed or tied:
             counts[part_of(name)] += numel(param)
-    coef = flops_coefficients(trainable, lora)
-    vision_config = llava_of(model).config.vision_config
-    image_tokens = llava_of(model).config.image_seq_length
-    patches = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
+    vision = llava.config.vision_config
+    patches = (vision.image_size // vision.patch_size) ** 2
+    return flop_model.PartSizes(**counts, vision_positions=patches + 1, image_tokens=llava.config.image_seq_length)
 
-    def flops(tokens: int, images: int) -> float:
-        return float((coef["llm"] * counts["llm"] + coef["lora"] * counts["lora"]) * tokens
-                     + coef["projector"] * counts["projector"] * image_tokens * images
-                     + coef["vision"] * counts["vision"] * patches * images)
 
-    return flops
+def flops_counter(model, trainable: list[str], lora: bool):
+    """A function (tokens, images) -> model FLOPs of one micro-batch, for this model and stage."""
+    return flop_model.training_flops(model_part_sizes(model), trainable, lora)
 
 
 class MetricsWriter:
-    """Rank 0's sinks besides metrics.jsonl (written with the stage output from the checkpointed history)."""
+    """Rank 0's metrics: `metrics.jsonl` and TensorBoard events in the stage directory, kept current while the stage
+    runs (copied every `metrics_sync_every` optimizer steps by a MetricsSync, and at close), plus MLflow or W&B when
+    configured. `history` (restored from the checkpoint when resuming) comes first in metrics.jsonl, and TensorBoard
+    drops the events a failed attempt wrote after that checkpoint."""
 
-    def __init__(self, stage_name: str, stage: dict, tensorboard_dir: str):
+    def __init__(self, stage_name: str, stage: dict, tensorboard_dir: str, output_dir: str, history: list[dict]):
         from tensorboardX import SummaryWriter
 
-        self.tensorboard = SummaryWriter(tensorboard_dir)
+        self.records = list(history)
+        self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=history[-1]["step"] + 1 if history else None)
+        self.sync_every = stage["metrics_sync_every"]
+        self.sync = MetricsSync(output_dir, tensorboard_dir, self.tensorboard.flush)
         self.tracker = stage["tracking"]
         if self.tracker == "mlflow":
             import mlflow  # only imported when configured; MLFLOW_TRACKING_URI says where
@@ -79,6 +78,7 @@ class MetricsWriter:
             wandb.init(project=os.environ.get("WANDB_PROJECT", "llava-ray"), name=stage_name, config=stage)
 
     def write(self, record: dict) -> None:
+        self.records.append(record)
         values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and k not in ("step", "time")}
         for key, value in values.items():
             self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
@@ -90,9 +90,14 @@ class MetricsWriter:
             import wandb
 
             wandb.log(values, step=record["step"])
+        if self.sync_every and record["step"] % self.sync_every == 0:
+            self.sync.request(list(self.records))
 
     def close(self) -> None:
+        """The final copy runs here, not in the background: a stage whose metrics did not land has failed."""
+        self.sync.stop()
         self.tensorboard.close()
+        self.sync.copy(self.records)
         if self.tracker == "mlflow":
             import mlflow
 
@@ -101,6 +106,54 @@ class MetricsWriter:
             import wandb
 
             wandb.finish()
+
+
+class MetricsSync:
+    """Copies metrics to the stage directory in a background thread: the whole `metrics.jsonl`, and the TensorBoard
+    events when the stage directory is remote (they are written to a local directory first; a local stage
+    directory holds them already). One copy runs at a time and a request made meanwhile replaces any waiting one, so
+    a slow bucket costs freshness, never training time; a failed copy is logged and the next one copies everything
+    again."""
+
+    def __init__(self, output_dir: str, tensorboard_dir: str, flush_events):
+        self.output_dir, self.tensorboard_dir, self.flush_events = output_dir, tensorboard_dir, flush_events
+        self.pending: list[dict] | None = None
+        self.stopped = False
+        self.wake = threading.Condition()
+        self.thread = threading.Thread(target=self.run, name="metrics-sync", daemon=True)
+        self.thread.start()
+
+    def request(self, records: list[dict]) -> None:
+        with self.wake:
+            self.pending = records
+            self.wake.notify()
+
+    def run(self) -> None:
+        while True:
+            with self.wake:
+                while self.pending is None and not self.stopped:
+                    self.wake.wait()
+                if self.stopped:
+                    return
+                records, self.pending = self.pending, None
+            try:
+                self.copy(records)
+            except Exception as error:  # OSError, pyarrow's and the S3 SDK's own: none may stop training
+                log.warning("copying metrics to %s failed, retrying at the next sync: %s", self.output_dir, error)
+
+    def copy(self, records: list[dict]) -> None:
+        self.flush_events()
+        storage.write_text(storage.join(self.output_dir, "metrics.jsonl"),
+                           "".join(json.dumps(r) + "\n" for r in records))
+        if storage.is_remote(self.output_dir) and os.path.isdir(self.tensorboard_dir):
+            storage.copy_dir(self.tensorboard_dir, storage.join(self.output_dir, "tensorboard"))
+
+    def stop(self) -> None:
+        """Let the copy in flight finish and start no other."""
+        with self.wake:
+            self.stopped = True
+            self.wake.notify()
+        self.thread.join()
 
 
 def plot_loss_curves(histories: dict[str, list[dict]], path: str) -> None:
