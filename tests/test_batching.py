@@ -4,8 +4,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from llava_core.train.batching import BatchPlan, collate, collate_packed, pack, padding_fraction
-from llava_core.train.loop import cosine_with_warmup, epoch_and_step
+from llava_core.train.batching import (BatchPlan, capped_steps, collate, collate_packed, epoch_and_step, pack,
+                                       padding_fraction)
+from llava_core.train.loop import cosine_with_warmup
 
 
 def flat(micro_batches):

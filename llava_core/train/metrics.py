@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 
 # Dense bf16 peak per device (vendor spec sheets), for MFU when scaling.peak_tflops_per_worker is not set.
 PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "L4": 121.0}
@@ -58,6 +59,11 @@ def flops_counter(model, trainable: list[str], lora: bool):
                      + coef["vision"] * counts["vision"] * patches * images)
 
     return flops
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class MetricsWriter:
