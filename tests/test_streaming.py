@@ -13,7 +13,7 @@ import torch
 
 from llava_core import storage
 from llava_core.train.batching import BatchPlan, collate, collate_packed
-from llava_core.train.streaming import BatchPrefetcher, ShardReadError, TrainingRows
+from llava_core.train.streaming import BatchPrefetcher, RowReader, ShardReadError, TrainingRows
 from tests.s3_server import environment, s3_server
 
 IMAGE_SHAPE = (3, 8, 8)
@@ -93,6 +93,11 @@ def test_the_index_covers_every_row_of_every_group(shards):
     assert [int(rows.group_shard[g]) for g in groups] == [0, 0, 1, 1, 2, 2]
     assert [int(rows.group_in_shard[g]) for g in groups] == [0, 5, 0, 3, 0, 6]
     assert within.tolist() == [0, 0, 0, 3, 0, 2]
+
+    wanted = np.array([63, 0, 37, 20, 21, 5, 62])  # across shards and back: one open file at a time
+    reader = RowReader(rows, columns=["input_ids", "pixel_values"], cache_bytes=0, open_shards=1)
+    assert reader.take(wanted).to_pylist() == table.select(["input_ids", "pixel_values"]).take(wanted).to_pylist()
+    assert len(reader.files) == 1 and reader.group_reads == 6  # 62 and 63 share a group
 
 
 @pytest.mark.parametrize("packing", [False, True])
