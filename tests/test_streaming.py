@@ -1,6 +1,7 @@
 """Training rows stream from the shards: the prefetched micro-batches are exactly the ones collated from the whole
 table in memory (several shards and row groups, packed or not, from the start or a resumed step, local or S3), the
 reader stays at most `depth` batches ahead, and a shard that cannot be read fails the consumer naming the file."""
+import gc
 import os
 import re
 import time
@@ -141,6 +142,13 @@ def test_the_reader_stays_at_most_depth_batches_ahead_and_stops_on_close(shards)
     batches.close()
     assert not batches.thread.is_alive()
     assert len(pulled) < sum(epoch_steps) * plan.grad_accum
+
+    # A loop that raises never calls close: dropping the prefetcher stops its thread all the same.
+    stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0)
+    thread = BatchPrefetcher(rows, stream, False, 0, IMAGE_SHAPE, depth=1).thread
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
 
 
 def test_a_shard_that_cannot_be_read_fails_the_consumer_naming_the_file(shards):
