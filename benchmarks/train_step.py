@@ -56,17 +56,18 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup) -> float:
 
 def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
     from llava_core.model.build import assemble_llava
-    from llava_core.train.batching import BatchPlan, collate, load_examples
+    from llava_core.train.batching import BatchPlan, collate
     from llava_core.train.freeze import apply_stage_training
+    from llava_core.train.streaming import RowReader, TrainingRows
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model, processor = assemble_llava(vision, llm)
     model = apply_stage_training(model, ["projector", "llm"], None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    table = load_examples([shard])
-    lengths = table.column("length").to_numpy()
-    images = table.column("num_images").to_numpy()
+    rows = TrainingRows.open([shard])
+    reader = RowReader(rows)
+    lengths, images = rows.lengths, rows.num_images
     plan = BatchPlan(WORKERS, MICRO, ACCUM, seed=0)
     size = processor.image_processor.crop_size["height"]
     tokens, started = 0, None
@@ -75,11 +76,12 @@ def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
             tokens, started = 0, time.time()
         for rank in range(WORKERS):  # one process does every rank's share: the same work as the 2 workers
             for micro in plan.micro_batches(lengths, images, 0, step, rank):
-                rows = np.concatenate(micro)
-                batch = {k: v for k, v in collate(table, rows, processor.tokenizer.pad_token_id,
-                                                  (3, size, size)).items() if v is not None}
+                picked = np.concatenate(micro)
+                batch = {k: v for k, v in collate(reader.take(picked), np.arange(len(picked)),
+                                                  processor.tokenizer.pad_token_id, (3, size, size)).items()
+                         if v is not None}
                 (model(**batch, use_cache=False).loss / (WORKERS * ACCUM)).backward()
-                tokens += int(lengths[rows].sum())
+                tokens += int(lengths[picked].sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()

@@ -120,6 +120,7 @@ class TrainStageSettings:
     dataset: str = ""  # a key of `datasets`
     trainable: list = field(default_factory=lambda: ["projector"])  # any of projector, llm, vision
     epochs: int = 1
+    max_steps: int = 0  # stop after this many optimizer steps (at most the epochs' steps); 0: run the epochs
     global_batch_size: int = 128
     micro_batch_size: int = 16
     lr: float = 2e-5
@@ -514,6 +515,8 @@ def validate_train_stage(name: str, stage: TrainStageSettings) -> None:
         raise WorkflowError(f"{name}.offload_params: needs zero_stage 3 (ZeRO 1/2 keep parameters on the device)")
     if stage.offload_optimizer and stage.zero_stage not in (1, 2, 3):
         raise WorkflowError(f"{name}.offload_optimizer: needs zero_stage 1, 2 or 3")
+    if stage.max_steps < 0:
+        raise WorkflowError(f"{name}.max_steps: {stage.max_steps} is negative; use 0 to run the epochs")
     if stage.sampling not in SAMPLING:
         raise WorkflowError(f"{name}.sampling: {stage.sampling!r} is not one of {list(SAMPLING)}")
     for key, allowed in (("attn_implementation", ATTN_IMPLEMENTATIONS), ("loss_normalization", LOSS_NORMALIZATIONS)):

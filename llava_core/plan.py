@@ -253,6 +253,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
     if rows is None:
         return plan
     steps = rows // stage.global_batch_size * stage.epochs
+    steps = min(steps, stage.max_steps) if stage.max_steps else steps
     flops = stage_flops_per_row(stage, size, tokens, images) * steps * stage.global_batch_size
     peak = GPUS[gpu].tflops * 1e12
     gpus = workers if scaling.use_gpu else 0

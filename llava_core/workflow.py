@@ -16,6 +16,7 @@ from typing import Callable
 
 from llava_core import storage
 from llava_core.config import Workflow, WorkflowError, settings_hash
+from llava_core.data.rows import ROW_GROUP_ROWS
 from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
@@ -139,7 +140,9 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
 def stage_settings(w: Workflow, stage: str):
     """What a stage's output depends on besides its upstream stages."""
     return {
-        "prepare": (w.model, w.datasets, w.prepare, w.synthetic),
+        # The shards' row-group size too: shards written before it (one group a shard) would make every random
+        # row read its whole shard.
+        "prepare": (w.model, w.datasets, w.prepare, w.synthetic, {"row_group_rows": ROW_GROUP_ROWS}),
         "align": (w.align, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),
         "export": (),

@@ -4,8 +4,9 @@ import pyarrow as pa
 import pytest
 import torch
 
-from llava_core.train.batching import BatchPlan, collate, collate_packed, pack, padding_fraction
-from llava_core.train.loop import cosine_with_warmup, epoch_and_step
+from llava_core.train.batching import (BatchPlan, capped_steps, collate, collate_packed, epoch_and_step, pack,
+                                       padding_fraction)
+from llava_core.train.loop import cosine_with_warmup
 
 
 def flat(micro_batches):
@@ -95,3 +96,14 @@ def test_cosine_schedule_warms_up_then_decays_to_zero():
     assert [round(factor(s), 3) for s in (0, 1, 2)] == [0.333, 0.667, 1.0]
     assert factor(51) < 0.55 and factor(99) < 0.001
     assert [epoch_and_step(s, [3, 2]) for s in (0, 2, 3, 4)] == [(0, 0), (0, 2), (1, 0), (1, 1)]
+
+
+def test_max_steps_caps_the_epochs_and_a_rank_streams_its_micro_batches_from_a_resumed_step():
+    assert capped_steps([3, 3, 3], 4) == [3, 1] and capped_steps([3, 3], 10) == [3, 3]
+    plan = BatchPlan(world_size=2, micro_batch_size=2, grad_accum=2, seed=0)
+    lengths, images = np.arange(40) + 1, np.ones(40, dtype=int)
+    epoch_steps = capped_steps([plan.steps_in_epoch(lengths, images, e) for e in range(2)], 7)
+    assert epoch_steps == [5, 2]
+    stream = list(plan.rank_micro_batches(lengths, images, epoch_steps, start_step=4, rank=1))
+    expected = [plan.micro_batches(lengths, images, e, s, 1) for e, s in ((0, 4), (1, 0), (1, 1))]
+    assert [flat([m]) for m in stream] == [flat([m]) for step in expected for m in step]

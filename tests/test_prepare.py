@@ -87,8 +87,12 @@ def _expected_rejects(dataset):
     return {(f"bad-{k}" if k != "malformed_row" else ""): k for k in dataset["bad"]}
 
 
-def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path):
+def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline, "ROW_GROUP_ROWS", 2)  # 7 rows: several row groups, as a real dataset has
     entry, lengths = _prepare(dirty_dataset, tiny_dataset, tmp_path)
+    footers = [pq.ParquetFile(p).metadata for p in entry["shards"]]
+    group_rows = [f.row_group(g).num_rows for f in footers for g in range(f.num_row_groups)]
+    assert max(group_rows) <= 2 and sum(group_rows) == 7  # small row groups: a random row reads little
     rejects = [json.loads(line) for line in open(tmp_path / "mix" / "rejects.jsonl")]
     assert {r["id"]: r["reason"] for r in rejects} == _expected_rejects(dirty_dataset)
     assert all(r["source"] == dirty_dataset["path"] for r in rejects)
@@ -112,11 +116,12 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     from transformers import AutoImageProcessor
 
     from llava_core.data.images import decode_image, mean_colour, pad_to_square
-    from llava_core.train.batching import collate, load_examples
-    examples = load_examples(entry["shards"])
-    ids = examples.column("input_ids").to_pylist()
+    from llava_core.train.batching import collate
+    from llava_core.train.streaming import RowReader, TrainingRows
+    examples = RowReader(TrainingRows.open(entry["shards"]))
+    ids = examples.take(np.arange(examples.rows.num_rows)).column("input_ids").to_pylist()
     row = next(i for i, x in enumerate(ids) if x == by_id["multi-image"]["input_ids"])
-    batch = collate(examples, np.array([row]), pad_token_id=0, image_shape=(3, 64, 64))
+    batch = collate(examples.take(np.array([row])), np.array([0]), pad_token_id=0, image_shape=(3, 64, 64))
     processor = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
     originals = [decode_image(open(os.path.join(dirty_dataset["image_folder"], n), "rb").read())
                  for n in ("good.png", "second.png")]

@@ -13,9 +13,7 @@ import dataclasses
 import json
 import os
 import threading
-import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as dist

@@ -17,6 +17,7 @@ import torch
 from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
+from llava_core.data.rows import ROW_GROUP_ROWS
 from llava_core.model.build import load_tokenizer_with_image_token
 
 ROWS, GLOBAL_BATCH, STEPS = 96, 8, 12
@@ -39,7 +40,7 @@ def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
         for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
                            ("num_images", int(has_image)), ("length", len(ids))):
             table[key].append(value)
-    pq.write_table(pa.table(table), path)
+    pq.write_table(pa.table(table), path, row_group_size=ROW_GROUP_ROWS)  # several groups, as prepare writes
     return path
 
 

@@ -15,16 +15,14 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from llava_core import storage
 from llava_core.data.templates import IGNORE_INDEX
 
-COLUMNS = ["input_ids", "labels", "pixel_values", "num_images", "length"]
 GROUP_WINDOW_STEPS = 16  # length grouping sorts windows of this many global batches: local order, global shuffle
 PACK_WINDOW = 4096  # samples per packing window: big enough to pack tightly, small enough to stay shuffled
 
@@ -102,6 +100,34 @@ class BatchPlan:
         step_micro = plan[step * self.micro_per_step:(step + 1) * self.micro_per_step]
         return [step_micro[k] for k in range(rank, len(step_micro), self.world_size)]
 
+    def rank_micro_batches(self, lengths, num_images, epoch_steps: list[int], start_step: int,
+                           rank: int) -> Iterator[list[np.ndarray]]:
+        """This rank's micro-batches in training order from global step `start_step` to the end of `epoch_steps`
+        (steps per epoch, as the loop runs them): what the prefetcher reads ahead."""
+        for step in range(start_step, sum(epoch_steps)):
+            epoch, step_in_epoch = epoch_and_step(step, epoch_steps)
+            yield from self.micro_batches(lengths, num_images, epoch, step_in_epoch, rank)
+
+
+def epoch_and_step(step: int, epoch_steps: list[int]) -> tuple[int, int]:
+    """(epoch, step within it) of a global step; epochs may differ in length when packing."""
+    for epoch, count in enumerate(epoch_steps):
+        if step < count:
+            return epoch, step
+        step -= count
+    raise IndexError("step beyond the planned epochs")
+
+
+def capped_steps(epoch_steps: list[int], max_steps: int) -> list[int]:
+    """Steps per epoch when the stage stops after `max_steps` in all: later epochs shrink, then drop out."""
+    capped, left = [], max_steps
+    for count in epoch_steps:
+        if left <= 0:
+            break
+        capped.append(min(count, left))
+        left -= capped[-1]
+    return capped
+
 
 def pack(order: np.ndarray, lengths: np.ndarray, capacity: int) -> list[np.ndarray]:
     """Best-fit decreasing inside windows of the shuffled order: each bin holds samples totalling <= capacity."""
@@ -136,16 +162,6 @@ def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float
         real += sum(row_tokens)
         padded += max(row_tokens) * len(row_tokens)
     return 1 - real / padded if padded else 0.0
-
-
-def load_examples(shard_paths: list[str]) -> pa.Table:
-    tables = []
-    for path in shard_paths:
-        fs, inner = storage.filesystem(path)
-        tables.append(pq.read_table(inner, filesystem=fs, columns=COLUMNS))
-    if not tables:
-        raise ValueError("no prepared shards to train on: did the prepare stage write any rows?")
-    return pa.concat_tables(tables).combine_chunks()
 
 
 def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: tuple[int, int, int]) -> dict:
@@ -189,6 +205,16 @@ def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int,
     return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": single["pixel_values"]}
 
 
+def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int,
+                        image_shape: tuple[int, int, int]) -> dict:
+    """One micro-batch from a table of exactly its samples in plan order (what `streaming.RowReader.take` reads
+    for `np.concatenate(micro)`): its rows are renumbered 0..n-1, so collate sees the same samples as before."""
+    if packing:
+        return collate_packed(picked, [np.arange(s.start, s.stop) for s in spans_of(micro)], pad_token_id,
+                              image_shape)
+    return collate(picked, np.arange(picked.num_rows), pad_token_id, image_shape)
+
+
 def spans_of(bins: list[np.ndarray]) -> list[range]:
     """Indices into the concatenated samples, one range per packed row."""
     spans, start = [], 0
@@ -196,6 +222,8 @@ def spans_of(bins: list[np.ndarray]) -> list[range]:
         spans.append(range(start, start + len(b)))
         start += len(b)
     return spans
+
+
 def _pixel_values(records: list[dict], image_shape: tuple[int, int, int]) -> torch.Tensor | None:
     """The rows' stored uint8 crops, in row order, as the float32 pixels the processor would have produced."""
     images = []

@@ -21,13 +21,14 @@ from llava_core import storage
 from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of
-from llava_core.train.batching import BatchPlan, collate, collate_packed, load_examples
+from llava_core.model.zero3 import gathered
+from llava_core.train.batching import BatchPlan, capped_steps
 from llava_core.train.engine import (build_engine, deepspeed_config, flatten_packed, optimizer_step, training_dtype,
                                      zero3_loading)
 from llava_core.train.freeze import describe_training
-from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops
-from llava_core.model.zero3 import gathered
+from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
 from llava_core.train.save import save_hf_model
+from llava_core.train.streaming import BatchPrefetcher, TrainingRows
 
 DS_TAG = "deepspeed"
 
@@ -83,13 +84,14 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
-    examples = load_examples(config["shards"])
-    lengths = examples.column("length").to_numpy().astype(np.int64)
-    num_images = examples.column("num_images").to_numpy().astype(np.int64)
+    examples = TrainingRows.open(config["shards"])  # plan columns + row locations; rows are read as needed
+    lengths, num_images = examples.lengths, examples.num_images
     grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
     plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"], stage["sampling"],
                      stage["packing"], stage["pack_length"])
     epoch_steps = [plan.steps_in_epoch(lengths, num_images, e) for e in range(stage["epochs"])]
+    if stage["max_steps"]:
+        epoch_steps = capped_steps(epoch_steps, stage["max_steps"])
     total_steps = sum(epoch_steps)
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
@@ -111,27 +113,28 @@ def train_loop_per_worker(config: dict) -> None:
     image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
     pad_id = processor.tokenizer.pad_token_id
     image_token_id, image_tokens = llava_of(model).config.image_token_index, llava_of(model).config.image_seq_length
-    make_batch = collate_packed if stage["packing"] else collate
+    batches = BatchPrefetcher(examples, plan.rank_micro_batches(lengths, num_images, epoch_steps, start_step, rank),
+                              stage["packing"], pad_id, image_shape)
     flatten = stage["packing"] and stage["attn_implementation"] == "flash_attention_2"
 
-    def micro_batch(micro) -> dict:
-        rows = np.concatenate(micro)
-        batch = make_batch(examples, micro if stage["packing"] else rows, pad_id, image_shape)
+    def ready(batch: dict) -> dict:
         if batch["pixel_values"] is None:
             batch = with_blank_image_row(batch, image_token_id, image_tokens, image_shape, pad_id)
         return flatten_packed(batch) if flatten else batch
 
-    window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0}
+    window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
     for step in range(start_step, total_steps):
-        epoch, step_in_epoch = epoch_and_step(step, epoch_steps)
-        micro_batches = plan.micro_batches(lengths, num_images, epoch, step_in_epoch, rank)
-        loss = optimizer_step(engine, [micro_batch(m) for m in micro_batches], stage["loss_normalization"], device)
-        for micro in micro_batches:
+        step_batches = []
+        for _ in range(grad_accum):  # this rank's micro-batches of the step, read ahead in plan order
+            micro, batch, waited = batches.get()
+            window["data_wait_s"] += waited
+            step_batches.append(ready(batch))
             rows = np.concatenate(micro)
             tokens, images = int(lengths[rows].sum()), int(num_images[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
             window["flops"] += flops(tokens, images)
+        loss = optimizer_step(engine, step_batches, stage["loss_normalization"], device)
         record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)
         is_last = step + 1 == total_steps
@@ -142,17 +145,9 @@ def train_loop_per_worker(config: dict) -> None:
         if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
             save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
             hooks.after_checkpoint(step + 1)
+    batches.close()
     if writer:
         writer.close()
-
-
-def epoch_and_step(step: int, epoch_steps: list[int]) -> tuple[int, int]:
-    """(epoch, step within it) of a global step; epochs may differ in length when packing."""
-    for epoch, count in enumerate(epoch_steps):
-        if step < count:
-            return epoch, step
-        step -= count
-    raise IndexError("step beyond the planned epochs")
 
 
 def tensorboard_dir(config: dict) -> str:
@@ -188,17 +183,20 @@ class TestHooks:
 
 
 def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device) -> dict:
-    """The step's loss over every rank (as normalised: per token or per micro-batch) and throughput summed over
-    ranks since the last step. One all-reduce, on the training device (NCCL reduces nothing on the host)."""
+    """The step's loss over every rank (as normalised: per token or per micro-batch), throughput summed over ranks
+    since the last step, data wait and peak memory as the worst rank's. Reduced on the training device (NCCL reduces
+    nothing on the host)."""
     numerator, denominator = loss
-    sums = torch.stack([numerator.to(torch.float64), torch.tensor(window["tokens"], dtype=torch.float64),
-                        torch.tensor(window["samples"], dtype=torch.float64),
-                        torch.tensor(window["flops"], dtype=torch.float64)]).to(device)
+    sums = torch.tensor([float(numerator), window["tokens"], window["samples"], window["flops"]],
+                        dtype=torch.float64, device=device)
     torch.distributed.all_reduce(sums)
-    sums = sums.tolist()
+    # The slowest rank's data wait gates the step; the largest rank's peak memory is what a node must hold.
+    worst = torch.tensor([window["data_wait_s"], peak_rss_gib()], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
+    sums, worst = sums.tolist(), worst.tolist()
     now = time.time()
     elapsed = max(now - window["t"], 1e-9)
-    window.update(t=now, tokens=0, samples=0, flops=0.0)
+    window.update(t=now, tokens=0, samples=0, flops=0.0, data_wait_s=0.0)
     grad_norm = engine.get_global_grad_norm()
     return {
         "step": step + 1,
@@ -209,6 +207,8 @@ def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world:
         "samples_per_s": round(sums[2] / elapsed, 2),
         "tflops_per_s": round(sums[3] / elapsed / 1e12, 4),
         "mfu": None if peak is None else round(sums[3] / elapsed / (world * peak), 4),
+        "data_wait_s": round(worst[0], 4),  # time blocked waiting for prefetched batches, max over ranks
+        "rss_gib": round(worst[1], 3),  # peak resident memory of the largest rank so far
         "time": round(now, 3),
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import threading
 
 from llava_core import flops as flop_model, storage
@@ -51,6 +52,11 @@ def model_part_sizes(model) -> flop_model.PartSizes:
 def flops_counter(model, trainable: list[str], lora: bool):
     """A function (tokens, images) -> model FLOPs of one micro-batch, for this model and stage."""
     return flop_model.training_flops(model_part_sizes(model), trainable, lora)
+
+
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 class MetricsWriter:

@@ -1,0 +1,183 @@
+"""Training rows stream from the shards: the prefetched micro-batches are exactly the ones collated from the whole
+table in memory (several shards and row groups, packed or not, from the start or a resumed step, local or S3), the
+reader stays at most `depth` batches ahead, and a shard that cannot be read fails the consumer naming the file."""
+import gc
+import os
+import re
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from llava_core import storage
+from llava_core.train.batching import BatchPlan, collate, collate_packed
+from llava_core.train.streaming import BatchPrefetcher, RowReader, ShardReadError, TrainingRows
+from tests.s3_server import environment, s3_server
+
+IMAGE_SHAPE = (3, 8, 8)
+SHARD_ROWS = (21, 16, 27)  # uneven, so row groups and shards end at different places
+GROUP_ROWS = 4
+
+
+def shard_table(rows: int, seed: int) -> pa.Table:
+    """Rows in the prepare stage's layout; every third one text-only, images as uint8 crops with an affine."""
+    rng = np.random.default_rng(seed)
+    table = {"input_ids": [], "labels": [], "pixel_values": [], "num_images": [], "length": []}
+    for i in range(rows):
+        images = 0 if i % 3 == 0 else 1 + i % 2
+        ids = rng.integers(5, 60, size=int(rng.integers(4, 20)) + 3 * images).tolist()
+        labels = [-100] * (len(ids) // 2) + ids[len(ids) // 2:]
+        crop = rng.integers(0, 256, (images, *IMAGE_SHAPE), dtype=np.uint8).tobytes()
+        pixels = {"uint8": crop, "scale": [2 / 255] * 3, "offset": [-1.0] * 3}
+        for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
+                           ("num_images", images), ("length", len(ids))):
+            table[key].append(value)
+    return pa.table(table)
+
+
+@pytest.fixture
+def shards(tmp_path):
+    paths = []
+    for k, rows in enumerate(SHARD_ROWS):
+        paths.append(str(tmp_path / f"shard-{k}.parquet"))
+        pq.write_table(shard_table(rows, seed=k), paths[-1], row_group_size=GROUP_ROWS)
+    return paths
+
+
+def in_memory(paths) -> pa.Table:
+    return pa.concat_tables([pq.read_table(p) for p in paths]).combine_chunks()
+
+
+def plan_for(rows: TrainingRows, packing: bool) -> tuple[BatchPlan, list[int]]:
+    plan = BatchPlan(world_size=2, micro_batch_size=1 if packing else 2, grad_accum=2, seed=3, packing=packing,
+                     pack_length=32)
+    return plan, [plan.steps_in_epoch(rows.lengths, rows.num_images, e) for e in range(2)]
+
+
+def expected_batches(table, plan, epoch_steps, start_step, rank, packing):
+    """What the loop collated before streaming: the plan's micro-batches, from the whole table in memory."""
+    lengths, images = table.column("length").to_numpy(), table.column("num_images").to_numpy()
+    out = []
+    for micro in plan.rank_micro_batches(lengths, images, epoch_steps, start_step, rank):
+        if packing:
+            out.append(collate_packed(table, micro, 0, IMAGE_SHAPE))
+        else:
+            out.append(collate(table, np.concatenate(micro), 0, IMAGE_SHAPE))
+    return out
+
+
+def assert_same(got: dict, want: dict):
+    assert got.keys() == want.keys()
+    for key in want:
+        if want[key] is None:
+            assert got[key] is None, key
+        else:
+            assert torch.equal(got[key], want[key]), key
+
+
+def streamed(rows, plan, epoch_steps, start_step, rank, packing, depth=3):
+    stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, start_step, rank)
+    with BatchPrefetcher(rows, stream, packing, 0, IMAGE_SHAPE, depth=depth, cache_bytes=2**14) as batches:
+        return [ready.batch for ready in batches]
+
+
+def test_the_index_covers_every_row_of_every_group(shards):
+    rows = TrainingRows.open(shards)
+    assert rows.num_rows == sum(SHARD_ROWS)
+    assert len(rows.group_starts) == sum(-(-n // GROUP_ROWS) for n in SHARD_ROWS) == 17
+    table = in_memory(shards)
+    np.testing.assert_array_equal(rows.lengths, table.column("length").to_numpy())
+    groups, within = rows.locate(np.array([0, 20, 21, 36, 37, 63]))
+    assert [int(rows.group_shard[g]) for g in groups] == [0, 0, 1, 1, 2, 2]
+    assert [int(rows.group_in_shard[g]) for g in groups] == [0, 5, 0, 3, 0, 6]
+    assert within.tolist() == [0, 0, 0, 3, 0, 2]
+
+    wanted = np.array([63, 0, 37, 20, 21, 5, 62])  # across shards and back: one open file at a time
+    reader = RowReader(rows, columns=["input_ids", "pixel_values"], cache_bytes=0, open_shards=1)
+    assert reader.take(wanted).to_pylist() == table.select(["input_ids", "pixel_values"]).take(wanted).to_pylist()
+    assert len(reader.files) == 1 and reader.group_reads == 6  # 62 and 63 share a group
+
+
+@pytest.mark.parametrize("packing", [False, True])
+@pytest.mark.parametrize("resumed", [False, True])
+def test_prefetched_batches_equal_collating_from_memory(shards, packing, resumed):
+    rows, table = TrainingRows.open(shards), in_memory(shards)
+    plan, epoch_steps = plan_for(rows, packing)
+    assert len(epoch_steps) == 2 and epoch_steps[0] >= 4
+    start_step = epoch_steps[0] // 2 + 1 if resumed else 0  # a resume inside epoch 0, running on into epoch 1
+    for rank in range(2):
+        want = expected_batches(table, plan, epoch_steps, start_step, rank, packing)
+        got = streamed(rows, plan, epoch_steps, start_step, rank, packing)
+        assert len(got) == len(want) == (sum(epoch_steps) - start_step) * plan.grad_accum
+        for g, w in zip(got, want):
+            assert_same(g, w)
+    assert any(w["pixel_values"] is None for w in want) or packing  # text-only batches stream too
+
+
+def test_the_reader_stays_at_most_depth_batches_ahead_and_stops_on_close(shards):
+    rows = TrainingRows.open(shards)
+    plan, epoch_steps = plan_for(rows, packing=False)
+    pulled = []
+
+    def counted():
+        for micro in plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0):
+            pulled.append(micro)
+            yield micro
+
+    depth = 2
+    batches = BatchPrefetcher(rows, counted(), False, 0, IMAGE_SHAPE, depth=depth)
+    deadline = time.time() + 10
+    while not batches.ready.full() and time.time() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)  # time enough to run further ahead, if it could
+    assert batches.ready.qsize() == depth
+    assert len(pulled) == depth + 1  # `depth` ready, one built and waiting for room
+    first = batches.get()
+    assert first.micro is pulled[0]
+    time.sleep(0.3)
+    assert len(pulled) == depth + 2  # one taken, one more read
+    batches.close()
+    assert not batches.thread.is_alive()
+    assert len(pulled) < sum(epoch_steps) * plan.grad_accum
+
+    # A loop that raises never calls close: dropping the prefetcher stops its thread all the same.
+    stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0)
+    thread = BatchPrefetcher(rows, stream, False, 0, IMAGE_SHAPE, depth=1).thread
+    gc.collect()
+    thread.join(timeout=5)
+    assert not thread.is_alive()
+
+
+def test_a_shard_that_cannot_be_read_fails_the_consumer_naming_the_file(shards):
+    rows = TrainingRows.open(shards)
+    os.remove(shards[1])  # gone after the plan was made: the reader meets it when a batch needs its rows
+    plan, epoch_steps = plan_for(rows, packing=False)
+    stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0)
+    with BatchPrefetcher(rows, stream, False, 0, IMAGE_SHAPE) as batches:
+        with pytest.raises(ShardReadError, match=re.escape(shards[1])):
+            for _ in batches:
+                pass
+        with pytest.raises(ShardReadError):  # and stays failed
+            batches.get()
+    assert not batches.thread.is_alive()
+
+
+def test_shards_stream_from_s3(shards):
+    table = in_memory(shards)
+    with s3_server("train-rows") as env, environment(env):
+        remote = []
+        for k, path in enumerate(shards):
+            remote.append(f"s3://train-rows/prepare/rows/shard-{k}.parquet")
+            fs, inner = storage.filesystem(remote[-1])
+            with fs.open_output_stream(inner) as out, open(path, "rb") as f:
+                out.write(f.read())
+        rows = TrainingRows.open(remote)
+        plan, epoch_steps = plan_for(rows, packing=True)
+        got = streamed(rows, plan, epoch_steps, 3, 1, packing=True)
+    want = expected_batches(table, plan, epoch_steps, 3, 1, packing=True)
+    assert len(got) == len(want) > 0
+    for g, w in zip(got, want):
+        assert_same(g, w)
