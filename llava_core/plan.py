@@ -62,14 +62,18 @@ def local_config(path: str) -> dict | None:
 
 def llm_config(llm: str) -> tuple[dict, int, str]:
     """(config, vocabulary size of the built LLaVA, where the config came from)."""
+    from llava_core.model.build import embedding_rows
+
     config = local_config(llm)
     if config:
         from llava_core.model.build import load_tokenizer_with_image_token  # the tokens building LLaVA adds
 
-        return config, max(config["vocab_size"], len(load_tokenizer_with_image_token(llm))), "config.json"
+        tokens = len(load_tokenizer_with_image_token(llm))
+        return config, embedding_rows(config["vocab_size"], tokens), "config.json"
     if llm in KNOWN_LLMS:
         config = KNOWN_LLMS[llm]
-        return config, config["vocab_size"] + KNOWN_LLM_ADDED_TOKENS, "known architecture"
+        tokens = config["vocab_size"] + KNOWN_LLM_ADDED_TOKENS
+        return config, embedding_rows(config["vocab_size"], tokens), "known architecture"
     raise KeyError(f"model.llm {llm!r}: not a local HF directory and not one of the known architectures "
                    f"({', '.join(KNOWN_LLMS)}); plan with a local copy of its config.json")
 

@@ -108,6 +108,18 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one
     assert calls == {False: 1, True: 2}  # once forward; checkpointed: once more in backward
 
 
+def test_the_schedule_is_transformers_cosine_with_hf_trainers_warmup_steps(tiny_dataset, one_rank):
+    engine, _ = build(tiny_dataset, stage_dict(warmup_ratio=0.03, lr=1e-3), total_steps=100)
+    scheduler = engine.lr_scheduler
+    lrs = []
+    for _ in range(100):
+        lrs.append(scheduler.get_last_lr()[0])
+        scheduler.step()
+    # ceil(0.03 x 100) = 3 warmup steps from 0, the peak, then half a cosine to 0
+    assert [round(lr / 1e-3, 3) for lr in lrs[:4]] == [0.0, 0.333, 0.667, 1.0]
+    assert lrs[51] == pytest.approx(0.5e-3, rel=0.02) and lrs[99] < 1e-6
+
+
 def test_lora_dropout_is_active_while_training(tiny_dataset, one_rank):
     stage = stage_dict(lora=dataclasses.asdict(LoraSettings(r=4, alpha=8, dropout=0.5)), micro_batch_size=2,
                        global_batch_size=2)

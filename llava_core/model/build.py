@@ -126,13 +126,17 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
 EMBEDDING_MULTIPLE = 64  # tensor-core friendly vocabulary sizes: 32002 tokens -> 32064 rows, as llava-hf's models
 
 
+def embedding_rows(rows: int, tokens: int) -> int:
+    """Rows the LLM's embeddings and lm_head get for a tokenizer of `tokens`: as they are when they hold every token
+    (Qwen2's 152064 rows), else `tokens` rounded up to a multiple of 64 (Vicuna's 32000 + `<image>` + `<pad>`)."""
+    return rows if rows >= tokens else -(-tokens // EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
+
+
 def pad_embeddings(llm, tokens: int) -> int:
-    """Grow the LLM's embeddings and lm_head to hold `tokens` (Vicuna lacks `<image>` and `<pad>`), rounded up to a
-    multiple of 64; a vocabulary that already holds them is left as it is. Returns the rows it has."""
-    rows = llm.get_input_embeddings().num_embeddings
-    if rows >= tokens:
-        return rows
-    llm.resize_token_embeddings(tokens, pad_to_multiple_of=EMBEDDING_MULTIPLE)
+    """Grow the LLM's embeddings and lm_head to `embedding_rows`; returns the rows it has."""
+    rows = embedding_rows(llm.get_input_embeddings().num_embeddings, tokens)
+    if rows != llm.get_input_embeddings().num_embeddings:
+        llm.resize_token_embeddings(tokens, pad_to_multiple_of=EMBEDDING_MULTIPLE)
     return llm.get_input_embeddings().num_embeddings
 
 
