@@ -1,35 +1,46 @@
-"""One LLaVA-1.5 stage-2 training step on a GPU: Vicuna-7B-shaped LLM + CLIP ViT-L/336-shaped tower, random weights.
+"""The project's training step on one GPU: Vicuna-7B-shaped LLM + CLIP ViT-L/336-shaped tower, random weights,
+driven by the project's own loop pieces without Ray (the GPU machine has none).
 
-Nothing is downloaded: both models are built from configs (LlamaConfig: 4096 wide, 32 layers, 11008 MLP; CLIP:
-1024 wide, 24 layers, 336 px, patch 14 -> 576 image tokens). transformers' LlavaForConditionalGeneration with the
-project's freezing (projector + LLM train, vision frozen), packing (BatchPlan, rows of --pack-length tokens) and
-collation (collate_packed), bf16, SDPA (or --attn flash_attention_2), gradient checkpointing, AdamW with clipping.
-Sample lengths follow LLaVA-1.5's mix (benchmarks/padding.py). MFU counts 6N per token for trained parts, 2N for the
-frozen tower (llava_core.flops), attention scores excluded. One GPU holds no fp32 AdamW state for 7B:
-the optimizer keeps its state in bf16 (the parameters' dtype); a ZeRO cluster run keeps fp32 state sharded.
+Nothing is downloaded: both models are built from configs (LlamaConfig: 4096 wide, 32 layers, 11008 MLP, 32064
+rows of embeddings; CLIP: 1024 wide, 24 layers, 336 px, patch 14 -> 576 image tokens) straight on the device in
+bf16. What runs is the worker loop's: `train.engine.build_engine` (DeepSpeed ZeRO-2 on one rank, bf16, the stage's
+freezing: projector + LLM train, vision frozen, gradient checkpointing, fused AdamW, the cosine schedule), rows
+written as a prepared shard (8-row groups) and streamed by `train.streaming.BatchPrefetcher` with the batch plan's
+packing (rows of --pack-length tokens), `train.engine.model_inputs` (packed rows flattened for flash attention's
+variable-length path), `train.engine.optimizer_step` (token-normalised loss) and a DeepSpeed checkpoint at the end.
+Sample lengths follow LLaVA-1.5's mix (benchmarks/padding.py). MFU counts model FLOPs (llava_core.flops: 6N per
+token trained, 2N per patch for the frozen tower, no recomputation, attention scores excluded) against the device's
+dense bf16 peak. A 7B model with fp32 AdamW state on one GPU needs ~110 GB before activations: an H200 holds it; on
+an 80 GB GPU pass --layers 16.
 
-    python benchmarks/gpu_step.py                  # on a GPU
-    python benchmarks/gpu_step.py --tiny           # the same code on CPU with tiny shapes
-Last line: {"device": ..., "step_s": ..., "tokens_per_s": ..., "mfu": ...}
+    python benchmarks/gpu_step.py [--attn flash_attention_2]     # on a GPU
+    python benchmarks/gpu_step.py --tiny                         # the same code on CPU with tiny shapes
+Last line: {"device", "step_s", "tokens_per_s", "mfu", "peak_mem_gib", "checkpoint_s"}
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from llava_core.train.batching import BatchPlan, collate_packed  # noqa: E402
-from llava_core.train.freeze import apply_stage_training  # noqa: E402
+from llava_core.config import TrainStageSettings  # noqa: E402
+from llava_core.data.rows import ROW_GROUP_ROWS  # noqa: E402
+from llava_core.train.batching import BatchPlan  # noqa: E402
+from llava_core.train.engine import build_engine, model_inputs, optimizer_step  # noqa: E402
 from llava_core.train.metrics import flops_counter, peak_flops  # noqa: E402
+from llava_core.train.streaming import BatchPrefetcher, TrainingRows  # noqa: E402
 
 
 def llava_config(tiny: bool) -> LlavaConfig:
@@ -48,8 +59,9 @@ def llava_config(tiny: bool) -> LlavaConfig:
                        vision_feature_layer=-2, vision_feature_select_strategy="default")
 
 
-def sample_rows(config: LlavaConfig, rows: int, max_length: int, seed: int = 0) -> pa.Table:
-    """Token rows with LLaVA-1.5-mix lengths (image tokens included); answers are the supervised last third."""
+def write_rows(config: LlavaConfig, rows: int, max_length: int, path: str, seed: int = 0) -> str:
+    """A shard in the prepare stage's layout with LLaVA-1.5-mix lengths (image tokens included); answers are the
+    supervised last third."""
     from padding import llava_mix_lengths
 
     rng = np.random.default_rng(seed)
@@ -58,15 +70,24 @@ def sample_rows(config: LlavaConfig, rows: int, max_length: int, seed: int = 0) 
     side = config.vision_config.image_size
     table = {"input_ids": [], "labels": [], "pixel_values": [], "num_images": [], "length": []}
     for length, images in zip(lengths, num_images):
-        text_len = max(8, min(int(length) - 576 * images, max_length - image_tokens * images))
+        text_len = max(8, min(int(length) - image_tokens * images, max_length - image_tokens * images))
         text = rng.integers(10, config.text_config.vocab_size - 100, size=text_len).tolist()
         ids = text[:4] + [config.image_token_index] * image_tokens * images + text[4:]
         labels = [-100] * (len(ids) - text_len // 3) + ids[len(ids) - text_len // 3:]
-        pixels = rng.standard_normal((3, side, side), dtype=np.float32).tobytes() if images else b""
+        crop = rng.integers(0, 256, (3, side, side), dtype=np.uint8).tobytes() if images else b""
+        pixels = {"uint8": crop, "scale": [2 / 255] * 3, "offset": [-1.0] * 3}
         for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
                            ("num_images", int(images)), ("length", len(ids))):
             table[key].append(value)
-    return pa.table(table)
+    pq.write_table(pa.table(table), path, row_group_size=ROW_GROUP_ROWS)
+    return path
+
+
+def one_rank_group(device: torch.device) -> None:
+    """A world of one, as torchrun would set it up: DeepSpeed wants an initialised process group and LOCAL_RANK."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
+                      WORLD_SIZE="1", LOCAL_RANK="0")
+    torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
 
 
 def main() -> None:
@@ -81,71 +102,72 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=0, help="fewer LLM layers, when memory is short")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    use_gpu = device.type == "cuda"
     pack_length = args.pack_length or (512 if args.tiny else 4096)
     config = llava_config(args.tiny)
     if args.layers:
         config.text_config.num_hidden_layers = args.layers
+    config._attn_implementation = args.attn
+    one_rank_group(device)
+    total_steps = args.steps
+    stage = dataclasses.asdict(TrainStageSettings(
+        trainable=["projector", "llm"], global_batch_size=args.rows_per_micro * args.accum,
+        micro_batch_size=args.rows_per_micro, lr=2e-5, zero_stage=2, gradient_checkpointing=True, packing=True,
+        pack_length=pack_length, attn_implementation=args.attn))
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
+    torch.set_default_dtype(torch.bfloat16 if use_gpu else torch.float32)  # the worker loop's training dtype
     with torch.device(device):
         model = LlavaForConditionalGeneration(config)
     torch.set_default_dtype(previous)
-    model.set_attn_implementation(args.attn)
-    model = apply_stage_training(model, ["projector", "llm"], None)  # LLaVA-1.5 stage 2
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5,
-                                  fused=device.type == "cuda")
-    flops = flops_counter(model, ["projector", "llm"], lora=False)
+    engine, _, _ = build_engine(model, stage, 1, total_steps, use_gpu, device)
+    flops = flops_counter(engine.module, stage["trainable"], lora=False)
 
-    plan = BatchPlan(1, args.rows_per_micro, args.accum, seed=0, packing=True, pack_length=pack_length)
-    samples_needed = int(args.steps * args.accum * args.rows_per_micro * pack_length / 500) + 64
-    table = sample_rows(config, samples_needed, pack_length)
-    lengths = table.column("length").to_numpy()
-    num_images = table.column("num_images").to_numpy()
-    image_shape = (3, config.vision_config.image_size, config.vision_config.image_size)
-    available = plan.steps_in_epoch(lengths, num_images, 0)
-    if available < args.steps:
-        raise SystemExit(f"only {available} packed steps planned; raise the sample count")
-
-    times, tokens, step_flops = [], [], []
-    for step in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started, step_tokens, flop = time.time(), 0, 0.0
-        for micro in plan.micro_batches(lengths, num_images, 0, step, 0):
-            batch = collate_packed(table, micro, pad_token_id=0, image_shape=image_shape)
-            batch = {k: v.to(device) for k, v in batch.items()}
-            batch["pixel_values"] = batch["pixel_values"].to(dtype)
-            loss = model(**batch, use_cache=False).loss / args.accum
-            loss.backward()
-            rows = np.concatenate(micro)
-            step_tokens += int(lengths[rows].sum())
-            flop += flops(int(lengths[rows].sum()), int(num_images[rows].sum()))
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.time() - started)
-        tokens.append(step_tokens)
-        step_flops.append(flop)
-        print(f"step {step + 1}/{args.steps}: {times[-1]:.3f}s, {step_tokens} tokens, loss {float(loss) * args.accum:.3f}",
-              flush=True)
+    with tempfile.TemporaryDirectory() as root:
+        plan = BatchPlan(1, args.rows_per_micro, args.accum, seed=0, packing=True, pack_length=pack_length)
+        samples_needed = int(args.steps * args.accum * args.rows_per_micro * pack_length / 500) + 64
+        rows = TrainingRows.open([write_rows(config, samples_needed, pack_length, os.path.join(root, "rows.parquet"))])
+        epoch_steps = [plan.steps_in_epoch(rows.lengths, rows.num_images, 0)]
+        if epoch_steps[0] < args.steps:
+            raise SystemExit(f"only {epoch_steps[0]} packed steps planned; raise the sample count")
+        side = config.vision_config.image_size
+        batches = BatchPrefetcher(rows, plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0),
+                                  True, 0, (3, side, side))
+        flatten = args.attn == "flash_attention_2"
+        times, tokens, step_flops = [], [], []
+        for step in range(args.steps):
+            step_batches, step_tokens, flop = [], 0, 0.0
+            for _ in range(args.accum):
+                micro, batch, _ = batches.get()
+                step_batches.append(model_inputs(batch, config, (3, side, side), 0, flatten))
+                picked = np.concatenate(micro)
+                step_tokens += int(rows.lengths[picked].sum())
+                flop += flops(int(rows.lengths[picked].sum()), int(rows.num_images[picked].sum()))
+            if use_gpu:
+                torch.cuda.synchronize()
+            started = time.time()
+            numerator, denominator = optimizer_step(engine, step_batches, "token", device)
+            loss = float(numerator / denominator)  # a host sync, as the worker loop's metrics make one
+            times.append(time.time() - started)
+            tokens.append(step_tokens)
+            step_flops.append(flop)
+            print(f"step {step + 1}/{args.steps}: {times[-1]:.3f}s, {step_tokens} tokens, loss {loss:.3f}", flush=True)
+        batches.close()
+        started = time.time()
+        engine.save_checkpoint(os.path.join(root, "checkpoint"), tag="deepspeed", exclude_frozen_parameters=True)
+        checkpoint_s = time.time() - started
 
     measured = slice(args.warmup, None)
-    step_s = float(np.mean(times[measured]))
-    tokens_per_s = float(np.sum(tokens[measured]) / np.sum(times[measured]))
-    peak = peak_flops(None, device.type == "cuda")
+    peak = peak_flops(None, use_gpu)
     mfu = None if peak is None else float(np.sum(step_flops[measured]) / np.sum(times[measured]) / peak)
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (--tiny)"
-    if device.type == "cuda":
-        print(f"peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
-    print(json.dumps({"device": name, "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
-                      "mfu": None if mfu is None else round(mfu, 4)}))
+    print(json.dumps({
+        "device": torch.cuda.get_device_name() if use_gpu else "cpu (--tiny)",
+        "step_s": round(float(np.mean(times[measured])), 4),
+        "tokens_per_s": round(float(np.sum(tokens[measured]) / np.sum(times[measured])), 1),
+        "mfu": None if mfu is None else round(mfu, 4),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None,
+        "checkpoint_s": round(checkpoint_s, 2)}))
 
 
 if __name__ == "__main__":

@@ -73,7 +73,7 @@ def test_packed_samples_match_running_alone(tiny_dataset, attention):
 def test_text_only_batch_runs_the_vision_path_without_changing_the_loss(tiny_dataset):
     """ZeRO ranks must run the same modules in the same order: a text-only micro-batch gets a blank image row."""
     from llava_core.train.batching import collate
-    from llava_core.train.loop import with_blank_image_row
+    from llava_core.train.engine import with_blank_image_row
 
     torch.manual_seed(0)
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])

@@ -1,5 +1,5 @@
-"""The DeepSpeed engine of a training stage, and one optimizer step on it. Used by the Ray Train worker loop and,
-without Ray, by `benchmarks/gpu_step.py`.
+"""The DeepSpeed engine of a training stage, the micro-batches it takes and one optimizer step on it. Used by the
+Ray Train worker loop and, without Ray, by `benchmarks/gpu_step.py` and the engine tests.
 
 The model loads in the training dtype (bf16 on GPU, fp32 on CPU). Under ZeRO-3 it loads partitioned: while
 `zero3_loading` is active transformers builds every model inside `deepspeed.zero.Init`, each rank materialises only
@@ -124,9 +124,9 @@ def supervised_tokens(batch: dict) -> int:
 def optimizer_step(engine, batches: list[dict], normalization: str, device: torch.device) -> tuple:
     """Forward and backward over this rank's micro-batches of one optimizer step, then DeepSpeed's step.
 
-    Returns (loss numerator, denominator) as device tensors, summed over ranks by the caller with one all-reduce:
-    token normalisation gives (summed token losses, supervised tokens), sample normalisation (summed micro-batch
-    means, micro-batches). DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
+    Returns (this rank's loss numerator, the step's global denominator) as device tensors; the caller sums the
+    numerators over ranks: token normalisation gives (summed token losses, supervised tokens of all ranks), sample
+    normalisation (summed micro-batch means, micro-batches of all ranks). DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
     gradients over ranks; passing `num_items_in_batch` = global tokens / (ranks x accumulation) undoes both, so the
     gradient is that of (sum of token losses) / (global supervised tokens)."""
     micro_batches = len(batches) * torch.distributed.get_world_size()
@@ -147,6 +147,41 @@ def optimizer_step(engine, batches: list[dict], normalization: str, device: torc
         engine.step()
     denominator = tokens if normalization == "token" else torch.tensor(float(micro_batches), device=device)
     return numerator, denominator
+
+
+def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, image_shape, pad_id: int) -> dict:
+    """A text-only micro-batch gets one extra row: a blank image's tokens, nothing supervised. The vision tower and
+    projector then run in the same order as on every other rank: ZeRO-3 gathers parameters module by module and
+    ZeRO-2 reduces the same gradients, so a rank that skipped them would hang the others (the official code's
+    ZeRO hang). Rows are independent and the row has no labels, so the loss is unchanged."""
+    ids = batch["input_ids"]
+    width = max(ids.shape[1], image_tokens)
+
+    def add_row(tensor, row_value, fill):
+        grown = torch.full((tensor.shape[0] + 1, width), fill, dtype=tensor.dtype)
+        grown[:-1, : tensor.shape[1]] = tensor
+        grown[-1, :image_tokens] = row_value
+        return grown
+
+    out = dict(batch)
+    out["input_ids"] = add_row(ids, image_token_id, pad_id)
+    out["labels"] = add_row(batch["labels"], IGNORE_INDEX, IGNORE_INDEX)
+    if "attention_mask" in batch:
+        out["attention_mask"] = add_row(batch["attention_mask"], 1, 0)
+    if "position_ids" in batch:  # packed rows: the blank row is its own sequence
+        out["position_ids"] = add_row(batch["position_ids"], torch.arange(image_tokens), 0)
+        out["position_ids"][:-1, ids.shape[1]:] = torch.arange(width - ids.shape[1])
+    out["pixel_values"] = torch.zeros(1, *image_shape)
+    return out
+
+
+def model_inputs(batch: dict, llava_config, image_shape, pad_id: int, flatten: bool) -> dict:
+    """A collated micro-batch as the model takes it: a blank image row when it has no image, packed rows as one
+    row for flash attention's variable-length kernel."""
+    if batch["pixel_values"] is None:
+        batch = with_blank_image_row(batch, llava_config.image_token_index, llava_config.image_seq_length,
+                                     image_shape, pad_id)
+    return flatten_packed(batch) if flatten else batch
 
 
 def flatten_packed(batch: dict) -> dict:

@@ -18,12 +18,11 @@ import ray.train
 import torch
 
 from llava_core import storage
-from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of
 from llava_core.model.zero3 import gathered
 from llava_core.train.batching import BatchPlan, capped_steps
-from llava_core.train.engine import (build_engine, deepspeed_config, flatten_packed, optimizer_step, training_dtype,
+from llava_core.train.engine import (build_engine, deepspeed_config, model_inputs, optimizer_step, training_dtype,
                                      zero3_loading)
 from llava_core.train.freeze import describe_training
 from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
@@ -50,32 +49,6 @@ def build_model(config: dict, device: torch.device):
     if stage["init_projector"]:
         load_official_projector(model, stage["init_projector"])
     return model, processor
-
-
-def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, image_shape, pad_id: int) -> dict:
-    """A text-only micro-batch gets one extra row: a blank image's tokens, nothing supervised. The vision tower and
-    projector then run in the same order as on every other rank: ZeRO-3 gathers parameters module by module and
-    ZeRO-2 reduces the same gradients, so a rank that skipped them would hang the others (the official code's
-    ZeRO hang). Rows are independent and the row has no labels, so the loss is unchanged."""
-    ids = batch["input_ids"]
-    width = max(ids.shape[1], image_tokens)
-
-    def add_row(tensor, row_value, fill):
-        grown = torch.full((tensor.shape[0] + 1, width), fill, dtype=tensor.dtype)
-        grown[:-1, : tensor.shape[1]] = tensor
-        grown[-1, :image_tokens] = row_value
-        return grown
-
-    out = dict(batch)
-    out["input_ids"] = add_row(ids, image_token_id, pad_id)
-    out["labels"] = add_row(batch["labels"], IGNORE_INDEX, IGNORE_INDEX)
-    if "attention_mask" in batch:
-        out["attention_mask"] = add_row(batch["attention_mask"], 1, 0)
-    if "position_ids" in batch:  # packed rows: the blank row is its own sequence
-        out["position_ids"] = add_row(batch["position_ids"], torch.arange(image_tokens), 0)
-        out["position_ids"][:-1, ids.shape[1]:] = torch.arange(width - ids.shape[1])
-    out["pixel_values"] = torch.zeros(1, *image_shape)
-    return out
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -112,15 +85,9 @@ def train_loop_per_worker(config: dict) -> None:
         log_start(config, parts, total_steps, start_step, plan)
     image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
     pad_id = processor.tokenizer.pad_token_id
-    image_token_id, image_tokens = llava_of(model).config.image_token_index, llava_of(model).config.image_seq_length
     batches = BatchPrefetcher(examples, plan.rank_micro_batches(lengths, num_images, epoch_steps, start_step, rank),
                               stage["packing"], pad_id, image_shape)
     flatten = stage["packing"] and stage["attn_implementation"] == "flash_attention_2"
-
-    def ready(batch: dict) -> dict:
-        if batch["pixel_values"] is None:
-            batch = with_blank_image_row(batch, image_token_id, image_tokens, image_shape, pad_id)
-        return flatten_packed(batch) if flatten else batch
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
     for step in range(start_step, total_steps):
@@ -128,7 +95,7 @@ def train_loop_per_worker(config: dict) -> None:
         for _ in range(grad_accum):  # this rank's micro-batches of the step, read ahead in plan order
             micro, batch, waited = batches.get()
             window["data_wait_s"] += waited
-            step_batches.append(ready(batch))
+            step_batches.append(model_inputs(batch, llava_of(model).config, image_shape, pad_id, flatten))
             rows = np.concatenate(micro)
             tokens, images = int(lengths[rows].sum()), int(num_images[rows].sum())
             window["tokens"] += tokens
