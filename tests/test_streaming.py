@@ -98,7 +98,7 @@ def test_the_index_covers_every_row_of_every_group(shards):
     wanted = np.array([63, 0, 37, 20, 21, 5, 62])  # across shards and back: one open file at a time
     reader = RowReader(rows, columns=["input_ids", "pixel_values"], cache_bytes=0, open_shards=1)
     assert reader.take(wanted).to_pylist() == table.select(["input_ids", "pixel_values"]).take(wanted).to_pylist()
-    assert len(reader.files) == 1 and reader.group_reads == 6  # 62 and 63 share a group
+    assert len(reader.footers) == 1 and reader.group_reads == 6  # 62 and 63 share a group
 
 
 @pytest.mark.parametrize("packing", [False, True])

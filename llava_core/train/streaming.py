@@ -12,6 +12,7 @@ the dataset's size. A random row costs its whole row group: prepare writes small
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -29,7 +30,10 @@ from llava_core.train.batching import collate_micro_batch
 PLAN_COLUMNS = ["length", "num_images"]
 BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads
 CACHE_BYTES = 64 * 2**20  # recently read row groups: rows of one group that meet in nearby micro-batches
-OPEN_SHARDS = 16  # open files (each holds its decoded footer, ~3 MB for 2000 rows) kept for the next read
+OPEN_SHARDS = 16  # decoded footers kept for the next read (~3 MB each for 2000 rows)
+# Row groups of one micro-batch read at once: on S3 a read is a request round trip (~30-80 ms), so the 16 random
+# rows of a 7B micro-batch read one after another would take about a second, close to a whole step.
+READ_THREADS = 8
 PREFETCH_DEPTH = 8  # ready micro-batches per rank: ~175 MB for 16 images of 336 px in float32 each
 
 
@@ -78,66 +82,83 @@ class TrainingRows:
 
 class RowReader:
     """Reads rows by global index, a row group at a time, keeping recent groups up to `cache_bytes` and the last
-    `open_shards` shards open (a reopen costs a HEAD on S3 and the footer: ~0.4 MB read, ~10 ms to decode). One
-    thread only."""
+    `open_shards` shards' footers (reading one again costs a request on S3, ~0.4 MB and ~10 ms to decode).
+    Called from one thread; the row groups a call needs are read by up to `READ_THREADS` at once."""
 
     def __init__(self, rows: TrainingRows, columns: list[str] = BATCH_COLUMNS, cache_bytes: int = CACHE_BYTES,
                  open_shards: int = OPEN_SHARDS):
         self.rows, self.columns, self.cache_bytes, self.open_shards = rows, columns, cache_bytes, open_shards
-        self.files: collections.OrderedDict[int, pq.ParquetFile] = collections.OrderedDict()
+        self.footers: collections.OrderedDict[int, pq.FileMetaData] = collections.OrderedDict()
         self.cache: collections.OrderedDict[int, pa.Table] = collections.OrderedDict()
         self.group_reads = 0
+        self.pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def take(self, rows: np.ndarray) -> pa.Table:
         """The `columns` of `rows`, in the order given."""
         groups, within = self.rows.locate(np.asarray(rows, dtype=np.int64))
         needed = list(dict.fromkeys(groups.tolist()))
-        tables = {g: self.group(g) for g in needed}
+        tables = self.groups(needed)
         first = dict(zip(needed, np.cumsum([0] + [tables[g].num_rows for g in needed[:-1]])))
         index = np.array([first[g] + r for g, r in zip(groups.tolist(), within.tolist())], dtype=np.int64)
         # permissive: a shard whose writer widened `binary` to `large_binary` (past 2 GiB per file) still joins
         return pa.concat_tables([tables[g] for g in needed], promote_options="permissive").take(pa.array(index))
 
-    def group(self, g: int) -> pa.Table:
-        if g in self.cache:
+    def groups(self, needed: list[int]) -> dict[int, pa.Table]:
+        """The row groups `needed`, from the LRU or read concurrently (each read on its own file handle)."""
+        missing = [g for g in needed if g not in self.cache]
+        sources = [(g, self.footer(int(self.rows.group_shard[g]))) for g in missing]  # footers: in this thread
+        if len(sources) > 1:
+            if self.pool is None:
+                self.pool = concurrent.futures.ThreadPoolExecutor(READ_THREADS, thread_name_prefix="row-groups")
+            read = list(self.pool.map(lambda source: self.read_group(*source), sources))
+        else:
+            read = [self.read_group(*source) for source in sources]
+        self.group_reads += len(read)
+        for g, table in zip(missing, read):
+            self.cache[g] = table
+        tables = {g: self.cache[g] for g in needed}
+        for g in needed:
             self.cache.move_to_end(g)
-            return self.cache[g]
-        table = self.read_group(g)
-        self.cache[g] = table
-        while sum(t.nbytes for t in self.cache.values()) > self.cache_bytes and len(self.cache) > 1:
+        while sum(t.nbytes for t in self.cache.values()) > self.cache_bytes and len(self.cache) > len(needed):
             self.cache.popitem(last=False)
-        return table
+        return tables
 
-    def read_group(self, g: int) -> pa.Table:
+    def read_group(self, g: int, metadata: pq.FileMetaData) -> pa.Table:
+        """One row group, on a handle of its own (given the shard's footer, so nothing is read twice): safe to call
+        from several threads at once."""
         shard = int(self.rows.group_shard[g])
         path = self.rows.shards[shard]
         try:
-            table = self.shard(shard).read_row_group(int(self.rows.group_in_shard[g]), columns=self.columns)
+            with _open_shard(path, metadata) as file:
+                return file.read_row_group(int(self.rows.group_in_shard[g]), columns=self.columns)
         except Exception as error:
             raise ShardReadError(f"reading row group {int(self.rows.group_in_shard[g])} of training shard "
                                  f"{path}: {error}") from error
-        self.group_reads += 1
-        return table
 
-    def shard(self, k: int) -> pq.ParquetFile:
-        if k in self.files:
-            self.files.move_to_end(k)
+    def footer(self, k: int) -> pq.FileMetaData:
+        if k in self.footers:
+            self.footers.move_to_end(k)
         else:
-            self.files[k] = _open_shard(self.rows.shards[k])
-            if len(self.files) > self.open_shards:
-                self.files.popitem(last=False)[1].close()
-        return self.files[k]
+            try:
+                with _open_shard(self.rows.shards[k]) as shard:
+                    self.footers[k] = shard.metadata
+            except Exception as error:
+                raise ShardReadError(f"reading the footer of training shard {self.rows.shards[k]}: {error}") from error
+            if len(self.footers) > self.open_shards:
+                self.footers.popitem(last=False)
+        return self.footers[k]
 
     def close(self) -> None:
-        for shard in self.files.values():
-            shard.close()
-        self.files.clear()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+            self.pool = None
+        self.footers.clear()
 
 
-def _open_shard(path: str) -> pq.ParquetFile:
+def _open_shard(path: str, metadata: pq.FileMetaData | None = None) -> pq.ParquetFile:
     # pre_buffer: a row group's columns are fetched in coalesced ranges (one request on S3, not one per column).
     fs, inner = storage.filesystem(path)
-    return pq.ParquetFile(fs.open_input_file(inner), pre_buffer=True)
+    return pq.ParquetFile(fs.open_input_file(inner), metadata=metadata, pre_buffer=True)
 
 
 class ReadyBatch(NamedTuple):
