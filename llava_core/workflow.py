@@ -60,12 +60,13 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
     if stage.init_projector:  # workers run elsewhere: relative paths must be absolute
         stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
-    shards = manifest["datasets"][stage.dataset]["shards"]
+    prepared = manifest["datasets"][stage.dataset]
     # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
-    run_training_stage(stage_name, stage, ctx.workflow.scaling, shards, ctx.stage_dir(stage_name),
+    run_training_stage(stage_name, stage, ctx.workflow.scaling, prepared["shards"], ctx.stage_dir(stage_name),
                        ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}",
                        template=ctx.workflow.datasets[stage.dataset].template,
-                       save_model=saves_full_model(stage_name, stage))
+                       save_model=saves_full_model(stage_name, stage),
+                       plan_index=prepared.get("plan_index"))  # absent from runs prepared before the index
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):

@@ -118,7 +118,13 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     from llava_core.data.images import decode_image, mean_colour, pad_to_square
     from llava_core.train.batching import collate
     from llava_core.train.streaming import RowReader, TrainingRows
-    examples = RowReader(TrainingRows.open(entry["shards"]))
+    # Prepare's plan index (written by a Ray task, named in the manifest entry) is what the footer scan finds.
+    assert entry["plan_index"] == str(tmp_path / "mix" / "plan_index.parquet")
+    examples = RowReader(TrainingRows.open(entry["shards"], entry["plan_index"]))
+    scanned = TrainingRows.open(entry["shards"])
+    for field in ("shard_rows", "lengths", "num_images", "group_starts", "group_shard", "group_in_shard"):
+        np.testing.assert_array_equal(getattr(examples.rows, field), getattr(scanned, field), err_msg=field)
+    assert len(examples.rows.group_starts) == len(group_rows) > 1
     ids = examples.take(np.arange(examples.rows.num_rows)).column("input_ids").to_pylist()
     row = next(i for i, x in enumerate(ids) if x == by_id["multi-image"]["input_ids"])
     batch = collate(examples.take(np.array([row])), np.array([0]), pad_token_id=0, image_shape=(3, 64, 64))

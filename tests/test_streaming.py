@@ -1,6 +1,7 @@
 """Training rows stream from the shards: the prefetched micro-batches are exactly the ones collated from the whole
 table in memory (several shards and row groups, packed or not, from the start or a resumed step, local or S3), the
-reader stays at most `depth` batches ahead, and a shard that cannot be read fails the consumer naming the file."""
+reader stays at most `depth` batches ahead, and a shard that cannot be read fails the consumer naming the file.
+Prepare's plan index gives exactly the rows the footer scan gives, and one that does not fit its shards fails."""
 import gc
 import os
 import re
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from llava_core import storage
+from llava_core.data.plan_index import PlanIndexError, write_plan_index
 from llava_core.train.batching import BatchPlan, collate, collate_packed
 from llava_core.train.streaming import BatchPrefetcher, RowReader, ShardReadError, TrainingRows
 from tests.s3_server import environment, s3_server
@@ -101,6 +103,48 @@ def test_the_index_covers_every_row_of_every_group(shards):
     assert len(reader.footers) == 1 and reader.group_reads == 6  # 62 and 63 share a group
 
 
+def assert_same_rows(got: TrainingRows, want: TrainingRows):
+    assert got.shards == want.shards
+    for field in ("shard_rows", "lengths", "num_images", "group_starts", "group_shard", "group_in_shard"):
+        assert getattr(got, field).dtype == getattr(want, field).dtype, field
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+
+
+def footer_scan(paths) -> TrainingRows:
+    """The footer scan as it was before the plan index, written out here: what the index must reproduce."""
+    lengths, images, counts = [], [], []
+    for path in paths:
+        shard = pq.ParquetFile(path)
+        counts.append([shard.metadata.row_group(g).num_rows for g in range(shard.metadata.num_row_groups)])
+        small = shard.read(columns=["length", "num_images"])
+        lengths.append(small.column("length").to_numpy().astype(np.int64))
+        images.append(small.column("num_images").to_numpy().astype(np.int64))
+    sizes = np.concatenate([np.asarray(c, dtype=np.int64) for c in counts])
+    return TrainingRows(list(paths), np.array([sum(c) for c in counts]), np.concatenate(lengths),
+                        np.concatenate(images), group_starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]),
+                        group_shard=np.repeat(np.arange(len(counts)), [len(c) for c in counts]),
+                        group_in_shard=np.concatenate([np.arange(len(c)) for c in counts]))
+
+
+def test_the_plan_index_gives_exactly_the_footer_scan(shards, tmp_path):
+    index = str(tmp_path / "plan_index.parquet")
+    assert write_plan_index(shards, index) == sum(SHARD_ROWS)
+    from_index = TrainingRows.open(shards, index)
+    assert_same_rows(from_index, footer_scan(shards))
+    assert_same_rows(TrainingRows.open(shards), from_index)  # the fallback for datasets prepared without one
+    assert pq.read_metadata(index).num_rows == sum(SHARD_ROWS)
+
+    with pytest.raises(PlanIndexError, match="names 3 shards, the manifest 2"):
+        TrainingRows.open(shards[:2], index)
+    with pytest.raises(PlanIndexError, match="other files or order"):
+        TrainingRows.open(shards[::-1], index)
+
+    # A shard rewritten after the index: the reader finds out from the footer it reads anyway, naming the file.
+    pq.write_table(shard_table(SHARD_ROWS[1] - 1, seed=1), shards[1], row_group_size=GROUP_ROWS)
+    with pytest.raises(ShardReadError, match=re.escape(f"{shards[1]} holds 15 rows, the plan index 16")):
+        RowReader(from_index).take(np.array([SHARD_ROWS[0]]))
+
+
 @pytest.mark.parametrize("packing", [False, True])
 @pytest.mark.parametrize("resumed", [False, True])
 def test_prefetched_batches_equal_collating_from_memory(shards, packing, resumed):
@@ -174,7 +218,10 @@ def test_shards_stream_from_s3(shards):
             fs, inner = storage.filesystem(remote[-1])
             with fs.open_output_stream(inner) as out, open(path, "rb") as f:
                 out.write(f.read())
-        rows = TrainingRows.open(remote)
+        index = "s3://train-rows/prepare/plan_index.parquet"
+        write_plan_index(remote, index)
+        rows = TrainingRows.open(remote, index)
+        assert_same_rows(rows, TrainingRows.open(remote))
         plan, epoch_steps = plan_for(rows, packing=True)
         got = streamed(rows, plan, epoch_steps, 3, 1, packing=True)
     want = expected_batches(table, plan, epoch_steps, 3, 1, packing=True)

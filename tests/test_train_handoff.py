@@ -5,6 +5,7 @@ import os
 import torch
 
 from llava_core.config import ScalingSettings, TrainStageSettings
+from llava_core.data.plan_index import write_plan_index
 from tests.test_train_failures import write_shard
 
 
@@ -13,11 +14,14 @@ def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session,
     from llava_core.train.trainer import run_training_stage
 
     shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"), rows=32)
+    index = str(tmp_path / "plan_index.parquet")  # the ranks read the plan from it, as after a prepare
+    write_plan_index([shard], index)
     stage = TrainStageSettings(dataset="align", trainable=["projector"], global_batch_size=8, micro_batch_size=2,
                                lr=1e-2, zero_stage=3, log_every=4)
     stage_dir = str(tmp_path / "align")
     run_training_stage("align", stage, ScalingSettings(num_workers=2, cpus_per_worker=1), [shard], stage_dir,
-                       tiny_dataset["vision"], tiny_dataset["llm"], None, template="plain", save_model=False)
+                       tiny_dataset["vision"], tiny_dataset["llm"], None, template="plain", save_model=False,
+                       plan_index=index)
     assert not os.path.exists(os.path.join(stage_dir, "model"))
     saved = torch.load(os.path.join(stage_dir, "mm_projector.bin"))
     assert set(saved) == {

@@ -4,8 +4,9 @@ A dataset is one source or a mixture of sources (each with its image folder and 
 streamed once into arrow blocks of raw rows in the object store (`sources.staged_blocks`); a pool of
 `RowPreparer` actors turns each row into an example or a rejection, written in one streaming pass. Per dataset it
 writes `<out>/<name>/rows/status=written/*.parquet` (the shards), `<out>/<name>/rows/status=rejected/`,
-`<out>/<name>/rejects.jsonl` (every rejected row with its reason, row id, source and index) and counts in
-`<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the dataset and for every source.
+`<out>/<name>/rejects.jsonl` (every rejected row with its reason, row id, source and index),
+`<out>/<name>/plan_index.parquet` (every written row's location, length and image count, for the trainer) and counts
+in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the dataset and for every source.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ray.data import ActorPoolStrategy
 
 from llava_core import storage
 from llava_core.config import dataset_sources
+from llava_core.data.plan_index import INDEX_NAME, write_plan_index
 from llava_core.data.rows import ROW_GROUP_ROWS, RowPreparer, RowSettings
 from llava_core.data.sources import Source, keep_indices, select_indices, staged_blocks
 
@@ -61,6 +63,10 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
     )
     rows_dir = storage.join(dataset_dir, "rows")
     _write_streaming(prepared, rows_dir, rows_per_shard)
+    shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
+    index_path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
+    # On a worker, while the driver reads the summary below: the scan is ~one request per row group on S3.
+    index_rows = _plan_index_task.options(**_worker_env()).remote(shards, index_path)
 
     # The small columns of every row, read back from the files: the rejects and every count of the manifest.
     summary = _read_columns(storage.list_files(rows_dir, ".parquet"),
@@ -71,7 +77,11 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     written = summary[summary["reason"] == ""]
     log.info("prepare %s: %d rows in %.1f s", name, len(summary), time.perf_counter() - start)
-    entry = _manifest_entry(sources, template, selected, written, rejects, dataset_dir)
+    indexed = ray.get(index_rows)
+    if indexed != len(written):
+        raise RuntimeError(f"dataset {name!r}: the plan index {index_path} holds {indexed} rows, the shards "
+                           f"{len(written)}")
+    entry = _manifest_entry(sources, template, selected, written, rejects, shards, index_path)
     return entry, np.asarray(written["length"], dtype=np.int64)
 
 
@@ -103,6 +113,10 @@ def _read_columns(paths: list[str], columns: list[str]):
     return pd.concat([t.to_pandas() for t in tables], ignore_index=True) if tables else pd.DataFrame(columns=columns)
 
 
+# A CPU, so it runs on a worker node and never on a head started with none: the driver coordinates.
+_plan_index_task = ray.remote(num_cpus=1)(write_plan_index)
+
+
 def _worker_env() -> dict:
     """Images in S3 are read by the actors: hand them the driver's endpoint and credentials when it has any."""
     env = storage.s3_env()
@@ -132,7 +146,7 @@ def _counts(rows_in: int, written, rejects: list[dict]) -> dict:
     return counts
 
 
-def _manifest_entry(sources, template, selected, written, rejects, dataset_dir) -> dict:
+def _manifest_entry(sources, template, selected, written, rejects, shards, plan_index) -> dict:
     per_source = {}
     for source in sources:
         mine = [r for r in rejects if r["source"] == source.path]
@@ -145,7 +159,8 @@ def _manifest_entry(sources, template, selected, written, rejects, dataset_dir) 
         **_counts(sum(len(s) for s in selected.values()), written, rejects),
         "max_length": int(written["length"].max()) if len(written) else 0,
         "sources": per_source,
-        "shards": storage.list_files(storage.join(dataset_dir, "rows", "status=written"), ".parquet"),
+        "shards": shards,
+        "plan_index": plan_index,  # what training ranks read instead of every shard's footer (data/plan_index.py)
     }
     return entry
 

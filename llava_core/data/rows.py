@@ -46,7 +46,8 @@ OUTPUT_COLUMNS = tuple(OUTPUT_SCHEMA.names)
 # Rows per parquet row group in the shards. The trainer reads rows at random, and a read costs its whole row group:
 # a 336 px image is 3 x 336 x 336 = 338,688 bytes as uint8, so 8 rows is ~2.7 MB read for one wanted row (~0.34 MB
 # if rows were read one by one, but then each request is small and the footer grows). Reading the plan's small
-# columns (length, num_images) costs one small range per group: 83K ranges for LLaVA-1.5's 665K rows.
+# columns (length, num_images) costs one small range per group: 83K ranges for LLaVA-1.5's 665K rows, paid once
+# by prepare's plan index (data/plan_index.py), not by every rank.
 ROW_GROUP_ROWS = 8
 
 

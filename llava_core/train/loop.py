@@ -57,7 +57,7 @@ def train_loop_per_worker(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
 
-    examples = TrainingRows.open(config["shards"])  # plan columns + row locations; rows are read as needed
+    examples = TrainingRows.open(config["shards"], config["plan_index"])  # plan columns + row locations only
     lengths, num_images = examples.lengths, examples.num_images
     grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
     plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"], stage["sampling"],

@@ -1,7 +1,8 @@
 """A rank's training rows, read from the prepared shards a few micro-batches ahead, never the whole dataset.
 
 `TrainingRows` is what every rank holds: the small per-row columns the batch plan needs (`length`, `num_images`)
-and where each global row lives (shard, row group, row within it), from the parquet footers. `RowReader` reads the
+and where each global row lives (shard, row group, row within it), from prepare's plan index (one file) or, for
+datasets prepared before it, from the parquet footers. `RowReader` reads the
 row groups holding a set of rows (local or `s3://`, only the columns collate needs) through a small byte-bounded
 LRU. `BatchPrefetcher` walks this rank's micro-batches in a background thread, collates them and keeps at most
 `depth` ready CPU batches in a queue; the training loop takes them in order and sees how long it waited.
@@ -25,9 +26,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llava_core import storage
+from llava_core.data.plan_index import PlanIndexError, read_plan_index, scan_shards, shard_rows
 from llava_core.train.batching import collate_micro_batch
 
-PLAN_COLUMNS = ["length", "num_images"]
 BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads
 CACHE_BYTES = 64 * 2**20  # recently read row groups: rows of one group that meet in nearby micro-batches
 OPEN_SHARDS = 16  # decoded footers kept for the next read (~3 MB each for 2000 rows)
@@ -46,6 +47,7 @@ class TrainingRows:
     """Every prepared row's plan columns and location; global row i is the i-th row of the shards in list order.
     Footers are not kept: decoded, one of a 2000-row shard in 8-row groups takes ~3 MB (1.5 KB a row)."""
     shards: list[str]
+    shard_rows: np.ndarray  # each shard's row count: checked against its footer when a reader opens it
     lengths: np.ndarray
     num_images: np.ndarray
     group_starts: np.ndarray  # global index of each row group's first row, over all shards' groups in order
@@ -53,22 +55,31 @@ class TrainingRows:
     group_in_shard: np.ndarray  # the row group's index inside its shard
 
     @classmethod
-    def open(cls, shard_paths: list[str]) -> "TrainingRows":
-        """Footers and the two small columns of every shard: no pixel or token bytes are read."""
+    def open(cls, shard_paths: list[str], plan_index: str | None = None) -> "TrainingRows":
+        """From prepare's plan index (one read) when there is one, else from the shards' footers and two small
+        columns (datasets prepared before the index: every footer and one range per row group, serially, as each
+        rank of a node does it at once). No pixel or token bytes are read."""
         if not shard_paths:
             raise ValueError("no prepared shards to train on: did the prepare stage write any rows?")
-        lengths, num_images, counts = [], [], []
-        for path in shard_paths:
-            with _open_shard(path) as shard:
-                small = shard.read(columns=PLAN_COLUMNS)
-                counts.append([shard.metadata.row_group(g).num_rows for g in range(shard.metadata.num_row_groups)])
-            lengths.append(small.column("length").to_numpy().astype(np.int64))
-            num_images.append(small.column("num_images").to_numpy().astype(np.int64))
-        sizes = np.concatenate([np.asarray(c, dtype=np.int64) for c in counts])
-        return cls(list(shard_paths), np.concatenate(lengths), np.concatenate(num_images),
-                   group_starts=np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64),
-                   group_shard=np.repeat(np.arange(len(counts)), [len(c) for c in counts]),
-                   group_in_shard=np.concatenate([np.arange(len(c)) for c in counts]).astype(np.int64))
+        if plan_index:
+            return cls.from_index(shard_paths, read_plan_index(plan_index, shard_paths))
+        return cls.from_index(shard_paths, scan_shards(shard_paths, threads=1))
+
+    @classmethod
+    def from_index(cls, shard_paths: list[str], index: pa.Table) -> "TrainingRows":
+        """The plan index's rows (see `llava_core.data.plan_index`) as row groups and plan columns."""
+        shard, group = (index.column(c).to_numpy().astype(np.int64) for c in ("shard", "row_group"))
+        starts_group = np.ones(len(shard), dtype=bool)
+        starts_group[1:] = (shard[1:] != shard[:-1]) | (group[1:] != group[:-1])
+        first = np.flatnonzero(starts_group)
+        within = np.arange(len(shard)) - first[np.cumsum(starts_group) - 1]
+        if not np.array_equal(index.column("row").to_numpy(), within):
+            raise PlanIndexError("plan index: the rows of a row group are not numbered 0, 1, ... in order; "
+                                 "re-run prepare")
+        return cls(list(shard_paths), np.asarray(shard_rows(index), dtype=np.int64),
+                   index.column("length").to_numpy().astype(np.int64),
+                   index.column("num_images").to_numpy().astype(np.int64),
+                   group_starts=first, group_shard=shard[first], group_in_shard=group[first])
 
     @property
     def num_rows(self) -> int:
@@ -144,9 +155,18 @@ class RowReader:
                     self.footers[k] = shard.metadata
             except Exception as error:
                 raise ShardReadError(f"reading the footer of training shard {self.rows.shards[k]}: {error}") from error
+            self.check_rows(k)
             if len(self.footers) > self.open_shards:
                 self.footers.popitem(last=False)
         return self.footers[k]
+
+    def check_rows(self, k: int) -> None:
+        """The index's row count of shard k against its footer (read anyway): a shard rewritten after the index was
+        built would otherwise hand out other rows than the plan's."""
+        found, expected = self.footers[k].num_rows, int(self.rows.shard_rows[k])
+        if found != expected:
+            raise ShardReadError(f"training shard {self.rows.shards[k]} holds {found} rows, the plan index "
+                                 f"{expected}: the shard changed after prepare; re-run prepare")
 
     def close(self) -> None:
         if self.pool is not None:
