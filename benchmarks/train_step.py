@@ -37,7 +37,7 @@ def build_models(root: str) -> tuple[str, str]:
     return vision, llm
 
 
-def project_tokens_per_s(vision, llm, shard, root, steps, warmup) -> float:
+def project_tokens_per_s(vision, llm, shard, root, steps, warmup, zero_stage) -> float:
     import ray
 
     from llava_core.config import ScalingSettings, TrainStageSettings
@@ -46,7 +46,7 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup) -> float:
     ray.init(num_cpus=WORKERS, configure_logging=False, log_to_driver=False)
     stage = TrainStageSettings(dataset="bench", trainable=["projector", "llm"], epochs=1,
                                global_batch_size=MICRO * WORKERS * ACCUM, micro_batch_size=MICRO, lr=1e-4,
-                               zero_stage=2, log_every=10)
+                               zero_stage=zero_stage, log_every=10)
     stage_dir = os.path.join(root, "stage")
     run_training_stage("bench", stage, ScalingSettings(num_workers=WORKERS), [shard], stage_dir, vision, llm, None)
     ray.shutdown()
@@ -94,13 +94,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--zero-stage", type=int, default=2, help="the quickstart's is 2")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as root:
         vision, llm = build_models(root)
         rows = args.steps * MICRO * WORKERS * ACCUM
         shard = write_shard({"vision": vision, "llm": llm}, os.path.join(root, "rows.parquet"), rows=rows)
         load_before = os.getloadavg()[0]
-        project = project_tokens_per_s(vision, llm, shard, root, args.steps, args.warmup) / WORKERS  # per core
+        project = project_tokens_per_s(vision, llm, shard, root, args.steps, args.warmup, args.zero_stage) / WORKERS  # per core
         os.nice(int(os.environ.get("RAY_worker_niceness", 15)) - os.nice(0))  # as niced as Ray's workers
         bare = bare_tokens_per_s(vision, llm, shard, args.steps, args.warmup)
         print(f"load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f} (2 cores)")

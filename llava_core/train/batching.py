@@ -167,18 +167,28 @@ def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float
 def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: tuple[int, int, int]) -> dict:
     """Right-padded input_ids/labels/attention_mask and the rows' images in order (None when there are none)."""
     picked = table.take(pa.array(rows))
-    ids = picked.column("input_ids").to_pylist()
-    labels = picked.column("labels").to_pylist()
-    width = max(len(x) for x in ids)
-    batch_ids = torch.full((len(ids), width), pad_token_id, dtype=torch.long)
-    batch_labels = torch.full((len(ids), width), IGNORE_INDEX, dtype=torch.long)
-    attention = torch.zeros((len(ids), width), dtype=torch.long)
-    for i, (row_ids, row_labels) in enumerate(zip(ids, labels)):
-        batch_ids[i, : len(row_ids)] = torch.tensor(row_ids)
-        batch_labels[i, : len(row_labels)] = torch.tensor(row_labels)
-        attention[i, : len(row_ids)] = 1
+    ids, offsets = _flat_lists(picked.column("input_ids"))
+    labels, label_offsets = _flat_lists(picked.column("labels"))
+    sizes = np.diff(offsets)
+    width = int(sizes.max())
+    batch_ids = torch.full((len(sizes), width), pad_token_id, dtype=torch.long)
+    batch_labels = torch.full((len(sizes), width), IGNORE_INDEX, dtype=torch.long)
+    attention = torch.zeros((len(sizes), width), dtype=torch.long)
+    for i, n in enumerate(sizes.tolist()):
+        batch_ids[i, :n] = ids[offsets[i]:offsets[i + 1]]
+        batch_labels[i, :n] = labels[label_offsets[i]:label_offsets[i + 1]]
+        attention[i, :n] = 1
     pixel_values = _pixel_values(picked.column("pixel_values").to_pylist(), image_shape)
     return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, "pixel_values": pixel_values}
+
+
+def _flat_lists(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
+    """A list<int> column as one flat tensor and its row offsets: no Python int per token (collation runs in the
+    prefetch thread, and every Python object it makes holds the GIL the training thread needs)."""
+    lists = column.combine_chunks()
+    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    start = lists.offsets[0].as_py() if len(lists) else 0
+    return torch.from_numpy(values), (lists.offsets.to_numpy() - start)
 
 
 def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int,

@@ -130,8 +130,9 @@ class RowReader:
         tables = {g: self.cache[g] for g in needed}
         for g in needed:
             self.cache.move_to_end(g)
-        while sum(t.nbytes for t in self.cache.values()) > self.cache_bytes and len(self.cache) > len(needed):
-            self.cache.popitem(last=False)
+        cached = sum(t.nbytes for t in self.cache.values())
+        while cached > self.cache_bytes and len(self.cache) > len(needed):
+            cached -= self.cache.popitem(last=False)[1].nbytes
         return tables
 
     def read_group(self, g: int, metadata: pq.FileMetaData) -> pa.Table:
