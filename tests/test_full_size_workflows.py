@@ -119,8 +119,8 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
     # As LLaVA-1.5 (`expand2square`) and the endpoint do: pad to a square of the processor's mean colour. The
     # synthetic images are 96 x 72, and a processor's centre crop would show the model another picture.
-    side = max(image.size)
-    square = Image.new("RGB", (side, side), tuple(int(round(m * 255)) for m in processor.image_processor.image_mean))
+    side, mean = max(image.size), tuple(int(round(m * 255)) for m in processor.image_processor.image_mean)
+    square = Image.new("RGB", (side, side), mean)
     square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
     inputs = processor(images=[square], text=prompt, return_tensors="pt")
     with torch.no_grad():
