@@ -101,7 +101,8 @@ def main() -> None:
         rows = args.steps * MICRO * WORKERS * ACCUM
         shard = write_shard({"vision": vision, "llm": llm}, os.path.join(root, "rows.parquet"), rows=rows)
         load_before = os.getloadavg()[0]
-        project = project_tokens_per_s(vision, llm, shard, root, args.steps, args.warmup, args.zero_stage) / WORKERS  # per core
+        project = project_tokens_per_s(vision, llm, shard, root, args.steps, args.warmup, args.zero_stage)
+        project /= WORKERS  # per core
         os.nice(int(os.environ.get("RAY_worker_niceness", 15)) - os.nice(0))  # as niced as Ray's workers
         bare = bare_tokens_per_s(vision, llm, shard, args.steps, args.warmup)
         print(f"load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f} (2 cores)")

@@ -126,9 +126,10 @@ def optimizer_step(engine, batches: list[dict], normalization: str, device: torc
 
     Returns (this rank's loss numerator, the step's global denominator) as device tensors; the caller sums the
     numerators over ranks: token normalisation gives (summed token losses, supervised tokens of all ranks), sample
-    normalisation (summed micro-batch means, micro-batches of all ranks). DeepSpeed divides each micro-batch's loss by the accumulation steps and averages
-    gradients over ranks; passing `num_items_in_batch` = global tokens / (ranks x accumulation) undoes both, so the
-    gradient is that of (sum of token losses) / (global supervised tokens)."""
+    normalisation (summed micro-batch means, micro-batches of all ranks). DeepSpeed divides each micro-batch's loss
+    by the accumulation steps and averages gradients over ranks; passing `num_items_in_batch` = global tokens /
+    (ranks x accumulation) undoes both, so the gradient is that of (sum of token losses) / (global supervised
+    tokens)."""
     micro_batches = len(batches) * torch.distributed.get_world_size()
     if normalization == "token":
         tokens = torch.tensor(float(sum(supervised_tokens(b) for b in batches)), device=device)

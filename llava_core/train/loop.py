@@ -1,7 +1,7 @@
 """The per-worker training loop of the align and instruct stages (runs inside Ray Train workers).
 
 Build the stage's model (partitioned as it loads under ZeRO-3), hand it to DeepSpeed (`train/engine.py`), then step
-through the batch plan, reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the step
+through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the step
 counter from the last checkpoint Ray Train hands back; the final checkpoint holds only the step counter and history
 (the stage output holds the weights), so no optimizer state is kept once a stage is done.
 """
