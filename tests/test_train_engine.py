@@ -40,8 +40,7 @@ def build(models: dict, stage: dict, world: int = 1, total_steps: int = 10):
     from llava_core.train.engine import build_engine, deepspeed_config, zero3_loading
     from llava_core.train.loop import build_model
 
-    grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
-    with zero3_loading(deepspeed_config(stage, world, grad_accum, False)):
+    with zero3_loading(deepspeed_config(stage, world, False)):
         model, processor = build_model(loop_config(models, stage), torch.device("cpu"))
     engine, _, _ = build_engine(model, stage, world, total_steps, False, torch.device("cpu"))
     return engine, processor

@@ -33,7 +33,12 @@ def training_dtype(stage: dict, use_gpu: bool) -> torch.dtype:
     return torch.bfloat16 if use_gpu and stage["bf16"] else torch.float32
 
 
-def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: bool, hidden_size: int = 0) -> dict:
+def grad_accum_steps(stage: dict, world_size: int) -> int:
+    """Micro-batches per rank per optimizer step (the workflow checks that the division is exact)."""
+    return stage["global_batch_size"] // (world_size * stage["micro_batch_size"])
+
+
+def deepspeed_config(stage: dict, world_size: int, use_gpu: bool, hidden_size: int = 0) -> dict:
     """DeepSpeed's config for the stage; `hidden_size` (the LLM's, once it is built) sizes ZeRO-3's prefetching."""
     zero = {"stage": stage["zero_stage"]}
     if stage["offload_optimizer"]:
@@ -50,7 +55,7 @@ def deepspeed_config(stage: dict, world_size: int, grad_accum: int, use_gpu: boo
     return {
         "train_batch_size": stage["global_batch_size"],
         "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
-        "gradient_accumulation_steps": grad_accum,
+        "gradient_accumulation_steps": grad_accum_steps(stage, world_size),
         "gradient_clipping": stage["max_grad_norm"],
         "zero_optimization": zero,
         "bf16": {"enabled": training_dtype(stage, use_gpu) == torch.bfloat16},
@@ -106,10 +111,9 @@ def build_engine(model, stage: dict, world_size: int, total_steps: int, use_gpu:
     optimizer = build_optimizer(groups, stage, use_gpu)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage["warmup_ratio"]),
                                                 total_steps)
-    grad_accum = stage["global_batch_size"] // (world_size * stage["micro_batch_size"])
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world_size, grad_accum, use_gpu, llava_of(model).config.text_config.hidden_size))
+        config=deepspeed_config(stage, world_size, use_gpu, llava_of(model).config.text_config.hidden_size))
     # from_pretrained returns eval mode: without this, gradient checkpointing (transformers checkpoints only when
     # `self.training`) and LoRA dropout silently do nothing.
     engine.train()

@@ -22,8 +22,8 @@ from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of
 from llava_core.model.zero3 import gathered
 from llava_core.train.batching import BatchPlan, capped_steps
-from llava_core.train.engine import (build_engine, deepspeed_config, model_inputs, optimizer_step, training_dtype,
-                                     zero3_loading)
+from llava_core.train.engine import (build_engine, deepspeed_config, grad_accum_steps, model_inputs, optimizer_step,
+                                     training_dtype, zero3_loading)
 from llava_core.train.freeze import describe_training
 from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
 from llava_core.train.save import save_hf_model
@@ -59,7 +59,7 @@ def train_loop_per_worker(config: dict) -> None:
 
     examples = TrainingRows.open(config["shards"], config["plan_index"])  # plan columns + row locations only
     lengths, num_images = examples.lengths, examples.num_images
-    grad_accum = stage["global_batch_size"] // (world * stage["micro_batch_size"])
+    grad_accum = grad_accum_steps(stage, world)
     plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"], stage["sampling"],
                      stage["packing"], stage["pack_length"])
     epoch_steps = [plan.steps_in_epoch(lengths, num_images, e) for e in range(stage["epochs"])]
@@ -69,7 +69,7 @@ def train_loop_per_worker(config: dict) -> None:
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
 
-    with zero3_loading(deepspeed_config(stage, world, grad_accum, config["use_gpu"])):
+    with zero3_loading(deepspeed_config(stage, world, config["use_gpu"])):
         model, processor = build_model(config, device)
     engine, scheduler, groups = build_engine(model, stage, world, total_steps, config["use_gpu"], device)
     model = engine.module
@@ -154,8 +154,8 @@ def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world:
     since the last step, data wait and peak memory as the worst rank's. Reduced on the training device (NCCL reduces
     nothing on the host)."""
     numerator, denominator = loss
-    sums = torch.tensor([float(numerator), window["tokens"], window["samples"], window["flops"]],
-                        dtype=torch.float64, device=device)
+    counts = torch.tensor([window["tokens"], window["samples"], window["flops"]], dtype=torch.float64, device=device)
+    sums = torch.cat([numerator.to(torch.float64).reshape(1), counts])
     torch.distributed.all_reduce(sums)
     # The slowest rank's data wait gates the step; the largest rank's peak memory is what a node must hold.
     worst = torch.tensor([window["data_wait_s"], peak_rss_gib()], dtype=torch.float64, device=device)
