@@ -101,6 +101,8 @@ class PrepareSettings:
     too_long: str = "reject"  # reject | truncate (text only, never through image tokens)
     image_aspect_ratio: str = "pad"  # pad | square
     max_image_pixels: int = 64_000_000
+    max_image_side: int = 8192  # longest side in pixels, checked from the header before decoding
+    max_image_aspect_ratio: float = 20.0  # longest side / shortest side; `pad` makes a square of the longest side
     max_reject_fraction: float = 0.01
     rows_per_shard: int = 2000
     num_actors: int = 2
@@ -252,6 +254,8 @@ class ServeSettings:
     max_images: int = 4
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
+    max_image_side: int = 8192  # checked from the image header, before decoding or padding to a square
+    max_image_aspect_ratio: float = 20.0
     image_url_hosts: list = field(default_factory=list)  # hosts http(s) image URLs may point at; empty = none
     allow_private_image_hosts: bool = False  # allow hosts that resolve to private/loopback/link-local addresses
     image_fetch_timeout_s: float = 10.0
@@ -273,11 +277,15 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     if s.overload_status not in OVERLOAD_STATUSES:
         raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
     positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
-                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "image_fetch_timeout_s",
+                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "max_image_side",
+                "max_image_aspect_ratio", "image_fetch_timeout_s",
                 "health_check_period_s")
     for key in positive:
         if getattr(s, key) <= 0:
             raise WorkflowError(f"{where}.{key}: must be greater than 0, got {getattr(s, key)}")
+    if s.max_image_aspect_ratio < 1:
+        raise WorkflowError(f"{where}.max_image_aspect_ratio: longest side / shortest side, at least 1, got "
+                            f"{s.max_image_aspect_ratio}")
     if s.ready_timeout_s is not None and s.ready_timeout_s <= 0:
         raise WorkflowError(f"{where}.ready_timeout_s: must be greater than 0 (or null: from the model's size), "
                             f"got {s.ready_timeout_s}")
@@ -468,7 +476,8 @@ def validate(w: Workflow) -> None:
         raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
     if not 0.0 <= w.prepare.max_reject_fraction <= 1.0:
         raise WorkflowError(f"prepare.max_reject_fraction: {w.prepare.max_reject_fraction} is not between 0 and 1")
-    for key in ("max_length", "rows_per_shard", "num_actors"):
+    for key in ("max_length", "rows_per_shard", "num_actors", "max_image_pixels", "max_image_side",
+                "max_image_aspect_ratio"):
         if getattr(w.prepare, key) < 1:
             raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
     validate_evaluate(w.evaluate)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -11,6 +12,31 @@ from llava_core import storage
 from llava_core.data.formats import RowError
 
 DEFAULT_MAX_PIXELS = 64_000_000  # well above any real training image, far below a decompression bomb
+# A 1 x 100,000 image has few pixels but pads to a 100,000 x 100,000 square (30 GB): sides and shapes are limited too,
+# from the header, before anything is decoded or padded.
+DEFAULT_MAX_SIDE = 8192
+DEFAULT_MAX_ASPECT_RATIO = 20.0  # longest side / shortest side; a 1200 x 60 banner is at the limit
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+
+    def check(self, width: int, height: int) -> None:
+        """Raise the `RowError` an image of this size gets; nothing when it is within every limit."""
+        if width == 0 or height == 0:
+            raise RowError("image_empty", f"{width}x{height}")
+        if width * height > self.max_pixels:
+            raise RowError("image_too_large", f"{width}x{height} pixels > limit {self.max_pixels}")
+        if max(width, height) > self.max_side:
+            raise RowError("image_too_large", f"{width}x{height}: a side is longer than the limit of "
+                                              f"{self.max_side} pixels")
+        ratio = max(width, height) / min(width, height)
+        if ratio > self.max_aspect_ratio:
+            raise RowError("image_aspect_ratio", f"{width}x{height}: aspect ratio {ratio:.1f} > limit "
+                                                 f"{self.max_aspect_ratio:g}")
 
 
 def read_image_bytes(image_folder: str, name: str) -> bytes:
@@ -23,19 +49,16 @@ def read_image_bytes(image_folder: str, name: str) -> bytes:
         raise RowError("image_unreadable", f"{path}: {error}") from error
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """An RGB image from encoded bytes of any format PIL reads (a GIF saved as .jpg decodes as the GIF it is)."""
+def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+    """An RGB image from encoded bytes of any format PIL reads (a GIF saved as .jpg decodes as the GIF it is), once
+    its header shows it within `limits`."""
     if not data:
         raise RowError("image_empty", "zero bytes")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data))
-            width, height = image.size  # read from the header, before any pixel is decoded
-            if width * height > max_pixels:
-                raise RowError("image_too_large", f"{width}x{height} pixels > limit {max_pixels}")
-            if width == 0 or height == 0:
-                raise RowError("image_empty", f"{width}x{height}")
+            limits.check(*image.size)  # the size is read from the header, before any pixel is decoded
             image.load()
     except RowError:
         raise

@@ -188,7 +188,8 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot."""
     p = workflow.prepare
     settings = {"max_length": p.max_length, "too_long": p.too_long, "image_aspect_ratio": p.image_aspect_ratio,
-                "max_image_pixels": p.max_image_pixels}
+                "max_image_pixels": p.max_image_pixels, "max_image_side": p.max_image_side,
+                "max_image_aspect_ratio": p.max_image_aspect_ratio}
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
         sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]

@@ -28,6 +28,12 @@ class RowSettings:
     too_long: str = "reject"  # or "truncate" (text only, never image tokens)
     image_aspect_ratio: str = "pad"  # or "square" (the processor's resize + centre crop)
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
+    max_image_side: int = images.DEFAULT_MAX_SIDE
+    max_image_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
+
+    @property
+    def image_limits(self) -> images.ImageLimits:
+        return images.ImageLimits(self.max_image_pixels, self.max_image_side, self.max_image_aspect_ratio)
 
 
 PIXELS_TYPE = pa.struct([
@@ -117,7 +123,7 @@ class RowPreparer:
         """The processed crops, (num_images, 3, H, W) uint8, as raw bytes; empty for text-only rows."""
         if not encoded:
             return b""
-        decoded = [images.decode_image(data, self.settings.max_image_pixels) for data in encoded]
+        decoded = [images.decode_image(data, self.settings.image_limits) for data in encoded]
         if self.settings.image_aspect_ratio == "pad":
             decoded = [images.pad_to_square(image, self.pad_fill) for image in decoded]
         return images.processed_uint8(self.image_processor, decoded).tobytes()

@@ -10,7 +10,7 @@ from PIL import Image
 
 from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
-from llava_core.data.images import decode_image
+from llava_core.data.images import ImageLimits, decode_image
 from llava_core.serve.errors import bad_request
 from llava_core.serve.image_fetch import fetch_image_bytes
 
@@ -20,7 +20,8 @@ DATA_URL = re.compile(r"data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[\w.+-]+=[
 MESSAGES_FOR_REASON = {
     "not_an_image": "the data is not an image in a format the server can read",
     "image_corrupt": "the image is corrupt or truncated",
-    "image_too_large": "the image has too many pixels",
+    "image_too_large": "the image is too large",
+    "image_aspect_ratio": "the image is too long and thin",
     "image_empty": "the image is empty",
 }
 
@@ -30,7 +31,8 @@ def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image
         data = fetch_image_bytes(url.strip(), settings, param)
     else:
         data = data_url_bytes(url, settings.max_image_bytes, param)
-    return checked_image(data, settings.max_image_pixels, param)
+    limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect_ratio)
+    return checked_image(data, limits, param)
 
 
 def data_url_bytes(url: str, max_bytes: int, param: str) -> bytes:
@@ -46,9 +48,9 @@ def data_url_bytes(url: str, max_bytes: int, param: str) -> bytes:
     return data
 
 
-def checked_image(data: bytes, max_pixels: int, param: str) -> Image.Image:
+def checked_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     try:
-        return decode_image(data, max_pixels)
+        return decode_image(data, limits)
     except RowError as error:
         raise image_error(error, param) from None
     except Exception as error:  # noqa: BLE001 - PIL's decoders fail on crafted files in many ways; all are the client's
