@@ -251,7 +251,9 @@ class ServeSettings:
     default_max_tokens: int = 64
     max_tokens_limit: int = 512
     max_body_bytes: int = 100_000_000  # larger request bodies get 413 before they are parsed
+    body_read_timeout_s: float = 30.0  # a body not received in full by then gets 408 (a slow sender holds a slot)
     max_images: int = 4
+    max_prompt_chars: int = 100_000  # text over all messages, counted before tokenizing (~25K tokens of English)
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
     max_image_side: int = 8192  # checked from the image header, before decoding or padding to a square
@@ -277,8 +279,8 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     if s.overload_status not in OVERLOAD_STATUSES:
         raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
     positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
-                "max_body_bytes", "max_images", "max_image_bytes", "max_image_pixels", "max_image_side",
-                "max_image_aspect_ratio", "image_fetch_timeout_s",
+                "max_body_bytes", "body_read_timeout_s", "max_images", "max_prompt_chars", "max_image_bytes",
+                "max_image_pixels", "max_image_side", "max_image_aspect_ratio", "image_fetch_timeout_s",
                 "health_check_period_s")
     for key in positive:
         if getattr(s, key) <= 0:

@@ -22,9 +22,10 @@ INCOMPLETE_CHARACTER = "\ufffd"
 class StreamEvent:
     """What one request gets from one decoding step; `finish_reason` is set on its last event only."""
     delta: str
-    finish_reason: Optional[str] = None  # "stop" (end of sequence or a stop string) or "length"
+    finish_reason: Optional[str] = None  # "stop" (end of sequence or a stop string), "length" or "error"
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    error: Optional[BaseException] = None  # with finish_reason "error": why this request's generation failed
 
 
 def first_stop_position(text: str, stops: tuple[str, ...]) -> Optional[int]:
@@ -79,6 +80,11 @@ class AnswerStream:
     def finish(self, reason: str) -> StreamEvent:
         self.finish_reason = reason
         return StreamEvent(self.take(self.text.strip()), reason, self.prompt_tokens, self.generated)
+
+    def fail(self, error: BaseException) -> StreamEvent:
+        """End this answer with an error; text not sent yet is dropped (it came before the failure, unchecked)."""
+        self.finish_reason = "error"
+        return StreamEvent("", "error", self.prompt_tokens, self.generated, error)
 
     def settled_text(self) -> str:
         text = self.text.lstrip() if not self._ends_in_bytes() else self.decode(self._before_bytes()).lstrip()

@@ -11,10 +11,10 @@ a fault of the server itself is a 500.
 import asyncio
 import concurrent.futures
 import hmac
-import json
 import logging
-import os
+import re
 import threading
+import uuid
 import time
 from typing import AsyncIterator, Optional
 
@@ -30,7 +30,8 @@ from llava_core.serve import protocol
 from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
-from llava_core.serve.errors import ApiError, bad_request, error_body, payload_too_large, unauthorized, unavailable
+from llava_core.serve.errors import (ApiError, body_timeout, error_body, payload_too_large, unauthorized,
+                                     unavailable)
 from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)
@@ -54,26 +55,48 @@ async def http_error_response(request: Request, error: StarletteHTTPException) -
 
 @api.exception_handler(Exception)
 async def server_error_response(request: Request, error: Exception) -> JSONResponse:
-    log.exception("request failed")
-    return JSONResponse(error_body(f"internal server error: {type(error).__name__}", "server_error"), status_code=500)
+    # A 500 is a bug of the server: logged here, once, under the id the client is given to report it by.
+    return JSONResponse(server_error_body(error, request_id(request)), status_code=500)
 
 
-async def read_json(request: Request, max_bytes: int):
+def server_error_body(error: BaseException, request_id: str) -> dict:
+    log.error("request %s failed", request_id, exc_info=error)
+    return error_body(f"internal server error ({type(error).__name__}); request id {request_id}", "server_error",
+                      code="internal_error")
+
+
+def request_id(request: Request) -> str:
+    """Serve's id for this request (its proxy sets the `x-request-id` header, and returns it in the response)."""
+    given = request.headers.get("x-request-id", "")
+    return given[:64] if REQUEST_ID.fullmatch(given[:64]) else uuid.uuid4().hex
+
+
+REQUEST_ID = re.compile(r"[\w.:-]+")  # a client may send its own id: keep log lines and messages plain
+
+
+async def read_json(request: Request, max_bytes: int, timeout_s: float):
     """The parsed body, refused with 413 as soon as it is known to be over `max_bytes` (from Content-Length, or while
-    reading a body that does not declare its length), before anything is parsed."""
+    reading a body that does not declare its length), before anything is parsed, and with 408 when it has not
+    arrived within `timeout_s`: a client sending a byte a second must not hold a request slot forever."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         raise payload_too_large(int(declared), max_bytes)
+    try:
+        data = await asyncio.wait_for(read_body(request, max_bytes), timeout_s)
+    except asyncio.TimeoutError:
+        raise body_timeout(timeout_s) from None
+    # Parsing a large body is CPU work: off the event loop.
+    return await asyncio.to_thread(protocol.parse_json_body, data)
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
             raise payload_too_large(size, max_bytes)
         chunks.append(chunk)
-    try:
-        return json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}") from None
+    return b"".join(chunks)
 
 
 def load_in_background(model_dir: str) -> concurrent.futures.Future:
@@ -143,7 +166,7 @@ class LlavaServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         self.authorize(request)
-        body = await read_json(request, self.settings.max_body_bytes)
+        body = await read_json(request, self.settings.max_body_bytes, self.settings.body_read_timeout_s)
         engine = await self.engine()
         # Image decoding and tokenizing are CPU work; a thread keeps the event loop free to accept other requests.
         chat, generation_request = await asyncio.to_thread(self.validate, engine, body)
@@ -156,7 +179,7 @@ class LlavaServer:
             raise
         headers = {BATCH_SIZE_HEADER: str(batch_size)}
         if chat.stream:
-            return StreamingResponse(self.stream(chat, generation_request, first, events),
+            return StreamingResponse(self.stream(chat, generation_request, first, events, request_id(request)),
                                      media_type="text/event-stream", headers=headers)
         try:
             collected = [first] + [event async for event, _ in events]
@@ -166,15 +189,14 @@ class LlavaServer:
                             headers=headers)
 
     async def stream(self, chat: protocol.ChatRequest, generation_request: GenerationRequest, first: StreamEvent,
-                     events: AsyncIterator) -> AsyncIterator[str]:
+                     events: AsyncIterator, rid: str) -> AsyncIterator[str]:
         writer = protocol.ChunkWriter(self.model_name, chat.include_usage)
         try:
             yield writer.start() + writer.event(first)
             async for event, _ in events:
                 yield writer.event(event)
         except Exception as error:  # noqa: BLE001 - the status line is sent already; say it in the stream
-            log.exception("streaming failed")
-            yield writer.sse(error_body(f"internal server error: {type(error).__name__}", "server_error"))
+            yield writer.sse(server_error_body(error, rid))
         finally:
             # A client that went away cancels this generator; its row in the batch stops at the next step.
             generation_request.cancelled.set()
@@ -184,6 +206,8 @@ class LlavaServer:
         async for item in self.generate_batch(generation_request):
             if item is None:
                 continue
+            if item[0].error is not None:  # this request's generation failed; its batch went on without it
+                raise item[0].error
             yield item
             if item[0].finish_reason is not None:
                 return

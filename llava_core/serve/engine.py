@@ -10,6 +10,8 @@ answer is the answer the evaluation measured.
 """
 from __future__ import annotations
 
+import copy
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from llava_core.data import images as image_ops
 from llava_core.model.build import IMAGE_TOKEN, load_llava
 from llava_core.serve.answer_stream import AnswerStream, StreamEvent
 from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
+
+log = logging.getLogger(__name__)
 
 __all__ = ["Completion", "GenerationEngine", "GenerationRequest", "SamplingSettings", "StreamEvent"]
 
@@ -49,30 +53,43 @@ class Completion:
 
 def completion_from_events(events: list[StreamEvent]) -> Completion:
     last = events[-1]
+    if last.error is not None:
+        raise last.error
     return Completion("".join(e.delta for e in events), last.finish_reason, last.prompt_tokens,
                       last.completion_tokens)
 
 
 class BatchProgress(StoppingCriteria):
-    """Feeds each step's new tokens to the requests' answer streams and ends each row when its answer is done."""
+    """Feeds each step's new tokens to the requests' answer streams and ends each row when its answer is done (or
+    when its sampling failed: that row alone ends with its error)."""
 
-    def __init__(self, streams: list[AnswerStream], requests: list[GenerationRequest], on_step: StepCallback):
+    def __init__(self, streams: list[AnswerStream], requests: list[GenerationRequest], sampler: PerRequestSampler,
+                 on_step: StepCallback):
         self.streams = streams
         self.requests = requests
+        self.sampler = sampler
         self.on_step = on_step
+        self.steps = 0
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         events: list[Optional[StreamEvent]] = []
-        for stream, request, token in zip(self.streams, self.requests, input_ids[:, -1].tolist()):
+        for row, (stream, request, token) in enumerate(zip(self.streams, self.requests, input_ids[:, -1].tolist())):
             if stream.done:
                 events.append(None)
+            elif row in self.sampler.failures:
+                events.append(stream.fail(self.sampler.failures[row]))
             elif request.cancelled.is_set():
                 stream.finish("cancelled")
                 events.append(None)
             else:
                 events.append(stream.push(token))
+        self.steps += 1
         self.on_step(events)
         return torch.tensor([s.done for s in self.streams], dtype=torch.bool, device=input_ids.device)
+
+    def fail_unfinished(self, error: BaseException) -> None:
+        """Generation broke after answers had started: every row still running ends with the error."""
+        self.on_step([None if s.done else s.fail(error) for s in self.streams])
 
 
 BYTE_FALLBACK_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # sentencepiece's byte pieces (LLaMA, Vicuna, Mistral)
@@ -94,8 +111,12 @@ class GenerationEngine:
         self.byte_token_ids = frozenset(i for token, i in self.tokenizer.get_vocab().items()
                                         if BYTE_FALLBACK_TOKEN.fullmatch(token))
         self.context_length = model.config.text_config.max_position_embeddings
-        # The Rust tokenizer raises "Already borrowed" when request validation and a running batch use it at once.
+        # The Rust tokenizer raises "Already borrowed" when two threads use it at once. Running batches share one
+        # (prompts, per-step decoding); request validation counts prompt tokens with its own copy, so a long prompt
+        # being counted never holds up the batches.
         self._tokenizer_lock = threading.Lock()
+        self._counting_tokenizer = copy.deepcopy(self.tokenizer)
+        self._counting_lock = threading.Lock()
         self.tokens_per_image = self._measure_tokens_per_image()
 
     def _eos_token_ids(self) -> set[int]:
@@ -117,8 +138,8 @@ class GenerationEngine:
     def count_prompt_tokens(self, messages: list[dict], n_images: int) -> int:
         """The prompt's length as the model sees it, image tokens included, without preprocessing any image."""
         prompt = self.render_prompt(messages)
-        with self._tokenizer_lock:
-            text_tokens = len(self.tokenizer(prompt)["input_ids"])
+        with self._counting_lock:
+            text_tokens = len(self._counting_tokenizer(prompt)["input_ids"])
         return text_tokens + n_images * (self.tokens_per_image - 1)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
@@ -133,25 +154,60 @@ class GenerationEngine:
         self.run_batch(requests, collect)
         return [completion_from_events(row) for row in events]
 
-    @torch.inference_mode()
     def run_batch(self, requests: list[GenerationRequest], on_step: StepCallback) -> None:
         """Generate for all `requests` in one left-padded batch, reporting every step's new text to `on_step`.
 
-        Each request's last event has its `finish_reason` and token counts."""
+        Each request's last event has its `finish_reason` and token counts. One request's failure is its own: a row
+        whose sampling fails ends alone, and a batch that fails before any answer started (preprocessing, the first
+        forward pass) is split in halves and run again, until the request that fails alone gets its error event."""
+        self._run_isolated(requests, list(range(len(requests))), on_step)
+
+    def _run_isolated(self, requests: list[GenerationRequest], rows: list[int], on_step: StepCallback) -> None:
+        def report(events: list[Optional[StreamEvent]]) -> None:  # this part's events, placed in the whole batch's
+            placed: list[Optional[StreamEvent]] = [None] * len(requests)
+            for row, event in zip(rows, events):
+                placed[row] = event
+            on_step(placed)
+
+        try:
+            self._generate([requests[row] for row in rows], report)
+        except Exception as error:  # noqa: BLE001 - nothing was answered yet: find whose request it is
+            if len(rows) == 1:
+                report([StreamEvent("", "error", error=error)])
+                return
+            log.warning("a batch of %d failed before answering (%s: %s); running it again in halves", len(rows),
+                        type(error).__name__, error)
+            middle = len(rows) // 2
+            self._run_isolated(requests, rows[:middle], on_step)
+            self._run_isolated(requests, rows[middle:], on_step)
+
+    @torch.inference_mode()
+    def _generate(self, requests: list[GenerationRequest], on_step: StepCallback) -> None:
+        """One `generate` call; raises only when it failed before any step was reported."""
         inputs = self._batch_inputs(requests)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
         streams = [AnswerStream(r.sampling, int(length), self.eos_token_ids, self._decode, self.byte_token_ids)
                    for r, length in zip(requests, prompt_lengths)]
-        progress = BatchProgress(streams, requests, on_step)
-        self.model.generate(
-            **inputs,
-            max_new_tokens=max(r.sampling.max_tokens for r in requests),
-            pad_token_id=self.tokenizer.pad_token_id,
-            # Sampled rows pick their token in the sampler and leave only it possible, so argmax keeps it.
-            do_sample=False,
-            logits_processor=LogitsProcessorList([PerRequestSampler([r.sampling for r in requests])]),
-            stopping_criteria=StoppingCriteriaList([progress]),
-        )
+        sampler = PerRequestSampler([r.sampling for r in requests])
+        progress = BatchProgress(streams, requests, sampler, on_step)
+        try:
+            self.model.generate(
+                **inputs,
+                max_new_tokens=max(r.sampling.max_tokens for r in requests),
+                pad_token_id=self.tokenizer.pad_token_id,
+                # Sampled rows pick their token in the sampler and leave only it possible, so argmax keeps it.
+                do_sample=False,
+                logits_processor=LogitsProcessorList([sampler]),
+                stopping_criteria=StoppingCriteriaList([progress]),
+            )
+        except Exception as error:  # noqa: BLE001 - text was handed out already: it cannot be run again
+            if not progress.steps:
+                raise
+            # Each request's own error response logs the trace; this line ties them to one batch.
+            log.warning("generation failed after %d steps (%s); its %d unfinished answers end with the error",
+                        progress.steps, type(error).__name__, sum(not s.done for s in streams))
+            progress.fail_unfinished(error)
+            return
         leftovers = [None if s.done else s.finish("length") for s in streams]
         if any(event is not None for event in leftovers):  # generate stopped first (a model-wide length limit)
             on_step(leftovers)

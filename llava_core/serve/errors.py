@@ -42,5 +42,9 @@ def payload_too_large(size: int, limit: int) -> ApiError:
                     None, "request_too_large")
 
 
+def body_timeout(timeout_s: float) -> ApiError:
+    return ApiError(408, f"the request body was not received within {timeout_s:g}s", None, "request_timeout")
+
+
 def unavailable(message: str) -> ApiError:
     return ApiError(503, message, None, "service_unavailable", "server_error", headers={"Retry-After": "1"})

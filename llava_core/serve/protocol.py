@@ -6,11 +6,13 @@ field (`messages[0].content[1].image_url`): a bad request must never fail the ba
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
+import numpy as np
 from PIL import Image
 
 from llava_core.config import ServeSettings
@@ -23,6 +25,10 @@ from llava_core.serve.image_input import image_from_url
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
+# A chat request nests about 6 deep (messages[0].content[1].image_url.url); thousands deep exhausts the parser's stack.
+MAX_JSON_DEPTH = 32
+# A 64-bit seed has 20 digits; a 5,000-digit literal costs quadratic time to convert and Python refuses it anyway.
+MAX_NUMBER_CHARS = 40
 
 
 @dataclass
@@ -35,11 +41,74 @@ class ChatRequest:
     include_usage: bool = False  # streaming only: end with a chunk that carries `usage`
 
 
+def parse_json_body(data: bytes) -> Any:
+    """A request body as JSON, or a 400 for anything that is not plain, finite, shallow, encodable JSON."""
+    try:
+        body = json.loads(data, parse_int=bounded_int, parse_float=bounded_float, parse_constant=no_constant)
+    except RecursionError:
+        raise bad_request(f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise bad_request(f"the request body is not valid JSON: {error}") from None
+    check_shape(body)
+    return body
+
+
+def bounded_int(literal: str) -> int:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise bad_request(f"the request body has a number of {len(literal)} digits; numbers are limited to "
+                          f"{MAX_NUMBER_CHARS} characters")
+    return int(literal)
+
+
+def bounded_float(literal: str) -> float:
+    if len(literal) > MAX_NUMBER_CHARS:
+        raise bad_request(f"the request body has a number of {len(literal)} characters; numbers are limited to "
+                          f"{MAX_NUMBER_CHARS}")
+    value = float(literal)
+    if not math.isfinite(value):
+        raise bad_request(f"the request body has the number {literal}, which is out of range")
+    return value
+
+
+def no_constant(name: str):
+    raise bad_request(f"the request body has {name}, which is not JSON; numbers must be finite")
+
+
+def children(value: Any) -> list:
+    if isinstance(value, dict):
+        return [*value.keys(), *value.values()]
+    return value if isinstance(value, list) else []
+
+
+def check_shape(body: Any) -> None:
+    """Depth and strings, level by level: iterative, so a deep body cannot exhaust the stack as recursion would."""
+    level, depth = [body], 0
+    while level:
+        depth += 1
+        if depth > MAX_JSON_DEPTH:
+            raise bad_request(f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
+        for value in level:
+            if isinstance(value, str):
+                check_encodable(value)
+        level = [child for value in level for child in children(value)]
+
+
+def check_encodable(text: str) -> None:
+    # JSON's `\ud800` escape of half a UTF-16 pair parses to a lone surrogate, which no UTF-8 encoder (the
+    # tokenizer's, the response's) takes.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise bad_request("the request body has a lone UTF-16 surrogate (such as the escape \\ud800) in a string; "
+                          "send text as valid Unicode") from None
+
+
 def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> ChatRequest:
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     check_model(body.get("model"), model_name)
     check_n(body)
+    check_unsupported(body)
     stream, include_usage = stream_options(body)
     # Cheap checks first: a wrong max_tokens should not cost decoding the images.
     sampling, max_tokens = parse_sampling(body), requested_max_tokens(body, settings)
@@ -47,6 +116,7 @@ def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> C
     if not isinstance(raw_messages, list) or not raw_messages:
         raise bad_request("messages must be a non-empty array", "messages")
     check_image_count(raw_messages, settings.max_images)
+    check_prompt_chars(raw_messages, settings.max_prompt_chars)
     images: list[Image.Image] = []  # filled in order by parse_message, as the chat template places them
     messages = [parse_message(m, f"messages[{i}]", images, settings) for i, m in enumerate(raw_messages)]
     if messages[-1]["role"] != "user":
@@ -83,6 +153,22 @@ def check_n(body: dict) -> None:
         raise bad_request("only n=1 is supported", "n")
 
 
+UNSUPPORTED = {
+    "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs", "top_logprobs": "logprobs",
+    "audio": "audio output",
+}
+
+
+def check_unsupported(body: dict) -> None:
+    """Features a client would silently not get are refused, not ignored (null, false and [] mean "not asked")."""
+    for key, feature in UNSUPPORTED.items():
+        if body.get(key) not in (None, False, []):
+            raise bad_request(f"{feature} is not supported by this server ({key})", key)
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
+
+
 def check_image_count(raw_messages: list, max_images: int) -> None:
     """Count image parts before decoding any, so a request with 1000 images costs nothing."""
     count = sum(
@@ -93,6 +179,24 @@ def check_image_count(raw_messages: list, max_images: int) -> None:
     if count > max_images:
         raise bad_request(f"too many images: {count}, the limit is {max_images} per request", "messages",
                           "too_many_images")
+
+
+def check_prompt_chars(raw_messages: list, max_chars: int) -> None:
+    """Count the text before tokenizing it: an 8 MB prompt takes the tokenizer seconds and could never fit anyway."""
+    chars = sum(len(text) for text in message_texts(raw_messages))
+    if chars > max_chars:
+        raise bad_request(f"the messages hold {chars} characters of text, over this server's limit of {max_chars}",
+                          "messages", "context_length_exceeded")
+
+
+def message_texts(raw_messages: list):
+    for message in raw_messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, str):
+            yield content
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part["text"]
 
 
 def parse_message(message: Any, where: str, images: list, settings: ServeSettings) -> dict:
@@ -150,8 +254,9 @@ def check_text(text: str, where: str) -> None:
 def parse_sampling(body: dict) -> SamplingSettings:
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
-    if top_p == 0:
-        raise bad_request("top_p must be greater than 0", "top_p")
+    # The sampler compares float32 probabilities with it: 1e-300 is 0.0 there, and would keep no token at all.
+    if np.float32(top_p) <= 0:
+        raise bad_request("top_p must be greater than 0 (and at least 1e-38, the smallest a float32 holds)", "top_p")
     seed = body.get("seed")
     if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise bad_request("seed must be a 64-bit integer", "seed")

@@ -34,17 +34,25 @@ class SamplingSettings:
 
 
 class PerRequestSampler(LogitsProcessor):
-    """Draws each sampled row's next token with that row's temperature, top-p and random generator."""
+    """Draws each sampled row's next token with that row's temperature, top-p and random generator.
+
+    A row whose draw fails is recorded in `failures` (row -> error) and given any token: the caller ends that row
+    with its error, and the other rows of the batch go on."""
 
     def __init__(self, settings: list[SamplingSettings]):
         self.settings = settings
         self.generators = [None if s.greedy else new_generator(s.seed) for s in settings]
+        self.failures: dict[int, Exception] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         for row, (sampling, generator) in enumerate(zip(self.settings, self.generators)):
-            if generator is None:
+            if generator is None or row in self.failures:
                 continue
-            token = draw(scores[row], sampling.temperature, sampling.top_p, generator)
+            try:
+                token = draw(scores[row], sampling.temperature, sampling.top_p, generator)
+            except Exception as error:  # noqa: BLE001 - one row's failure is that row's answer, not the batch's
+                self.failures[row] = error
+                token = 0
             scores[row] = float("-inf")
             scores[row, token] = 0.0
         return scores
@@ -58,6 +66,8 @@ def new_generator(seed: Optional[int]) -> torch.Generator:
 
 def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
     probs = torch.softmax(logits.float().cpu() / temperature, dim=-1)
+    if not torch.isfinite(probs).all():
+        raise FloatingPointError(f"the token probabilities are not finite (temperature {temperature:g})")
     if top_p < 1.0:
         probs = nucleus(probs, top_p)
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -67,6 +77,8 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     """Keep the most likely tokens whose probabilities add up to top_p (the one that crosses it included)."""
     sorted_probs, order = torch.sort(probs, descending=True)
     before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # probability mass ranked above each token
-    sorted_probs[before >= top_p] = 0.0
+    dropped = before >= top_p
+    dropped[0] = False  # the most likely token stays whatever top_p is: a tiny top_p means greedy, never nothing
+    sorted_probs[dropped] = 0.0
     kept = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
     return kept / kept.sum()
