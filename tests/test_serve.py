@@ -24,7 +24,7 @@ MODEL = "tiny-llava"
 API_KEY = "test-key"
 MAX_TOKENS = 6
 LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300,
-              max_body_bytes=200_000)
+              max_body_bytes=200_000, max_prompt_chars=20_000, body_read_timeout_s=2.0)
 # Small capacity, so that a burst of requests overflows it: 8 in the replica, 8 waiting, the rest get 429. (Serve counts
 # requests that arrive together as queued until each is assigned, so the queue must hold a batch's worth.)
 CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
@@ -332,6 +332,22 @@ BAD_REQUESTS = {
     "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
     "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
     "unknown model": (good_body(model="gpt-4o"), 404, "does not exist"),
+    # Each of these was a 500 before: the parser's stack, Python's int limit, UTF-8 encoding, float32 sampling.
+    "JSON nested 5,000 deep": (b'{"model": "tiny-llava", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
+                               "nested too deeply"),
+    "integer literal of 5,000 digits": (b'{"model": "tiny-llava", "seed": ' + b"7" * 5000 + b"}", 400, "5000 digits"),
+    "lone surrogate in the text": (json.dumps(good_body(messages=[{"role": "user", "content": "hi \ud800"}])).encode(),
+                                   400, "lone UTF-16 surrogate"),
+    "lone surrogate in the model name": (b'{"model": "\\udfff", "messages": []}', 400, "lone UTF-16 surrogate"),
+    "top_p 1e-300": (good_body(top_p=1e-300), 400, "top_p must be greater than 0"),
+    "NaN temperature": (b'{"model": "tiny-llava", "temperature": NaN}', 400, "not JSON"),
+    "a 1 x 10,000 image": (with_content(image_part(png_bytes(Image.new("RGB", (1, 10_000))))), 400,
+                           "longer than the limit"),
+    "a 2 x 300 image": (with_content(image_part(png_bytes(Image.new("RGB", (2, 300))))), 400, "aspect ratio 150.0"),
+    "prompt over the character limit": (good_body(messages=[{"role": "user", "content": "y" * 20_001}]), 400,
+                                        "20001 characters"),
+    "tools asked for": (good_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tool calling"),
+    "invalid UTF-8 in the body": (b'{"model": "tiny-\xff"}', 400, "not valid JSON"),
 }
 
 
@@ -392,6 +408,22 @@ def post_raw(server: str, data, **headers) -> requests.Response:
     return requests.post(server + "/v1/chat/completions", data=data, timeout=60,
                          headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json",
                                   **headers})
+
+
+def test_a_body_sent_too_slowly_gets_408(server):
+    import socket
+    import urllib.parse
+
+    target = urllib.parse.urlsplit(server)
+    started = time.monotonic()
+    with socket.create_connection((target.hostname, target.port), timeout=30) as sock:
+        sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n"
+                     "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"model\": ".encode())
+        answer = sock.recv(65536).decode(errors="replace")  # nothing more is sent: the server must give up
+    elapsed = time.monotonic() - started
+    assert answer.startswith("HTTP/1.1 408"), answer[:200]
+    assert '"code":"request_timeout"' in answer.replace(" ", "")
+    assert LIMITS["body_read_timeout_s"] <= elapsed < 20
 
 
 def test_oversize_body_is_413_before_parsing(server):
@@ -556,3 +588,47 @@ def test_concurrent_requests_share_batches_and_keep_their_answers(client, refere
     assert all(result is not None for result in results), "some requests failed"
     assert [answer for answer, _ in results] == expected
     assert max(batch_size for _, batch_size in results) > 1
+
+
+# Requests that each fail their own way, sent among valid ones.
+NEIGHBOURS = ["top_p 1e-300", "JSON nested 5,000 deep", "integer literal of 5,000 digits", "lone surrogate in the text",
+              "a 1 x 10,000 image", "prompt over the character limit", "decompression bomb", "truncated image"]
+
+
+def test_under_mixed_load_no_valid_request_fails_because_of_a_neighbour(server, reference):
+    """16 clients, valid and hostile requests interleaved so they share batches: every valid request gets its own
+    answer, every hostile one its own 400. A 429 (the queue was full) is retried after its Retry-After, as clients
+    do; it is not a failure of the request."""
+    question = "What colour is the square?"
+    valid = good_body(max_tokens=MAX_TOKENS, messages=[{"role": "user", "content": [
+        {"type": "text", "text": question}, image_part(GOOD_PNG)]}])
+    expected = reference([{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}],
+                         [wide_image()])["text"]
+    clients, rounds = 16, 4
+    outcomes: dict = {}
+
+    def send(client_index: int) -> None:
+        for round_index in range(rounds):
+            hostile = (client_index + round_index) % 2 == 1
+            case = NEIGHBOURS[(client_index + round_index) % len(NEIGHBOURS)] if hostile else None
+            payload = BAD_REQUESTS[case][0] if hostile else valid
+            data = payload if isinstance(payload, bytes) else json.dumps(payload)
+            for _ in range(20):
+                response = post_raw(server, data)
+                if response.status_code != 429:
+                    break
+                time.sleep(float(response.headers.get("retry-after", 1)))
+            outcomes[client_index, round_index] = (case, response.status_code, response.json())
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+
+    assert len(outcomes) == clients * rounds
+    for case, status, answer in outcomes.values():
+        if case is None:
+            assert status == 200 and answer["choices"][0]["message"]["content"] == expected, answer
+        else:
+            assert status == BAD_REQUESTS[case][1] and BAD_REQUESTS[case][2] in answer["error"]["message"], answer

@@ -29,7 +29,7 @@ class ImageLimits:
         if width == 0 or height == 0:
             raise RowError("image_empty", f"{width}x{height}")
         if width * height > self.max_pixels:
-            raise RowError("image_too_large", f"{width}x{height} pixels > limit {self.max_pixels}")
+            raise RowError("image_too_large", f"{width}x{height} is too many pixels (limit {self.max_pixels})")
         if max(width, height) > self.max_side:
             raise RowError("image_too_large", f"{width}x{height}: a side is longer than the limit of "
                                               f"{self.max_side} pixels")
