@@ -296,3 +296,20 @@ def test_counting_a_long_prompt_does_not_hold_the_batches_tokenizer(engine):
         thread.start()
         assert acquired.wait(10), "decoding waited for the counting tokenizer"  # ... and batches still decode
     assert engine.count_prompt_tokens(messages, 0) > 20_000
+
+
+def test_a_server_error_is_logged_once_and_answered_with_its_request_id(caplog):
+    from llava_core.serve.app import request_id, server_error_body
+
+    class Headers:  # what the replica sees: Serve's proxy sets x-request-id (or passes the client's on)
+        def __init__(self, value):
+            self.headers = {"x-request-id": value}
+
+    with caplog.at_level("ERROR", logger="llava_core.serve.app"):
+        body = server_error_body(KeyError("row"), request_id(Headers("3f2a-77")))
+    assert body["error"]["message"] == "internal server error (KeyError); request id 3f2a-77"
+    assert (body["error"]["type"], body["error"]["code"]) == ("server_error", "internal_error")
+    assert [r.getMessage() for r in caplog.records] == ["request 3f2a-77 failed"] and caplog.records[0].exc_info
+    # A client's own id that would forge log lines is replaced by a fresh one.
+    forged = request_id(Headers("x\nERROR fake line"))
+    assert "\n" not in forged and len(forged) == 32
