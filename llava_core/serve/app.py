@@ -14,8 +14,8 @@ import hmac
 import logging
 import re
 import threading
-import uuid
 import time
+import uuid
 from typing import AsyncIterator, Optional
 
 import ray
