@@ -158,7 +158,8 @@ def test_qwen2_is_sharded_safetensors_with_its_byte_level_bpe_tokenizer_and_chat
     saved = {}
     for name in set(index["weight_map"].values()):
         saved.update(load_file(os.path.join(path, name)))
-    assert set(saved) == set(index["weight_map"]) and all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert set(saved) == set(index["weight_map"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     assert "model.layers.0.self_attn.q_proj.bias" in saved  # Qwen2's biased q/k/v
 
     tokenizer = AutoTokenizer.from_pretrained(path)
