@@ -8,6 +8,26 @@ import torch
 
 from llava_core.model import standins
 
+# The real repos' files and config keys (sources cited in llava_core/model/standins.py).
+SIGLIP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
+                "spiece.model", "tokenizer_config.json"}
+SIGLIP_CONFIG_KEYS = {"architectures", "initializer_factor", "model_type", "text_config", "torch_dtype",
+                      "transformers_version", "vision_config"}
+SIGLIP_TEXT_CONFIG_KEYS = {"hidden_size", "intermediate_size", "model_type", "num_attention_heads",
+                           "num_hidden_layers"}
+SIGLIP_VISION_CONFIG_KEYS = {"hidden_size", "image_size", "intermediate_size", "model_type", "num_attention_heads",
+                             "num_hidden_layers", "patch_size"}
+SIGLIP_PREPROCESSOR = {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+                       "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5],
+                       "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 0.00392156862745098}
+QWEN2_FILES = {"config.json", "generation_config.json", "merges.txt", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "vocab.json"} | \
+              {f"model-0000{n}-of-00004.safetensors" for n in range(1, 5)}
+QWEN2_CONFIG_KEYS = {"architectures", "attention_dropout", "bos_token_id", "eos_token_id", "hidden_act",
+                     "hidden_size", "initializer_range", "intermediate_size", "max_position_embeddings",
+                     "max_window_layers", "model_type", "num_attention_heads", "num_hidden_layers",
+                     "num_key_value_heads", "rms_norm_eps", "rope_theta", "sliding_window", "tie_word_embeddings",
+                     "torch_dtype", "transformers_version", "use_cache", "use_sliding_window", "vocab_size"}
 VICUNA_FILES = {"config.json", "generation_config.json", "pytorch_model.bin.index.json", "special_tokens_map.json",
                 "tokenizer.model", "tokenizer_config.json"}
 
@@ -17,7 +37,8 @@ def hub(tmp_path_factory):
     root = str(tmp_path_factory.mktemp("hub"))
     corpus = ["a red circle on the left", "What colour is the shape?", "blue"] * 10
     cfg = standins.TinyModelConfig(image_size=32, patch_size=8, vocab_size=400)
-    for hub_id in ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5"]:
+    for hub_id in ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5",
+                   "google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct"]:
         standins.save_standin(hub_id, os.path.join(root, hub_id), corpus, cfg)
     return root
 
@@ -85,3 +106,76 @@ def test_the_processor_carries_the_template_the_llm_trains_with(hub):
         with open(os.path.join(llm, "tokenizer_config.json"), "w") as f:
             json.dump(config, f)
     assert own.chat_template == chatml
+
+
+def test_siglip_is_a_full_siglip_repo_whose_vision_tower_loads_as_onevision_cuts_it(hub):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer, SiglipVisionModel
+
+    path = os.path.join(hub, "google/siglip-so400m-patch14-384")
+    assert set(os.listdir(path)) == SIGLIP_FILES
+    config = json.load(open(os.path.join(path, "config.json")))
+    assert set(config) == SIGLIP_CONFIG_KEYS and set(config["vision_config"]) == SIGLIP_VISION_CONFIG_KEYS
+    assert set(config["text_config"]) == SIGLIP_TEXT_CONFIG_KEYS | {"vocab_size"}  # tiny vocabulary: named
+    assert config["architectures"] == ["SiglipModel"] and config["vision_config"]["image_size"] == 32
+    preprocessor = json.load(open(os.path.join(path, "preprocessor_config.json")))
+    assert preprocessor == {**SIGLIP_PREPROCESSOR, "size": {"height": 32, "width": 32}}
+
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "SiglipConfig"
+    full = AutoModel.from_pretrained(path)
+    assert type(full).__name__ == "SiglipModel" and full.vision_model.head is not None  # pooling head shipped
+    assert type(AutoImageProcessor.from_pretrained(path)).__name__.startswith("SiglipImageProcessor")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(tokenizer).__name__ == "SiglipTokenizer" and tokenizer("a red circle")["input_ids"][-1] == 1  # </s>
+
+    saved = load_file(os.path.join(path, "model.safetensors"))
+    assert any(k.startswith("text_model.") for k in saved) and "logit_bias" in saved
+    # As transformers' LLaVA-OneVision conversion loads it: the vision half, last layer and head cut off.
+    layers = config["vision_config"]["num_hidden_layers"]
+    tower = SiglipVisionModel.from_pretrained(path, num_hidden_layers=layers - 1, vision_use_head=False)
+    assert len(tower.encoder.layers) == layers - 1 and not hasattr(tower, "head")
+    for key in ("embeddings.position_embedding.weight", "encoder.layers.0.self_attn.q_proj.weight"):
+        assert torch.equal(tower.state_dict()[key], saved["vision_model." + key])
+
+
+def test_qwen2_is_sharded_safetensors_with_its_byte_level_bpe_tokenizer_and_chat_template(hub):
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from llava_core.model.chat_template import QWEN2_CHAT_TEMPLATE
+
+    path = os.path.join(hub, "Qwen/Qwen2-7B-Instruct")
+    assert set(os.listdir(path)) == QWEN2_FILES  # no special_tokens_map.json, as the repo
+    config = json.load(open(os.path.join(path, "config.json")))
+    assert set(config) == QWEN2_CONFIG_KEYS
+    assert config["torch_dtype"] == "bfloat16" and config["num_key_value_heads"] < config["num_attention_heads"]
+    index = json.load(open(os.path.join(path, "model.safetensors.index.json")))
+    assert set(index["weight_map"].values()) == {f for f in QWEN2_FILES if f.startswith("model-")}
+
+    assert type(AutoConfig.from_pretrained(path)).__name__ == "Qwen2Config"
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert type(model).__name__ == "Qwen2ForCausalLM" and model.dtype == torch.bfloat16
+    saved = {}
+    for name in set(index["weight_map"].values()):
+        saved.update(load_file(os.path.join(path, name)))
+    assert set(saved) == set(index["weight_map"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert "model.layers.0.self_attn.q_proj.bias" in saved  # Qwen2's biased q/k/v
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(tokenizer).__name__ == "Qwen2Tokenizer" and tokenizer.chat_template == QWEN2_CHAT_TEMPLATE
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == (None, "<|im_end|>", "<|endoftext|>")
+    first = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert first == len(json.load(open(os.path.join(path, "vocab.json"))))  # specials follow the learned vocabulary
+    assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [first + 1, first + 2]
+    assert config["vocab_size"] > len(tokenizer)  # spare embedding rows, as Qwen2-7B's 152064 for 151646 tokens
+    messages = [{"role": "user", "content": "What colour is the shape?"}, {"role": "assistant", "content": "blue"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nWhat colour is the shape?"
+        "<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n")
+    ids = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)["input_ids"]
+    assert ids[0] == first + 1 and tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # no BOS in front
+    for text in ["a red circle on the left", "  two  spaces\n\nand lines", "Größe: 42 µm — 東京", "<|im_end|>x"]:
+        assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    assert tokenizer.convert_ids_to_tokens(tokenizer("is 42")["input_ids"])[-3:] == ["Ġ", "4", "2"]  # digits split
+    assert tokenizer.convert_ids_to_tokens(tokenizer("é")["input_ids"]) == ["Ã", "©"]  # bytes, never <unk>

@@ -113,10 +113,7 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
     model.model.multi_modal_projector = new_projector(config, dtype, device)
     model.config.text_config = llm.config
     model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    if padded_vocab > len(tokenizer):  # rows no token maps to: never generated
-        model.generation_config.suppress_tokens = list(range(len(tokenizer), padded_vocab))
+    set_generation_defaults(model, tokenizer, padded_vocab)
 
     chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
     processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size, chat_template=chat_template)
@@ -140,18 +137,28 @@ def pad_embeddings(llm, tokens: int) -> int:
     return llm.get_input_embeddings().num_embeddings
 
 
-def new_projector(config, dtype: torch.dtype, device: torch.device | None):
-    """A freshly initialised projector: partitioned under ZeRO-3 (in the config's dtype, which is `dtype`), as
-    transformers builds models there; else on `device` (the host when None)."""
+def set_generation_defaults(model, tokenizer, padded_vocab: int) -> None:
+    """Pad and end-of-sequence tokens from the tokenizer; rows no token maps to are never generated."""
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    if padded_vocab > len(tokenizer):
+        model.generation_config.suppress_tokens = list(range(len(tokenizer), padded_vocab))
+
+
+def new_projector(config, dtype: torch.dtype, device: torch.device | None,
+                  projector_class: type = LlavaMultiModalProjector):
+    """A freshly initialised projector (LLaVA-1.5's unless `projector_class` says otherwise): partitioned under
+    ZeRO-3 (in the config's dtype, which is `dtype`), as transformers builds models there; else on `device` (the host
+    when None)."""
     from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
 
     if is_deepspeed_zero3_enabled():
         import deepspeed
 
         with deepspeed.zero.Init(config_dict_or_path=deepspeed_config()):
-            return LlavaMultiModalProjector(config)
+            return projector_class(config)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        return LlavaMultiModalProjector(config).to(dtype)
+        return projector_class(config).to(dtype)
 
 
 def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",

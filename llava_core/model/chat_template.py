@@ -30,3 +30,34 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )
+
+# Qwen/Qwen2-7B-Instruct's own template (its tokenizer_config.json `chat_template`): ChatML with a default system
+# prompt. Read from copies of the repo's tokenizer_config.json in public code (e.g. a DistillKit config that pins
+# Qwen's template); the same system line is LLaVA-NeXT's `conv_qwen` ("qwen_1_5", llava/conversation.py), the
+# template LLaVA-OneVision trains with. Content must be a string here: text-only LLMs know no image parts.
+QWEN2_SYSTEM = "You are a helpful assistant."
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + QWEN2_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# LLaVA-OneVision's ChatML: in each turn its images come first ("<image>\n" each), then its videos ("<video>\n"),
+# then its text, as transformers' convert_llava_onevision_weights_to_hf.py template renders them. Unlike that
+# template, a conversation without a system turn gets Qwen2's default system prompt, because that is what
+# LLaVA-OneVision was trained with (`conv_qwen`); for text-only messages this renders exactly what the Qwen2 LLM's
+# own template renders. Content may be a string or a list of parts.
+ONEVISION_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\n" + QWEN2_SYSTEM + "<|im_end|>\\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for part in message['content'] | selectattr('type', 'in', ['image', 'image_url']) %}{{ '<image>\\n' }}"
+    "{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'video') %}{{ '<video>\\n' }}{% endfor %}"
+    "{% for part in message['content'] | selectattr('type', 'equalto', 'text') %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}{{ '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)

@@ -138,6 +138,12 @@ def _special(content: str) -> dict:
             "single_word": False}
 
 
+def _added_token(content: str) -> dict:
+    """A special token as tokenizer_config.json's `added_tokens_decoder` has written them since transformers 4.34."""
+    return {"content": content, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
+            "special": True}
+
+
 VICUNA_TOKENIZER_CONFIG = {
     "add_bos_token": True, "add_eos_token": False, "bos_token": _special("<s>"), "clean_up_tokenization_spaces": False,
     "eos_token": _special("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
@@ -213,20 +219,213 @@ def byte_level_bpe_tokenizer(corpus: list[str], vocab_size: int):
                                    model_max_length=2048)
 
 
+# --- google/siglip-so400m-patch14-384 (LLaVA-OneVision's vision tower) -----------------------------------------
+#
+# The repo as transformers' convert_siglip_to_hf.py saved it (transformers 4.37.0.dev0): a full `SiglipModel`.
+# Keys of its config.json and preprocessor_config.json as copies of the repo's files in public code show them (a
+# llama.cpp SigLIP-encoder recipe's config.json; FramePack's / LLaVA-style SigLIP preprocessor configs, several
+# independent copies agreeing); the file list (config.json, model.safetensors, preprocessor_config.json,
+# special_tokens_map.json, spiece.model, tokenizer_config.json) from a mirror script of the repo that downloads each
+# file. That mirror also lists a tokenizer.json, which transformers' SiglipTokenizer (sentencepiece only) never
+# reads: the stand-in leaves it out, as the CLIP stand-in leaves out its text tokenizer.
+
+SIGLIP_MEAN = SIGLIP_STD = [0.5, 0.5, 0.5]
+SIGLIP_REPO_TRANSFORMERS_VERSION = "4.37.0.dev0"
+
+
+def siglip_config_json(cfg: TinyModelConfig, text_vocab_size: int) -> dict:
+    """The real config.json's keys at tiny sizes; everything it leaves out stays a SiglipConfig default as in the
+    real repo (gelu_pytorch_tanh, layer_norm_eps 1e-6, 64 text positions, the vision pooling head). Text and vision
+    widths are equal, as SigLIP's image-text similarity needs; the text tower also names its vocabulary size, which
+    the real file leaves at the default 32000."""
+    widths = {"hidden_size": cfg.vision_hidden, "intermediate_size": cfg.vision_hidden * 4, "num_attention_heads": 4}
+    return {
+        "architectures": ["SiglipModel"], "initializer_factor": 1.0, "model_type": "siglip",
+        "text_config": {**widths, "model_type": "siglip_text_model", "num_hidden_layers": 1,
+                        "vocab_size": text_vocab_size},
+        "torch_dtype": "float32", "transformers_version": SIGLIP_REPO_TRANSFORMERS_VERSION,
+        "vision_config": {**widths, "image_size": cfg.image_size, "model_type": "siglip_vision_model",
+                          "num_hidden_layers": cfg.vision_layers, "patch_size": cfg.patch_size},
+    }
+
+
+def siglip_preprocessor_config(image_size: int) -> dict:
+    """The repo's preprocessor_config.json: a square bicubic resize (no crop) and mean = std = 0.5."""
+    return {"do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": SIGLIP_MEAN,
+            "image_processor_type": "SiglipImageProcessor", "image_std": SIGLIP_STD,
+            "processor_class": "SiglipProcessor", "resample": 3, "rescale_factor": 1 / 255,
+            "size": {"height": image_size, "width": image_size}}
+
+
+def train_siglip_tokenizer(corpus: list[str], vocab_size: int) -> bytes:
+    """A unigram sentencepiece model laid out like T5's (`<pad>` 0, `</s>` 1, `<unk>` 2), the family SigLIP's
+    English vocabulary comes from. LLaVA never reads it; it is here so the repo loads as a whole."""
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus), model_writer=model, vocab_size=vocab_size,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   hard_vocab_limit=False, character_coverage=1.0, minloglevel=2)
+    return model.getvalue()
+
+
+SIGLIP_TOKENIZER_CONFIG = {  # as transformers 4.37's SiglipTokenizer wrote it when the repo was converted
+    "added_tokens_decoder": {"1": _added_token("</s>"), "2": _added_token("<unk>")},
+    "additional_special_tokens": [], "clean_up_tokenization_spaces": True, "do_lower_case": True,
+    "eos_token": "</s>", "model_input_names": ["input_ids"], "model_max_length": 64, "pad_token": "</s>",
+    "processor_class": "SiglipProcessor", "sp_model_kwargs": {}, "tokenizer_class": "SiglipTokenizer",
+    "unk_token": "<unk>",
+}
+SIGLIP_SPECIAL_TOKENS_MAP = {name: {k: v for k, v in _added_token(token).items() if k != "special"}
+                             for name, token in (("eos_token", "</s>"), ("pad_token", "</s>"), ("unk_token", "<unk>"))}
+
+
+def save_siglip(path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
+    """A tiny `google/siglip-so400m-patch14-384`: a full SiglipModel (text and vision towers, the vision tower with
+    its pooling head) in one float32 model.safetensors, the repo's configs and a sentencepiece spiece.model."""
+    import sentencepiece as spm
+    from safetensors.torch import save_file
+    from transformers import SiglipConfig, SiglipModel
+
+    os.makedirs(path, exist_ok=True)
+    tokenizer_model = train_siglip_tokenizer(corpus, vocab_size=64)
+    with open(os.path.join(path, "spiece.model"), "wb") as f:
+        f.write(tokenizer_model)
+    config = siglip_config_json(cfg, spm.SentencePieceProcessor(model_proto=tokenizer_model).get_piece_size())
+    model = SiglipModel(SiglipConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    _write_json(os.path.join(path, "config.json"), config)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"),
+              metadata={"format": "pt"})
+    _write_json(os.path.join(path, "preprocessor_config.json"), siglip_preprocessor_config(cfg.image_size))
+    _write_json(os.path.join(path, "tokenizer_config.json"), SIGLIP_TOKENIZER_CONFIG)
+    _write_json(os.path.join(path, "special_tokens_map.json"), SIGLIP_SPECIAL_TOKENS_MAP)
+
+
+# --- Qwen/Qwen2-7B-Instruct (LLaVA-OneVision's LLM) --------------------------------------------------------------
+#
+# Qwen2ForCausalLM in 4 bfloat16 shards `model-0000N-of-00004.safetensors` with model.safetensors.index.json,
+# generation_config.json, and a byte-level BPE tokenizer as tokenizer.json + vocab.json + merges.txt with
+# tokenizer_config.json (`Qwen2Tokenizer`, ChatML template, no BOS, eos `<|im_end|>`, pad `<|endoftext|>`) and no
+# special_tokens_map.json: the file list a FireRedASR2 download check requires of its vendored copy of the repo.
+# Config values from the repo's config.json as printed in public code (Qwen2Config of "Qwen/Qwen2-7B-Instruct":
+# 3584 wide, 28 layers, 28 heads, 4 KV heads, 18944 MLP, 152064 embedding rows, rope theta 1e6, untied lm_head,
+# bos 151643, eos 151645); generation settings as Qwen2-Instruct inference configs copy them.
+
+QWEN2_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # 151643, 151644, 151645: after the BPE vocab
+QWEN2_REPO_TRANSFORMERS_VERSION = "4.41.2"
+QWEN2_SHARDS = 4
+# Qwen2's pre-tokenizer split (transformers' tokenization_qwen2.py rebuilds it from this same pattern when it loads).
+QWEN2_PRETOKENIZE_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                           r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def train_qwen2_tokenizer(corpus: list[str], vocab_size: int):
+    """Qwen2's tokenizer pipeline (NFC, its regex split, byte-level BPE, no BOS) trained on `corpus`, with its three
+    special tokens appended after the learned vocabulary as in the real one."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    from llava_core.model.chat_template import QWEN2_SYSTEM
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.normalizer = normalizers.NFC()
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    # The template's words are in every row, as they are common in Qwen2's own data.
+    tokenizer.train_from_iterator(corpus + ["system user assistant " + QWEN2_SYSTEM] * max(1, len(corpus) // 16),
+                                  trainer=trainer)
+    tokenizer.add_special_tokens(list(QWEN2_SPECIAL_TOKENS))
+    return tokenizer
+
+
+def qwen2_tokenizer_config(first_special_id: int) -> dict:
+    from llava_core.model.chat_template import QWEN2_CHAT_TEMPLATE
+
+    decoder = {str(first_special_id + n): _added_token(t) for n, t in enumerate(QWEN2_SPECIAL_TOKENS)}
+    return {"add_prefix_space": False, "added_tokens_decoder": decoder,
+            "additional_special_tokens": ["<|im_start|>", "<|im_end|>"], "bos_token": None,
+            "chat_template": QWEN2_CHAT_TEMPLATE, "clean_up_tokenization_spaces": False, "eos_token": "<|im_end|>",
+            "errors": "replace", "model_max_length": 131072, "pad_token": "<|endoftext|>",
+            "split_special_tokens": False, "tokenizer_class": "Qwen2Tokenizer", "unk_token": None}
+
+
+def qwen2_embedding_rows(tokens: int) -> int:
+    """Qwen2-7B has 152,064 embedding rows for 151,646 tokens: spare rows that LLaVA-OneVision's `<image>` and
+    `<video>` (151646, 151647) fill without a resize. The stand-in keeps spare rows the same way."""
+    return -(-(tokens + 2) // 128) * 128
+
+
+def qwen2_config_json(cfg: TinyModelConfig, tokens: int, first_special_id: int) -> dict:
+    heads = cfg.llm_heads
+    return {
+        "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": first_special_id,
+        "eos_token_id": first_special_id + 2, "hidden_act": "silu", "hidden_size": cfg.llm_hidden,
+        "initializer_range": 0.02, "intermediate_size": cfg.llm_hidden * 5, "max_position_embeddings": 32768,
+        "max_window_layers": cfg.llm_layers, "model_type": "qwen2", "num_attention_heads": heads,
+        "num_hidden_layers": cfg.llm_layers, "num_key_value_heads": max(1, heads // 2), "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": QWEN2_REPO_TRANSFORMERS_VERSION, "use_cache": True, "use_sliding_window": False,
+        "vocab_size": qwen2_embedding_rows(tokens)}
+
+
+def save_qwen2(path: str, corpus: list[str], cfg: TinyModelConfig, shards: int = QWEN2_SHARDS) -> None:
+    """A tiny `Qwen/Qwen2-7B-Instruct` (grouped-query attention with biased q/k/v as the real one; KV heads half the
+    heads where the real model has 4 of 28): files, config keys and tokenizer as the repo ships them."""
+    from transformers import AutoConfig, Qwen2ForCausalLM
+
+    os.makedirs(path, exist_ok=True)
+    tokenizer = train_qwen2_tokenizer(corpus, cfg.vocab_size)
+    tokenizer.save(os.path.join(path, "tokenizer.json"))
+    tokenizer.model.save(path)  # vocab.json + merges.txt
+    first_special = tokenizer.token_to_id(QWEN2_SPECIAL_TOKENS[0])
+    _write_json(os.path.join(path, "tokenizer_config.json"), qwen2_tokenizer_config(first_special))
+    _write_json(os.path.join(path, "config.json"), qwen2_config_json(cfg, tokenizer.get_vocab_size(), first_special))
+    _write_json(os.path.join(path, "generation_config.json"), {
+        "bos_token_id": first_special, "do_sample": True, "eos_token_id": [first_special + 2, first_special],
+        "pad_token_id": first_special, "repetition_penalty": 1.05, "temperature": 0.7, "top_k": 20, "top_p": 0.8,
+        "transformers_version": "4.37.0"})
+    model = Qwen2ForCausalLM(AutoConfig.from_pretrained(path))
+    save_sharded_safetensors(path, {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, shards)
+
+
+def save_sharded_safetensors(path: str, state: dict, shards: int) -> None:
+    """Weights as `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`, as the Qwen2 repos ship."""
+    from safetensors.torch import save_file
+
+    keys = list(state)
+    per_shard = -(-len(keys) // shards)
+    weight_map = {}
+    for n in range(shards):
+        name = f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: state[k].contiguous() for k in keys[n * per_shard:(n + 1) * per_shard]}
+        save_file(part, os.path.join(path, name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    _write_json(os.path.join(path, "model.safetensors.index.json"),
+                {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
 # --- every base model a shipped workflow names -----------------------------------------------------------------
 
 SHARDS = {"lmsys/vicuna-7b-v1.5": 2, "lmsys/vicuna-13b-v1.5": 3}
-VISION_TOWERS = ("openai/clip-vit-large-patch14-336",)
+STANDINS = {
+    "openai/clip-vit-large-patch14-336": lambda path, corpus, cfg: save_clip(path, cfg),
+    "google/siglip-so400m-patch14-384": save_siglip,
+    **{vicuna: (lambda path, corpus, cfg, shards=shards: save_vicuna(path, corpus, cfg, shards))
+       for vicuna, shards in SHARDS.items()},
+    "Qwen/Qwen2-7B-Instruct": save_qwen2,
+}
 
 
 def save_standin(hub_id: str, path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
     """Write the tiny stand-in of `hub_id` (a vision tower or an LLM a shipped workflow names) to `path`."""
-    if hub_id in VISION_TOWERS:
-        save_clip(path, cfg)
-    elif hub_id in SHARDS:
-        save_vicuna(path, corpus, cfg, SHARDS[hub_id])
-    else:
-        raise KeyError(f"no stand-in for {hub_id!r}; known: {[*VISION_TOWERS, *SHARDS]}")
+    if hub_id not in STANDINS:
+        raise KeyError(f"no stand-in for {hub_id!r}; known: {list(STANDINS)}")
+    STANDINS[hub_id](path, corpus, cfg)
 
 
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,

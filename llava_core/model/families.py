@@ -1,0 +1,297 @@
+"""What each LLaVA family is: its transformers classes, how it lays an image out, which tower features it reads,
+and how a fresh model of it is assembled from a vision tower and an LLM.
+
+- `llava` (LLaVA-1.5): one 336 px view per image, padded to a square (`pad`); CLIP ViT-L/14-336 + Vicuna.
+- `llava_next` (LLaVA-NeXT / 1.6): `anyres`: the image is resized into the best of five tile grids (1x2, 2x1, 2x2,
+  3x1, 1x3 tiles of the tower's size), each tile and a downscaled global view encoded on their own, the tile
+  features unpadded to the image's aspect ratio, and a learned `image_newline` ends every feature row.
+- `llava_onevision`: "Higher AnyRes" (`anyres_max_9`): grids up to 6x6 tiles, and when the unpadded feature map
+  holds more than ~9 tiles' worth of features (ratio > 1.1) it is bilinearly shrunk to about that budget. SigLIP
+  so400m/14-384 (27 x 27 = 729 features a view, no CLS token) with its last layer dropped, + Qwen2.
+
+Facts and their sources: the pinpoints are transformers' `LlavaNextConfig` / `LlavaOnevisionConfig` defaults, the
+same lists LLaVA-NeXT's training scripts give (`--image_grid_pinpoints "[(336, 672), (672, 336), (672, 672),
+(1008, 336), (336, 1008)]"`; OneVision's `"(1x1),...,(6x6)"` times the tower's 384 px, llava/mm_utils.py). The
+OneVision tower settings are those of transformers' convert_llava_onevision_weights_to_hf.py
+(`SiglipVisionConfig(num_hidden_layers=26, vision_use_head=False)`, `vision_feature_select_strategy="full"`, the
+config's `vision_feature_layer=-1`), which is what LLaVA-NeXT's siglip_encoder.py does (`del layers[-1:]`, head =
+Identity, `hidden_states[-1]`) and equals layer -2 of the full 27-layer tower.
+
+transformers owns the models and processors; this module only picks and wires them. `llava` models are built by
+`build.assemble_llava`, unchanged.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    AddedToken,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    CLIPImageProcessor,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
+    LlavaOnevisionConfig,
+    LlavaOnevisionForConditionalGeneration,
+    LlavaOnevisionImageProcessor,
+    LlavaOnevisionProcessor,
+    LlavaProcessor,
+    SiglipVisionModel,
+)
+from transformers.initialization import no_init_weights
+from transformers.processing_utils import ProcessorMixin
+from transformers.utils import is_torchvision_available
+
+from llava_core import storage
+from llava_core.model.build import (
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    assemble_llava,
+    new_projector,
+    pad_embeddings,
+    set_generation_defaults,
+    vision_config,
+)
+from llava_core.model.chat_template import ONEVISION_CHAT_TEMPLATE, VICUNA_V1_CHAT_TEMPLATE
+from llava_core.model.zero3 import zero3_paused
+
+VIDEO_TOKEN = "<video>"
+
+# Tile grids as (rows, columns) of tower-sized tiles; pinpoints are these times the tower's image size.
+NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
+ONEVISION_GRIDS = tuple((rows, cols) for rows in range(1, 7) for cols in range(1, 7))
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    model_class: type
+    config_class: type
+    processor_class: type
+    image_processor_class: type
+    image_layout: str  # LLaVA's `image_aspect_ratio`: "pad", "anyres" or "anyres_max_<tiles>"
+    grids: tuple[tuple[int, int], ...]  # () for a single view
+    vision_feature_layer: int
+    vision_feature_select_strategy: str  # of the family's own tower: "default" drops CLIP's CLS, "full" keeps all
+    drops_last_tower_layer: bool  # OneVision's conversion cuts the tower's last layer and reads layer -1
+    media_tokens: tuple[str, ...]
+    template: str  # the workflow `template` its checkpoints train with
+    vision_tower: str  # the hub repos of its reference checkpoints
+    llm: str
+
+    def pinpoints(self, tile: int) -> list[list[int]]:
+        """The (height, width) resolutions an image may be tiled into, for a tower of `tile` px."""
+        return [[rows * tile, cols * tile] for rows, cols in self.grids]
+
+
+FAMILIES = {
+    "llava": Family(
+        "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, CLIPImageProcessor, "pad", (),
+        vision_feature_layer=-2, vision_feature_select_strategy="default", drops_last_tower_layer=False,
+        media_tokens=(IMAGE_TOKEN,), template="vicuna_v1",
+        vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
+    "llava_next": Family(
+        "llava_next", LlavaNextForConditionalGeneration, LlavaNextConfig, LlavaNextProcessor, LlavaNextImageProcessor,
+        "anyres", NEXT_GRIDS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        drops_last_tower_layer=False, media_tokens=(IMAGE_TOKEN,), template="vicuna_v1",
+        vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
+    "llava_onevision": Family(
+        "llava_onevision", LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionProcessor,
+        LlavaOnevisionImageProcessor, "anyres_max_9", ONEVISION_GRIDS, vision_feature_layer=-1,
+        vision_feature_select_strategy="full", drops_last_tower_layer=True, media_tokens=(IMAGE_TOKEN, VIDEO_TOKEN),
+        template="chat_template", vision_tower="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2-7B-Instruct"),
+}
+
+
+def family(name: str) -> Family:
+    if name not in FAMILIES:
+        raise KeyError(f"unknown model family {name!r}; known: {list(FAMILIES)}")
+    return FAMILIES[name]
+
+
+def tower_has_cls(tower_config) -> bool:
+    """CLIP towers put a CLS token before the patch features; SigLIP towers have none."""
+    return tower_config.model_type.startswith("clip")
+
+
+def feature_select_strategy(tower_config) -> str:
+    """Drop the CLS token where there is one, keep every feature where there is none: what each family's own tower
+    uses ("default" for CLIP, "full" for SigLIP), and the only choice that leaves a square grid of patch features."""
+    return "default" if tower_has_cls(tower_config) else "full"
+
+
+def features_per_view(tower_config) -> int:
+    """Patch features one view gives: 576 for CLIP ViT-L/14-336, 729 for SigLIP so400m/14-384."""
+    return (tower_config.image_size // tower_config.patch_size) ** 2
+
+
+# --- assembling a fresh model ------------------------------------------------------------------------------------
+
+
+def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32,
+             template: str | None = None, attn_implementation: str = "sdpa", device: torch.device | None = None):
+    """A fresh model of family `name` (pretrained vision tower and LLM, new projector and, for the AnyRes families,
+    a new `image_newline`) and its processor. `template` defaults to the family's own."""
+    fam = family(name)
+    template = template or fam.template
+    if fam.name == "llava":
+        return assemble_llava(vision_path, llm_path, dtype, template, attn_implementation, device)
+    return assemble_anyres(fam, vision_path, llm_path, dtype, template, attn_implementation, device)
+
+
+def assemble_anyres(fam: Family, vision_path: str, llm_path: str, dtype: torch.dtype, template: str,
+                    attn_implementation: str, device: torch.device | None):
+    """`assemble_llava` for LLaVA-NeXT and LLaVA-OneVision: the same loading and meta-device shell, plus the tile
+    layout in the config and processor and a learned row-end embedding."""
+    vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
+    tokenizer = load_tokenizer_with_media_tokens(llm_path, fam.media_tokens)
+    placement = {"device_map": {"": device}} if device is not None else {}
+    vision = load_vision_tower(fam, vision_path, dtype, attn_implementation, placement)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
+                                               **placement)
+    padded_vocab = pad_embeddings(llm, len(tokenizer))
+
+    config = anyres_config(fam, vision.config, llm.config, tokenizer)
+    with torch.device("meta"), no_init_weights(), zero3_paused():
+        model = fam.model_class(config)
+    projector_class = type(model.model.multi_modal_projector)
+    model.model.vision_tower = vision
+    model.model.language_model = llm.model
+    model.lm_head = llm.lm_head
+    model.model.multi_modal_projector = new_projector(config, dtype, device, projector_class)
+    model.model.image_newline = new_image_newline(llm.config.hidden_size, dtype, device)
+    model.config.text_config = llm.config
+    model.set_attn_implementation(attn_implementation)
+    set_generation_defaults(model, tokenizer, padded_vocab)
+    chat_template = processor_chat_template(fam, template, tokenizer)
+    processor = build_anyres_processor(fam, vision_path, tokenizer, vision.config, chat_template)
+    return model, processor
+
+
+def load_tokenizer_with_media_tokens(llm_path: str, media_tokens: tuple[str, ...]):
+    """The LLM's tokenizer with `<image>` (and `<video>`) added as special tokens and `<pad>` where it has no pad
+    token, as transformers' LLaVA-NeXT / OneVision conversions add them. `add_tokens` keeps the tokenizer's own
+    special tokens (Qwen2's `<|im_start|>`) listed; replacing `additional_special_tokens` would drop them."""
+    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(llm_path, without_weights=True))
+    missing = [t for t in media_tokens if t not in tokenizer.get_vocab()]
+    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer
+
+
+TOWER_CLASSES = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+
+
+def load_vision_tower(fam: Family, vision_path: str, dtype: torch.dtype, attn_implementation: str, placement: dict):
+    """The vision half of a full CLIP / SigLIP repo; for OneVision without its last layer and its pooling head,
+    which LLaVA never runs (their weights are left unread)."""
+    tower_config = vision_config(vision_path)
+    cut = {}
+    if fam.drops_last_tower_layer:
+        cut["num_hidden_layers"] = tower_config.num_hidden_layers - 1
+        if hasattr(tower_config, "vision_use_head"):
+            cut["vision_use_head"] = False
+    tower_class = TOWER_CLASSES[tower_config.model_type]
+    return tower_class.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation, **cut,
+                                       **placement)
+
+
+def anyres_config(fam: Family, tower_config, text_config, tokenizer):
+    media = {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+    if VIDEO_TOKEN in fam.media_tokens:
+        media["video_token_index"] = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    layout = {"vision_aspect_ratio": fam.image_layout} if fam.image_layout.startswith("anyres_max") else \
+        {"image_seq_length": features_per_view(tower_config)}
+    config = fam.config_class(
+        vision_config=tower_config, text_config=text_config, **media, **layout,
+        image_grid_pinpoints=fam.pinpoints(tower_config.image_size),
+        projector_hidden_act="gelu",
+        vision_feature_layer=fam.vision_feature_layer,
+        vision_feature_select_strategy=feature_select_strategy(tower_config),
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
+
+
+def new_image_newline(hidden_size: int, dtype: torch.dtype, device: torch.device | None) -> torch.nn.Parameter:
+    """The learned embedding that ends each row of tile features, initialised as transformers does (std
+    1/sqrt(hidden)). Under ZeRO-3 it is made whole on every rank and the engine converts it when it wraps the model
+    (DeepSpeedZeRoOffload._convert_to_zero_parameters broadcasts rank 0's copy, then partitions it); no test runs
+    that path yet."""
+    return torch.nn.Parameter(torch.randn(hidden_size, dtype=dtype, device=device) / hidden_size ** 0.5)
+
+
+def processor_chat_template(fam: Family, template: str, tokenizer) -> str:
+    """The template the processor renders prompts with. OneVision's LLM template (`chat_template`, Qwen2's ChatML)
+    knows no image or video parts, so the processor gets the same ChatML with them."""
+    if template == "vicuna_v1":
+        return VICUNA_V1_CHAT_TEMPLATE
+    if template != "chat_template":
+        raise ValueError(f"template {template!r} has no chat template; use vicuna_v1 or chat_template")
+    return ONEVISION_CHAT_TEMPLATE if VIDEO_TOKEN in fam.media_tokens else tokenizer.chat_template
+
+
+def build_anyres_processor(fam: Family, vision_path: str, tokenizer, tower_config, chat_template: str):
+    """The family's processor with the tower's own image processing (size, mean/std, resample from its
+    preprocessor_config.json) and the family's tile layout at the tower's resolution."""
+    tile = tower_config.image_size
+    image_processor = fam.image_processor_class.from_pretrained(
+        storage.local_copy(vision_path, without_weights=True), image_grid_pinpoints=fam.pinpoints(tile),
+        **square_tiles(fam, tile))
+    strategy = feature_select_strategy(tower_config)
+    if fam.processor_class is LlavaOnevisionProcessor:
+        settings = dict(image_processor=image_processor, tokenizer=tokenizer,
+                        num_image_tokens=features_per_view(tower_config), vision_feature_select_strategy=strategy,
+                        chat_template=chat_template, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
+                        vision_aspect_ratio=fam.image_layout)
+        if not is_torchvision_available():
+            return ImageOnlyOnevisionProcessor(**settings)
+        from transformers import LlavaOnevisionVideoProcessor
+
+        tower_files = storage.local_copy(vision_path, without_weights=True)
+        video_processor = LlavaOnevisionVideoProcessor.from_pretrained(tower_files)  # as the conversion builds it
+        return LlavaOnevisionProcessor(video_processor=video_processor, **settings)
+    return LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=tower_config.patch_size,
+        vision_feature_select_strategy=strategy, chat_template=chat_template, image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=int(tower_has_cls(tower_config)))
+
+
+def square_tiles(fam: Family, tile: int) -> dict:
+    """LLaVA-NeXT's image processor centre-crops every tile to `crop_size` (224 px unless the tower's config says
+    otherwise, and SigLIP's says nothing): crop to the tower's own size, so a tile is never cut."""
+    if fam.image_processor_class is LlavaNextImageProcessor:
+        return {"crop_size": {"height": tile, "width": tile}}
+    return {}
+
+
+class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
+    """transformers' LlavaOnevisionProcessor with its video slot left empty. transformers 5.x builds that processor
+    only with a video processor (ProcessorMixin checks every slot's class and refuses None), and every video
+    processor needs torchvision, which a CPU-only install may not have. Images need neither: the image-token
+    counting, chat template and tokenizing are the parent's own; videos are refused with that reason."""
+
+    def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
+                 vision_feature_select_strategy=None, chat_template=None, image_token=IMAGE_TOKEN,
+                 video_token=VIDEO_TOKEN, vision_aspect_ratio="anyres_max_9", **kwargs):
+        # The parent's settings, set as its __init__ sets them; then the mixin with only the two slots filled.
+        self.num_image_tokens = num_image_tokens
+        self.vision_feature_select_strategy = vision_feature_select_strategy
+        self.image_token, self.video_token = image_token, video_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
+        self.vision_aspect_ratio = vision_aspect_ratio
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def __call__(self, images=None, text=None, videos=None, **kwargs):
+        if videos is not None:
+            raise ValueError("videos need LLaVA-OneVision's video processor, which needs torchvision: install it")
+        return super().__call__(images=images, text=text, **kwargs)
