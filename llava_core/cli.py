@@ -48,8 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="listen address (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--model-name", help="the model id clients send (default: the run's name)")
-    serve.add_argument("--api-key", default=os.environ.get("LLAVA_RAY_API_KEY"),
-                       help="require `Authorization: Bearer KEY` (default $LLAVA_RAY_API_KEY)")
+    # The key itself is never an argument: arguments show in `ps` and in shell history.
+    serve.add_argument("--api-key-env", metavar="VAR",
+                       help="require `Authorization: Bearer <key>`, the key read from this environment variable")
+    serve.add_argument("--api-key-file", metavar="FILE",
+                       help="require `Authorization: Bearer <key>`, the key read from this file")
     serve.add_argument("--config-out", metavar="FILE",
                        help="write a Ray Serve config YAML for this export and exit, without serving")
     return parser
@@ -141,7 +144,8 @@ def serve_settings(args):
             raise WorkflowError(f"--workflow {args.workflow}: {error}") from None
     # `--set serve.port=9000` and `--set port=9000` mean the same here.
     data = apply_overrides(data, [o.removeprefix("serve.") for o in args.overrides])
-    flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "api_key": args.api_key}
+    flags = {"host": args.host, "port": args.port, "model_name": args.model_name, "api_key_env": args.api_key_env,
+             "api_key_file": args.api_key_file}
     data.update({key: value for key, value in flags.items() if value is not None})
     if args.config_out:
         data.setdefault("host", "0.0.0.0")  # a config file is for a cluster, where the proxy must be reachable

@@ -174,7 +174,8 @@ class EvalEndpointSettings:
     """Evaluate a live OpenAI-compatible endpoint instead of the exported model."""
     url: str = ""  # base URL, e.g. http://127.0.0.1:8000 (with or without /v1)
     model: str = ""
-    api_key: Optional[str] = None
+    api_key_env: Optional[str] = None  # the environment variable that holds the endpoint's key, if it has one
+    api_key_file: Optional[str] = None  # or a file that holds it (a mounted Kubernetes secret)
     concurrency: int = 8  # requests in flight; the server batches them
     timeout_s: float = 300.0
 
@@ -261,7 +262,10 @@ class ServeSettings:
     image_url_hosts: list = field(default_factory=list)  # hosts http(s) image URLs may point at; empty = none
     allow_private_image_hosts: bool = False  # allow hosts that resolve to private/loopback/link-local addresses
     image_fetch_timeout_s: float = 10.0
-    api_key: Optional[str] = None  # when set, requests need `Authorization: Bearer <key>`
+    # Requests need `Authorization: Bearer <key>` when a key is named: the variable (or file) each replica reads it
+    # from. Never the key itself: settings are copied into Serve configs, RayService objects and the dashboard.
+    api_key_env: Optional[str] = None
+    api_key_file: Optional[str] = None
     ready_timeout_s: Optional[float] = None  # how long deploy waits for /ready; None: 120 s + 60 s per GB of weights
     vllm: VllmSettings = field(default_factory=VllmSettings)
 
@@ -334,6 +338,12 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
+SECRET_IN_WORKFLOW = ("a key written in the workflow would be copied into Serve configs, the RayService object and "
+                      "the dashboard; put it in an environment variable (or a file, such as a mounted Kubernetes "
+                      "secret) and name that with api_key_env (or api_key_file)")
+REMOVED_KEYS = {("ServeSettings", "api_key"): SECRET_IN_WORKFLOW, ("EvalEndpointSettings", "api_key"): SECRET_IN_WORKFLOW}
+
+
 def _build(cls, data: Any, path: str, base: Any = None):
     """`cls` from a mapping; keys it does not set keep their value in `base` (default: the class defaults)."""
     if not isinstance(data, dict):
@@ -344,6 +354,8 @@ def _build(cls, data: Any, path: str, base: Any = None):
     kwargs = {}
     for key, value in data.items():
         where = f"{path}.{key}" if path else key
+        if (cls.__name__, key) in REMOVED_KEYS:
+            raise WorkflowError(f"{where}: {REMOVED_KEYS[cls.__name__, key]}")
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(sorted(names))})"

@@ -45,12 +45,16 @@ def filesystem(path: str) -> tuple[pafs.FileSystem, str]:
 
 
 S3_CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-S3_ENV_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION", *S3_CREDENTIAL_VARS)
+S3_SETTING_VARS = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
 def s3_env() -> dict:
-    """The driver's S3 settings, for Ray workers that were started before they were set (or on other nodes)."""
-    return {name: os.environ[name] for name in S3_ENV_VARS if os.environ.get(name)}
+    """The driver's S3 endpoint and region, for Ray workers started before they were set (or on other nodes).
+
+    Never its credentials: a task's `runtime_env` is shown by the dashboard and kept in the GCS. Workers get
+    credentials the way the cluster gives them to every process: environment variables from a secret on every pod,
+    an instance role or IRSA (see cluster/), or, for a local Ray, the environment it was started in."""
+    return {name: os.environ[name] for name in S3_SETTING_VARS if os.environ.get(name)}
 
 
 def s3_filesystem(bucket: str) -> pafs.S3FileSystem:

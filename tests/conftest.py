@@ -7,6 +7,14 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# S3 credentials reach Ray workers the way a cluster gives them: in the environment every process starts with (on
+# Kubernetes, variables from a secret on every pod), never through a runtime_env. The tests' S3 server (moto) takes
+# any key; these are set before the session's Ray starts, so its workers inherit them.
+# The same way, an API key the serve stage's tests name with `serve.api_key_env`.
+TEST_API_KEY_ENV = "LLAVA_RAY_TEST_API_KEY"
+for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                      (TEST_API_KEY_ENV, "k3y-from-the-environment")):
+    os.environ.setdefault(_name, _value)
 
 
 @pytest.fixture(scope="session")

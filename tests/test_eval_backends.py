@@ -73,10 +73,12 @@ def through_endpoint(in_process, tiny_llava_dir, eval_sets, tmp_path_factory):
 
     from llava_core.serve.app import deploy, shutdown
 
-    url = deploy(tiny_llava_dir, ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8), MODEL)
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"  # as a Kubernetes secret is mounted
+    key_file.write_text(API_KEY + "\n")
+    url = deploy(tiny_llava_dir, ServeSettings(port=free_port(), api_key_file=str(key_file), max_batch_size=8), MODEL)
     try:
-        settings = replace(eval_sets, endpoint=EvalEndpointSettings(url=url + "/v1", model=MODEL, api_key=API_KEY,
-                                                                    concurrency=6))
+        settings = replace(eval_sets, endpoint=EvalEndpointSettings(url=url + "/v1", model=MODEL,
+                                                                    api_key_file=str(key_file), concurrency=6))
         out = tmp_path_factory.mktemp("eval_endpoint")
         metrics = run_evaluate(tiny_llava_dir, settings, str(out), title="tiny")
     finally:

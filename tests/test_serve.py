@@ -115,11 +115,14 @@ def image_host():
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_llava_dir):
+def server(ray_session, tiny_llava_dir, tmp_path_factory):
     from llava_core.serve.app import deploy, shutdown
 
+    # The key lives in a file the replica reads (as a mounted Kubernetes secret), never in the settings.
+    key_file = tmp_path_factory.mktemp("secrets") / "api-key"
+    key_file.write_text(API_KEY)
     # A batch wait of 0.1 s lets concurrent requests meet in one batch even on a slow, busy machine.
-    settings = ServeSettings(port=free_port(), api_key=API_KEY, max_batch_size=8, batch_wait_timeout_s=0.1,
+    settings = ServeSettings(port=free_port(), api_key_file=str(key_file), max_batch_size=8, batch_wait_timeout_s=0.1,
                              default_max_tokens=4, **LIMITS, **CAPACITY, **IMAGE_URLS)
     url = deploy(tiny_llava_dir, settings, MODEL)
     yield url
@@ -402,6 +405,16 @@ def test_health_and_readiness_need_no_key(server):
     assert requests.get(server + "/health", timeout=30).json() == {"status": "ok"}
     ready = requests.get(server + "/ready", timeout=30)
     assert ready.status_code == 200 and ready.json() == {"status": "ready", "model": MODEL}
+
+
+@pytest.mark.parametrize("path", ["/docs", "/openapi.json", "/redoc"])
+def test_api_descriptions_follow_the_api_key(server, path):
+    assert requests.get(server + path, timeout=30).status_code == (404 if path == "/redoc" else 401)
+    if path != "/redoc":
+        allowed = requests.get(server + path, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=30)
+        assert allowed.status_code == 200
+        assert ("/v1/chat/completions" in allowed.json()["paths"]) if path == "/openapi.json" else \
+            "swagger" in allowed.text.lower()
 
 
 def post_raw(server: str, data, **headers) -> requests.Response:

@@ -31,7 +31,7 @@ def workflow_file(tmp_path):
     path.write_text(yaml.safe_dump({"name": "shapes", "serve": {
         "max_ongoing_requests": 12, "max_queued_requests": 40, "overload_status": 503, "cpus_per_replica": 2,
         "gpus_per_replica": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 6},
-        "api_key": "secret", "image_url_hosts": ["images.example.com"]}}))
+        "api_key_env": "SHAPES_API_KEY", "image_url_hosts": ["images.example.com"]}}))
     return str(path)
 
 
@@ -42,9 +42,11 @@ def write_config(tmp_path, *args) -> dict:
         return yaml.safe_load(f)
 
 
-def test_config_for_a_run_dir_deploys_the_export_with_the_workflow_settings(tmp_path, run_dir, workflow_file):
+def test_config_for_a_run_dir_deploys_the_export_with_the_workflow_settings(tmp_path, run_dir, workflow_file,
+                                                                          monkeypatch):
     from ray.serve.schema import ServeDeploySchema
 
+    monkeypatch.setenv("SHAPES_API_KEY", "k3y-that-must-not-leak")
     doc = write_config(tmp_path, run_dir, "--workflow", workflow_file, "--set", "autoscaling.max_replicas=4",
                        "--port", "9100")
 
@@ -55,7 +57,8 @@ def test_config_for_a_run_dir_deploys_the_export_with_the_workflow_settings(tmp_
     assert app["args"]["model_dir"] == os.path.join(run_dir, "export")
     assert app["args"]["model_name"] == "shapes-run"
     settings = app["args"]["settings"]
-    assert settings["api_key"] == "secret" and settings["image_url_hosts"] == ["images.example.com"]
+    assert settings["api_key_env"] == "SHAPES_API_KEY" and settings["image_url_hosts"] == ["images.example.com"]
+    assert "k3y-that-must-not-leak" not in (tmp_path / "serve.yaml").read_text()  # the name travels, not the key
     [deployment] = app["deployments"]
     assert deployment == {
         "name": "LlavaServer", "max_ongoing_requests": 12, "max_queued_requests": 40,
@@ -74,7 +77,24 @@ def test_config_for_a_run_dir_deploys_the_export_with_the_workflow_settings(tmp_
     assert bound._deployment_config.max_queued_requests == 40
     assert bound._deployment_config.autoscaling_config.max_replicas == 4
     assert bound.init_args[0] == os.path.join(run_dir, "export") and bound.init_args[2] == "shapes-run"
-    assert bound.init_args[1].api_key == "secret"
+    assert bound.init_args[1].api_key_env == "SHAPES_API_KEY"
+
+
+@pytest.mark.parametrize("section", ["serve", "evaluate.endpoint"])
+def test_a_key_written_in_the_workflow_is_refused_with_where_to_put_it(section, tmp_path):
+    from llava_core.config import WorkflowError, load_workflow
+
+    data = {"serve": {"api_key": "s3cr3t"}} if section == "serve" else \
+        {"evaluate": {"endpoint": {"url": "http://x", "model": "m", "api_key": "s3cr3t"}}}
+    path = tmp_path / "workflow.yaml"
+    path.write_text(yaml.safe_dump({"name": "shapes", **data}))
+    with pytest.raises(WorkflowError, match=rf"{section}\.api_key: a key written in the workflow .* api_key_env"):
+        load_workflow(str(path))
+
+
+def test_the_cli_takes_no_key_on_its_command_line(tmp_path, run_dir):
+    with pytest.raises(SystemExit):
+        main(["serve", run_dir, "--api-key", "s3cr3t", "--config-out", str(tmp_path / "x.yaml")])
 
 
 def test_config_with_fixed_replicas_and_automatic_gpus(tmp_path, run_dir):

@@ -3,6 +3,7 @@ up to its first image row), the readiness wait sized from the export, and a time
 doing. One Serve instance, deployed by the stage itself."""
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -15,6 +16,7 @@ from PIL import Image
 from llava_core.config import DatasetSettings, ServeSettings, Workflow
 from llava_core.serve import readiness
 from llava_core.serve.demo import chat_request, image_mime, instruct_question
+from tests.conftest import TEST_API_KEY_ENV
 from tests.ports import free_port
 
 QUESTION = "What colour is the shape in the middle?"
@@ -127,28 +129,58 @@ def served_demo(ray_session, tiny_llava_dir, instruct_data, tmp_path_factory):
     run_dir = str(tmp_path_factory.mktemp("run"))
     shutil.copytree(tiny_llava_dir, os.path.join(run_dir, "export"))
     instruct = DatasetSettings(path=instruct_data["path"], image_folder=instruct_data["image_folder"])
-    workflow = Workflow(name="no-eval-set", datasets={"instruct": instruct}, serve=ServeSettings(port=free_port()))
+    # The key comes from the environment every process started with, as pods get it from a secret.
+    serve = ServeSettings(port=free_port(), api_key_env=TEST_API_KEY_ENV)
+    workflow = Workflow(name="no-eval-set", datasets={"instruct": instruct}, serve=serve)
     assert not workflow.evaluate.all_sets()
     ctx = RunContext(workflow, run_dir, "", "", hashes=compute_hashes(workflow))
-    result = stage_serve(ctx)
-    yield ctx, result
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = stage_serve(ctx)
+    yield ctx, result, printed.getvalue()
     shutdown()
 
 
 def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(served_demo, instruct_data):
-    ctx, result = served_demo
+    ctx, result, _ = served_demo
     demo = json.load(open(os.path.join(ctx.stage_dir("serve"), "demo.json")))
     assert demo == result
     assert demo["question"] == QUESTION and demo["image"].endswith("row 1 (blue.jpg)")
     assert isinstance(demo["answer"], str)
 
     # The same question about the same JPEG, sent by hand: the same answer and the same prompt, image tokens included.
-    asked = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60,
+    key = {"Authorization": f"Bearer {os.environ[TEST_API_KEY_ENV]}"}
+    asked = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60, headers=key,
                           json=chat_request(demo["model"], QUESTION, [instruct_data["image"]])).json()
-    text_only = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60,
+    text_only = requests.post(f"{demo['url']}/v1/chat/completions", timeout=60, headers=key,
                               json=chat_request(demo["model"], QUESTION, [])).json()
     assert demo["answer"] == asked["choices"][0]["message"]["content"]
     assert demo["usage"]["prompt_tokens"] == asked["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
+
+
+def test_the_key_is_read_from_the_environment_and_never_printed(served_demo):
+    ctx, result, printed = served_demo
+    key = os.environ[TEST_API_KEY_ENV]
+    body = chat_request(result["model"], QUESTION, [])
+    assert requests.post(f"{result['url']}/v1/chat/completions", json=body, timeout=60).status_code == 401
+    assert f'-H "Authorization: Bearer ${TEST_API_KEY_ENV}"' in printed  # the variable's name, for the reader's shell
+    assert key not in printed and key not in json.dumps(result)
+
+
+def test_a_replica_without_its_key_does_not_start(tmp_path):
+    """Fail closed: a key named but missing in the replica's environment is a replica that never serves."""
+    from llava_core.secrets import SecretMissing
+    from llava_core.serve.app import replica_api_key
+
+    with pytest.raises(SecretMissing, match="LLAVA_RAY_NOT_SET_ANYWHERE is not set"):
+        replica_api_key(ServeSettings(api_key_env="LLAVA_RAY_NOT_SET_ANYWHERE"))
+    with pytest.raises(SecretMissing, match="cannot read /nonexistent/key"):
+        replica_api_key(ServeSettings(api_key_file="/nonexistent/key"))
+    empty = tmp_path / "key"
+    empty.write_text("\n")
+    with pytest.raises(SecretMissing, match="is empty"):
+        replica_api_key(ServeSettings(api_key_file=str(empty)))
+    assert replica_api_key(ServeSettings()) is None  # no key named: an open endpoint, as configured
 
 
 def test_running_out_of_time_says_what_serve_is_doing(served_demo):

@@ -32,7 +32,7 @@ def test_local_paths_are_used_where_they_are(tmp_path):
 @pytest.fixture
 def clean_s3(monkeypatch):
     """No S3 settings from this machine, and no clients or regions cached by an earlier test."""
-    for name in storage.S3_ENV_VARS:
+    for name in storage.S3_SETTING_VARS + storage.S3_CREDENTIAL_VARS:
         monkeypatch.delenv(name, raising=False)
     storage._s3_client.cache_clear()
     storage.bucket_region.cache_clear()
@@ -74,6 +74,15 @@ def test_aws_region_wins_over_aws_default_region(clean_s3):
     clean_s3.setenv("AWS_REGION", "eu-central-1")
     assert storage.filesystem("s3://bucket/key")[0].region == "eu-central-1"
     assert storage.s3_env()["AWS_REGION"] == "eu-central-1"  # Ray workers get it too
+
+
+def test_credentials_never_travel_in_a_runtime_env(clean_s3):
+    """What every runtime_env the project builds carries (pipeline, export, base models, serve replicas)."""
+    for name, value in {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1",
+                        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE", "AWS_SECRET_ACCESS_KEY": "s3cr3t",
+                        "AWS_SESSION_TOKEN": "t0ken"}.items():
+        clean_s3.setenv(name, value)
+    assert storage.s3_env() == {"AWS_ENDPOINT_URL": "http://minio:9000", "AWS_REGION": "eu-west-1"}
 
 
 def test_a_custom_endpoint_without_region_gets_no_forced_region(clean_s3):

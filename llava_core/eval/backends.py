@@ -20,6 +20,7 @@ import torch
 from llava_core import storage
 from llava_core.config import EvalEndpointSettings
 from llava_core.data import images
+from llava_core.secrets import read_secret
 
 log = logging.getLogger(__name__)
 
@@ -133,9 +134,8 @@ def completions_url(base: str) -> str:
 
 def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpointSettings,
                  max_new_tokens: int) -> str:
-    headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
     response = session.post(completions_url(endpoint.url), json=chat_body(query, endpoint.model, max_new_tokens),
-                            headers=headers, timeout=endpoint.timeout_s)
+                            timeout=endpoint.timeout_s)
     if response.status_code != 200:
         raise RuntimeError(f"{endpoint.url} answered {response.status_code} to question {query.key!r}: "
                            f"{response.text[:500]}")
@@ -144,6 +144,9 @@ def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpoint
 
 def answer_by_endpoint(queries: list[Query], endpoint: EvalEndpointSettings, max_new_tokens: int) -> dict[str, str]:
     log.info("evaluating %d prompts through %s (%d in flight)", len(queries), endpoint.url, endpoint.concurrency)
+    api_key = read_secret(endpoint.api_key_env, endpoint.api_key_file, "evaluate.endpoint.api_key_env/api_key_file")
     with requests.Session() as session, ThreadPoolExecutor(endpoint.concurrency) as pool:
+        if api_key:
+            session.headers["Authorization"] = f"Bearer {api_key}"
         answers = pool.map(lambda q: ask_endpoint(session, q, endpoint, max_new_tokens), queries)
         return {q.key: a for q, a in zip(queries, answers)}

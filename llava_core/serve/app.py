@@ -20,6 +20,7 @@ from typing import AsyncIterator, Optional
 
 import ray
 from fastapi import FastAPI, Request
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -32,6 +33,7 @@ from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_mo
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
 from llava_core.serve.errors import (ApiError, body_timeout, error_body, payload_too_large, unauthorized,
                                      unavailable)
+from llava_core.secrets import read_secret
 from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)
@@ -39,7 +41,9 @@ log = logging.getLogger(__name__)
 # Each response says how many requests shared its `generate` call: the observable proof that batching happens.
 BATCH_SIZE_HEADER = "x-llava-batch-size"
 
-api = FastAPI(title="llava-ray")
+# FastAPI's own /docs, /redoc and /openapi.json would answer without the API key: they are routes of the replica
+# below instead, behind the same check as the API they describe.
+api = FastAPI(title="llava-ray", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @api.exception_handler(ApiError)
@@ -116,11 +120,18 @@ def load_in_background(model_dir: str) -> concurrent.futures.Future:
     return future
 
 
+def replica_api_key(settings: ServeSettings) -> Optional[str]:
+    """The key from this replica's own environment or file. Named but missing, it raises: the replica fails to
+    start rather than serve unauthenticated (deploy reports the replica's error)."""
+    return read_secret(settings.api_key_env, settings.api_key_file, "serve.api_key_env/api_key_file")
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress(api)
 class LlavaServer:
     def __init__(self, model_dir: str, settings: ServeSettings, model_name: str):
         self.settings = settings
+        self.api_key = replica_api_key(settings)
         self.model_name = model_name
         self.created = int(time.time())
         self.loading = load_in_background(model_dir)
@@ -212,8 +223,18 @@ class LlavaServer:
             if item[0].finish_reason is not None:
                 return
 
+    @api.get("/openapi.json", include_in_schema=False)
+    async def openapi_schema(self, request: Request) -> JSONResponse:
+        self.authorize(request)
+        return JSONResponse(api.openapi())
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs(self, request: Request):
+        self.authorize(request)
+        return get_swagger_ui_html(openapi_url="/openapi.json", title="llava-ray")
+
     def authorize(self, request: Request) -> None:
-        expected = self.settings.api_key
+        expected = self.api_key
         if not expected:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")

@@ -20,6 +20,7 @@ from llava_core.config import DatasetSettings, EvalSetSettings, Workflow, datase
 from llava_core.data import formats
 from llava_core.data.images import read_image_bytes
 from llava_core.data.sources import iter_rows
+from llava_core.secrets import read_secret, shell_reference
 
 
 @dataclass
@@ -114,8 +115,9 @@ def row_question(raw: str, inline: list, image_folder: str) -> DemoQuestion | No
     return DemoQuestion(turns[0].text.replace(formats.IMAGE_TAG, "").strip(), images, ", ".join(map(str, names)))
 
 
-def curl_example(url: str, model_name: str, api_key: str | None) -> str:
-    auth = f' -H "Authorization: Bearer {api_key}"' if api_key else ""
+def curl_example(url: str, model_name: str, key_reference: str | None) -> str:
+    """A curl command for the endpoint; the key appears as the shell reference to where it lives, never itself."""
+    auth = f' -H "Authorization: Bearer {key_reference}"' if key_reference else ""
     return (
         f'IMG=$(base64 -w0 path/to/image.png)\n'
         f'curl -s {url}/v1/chat/completions -H "Content-Type: application/json"{auth} -d \'{{"model": "{model_name}", '
@@ -132,7 +134,8 @@ def serve_and_demo(ctx) -> dict:
     question = demo_question(w)  # before deploying: a workflow with nothing to ask fails without waiting for a model
     # The export's URI, not a copy on this (the driver's) disk: the replica may run on another node and mirrors it.
     url = deploy(storage.absolute(ctx.stage_dir("export")), w.serve, model_name)
-    headers = {"Authorization": f"Bearer {w.serve.api_key}"} if w.serve.api_key else {}
+    api_key = read_secret(w.serve.api_key_env, w.serve.api_key_file, "serve.api_key_env/api_key_file")
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.time()
     request = chat_request(model_name, question.text, question.images)
     response = requests.post(f"{url}/v1/chat/completions", json=request, headers=headers, timeout=120)
@@ -142,7 +145,7 @@ def serve_and_demo(ctx) -> dict:
     print(f"\nendpoint  {url}/v1/chat/completions  (model '{model_name}', OpenAI-compatible)")
     print(f"asked     {question.text!r} about {question.origin}")
     print(f"answered  {answer!r} in {time.time() - started:.2f}s")
-    print(f"try it:\n{curl_example(url, model_name, w.serve.api_key)}\n", flush=True)
+    print(f"try it:\n{curl_example(url, model_name, shell_reference(w.serve.api_key_env, w.serve.api_key_file))}\n", flush=True)
     result = {"url": url, "model": model_name, "question": question.text, "image": question.origin, "answer": answer,
               "max_tokens": request["max_tokens"], "usage": body["usage"]}
     storage.write_json(storage.join(ctx.stage_dir("serve"), "demo.json"), result)
