@@ -69,6 +69,19 @@ def test_kuberay_manifests(name):
     assert len(images) == 1, f"{name}: head and workers must run the same image, got {images}"
 
 
+@pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml", "rayservice.yaml"])
+def test_kuberay_manifests_need_a_token_and_keep_the_dashboard_on_the_pod(name):
+    cluster = cluster_spec(load(name))
+    assert cluster["authOptions"] == {"mode": "token"}  # KubeRay sets RAY_AUTH_MODE/RAY_AUTH_TOKEN on every pod
+    head = cluster["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "$(POD_IP)"
+    assert head.get("serviceType", "ClusterIP") == "ClusterIP"
+    container = head["template"]["spec"]["containers"][0]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in container["env"]
+    for probe in ("readinessProbe", "livenessProbe"):  # KubeRay's defaults would ask localhost:8265
+        assert "http://$POD_IP:8265/api/gcs_healthz" in container[probe]["exec"]["command"][-1]
+
+
 def credential_source(group: dict) -> dict:
     """Where a pod's S3 credentials come from: its service account (IRSA) and the secrets its containers read."""
     pod = group["template"]["spec"]
@@ -108,6 +121,14 @@ def test_rayservice_serve_config_is_valid_and_builds_this_projects_app():
     ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") else \
         ServeDeploySchema.parse_obj(config)
     app = config["applications"][0]
+    # The key is named, never written: every pod sets the variable from a secret, where each replica reads it.
+    settings = app["args"]["settings"]
+    assert "api_key" not in settings and settings["api_key_env"] == "LLAVA_RAY_API_KEY"
+    cluster = cluster_spec(load("rayservice.yaml"))
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        env = group["template"]["spec"]["containers"][0]["env"]
+        assert {"name": "LLAVA_RAY_API_KEY", "valueFrom": {"secretKeyRef": {"name": "llava-api-key",
+                                                                            "key": "api-key"}}} in env
     module, attr = app["import_path"].split(":")
     application = getattr(importlib.import_module(module), attr)(app["args"])
     assert type(application).__name__ == "Application"
@@ -127,5 +148,9 @@ def test_aws_cluster_launcher_config():
                for t in types.values())
     assert not any("AWS_ACCESS_KEY_ID" in option or "AWS_SECRET" in option for option in config["docker"]["run_options"])
     assert any(option.startswith("--env AWS_REGION=") for option in config["docker"]["run_options"])
+    # Token auth on every node, the token file shipped to each; the dashboard stays on the head's loopback.
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+    assert not any("dashboard-host" in command for command in config["head_start_ray_commands"])
     assert config["docker"]["image"] == load("rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"]
