@@ -108,6 +108,11 @@ def test_bom_and_crlf_jsonl_reads_every_row(tmp_path, preparer):
     assert [(r["id"], r["status"]) for r in got] == [("r0", "written"), ("r1", "written"), ("r2", "written")]
 
 
+def test_offsets_on_the_first_line_count_the_bom(tmp_path):
+    path = write(tmp_path, "bom.jsonl", BOM + b'{"id": "\xff"}\n' + text_row("b") + b"\n")
+    assert [r.defect for r in sources.iter_rows(path)] == ["line 1 (byte 3): invalid UTF-8 at byte 11", None]
+
+
 # ---- one bad element of a JSON array, between two good ones ----
 
 ARRAY_ELEMENTS = {

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import codecs
 import io
+import itertools
 import json
 import math
 import re
@@ -86,13 +87,14 @@ def iter_rows(path: str) -> Iterator[SourceRow]:
 def _check_looks_like_lines(head: bytes, path: str) -> None:
     """A file that is not an array must be JSON lines: one odd line is a reject, but a file none of whose first lines
     is a row (a PNG, a pretty-printed object, CSV) is the wrong file, and says so instead of rejecting every line."""
-    lines = head.splitlines(keepends=True)  # bytes.splitlines splits at \r and \n only
+    body = head.removeprefix(codecs.BOM_UTF8)
+    lines = body.splitlines(keepends=True)  # bytes.splitlines splits at \r and \n only
     complete = lines if len(head) < HEAD_BYTES else lines[:-1]  # the last line of a full head may be cut off
-    starts = [0]
+    starts = [len(head) - len(body)]
     for line in complete:
         starts.append(starts[-1] + len(line))
-    head_rows = [_line_row(line.removeprefix(codecs.BOM_UTF8) if number == 1 else line, number, start)
-                 for number, (line, start) in enumerate(zip(complete, starts), 1) if line.strip(b" \t\r\n")]
+    head_rows = [_line_row(line, number, start) for number, (line, start) in enumerate(zip(complete, starts), 1)
+                 if line.strip(b" \t\r\n")]
     defects = [row.defect for row in head_rows[:HEAD_LINES]]
     if defects and all(defects):
         raise SourceError(f"{path}: neither a JSON array nor JSON lines: none of its first {len(defects)} lines is a "
@@ -183,7 +185,8 @@ def _encodable(value) -> bool:
 
 
 def readable(text: str) -> str:
-    """A defective row's text as arrow takes it: invalid bytes and lone surrogates replaced, cut short."""
+    """A defective row's text as arrow takes it: bytes that are not UTF-8 (escaped on decoding) replaced, cut
+    short."""
     return text[:DEFECT_TEXT_CHARS].encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
@@ -193,7 +196,7 @@ def _jsonl_rows(stream, path: str) -> Iterator[SourceRow]:
     """One row per non-blank line; a line's defect stays with that line."""
     lines = io.BufferedReader(stream, buffer_size=1 << 20)
     offset = 0
-    for number in range(1, 1 << 62):
+    for number in itertools.count(1):
         start = offset
         line = _read_line(lines, path, offset)
         if not line:
@@ -201,11 +204,11 @@ def _jsonl_rows(stream, path: str) -> Iterator[SourceRow]:
         offset += len(line)
         if len(line) > MAX_ROW_BYTES:
             offset += _skip_rest_of_line(lines, path, offset, line)
-            yield SourceRow(readable(line.decode("utf-8", "replace")), [],
+            yield SourceRow(readable(line[:DEFECT_TEXT_CHARS].decode("utf-8", "replace")), [],
                             f"line {number} (byte {start}): longer than {MAX_ROW_BYTES >> 20} MB")
             continue
         if number == 1 and line.startswith(codecs.BOM_UTF8):  # a BOM opens the file: not part of the row
-            line = line[len(codecs.BOM_UTF8):]
+            line, start = line[len(codecs.BOM_UTF8):], start + len(codecs.BOM_UTF8)
         if line.strip(b" \t\r\n"):
             yield _line_row(line, number, start)
 
