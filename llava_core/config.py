@@ -103,6 +103,7 @@ class PrepareSettings:
     max_image_pixels: int = 64_000_000
     max_image_side: int = 8192  # longest side in pixels, checked from the header before decoding
     max_image_aspect_ratio: float = 20.0  # longest side / shortest side; `pad` makes a square of the longest side
+    allow_paths_outside_image_folder: bool = False  # true: a row's `..`, absolute path or s3:// URI is read as is
     max_reject_fraction: float = 0.01
     rows_per_shard: int = 2000
     num_actors: int = 2

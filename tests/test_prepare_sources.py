@@ -33,8 +33,8 @@ def test_json_array_and_jsonl_stream_the_same_rows(tmp_path):
     rows = [{"id": str(i), "conversations": [], "model": ""} for i in range(300)]
     (tmp_path / "a.json").write_text(json.dumps(rows))
     (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
-    from_array = [json.loads(raw) for raw, _ in sources.iter_rows(str(tmp_path / "a.json"))]
-    from_lines = [json.loads(raw) for raw, _ in sources.iter_rows(str(tmp_path / "a.jsonl"))]
+    from_array = [json.loads(row.raw) for row in sources.iter_rows(str(tmp_path / "a.json"))]
+    from_lines = [json.loads(row.raw) for row in sources.iter_rows(str(tmp_path / "a.jsonl"))]
     assert from_array == from_lines == rows
     blocks = list(sources.staged_blocks(Source(str(tmp_path / "a.json"), "imgs"), rows_per_block=128))
     assert [b.num_rows for b in blocks] == [128, 128, 44]
@@ -50,7 +50,7 @@ def test_hub_parquet_images_travel_inline(tmp_path):
         "conversations": [[{"from": "human", "value": "q"}]] * 4,
     })
     pq.write_table(table, tmp_path / "hub.parquet")
-    got = [(json.loads(raw), inline) for raw, inline in sources.iter_rows(str(tmp_path / "hub.parquet"))]
+    got = [(json.loads(raw), inline) for raw, inline, _ in sources.iter_rows(str(tmp_path / "hub.parquet"))]
     assert [(row.get("image"), inline) for row, inline in got] == [
         (["a.png"], [b"PNGDATA"]), (None, []), (["rel/c.jpg"], []), (["inline-0"], [b"X"])]
     assert got[0][0]["conversations"] == [{"from": "human", "value": "q"}]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import io
+import os
+import posixpath
 import warnings
 from dataclasses import dataclass
 
@@ -39,14 +41,38 @@ class ImageLimits:
                                                  f"{self.max_aspect_ratio:g}")
 
 
-def read_image_bytes(image_folder: str, name: str) -> bytes:
-    path = name if storage.is_remote(name) or name.startswith("/") else storage.join(image_folder, name)
+def read_image_bytes(image_folder: str, name: str, allow_outside: bool = False) -> bytes:
+    """A row's image, named relative to `image_folder`. A name that leads outside it (`..`, an absolute path, a URI,
+    a symlink out of a local folder) is an `image_path_outside_folder` reject unless `allow_outside` (the setting
+    `prepare.allow_paths_outside_image_folder`): a row must not read whatever file the process can."""
+    if allow_outside:
+        path = name if storage.is_remote(name) or name.startswith("/") else storage.join(image_folder, name)
+    else:
+        path = confined_path(image_folder, name)
     try:
         return storage.read_bytes(path)
     except (FileNotFoundError, OSError) as error:
         if not storage.exists(path):
             raise RowError("image_missing", path) from error
         raise RowError("image_unreadable", f"{path}: {error}") from error
+
+
+def confined_path(image_folder: str, name: str) -> str:
+    """`name` inside `image_folder` (local, or `s3://bucket/prefix` where `..` is resolved as text), or a RowError."""
+    if storage.is_remote(name) or name.startswith("/"):
+        raise RowError("image_path_outside_folder", f"{name!r}: an absolute path or URI, not a name in the folder")
+    if "\0" in name:
+        raise RowError("image_missing", f"{name!r}: a name with a NUL character")
+    relative = posixpath.normpath(name)
+    if relative == ".." or relative.startswith("../"):
+        raise RowError("image_path_outside_folder", f"{name!r} leads out of {image_folder}")
+    if storage.is_remote(image_folder):
+        return storage.join(image_folder, relative)
+    folder = os.path.realpath(image_folder)
+    path = os.path.realpath(os.path.join(folder, relative))  # symlinks resolved: one may point out of the folder
+    if os.path.commonpath([folder, path]) != folder:
+        raise RowError("image_path_outside_folder", f"{name!r} resolves to {path}, outside {folder}")
+    return path
 
 
 def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:

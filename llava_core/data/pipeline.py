@@ -189,7 +189,8 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     p = workflow.prepare
     settings = {"max_length": p.max_length, "too_long": p.too_long, "image_aspect_ratio": p.image_aspect_ratio,
                 "max_image_pixels": p.max_image_pixels, "max_image_side": p.max_image_side,
-                "max_image_aspect_ratio": p.max_image_aspect_ratio}
+                "max_image_aspect_ratio": p.max_image_aspect_ratio,
+                "allow_paths_outside_image_folder": p.allow_paths_outside_image_folder}
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
         sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]

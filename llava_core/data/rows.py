@@ -30,6 +30,7 @@ class RowSettings:
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
+    allow_paths_outside_image_folder: bool = False  # else `..`, absolute paths and URIs are rejected
 
     @property
     def image_limits(self) -> images.ImageLimits:
@@ -71,21 +72,26 @@ class RowPreparer:
         self.scale, self.offset = images.normalisation(self.image_processor)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        """Staged rows (`source`, `image_folder`, `index`, `raw`, `image_bytes`) -> one output row per input row,
-        good or rejected (Ray Data `batch_format="pyarrow"`)."""
+        """Staged rows (`source`, `image_folder`, `index`, `raw`, `image_bytes`, `defect`) -> one output row per input
+        row, good or rejected (Ray Data `batch_format="pyarrow"`)."""
         out = {name: [] for name in OUTPUT_COLUMNS}
-        columns = [batch.column(c).to_pylist() for c in ("source", "image_folder", "index", "raw", "image_bytes")]
-        for source, image_folder, index, raw, inline in zip(*columns):
-            example = self.prepare(raw, image_folder or self.settings.image_folder, inline or [])
+        names = ("source", "image_folder", "index", "raw", "image_bytes", "defect")
+        columns = [batch.column(c).to_pylist() for c in names]
+        for source, image_folder, index, raw, inline, defect in zip(*columns):
+            example = self.prepare(raw, image_folder or self.settings.image_folder, inline or [], defect)
             example.update(source=source, index=index, status="rejected" if example["reason"] else "written")
             for name in OUTPUT_COLUMNS:
                 out[name].append(example[name])
         return pa.table(out, schema=OUTPUT_SCHEMA)
 
-    def prepare(self, raw: str | dict, image_folder: str = "", inline: list | None = None) -> dict:
-        """One row (JSON text or parsed) -> a training example, or a rejection with its reason."""
+    def prepare(self, raw: str | dict, image_folder: str = "", inline: list | None = None,
+                defect: str | None = None) -> dict:
+        """One row (JSON text or parsed) -> a training example, or a rejection with its reason. `defect` is the
+        reader's verdict on a row that is not a JSON object (`sources.SourceRow`): a `malformed_row`."""
         row_id = ""
         try:
+            if defect:
+                raise RowError("malformed_row", defect)
             row = _parse_row(raw)
             row_id = str(row.get("id", ""))
             return {"id": row_id, "reason": "", "detail": "",
@@ -111,7 +117,8 @@ class RowPreparer:
         if num_supervised == 0:
             raise RowError("nothing_supervised", "no assistant tokens to learn")
         encoded = [inline[i] if i < len(inline) and inline[i] is not None
-                   else images.read_image_bytes(image_folder, name) for i, name in enumerate(names)]
+                   else images.read_image_bytes(image_folder, name, s.allow_paths_outside_image_folder)
+                   for i, name in enumerate(names)]
         return {"input_ids": ids.astype(np.int32).tolist(), "labels": labels.astype(np.int32).tolist(),
                 "pixel_values": self._pixel_record(self._pixels(encoded)), "num_images": len(names),
                 "length": len(ids), "num_supervised": num_supervised, "modality": "image" if names else "text"}

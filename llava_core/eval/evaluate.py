@@ -11,8 +11,10 @@ Answers come from the exported model in Ray Data actors, or from a live OpenAI-c
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import re
 
 from PIL import Image
 
@@ -58,6 +60,14 @@ def image_extension(data: bytes) -> str:
     return ".jpg" if data[:2] == b"\xff\xd8" else ".png" if data[:4] == b"\x89PNG" else ".img"
 
 
+def file_stem(question_id) -> str:
+    """A file name for a question id that came from the eval file: its safe characters, readable, and a short hash of
+    the id so that two ids never share a file (`a/b` and `a_b`); never `..`, `/` or a hidden name."""
+    text = str(question_id)
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._")[:64] or "question"
+    return f"{readable}-{hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()[:12]}"
+
+
 def store_inline_images(items: list[EvalItem], folder: str) -> None:
     """Write inline images (MMBench's TSV) to the run directory once per question, so that queries carry a path:
     a circular question would otherwise ship its image through Ray once per rotation."""
@@ -66,7 +76,7 @@ def store_inline_images(items: list[EvalItem], folder: str) -> None:
         if item.image_b64:
             if item.question_id not in written:
                 data = base64.b64decode(item.image_b64)
-                written[item.question_id] = storage.join(folder, f"{item.question_id}{image_extension(data)}")
+                written[item.question_id] = storage.join(folder, file_stem(item.question_id) + image_extension(data))
                 storage.write_bytes(written[item.question_id], data)
             item.image_path, item.image_b64 = written[item.question_id], ""
 

@@ -59,7 +59,7 @@ def demo_question(w: Workflow) -> DemoQuestion:
     sets = w.evaluate.all_sets()
     if sets:
         return eval_question(sets[w.evaluate.primary_set() or next(iter(sets))])
-    return instruct_question(w.datasets[w.instruct.dataset])
+    return instruct_question(w.datasets[w.instruct.dataset], w.prepare.allow_paths_outside_image_folder)
 
 
 def eval_question(s: EvalSetSettings) -> DemoQuestion:
@@ -73,13 +73,15 @@ def eval_question(s: EvalSetSettings) -> DemoQuestion:
 MAX_BAD_ROWS = 20  # image rows that cannot be asked (prepare rejects them too) before the demo gives up
 
 
-def instruct_question(ds: DatasetSettings) -> DemoQuestion:
+def instruct_question(ds: DatasetSettings, allow_paths_outside_image_folder: bool = False) -> DemoQuestion:
     """The first human turn of the first good row with an image, its `<image>` tags removed. Rows are streamed from
     the start of each source, so a 1 GB annotation file is read only up to that row."""
     problems = []
-    for where, raw, inline, image_folder in dataset_rows(ds):
+    for where, (raw, inline, defect), image_folder in dataset_rows(ds):
         try:
-            question = row_question(raw, inline, image_folder)
+            if defect:
+                raise formats.RowError("malformed_row", defect)
+            question = row_question(raw, inline, image_folder, allow_paths_outside_image_folder)
         except ValueError as error:  # RowError included
             problems.append(f"{where}: {error}")
             if len(problems) >= MAX_BAD_ROWS:  # a wrong image_folder: every row fails; do not read them all
@@ -93,13 +95,14 @@ def instruct_question(ds: DatasetSettings) -> DemoQuestion:
 
 
 def dataset_rows(ds: DatasetSettings):
-    """(where, raw JSON, inline images, image folder) of every row of every source, in file order, streamed."""
+    """(where, `SourceRow`, image folder) of every row of every source, in file order, streamed."""
     for source in dataset_sources(ds):
-        for index, (raw, inline) in enumerate(iter_rows(source.path)):
-            yield f"{source.path} row {index}", raw, inline, source.image_folder
+        for index, row in enumerate(iter_rows(source.path)):
+            yield f"{source.path} row {index}", row, source.image_folder
 
 
-def row_question(raw: str, inline: list, image_folder: str) -> DemoQuestion | None:
+def row_question(raw: str, inline: list, image_folder: str,
+                 allow_outside: bool = False) -> DemoQuestion | None:
     """The row's question and images; None for a text-only row. A row prepare would reject raises ValueError."""
     row = json.loads(raw)
     if not isinstance(row, dict):
@@ -108,8 +111,8 @@ def row_question(raw: str, inline: list, image_folder: str) -> DemoQuestion | No
     if not names:
         return None
     turns = formats.normalise_conversation(row, len(names))
-    images = [inline[i] if i < len(inline) and inline[i] is not None else read_image_bytes(image_folder, name)
-              for i, name in enumerate(names)]
+    images = [inline[i] if i < len(inline) and inline[i] is not None
+              else read_image_bytes(image_folder, name, allow_outside) for i, name in enumerate(names)]
     for image in images:
         image_mime(image)  # an image the server cannot read would fail the demo: take the next row
     return DemoQuestion(turns[0].text.replace(formats.IMAGE_TAG, "").strip(), images, ", ".join(map(str, names)))
