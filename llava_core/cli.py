@@ -124,11 +124,13 @@ def _validate(args, workflow) -> int:
 
         try:
             plan = build_plan(workflow, gpu=args.gpu, mfu=args.mfu)
-        except KeyError as error:
+        except (KeyError, WorkflowError) as error:
             print(f"error: {error.args[0]}", file=sys.stderr)
             return 2
         print(json.dumps(plan, indent=2) if args.json else format_plan(plan))
     return 0
+
+
 def serve_settings(args):
     """The workflow's `serve:` section (if given), then --set overrides, then the explicit flags."""
     import yaml

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from llava_core import storage
-from llava_core.config import dataset_sources
+from llava_core.config import WorkflowError, dataset_sources
 from llava_core.flops import GPUS, PartSizes, training_flops
 
 # Architectures of the recipe's models, so a plan needs no download: the config.json keys the plan reads.
@@ -164,9 +164,12 @@ def source_rows(path: str) -> tuple[int | None, str]:
         if known in os.path.basename(path):
             return rows, "known size of the official file"
     if not storage.is_remote(path) and os.path.exists(path) and os.path.getsize(path) < 200_000_000:
-        from llava_core.data.sources import iter_rows  # the reader prepare streams with: the rows it will see
+        from llava_core.data.sources import SourceError, iter_rows  # the reader prepare streams with
 
-        return sum(1 for _ in iter_rows(path)), "counted"
+        try:
+            return sum(1 for _ in iter_rows(path)), "counted"
+        except SourceError as error:  # prepare would fail on it too: say so in the plan, not as a traceback
+            raise WorkflowError(str(error)) from None
     return None, "unknown (run the prepare stage, then plan again)"
 
 

@@ -392,3 +392,13 @@ def test_question_ids_become_safe_distinct_file_names(tmp_path):
     assert os.path.dirname(items[0].image_path) == str(folder) and os.listdir(folder) == [
         os.path.basename(items[0].image_path)]
     assert not (tmp_path / "etc").exists()
+
+
+def test_the_plan_names_an_unreadable_file_instead_of_a_traceback(tmp_path):
+    from llava_core.config import WorkflowError
+    from llava_core.plan import source_rows
+
+    path = tmp_path / "cut.json"
+    path.write_text('[{"id": 1}, {"id": 2')
+    with pytest.raises(WorkflowError, match=r"cut\.json.*byte"):
+        source_rows(str(path))
