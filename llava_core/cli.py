@@ -87,7 +87,10 @@ def _submit(args) -> int:
 
     load_workflow(args.workflow, args.overrides)  # a bad workflow fails here, not minutes later on the cluster
     stage_args = ["--only", args.only] if args.only else ["--from", args.start] if args.start else []
-    env = dict(pair.split("=", 1) for pair in args.env)
+    try:
+        env = submit.job_env(args.env)
+    except ValueError as error:
+        raise WorkflowError(str(error)) from None
     job_id = submit.submit(args.workflow, args.address, args.overrides, stage_args, env, args.pip, args.job_id)
     address = submit.dashboard_address(args.address)
     print(f"submitted {job_id} to {address}\n  follow: llava-ray logs {job_id} --follow --address {address}"

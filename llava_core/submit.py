@@ -25,19 +25,38 @@ def dashboard_address(address: str | None) -> str:
 
 def auth_headers() -> dict[str, str]:
     """Ray 2.5x+ clusters require a token by default (`ray get-auth-token`). Like Ray's own CLI, take it from
-    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; a cluster without token auth ignores the header."""
+    RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; a cluster without token auth ignores the headers.
+
+    Sent twice: Ray reads `Authorization`, and `X-Ray-Authorization` when that is absent, which is what arrives through
+    the Kubernetes API server's service proxy (`kubectl proxy`, the way into the manifests' clusters): the API server
+    consumes `Authorization` itself."""
     token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
     path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
     if not token and os.path.exists(path):
         with open(path) as f:
             token = f.read().strip()
-    return {"Authorization": f"Bearer {token}"} if token else {}
+    return {"Authorization": f"Bearer {token}", "X-Ray-Authorization": f"Bearer {token}"} if token else {}
 
 
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
     return JobSubmissionClient(dashboard_address(address), headers=auth_headers())
+
+
+SECRET_NAME_PARTS = {"SECRET", "TOKEN", "PASSWORD", "KEY", "CREDENTIALS"}
+
+
+def job_env(pairs: list[str]) -> dict[str, str]:
+    """`--env` pairs, refusing names that look like secrets (AWS_SECRET_ACCESS_KEY, HF_TOKEN, LLAVA_RAY_API_KEY): a
+    job's environment is part of its runtime_env, which the dashboard shows to anyone who opens it."""
+    env = dict(pair.split("=", 1) for pair in pairs)
+    for name in env:
+        if SECRET_NAME_PARTS & set(name.upper().split("_")):
+            raise ValueError(f"--env {name}: looks like a secret, and a job's environment is shown in the Ray "
+                             "dashboard; give it to the cluster's nodes instead (a Kubernetes secret in every pod's "
+                             "env, an instance role), where every process of the job reads it")
+    return env
 
 
 def stage_working_dir(workflow_path: str) -> str:

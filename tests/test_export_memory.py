@@ -1,5 +1,5 @@
-"""The driver is small: exporting a model several times larger than the driver's memory bound leaves the driver's
-peak memory under that bound (the export runs as a Ray task and copies files; nothing is loaded)."""
+"""The driver is small: exporting a 3 GiB model adds less than 100 MiB to the driver (the export runs as a Ray task
+and copies files; nothing is loaded)."""
 import json
 import os
 import struct
@@ -9,7 +9,9 @@ import sys
 from tests.ray_cluster import AUTH_ENV
 
 MODEL_BYTES = 3 * 2**30  # 3 GiB of weights: a 1.5B model in bf16
-DRIVER_BOUND = 800 * 2**20  # the driver process, Ray and this package imported, must stay under this
+# What exporting may add to the driver once it is connected. (Connecting itself costs what the cluster holds: from
+# 130 MiB on a fresh Ray to 900 MiB after the suite's earlier tests, measured; it is not the export's doing.)
+EXPORT_BOUND = 100 * 2**20
 
 
 def write_large_checkpoint(directory: str, num_bytes: int) -> int:
@@ -32,8 +34,10 @@ import json, resource, sys
 import ray
 from llava_core.model.export import export_hf
 ray.init(address=sys.argv[1])
+connected = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 metrics = export_hf(sys.argv[2], sys.argv[3])
-print(json.dumps({"metrics": metrics, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+print(json.dumps({"metrics": metrics, "connected_rss": connected,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
 """
 
 
@@ -47,5 +51,8 @@ def test_export_of_a_large_model_keeps_the_driver_small(ray_session, tmp_path):
     assert result["metrics"]["parameters"] == parameters
     assert result["metrics"]["dtype"] == "bfloat16"
     assert os.path.getsize(tmp_path / "export" / "model.safetensors") > MODEL_BYTES * 0.99
-    print(f"driver peak RSS {result['peak_rss'] / 2**20:.0f} MiB while exporting {MODEL_BYTES / 2**30:.0f} GiB")
-    assert result["peak_rss"] < DRIVER_BOUND < MODEL_BYTES / 3, f"driver peak {result['peak_rss'] / 2**20:.0f} MiB"
+    print(f"driver peak RSS {result['peak_rss'] / 2**20:.0f} MiB while exporting {MODEL_BYTES / 2**30:.0f} GiB "
+          f"({result['connected_rss'] / 2**20:.0f} MiB once connected)")
+    added = result["peak_rss"] - result["connected_rss"]
+    assert added < EXPORT_BOUND < MODEL_BYTES / 30, f"exporting added {added / 2**20:.0f} MiB to the driver"
+    assert result["peak_rss"] < MODEL_BYTES / 2  # whatever connecting cost, the model was never in the driver
