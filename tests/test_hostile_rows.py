@@ -81,17 +81,21 @@ JSONL_LINES = {
 }
 
 
+def assert_rejected_between_neighbours(got: list, where: str, start: int, detail: str) -> None:
+    """The defective row (at byte `start`) is its own malformed_row reject, and the good rows on both sides are written."""
+    assert [(r["id"], r["index"], r["status"]) for r in got] == [
+        ("before", 0, "written"), ("", 1, "rejected"), ("after", 2, "written")]
+    assert got[1]["reason"] == "malformed_row"
+    detail = detail.format(start_plus_33=start + 33)
+    assert re.fullmatch(rf"{where} \(byte {start}\): .*{detail}.*", got[1]["detail"]), got[1]["detail"]
+
+
 @pytest.mark.parametrize("case", list(JSONL_LINES))
 def test_a_bad_jsonl_line_is_its_own_reject(case, tmp_path, preparer):
     line, detail = JSONL_LINES[case]
     first = text_row("before") + b"\n"
     path = write(tmp_path, "rows.jsonl", first + line + b"\n\n" + text_row("after") + b"\n")
-    got = prepared(preparer, path)
-    assert [(r["id"], r["index"], r["status"]) for r in got] == [
-        ("before", 0, "written"), ("", 1, "rejected"), ("after", 2, "written")]
-    assert got[1]["reason"] == "malformed_row"
-    detail = detail.format(start_plus_33=len(first) + 33)
-    assert re.fullmatch(rf"line 2 \(byte {len(first)}\): .*{detail}.*", got[1]["detail"]), got[1]["detail"]
+    assert_rejected_between_neighbours(prepared(preparer, path), "line 2", len(first), detail)
 
 
 def test_a_cut_off_last_line_says_so(tmp_path, preparer):
@@ -139,12 +143,7 @@ def test_a_bad_array_element_is_its_own_reject(case, tmp_path, preparer):
     element, detail = ARRAY_ELEMENTS[case]
     head = b'[\n  ' + text_row("before") + b",\n  "
     path = write(tmp_path, "rows.json", head + element + b",\n  " + text_row("after") + b"\n]\n")
-    got = prepared(preparer, path)
-    assert [(r["id"], r["index"], r["status"]) for r in got] == [
-        ("before", 0, "written"), ("", 1, "rejected"), ("after", 2, "written")]
-    assert got[1]["reason"] == "malformed_row"
-    detail = detail.format(start_plus_33=len(head) + 33)
-    assert re.fullmatch(rf"element 1 \(byte {len(head)}\): .*{detail}.*", got[1]["detail"]), got[1]["detail"]
+    assert_rejected_between_neighbours(prepared(preparer, path), "element 1", len(head), detail)
 
 
 def test_a_bom_prefixed_array_is_an_array(tmp_path, preparer):

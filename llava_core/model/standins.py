@@ -185,16 +185,22 @@ def save_vicuna(path: str, corpus: list[str], cfg: TinyModelConfig, shards: int 
 
 def save_sharded_bin(path: str, state: dict, shards: int) -> None:
     """Weights as `pytorch_model-0000N-of-0000M.bin` plus `pytorch_model.bin.index.json`, as the Vicuna repos ship."""
+    save_shards(path, state, shards, "pytorch_model", "bin", lambda part, file: torch.save(part, file))
+
+
+def save_shards(path: str, state: dict, shards: int, stem: str, extension: str, write) -> None:
+    """`state` split in `shards` files `<stem>-0000N-of-0000M.<extension>` (each written by `write(part, file)`), and
+    the `<stem>.<extension>.index.json` weight map that transformers reads to find each tensor."""
     keys = list(state)
     per_shard = -(-len(keys) // shards)
     weight_map = {}
     for n in range(shards):
-        name = f"pytorch_model-{n + 1:05d}-of-{shards:05d}.bin"
+        name = f"{stem}-{n + 1:05d}-of-{shards:05d}.{extension}"
         part = {k: state[k] for k in keys[n * per_shard:(n + 1) * per_shard]}
-        torch.save(part, os.path.join(path, name))
+        write(part, os.path.join(path, name))
         weight_map.update(dict.fromkeys(part, name))
     total = sum(t.numel() * t.element_size() for t in state.values())
-    _write_json(os.path.join(path, "pytorch_model.bin.index.json"),
+    _write_json(os.path.join(path, f"{stem}.{extension}.index.json"),
                 {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
@@ -396,17 +402,9 @@ def save_sharded_safetensors(path: str, state: dict, shards: int) -> None:
     """Weights as `model-0000N-of-0000M.safetensors` plus `model.safetensors.index.json`, as the Qwen2 repos ship."""
     from safetensors.torch import save_file
 
-    keys = list(state)
-    per_shard = -(-len(keys) // shards)
-    weight_map = {}
-    for n in range(shards):
-        name = f"model-{n + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: state[k].contiguous() for k in keys[n * per_shard:(n + 1) * per_shard]}
-        save_file(part, os.path.join(path, name), metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    _write_json(os.path.join(path, "model.safetensors.index.json"),
-                {"metadata": {"total_size": total}, "weight_map": weight_map})
+    save_shards(path, state, shards, "model", "safetensors",
+                lambda part, file: save_file({k: t.contiguous() for k, t in part.items()}, file,
+                                             metadata={"format": "pt"}))
 
 
 # --- every base model a shipped workflow names -----------------------------------------------------------------

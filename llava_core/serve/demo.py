@@ -20,7 +20,7 @@ from llava_core.config import DatasetSettings, EvalSetSettings, Workflow, datase
 from llava_core.data import formats
 from llava_core.data.images import read_image_bytes
 from llava_core.data.sources import iter_rows
-from llava_core.secrets import read_secret, shell_reference
+from llava_core.secrets import shell_reference
 
 
 @dataclass
@@ -130,14 +130,14 @@ def curl_example(url: str, model_name: str, key_reference: str | None) -> str:
 
 
 def serve_and_demo(ctx) -> dict:
-    from llava_core.serve.app import deploy
+    from llava_core.serve.app import deploy, replica_api_key
 
     w = ctx.workflow
     model_name = w.serve.model_name or w.name
     question = demo_question(w)  # before deploying: a workflow with nothing to ask fails without waiting for a model
     # The export's URI, not a copy on this (the driver's) disk: the replica may run on another node and mirrors it.
     url = deploy(storage.absolute(ctx.stage_dir("export")), w.serve, model_name)
-    api_key = read_secret(w.serve.api_key_env, w.serve.api_key_file, "serve.api_key_env/api_key_file")
+    api_key = replica_api_key(w.serve)  # the demo asks with the key the replicas read, from the same place
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.time()
     request = chat_request(model_name, question.text, question.images)
@@ -148,7 +148,8 @@ def serve_and_demo(ctx) -> dict:
     print(f"\nendpoint  {url}/v1/chat/completions  (model '{model_name}', OpenAI-compatible)")
     print(f"asked     {question.text!r} about {question.origin}")
     print(f"answered  {answer!r} in {time.time() - started:.2f}s")
-    print(f"try it:\n{curl_example(url, model_name, shell_reference(w.serve.api_key_env, w.serve.api_key_file))}\n", flush=True)
+    key_reference = shell_reference(w.serve.api_key_env, w.serve.api_key_file)
+    print(f"try it:\n{curl_example(url, model_name, key_reference)}\n", flush=True)
     result = {"url": url, "model": model_name, "question": question.text, "image": question.origin, "answer": answer,
               "max_tokens": request["max_tokens"], "usage": body["usage"]}
     storage.write_json(storage.join(ctx.stage_dir("serve"), "demo.json"), result)
