@@ -62,8 +62,12 @@ class SyntheticSettings:
     tiny_model: TinyModelSettings = field(default_factory=TinyModelSettings)
 
 
+MODEL_FAMILIES = ("llava", "llava_next", "llava_onevision")  # llava_core/model/families.py says what each one is
+
+
 @dataclass
 class ModelSettings:
+    family: str = "llava"  # llava (LLaVA-1.5) | llava_next (AnyRes, CLIP) | llava_onevision (Higher AnyRes, SigLIP)
     vision_tower: str = "openai/clip-vit-large-patch14-336"  # HF id or path (local or s3://)
     llm: str = "lmsys/vicuna-7b-v1.5"
     mirror: str = ""  # storage prefix with copies of hub repos as <mirror>/<org>/<name>; "" = fetch once per run
@@ -99,7 +103,9 @@ def dataset_sources(ds: DatasetSettings) -> list[SourceSettings]:
 class PrepareSettings:
     max_length: int = 2048  # tokens, image tokens included
     too_long: str = "reject"  # reject | truncate (text only, never through image tokens)
-    image_aspect_ratio: str = "pad"  # pad | square
+    # "": the family's own (llava: pad, llava_next: anyres, llava_onevision: anyres_max_9). llava: pad | square;
+    # llava_next / llava_onevision: anyres | anyres_max_<tiles> (OneVision) | pad (one tile: the tower's base size)
+    image_aspect_ratio: str = ""
     max_image_pixels: int = 64_000_000
     max_image_side: int = 8192  # longest side in pixels, checked from the header before decoding
     max_image_aspect_ratio: float = 20.0  # longest side / shortest side; `pad` makes a square of the longest side
@@ -487,8 +493,7 @@ def validate(w: Workflow) -> None:
                                 f"(scaling.use_gpu is false); use sdpa")
     if w.prepare.too_long not in ("reject", "truncate"):
         raise WorkflowError(f"prepare.too_long: {w.prepare.too_long!r} is not 'reject' or 'truncate'")
-    if w.prepare.image_aspect_ratio not in ("pad", "square"):
-        raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} is not 'pad' or 'square'")
+    validate_model(w)
     if not 0.0 <= w.prepare.max_reject_fraction <= 1.0:
         raise WorkflowError(f"prepare.max_reject_fraction: {w.prepare.max_reject_fraction} is not between 0 and 1")
     for key in ("max_length", "rows_per_shard", "num_actors", "max_image_pixels", "max_image_side",
@@ -497,6 +502,32 @@ def validate(w: Workflow) -> None:
             raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
     validate_evaluate(w.evaluate)
     validate_serve(w.serve)
+
+
+# The `prepare.image_aspect_ratio` values each family's model takes; N: the tiles' worth of features past which
+# OneVision shrinks the feature map (anyres_max_9 in its recipe).
+IMAGE_LAYOUTS = {"llava": ("pad", "square"), "llava_next": ("anyres", "pad"), "llava_onevision": ("anyres_max_N", "pad")}
+
+
+def layout_fits(layout: str, family_name: str) -> bool:
+    import re
+
+    return any(re.fullmatch(allowed.replace("_N", r"_[1-9][0-9]*"), layout) for allowed in IMAGE_LAYOUTS[family_name])
+
+
+def validate_model(w: Workflow) -> None:
+    """The family is known and the image layout is one its model can take; an empty layout becomes the family's."""
+    from llava_core.model.families import family
+
+    if w.model.family not in MODEL_FAMILIES:
+        close = difflib.get_close_matches(w.model.family, MODEL_FAMILIES, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        raise WorkflowError(f"model.family: {w.model.family!r} is not one of {list(MODEL_FAMILIES)}{hint}")
+    if not w.prepare.image_aspect_ratio:
+        w.prepare.image_aspect_ratio = family(w.model.family).image_layout
+    if not layout_fits(w.prepare.image_aspect_ratio, w.model.family):
+        raise WorkflowError(f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} does not fit model.family "
+                            f"{w.model.family}, which takes {' or '.join(IMAGE_LAYOUTS[w.model.family])}")
 
 
 def validate_evaluate(e: EvaluateSettings) -> None:
