@@ -36,6 +36,7 @@ from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForCon
 sys.path.insert(0, os.path.dirname(__file__))
 
 from llava_core.config import TrainStageSettings  # noqa: E402
+from llava_core.data.image_layouts import CropPixels  # noqa: E402
 from llava_core.data.rows import ROW_GROUP_ROWS  # noqa: E402
 from llava_core.train.batching import BatchPlan  # noqa: E402
 from llava_core.train.engine import build_engine, model_inputs, optimizer_step  # noqa: E402
@@ -132,15 +133,16 @@ def main() -> None:
         if epoch_steps[0] < args.steps:
             raise SystemExit(f"only {epoch_steps[0]} packed steps planned; raise the sample count")
         side = config.vision_config.image_size
+        pixels = CropPixels((3, side, side), config.image_seq_length)
         batches = BatchPrefetcher(rows, plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0),
-                                  True, 0, (3, side, side))
+                                  True, 0, pixels)
         flatten = args.attn == "flash_attention_2"
         times, tokens, step_flops = [], [], []
         for step in range(args.steps):
             step_batches, step_tokens, flop = [], 0, 0.0
             for _ in range(args.accum):
                 micro, batch, _ = batches.get()
-                step_batches.append(model_inputs(batch, config, (3, side, side), 0, flatten))
+                step_batches.append(model_inputs(batch, config.image_token_index, pixels, 0, flatten))
                 picked = np.concatenate(micro)
                 step_tokens += int(rows.lengths[picked].sum())
                 flop += flops(int(rows.lengths[picked].sum()), int(rows.num_images[picked].sum()))

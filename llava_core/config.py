@@ -134,6 +134,7 @@ class TrainStageSettings:
     micro_batch_size: int = 16
     lr: float = 2e-5
     projector_lr: Optional[float] = None  # None: same as lr (LLaVA-1.5 LoRA: lr 2e-4, projector 2e-5)
+    vision_lr: Optional[float] = None  # None: same as lr, when `vision` trains (OneVision: 2e-6 beside lr 1e-5)
     lora: Optional[LoraSettings] = None  # set (even `lora: {}`) to train LoRA adapters instead of the whole LLM
     init_projector: str = ""  # instruct only: an official LLaVA mm_projector.bin to start from instead of align
     warmup_ratio: float = 0.03

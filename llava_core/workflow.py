@@ -16,7 +16,7 @@ from typing import Callable
 
 from llava_core import storage
 from llava_core.config import Workflow, WorkflowError, settings_hash
-from llava_core.data.rows import ROW_GROUP_ROWS
+from llava_core.data.rows import OUTPUT_COLUMNS, ROW_GROUP_ROWS
 from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,8 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
                        ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}",
                        template=ctx.workflow.datasets[stage.dataset].template,
                        save_model=saves_full_model(stage_name, stage),
-                       plan_index=prepared.get("plan_index"))  # absent from runs prepared before the index
+                       plan_index=prepared.get("plan_index"),  # absent from runs prepared before the index
+                       family=ctx.workflow.model.family, image_layout=ctx.workflow.prepare.image_aspect_ratio)
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):
@@ -141,9 +142,10 @@ STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
 def stage_settings(w: Workflow, stage: str):
     """What a stage's output depends on besides its upstream stages."""
     return {
-        # The shards' row-group size too: shards written before it (one group a shard) would make every random
-        # row read its whole shard.
-        "prepare": (w.model, w.datasets, w.prepare, w.synthetic, {"row_group_rows": ROW_GROUP_ROWS}),
+        # The shards' format too: shards written before the row-group size (one group a shard) would make every
+        # random row read its whole shard, and those before the image-token columns cannot feed the trainer.
+        "prepare": (w.model, w.datasets, w.prepare, w.synthetic,
+                    {"row_group_rows": ROW_GROUP_ROWS, "columns": OUTPUT_COLUMNS}),
         "align": (w.align, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),
         "export": (),

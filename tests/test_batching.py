@@ -4,6 +4,7 @@ import pyarrow as pa
 import pytest
 import torch
 
+from llava_core.data.image_layouts import CropPixels
 from llava_core.train.batching import (BatchPlan, capped_steps, collate, collate_packed, epoch_and_step, pack,
                                        padding_fraction)
 
@@ -74,7 +75,7 @@ def test_collate_pads_and_keeps_images_in_row_order():
         "input_ids": [[5, 6, 7], [8], [9, 9]], "labels": [[-100, 6, 7], [8], [-100, 9]],
         "pixel_values": [image(1), {"uint8": b"", "scale": [1.0] * 3, "offset": [0.0] * 3}, image(3)],
         "num_images": [1, 0, 1], "length": [3, 1, 2]})
-    batch = collate(table, np.array([2, 1, 0]), pad_token_id=0, image_shape=(3, 2, 2))
+    batch = collate(table, np.array([2, 1, 0]), pad_token_id=0, pixels=CropPixels((3, 2, 2)))
     assert batch["input_ids"].tolist() == [[9, 9, 0], [8, 0, 0], [5, 6, 7]]
     assert batch["labels"].tolist() == [[-100, 9, -100], [8, -100, -100], [-100, 6, 7]]
     assert batch["attention_mask"].tolist() == [[1, 1, 0], [1, 0, 0], [1, 1, 1]]
@@ -82,7 +83,7 @@ def test_collate_pads_and_keeps_images_in_row_order():
     assert torch.equal(batch["pixel_values"][:, 0, 0, 0], torch.tensor([5.0, 1.0]))  # 3*2-1, 1*2-1: rows 2 then 0
     assert torch.equal(batch["pixel_values"][0, :, 1, 1], torch.tensor([5.0, 3.0, 3.5]))  # per-channel affine
 
-    packed = collate_packed(table, [np.array([2, 1]), np.array([0])], pad_token_id=0, image_shape=(3, 2, 2))
+    packed = collate_packed(table, [np.array([2, 1]), np.array([0])], pad_token_id=0, pixels=CropPixels((3, 2, 2)))
     assert packed["input_ids"].tolist() == [[9, 9, 8], [5, 6, 7]]
     assert packed["position_ids"].tolist() == [[0, 1, 0], [0, 1, 2]]
     assert packed["labels"].tolist() == [[-100, 9, -100], [-100, 6, 7]]  # a sample's first token is never a target

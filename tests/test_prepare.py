@@ -10,6 +10,7 @@ import torch
 from PIL import Image
 
 from llava_core.data import pipeline
+from llava_core.data.image_layouts import CropPixels
 from llava_core.data.sources import Source
 
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
@@ -127,7 +128,7 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     assert len(examples.rows.group_starts) == len(group_rows) > 1
     ids = examples.take(np.arange(examples.rows.num_rows)).column("input_ids").to_pylist()
     row = next(i for i, x in enumerate(ids) if x == by_id["multi-image"]["input_ids"])
-    batch = collate(examples.take(np.array([row])), np.array([0]), pad_token_id=0, image_shape=(3, 64, 64))
+    batch = collate(examples.take(np.array([row])), np.array([0]), pad_token_id=0, pixels=CropPixels((3, 64, 64)))
     processor = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
     originals = [decode_image(open(os.path.join(dirty_dataset["image_folder"], n), "rb").read())
                  for n in ("good.png", "second.png")]

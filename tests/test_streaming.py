@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from llava_core import storage
+from llava_core.data.image_layouts import CropPixels
 from llava_core.data.plan_index import PlanIndexError, write_plan_index
 from llava_core.train.batching import BatchPlan, collate, collate_packed
 from llava_core.train.streaming import BatchPrefetcher, RowReader, ShardReadError, TrainingRows
 from tests.s3_server import environment, s3_server
 
 IMAGE_SHAPE = (3, 8, 8)
+PIXELS = CropPixels(IMAGE_SHAPE)
 SHARD_ROWS = (21, 16, 27)  # uneven, so row groups and shards end at different places
 GROUP_ROWS = 4
 
@@ -65,9 +67,9 @@ def expected_batches(table, plan, epoch_steps, start_step, rank, packing):
     out = []
     for micro in plan.rank_micro_batches(lengths, images, epoch_steps, start_step, rank):
         if packing:
-            out.append(collate_packed(table, micro, 0, IMAGE_SHAPE))
+            out.append(collate_packed(table, micro, 0, PIXELS))
         else:
-            out.append(collate(table, np.concatenate(micro), 0, IMAGE_SHAPE))
+            out.append(collate(table, np.concatenate(micro), 0, PIXELS))
     return out
 
 
@@ -82,7 +84,7 @@ def assert_same(got: dict, want: dict):
 
 def streamed(rows, plan, epoch_steps, start_step, rank, packing, depth=3):
     stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, start_step, rank)
-    with BatchPrefetcher(rows, stream, packing, 0, IMAGE_SHAPE, depth=depth, cache_bytes=2**14) as batches:
+    with BatchPrefetcher(rows, stream, packing, 0, PIXELS, depth=depth, cache_bytes=2**14) as batches:
         return [ready.batch for ready in batches]
 
 
@@ -172,7 +174,7 @@ def test_the_reader_stays_at_most_depth_batches_ahead_and_stops_on_close(shards)
             yield micro
 
     depth = 2
-    batches = BatchPrefetcher(rows, counted(), False, 0, IMAGE_SHAPE, depth=depth)
+    batches = BatchPrefetcher(rows, counted(), False, 0, PIXELS, depth=depth)
     deadline = time.time() + 10
     while not batches.ready.full() and time.time() < deadline:
         time.sleep(0.01)
@@ -189,7 +191,7 @@ def test_the_reader_stays_at_most_depth_batches_ahead_and_stops_on_close(shards)
 
     # A loop that raises never calls close: dropping the prefetcher stops its thread all the same.
     stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0)
-    thread = BatchPrefetcher(rows, stream, False, 0, IMAGE_SHAPE, depth=1).thread
+    thread = BatchPrefetcher(rows, stream, False, 0, PIXELS, depth=1).thread
     gc.collect()
     thread.join(timeout=5)
     assert not thread.is_alive()
@@ -200,7 +202,7 @@ def test_a_shard_that_cannot_be_read_fails_the_consumer_naming_the_file(shards):
     os.remove(shards[1])  # gone after the plan was made: the reader meets it when a batch needs its rows
     plan, epoch_steps = plan_for(rows, packing=False)
     stream = plan.rank_micro_batches(rows.lengths, rows.num_images, epoch_steps, 0, 0)
-    with BatchPrefetcher(rows, stream, False, 0, IMAGE_SHAPE) as batches:
+    with BatchPrefetcher(rows, stream, False, 0, PIXELS) as batches:
         with pytest.raises(ShardReadError, match=re.escape(shards[1])):
             for _ in batches:
                 pass

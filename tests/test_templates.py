@@ -67,9 +67,17 @@ def test_image_tokens_expand_and_are_never_supervised(tokenizer):
     turns = formats.normalise_conversation(ROW, 1)
     ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer.eos_token), tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
-    expanded, expanded_labels = templates.expand_image_tokens(ids, labels, image_id, 64)
+    expanded, expanded_labels = templates.expand_image_tokens(ids, labels, image_id, [64])
     assert (expanded == image_id).sum() == 64 and len(expanded) == len(ids) + 63
     assert (expanded_labels[expanded == image_id] == templates.IGNORE_INDEX).all()
+
+
+def test_each_image_expands_to_its_own_count_in_order():
+    ids, labels = np.array([1, 9, 5, 9, 6]), np.array([-100, -100, -100, -100, 6])
+    expanded, expanded_labels = templates.expand_image_tokens(ids, labels, 9, [3, 1])
+    assert expanded.tolist() == [1, 9, 9, 9, 5, 9, 6] and expanded_labels.tolist()[-1] == 6
+    with pytest.raises(RowError, match="image_tag_mismatch"):
+        templates.expand_image_tokens(ids, labels, 9, [3])
 
 
 def test_truncation_never_cuts_image_tokens():

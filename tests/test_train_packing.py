@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_core.model.build import assemble_llava
+from llava_core.data.image_layouts import CropPixels
 from llava_core.train.batching import collate_packed
 
 
@@ -28,7 +29,7 @@ def sample_table(model, processor, seed=0):
         for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", image),
                            ("num_images", int(has_image)), ("length", len(ids))):
             rows[key].append(value)
-    return pa.table(rows), (3, size, size)
+    return pa.table(rows), CropPixels((3, size, size), n_image)
 
 
 def per_sample_losses(logits, labels, sizes):
@@ -46,15 +47,15 @@ def test_packed_samples_match_running_alone(tiny_dataset, attention):
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
     model.set_attn_implementation(attention)
     model.eval()
-    table, image_shape = sample_table(model, processor)
+    table, pixels = sample_table(model, processor)
     sizes = table.column("length").to_pylist()
-    packed = collate_packed(table, [np.array([0, 1, 2])], pad_token_id=0, image_shape=image_shape)
+    packed = collate_packed(table, [np.array([0, 1, 2])], pad_token_id=0, pixels=pixels)
     assert packed["pixel_values"].shape[0] == 2
     with torch.no_grad():
         out = model(**packed, use_cache=False)  # a cache (the default in eval) turns packed detection off
         alone_logits, alone_losses = [], []
         for k in range(3):
-            single = collate_packed(table, [np.array([k])], pad_token_id=0, image_shape=image_shape)
+            single = collate_packed(table, [np.array([k])], pad_token_id=0, pixels=pixels)
             result = model(**single, use_cache=False)
             alone_logits.append(result.logits[0])
             alone_losses.append(result.loss)
@@ -77,15 +78,14 @@ def test_text_only_batch_runs_the_vision_path_without_changing_the_loss(tiny_dat
 
     torch.manual_seed(0)
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
-    table, image_shape = sample_table(model, processor)
-    for make in (lambda: collate(table, np.array([1]), 0, image_shape),
-                 lambda: collate_packed(table, [np.array([1])], 0, image_shape)):
+    table, pixels = sample_table(model, processor)
+    for make in (lambda: collate(table, np.array([1]), 0, pixels),
+                 lambda: collate_packed(table, [np.array([1])], 0, pixels)):
         batch = make()
         assert batch["pixel_values"] is None
         plain = model(**{k: v for k, v in batch.items() if v is not None}, use_cache=False).loss
-        blank = with_blank_image_row(batch, model.config.image_token_index, model.config.image_seq_length,
-                                     image_shape, pad_id=0)
-        assert blank["pixel_values"].shape == (1, *image_shape)
+        blank = with_blank_image_row(batch, model.config.image_token_index, pixels.blank(), pad_id=0)
+        assert blank["pixel_values"].shape == (1, *pixels.image_shape)
         model.zero_grad()
         loss = model(**blank, use_cache=False).loss
         loss.backward()

@@ -187,7 +187,8 @@ def length_stats(lengths: np.ndarray) -> dict:
 def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict:
     """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot."""
     p = workflow.prepare
-    settings = {"max_length": p.max_length, "too_long": p.too_long, "image_aspect_ratio": p.image_aspect_ratio,
+    settings = {"max_length": p.max_length, "too_long": p.too_long, "family": workflow.model.family,
+                "image_aspect_ratio": p.image_aspect_ratio,
                 "max_image_pixels": p.max_image_pixels, "max_image_side": p.max_image_side,
                 "max_image_aspect_ratio": p.max_image_aspect_ratio,
                 "allow_paths_outside_image_folder": p.allow_paths_outside_image_folder}

@@ -1,12 +1,9 @@
 """Turn one raw LLaVA row into one training example (or a rejection with a reason).
 
 `RowPreparer` is the per-row work of the prepare stage; Ray Data runs it in a pool of actors (it holds a tokenizer and
-an image processor), and benchmarks and tests call it directly.
-
-Images are stored as the processor's final crop in uint8 (after pad/resize/crop, before rescale and normalise) with
-the per-channel affine that turns them into the model's float32 pixels: lossless (the processor's float output is
-exactly `uint8 * scale + offset`), 4x smaller than float32, and ~0.2 ms per 336 px image in the trainer. See the
-README's "What a shard holds" for the measurements behind that choice.
+an image processor), and benchmarks and tests call it directly. How the images are stored depends on the model
+family (`image_layouts`: uint8 crops for LLaVA-1.5, encoded images with their exact token counts for the AnyRes
+families); the README's "What a shard holds" has the measurements behind both.
 """
 from __future__ import annotations
 
@@ -18,6 +15,7 @@ import pyarrow as pa
 
 from llava_core.data import formats, images, templates
 from llava_core.data.formats import RowError
+from llava_core.data.image_layouts import shard_images
 
 
 @dataclass
@@ -26,7 +24,8 @@ class RowSettings:
     max_length: int
     image_folder: str = ""  # the default for rows whose staged `image_folder` is empty
     too_long: str = "reject"  # or "truncate" (text only, never image tokens)
-    image_aspect_ratio: str = "pad"  # or "square" (the processor's resize + centre crop)
+    family: str = "llava"  # the model family: which processor, image layout and shard format
+    image_aspect_ratio: str = "pad"  # `prepare.image_aspect_ratio`, as validated for the family
     max_image_pixels: int = images.DEFAULT_MAX_PIXELS
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
@@ -45,7 +44,11 @@ PIXELS_TYPE = pa.struct([
 OUTPUT_SCHEMA = pa.schema([
     ("id", pa.string()), ("source", pa.string()), ("index", pa.int64()), ("reason", pa.string()),
     ("detail", pa.string()), ("input_ids", pa.list_(pa.int32())), ("labels", pa.list_(pa.int32())),
-    ("pixel_values", PIXELS_TYPE), ("num_images", pa.int32()), ("length", pa.int32()),
+    ("pixel_values", PIXELS_TYPE),  # crops (llava); empty for the tile format
+    ("images", pa.list_(pa.binary())),  # tiles (llava_next, llava_onevision): each image's encoded bytes
+    ("image_sizes", pa.list_(pa.list_(pa.int32()))),  # tiles: each image's (height, width) as decoded
+    ("image_tokens", pa.list_(pa.int32())),  # the exact <image> tokens each image expands to, in `input_ids`
+    ("num_images", pa.int32()), ("length", pa.int32()),
     ("num_supervised", pa.int32()), ("modality", pa.string()),
     ("status", pa.string()),  # written | rejected: the pipeline partitions its one streaming write by it
 ])
@@ -60,16 +63,10 @@ ROW_GROUP_ROWS = 8
 
 class RowPreparer:
     def __init__(self, vision_path: str, llm_path: str, settings: dict):
-        from llava_core.model.build import (IMAGE_TOKEN, image_seq_length, load_image_processor,
-                                            load_tokenizer_with_image_token, vision_config)
-
-        self.settings = RowSettings(**settings)
-        self.tokenizer = load_tokenizer_with_image_token(llm_path)
-        self.image_processor = load_image_processor(vision_path)
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.image_seq_length = image_seq_length(vision_config(vision_path))
-        self.pad_fill = images.mean_colour(self.image_processor)
-        self.scale, self.offset = images.normalisation(self.image_processor)
+        self.settings = s = RowSettings(**settings)
+        self.images = shard_images(vision_path, llm_path, s.family, s.image_aspect_ratio, s.template, s.image_limits)
+        self.tokenizer = self.images.tokenizer
+        self.image_token_id = self.images.image_token_id
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Staged rows (`source`, `image_folder`, `index`, `raw`, `image_bytes`, `defect`) -> one output row per input
@@ -102,7 +99,7 @@ class RowPreparer:
             if not isinstance(error, RowError):
                 error = RowError("unexpected_error", f"{type(error).__name__}: {error}")
             return {"id": row_id, "reason": error.reason, "detail": error.detail[:500], "input_ids": [],
-                    "labels": [], "pixel_values": self._pixel_record(b""), "num_images": 0, "length": 0,
+                    "labels": [], **self.images.columns(), "image_tokens": [], "num_images": 0, "length": 0,
                     "num_supervised": 0, "modality": ""}
 
     def _example(self, row: dict, image_folder: str, inline: list) -> dict:
@@ -111,29 +108,18 @@ class RowPreparer:
         turns = formats.normalise_conversation(row, len(names))
         rendered = templates.render(s.template, turns, self.tokenizer)
         ids, labels = templates.tokenize_with_labels(rendered, self.tokenizer)
-        ids, labels = templates.expand_image_tokens(ids, labels, self.image_token_id, self.image_seq_length)
+        encoded = [inline[i] if i < len(inline) and inline[i] is not None
+                   else images.read_image_bytes(image_folder, name, s.allow_paths_outside_image_folder)
+                   for i, name in enumerate(names)]
+        prepared = self.images.prepare(encoded)  # decodes every image: a bad one is this row's reject
+        ids, labels = templates.expand_image_tokens(ids, labels, self.image_token_id, prepared.token_counts)
         ids, labels = templates.fit_to_length(ids, labels, s.max_length, self.image_token_id, s.too_long)
         num_supervised = int((labels != templates.IGNORE_INDEX).sum())
         if num_supervised == 0:
             raise RowError("nothing_supervised", "no assistant tokens to learn")
-        encoded = [inline[i] if i < len(inline) and inline[i] is not None
-                   else images.read_image_bytes(image_folder, name, s.allow_paths_outside_image_folder)
-                   for i, name in enumerate(names)]
         return {"input_ids": ids.astype(np.int32).tolist(), "labels": labels.astype(np.int32).tolist(),
-                "pixel_values": self._pixel_record(self._pixels(encoded)), "num_images": len(names),
+                **prepared.columns, "image_tokens": prepared.token_counts, "num_images": len(names),
                 "length": len(ids), "num_supervised": num_supervised, "modality": "image" if names else "text"}
-
-    def _pixel_record(self, data: bytes) -> dict:
-        return {"uint8": data, "scale": self.scale, "offset": self.offset}
-
-    def _pixels(self, encoded: list[bytes]) -> bytes:
-        """The processed crops, (num_images, 3, H, W) uint8, as raw bytes; empty for text-only rows."""
-        if not encoded:
-            return b""
-        decoded = [images.decode_image(data, self.settings.image_limits) for data in encoded]
-        if self.settings.image_aspect_ratio == "pad":
-            decoded = [images.pad_to_square(image, self.pad_fill) for image in decoded]
-        return images.processed_uint8(self.image_processor, decoded).tobytes()
 
 
 def _parse_row(raw) -> dict:

@@ -110,12 +110,14 @@ def _is_prefix(prefix: list[int], ids: np.ndarray) -> bool:
     return len(prefix) <= len(ids) and np.array_equal(ids[:len(prefix)], prefix)
 
 
-def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, image_seq_length: int):
-    """Replace each image token by the `image_seq_length` placeholders the model fills with image features."""
+def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, counts: list[int]):
+    """Replace the k-th image token by the `counts[k]` placeholders the model fills with that image's features."""
     positions = np.flatnonzero(ids == image_token_id)
-    if len(positions) == 0:
-        return ids, labels
-    repeats = np.where(ids == image_token_id, image_seq_length, 1)
+    if len(positions) != len(counts):
+        raise RowError("image_tag_mismatch", f"{len(positions)} image tokens after tokenizing for {len(counts)} "
+                                             f"images")
+    repeats = np.ones(len(ids), dtype=np.int64)
+    repeats[positions] = counts
     return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
 

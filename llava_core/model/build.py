@@ -14,7 +14,6 @@ import torch
 from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
-    AutoProcessor,
     AutoTokenizer,
     CLIPVisionModel,
     LlavaConfig,
@@ -163,14 +162,16 @@ def new_projector(config, dtype: torch.dtype, device: torch.device | None,
 
 def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa",
                device: torch.device | None = None):
-    """A LLaVA checkpoint in HF format (this project's stage outputs and exports, or llava-hf/* models), local or a
-    storage URI; partitioned as it loads under an active ZeRO-3 config."""
+    """A LLaVA checkpoint of any family in HF format (this project's stage outputs and exports, or llava-hf/*
+    models) as its family's transformers class, local or a storage URI; partitioned as it loads under an active
+    ZeRO-3 config."""
+    from llava_core.model.families import load_processor, model_class_of
+
     path = storage.local_copy(path)
     placement = {"device_map": {"": device}} if device is not None else {}
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                          **placement)
-    processor = AutoProcessor.from_pretrained(path)
-    return model, processor
+    model = model_class_of(path).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                 **placement)
+    return model, load_processor(path)
 
 
 OFFICIAL_PROJECTOR_KEYS = {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}

@@ -81,31 +81,39 @@ class Family:
     vision_feature_select_strategy: str  # of the family's own tower: "default" drops CLIP's CLS, "full" keeps all
     drops_last_tower_layer: bool  # OneVision's conversion cuts the tower's last layer and reads layer -1
     media_tokens: tuple[str, ...]
+    base_view_for_several_images: bool  # OneVision: an image of a several-image sample is its base view alone
     template: str  # the workflow `template` its checkpoints train with
     vision_tower: str  # the hub repos of its reference checkpoints
     llm: str
 
-    def pinpoints(self, tile: int) -> list[list[int]]:
-        """The (height, width) resolutions an image may be tiled into, for a tower of `tile` px."""
-        return [[rows * tile, cols * tile] for rows, cols in self.grids]
+    def pinpoints(self, tile: int, layout: str | None = None) -> list[list[int]]:
+        """The (height, width) resolutions an image may be tiled into, for a tower of `tile` px. Layout `pad` is one
+        1x1 grid: the image at the tower's base size only (what AnyRes is measured against)."""
+        grids = ((1, 1),) if layout == "pad" else self.grids
+        return [[rows * tile, cols * tile] for rows, cols in grids]
+
+    def takes_image_sizes(self) -> bool:
+        """AnyRes families: the model needs each image's (height, width) to find its tiles."""
+        return bool(self.grids)
 
 
 FAMILIES = {
     "llava": Family(
         "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, CLIPImageProcessor, "pad", (),
         vision_feature_layer=-2, vision_feature_select_strategy="default", drops_last_tower_layer=False,
-        media_tokens=(IMAGE_TOKEN,), template="vicuna_v1",
+        media_tokens=(IMAGE_TOKEN,), base_view_for_several_images=False, template="vicuna_v1",
         vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
     "llava_next": Family(
         "llava_next", LlavaNextForConditionalGeneration, LlavaNextConfig, LlavaNextProcessor, LlavaNextImageProcessor,
         "anyres", NEXT_GRIDS, vision_feature_layer=-2, vision_feature_select_strategy="default",
-        drops_last_tower_layer=False, media_tokens=(IMAGE_TOKEN,), template="vicuna_v1",
+        drops_last_tower_layer=False, media_tokens=(IMAGE_TOKEN,), base_view_for_several_images=False,
+        template="vicuna_v1",
         vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
     "llava_onevision": Family(
         "llava_onevision", LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionProcessor,
         LlavaOnevisionImageProcessor, "anyres_max_9", ONEVISION_GRIDS, vision_feature_layer=-1,
         vision_feature_select_strategy="full", drops_last_tower_layer=True, media_tokens=(IMAGE_TOKEN, VIDEO_TOKEN),
-        template="chat_template", vision_tower="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2-7B-Instruct"),
+        base_view_for_several_images=True, template="chat_template", vision_tower="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2-7B-Instruct"),
 }
 
 
@@ -135,29 +143,33 @@ def features_per_view(tower_config) -> int:
 
 
 def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32,
-             template: str | None = None, attn_implementation: str = "sdpa", device: torch.device | None = None):
+             template: str | None = None, attn_implementation: str = "sdpa", device: torch.device | None = None,
+             layout: str | None = None):
     """A fresh model of family `name` (pretrained vision tower and LLM, new projector and, for the AnyRes families,
-    a new `image_newline`) and its processor. `template` defaults to the family's own."""
+    a new `image_newline`) and its processor. `template` and `layout` (`prepare.image_aspect_ratio`) default to the
+    family's own."""
     fam = family(name)
     template = template or fam.template
     if fam.name == "llava":
         return assemble_llava(vision_path, llm_path, dtype, template, attn_implementation, device)
-    return assemble_anyres(fam, vision_path, llm_path, dtype, template, attn_implementation, device)
+    return assemble_anyres(fam, vision_path, llm_path, dtype, template, attn_implementation, device,
+                           layout or fam.image_layout)
 
 
 def assemble_anyres(fam: Family, vision_path: str, llm_path: str, dtype: torch.dtype, template: str,
-                    attn_implementation: str, device: torch.device | None):
+                    attn_implementation: str, device: torch.device | None, layout: str):
     """`assemble_llava` for LLaVA-NeXT and LLaVA-OneVision: the same loading and meta-device shell, plus the tile
     layout in the config and processor and a learned row-end embedding."""
     vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
-    tokenizer = load_tokenizer_with_media_tokens(llm_path, fam.media_tokens)
+    processor = load_anyres_processor(fam, vision_path, llm_path, template, layout)
+    tokenizer = processor.tokenizer
     placement = {"device_map": {"": device}} if device is not None else {}
     vision = load_vision_tower(fam, vision_path, dtype, attn_implementation, placement)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
                                                **placement)
     padded_vocab = pad_embeddings(llm, len(tokenizer))
 
-    config = anyres_config(fam, vision.config, llm.config, tokenizer)
+    config = anyres_config(fam, vision.config, llm.config, tokenizer, layout)
     with torch.device("meta"), no_init_weights(), zero3_paused():
         model = fam.model_class(config)
     projector_class = type(model.model.multi_modal_projector)
@@ -169,9 +181,34 @@ def assemble_anyres(fam: Family, vision_path: str, llm_path: str, dtype: torch.d
     model.config.text_config = llm.config
     model.set_attn_implementation(attn_implementation)
     set_generation_defaults(model, tokenizer, padded_vocab)
-    chat_template = processor_chat_template(fam, template, tokenizer)
-    processor = build_anyres_processor(fam, vision_path, tokenizer, vision.config, chat_template)
     return model, processor
+
+
+def load_anyres_processor(fam: Family, vision_path: str, llm_path: str, template: str, layout: str):
+    """The processor a model of `fam` with `layout` is trained and served with, from the base models' files alone
+    (no weights): what prepare counts image tokens with and what the model's config is built beside."""
+    tokenizer = load_tokenizer_with_media_tokens(llm_path, fam.media_tokens)
+    tower_config = tower_config_of(fam, vision_path)
+    chat_template = processor_chat_template(fam, template, tokenizer)
+    return build_anyres_processor(fam, vision_path, tokenizer, tower_config, chat_template, layout)
+
+
+def tower_config_of(fam: Family, vision_path: str):
+    """The tower's config as the family runs it (OneVision: one layer fewer, no pooling head)."""
+    config = vision_config(vision_path)
+    for key, value in tower_cut(fam, config).items():
+        setattr(config, key, value)
+    return config
+
+
+def image_token_counts(processor, sizes: list[tuple[int, int]], fam: Family) -> list[int]:
+    """The `<image>` tokens each image of one sample expands to, from its (height, width) alone: what the processor
+    puts in the prompt and the model fills with features (tests/test_anyres_token_counts.py holds them equal).
+    OneVision gives each image of a several-image sample its base view and one newline only."""
+    if fam.base_view_for_several_images and len(sizes) > 1:
+        per_image = processor.num_image_tokens + 1 - int(processor.vision_feature_select_strategy == "default")
+        return [per_image] * len(sizes)
+    return list(processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"])
 
 
 def load_tokenizer_with_media_tokens(llm_path: str, media_tokens: tuple[str, ...]):
@@ -193,25 +230,34 @@ def load_vision_tower(fam: Family, vision_path: str, dtype: torch.dtype, attn_im
     """The vision half of a full CLIP / SigLIP repo; for OneVision without its last layer and its pooling head,
     which LLaVA never runs (their weights are left unread)."""
     tower_config = vision_config(vision_path)
-    cut = {}
-    if fam.drops_last_tower_layer:
-        cut["num_hidden_layers"] = tower_config.num_hidden_layers - 1
-        if hasattr(tower_config, "vision_use_head"):
-            cut["vision_use_head"] = False
     tower_class = TOWER_CLASSES[tower_config.model_type]
-    return tower_class.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation, **cut,
-                                       **placement)
+    return tower_class.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation,
+                                       **tower_cut(fam, tower_config), **placement)
 
 
-def anyres_config(fam: Family, tower_config, text_config, tokenizer):
+def tower_cut(fam: Family, tower_config) -> dict:
+    if not fam.drops_last_tower_layer:
+        return {}
+    cut = {"num_hidden_layers": tower_config.num_hidden_layers - 1}
+    if hasattr(tower_config, "vision_use_head"):
+        cut["vision_use_head"] = False
+    return cut
+
+
+def vision_aspect_ratio(layout: str) -> str:
+    """OneVision's feature budget: `anyres_max_N` as the layout says; one 1x1 grid (`pad`) never reaches one."""
+    return layout if layout.startswith("anyres_max") else "anyres_max_9"
+
+
+def anyres_config(fam: Family, tower_config, text_config, tokenizer, layout: str):
     media = {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
     if VIDEO_TOKEN in fam.media_tokens:
         media["video_token_index"] = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
-    layout = {"vision_aspect_ratio": fam.image_layout} if fam.image_layout.startswith("anyres_max") else \
+    budget = {"vision_aspect_ratio": vision_aspect_ratio(layout)} if fam.image_layout.startswith("anyres_max") else \
         {"image_seq_length": features_per_view(tower_config)}
     config = fam.config_class(
-        vision_config=tower_config, text_config=text_config, **media, **layout,
-        image_grid_pinpoints=fam.pinpoints(tower_config.image_size),
+        vision_config=tower_config, text_config=text_config, **media, **budget,
+        image_grid_pinpoints=fam.pinpoints(tower_config.image_size, layout),
         projector_hidden_act="gelu",
         vision_feature_layer=fam.vision_feature_layer,
         vision_feature_select_strategy=feature_select_strategy(tower_config),
@@ -232,6 +278,8 @@ def new_image_newline(hidden_size: int, dtype: torch.dtype, device: torch.device
 def processor_chat_template(fam: Family, template: str, tokenizer) -> str:
     """The template the processor renders prompts with. OneVision's LLM template (`chat_template`, Qwen2's ChatML)
     knows no image or video parts, so the processor gets the same ChatML with them."""
+    if template == "plain":  # an alignment stage's model: its processor renders the family's own conversations
+        template = fam.template
     if template == "vicuna_v1":
         return VICUNA_V1_CHAT_TEMPLATE
     if template != "chat_template":
@@ -239,19 +287,19 @@ def processor_chat_template(fam: Family, template: str, tokenizer) -> str:
     return ONEVISION_CHAT_TEMPLATE if VIDEO_TOKEN in fam.media_tokens else tokenizer.chat_template
 
 
-def build_anyres_processor(fam: Family, vision_path: str, tokenizer, tower_config, chat_template: str):
+def build_anyres_processor(fam: Family, vision_path: str, tokenizer, tower_config, chat_template: str, layout: str):
     """The family's processor with the tower's own image processing (size, mean/std, resample from its
-    preprocessor_config.json) and the family's tile layout at the tower's resolution."""
+    preprocessor_config.json) and the layout's tile grids at the tower's resolution."""
     tile = tower_config.image_size
     image_processor = fam.image_processor_class.from_pretrained(
-        storage.local_copy(vision_path, without_weights=True), image_grid_pinpoints=fam.pinpoints(tile),
+        storage.local_copy(vision_path, without_weights=True), image_grid_pinpoints=fam.pinpoints(tile, layout),
         **square_tiles(fam, tile))
     strategy = feature_select_strategy(tower_config)
     if fam.processor_class is LlavaOnevisionProcessor:
         settings = dict(image_processor=image_processor, tokenizer=tokenizer,
                         num_image_tokens=features_per_view(tower_config), vision_feature_select_strategy=strategy,
                         chat_template=chat_template, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
-                        vision_aspect_ratio=fam.image_layout)
+                        vision_aspect_ratio=vision_aspect_ratio(layout))
         if not is_torchvision_available():
             return ImageOnlyOnevisionProcessor(**settings)
         from transformers import LlavaOnevisionVideoProcessor
@@ -291,7 +339,48 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         self.vision_aspect_ratio = vision_aspect_ratio
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
 
+    def to_dict(self) -> dict:
+        """Saved as the LlavaOnevisionProcessor it stands for, with the video processor transformers' OneVision
+        conversion builds from the tower's preprocessor config: `AutoProcessor` then loads the full processor
+        wherever torchvision is installed, and `load_processor` loads this one where it is not."""
+        saved = super().to_dict()
+        saved["processor_class"] = LlavaOnevisionProcessor.__name__
+        saved["video_processor"] = onevision_video_processor_dict(self.image_processor)
+        return saved
+
     def __call__(self, images=None, text=None, videos=None, **kwargs):
         if videos is not None:
             raise ValueError("videos need LLaVA-OneVision's video processor, which needs torchvision: install it")
         return super().__call__(images=images, text=text, **kwargs)
+
+
+VIDEO_PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
+                        "resample", "rescale_factor", "size")
+
+
+def onevision_video_processor_dict(image_processor) -> dict:
+    """`LlavaOnevisionVideoProcessor.from_pretrained(tower)`'s settings, as saved: the tower's resize, rescale and
+    normalisation, every frame squashed to the tower's size."""
+    settings = image_processor.to_dict()
+    return {"video_processor_type": "LlavaOnevisionVideoProcessor", "default_to_square": False,
+            "do_sample_frames": False, **{k: settings[k] for k in VIDEO_PROCESSOR_KEYS}}
+
+
+def load_processor(path: str):
+    """A saved model's processor: `AutoProcessor`'s, except a OneVision processor without torchvision, which loads
+    as `ImageOnlyOnevisionProcessor` (images only) instead of degrading to a bare tokenizer."""
+    from transformers import AutoConfig, AutoProcessor
+
+    if AutoConfig.from_pretrained(path).model_type == "llava_onevision" and not is_torchvision_available():
+        return ImageOnlyOnevisionProcessor.from_pretrained(path)
+    return AutoProcessor.from_pretrained(path)
+
+
+def model_class_of(path: str) -> type:
+    """The transformers class a saved LLaVA checkpoint of any family loads as, from its config's model_type."""
+    from transformers import AutoConfig
+
+    model_type = AutoConfig.from_pretrained(path).model_type
+    if model_type not in FAMILIES:
+        raise ValueError(f"{path} holds a {model_type!r} model, not one of the LLaVA families {list(FAMILIES)}")
+    return FAMILIES[model_type].model_class

@@ -164,8 +164,9 @@ def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float
     return 1 - real / padded if padded else 0.0
 
 
-def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: tuple[int, int, int]) -> dict:
-    """Right-padded input_ids/labels/attention_mask and the rows' images in order (None when there are none)."""
+def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, pixels) -> dict:
+    """Right-padded input_ids/labels/attention_mask and the rows' images in order (`pixel_values` None when there
+    are none), as `pixels` (`data.image_layouts.CropPixels` / `TilePixels`) makes them."""
     picked = table.take(pa.array(rows))
     ids, offsets = _flat_lists(picked.column("input_ids"))
     labels, label_offsets = _flat_lists(picked.column("labels"))
@@ -178,8 +179,8 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, image_shape: t
         batch_ids[i, :n] = ids[offsets[i]:offsets[i + 1]]
         batch_labels[i, :n] = labels[label_offsets[i]:label_offsets[i + 1]]
         attention[i, :n] = 1
-    pixel_values = _pixel_values(picked.column("pixel_values").to_pylist(), image_shape)
-    return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, "pixel_values": pixel_values}
+    images = pixels(picked.column(pixels.column).to_pylist())
+    return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, **images}
 
 
 def _flat_lists(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
@@ -191,12 +192,11 @@ def _flat_lists(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
     return torch.from_numpy(values), (lists.offsets.to_numpy() - start)
 
 
-def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int,
-                   image_shape: tuple[int, int, int]) -> dict:
+def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int, pixels) -> dict:
     """Packed rows: samples back to back, position ids restarting at 0 for each, no attention_mask (transformers
     builds a block-diagonal causal mask from the restarts). Images follow their samples' order, so each image fills
     its own sample's image tokens. The padding tail is its own unsupervised segment."""
-    single = collate(table, np.concatenate(bins), pad_token_id, image_shape)  # same rows and image decoding
+    single = collate(table, np.concatenate(bins), pad_token_id, pixels)  # same rows and image decoding
     sizes = single["attention_mask"].sum(dim=1).tolist()
     width = max(sum(sizes[k] for k in span) for span in spans_of(bins))
     ids = torch.full((len(bins), width), pad_token_id, dtype=torch.long)
@@ -212,17 +212,16 @@ def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int,
             positions[row, at:at + n] = torch.arange(n)
             at += n
         positions[row, at:] = torch.arange(width - at)
-    return {"input_ids": ids, "labels": labels, "position_ids": positions, "pixel_values": single["pixel_values"]}
+    images = {k: v for k, v in single.items() if k not in ("input_ids", "labels", "attention_mask")}
+    return {"input_ids": ids, "labels": labels, "position_ids": positions, **images}
 
 
-def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int,
-                        image_shape: tuple[int, int, int]) -> dict:
+def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int, pixels) -> dict:
     """One micro-batch from a table of exactly its samples in plan order (what `streaming.RowReader.take` reads
     for `np.concatenate(micro)`): its rows are renumbered 0..n-1, so collate sees the same samples as before."""
     if packing:
-        return collate_packed(picked, [np.arange(s.start, s.stop) for s in spans_of(micro)], pad_token_id,
-                              image_shape)
-    return collate(picked, np.arange(picked.num_rows), pad_token_id, image_shape)
+        return collate_packed(picked, [np.arange(s.start, s.stop) for s in spans_of(micro)], pad_token_id, pixels)
+    return collate(picked, np.arange(picked.num_rows), pad_token_id, pixels)
 
 
 def spans_of(bins: list[np.ndarray]) -> list[range]:
@@ -232,15 +231,3 @@ def spans_of(bins: list[np.ndarray]) -> list[range]:
         spans.append(range(start, start + len(b)))
         start += len(b)
     return spans
-
-
-def _pixel_values(records: list[dict], image_shape: tuple[int, int, int]) -> torch.Tensor | None:
-    """The rows' stored uint8 crops, in row order, as the float32 pixels the processor would have produced."""
-    images = []
-    for record in records:
-        if record and record["uint8"]:
-            crops = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(-1, *image_shape).astype(np.float32)
-            scale = np.asarray(record["scale"], dtype=np.float32).reshape(1, -1, 1, 1)
-            offset = np.asarray(record["offset"], dtype=np.float32).reshape(1, -1, 1, 1)
-            images.append(crops * scale + offset)
-    return torch.from_numpy(np.concatenate(images)) if images else None

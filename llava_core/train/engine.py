@@ -107,7 +107,7 @@ def build_engine(model, stage: dict, world_size: int, total_steps: int, use_gpu:
         llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if stage["zero_stage"] != 3:
         model = model.to(device)  # before the optimizer: fused AdamW wants its parameters on the GPU
-    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"])
+    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"], stage.get("vision_lr"))
     optimizer = build_optimizer(groups, stage, use_gpu)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage["warmup_ratio"]),
                                                 total_steps)
@@ -154,11 +154,13 @@ def optimizer_step(engine, batches: list[dict], normalization: str, device: torc
     return numerator, denominator
 
 
-def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, image_shape, pad_id: int) -> dict:
-    """A text-only micro-batch gets one extra row: a blank image's tokens, nothing supervised. The vision tower and
-    projector then run in the same order as on every other rank: ZeRO-3 gathers parameters module by module and
-    ZeRO-2 reduces the same gradients, so a rank that skipped them would hang the others (the official code's
-    ZeRO hang). Rows are independent and the row has no labels, so the loss is unchanged."""
+def with_blank_image_row(batch: dict, image_token_id: int, blank: tuple[dict, int], pad_id: int) -> dict:
+    """A text-only micro-batch gets one extra row: a blank image's tokens, nothing supervised (`blank`: that image's
+    model inputs and token count, from `image_layouts`). The vision tower and projector then run in the same order
+    as on every other rank: ZeRO-3 gathers parameters module by module and ZeRO-2 reduces the same gradients, so a
+    rank that skipped them would hang the others (the official code's ZeRO hang). Rows are independent and the row
+    has no labels, so the loss is unchanged."""
+    image_inputs, image_tokens = blank
     ids = batch["input_ids"]
     width = max(ids.shape[1], image_tokens)
 
@@ -176,16 +178,15 @@ def with_blank_image_row(batch: dict, image_token_id: int, image_tokens: int, im
     if "position_ids" in batch:  # packed rows: the blank row is its own sequence
         out["position_ids"] = add_row(batch["position_ids"], torch.arange(image_tokens), 0)
         out["position_ids"][:-1, ids.shape[1]:] = torch.arange(width - ids.shape[1])
-    out["pixel_values"] = torch.zeros(1, *image_shape)
+    out.update(image_inputs)  # OneVision's batch_num_images [1]: the model reads it only to patch the blank image
     return out
 
 
-def model_inputs(batch: dict, llava_config, image_shape, pad_id: int, flatten: bool) -> dict:
-    """A collated micro-batch as the model takes it: a blank image row when it has no image, packed rows as one
-    row for flash attention's variable-length kernel."""
+def model_inputs(batch: dict, image_token_id: int, pixels, pad_id: int, flatten: bool) -> dict:
+    """A collated micro-batch as the model takes it: a blank image row when it has no image (`pixels.blank()`),
+    packed rows as one row for flash attention's variable-length kernel."""
     if batch["pixel_values"] is None:
-        batch = with_blank_image_row(batch, llava_config.image_token_index, llava_config.image_seq_length,
-                                     image_shape, pad_id)
+        batch = with_blank_image_row(batch, image_token_id, pixels.blank(), pad_id)
     return flatten_packed(batch) if flatten else batch
 
 

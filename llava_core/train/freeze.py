@@ -1,8 +1,10 @@
 """Which parameters a stage trains: the stage names parts (and LoRA), this module applies it, builds the optimizer's
 parameter groups and reports exactly what trains.
 
-Parts of transformers' LlavaForConditionalGeneration: `vision` (the CLIP tower), `projector`, `llm` (decoder and
-lm_head), plus `lora` when LoRA adapters wrap the LLM's Linear layers (the LLM itself then stays frozen).
+Parts of transformers' LLaVA models (every family): `vision` (the CLIP or SigLIP tower), `projector`, `llm` (decoder
+and lm_head, and the AnyRes families' `image_newline`, which LLaVA-NeXT's training code counts with the language
+model: `mm_language_model` unfreezes everything that is not tower or projector), plus `lora` when LoRA adapters
+wrap the LLM's Linear layers (the LLM itself then stays frozen).
 """
 from __future__ import annotations
 
@@ -14,11 +16,17 @@ from llava_core.model.lora import apply_lora, llava_of
 def parts_of(model) -> dict:
     """The named parts of transformers' LlavaForConditionalGeneration."""
     model = llava_of(model)
+    newline = [model.model.image_newline] if getattr(model.model, "image_newline", None) is not None else []
     return {
         "vision": [model.model.vision_tower],
         "projector": [model.model.multi_modal_projector],
-        "llm": [model.model.language_model, model.lm_head],
+        "llm": [model.model.language_model, model.lm_head, *newline],
     }
+
+
+def parameters_of(module) -> list:
+    """A part's parameters: a module's, or a bare parameter such as `image_newline`."""
+    return [module] if isinstance(module, torch.nn.Parameter) else list(module.parameters())
 
 
 def part_of(name: str) -> str:
@@ -41,7 +49,7 @@ def set_trainable(model, trainable: list[str]) -> dict[str, dict]:
         count = 0
         for module in modules:
             module.requires_grad_(train)
-            count += sum(p.numel() for p in module.parameters())
+            count += sum(p.numel() for p in parameters_of(module))
         report[part] = {"trainable": train, "parameters": count}
     return report
 
@@ -60,9 +68,12 @@ def apply_stage_training(model, trainable: list[str], lora: dict | None):
     return model
 
 
-def parameter_groups(model, lr: float, projector_lr: float | None, weight_decay: float) -> list[dict]:
-    """AdamW groups per part: the projector may have its own lr; biases and norms get no weight decay (as in HF
-    Trainer). Each group carries its `part` name for the report."""
+def parameter_groups(model, lr: float, projector_lr: float | None, weight_decay: float,
+                     vision_lr: float | None = None) -> list[dict]:
+    """AdamW groups per part: the projector and the vision tower may have their own lr (LLaVA-1.5 LoRA's projector
+    2e-5; OneVision's tower 2e-6 beside the LLM's 1e-5); biases and norms get no weight decay (as in HF Trainer).
+    Each group carries its `part` name for the report."""
+    own_lr = {"projector": projector_lr, "vision": vision_lr}
     groups: dict[tuple[str, bool], dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
@@ -71,7 +82,7 @@ def parameter_groups(model, lr: float, projector_lr: float | None, weight_decay:
         decay = param.ndim >= 2
         group = groups.setdefault((part, decay), {
             "params": [], "part": part,
-            "lr": projector_lr if (part == "projector" and projector_lr is not None) else lr,
+            "lr": own_lr[part] if own_lr.get(part) is not None else lr,
             "weight_decay": weight_decay if decay else 0.0})
         group["params"].append(param)
     return list(groups.values())

@@ -18,6 +18,7 @@ import ray.train
 import torch
 
 from llava_core import storage
+from llava_core.data.image_layouts import pixel_inputs
 from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of
 from llava_core.model.zero3 import gathered
@@ -34,7 +35,8 @@ DS_TAG = "deepspeed"
 
 def build_model(config: dict, device: torch.device):
     """The stage's starting model in the training dtype with the chosen attention, and its processor."""
-    from llava_core.model.build import assemble_llava, load_llava, load_official_projector
+    from llava_core.model.build import load_llava, load_official_projector
+    from llava_core.model.families import assemble
 
     stage = config["stage"]
     dtype = training_dtype(stage, config["use_gpu"])
@@ -44,8 +46,9 @@ def build_model(config: dict, device: torch.device):
     if config["init_from"]:
         model, processor = load_llava(config["init_from"], dtype, stage["attn_implementation"], on)
     else:
-        model, processor = assemble_llava(config["vision_path"], config["llm_path"], dtype, config["template"],
-                                          stage["attn_implementation"], on)
+        model, processor = assemble(config.get("family", "llava"), config["vision_path"], config["llm_path"], dtype,
+                                    config["template"], stage["attn_implementation"], on,
+                                    config.get("image_layout"))
     if stage["init_projector"]:
         load_official_projector(model, stage["init_projector"])
     return model, processor
@@ -83,10 +86,10 @@ def train_loop_per_worker(config: dict) -> None:
               if rank == 0 else None)
     if rank == 0:
         log_start(config, parts, total_steps, start_step, plan)
-    image_shape = (3, processor.image_processor.crop_size["height"], processor.image_processor.crop_size["width"])
-    pad_id = processor.tokenizer.pad_token_id
+    pixels = pixel_inputs(processor, llava_of(model).config.model_type, llava_of(model).config)
+    pad_id, image_token_id = processor.tokenizer.pad_token_id, llava_of(model).config.image_token_id
     batches = BatchPrefetcher(examples, plan.rank_micro_batches(lengths, num_images, epoch_steps, start_step, rank),
-                              stage["packing"], pad_id, image_shape)
+                              stage["packing"], pad_id, pixels)
     flatten = stage["packing"] and stage["attn_implementation"] == "flash_attention_2"
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
@@ -95,12 +98,12 @@ def train_loop_per_worker(config: dict) -> None:
         for _ in range(grad_accum):  # this rank's micro-batches of the step, read ahead in plan order
             micro, batch, waited = batches.get()
             window["data_wait_s"] += waited
-            step_batches.append(model_inputs(batch, llava_of(model).config, image_shape, pad_id, flatten))
-            rows = np.concatenate(micro)
-            tokens, images = int(lengths[rows].sum()), int(num_images[rows].sum())
+            step_batches.append(model_inputs(batch, image_token_id, pixels, pad_id, flatten))
+            rows = np.concatenate(micro)  # counted from the collated batch, before any blank image row
+            tokens = int(lengths[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
-            window["flops"] += flops(tokens, images)
+            window["flops"] += flops(tokens, pixels.views(batch))
         loss = optimizer_step(engine, step_batches, stage["loss_normalization"], device)
         record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)

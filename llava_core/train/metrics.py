@@ -44,13 +44,18 @@ def model_part_sizes(model) -> flop_model.PartSizes:
     for name, param in model.named_parameters():
         if param is not embed or tied:
             counts[part_of(name)] += numel(param)
+    from llava_core.model.families import features_per_view, tower_has_cls
+
     vision = llava.config.vision_config
-    patches = (vision.image_size // vision.patch_size) ** 2
-    return flop_model.PartSizes(**counts, vision_positions=patches + 1, image_tokens=llava.config.image_seq_length)
+    patches = features_per_view(vision)
+    # Per tower pass (a view: the one crop of LLaVA-1.5, a tile or base view of AnyRes): the projector maps every
+    # patch feature; row newlines are a copy, not a matmul.
+    return flop_model.PartSizes(**counts, vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches)
 
 
 def flops_counter(model, trainable: list[str], lora: bool):
-    """A function (tokens, images) -> model FLOPs of one micro-batch, for this model and stage."""
+    """A function (tokens, views) -> model FLOPs of one micro-batch, for this model and stage (`views`: tower
+    passes, one per LLaVA-1.5 image)."""
     return flop_model.training_flops(model_part_sizes(model), trainable, lora)
 
 

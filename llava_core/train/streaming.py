@@ -29,7 +29,7 @@ from llava_core import storage
 from llava_core.data.plan_index import PlanIndexError, read_plan_index, scan_shards, shard_rows
 from llava_core.train.batching import collate_micro_batch
 
-BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads
+BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads, with crops (tiles: `images`)
 CACHE_BYTES = 64 * 2**20  # recently read row groups: rows of one group that meet in nearby micro-batches
 OPEN_SHARDS = 16  # decoded footers kept for the next read (~3 MB each for 2000 rows)
 # Row groups of one micro-batch read at once: on S3 a read is a request round trip (~30-80 ms), so the 16 random
@@ -198,14 +198,14 @@ class BatchPrefetcher:
     too, as it holds no reference to its owner."""
 
     def __init__(self, rows: TrainingRows, micro_batches: Iterator[list[np.ndarray]], packing: bool,
-                 pad_token_id: int, image_shape: tuple[int, int, int], depth: int = PREFETCH_DEPTH,
+                 pad_token_id: int, pixels, depth: int = PREFETCH_DEPTH,
                  cache_bytes: int = CACHE_BYTES):
         if depth < 1:
             raise ValueError(f"prefetch depth must be at least 1, not {depth}")
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        self.reader = RowReader(rows, cache_bytes=cache_bytes)
-        args = (self.reader, micro_batches, packing, pad_token_id, image_shape, self.ready, self.stop)
+        self.reader = RowReader(rows, ["input_ids", "labels", pixels.column], cache_bytes=cache_bytes)
+        args = (self.reader, micro_batches, packing, pad_token_id, pixels, self.ready, self.stop)
         self.thread = threading.Thread(target=_produce, args=args, name="batch-prefetcher", daemon=True)
         self.thread.start()
         weakref.finalize(self, self.stop.set)
@@ -248,13 +248,13 @@ class BatchPrefetcher:
         self.close()
 
 
-def _produce(reader: RowReader, micro_batches, packing, pad_token_id, image_shape, ready: queue.Queue,
+def _produce(reader: RowReader, micro_batches, packing, pad_token_id, pixels, ready: queue.Queue,
              stop: threading.Event) -> None:
     """The reader thread: read, collate, enqueue; the end or the first error is enqueued too."""
     try:
         for micro in micro_batches:
             picked = reader.take(np.concatenate(micro))
-            batch = collate_micro_batch(picked, micro, packing, pad_token_id, image_shape)
+            batch = collate_micro_batch(picked, micro, packing, pad_token_id, pixels)
             if not _put(ready, (micro, batch), stop):
                 return
         _put(ready, _END, stop)

@@ -26,7 +26,8 @@ def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
 def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
                        stage_dir: str, vision_path: str, llm_path: str, init_from: str | None,
                        test_hooks: dict | None = None, run_name: str | None = None, template: str = "vicuna_v1",
-                       save_model: bool = True, plan_index: str | None = None) -> dict:
+                       save_model: bool = True, plan_index: str | None = None, family: str = "llava",
+                       image_layout: str = "pad") -> dict:
     """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`.
 
     `run_name` (default: the stage name) names the Ray Train run under `<stage_dir>/ray`: a run with the same name
@@ -34,7 +35,8 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
     start fresh; a rerun after a crash resumes). Every path is a storage URI or a hub id, never a file on this
     machine: workers may run on other nodes. `template` is the dataset's (the processor's chat template follows it);
     `save_model: False` hands off the projector alone (`mm_projector.bin`). `plan_index` is prepare's index of the
-    shards' rows (None: each rank scans the shards' footers instead)."""
+    shards' rows (None: each rank scans the shards' footers instead). `family` and `image_layout` (`model.family`,
+    `prepare.image_aspect_ratio`) pick the model a fresh stage assembles; the shards were prepared for them."""
     loop_config = {
         "stage_name": stage_name,
         "stage": dataclasses.asdict(stage),
@@ -45,6 +47,8 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
         "llm_path": llm_path,
         "init_from": init_from,
         "template": template,
+        "family": family,
+        "image_layout": image_layout,
         "save_model": save_model,
         "output_dir": stage_dir,
         "start_time": time.time(),

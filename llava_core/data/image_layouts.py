@@ -1,0 +1,188 @@
+"""How a family's images are stored in a shard, how many tokens each takes, and how a micro-batch's images become
+the model's pixel inputs again. Both directions of one shard format live here, so they cannot drift apart.
+
+- **Crops** (`llava`, layouts `pad` / `square`): one view per image, stored as the processor's final crop in uint8
+  (after pad/resize/crop, before rescale and normalise) with the per-channel affine that turns it into the model's
+  float32 pixels: lossless (the processor's float output is exactly `uint8 * scale + offset`), 4x smaller than
+  float32, ~0.2 ms per 336 px image in the trainer. Every image is `image_seq_length` tokens (576 for CLIP-336).
+- **Tiles** (`llava_next` / `llava_onevision`, layouts `anyres`, `anyres_max_N`, `pad` = one 1x1 grid): the image's
+  encoded bytes as read (checked by decoding them), its (height, width) and its exact `<image>` token count from the
+  processor (`families.image_token_counts`: base view + unpadded tiles + row newlines, OneVision's shrink past N
+  tiles). The trainer runs the family's own image processor on the decoded bytes, so the tiles it sees are the
+  ones serving computes. Storing the tiles instead would be 10 views x 384 x 384 x 3 = 4.4 MB a OneVision image,
+  14 TB for its 3.2M single-image rows, against ~0.1-0.3 MB of JPEG.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from llava_core.data import images
+
+EMPTY = {"pixel_values": None}
+
+
+@dataclass
+class PreparedImages:
+    token_counts: list[int]  # the `<image>` tokens of each image, in order
+    columns: dict  # the shard columns that hold them
+
+
+class CropImages:
+    """Prepare side of the crop format (LLaVA-1.5)."""
+
+    def __init__(self, vision_path: str, llm_path: str, layout: str, limits: images.ImageLimits):
+        from llava_core.model.build import (IMAGE_TOKEN, image_seq_length, load_image_processor,
+                                            load_tokenizer_with_image_token, vision_config)
+
+        self.tokenizer = load_tokenizer_with_image_token(llm_path)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.image_processor = load_image_processor(vision_path)
+        self.tokens_per_image = image_seq_length(vision_config(vision_path))
+        self.layout, self.limits = layout, limits
+        self.pad_fill = images.mean_colour(self.image_processor)
+        self.scale, self.offset = images.normalisation(self.image_processor)
+
+    def prepare(self, encoded: list[bytes]) -> PreparedImages:
+        return PreparedImages([self.tokens_per_image] * len(encoded), self.columns(self._uint8(encoded)))
+
+    def columns(self, data: bytes = b"") -> dict:
+        return {"pixel_values": {"uint8": data, "scale": self.scale, "offset": self.offset}, "images": [],
+                "image_sizes": []}
+
+    def _uint8(self, encoded: list[bytes]) -> bytes:
+        """The processed crops, (num_images, 3, H, W) uint8, as raw bytes; empty for text-only rows."""
+        if not encoded:
+            return b""
+        decoded = [images.decode_image(data, self.limits) for data in encoded]
+        if self.layout == "pad":
+            decoded = [images.pad_to_square(image, self.pad_fill) for image in decoded]
+        return images.processed_uint8(self.image_processor, decoded).tobytes()
+
+
+class TiledImages:
+    """Prepare side of the tile format (LLaVA-NeXT, LLaVA-OneVision)."""
+
+    def __init__(self, vision_path: str, llm_path: str, family_name: str, layout: str, template: str,
+                 limits: images.ImageLimits):
+        from llava_core.model.build import IMAGE_TOKEN
+        from llava_core.model.families import family, load_anyres_processor
+
+        self.family = family(family_name)
+        self.processor = load_anyres_processor(self.family, vision_path, llm_path, template, layout)
+        self.tokenizer = self.processor.tokenizer
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        self.limits = limits
+
+    def prepare(self, encoded: list[bytes]) -> PreparedImages:
+        from llava_core.model.families import image_token_counts
+
+        sizes = [_height_width(images.decode_image(data, self.limits)) for data in encoded]
+        counts = image_token_counts(self.processor, sizes, self.family) if sizes else []
+        return PreparedImages(counts, self.columns(list(encoded), sizes))
+
+    def columns(self, encoded: list | None = None, sizes: list | None = None) -> dict:
+        return {"pixel_values": {"uint8": b"", "scale": [], "offset": []}, "images": encoded or [],
+                "image_sizes": [list(s) for s in sizes or []]}
+
+
+def shard_images(vision_path: str, llm_path: str, family_name: str, layout: str, template: str,
+                 limits: images.ImageLimits):
+    """The prepare side of `family_name`'s shard format."""
+    if family_name == "llava":
+        return CropImages(vision_path, llm_path, layout, limits)
+    return TiledImages(vision_path, llm_path, family_name, layout, template, limits)
+
+
+def _height_width(image) -> tuple[int, int]:
+    return image.height, image.width
+
+
+# --- the trainer's side: a micro-batch's stored images -> the model's pixel inputs -------------------------------
+
+
+class CropPixels:
+    """Stored uint8 crops -> float32 `pixel_values` (N, 3, H, W), in row order."""
+
+    column = "pixel_values"
+
+    def __init__(self, image_shape: tuple[int, int, int], tokens_per_image: int = 0):
+        self.image_shape, self.tokens_per_image = tuple(image_shape), tokens_per_image
+
+    def __call__(self, records: list) -> dict:
+        crops = []
+        for record in records:
+            if record and record["uint8"]:
+                uint8 = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(-1, *self.image_shape)
+                scale = np.asarray(record["scale"], dtype=np.float32).reshape(1, -1, 1, 1)
+                offset = np.asarray(record["offset"], dtype=np.float32).reshape(1, -1, 1, 1)
+                crops.append(uint8.astype(np.float32) * scale + offset)
+        return {"pixel_values": torch.from_numpy(np.concatenate(crops))} if crops else dict(EMPTY)
+
+    @staticmethod
+    def views(batch: dict) -> int:
+        """Tower passes of a collated micro-batch (for the FLOP count): one per image."""
+        return 0 if batch["pixel_values"] is None else batch["pixel_values"].shape[0]
+
+    def blank(self) -> tuple[dict, int]:
+        """One blank image's inputs and its token count (a text-only micro-batch's stand-in image)."""
+        return {"pixel_values": torch.zeros(1, *self.image_shape)}, self.tokens_per_image
+
+
+class TilePixels:
+    """Stored encoded images -> the family's image processor's `pixel_values` (N, max views, 3, tile, tile) and
+    `image_sizes`, plus OneVision's `batch_num_images` per sample (an image of a several-image sample is its base
+    view alone). Under packing a row holds several samples; `batch_num_images` stays per sample, which is all the
+    model reads it for."""
+
+    column = "images"
+
+    def __init__(self, processor, family_name: str):
+        from llava_core.model.families import family
+
+        self.processor, self.family = processor, family(family_name)
+
+    def __call__(self, rows: list) -> dict:
+        per_sample = [[images.decode_image(data) for data in row] for row in rows if row]
+        return self._pixels(per_sample) if per_sample else dict(EMPTY)
+
+    def _pixels(self, per_sample: list[list]) -> dict:
+        """OneVision's processor is given the images per sample: it pads an image of a several-image sample to a
+        square base view instead of tiling it, and says so in `batch_num_images`."""
+        several = self.family.base_view_for_several_images
+        batch = per_sample if several else [image for sample in per_sample for image in sample]
+        out = self.processor.image_processor(images=batch, return_tensors="pt")
+        keys = ("pixel_values", "image_sizes", "batch_num_images") if several else ("pixel_values", "image_sizes")
+        return {key: out[key] for key in keys}
+
+    def views(self, inputs: dict) -> int:
+        """Tower passes of a collated micro-batch (for the FLOP count): the views the model keeps of each image (the
+        processor pads every image to the most)."""
+        from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+        if inputs["pixel_values"] is None:
+            return 0
+        tile = self.processor.image_processor.size["height"]
+        pinpoints = self.processor.image_processor.image_grid_pinpoints
+        several = inputs.get("batch_num_images")
+        base_only = [n > 1 for n in several.tolist() for _ in range(n)] if several is not None else None
+        return sum(1 if base_only and base_only[i] else image_size_to_num_patches(size.tolist(), pinpoints, tile)
+                   for i, size in enumerate(inputs["image_sizes"]))
+
+    def blank(self) -> tuple[dict, int]:
+        from llava_core.model.families import image_token_counts
+
+        tile = self.processor.image_processor.size["height"]
+        image = images.blank_image(self.processor.image_processor, tile)
+        inputs = self._pixels([[image]])
+        return inputs, image_token_counts(self.processor, [(tile, tile)], self.family)[0]
+
+
+def pixel_inputs(processor, family_name: str, model_config):
+    """The trainer side of `family_name`'s shard format, for a model with `model_config`."""
+    if family_name == "llava":
+        crop = processor.image_processor.crop_size
+        return CropPixels((3, crop["height"], crop["width"]), model_config.image_seq_length)
+    return TilePixels(processor, family_name)
