@@ -262,6 +262,7 @@ class ServeSettings:
     max_body_bytes: int = 100_000_000  # larger request bodies get 413 before they are parsed
     body_read_timeout_s: float = 30.0  # a body not received in full by then gets 408 (a slow sender holds a slot)
     max_images: int = 4
+    max_image_tokens: int = 32_768  # the images' <image> tokens per request, from their sizes (OneVision: <= ~8.8K each)
     max_prompt_chars: int = 100_000  # text over all messages, counted before tokenizing (~25K tokens of English)
     max_image_bytes: int = 20_000_000
     max_image_pixels: int = 40_000_000
@@ -291,7 +292,8 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
     if s.overload_status not in OVERLOAD_STATUSES:
         raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
     positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
-                "max_body_bytes", "body_read_timeout_s", "max_images", "max_prompt_chars", "max_image_bytes",
+                "max_body_bytes", "body_read_timeout_s", "max_images", "max_image_tokens", "max_prompt_chars",
+                "max_image_bytes",
                 "max_image_pixels", "max_image_side", "max_image_aspect_ratio", "image_fetch_timeout_s",
                 "health_check_period_s")
     for key in positive:

@@ -1,4 +1,5 @@
-"""The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-13b.yaml`, `-7b-lora.yaml`), with
+"""The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-13b.yaml`, `-7b-lora.yaml`,
+`llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml`), with
 `--set` overrides only for where the models and data are, how big the batches and epochs are and how many CPU
 workers run, through every stage including `serve`, on a two-node Ray cluster whose nodes share no disk:
 
@@ -26,7 +27,9 @@ from tests.s3_server import environment, s3_server
 
 WORKFLOWS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows"))
 BUCKET = "s3://llava-test"
-HUB_IDS = ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "lmsys/vicuna-13b-v1.5"]
+# Each stand-in at its repo's tile geometry: CLIP-L/336 576 features a view, SigLIP so400m/384 729.
+HUB_IDS = {"openai/clip-vit-large-patch14-336": 336, "lmsys/vicuna-7b-v1.5": 336, "lmsys/vicuna-13b-v1.5": 336,
+           "google/siglip-so400m-patch14-384": 384, "Qwen/Qwen2-7B-Instruct": 384}
 SIZES = ["align.global_batch_size=16", "align.micro_batch_size=4", "instruct.global_batch_size=16",
          "instruct.micro_batch_size=4", "instruct.epochs=1", "prepare.num_actors=2", "prepare.rows_per_shard=100"]
 SCALING = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1"]
@@ -59,8 +62,8 @@ def s3_world(tmp_path_factory):
                                    seed=3)
         rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
         corpus = [turn["value"] for row in rows for turn in row["conversations"]]
-        sizes = standins.TinyModelConfig(image_size=336, patch_size=14, vision_layers=2)  # CLIP-L/336: 576 tokens
-        for hub_id in HUB_IDS:
+        for hub_id, side in HUB_IDS.items():
+            sizes = standins.TinyModelConfig(image_size=side, patch_size=14, vision_layers=2)
             standins.save_standin(hub_id, os.path.join(local, "hub", hub_id), corpus, sizes)
         upload(os.path.join(local, "hub"), f"{BUCKET}/hub")
         upload(paths["align"], f"{BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json")
@@ -92,6 +95,11 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
         cwd=os.path.dirname(driver_home), env=driver_env, capture_output=True, text=True, timeout=1500)
 
 
+def family_of(workflow_name: str) -> str:
+    return {"llava-next": "llava_next", "llava-onevision": "llava_onevision"}.get(
+        "-".join(workflow_name.split("-")[:2]), "llava")
+
+
 def training_worker_nodes(dashboard: str) -> set:
     """Nodes that hosted Ray Train workers, from the dashboard's state API (dead actors included)."""
     import requests
@@ -106,29 +114,44 @@ def training_worker_nodes(dashboard: str) -> set:
 
 
 def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: bytes, max_new_tokens: int) -> str:
+    """The export's answer through transformers alone, as its family's class. OneVision's processor needs
+    torchvision for its video half, which a CPU-only install lacks: there the export's processor config (saved as
+    LlavaOnevisionProcessor) loads as the project's image-only subclass; everything else is transformers'."""
     import io
 
     import torch
     from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
+                              LlavaOnevisionForConditionalGeneration)
 
-    model = LlavaForConditionalGeneration.from_pretrained(export_dir).eval()
-    processor = AutoProcessor.from_pretrained(export_dir)
+    config = json.load(open(os.path.join(export_dir, "config.json")))
+    model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,
+                   "llava_onevision": LlavaOnevisionForConditionalGeneration}[config["model_type"]]
+    model = model_class.from_pretrained(export_dir).eval()
+    if config["model_type"] == "llava_onevision":
+        from llava_core.model.families import ImageOnlyOnevisionProcessor
+
+        processor = ImageOnlyOnevisionProcessor.from_pretrained(export_dir)
+    else:
+        processor = AutoProcessor.from_pretrained(export_dir)
     messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    # As LLaVA-1.5 (`expand2square`) and the endpoint do: pad to a square of the processor's mean colour. The
-    # synthetic images are 96 x 72, and a processor's centre crop would show the model another picture.
-    side, mean = max(image.size), tuple(int(round(m * 255)) for m in processor.image_processor.image_mean)
-    square = Image.new("RGB", (side, side), mean)
-    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-    inputs = processor(images=[square], text=prompt, return_tensors="pt")
+    if config["model_type"] == "llava":
+        # As LLaVA-1.5 (`expand2square`) and the endpoint do: pad to a square of the processor's mean colour. The
+        # synthetic images are 96 x 72, and a processor's centre crop would show the model another picture.
+        side, mean = max(image.size), tuple(int(round(m * 255)) for m in processor.image_processor.image_mean)
+        square = Image.new("RGB", (side, side), mean)
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        image = square
+    inputs = processor(images=[image], text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
-@pytest.mark.parametrize("name", ["llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-lora"])
+@pytest.mark.parametrize("name", ["llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-lora", "llava-next-vicuna-7b",
+                                  "llava-onevision-qwen2-7b"])
 def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, tmp_path):
     from llava_core import storage
 
@@ -149,7 +172,10 @@ def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(nam
             == ["done"] * 6
         manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
         assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
-        assert manifest["datasets"]["align"]["max_length"] > 576  # CLIP-L/336's image tokens are counted
+        # Every image token is counted: CLIP-L/336's 576 a view; AnyRes's base view and the unpadded tile of a
+        # 96 x 72 image (NeXT: a 1x2 grid, 576 + 24 x 32 + 24 newlines; OneVision: 1x1, 729 + 21 x 27 + 21).
+        assert manifest["datasets"]["align"]["max_length"] > {"llava": 576, "llava_next": 2 * 576,
+                                                               "llava_onevision": 729 + 729 // 2}[family_of(name)]
         # Align hands on the projector alone (the official mm_projector.bin), not a model copy.
         align_files = {name for name, _, _ in storage.listing(storage.join(run_dir, "align"))}
         assert "mm_projector.bin" in align_files and not any(f.startswith("model/") for f in align_files)

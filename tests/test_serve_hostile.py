@@ -295,7 +295,7 @@ def test_counting_a_long_prompt_does_not_hold_the_batches_tokenizer(engine):
         thread = threading.Thread(target=lambda: (engine._decode([5, 6, 7]), acquired.set()))
         thread.start()
         assert acquired.wait(10), "decoding waited for the counting tokenizer"  # ... and batches still decode
-    assert engine.count_prompt_tokens(messages, 0) > 20_000
+    assert engine.count_prompt_tokens(messages, []) > 20_000
 
 
 def test_a_server_error_is_logged_once_and_answered_with_its_request_id(caplog):

@@ -164,7 +164,7 @@ class TilePixels:
 
         if inputs["pixel_values"] is None:
             return 0
-        tile = self.processor.image_processor.size["height"]
+        tile = tile_side(self.processor.image_processor)
         pinpoints = self.processor.image_processor.image_grid_pinpoints
         several = inputs.get("batch_num_images")
         base_only = [n > 1 for n in several.tolist() for _ in range(n)] if several is not None else None
@@ -174,10 +174,31 @@ class TilePixels:
     def blank(self) -> tuple[dict, int]:
         from llava_core.model.families import image_token_counts
 
-        tile = self.processor.image_processor.size["height"]
+        tile = tile_side(self.processor.image_processor)
         image = images.blank_image(self.processor.image_processor, tile)
         inputs = self._pixels([[image]])
         return inputs, image_token_counts(self.processor, [(tile, tile)], self.family)[0]
+
+
+def processor_images(family_name: str, per_sample: list[list], pad_fill) -> list | None:
+    """A batch's images (per sample, decoded) as the family's processor takes them at inference, the way training
+    saw them: LLaVA-1.5 padded to a square of the mean colour (`pad`), flat; LLaVA-NeXT flat, tiled by the
+    processor; OneVision per sample, so an image of a several-image sample becomes its base view alone."""
+    from llava_core.model.families import family
+
+    fam = family(family_name)
+    if not any(per_sample):
+        return None
+    if fam.base_view_for_several_images:
+        return [list(sample) for sample in per_sample if sample]
+    flat = [image for sample in per_sample for image in sample]
+    return flat if fam.takes_image_sizes() else [images.pad_to_square(image, pad_fill) for image in flat]
+
+
+def tile_side(image_processor) -> int:
+    """The side of one tile: LLaVA-NeXT's processor crops tiles to `crop_size`, OneVision's resizes to `size`."""
+    crop = getattr(image_processor, "crop_size", None)
+    return crop["height"] if crop else image_processor.size["height"]
 
 
 def pixel_inputs(processor, family_name: str, model_config):

@@ -49,15 +49,17 @@ def prompt_for(processor, question: str) -> str:
 @torch.inference_mode()
 def generate_answers(model, processor, questions: list[str], pil_images: list, max_new_tokens: int,
                      batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding; images are padded to square as in training."""
+    """Greedy answers, batched with left padding; images go to the processor as in training (`processor_images`)."""
+    from llava_core.data.image_layouts import processor_images
+
     processor.tokenizer.padding_side = "left"
     fill = images.mean_colour(processor.image_processor)
     answers = []
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
         prompts = [prompt_for(processor, q) for q in questions[chunk]]
-        padded = [images.pad_to_square(im, fill) for im in pil_images[chunk]]
-        inputs = processor(images=padded, text=prompts, padding=True, return_tensors="pt").to(model.device)
+        pictures = processor_images(model.config.model_type, [[im] for im in pil_images[chunk]], fill)
+        inputs = processor(images=pictures, text=prompts, padding=True, return_tensors="pt").to(model.device)
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=processor.tokenizer.pad_token_id)
         new_tokens = output[:, inputs["input_ids"].shape[1]:]

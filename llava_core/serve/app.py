@@ -245,7 +245,8 @@ class LlavaServer:
 
     def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatRequest, GenerationRequest]:
         chat = protocol.parse_chat_request(body, self.settings, self.model_name)
-        prompt_tokens = engine.count_prompt_tokens(chat.messages, len(chat.images))
+        protocol.check_image_tokens(engine.count_image_tokens(chat.images), self.settings.max_image_tokens)
+        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images)
         return chat, protocol.fit_to_context(chat, prompt_tokens, engine.context_length,
                                              self.settings.default_max_tokens)
 

@@ -5,8 +5,8 @@ decoded images in the order they appear, and sampling settings, and runs a batch
 `generate` call. Every request keeps its own sampling settings (`sampling.PerRequestSampler`), max_tokens and stop
 strings (`BatchProgress` ends each row on its own), and after every decoding step each request gets its new text
 (`answer_stream`), which is what streaming sends. Prompts and images go through exactly the steps training and
-`llava_core.eval` use (chat template, pad-to-square with the processor's mean colour, `LlavaProcessor`), so a served
-answer is the answer the evaluation measured.
+`llava_core.eval` use (chat template; for LLaVA-1.5 pad-to-square with the processor's mean colour; the family's
+processor, which tiles AnyRes images), so a served answer is the answer the evaluation measured.
 """
 from __future__ import annotations
 
@@ -22,7 +22,9 @@ from PIL import Image
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from llava_core.data import images as image_ops
+from llava_core.data.image_layouts import processor_images
 from llava_core.model.build import IMAGE_TOKEN, load_llava
+from llava_core.model.families import family, image_token_counts
 from llava_core.serve.answer_stream import AnswerStream, StreamEvent
 from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
 
@@ -103,6 +105,7 @@ class GenerationEngine:
         model, processor = load_llava(model_dir, dtype=dtype)
         self.model = model.to(self.device).eval()
         self.processor = processor
+        self.family = family(model.config.model_type)
         self.tokenizer = processor.tokenizer
         # Generation appends on the right, so padding must go on the left, away from where answers start.
         self.tokenizer.padding_side = "left"
@@ -117,7 +120,7 @@ class GenerationEngine:
         self._tokenizer_lock = threading.Lock()
         self._counting_tokenizer = copy.deepcopy(self.tokenizer)
         self._counting_lock = threading.Lock()
-        self.tokens_per_image = self._measure_tokens_per_image()
+        self.tokens_per_image = None if self.family.takes_image_sizes() else self._measure_tokens_per_image()
 
     def _eos_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -135,12 +138,19 @@ class GenerationEngine:
     def render_prompt(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def count_prompt_tokens(self, messages: list[dict], n_images: int) -> int:
+    def count_image_tokens(self, images: list[Image.Image]) -> int:
+        """The `<image>` tokens a request's images expand to, from their sizes alone (AnyRes: each image's tiles,
+        unpadding and row newlines; OneVision: base views only when there are several)."""
+        if self.tokens_per_image is not None:
+            return len(images) * self.tokens_per_image
+        return sum(image_token_counts(self.processor, [(im.height, im.width) for im in images], self.family))
+
+    def count_prompt_tokens(self, messages: list[dict], images: list[Image.Image]) -> int:
         """The prompt's length as the model sees it, image tokens included, without preprocessing any image."""
         prompt = self.render_prompt(messages)
         with self._counting_lock:
             text_tokens = len(self._counting_tokenizer(prompt)["input_ids"])
-        return text_tokens + n_images * (self.tokens_per_image - 1)
+        return text_tokens - len(images) + self.count_image_tokens(images)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """One completion per request, in order."""
@@ -214,10 +224,9 @@ class GenerationEngine:
 
     def _batch_inputs(self, group: list[GenerationRequest]) -> dict:
         prompts = [self.render_prompt(r.messages) for r in group]
-        # Training padded every image to a square of the mean colour ("pad" aspect ratio); do the same here.
-        pictures = [image_ops.pad_to_square(image, self.pad_fill) for r in group for image in r.images]
         with self._tokenizer_lock:
-            inputs = self.processor(images=pictures or None, text=prompts, padding=True, return_tensors="pt")
+            pictures = processor_images(self.family.name, [r.images for r in group], self.pad_fill)
+            inputs = self.processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
         return inputs.to(self.device)
 
     def _decode(self, tokens: list[int]) -> str:

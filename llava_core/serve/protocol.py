@@ -277,6 +277,14 @@ def requested_max_tokens(body: dict, settings: ServeSettings) -> Optional[int]:
     return value
 
 
+def check_image_tokens(image_tokens: int, limit: int) -> None:
+    """A request's images cost what their tokens cost: an AnyRes image is up to ~8,800 of them (OneVision at 6x6
+    tiles), so the limit counts tokens, from the images' sizes, before any tile is cut."""
+    if image_tokens > limit:
+        raise bad_request(f"the images are {image_tokens} tokens, over this server's limit of {limit} image tokens "
+                          f"per request; send fewer or smaller images", "messages", "too_many_image_tokens")
+
+
 def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int,
                    default_max_tokens: int) -> GenerationRequest:
     """The engine's input, with an answer length that fits the model's context: refuse what cannot fit, shorten the
