@@ -17,6 +17,7 @@ from typing import Any, Optional
 import yaml
 
 TRAINABLE_PARTS = ("projector", "llm", "vision")
+TRAINING_STAGES = ("align", "knowledge", "instruct")  # stage 1, OneVision's optional stage 1.5, stage 2
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every LLaMA Linear
 SAMPLING = ("random", "length_grouped", "modality_grouped")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -329,10 +330,17 @@ class Workflow:
     prepare: PrepareSettings = field(default_factory=PrepareSettings)
     # LLaVA's defaults per stage; a workflow's `align:` / `instruct:` section overrides only the keys it sets.
     align: TrainStageSettings = field(default_factory=lambda: TrainStageSettings(dataset="align", lr=1e-3))
+    # LLaVA-OneVision's stage 1.5 ("high-quality knowledge"): the full model on curated data between align and
+    # instruct; absent (null) by default, as in LLaVA-1.5 and LLaVA-NeXT.
+    knowledge: Optional[TrainStageSettings] = None
     instruct: TrainStageSettings = field(
         default_factory=lambda: TrainStageSettings(dataset="instruct", trainable=["projector", "llm"]))
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+
+    def training_stages(self) -> list[str]:
+        """The training stages this workflow runs, in order."""
+        return [name for name in TRAINING_STAGES if getattr(self, name) is not None]
 
     @property
     def run_dir(self) -> str:
@@ -477,7 +485,7 @@ def validate(w: Workflow) -> None:
         if ds.template not in TEMPLATES:
             raise WorkflowError(f"datasets.{name}.template: {ds.template!r} is not one of {list(TEMPLATES)}")
         validate_sources(ds, f"datasets.{name}")
-    for stage_name in ("align", "instruct"):
+    for stage_name in w.training_stages():
         stage: TrainStageSettings = getattr(w, stage_name)
         if stage.dataset not in w.datasets:
             raise WorkflowError(f"{stage_name}.dataset: {stage.dataset!r} is not a key of datasets "
@@ -590,8 +598,9 @@ def validate_train_stage(name: str, stage: TrainStageSettings) -> None:
             raise WorkflowError(f"{name}.lora.target_modules: {bad or 'empty'}; choose from {list(LORA_TARGETS)}")
         if stage.lora.r < 1 or not 0 <= stage.lora.dropout < 1:
             raise WorkflowError(f"{name}.lora: r must be >= 1 and dropout in [0, 1)")
-    if stage.init_projector and name != "instruct":
-        raise WorkflowError(f"{name}.init_projector: only the instruct stage starts from an official projector")
+    if stage.init_projector and name == "align":
+        raise WorkflowError(f"{name}.init_projector: align trains the projector from scratch; an official projector "
+                            f"is where the stage after it (knowledge or instruct) starts")
     if stage.packing and stage.sampling == "modality_grouped":
         raise WorkflowError(f"{name}.packing: packs rows of any modality together; use sampling random or "
                             f"length_grouped with packing")

@@ -1,4 +1,4 @@
-"""The stage runner: prepare -> align -> instruct -> export -> evaluate -> serve, in one Ray job.
+"""The stage runner: prepare -> align -> [knowledge] -> instruct -> export -> evaluate -> serve, in one Ray job.
 
 Each stage reads the previous stage's output from the run directory and ends by writing `_stage.json` with the hash of
 the settings (and upstream hashes) that produced it. A stage whose marker matches is skipped, so running a workflow
@@ -21,7 +21,7 @@ from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "align", "instruct", "export", "evaluate", "serve")
+STAGES = ("prepare", "align", "knowledge", "instruct", "export", "evaluate", "serve")  # knowledge: when configured
 
 
 @dataclass
@@ -50,7 +50,7 @@ def stage_prepare(ctx: RunContext) -> dict:
 
 
 def saves_full_model(stage_name: str, stage) -> bool:
-    """Instruct's output is the export; align hands on the projector alone unless it trained more than that."""
+    """Instruct's output is the export; an earlier stage hands on the projector alone unless it trained more."""
     return stage_name == "instruct" or set(stage.trainable) != {"projector"} or bool(stage.lora)
 
 
@@ -78,13 +78,13 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
 
 
 def plot_training(ctx: RunContext) -> str:
-    """Both stages' loss curves in one PNG beside the instruct output."""
+    """Every training stage's loss curve in one PNG beside the instruct output."""
     import tempfile
 
     from llava_core.train.metrics import plot_loss_curves
 
     histories = {}
-    for stage in ("align", "instruct"):
+    for stage in ctx.workflow.training_stages():
         path = storage.join(ctx.stage_dir(stage), "metrics.jsonl")
         if storage.exists(path):
             histories[stage] = read_history(storage.read_text(path))
@@ -99,17 +99,27 @@ def stage_align(ctx: RunContext) -> dict:
     return _train(ctx, "align", ctx.workflow.align)
 
 
+def starting_point(ctx: RunContext, stage_name: str):
+    """(stage settings, init_from) of a stage after align: the base models plus the stage before's
+    `mm_projector.bin` (or an official one the workflow names), as the official stage 2 does; the stage before's
+    full model when it trained more than the projector (decided by settings: a stale model/ may be there)."""
+    w = ctx.workflow
+    stage = getattr(w, stage_name)
+    previous = w.training_stages()[w.training_stages().index(stage_name) - 1]
+    if stage.init_projector:
+        return stage, None
+    if saves_full_model(previous, getattr(w, previous)):
+        return stage, storage.join(ctx.stage_dir(previous), "model")
+    return dataclasses.replace(stage, init_projector=storage.join(ctx.stage_dir(previous), "mm_projector.bin")), None
+
+
+def stage_knowledge(ctx: RunContext) -> dict:
+    """OneVision's stage 1.5: from align's projector, usually the whole model on curated data."""
+    return _train(ctx, "knowledge", *starting_point(ctx, "knowledge"))
+
+
 def stage_instruct(ctx: RunContext) -> dict:
-    """Starts from the base models plus align's `mm_projector.bin` (or an official one the workflow names), as the
-    official stage 2 does; from align's full model only when align trained more than the projector."""
-    stage, align_dir = ctx.workflow.instruct, ctx.stage_dir("align")
-    init_from = None
-    if not stage.init_projector:
-        if saves_full_model("align", ctx.workflow.align):  # decided by settings: a stale align/model may be there
-            init_from = storage.join(align_dir, "model")
-        else:
-            stage = dataclasses.replace(stage, init_projector=storage.join(align_dir, "mm_projector.bin"))
-    metrics = _train(ctx, "instruct", stage, init_from)
+    metrics = _train(ctx, "instruct", *starting_point(ctx, "instruct"))
     metrics["loss_curves"] = plot_training(ctx)
     return metrics
 
@@ -134,7 +144,7 @@ def stage_serve(ctx: RunContext) -> dict:
 
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
-    "prepare": stage_prepare, "align": stage_align, "instruct": stage_instruct,
+    "prepare": stage_prepare, "align": stage_align, "knowledge": stage_knowledge, "instruct": stage_instruct,
     "export": stage_export, "evaluate": stage_evaluate, "serve": stage_serve,
 }
 
@@ -147,6 +157,7 @@ def stage_settings(w: Workflow, stage: str):
         "prepare": (w.model, w.datasets, w.prepare, w.synthetic,
                     {"row_group_rows": ROW_GROUP_ROWS, "columns": OUTPUT_COLUMNS}),
         "align": (w.align, w.scaling.num_workers),
+        "knowledge": (w.knowledge, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),
         "export": (),
         "evaluate": (w.evaluate,),
@@ -170,11 +181,18 @@ def finished(ctx: RunContext, stage: str) -> dict | None:
 
 
 def compute_hashes(w: Workflow) -> dict:
+    """Each stage's hash chains its upstream's; a stage the workflow does not run is not in the chain (adding the
+    optional knowledge stage left every LLaVA-1.5 run's hashes as they were)."""
     hashes, upstream = {}, ""
-    for stage in STAGES:
+    for stage in workflow_stages(w):
         upstream = settings_hash(upstream, stage, *stage_settings(w, stage))
         hashes[stage] = upstream
     return hashes
+
+
+def workflow_stages(w: Workflow) -> list[str]:
+    """The stages of this workflow, in order: every stage but an unconfigured knowledge stage."""
+    return [s for s in STAGES if s != "knowledge" or w.knowledge is not None]
 
 
 def run_stages(ctx: RunContext, selected: list[str], force: set[str]) -> dict:
@@ -206,13 +224,18 @@ def run_stages(ctx: RunContext, selected: list[str], force: set[str]) -> dict:
     return summary
 
 
-def select_stages(only: str | None, start: str | None) -> tuple[list[str], set[str]]:
+def select_stages(w: Workflow, only: str | None, start: str | None) -> tuple[list[str], set[str]]:
     """--only X: just X (forced); --from X: X and after, X forced; default: everything."""
+    stages = workflow_stages(w)
+    for asked in (only, start):
+        if asked and asked not in stages:
+            raise WorkflowError(f"--only/--from {asked}: this workflow has no {asked} stage (stages: "
+                                f"{', '.join(stages)})")
     if only:
         return [only], {only}
     if start:
-        return list(STAGES[STAGES.index(start):]), {start}
-    return list(STAGES), set()
+        return stages[stages.index(start):], {start}
+    return stages, set()
 
 
 def resolve_base_models(w: Workflow) -> tuple[str, str]:
@@ -227,16 +250,21 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
             base_model_location(w.model.llm, w.model.mirror, w.run_dir))
 
 
-# What each stage reads from the run directory: the stage before it, except that evaluate and serve read the export.
-NEEDS = {"align": "prepare", "instruct": "align", "export": "instruct", "evaluate": "export", "serve": "export"}
+def needed_stage(w: Workflow, stage: str) -> str | None:
+    """The stage whose output `stage` reads: the one before it, except that evaluate and serve read the export and
+    a stage starting from an official projector needs only prepare's shards."""
+    if stage in ("evaluate", "serve"):
+        return "export"
+    if stage in w.training_stages() and getattr(w, stage).init_projector:
+        return "prepare"
+    stages = workflow_stages(w)
+    return stages[stages.index(stage) - 1] if stages.index(stage) else None
 
 
 def check_upstream(ctx: RunContext, selected: list[str]) -> None:
     """A stage whose input is neither selected to run nor finished on disk cannot start: say so before any work."""
     for stage in selected:
-        needed = NEEDS.get(stage)
-        if stage == "instruct" and ctx.workflow.instruct.init_projector:
-            needed = "prepare"  # starts from an official projector, not from align
+        needed = needed_stage(ctx.workflow, stage)
         if needed and needed not in selected and not storage.exists(marker_path(ctx, needed)):
             raise WorkflowError(f"--only/--from {stage}: it needs the {needed} stage's output, which is not in "
                                 f"{ctx.stage_dir(needed)}; run with --from {needed} (or without --only/--from)")
@@ -259,7 +287,7 @@ def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
     from llava_core import preflight
 
     preflight.check(w)
-    selected, force = select_stages(only, start)
+    selected, force = select_stages(w, only, start)
     if not ray.is_initialized():
         ray.init(address=w.ray_address, configure_logging=False)
     warn_about_resources(w)
