@@ -17,8 +17,8 @@ sizes are tiny. What each stand-in copies (file lists checked against the hub re
   `special_tokens_map.json`. The tokenizer is trained on the given corpus with LLaMA's trainer settings: BPE, byte
   fallback, digits split, `▁` as the space (a dummy prefix), identity normalisation, whitespace kept.
 
-The quickstart also gives the vision tower a short pretraining of its own (`pretrain_vision_tower`), because LLaVA
-starts from a trained CLIP, never a random one.
+The quickstarts also give the vision tower (CLIP, or SigLIP for LLaVA-OneVision) a short pretraining of its own
+(`pretrain_vision_tower`), because LLaVA starts from a trained tower, never a random one.
 """
 from __future__ import annotations
 
