@@ -140,7 +140,8 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     onevision = LlavaOnevisionImageProcessorPil(
         **settings, image_grid_pinpoints=families.family("llava_onevision").pinpoints(32))
     theirs = onevision(images=[image], return_tensors="pt")["pixel_values"][0]
-    ours = standins.tiny_siglip_image_processor(config)(images=[v for v, _ in views], return_tensors="pt")["pixel_values"]
+    siglip = standins.tiny_siglip_image_processor(config)
+    ours = siglip(images=[v for v, _ in views], return_tensors="pt")["pixel_values"]
     assert len(theirs) == 1 + (scene.size[0] // 32) * (scene.size[1] // 32)
     assert torch.allclose(ours[0], theirs[0], atol=1e-5)  # the base view: the canvas squashed to 32 px
     assert all(any(torch.allclose(view, tile, atol=1e-5) for tile in theirs[1:]) for view in ours[1:])

@@ -32,7 +32,7 @@ from llava_core.data.synthetic import COLOURS, Shape
 TILE = 32  # the tiny SigLIP tower's image size: one view
 # (width, height): squares twice as often, and both orientations of 2:3, so three tile grids get used.
 CANVASES = ((192, 192), (192, 192), (192, 128), (128, 192))
-MARK_SIDE = 3  # odd, as synthetic.paint draws squares; px on the canvas: 0.5 px in the base view, 1.5 px at the 3 x 3-tile budget
+MARK_SIDE = 3  # px (odd: synthetic.paint's squares): 0.5 px in the base view, 1.5 px at the 3 x 3-tile budget
 DECOY_SIDES = (5, 7)  # odd sides, as synthetic.paint draws squares 2r + 1 wide
 DECOY_OPACITY = (0.25, 0.45)  # faint at every resolution; at base size as strong as the dot's smeared tint
 DECOYS = (2, 4)

@@ -296,7 +296,7 @@ def tiny_siglip_image_processor(cfg: TinyModelConfig):
 
 
 def save_siglip(path: str, corpus: list[str], cfg: TinyModelConfig,
-                pretrain: Optional[Callable[["SiglipVisionModel"], None]] = None) -> None:
+                pretrain: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
     """A tiny `google/siglip-so400m-patch14-384`: a full SiglipModel (text and vision towers, the vision tower with
     its pooling head) in one float32 model.safetensors, the repo's configs and a sentencepiece spiece.model. The
     vision tower is pretrained first by `pretrain` where given (as `save_clip`'s)."""
