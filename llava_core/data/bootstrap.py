@@ -1,4 +1,4 @@
-"""Create the quickstart's synthetic dataset and tiny base models, again whenever their settings change."""
+"""Create a quickstart's synthetic dataset and tiny base models, again whenever their settings change."""
 from __future__ import annotations
 
 import json
@@ -10,26 +10,38 @@ import torch
 from PIL import Image
 
 from llava_core.config import settings_hash
-from llava_core.data import synthetic
+from llava_core.data import synthetic, synthetic_onevision
 from llava_core.data.images import mean_colour, pad_to_square
-from llava_core.model import standins
+from llava_core.model import families, standins
 
 
 def ensure_synthetic(workflow) -> None:
+    """The dataset and base models of `workflow.synthetic`, for `workflow.model.family`: LLaVA-OneVision gets
+    high-resolution scenes and SigLIP + Qwen2 stand-ins, every other family the coloured shapes with CLIP + Vicuna."""
     s = workflow.synthetic
+    onevision = workflow.model.family == "llava_onevision"
+    generator = synthetic_onevision if onevision else synthetic
     marker = os.path.join(s.root, ".complete")
-    wanted = settings_hash(s, workflow.model, synthetic.GENERATOR_VERSION, standins.VERSION)
+    wanted = settings_hash(s, workflow.model, generator.GENERATOR_VERSION, standins.VERSION)
     if os.path.exists(marker) and json.load(open(marker)).get("hash") == wanted:
         return
     print(f"creating the synthetic dataset and tiny base models in {s.root}", flush=True)
-    paths = synthetic.generate(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed)
+    write = synthetic_onevision.generate_onevision if onevision else synthetic.generate
+    paths = write(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     model_cfg = standins.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
-    # A generator: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
-    pretraining = (labelled_scene_batches(standins.tiny_image_processor(model_cfg), model_cfg),
-                   synthetic.PATCH_LABEL_CLASSES)
-    standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
+    # Generators: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
+    if onevision:
+        base_models = families.family("llava_onevision")
+        pretraining = (labelled_view_batches(standins.tiny_siglip_image_processor(model_cfg), model_cfg),
+                       synthetic_onevision.PATCH_LABEL_CLASSES)
+        standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining,
+                                  base_models.vision_tower, base_models.llm)
+    else:
+        pretraining = (labelled_scene_batches(standins.tiny_image_processor(model_cfg), model_cfg),
+                       synthetic.PATCH_LABEL_CLASSES)
+        standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)
 
@@ -46,9 +58,28 @@ def labelled_scene_batches(processor, cfg: standins.TinyModelConfig, batch_size:
         images.append(pad_to_square(image, fill))
         square_mask = pad_to_square(mask, 0).resize((cfg.image_size, cfg.image_size), Image.NEAREST)
         labels.append(synthetic.patch_labels(scene, square_mask, grid))
+    yield from _shuffled_batches(processor, images, labels, cfg.seed, batch_size)
+
+
+def labelled_view_batches(processor, cfg: standins.TinyModelConfig, batch_size: int = 64, pool: int = 1024):
+    """`labelled_scene_batches` for LLaVA-OneVision's tower: fresh high-resolution scenes, each as the views the
+    model gets of it (the base view and tiles: `synthetic_onevision.tower_views`), `pool` scenes' worth."""
+    rng = random.Random(f"onevision-tower-{cfg.seed}")
+    images, labels = [], []
+    for _ in range(pool):
+        scene, image, mask = synthetic_onevision.draw_highres_scene(rng)
+        for view, view_labels in synthetic_onevision.tower_views(scene, image, mask, cfg.image_size, cfg.patch_size,
+                                                                 rng):
+            images.append(view)
+            labels.append(view_labels)
+    yield from _shuffled_batches(processor, images, labels, cfg.seed, batch_size)
+
+
+def _shuffled_batches(processor, images: list, labels: list, seed: int, batch_size: int):
+    """Endless reshuffled batches of (pixel values, labels) of the processed `images`."""
     pixels = processor(images=images, return_tensors="pt")["pixel_values"]
     labels = torch.from_numpy(np.stack(labels))
-    generator = torch.Generator().manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(seed)
     while True:
-        for batch in torch.randperm(pool, generator=generator).split(batch_size):
+        for batch in torch.randperm(len(images), generator=generator).split(batch_size):
             yield pixels[batch], labels[batch]

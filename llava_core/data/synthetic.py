@@ -55,10 +55,12 @@ def random_scene(rng: random.Random) -> list[Shape]:
     return [Shape(colours[0], kinds[0], first), Shape(colours[1], kinds[1], second)]
 
 
-def _centre(position: str, rng: random.Random) -> tuple[int, int]:
-    jitter = lambda: rng.randint(-4, 4)  # noqa: E731
-    cx, cy = WIDTH // 2, HEIGHT // 2
-    offsets = {"left": (-WIDTH // 4, 0), "right": (WIDTH // 4, 0), "top": (0, -HEIGHT // 4), "bottom": (0, HEIGHT // 4)}
+def _centre(position: str, rng: random.Random, size: tuple[int, int], scale: float) -> tuple[int, int]:
+    spread = round(4 * scale)
+    jitter = lambda: rng.randint(-spread, spread)  # noqa: E731
+    width, height = size
+    cx, cy = width // 2, height // 2
+    offsets = {"left": (-width // 4, 0), "right": (width // 4, 0), "top": (0, -height // 4), "bottom": (0, height // 4)}
     dx, dy = offsets[position]
     return cx + dx + jitter(), cy + dy + jitter()
 
@@ -67,21 +69,24 @@ def draw_scene(scene: list[Shape], rng: random.Random) -> Image.Image:
     return draw_scene_with_mask(scene, rng)[0]
 
 
-def draw_scene_with_mask(scene: list[Shape], rng: random.Random) -> tuple[Image.Image, Image.Image]:
-    """The image and a same-size mask whose pixel value is 1 + the index in `scene` of the shape drawn there."""
+def draw_scene_with_mask(scene: list[Shape], rng: random.Random, size: tuple[int, int] = (WIDTH, HEIGHT),
+                         scale: float = 1.0) -> tuple[Image.Image, Image.Image]:
+    """The image and a same-size mask whose pixel value is 1 + the index in `scene` of the shape drawn there.
+    `size` is (width, height); `scale` multiplies the shapes' radius and jitter, for larger canvases (at the
+    defaults the random draws, hence the quickstart's images, are exactly those of the fixed 96 x 72 canvas)."""
     background = tuple(rng.randint(225, 255) for _ in range(3))
-    image = Image.new("RGB", (WIDTH, HEIGHT), background)
-    mask = Image.new("L", (WIDTH, HEIGHT), 0)
+    image = Image.new("RGB", size, background)
+    mask = Image.new("L", size, 0)
     draw_image, draw_mask = ImageDraw.Draw(image), ImageDraw.Draw(mask)
     for index, shape in enumerate(scene):
-        cx, cy = _centre(shape.position, rng)
-        r = rng.randint(10, 15)
-        _paint(draw_image, shape.kind, cx, cy, r, COLOURS[shape.colour])
-        _paint(draw_mask, shape.kind, cx, cy, r, index + 1)
+        cx, cy = _centre(shape.position, rng, size, scale)
+        r = rng.randint(round(10 * scale), round(15 * scale))
+        paint(draw_image, shape.kind, cx, cy, r, COLOURS[shape.colour])
+        paint(draw_mask, shape.kind, cx, cy, r, index + 1)
     return image, mask
 
 
-def _paint(draw: ImageDraw.ImageDraw, kind: str, cx: int, cy: int, r: int, fill) -> None:
+def paint(draw: ImageDraw.ImageDraw, kind: str, cx: int, cy: int, r: int, fill) -> None:
     box = (cx - r, cy - r, cx + r, cy + r)
     if kind == "circle":
         draw.ellipse(box, fill=fill)
@@ -136,27 +141,36 @@ def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, st
     return qa
 
 
-def _image_turn(text: str, rng: random.Random) -> str:
+def image_turn(text: str, rng: random.Random) -> str:
     # Real data puts <image> before or after the text; preparation normalises it to the front.
     return f"<image>\n{text}" if rng.random() < 0.8 else f"{text}\n<image>"
 
 
 def align_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> dict:
+    return caption_row(idx, image, caption(scene), rng)
+
+
+def caption_row(idx: int, image: str, text: str, rng: random.Random) -> dict:
+    """A stage-1 row: a random caption instruction with the image, answered by `text`."""
     return {
         "id": f"align-{idx:06d}",
         "image": image,
         "conversations": [
-            {"from": "human", "value": _image_turn(rng.choice(CAPTION_PROMPTS), rng)},
-            {"from": "gpt", "value": caption(scene)},
+            {"from": "human", "value": image_turn(rng.choice(CAPTION_PROMPTS), rng)},
+            {"from": "gpt", "value": text},
         ],
     }
 
 
 def instruct_row(idx: int, image: str, scene: list[Shape], rng: random.Random) -> dict:
-    qa = questions(scene, rng)[: rng.randint(2, 3)]
+    return qa_row(idx, image, questions(scene, rng)[: rng.randint(2, 3)], rng)
+
+
+def qa_row(idx: int, image: str, qa: list[tuple[str, str, str]], rng: random.Random) -> dict:
+    """A multi-turn instruct row asking the (category, question, answer) triples `qa` in order."""
     turns = []
     for i, (_, q, a) in enumerate(qa):
-        turns.append({"from": "human", "value": _image_turn(q, rng) if i == 0 else q})
+        turns.append({"from": "human", "value": image_turn(q, rng) if i == 0 else q})
         turns.append({"from": "gpt", "value": a})
     return {"id": f"instruct-{idx:06d}", "image": image, "conversations": turns}
 
@@ -181,7 +195,7 @@ def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int
     align = [align_row(i, *new_image(f"align_{i:06d}.png"), rng) for i in range(align_rows)]
     instruct = [instruct_row(i, *new_image(f"instruct_{i:06d}.png"), rng) for i in range(instruct_rows)]
     instruct += [text_only_row(i, rng) for i in range(text_only_rows)]
-    instruct += _broken_rows(images_dir, rng)
+    instruct += broken_rows(images_dir, rng)
     rng.shuffle(instruct)
 
     eval_q, eval_a = [], []
@@ -191,21 +205,26 @@ def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int
         eval_q.append({"question_id": i, "image": name, "text": q, "category": category})
         eval_a.append({"question_id": i, "answer": a})
 
+    return write_dataset(root, align, instruct, eval_q, eval_a)
+
+
+def write_dataset(root: str, align: list[dict], instruct: list[dict], eval_q: list[dict], eval_a: list[dict]) -> dict:
+    """The annotation files of a dataset whose images are already in `root`/images; returns their paths."""
     paths = {
         "align": os.path.join(root, "align.json"),
         "instruct": os.path.join(root, "instruct.json"),
         "eval_questions": os.path.join(root, "eval", "questions.jsonl"),
         "eval_answers": os.path.join(root, "eval", "answers.jsonl"),
-        "image_folder": images_dir,
+        "image_folder": os.path.join(root, "images"),
     }
-    _write_json(paths["align"], align)
-    _write_json(paths["instruct"], instruct)
-    _write_jsonl(paths["eval_questions"], eval_q)
-    _write_jsonl(paths["eval_answers"], eval_a)
+    write_json(paths["align"], align)
+    write_json(paths["instruct"], instruct)
+    write_jsonl(paths["eval_questions"], eval_q)
+    write_jsonl(paths["eval_answers"], eval_a)
     return paths
 
 
-def _broken_rows(images_dir: str, rng: random.Random) -> list[dict]:
+def broken_rows(images_dir: str, rng: random.Random) -> list[dict]:
     with open(os.path.join(images_dir, "corrupt_000000.png"), "wb") as f:
         f.write(b"\x89PNG\r\n\x1a\n" + bytes(rng.randrange(256) for _ in range(64)))
     turns = [{"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]
@@ -215,13 +234,13 @@ def _broken_rows(images_dir: str, rng: random.Random) -> list[dict]:
     ]
 
 
-def _write_json(path: str, rows: list[dict]) -> None:
+def write_json(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
 
 
-def _write_jsonl(path: str, rows: list[dict]) -> None:
+def write_jsonl(path: str, rows: list[dict]) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)

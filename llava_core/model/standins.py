@@ -17,8 +17,8 @@ sizes are tiny. What each stand-in copies (file lists checked against the hub re
   `special_tokens_map.json`. The tokenizer is trained on the given corpus with LLaMA's trainer settings: BPE, byte
   fallback, digits split, `▁` as the space (a dummy prefix), identity normalisation, whitespace kept.
 
-The quickstart also gives the vision tower a short pretraining of its own (`pretrain_vision_tower`), because LLaVA
-starts from a trained CLIP, never a random one.
+The quickstarts also give the vision tower (CLIP, or SigLIP for LLaVA-OneVision) a short pretraining of its own
+(`pretrain_vision_tower`), because LLaVA starts from a trained tower, never a random one.
 """
 from __future__ import annotations
 
@@ -286,9 +286,20 @@ SIGLIP_SPECIAL_TOKENS_MAP = {name: {k: v for k, v in _added_token(token).items()
                              for name, token in (("eos_token", "</s>"), ("pad_token", "</s>"), ("unk_token", "<unk>"))}
 
 
-def save_siglip(path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
+def tiny_siglip_image_processor(cfg: TinyModelConfig):
+    """The image processor transformers builds from the SigLIP stand-in's preprocessor_config.json."""
+    from transformers import SiglipImageProcessorPil
+
+    settings = siglip_preprocessor_config(cfg.image_size)
+    return SiglipImageProcessorPil(**{k: v for k, v in settings.items()
+                                      if k not in ("image_processor_type", "processor_class")})
+
+
+def save_siglip(path: str, corpus: list[str], cfg: TinyModelConfig,
+                pretrain: Optional[Callable[[torch.nn.Module], None]] = None) -> None:
     """A tiny `google/siglip-so400m-patch14-384`: a full SiglipModel (text and vision towers, the vision tower with
-    its pooling head) in one float32 model.safetensors, the repo's configs and a sentencepiece spiece.model."""
+    its pooling head) in one float32 model.safetensors, the repo's configs and a sentencepiece spiece.model. The
+    vision tower is pretrained first by `pretrain` where given (as `save_clip`'s)."""
     import sentencepiece as spm
     from safetensors.torch import save_file
     from transformers import SiglipConfig, SiglipModel
@@ -299,6 +310,10 @@ def save_siglip(path: str, corpus: list[str], cfg: TinyModelConfig) -> None:
         f.write(tokenizer_model)
     config = siglip_config_json(cfg, spm.SentencePieceProcessor(model_proto=tokenizer_model).get_piece_size())
     model = SiglipModel(SiglipConfig(**{k: v for k, v in config.items() if k != "architectures"}))
+    if pretrain is not None:  # SiglipModel's vision half is itself a SiglipVisionModel, what LLaVA loads
+        with torch.no_grad():  # as vision_tower() does for CLIP: positions as strong as patch content
+            model.vision_model.embeddings.position_embedding.weight.normal_(0.0, cfg.position_embedding_std)
+        pretrain(model.vision_model)
     _write_json(os.path.join(path, "config.json"), config)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, os.path.join(path, "model.safetensors"),
               metadata={"format": "pt"})
@@ -426,10 +441,20 @@ def save_standin(hub_id: str, path: str, corpus: list[str], cfg: TinyModelConfig
     STANDINS[hub_id](path, corpus, cfg)
 
 
+# The vision towers whose stand-ins can be pretrained: (path, corpus, cfg, pretrain or None).
+PRETRAINABLE_TOWERS = {
+    "openai/clip-vit-large-patch14-336": lambda path, corpus, cfg, pretrain: save_clip(path, cfg, pretrain),
+    "google/siglip-so400m-patch14-384": save_siglip,
+}
+
+
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
-                     tower_pretraining: Optional["TowerPretraining"] = None) -> None:
-    """The quickstart's base models: stand-ins of CLIP ViT-L/14-336 (pretrained first when `tower_pretraining` data
-    is given) at `vision_path` and of Vicuna-7B v1.5 with a tokenizer trained on `corpus` at `llm_path`."""
+                     tower_pretraining: Optional["TowerPretraining"] = None,
+                     vision_hub_id: str = "openai/clip-vit-large-patch14-336",
+                     llm_hub_id: str = "lmsys/vicuna-7b-v1.5") -> None:
+    """A quickstart's base models: the stand-in of `vision_hub_id` (CLIP ViT-L/14-336 or SigLIP so400m; pretrained
+    first when `tower_pretraining` data is given) at `vision_path` and of `llm_hub_id` (Vicuna-7B v1.5 or
+    Qwen2-7B-Instruct) with a tokenizer trained on `corpus` at `llm_path`."""
     torch.manual_seed(cfg.seed)
     pretrain = None
     if tower_pretraining and cfg.tower_pretraining_steps > 0:
@@ -437,8 +462,8 @@ def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: Ti
 
         def pretrain(tower):
             pretrain_vision_tower(tower, batches, classes, cfg.tower_pretraining_steps)
-    save_clip(vision_path, cfg, pretrain)
-    save_vicuna(llm_path, corpus, cfg, SHARDS["lmsys/vicuna-7b-v1.5"])
+    PRETRAINABLE_TOWERS[vision_hub_id](vision_path, corpus, cfg, pretrain)
+    save_standin(llm_hub_id, llm_path, corpus, cfg)
 
 
 def _write_json(path: str, obj: dict) -> None:
@@ -453,12 +478,17 @@ def _write_json(path: str, obj: dict) -> None:
 TowerPretraining = tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple]
 
 
-def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps: int, lr: float = 3e-3) -> float:
-    """Teach the layer LLaVA reads (hidden state -2) to say what lies under each patch, one linear head per label
-    kind; the heads are thrown away after. This stands in for CLIP's pretraining: a trained CLIP's patch tokens
-    already carry the object they belong to, which a random tower's do not (they carry only the local pixels, and a
-    tiny LLM trained for minutes cannot learn to bind colour, shape and place across them). Returns the final
-    per-patch accuracy of the foreground patches."""
+def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float = 3e-3) -> float:
+    """Teach the layer LLaVA reads (hidden state -2: CLIP's patch tokens without CLS; for SigLIP, which has no CLS,
+    every token, the last layer of the cut tower OneVision keeps) to say what lies under each patch, one linear head
+    per label kind; the heads are thrown away after. Labels of -100 (a kind a view cannot show) are not trained.
+    This stands in for CLIP's / SigLIP's pretraining: a trained tower's patch tokens already carry the object they
+    belong to, which a random tower's do not (they carry only the local pixels, and a tiny LLM trained for minutes
+    cannot learn to bind colour, shape and place across them). Returns the final per-patch accuracy of the patches
+    where a labelled thing lies."""
+    from llava_core.model.families import tower_has_cls
+
+    first_patch = int(tower_has_cls(model.config))
     heads = torch.nn.ModuleList(torch.nn.Linear(model.config.hidden_size, n) for n in classes)
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -466,7 +496,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps
     start, accuracy = time.time(), 0.0
     for step in range(1, steps + 1):
         pixels, labels = next(batches)
-        features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+        features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, first_patch:]
         logits = [head(features) for head in heads]
         loss = sum(cross_entropy(l.flatten(0, 1), labels[..., k].flatten()) for k, l in enumerate(logits))
         optimizer.zero_grad()
@@ -482,6 +512,7 @@ def pretrain_vision_tower(model: CLIPVisionModel, batches, classes: tuple, steps
 
 
 def _foreground_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
-    foreground = labels[..., 0] > 0
-    hits = [(l.argmax(-1) == labels[..., k])[foreground] for k, l in enumerate(logits)]
-    return torch.stack(hits).float().mean().item()
+    """Accuracy over every (patch, kind) where something of that kind lies (label > 0); chance is about 1 / the
+    kind's classes, as background patches (the easy majority) are left out."""
+    hits = [(l.argmax(-1) == labels[..., k])[labels[..., k] > 0] for k, l in enumerate(logits)]
+    return torch.cat(hits).float().mean().item()

@@ -1,0 +1,226 @@
+"""The LLaVA-OneVision quickstart's synthetic dataset: high-resolution scenes whose small mark only tiles can read.
+
+Each image is a canvas of 192 x 192 (or 192 x 128 / 128 x 192) px: exactly a grid of 6 x 6 (or 4 x 6 / 6 x 4) tiles
+of the tiny tower's 32 px, so "Higher AnyRes" tiles it at full resolution. It holds the large shapes of
+`synthetic.py` (drawn with its helpers, scaled up; their colour, shape, count and position questions are answerable
+at the tower's base size too) plus one **small mark**: a 3 x 3 px opaque dot whose colour is asked ("highres"
+questions). Squashed to the base view (32 px) the dot is a faint tint of about 0.16-0.3 of its colour, and the
+scene also holds 2-4 **decoys**: larger, translucent spots of random palette colours that look just as faint
+there. So the base view cannot tell which faint spot is the dot; at the resolution OneVision's token budget keeps
+(about 3 x 3 tiles, 96 px) the dot is full-strength and the decoys stay faint. tests/test_synthetic_onevision.py
+measures both.
+
+Multi-image rows (`"image": [a, b]`, two `<image>` tags) ask which of two scenes shows a given shape; OneVision sees
+each image of a multi-image row at base size only, and the question needs no more. The eval split stays one image
+per question (the LLaVA eval layout), so multi-image questions are trained, not evaluated.
+
+The on-disk layout is `synthetic.generate`'s: align.json, instruct.json (with the two deliberately broken rows),
+eval/questions.jsonl + eval/answers.jsonl, images/.
+"""
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from llava_core.data import synthetic
+from llava_core.data.synthetic import COLOURS, Shape
+
+TILE = 32  # the tiny SigLIP tower's image size: one view
+# (width, height): squares twice as often, and both orientations of 2:3, so three tile grids get used.
+CANVASES = ((192, 192), (192, 192), (192, 128), (128, 192))
+MARK_SIDE = 3  # px (odd: synthetic.paint's squares): 0.5 px in the base view, 1.5 px at the 3 x 3-tile budget
+DECOY_SIDES = (5, 7)  # odd sides, as synthetic.paint draws squares 2r + 1 wide
+DECOY_OPACITY = (0.25, 0.45)  # faint at every resolution; at base size as strong as the dot's smeared tint
+DECOYS = (2, 4)
+CLEARANCE = 10  # px between a spot and any shape or other spot, so no two blend into one in the base view
+HIGHRES_SHARE = 0.5  # of eval questions, and of instruct rows that ask about the dot
+MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
+HIGHRES_QUESTION = "What colour is the small dot?"
+GENERATOR_VERSION = 1  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+# Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES + the dot's colour.
+PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES, len(COLOURS) + 1)
+UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (a tile's place, the dot at base size)
+
+
+@dataclass(frozen=True)
+class Spot:
+    colour: str
+    x: int  # top-left corner on the canvas
+    y: int
+    side: int
+    opacity: float = 1.0
+
+    @property
+    def centre(self) -> tuple[int, int]:
+        return self.x + self.side // 2, self.y + self.side // 2
+
+
+@dataclass(frozen=True)
+class Scene:
+    shapes: list[Shape]
+    mark: Spot
+    decoys: list[Spot]
+    size: tuple[int, int]  # (width, height)
+
+
+def draw_highres_scene(rng: random.Random) -> tuple[Scene, Image.Image, Image.Image]:
+    """A random scene, its image, and the shapes' mask (as `synthetic.draw_scene_with_mask`'s)."""
+    size = rng.choice(CANVASES)
+    shapes = synthetic.random_scene(rng)
+    # Radii scale with the short side: 16-24 px on 128, 24-36 px on 192 (4-6 px in the 32 px base view).
+    image, mask = synthetic.draw_scene_with_mask(shapes, rng, size, scale=min(size) / 80)
+    taken = np.asarray(mask) > 0
+    mark = _place(Spot(rng.choice(list(COLOURS)), 0, 0, MARK_SIDE), taken, rng)
+    decoys = []
+    for _ in range(rng.randint(*DECOYS)):
+        decoy = Spot(rng.choice(list(COLOURS)), 0, 0, rng.choice(DECOY_SIDES), round(rng.uniform(*DECOY_OPACITY), 2))
+        decoys.append(_place(decoy, taken, rng))
+    _paint_spots(image, [mark, *decoys])
+    return Scene(shapes, mark, decoys, size), image, mask
+
+
+def _place(spot: Spot, taken: np.ndarray, rng: random.Random) -> Spot:
+    """`spot` moved to a random free place (`taken` marks shapes and earlier spots; updated), CLEARANCE px clear."""
+    height, width = taken.shape
+    for _ in range(1000):
+        x, y = rng.randrange(2, width - spot.side - 2), rng.randrange(2, height - spot.side - 2)
+        window = taken[max(0, y - CLEARANCE):y + spot.side + CLEARANCE, max(0, x - CLEARANCE):x + spot.side + CLEARANCE]
+        if not window.any():
+            taken[y:y + spot.side, x:x + spot.side] = True
+            return Spot(spot.colour, x, y, spot.side, spot.opacity)
+    raise RuntimeError("no free place for a spot: the canvas is too crowded")  # never seen with these sizes
+
+
+def _paint_spots(image: Image.Image, spots: list[Spot]) -> None:
+    overlay = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    for s in spots:
+        synthetic.paint(draw, "square", *s.centre, s.side // 2, (*COLOURS[s.colour], round(255 * s.opacity)))
+    image.paste(Image.alpha_composite(image.convert("RGBA"), overlay).convert("RGB"))
+
+
+# --- what the vision tower sees: OneVision's views of a scene, labelled per patch (its pretraining data) --------
+
+
+def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, patch: int, rng: random.Random,
+                tiles: int = 3) -> list[tuple[Image.Image, np.ndarray]]:
+    """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
+    squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
+    exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
+    up to 36, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
+    a kind is absent, UNLABELLED where a view cannot show it (a tile does not know its place in the image; the base
+    view cannot tell the dot from a decoy)."""
+    width, height = scene.size
+    if width % tile or height % tile:
+        raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
+    grid = tile // patch
+    base = synthetic.patch_labels(scene.shapes, mask.resize((tile, tile), Image.NEAREST), grid)
+    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot(base, UNLABELLED))]
+    cx, cy = scene.mark.centre
+    dot_tile = (cy // tile, cx // tile)
+    others = [(r, c) for r in range(height // tile) for c in range(width // tile) if (r, c) != dot_tile]
+    for r, c in [dot_tile, *rng.sample(others, tiles - 1)]:
+        box = (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)
+        labels = synthetic.patch_labels(scene.shapes, mask.crop(box), grid)
+        labels[:, 2] = UNLABELLED
+        dot = np.zeros(grid * grid, dtype=np.int64)
+        if (r, c) == dot_tile:
+            dot[(cy - box[1]) // patch * grid + (cx - box[0]) // patch] = list(COLOURS).index(scene.mark.colour) + 1
+        views.append((image.crop(box), _with_dot(labels, dot)))
+    return views
+
+
+def _with_dot(labels: np.ndarray, dot) -> np.ndarray:
+    return np.concatenate([labels, np.broadcast_to(dot, labels.shape[:1])[:, None]], axis=1)
+
+
+# --- questions and rows ------------------------------------------------------------------------------------------
+
+
+def caption(scene: Scene) -> str:
+    return f"{synthetic.caption(scene.shapes)}, and a small {scene.mark.colour} dot"
+
+
+def highres_question(scene: Scene) -> tuple[str, str, str]:
+    return "highres", HIGHRES_QUESTION, scene.mark.colour
+
+
+def instruct_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
+    """2-3 (category, question, answer) triples; the dot's colour among them in HIGHRES_SHARE of the rows."""
+    qa = synthetic.questions(scene.shapes, rng)[: rng.randint(2, 3)]
+    if rng.random() < HIGHRES_SHARE:
+        qa[rng.randrange(len(qa))] = highres_question(scene)
+    return qa
+
+
+def which_image_question(with_it: Scene, without_it: Scene, rng: random.Random) -> tuple[str | None, bool]:
+    """"Which image shows a <colour> <kind>?" about a shape of `with_it` that `without_it` lacks (None if it
+    has them all), and whether `with_it` goes first."""
+    theirs = {(s.colour, s.kind) for s in without_it.shapes}
+    candidates = [s for s in with_it.shapes if (s.colour, s.kind) not in theirs]
+    if not candidates:
+        return None, False
+    target = rng.choice(candidates)
+    return f"Which image shows a {target.colour} {target.kind}, the first or the second?", rng.random() < 0.5
+
+
+def multi_image_row(idx: int, names: tuple[str, str], question: str, first: bool) -> dict:
+    # OneVision's multi-image data writes one <image> per image, in order, before the text.
+    return {"id": f"multi-{idx:06d}", "image": list(names), "conversations": [
+        {"from": "human", "value": "<image>\n<image>\n" + question},
+        {"from": "gpt", "value": "first" if first else "second"}]}
+
+
+def eval_question(i: int, scene: Scene, rng: random.Random) -> tuple[str, str, str]:
+    """Every other question asks for the dot (exactly HIGHRES_SHARE = 0.5); the rest as synthetic.generate's."""
+    return highres_question(scene) if i % 2 == 0 else synthetic.questions(scene.shapes, rng)[0]
+
+
+# --- the dataset -------------------------------------------------------------------------------------------------
+
+
+def generate_onevision(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int,
+                       seed: int) -> dict:
+    """Write the dataset under `root` in `synthetic.generate`'s layout; returns the same paths. `instruct_rows`
+    counts image rows, MULTI_IMAGE_SHARE of them with two images."""
+    rng = random.Random(seed)
+    images_dir = os.path.join(root, "images")
+    os.makedirs(images_dir, exist_ok=True)
+
+    def new_image(name: str) -> tuple[str, Scene]:
+        scene, image, _ = draw_highres_scene(rng)
+        image.save(os.path.join(images_dir, name))
+        return name, scene
+
+    align = []
+    for i in range(align_rows):
+        name, scene = new_image(f"align_{i:06d}.png")
+        align.append(synthetic.caption_row(i, name, caption(scene), rng))
+    instruct = [_instruct_image_row(i, new_image, rng) for i in range(instruct_rows)]
+    instruct += [synthetic.text_only_row(i, rng) for i in range(text_only_rows)]
+    instruct += synthetic.broken_rows(images_dir, rng)
+    rng.shuffle(instruct)
+
+    eval_q, eval_a = [], []
+    for i in range(eval_questions):
+        name, scene = new_image(f"eval_{i:06d}.png")
+        category, q, a = eval_question(i, scene, rng)
+        eval_q.append({"question_id": i, "image": name, "text": q, "category": category})
+        eval_a.append({"question_id": i, "answer": a})
+    return synthetic.write_dataset(root, align, instruct, eval_q, eval_a)
+
+
+def _instruct_image_row(i: int, new_image, rng: random.Random) -> dict:
+    if rng.random() >= MULTI_IMAGE_SHARE:
+        name, scene = new_image(f"instruct_{i:06d}.png")
+        return synthetic.qa_row(i, name, instruct_questions(scene, rng), rng)
+    name_a, scene_a = new_image(f"instruct_{i:06d}_a.png")
+    question = None
+    while question is None:  # redraw the second scene until it lacks one of the first's shapes (nearly always)
+        name_b, scene_b = new_image(f"instruct_{i:06d}_b.png")
+        question, a_first = which_image_question(scene_a, scene_b, rng)
+    return multi_image_row(i, (name_a, name_b) if a_first else (name_b, name_a), question, a_first)
