@@ -337,6 +337,9 @@ class Workflow:
         default_factory=lambda: TrainStageSettings(dataset="instruct", trainable=["projector", "llm"]))
     evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
     serve: ServeSettings = field(default_factory=ServeSettings)
+    # Sibling runs that change a few settings, compared with this one per eval category in summary.json:
+    # name -> {dotted.key: value}, e.g. {pad: {prepare.image_aspect_ratio: pad}} (llava_core/ablations.py).
+    ablations: dict = field(default_factory=dict)
 
     def training_stages(self) -> list[str]:
         """The training stages this workflow runs, in order."""
@@ -513,6 +516,23 @@ def validate(w: Workflow) -> None:
             raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
     validate_evaluate(w.evaluate)
     validate_serve(w.serve)
+    validate_ablations(w)
+
+
+def validate_ablations(w: Workflow) -> None:
+    """Each ablation is a mapping of dotted keys to values that makes a valid workflow of its own."""
+    from llava_core.ablations import ablated
+
+    if not isinstance(w.ablations, dict):
+        raise WorkflowError("ablations: expected a mapping of name -> {dotted.key: value}")
+    for name, changes in w.ablations.items():
+        if not isinstance(changes, dict) or not changes:
+            raise WorkflowError(f"ablations.{name}: expected a mapping of dotted keys to values, e.g. "
+                                f"{{prepare.image_aspect_ratio: pad}}")
+        try:
+            ablated(w, name)
+        except WorkflowError as error:
+            raise WorkflowError(f"ablations.{name}: {error}") from None
 
 
 # The `prepare.image_aspect_ratio` values each family's model takes; N: the tiles' worth of features past which

@@ -30,12 +30,23 @@ KNOWN_LLMS = {
                                             "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256},
     "mistralai/Mistral-7B-Instruct-v0.2": {"hidden_size": 4096, "num_hidden_layers": 32, "intermediate_size": 14336,
                                            "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 32000},
+    "Qwen/Qwen2-7B-Instruct": {"hidden_size": 3584, "num_hidden_layers": 28, "intermediate_size": 18944,
+                               "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                               "attention_bias": True, "tokenizer_tokens": 151646},
 }
-# None of the known LLMs' tokenizers has `<image>` or `<pad>`; building LLaVA adds both and grows the embeddings
-# (llava_core.model.build.load_tokenizer_with_image_token).
+# The LLaMA-family tokenizers here have neither `<image>` nor `<pad>`; building LLaVA adds both and grows the
+# embeddings (llava_core.model.build.load_tokenizer_with_image_token). Qwen2's 151,646 tokens already fit its
+# 152,064 rows, `<image>` and `<video>` included.
 KNOWN_LLM_ADDED_TOKENS = 2
-KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": {"hidden_size": 1024, "num_hidden_layers": 24,
-                                                      "intermediate_size": 4096, "image_size": 336, "patch_size": 14}}
+KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": {"model_type": "clip_vision_model", "hidden_size": 1024,
+                                                      "num_hidden_layers": 24, "intermediate_size": 4096,
+                                                      "image_size": 336, "patch_size": 14},
+                "google/siglip-so400m-patch14-384": {"model_type": "siglip_vision_model", "hidden_size": 1152,
+                                                     "num_hidden_layers": 27, "intermediate_size": 4304,
+                                                     "image_size": 384, "patch_size": 14}}
+# A COCO-sized 640 x 480 image, as the family's processor lays it out (its `_get_num_multimodal_tokens`, at the real
+# towers' tiles): (image tokens, tower passes). What the plan assumes per image until prepare has counted the data.
+TYPICAL_IMAGE = {"llava": None, "llava_next": (2340, 5), "llava_onevision": (2929, 5)}
 KNOWN_DATASETS = {"blip_laion_cc_sbu_558k": 558_128, "llava_v1_5_mix665k": 665_298}
 # Average tokens per row, image tokens included, when nothing better is known: LLaVA-Pretrain captions are short;
 # the 665k mix averages a few hundred text tokens and ~94% of its rows carry an image.
@@ -53,6 +64,8 @@ class ModelSize:
     layers: int
     hidden: int
     source: str
+    tokens_per_image: int  # an image's <image> tokens (AnyRes: a typical 640 x 480 image's)
+    views_per_image: int  # tower passes an image takes (AnyRes: its tiles and base view)
 
 
 def local_config(path: str) -> dict | None:
@@ -72,7 +85,7 @@ def llm_config(llm: str) -> tuple[dict, int, str]:
         return config, embedding_rows(config["vocab_size"], tokens), "config.json"
     if llm in KNOWN_LLMS:
         config = KNOWN_LLMS[llm]
-        tokens = config["vocab_size"] + KNOWN_LLM_ADDED_TOKENS
+        tokens = config.get("tokenizer_tokens", config["vocab_size"] + KNOWN_LLM_ADDED_TOKENS)
         return config, embedding_rows(config["vocab_size"], tokens), "known architecture"
     raise KeyError(f"model.llm {llm!r}: not a local HF directory and not one of the known architectures "
                    f"({', '.join(KNOWN_LLMS)}); plan with a local copy of its config.json")
@@ -111,28 +124,36 @@ def tower_config(tower: str) -> dict:
                    f"({', '.join(KNOWN_TOWERS)})")
 
 
-def clip_vision_params(config: dict) -> int:
-    """Every parameter of transformers' CLIPVisionModel: patch embedding (no bias), CLS and position embeddings,
-    pre-norm, per layer 4 attention + 2 MLP Linears with biases and 2 norms, post-norm."""
+def vision_params(config: dict, layers: int) -> int:
+    """Every parameter of transformers' CLIPVisionModel (patch embedding without bias, CLS and position embeddings,
+    pre-norm) or SiglipVisionModel without its pooling head (patch embedding with bias, position embeddings, no CLS,
+    no pre-norm), running `layers` layers of 4 attention + 2 MLP Linears with biases and 2 norms, then a norm."""
     hidden, inner, patch = config["hidden_size"], config["intermediate_size"], config["patch_size"]
-    positions = (config["image_size"] // patch) ** 2 + 1
+    clip = config.get("model_type", "clip_vision_model").startswith("clip")
+    positions = (config["image_size"] // patch) ** 2 + int(clip)
     layer = 4 * (hidden * hidden + hidden) + 2 * hidden * inner + inner + hidden + 4 * hidden
-    return (config.get("num_channels", 3) * patch * patch * hidden + hidden + positions * hidden + 2 * hidden
-            + config["num_hidden_layers"] * layer + 2 * hidden)
+    embeddings = config.get("num_channels", 3) * patch * patch * hidden + positions * hidden
+    embeddings += hidden + 2 * hidden if clip else hidden  # CLS + pre-norm | the patch embedding's bias
+    return embeddings + layers * layer + 2 * hidden
 
 
 def model_size(workflow) -> ModelSize:
+    from llava_core.model.families import family
+
     llm, vocab, source = llm_config(workflow.model.llm)
     tower = tower_config(workflow.model.vision_tower)
     hidden, patches = llm["hidden_size"], (tower["image_size"] // tower["patch_size"]) ** 2
     projector = tower["hidden_size"] * hidden + hidden + hidden * hidden + hidden  # Linear, GELU, Linear
     llm_counted, llm_all = llm_params(llm, vocab)
-    vision = clip_vision_params(tower)
-    # The "default" feature strategy drops CLS: one image token per patch (576 for CLIP ViT-L/14 at 336 px).
-    parts = PartSizes(vision=vision, projector=projector, llm=llm_counted, lora=0, vision_positions=patches + 1,
-                      image_tokens=patches)
+    layers = tower["num_hidden_layers"] - int(family(workflow.model.family).drops_last_tower_layer)
+    vision = vision_params(tower, layers)
+    # One projected feature per patch and view (the "default" strategy drops CLIP's CLS: 576 for CLIP-L/336).
+    clip = tower.get("model_type", "clip_vision_model").startswith("clip")
+    parts = PartSizes(vision=vision, projector=projector, llm=llm_counted, lora=0,
+                      vision_positions=patches + int(clip), image_tokens=patches)
+    typical = TYPICAL_IMAGE[workflow.model.family] or (patches, 1)
     return ModelSize(parts, {"llm": llm_all, "vision": vision, "projector": projector}, llama_linears(llm),
-                     llm["num_hidden_layers"], hidden, source)
+                     llm["num_hidden_layers"], hidden, source, *typical)
 
 
 def prepared_datasets(workflow) -> dict:
@@ -198,21 +219,24 @@ def trained_params(stage, size: ModelSize) -> dict[str, int]:
 
 
 def tokens_per_row(workflow, dataset: str, size: ModelSize, prepared: dict) -> tuple[float, float, str]:
-    """(tokens per row, images per row): measured by the prepare stage when it ran, else the recipe's averages."""
+    """(tokens per row, tower passes per row): measured by the prepare stage when it ran (passes: one image's
+    typical views per image row), else the recipe's averages."""
     entry = prepared.get(dataset)
     if entry and entry["rows_written"]:
         image_rows = entry["rows_written"] - entry.get("text_only_rows", 0)
-        return entry["tokens"] / entry["rows_written"], image_rows / entry["rows_written"], "prepare manifest"
+        return (entry["tokens"] / entry["rows_written"], size.views_per_image * image_rows / entry["rows_written"],
+                "prepare manifest")
     template = workflow.datasets[dataset].template
     fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
-    return fraction * size.parts.image_tokens + DEFAULT_TEXT_TOKENS.get(template, 250), fraction, "recipe averages"
+    return (fraction * size.tokens_per_image + DEFAULT_TEXT_TOKENS.get(template, 250),
+            fraction * size.views_per_image, "recipe averages")
 
 
-def stage_flops_per_row(stage, size: ModelSize, tokens: float, images: float) -> float:
-    """Model FLOPs of one row of `tokens` tokens and `images` images (averages allowed) in this stage."""
+def stage_flops_per_row(stage, size: ModelSize, tokens: float, views: float) -> float:
+    """Model FLOPs of one row of `tokens` tokens and `views` tower passes (averages allowed) in this stage."""
     lora = stage.lora is not None
     parts = dataclasses.replace(size.parts, lora=lora_params(stage, size) if lora else 0)
-    return training_flops(parts, stage.trainable, lora)(tokens, images)
+    return training_flops(parts, stage.trainable, lora)(tokens, views)
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
@@ -246,7 +270,7 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
 def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gpu: str, mfu: float) -> dict:
     stage, scaling = getattr(workflow, stage_name), workflow.scaling
     rows, rows_source = dataset_rows(workflow, stage.dataset, prepared)
-    tokens, images, tokens_source = tokens_per_row(workflow, stage.dataset, size, prepared)
+    tokens, views, tokens_source = tokens_per_row(workflow, stage.dataset, size, prepared)
     workers = scaling.num_workers
     plan = {
         "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
@@ -261,7 +285,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         return plan
     steps = rows // stage.global_batch_size * stage.epochs
     steps = min(steps, stage.max_steps) if stage.max_steps else steps
-    flops = stage_flops_per_row(stage, size, tokens, images) * steps * stage.global_batch_size
+    flops = stage_flops_per_row(stage, size, tokens, views) * steps * stage.global_batch_size
     peak = GPUS[gpu].tflops * 1e12
     gpus = workers if scaling.use_gpu else 0
     plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)
@@ -294,7 +318,8 @@ def build_plan(workflow, gpu: str = "a100-80gb", mfu: float = 0.3) -> dict:
     size, prepared = model_size(workflow), prepared_datasets(workflow)
     return {
         "model": {"llm_params": size.params["llm"], "vision_params": size.params["vision"],
-                  "projector_params": size.params["projector"], "image_tokens": size.parts.image_tokens,
+                  "projector_params": size.params["projector"], "image_tokens": size.tokens_per_image,
+                  "family": workflow.model.family,
                   "from": size.source},
         "assumptions": {"gpu": gpu, "peak_flops": GPUS[gpu].tflops * 1e12, "mfu": mfu},
         "stages": [{"stage": "prepare", "engine": "Ray Data", "actors": workflow.prepare.num_actors,
@@ -316,7 +341,8 @@ def human(n: float) -> str:
 def format_plan(plan: dict) -> str:
     m, a = plan["model"], plan["assumptions"]
     lines = [f"model: LLM {human(m['llm_params'])}, vision {human(m['vision_params'])}, projector "
-             f"{human(m['projector_params'])} parameters, {m['image_tokens']} tokens per image ({m['from']})",
+             f"{human(m['projector_params'])} parameters, {m['image_tokens']} tokens per image "
+             f"({m['family']}{', a 640 x 480 image' if m['family'] != 'llava' else ''}; {m['from']})",
              f"assuming {a['gpu']} at {a['peak_flops'] / 1e12:.0f} TFLOP/s peak and {a['mfu']:.0%} model-FLOPs "
              f"utilisation (--gpu, --mfu)"]
     for s in plan["stages"]:

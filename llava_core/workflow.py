@@ -270,6 +270,21 @@ def check_upstream(ctx: RunContext, selected: list[str]) -> None:
                                 f"{ctx.stage_dir(needed)}; run with --from {needed} (or without --only/--from)")
 
 
+def add_ablations(ctx: RunContext, summary: dict) -> dict:
+    """Run the workflow's ablations (prepare through evaluate, each in its own run directory) and record how this
+    run compares with each in its summary.json."""
+    from llava_core.ablations import run_ablations
+
+    def run_sibling(sibling: Workflow) -> dict:
+        vision, llm = resolve_base_models(sibling)
+        sibling_ctx = RunContext(sibling, sibling.run_dir, vision, llm, hashes=compute_hashes(sibling))
+        return run_stages(sibling_ctx, [s for s in workflow_stages(sibling) if s != "serve"], set())
+
+    summary["ablations"] = run_ablations(ctx.workflow, summary, run_sibling)
+    storage.write_json(storage.join(ctx.run_dir, "summary.json"), summary)
+    return summary
+
+
 def warn_about_resources(w: Workflow) -> None:
     """On a live cluster, say early when no node can host a training worker (an autoscaler may still add one)."""
     import ray
@@ -296,6 +311,8 @@ def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
     check_upstream(ctx, selected)
     print(f"run directory: {ctx.run_dir}", flush=True)
     summary = run_stages(ctx, selected, force)
+    if w.ablations and "evaluate" in selected:
+        summary = add_ablations(ctx, summary)
     if "serve" in selected:
         from llava_core.serve.app import shutdown
         from llava_core.serve.demo import serve_until_interrupted

@@ -138,6 +138,22 @@ def test_vllm_config_mirrors_a_model_in_s3():
     assert config["model_loading_config"]["model_source"] == {"bucket_uri": "s3://bucket/runs/shapes/export"}
 
 
+def test_vllm_config_of_each_family_names_the_media_it_takes(tmp_path):
+    """The family comes from the export's config.json; OneVision's vLLM config budgets no video until the endpoint
+    takes video, and every family gets the image limit the workflow sets."""
+    from llava_core.serve.deploy_config import serve_config
+
+    settings = serve_settings_from_dict({"engine": "vllm", "max_images": 3})
+    limits = {}
+    for family in ("llava", "llava_next", "llava_onevision"):
+        export = tmp_path / family
+        export.mkdir()
+        (export / "config.json").write_text(json.dumps({"model_type": family}))
+        app = serve_config(str(export), settings, "m")["applications"][0]
+        limits[family] = app["args"]["llm_configs"][0]["engine_kwargs"]["limit_mm_per_prompt"]
+    assert limits == {"llava": {"image": 3}, "llava_next": {"image": 3}, "llava_onevision": {"image": 3, "video": 0}}
+
+
 def test_serve_refuses_a_folder_without_a_model(tmp_path, capsys):
     assert main(["serve", str(tmp_path), "--config-out", str(tmp_path / "x.yaml")]) == 2
     assert "neither an exported model" in capsys.readouterr().err

@@ -68,9 +68,14 @@ def autoscaling_config(settings: ServeSettings) -> dict:
     }
 
 
+def export_family(model_dir: str) -> str:
+    """The LLaVA family of an export, from its config.json's model_type (one small read)."""
+    return storage.read_json(storage.join(model_dir, "config.json"))["model_type"]
+
+
 def serve_config(model_dir: str, settings: ServeSettings, model_name: str) -> dict:
-    app = vllm_application(model_dir, settings, model_name) if settings.engine == "vllm" else \
-        transformers_application(model_dir, settings, model_name)
+    app = vllm_application(model_dir, settings, model_name, export_family(model_dir)) if settings.engine == "vllm" \
+        else transformers_application(model_dir, settings, model_name)
     return {
         "proxy_location": "EveryNode",
         "http_options": {"host": settings.host, "port": settings.port},
@@ -91,19 +96,31 @@ def transformers_application(model_dir: str, settings: ServeSettings, model_name
     }
 
 
-def vllm_application(model_dir: str, settings: ServeSettings, model_name: str) -> dict:
+def vllm_application(model_dir: str, settings: ServeSettings, model_name: str, family: str = "llava") -> dict:
     return {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": VLLM_BUILDER,
-        "args": {"llm_configs": [vllm_llm_config(model_dir, settings, model_name)]},
+        "args": {"llm_configs": [vllm_llm_config(model_dir, settings, model_name, family)]},
     }
 
 
-def vllm_llm_config(model_dir: str, settings: ServeSettings, model_name: str) -> dict:
-    """A `ray.serve.llm.LLMConfig` (as data) serving the export with vLLM. The export is a standard HF LLaVA
-    checkpoint, which vLLM loads as `LlavaForConditionalGeneration` with its chat template."""
-    engine_kwargs = {"limit_mm_per_prompt": {"image": settings.max_images}, **settings.vllm.engine_kwargs}
+def media_limits(settings: ServeSettings, family: str) -> dict:
+    """vLLM's `limit_mm_per_prompt`: what a prompt may carry, which is also what vLLM reserves memory for when it
+    profiles the largest multimodal prompt at start-up. OneVision models take video too; until this endpoint's
+    limits name videos it allows none, so vLLM does not budget a 32-frame video per sequence."""
+    limits = {"image": settings.max_images}
+    if family == "llava_onevision":
+        limits["video"] = 0
+    return limits
+
+
+def vllm_llm_config(model_dir: str, settings: ServeSettings, model_name: str, family: str = "llava") -> dict:
+    """A `ray.serve.llm.LLMConfig` (as data) serving the export with vLLM. The export is a standard HF checkpoint of
+    its family, which vLLM loads by its config's architecture (`LlavaForConditionalGeneration`,
+    `LlavaNextForConditionalGeneration`, `LlavaOnevisionForConditionalGeneration`) with its processor and chat
+    template (a OneVision export's processor config names LlavaOnevisionProcessor and its video processor)."""
+    engine_kwargs = {"limit_mm_per_prompt": media_limits(settings, family), **settings.vllm.engine_kwargs}
     deployment = replica_options(settings, gpus=None)  # vLLM's placement comes from the engine's parallelism
     deployment.pop("backpressure_config")  # not among the options LLMConfig passes on
     # A model in S3 is a mirror that ray.serve.llm downloads on each node; a local path must exist on every node.

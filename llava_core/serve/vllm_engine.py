@@ -8,7 +8,7 @@ importing anything of vLLM (`deploy_config.vllm_llm_config`).
 from __future__ import annotations
 
 from llava_core.config import ServeSettings, WorkflowError
-from llava_core.serve.deploy_config import APP_NAME, vllm_llm_config
+from llava_core.serve.deploy_config import APP_NAME, export_family, vllm_llm_config
 
 
 def run_vllm(model_dir: str, settings: ServeSettings, model_name: str) -> str:
@@ -23,6 +23,7 @@ def run_vllm(model_dir: str, settings: ServeSettings, model_name: str) -> str:
     from llava_core.serve.app import client_host
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
-    app = build_openai_app({"llm_configs": [vllm_llm_config(model_dir, settings, model_name)]})
+    app = build_openai_app({"llm_configs": [vllm_llm_config(model_dir, settings, model_name,
+                                                            export_family(model_dir))]})
     serve.run(app, name=APP_NAME, route_prefix="/")
     return f"http://{client_host(settings.host)}:{settings.port}"
