@@ -5,6 +5,8 @@ BIN := $(VENV)/bin
 ARGS ?=
 # CPU build of torch on machines without a GPU; on a GPU machine install your CUDA build first and set TORCH_SPEC=
 TORCH_SPEC ?= torch==2.13.0
+# The workflow `make run` runs: the LLaVA-1.5 quickstart, or QUICKSTART=workflows/quickstart-onevision.yaml
+QUICKSTART ?= workflows/quickstart.yaml
 
 .PHONY: install run test clean
 
@@ -19,10 +21,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 run: install
-	$(BIN)/llava-ray run workflows/quickstart.yaml $(ARGS)
+	$(BIN)/llava-ray run $(QUICKSTART) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest tests $(ARGS)
 
 clean:
-	rm -rf runs data/quickstart
+	rm -rf runs data/quickstart data/quickstart-onevision
