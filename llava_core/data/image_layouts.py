@@ -220,7 +220,7 @@ class TilePixels:
 
     def views(self, inputs: dict) -> int:
         """Tower passes of a collated micro-batch (for the FLOP count): the views the model keeps of each image (the
-        processor pads every image to the most)."""
+        processor pads every image to the most), and one per video frame."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
         videos = inputs.get("pixel_values_videos")

@@ -365,7 +365,7 @@ class OnevisionFrameProcessor:
     model_input_names = ["pixel_values_videos"]
 
     def __init__(self, image_processor):
-        self.image_processor = image_processor
+        self.image_processor = pil_image_processor(image_processor)
 
     def squash(self, frames) -> np.ndarray:
         """(frames, 3, height, width) uint8: each frame (RGB PIL image or (h, w, 3) uint8 array) resized to `size`.
@@ -393,6 +393,17 @@ class OnevisionFrameProcessor:
             raise ValueError(f"the videos of one batch must have the same number of frames, got "
                              f"{[p.shape[0] for p in pixels]}")
         return BatchFeature({"pixel_values_videos": np.stack(pixels)}, tensor_type=return_tensors)
+
+
+def pil_image_processor(image_processor):
+    """The image processor's PIL backend with its resize, rescale and normalisation settings: where torchvision is
+    installed transformers builds the torchvision backend, whose functions take tensors and resize with torch."""
+    if getattr(image_processor, "backend", "pil") == "pil":
+        return image_processor
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    settings = image_processor.to_dict()
+    return LlavaOnevisionImageProcessorPil(**{key: settings[key] for key in VIDEO_PROCESSOR_KEYS})
 
 
 def frame_processor(processor) -> OnevisionFrameProcessor:
