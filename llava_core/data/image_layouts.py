@@ -15,13 +15,14 @@ the model's pixel inputs again. Both directions of one shard format live here, s
   `prepare.video_frames` of them) squashed to the tower's tile by the frame processor (`families.frame_processor`,
   what LlavaOnevisionVideoProcessor does), as uint8 (frames, 3, tile, tile) with the same per-channel affine as the
   crops, and the `<video>` token count (`video_tokens`: frames x 196 + 1 = 6,273 at SigLIP-384). At real size that is
-  32 x 3 x 384 x 384 = 14.2 MB a video row (56.6 MB as float32), against ~1-20 MB for a typical 10-60 s source
-  clip and up to gigabytes for a long one: decoding, seeking and resizing a video costs ~0.1-1 s of CPU per sample
-  (tens of JPEG decodes' worth, and it grows with the clip's GOP and resolution), too slow to repeat in the trainer
-  every epoch and far too variable to keep ranks in step, while 14 MB a row reads in milliseconds. The uint8 frames
-  are lossless against the float pixels (PIL resizes in 8 bits), and serving squashes its frames with the same
-  function. OneVision's ~350K video rows would be ~5 TB of shards: if that is too much, storing the sampled frames
-  as JPEG (~30 KB each, ~1 MB a row) is the next step, at a decode of ~32 small JPEGs per row in the trainer.
+  32 x 3 x 384 x 384 = 14.2 MB a video row (56.6 MB as float32), against a few MB for a typical 10-60 s source
+  clip and up to gigabytes for a long one. Why frames and not the file: sampling a video is slow and uneven CPU work
+  (measured here on one core for a 30 s 640x360 clip: ~350 ms to seek and decode 32 frames, ~470 ms to squash them
+  to 384 px, against ~13 ms for a JPEG), too slow to repeat in every epoch's trainer and too variable to keep ranks
+  in step, while 14 MB reads in milliseconds. The uint8 frames lose nothing against the float pixels (PIL resizes
+  in 8 bits) and serving squashes its frames with the same function. A few hundred thousand video rows (OneVision's
+  video share) are terabytes of shards: storing the sampled frames as JPEG (~1 MB a row) is the next step if that is
+  too much, at ~32 small JPEG decodes per row in the trainer.
 """
 from __future__ import annotations
 
@@ -130,7 +131,8 @@ class VideoFrames:
         from llava_core.model.families import video_token_count
 
         squashed = self.frames.squash(video.read_video(image_folder, spec, self.sampling, self.limits, allow_outside))
-        count = video_token_count(self.processor, *(int(n) for n in squashed.shape[:1] + squashed.shape[2:]))
+        frames, _, height, width = squashed.shape
+        count = video_token_count(self.processor, frames, height, width)
         columns = {"video": {"uint8": squashed.tobytes(), "scale": self.scale, "offset": self.offset},
                    "video_tokens": count}
         return PreparedVideo(count, columns)

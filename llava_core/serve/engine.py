@@ -250,6 +250,8 @@ class GenerationEngine:
         videos = [video for r in group for video in r.videos]
         if not videos:
             return None
+        if not self.takes_videos:  # the protocol refuses them first; a direct caller learns why here
+            raise ValueError(f"a {self.family.name} model takes no video; llava_onevision models do")
         return [np.moveaxis(self.frames.squash(video), 1, -1) for video in videos]
 
     def _decode(self, tokens: list[int]) -> str:

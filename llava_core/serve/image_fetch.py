@@ -33,7 +33,7 @@ def fetch_media_bytes(url: str, settings: ServeSettings, param: str, medium: str
     host, port = host_and_port(target, param)
     allowed = {h.lower().rstrip(".") for h in settings.image_url_hosts}
     if host not in allowed:
-        hint = f"this server fetches no {medium} URLs" if not allowed else f"allowed hosts: {', '.join(sorted(allowed))}"
+        hint = f"allowed hosts: {', '.join(sorted(allowed))}" if allowed else f"this server fetches no {medium} URLs"
         raise bad_request(f"{medium} URL host {host!r} is not allowed ({hint}); send the {medium} inline as a "
                           f"data:{medium}/...;base64,... URL", param, f"{medium}_host_not_allowed")
     address = checked_address(host, port, settings.allow_private_image_hosts, param)
