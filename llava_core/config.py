@@ -111,6 +111,12 @@ class PrepareSettings:
     max_image_side: int = 8192  # longest side in pixels, checked from the header before decoding
     max_image_aspect_ratio: float = 20.0  # longest side / shortest side; `pad` makes a square of the longest side
     allow_paths_outside_image_folder: bool = False  # true: a row's `..`, absolute path or s3:// URI is read as is
+    # Video rows (llava_onevision): every video becomes exactly this many frames (a batch's videos must have equal
+    # counts; OneVision uses 32 = 6,273 tokens at SigLIP-384), spread over the whole clip (video_fps 0) or taken
+    # every 1/video_fps seconds and then resampled to video_frames. Frames are checked against the image limits.
+    video_frames: int = 32
+    video_fps: float = 0.0
+    max_video_bytes: int = 500_000_000  # a larger video file is rejected from its size, before it is read
     max_reject_fraction: float = 0.01
     rows_per_shard: int = 2000
     num_actors: int = 2
@@ -266,6 +272,12 @@ class ServeSettings:
     max_image_tokens: int = 32_768  # the images' <image> tokens per request, from their sizes (OneVision: <= ~8.8K each)
     max_prompt_chars: int = 100_000  # text over all messages, counted before tokenizing (~25K tokens of English)
     max_image_bytes: int = 20_000_000
+    # video_url parts (llava_onevision): at most max_videos a request, each at most max_video_bytes, sampled to
+    # video_frames frames (as prepare.video_frames: 32 is what OneVision trains with); their tokens count against
+    # max_image_tokens. http(s) video URLs follow image_url_hosts and allow_private_image_hosts.
+    max_videos: int = 1
+    max_video_bytes: int = 100_000_000
+    video_frames: int = 32
     max_image_pixels: int = 40_000_000
     max_image_side: int = 8192  # checked from the image header, before decoding or padding to a square
     max_image_aspect_ratio: float = 20.0
@@ -294,7 +306,7 @@ def validate_serve(s: ServeSettings, where: str = "serve") -> None:
         raise WorkflowError(f"{where}.overload_status: {s.overload_status} is not 429 or 503")
     positive = ("num_replicas", "max_ongoing_requests", "max_batch_size", "default_max_tokens", "max_tokens_limit",
                 "max_body_bytes", "body_read_timeout_s", "max_images", "max_image_tokens", "max_prompt_chars",
-                "max_image_bytes",
+                "max_image_bytes", "max_videos", "max_video_bytes", "video_frames",
                 "max_image_pixels", "max_image_side", "max_image_aspect_ratio", "image_fetch_timeout_s",
                 "health_check_period_s")
     for key in positive:
@@ -511,9 +523,11 @@ def validate(w: Workflow) -> None:
     if not 0.0 <= w.prepare.max_reject_fraction <= 1.0:
         raise WorkflowError(f"prepare.max_reject_fraction: {w.prepare.max_reject_fraction} is not between 0 and 1")
     for key in ("max_length", "rows_per_shard", "num_actors", "max_image_pixels", "max_image_side",
-                "max_image_aspect_ratio"):
+                "max_image_aspect_ratio", "video_frames", "max_video_bytes"):
         if getattr(w.prepare, key) < 1:
             raise WorkflowError(f"prepare.{key}: {getattr(w.prepare, key)} must be at least 1")
+    if w.prepare.video_fps < 0:
+        raise WorkflowError(f"prepare.video_fps: {w.prepare.video_fps} must be 0 (spread over the clip) or more")
     validate_evaluate(w.evaluate)
     validate_serve(w.serve)
     validate_ablations(w)

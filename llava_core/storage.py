@@ -96,6 +96,15 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def size(path: str) -> int:
+    """A file's size in bytes, from its metadata (one HEAD request on S3): checked before a large read."""
+    fs, inner = filesystem(path)
+    info = fs.get_file_info(inner)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(path)
+    return info.size
+
+
 def makedirs(path: str) -> None:
     fs, inner = filesystem(path)
     fs.create_dir(inner, recursive=True)

@@ -58,8 +58,8 @@ def prepared_table(preparer, sizes_per_row) -> pa.Table:
     examples = [preparer.prepare(row, "", images) for row, images in zip(rows, inline)]
     assert [e["reason"] for e in examples] == [""] * len(examples), [e["detail"] for e in examples]
     columns = {name: [e.get(name) for e in examples] for name in ("input_ids", "labels", "pixel_values", "images",
-                                                                   "image_sizes", "image_tokens", "num_images",
-                                                                   "length")}
+                                                                   "image_sizes", "image_tokens", "video",
+                                                                   "video_tokens", "num_images", "length")}
     return pa.table(columns, schema=pa.schema([OUTPUT_SCHEMA.field(n) for n in columns]))
 
 

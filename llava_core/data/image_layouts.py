@@ -11,6 +11,18 @@ the model's pixel inputs again. Both directions of one shard format live here, s
   tiles). The trainer runs the family's own image processor on the decoded bytes, so the tiles it sees are the
   ones serving computes. Storing the tiles instead would be 10 views x 384 x 384 x 3 = 4.4 MB a OneVision image,
   14 TB for its 3.2M single-image rows, against ~0.1-0.3 MB of JPEG.
+- **Video** (`llava_onevision` only, column `video`): the sampled frames (`data.video`: exactly
+  `prepare.video_frames` of them) squashed to the tower's tile by the frame processor (`families.frame_processor`,
+  what LlavaOnevisionVideoProcessor does), as uint8 (frames, 3, tile, tile) with the same per-channel affine as the
+  crops, and the `<video>` token count (`video_tokens`: frames x 196 + 1 = 6,273 at SigLIP-384). At real size that is
+  32 x 3 x 384 x 384 = 14.2 MB a video row (56.6 MB as float32), against a few MB for a typical 10-60 s source
+  clip and up to gigabytes for a long one. Why frames and not the file: sampling a video is slow and uneven CPU work
+  (measured here on one core for a 30 s 640x360 clip: ~350 ms to seek and decode 32 frames, ~470 ms to squash them
+  to 384 px, against ~13 ms for a JPEG), too slow to repeat in every epoch's trainer and too variable to keep ranks
+  in step, while 14 MB reads in milliseconds. The uint8 frames lose nothing against the float pixels (PIL resizes
+  in 8 bits) and serving squashes its frames with the same function. A few hundred thousand video rows (OneVision's
+  video share) are terabytes of shards: storing the sampled frames as JPEG (~1 MB a row) is the next step if that is
+  too much, at ~32 small JPEG decodes per row in the trainer.
 """
 from __future__ import annotations
 
@@ -22,6 +34,7 @@ import torch
 from llava_core.data import images
 
 EMPTY = {"pixel_values": None}
+NO_VIDEO = {"video": {"uint8": b"", "scale": [], "offset": []}, "video_tokens": 0}  # the columns of a row without one
 
 
 @dataclass
@@ -96,6 +109,42 @@ def shard_images(vision_path: str, llm_path: str, family_name: str, layout: str,
     return TiledImages(vision_path, llm_path, family_name, layout, template, limits)
 
 
+@dataclass
+class PreparedVideo:
+    token_count: int  # the `<video>` tokens it expands to
+    columns: dict  # the shard columns that hold it
+
+
+class VideoFrames:
+    """Prepare side of the video format (LLaVA-OneVision): sampled frames, squashed and stored as uint8."""
+
+    def __init__(self, processor, sampling, limits: images.ImageLimits):
+        from llava_core.model.families import frame_processor
+
+        self.processor, self.frames = processor, frame_processor(processor)
+        self.video_token_id = processor.video_token_id
+        self.sampling, self.limits = sampling, limits
+        self.scale, self.offset = images.normalisation(processor.image_processor)
+
+    def prepare(self, image_folder: str, spec, allow_outside: bool = False) -> PreparedVideo:
+        from llava_core.data import video
+        from llava_core.model.families import video_token_count
+
+        squashed = self.frames.squash(video.read_video(image_folder, spec, self.sampling, self.limits, allow_outside))
+        frames, _, height, width = squashed.shape
+        count = video_token_count(self.processor, frames, height, width)
+        columns = {"video": {"uint8": squashed.tobytes(), "scale": self.scale, "offset": self.offset},
+                   "video_tokens": count}
+        return PreparedVideo(count, columns)
+
+
+def shard_videos(images_side, family_name: str, sampling, limits: images.ImageLimits) -> VideoFrames | None:
+    """The prepare side of the video format for a family whose model takes videos (OneVision), else None."""
+    from llava_core.model.families import family, takes_videos
+
+    return VideoFrames(images_side.processor, sampling, limits) if takes_videos(family(family_name)) else None
+
+
 def _height_width(image) -> tuple[int, int]:
     return image.height, image.width
 
@@ -103,22 +152,24 @@ def _height_width(image) -> tuple[int, int]:
 # --- the trainer's side: a micro-batch's stored images -> the model's pixel inputs -------------------------------
 
 
+def stored_pixels(record: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """A stored uint8 array (crops or video frames) as the model's float32 pixels: uint8 * scale + offset."""
+    uint8 = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(-1, *shape)
+    scale = np.asarray(record["scale"], dtype=np.float32).reshape(1, -1, 1, 1)
+    offset = np.asarray(record["offset"], dtype=np.float32).reshape(1, -1, 1, 1)
+    return uint8.astype(np.float32) * scale + offset
+
+
 class CropPixels:
     """Stored uint8 crops -> float32 `pixel_values` (N, 3, H, W), in row order."""
 
-    column = "pixel_values"
+    columns = ("pixel_values",)
 
     def __init__(self, image_shape: tuple[int, int, int], tokens_per_image: int = 0):
         self.image_shape, self.tokens_per_image = tuple(image_shape), tokens_per_image
 
     def __call__(self, records: list) -> dict:
-        crops = []
-        for record in records:
-            if record and record["uint8"]:
-                uint8 = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(-1, *self.image_shape)
-                scale = np.asarray(record["scale"], dtype=np.float32).reshape(1, -1, 1, 1)
-                offset = np.asarray(record["offset"], dtype=np.float32).reshape(1, -1, 1, 1)
-                crops.append(uint8.astype(np.float32) * scale + offset)
+        crops = [stored_pixels(record, self.image_shape) for record in records if record and record["uint8"]]
         return {"pixel_values": torch.from_numpy(np.concatenate(crops))} if crops else dict(EMPTY)
 
     @staticmethod
@@ -135,18 +186,30 @@ class TilePixels:
     """Stored encoded images -> the family's image processor's `pixel_values` (N, max views, 3, tile, tile) and
     `image_sizes`, plus OneVision's `batch_num_images` per sample (an image of a several-image sample is its base
     view alone). Under packing a row holds several samples; `batch_num_images` stays per sample, which is all the
-    model reads it for."""
-
-    column = "images"
+    model reads it for. OneVision's stored videos become `pixel_values_videos` (videos, frames, 3, tile, tile) in row
+    order, the order the model fills the `<video>` tokens in."""
 
     def __init__(self, processor, family_name: str):
-        from llava_core.model.families import family
+        from llava_core.model.families import family, takes_videos
 
         self.processor, self.family = processor, family(family_name)
+        self.columns = ("images", "video") if takes_videos(self.family) else ("images",)
 
-    def __call__(self, rows: list) -> dict:
+    def __call__(self, rows: list, videos: list | None = None) -> dict:
         per_sample = [[images.decode_image(data) for data in row] for row in rows if row]
-        return self._pixels(per_sample) if per_sample else dict(EMPTY)
+        inputs = self._pixels(per_sample) if per_sample else dict(EMPTY)
+        return {**inputs, **self._videos(videos or [])}
+
+    def _videos(self, records: list) -> dict:
+        size = self.processor.image_processor.size  # the frame processor squashes every frame to it
+        clips = [stored_pixels(record, (3, size["height"], size["width"])) for record in records
+                 if record and record["uint8"]]
+        if not clips:
+            return {}
+        if len({clip.shape[0] for clip in clips}) > 1:
+            raise ValueError(f"a micro-batch's videos have {sorted({c.shape[0] for c in clips})} frames; the model "
+                             "needs equal counts: prepare every dataset with the same prepare.video_frames")
+        return {"pixel_values_videos": torch.from_numpy(np.stack(clips))}
 
     def _pixels(self, per_sample: list[list]) -> dict:
         """OneVision's processor is given the images per sample: it pads an image of a several-image sample to a
@@ -159,17 +222,20 @@ class TilePixels:
 
     def views(self, inputs: dict) -> int:
         """Tower passes of a collated micro-batch (for the FLOP count): the views the model keeps of each image (the
-        processor pads every image to the most)."""
+        processor pads every image to the most), and one per video frame."""
         from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
+        videos = inputs.get("pixel_values_videos")
+        frames = 0 if videos is None else videos.shape[0] * videos.shape[1]  # one tower pass a frame
         if inputs["pixel_values"] is None:
-            return 0
+            return frames
         tile = tile_side(self.processor.image_processor)
         pinpoints = self.processor.image_processor.image_grid_pinpoints
         several = inputs.get("batch_num_images")
         base_only = [n > 1 for n in several.tolist() for _ in range(n)] if several is not None else None
-        return sum(1 if base_only and base_only[i] else image_size_to_num_patches(size.tolist(), pinpoints, tile)
-                   for i, size in enumerate(inputs["image_sizes"]))
+        views = [1 if base_only and base_only[i] else image_size_to_num_patches(size.tolist(), pinpoints, tile)
+                 for i, size in enumerate(inputs["image_sizes"])]
+        return frames + sum(views)
 
     def blank(self) -> tuple[dict, int]:
         from llava_core.model.families import image_token_counts

@@ -45,33 +45,43 @@ def read_image_bytes(image_folder: str, name: str, allow_outside: bool = False) 
     """A row's image, named relative to `image_folder`. A name that leads outside it (`..`, an absolute path, a URI,
     a symlink out of a local folder) is an `image_path_outside_folder` reject unless `allow_outside` (the setting
     `prepare.allow_paths_outside_image_folder`): a row must not read whatever file the process can."""
+    return read_media_bytes(image_folder, name, allow_outside)
+
+
+def read_media_bytes(image_folder: str, name: str, allow_outside: bool = False, kind: str = "image",
+                     max_bytes: int | None = None) -> bytes:
+    """`read_image_bytes` for any medium a row names (`kind` "image" or "video"; rejects are `<kind>_missing`,
+    `<kind>_unreadable`, `<kind>_path_outside_folder`), refused as `<kind>_too_large` from its size before it is
+    read when it is over `max_bytes`."""
     if allow_outside:
         path = name if storage.is_remote(name) or name.startswith("/") else storage.join(image_folder, name)
     else:
-        path = confined_path(image_folder, name)
+        path = confined_path(image_folder, name, kind)
     try:
+        if max_bytes is not None and storage.size(path) > max_bytes:
+            raise RowError(f"{kind}_too_large", f"{path}: {storage.size(path)} bytes, over the limit of {max_bytes}")
         return storage.read_bytes(path)
     except (FileNotFoundError, OSError) as error:
         if not storage.exists(path):
-            raise RowError("image_missing", path) from error
-        raise RowError("image_unreadable", f"{path}: {error}") from error
+            raise RowError(f"{kind}_missing", path) from error
+        raise RowError(f"{kind}_unreadable", f"{path}: {error}") from error
 
 
-def confined_path(image_folder: str, name: str) -> str:
+def confined_path(image_folder: str, name: str, kind: str = "image") -> str:
     """`name` inside `image_folder` (local, or `s3://bucket/prefix` where `..` is resolved as text), or a RowError."""
     if storage.is_remote(name) or name.startswith("/"):
-        raise RowError("image_path_outside_folder", f"{name!r}: an absolute path or URI, not a name in the folder")
+        raise RowError(f"{kind}_path_outside_folder", f"{name!r}: an absolute path or URI, not a name in the folder")
     if "\0" in name:
-        raise RowError("image_missing", f"{name!r}: a name with a NUL character")
+        raise RowError(f"{kind}_missing", f"{name!r}: a name with a NUL character")
     relative = posixpath.normpath(name)
     if relative == ".." or relative.startswith("../"):
-        raise RowError("image_path_outside_folder", f"{name!r} leads out of {image_folder}")
+        raise RowError(f"{kind}_path_outside_folder", f"{name!r} leads out of {image_folder}")
     if storage.is_remote(image_folder):
         return storage.join(image_folder, relative)
     folder = os.path.realpath(image_folder)
     path = os.path.realpath(os.path.join(folder, relative))  # symlinks resolved: one may point out of the folder
     if os.path.commonpath([folder, path]) != folder:
-        raise RowError("image_path_outside_folder", f"{name!r} resolves to {path}, outside {folder}")
+        raise RowError(f"{kind}_path_outside_folder", f"{name!r} resolves to {path}, outside {folder}")
     return path
 
 

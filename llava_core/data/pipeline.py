@@ -191,7 +191,8 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
                 "image_aspect_ratio": p.image_aspect_ratio,
                 "max_image_pixels": p.max_image_pixels, "max_image_side": p.max_image_side,
                 "max_image_aspect_ratio": p.max_image_aspect_ratio,
-                "allow_paths_outside_image_folder": p.allow_paths_outside_image_folder}
+                "allow_paths_outside_image_folder": p.allow_paths_outside_image_folder,
+                "video_frames": p.video_frames, "video_fps": p.video_fps, "max_video_bytes": p.max_video_bytes}
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
         sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]

@@ -3,7 +3,8 @@
 `RowPreparer` is the per-row work of the prepare stage; Ray Data runs it in a pool of actors (it holds a tokenizer and
 an image processor), and benchmarks and tests call it directly. How the images are stored depends on the model
 family (`image_layouts`: uint8 crops for LLaVA-1.5, encoded images with their exact token counts for the AnyRes
-families); the README's "What a shard holds" has the measurements behind both.
+families, and for OneVision's video rows the sampled frames as uint8); the README's "What a shard holds" has the
+measurements behind them.
 """
 from __future__ import annotations
 
@@ -13,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from llava_core.data import formats, images, templates
+from llava_core.data import formats, images, templates, video
 from llava_core.data.formats import RowError
-from llava_core.data.image_layouts import shard_images
+from llava_core.data.image_layouts import NO_VIDEO, shard_images, shard_videos
 
 
 @dataclass
@@ -30,10 +31,17 @@ class RowSettings:
     max_image_side: int = images.DEFAULT_MAX_SIDE
     max_image_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
     allow_paths_outside_image_folder: bool = False  # else `..`, absolute paths and URIs are rejected
+    video_frames: int = video.DEFAULT_FRAMES
+    video_fps: float = 0.0
+    max_video_bytes: int = video.DEFAULT_MAX_BYTES
 
     @property
     def image_limits(self) -> images.ImageLimits:
         return images.ImageLimits(self.max_image_pixels, self.max_image_side, self.max_image_aspect_ratio)
+
+    @property
+    def video_sampling(self) -> video.VideoSampling:
+        return video.VideoSampling(self.video_frames, self.video_fps, self.max_video_bytes)
 
 
 PIXELS_TYPE = pa.struct([
@@ -48,6 +56,9 @@ OUTPUT_SCHEMA = pa.schema([
     ("images", pa.list_(pa.binary())),  # tiles (llava_next, llava_onevision): each image's encoded bytes
     ("image_sizes", pa.list_(pa.list_(pa.int32()))),  # tiles: each image's (height, width) as decoded
     ("image_tokens", pa.list_(pa.int32())),  # the exact <image> tokens each image expands to, in `input_ids`
+    ("video", PIXELS_TYPE),  # OneVision video rows: the sampled frames (frames, 3, tile, tile) uint8; else empty
+    ("video_tokens", pa.int32()),  # the <video> tokens the video expands to, in `input_ids`; 0 without one
+    # the images, or 1 for a video row: the plan groups rows with pixels by it (modality_grouped, text_only_rows)
     ("num_images", pa.int32()), ("length", pa.int32()),
     ("num_supervised", pa.int32()), ("modality", pa.string()),
     ("status", pa.string()),  # written | rejected: the pipeline partitions its one streaming write by it
@@ -65,8 +76,10 @@ class RowPreparer:
     def __init__(self, vision_path: str, llm_path: str, settings: dict):
         self.settings = s = RowSettings(**settings)
         self.images = shard_images(vision_path, llm_path, s.family, s.image_aspect_ratio, s.template, s.image_limits)
+        self.videos = shard_videos(self.images, s.family, s.video_sampling, s.image_limits)  # None: no video
         self.tokenizer = self.images.tokenizer
         self.image_token_id = self.images.image_token_id
+        self.media_token_ids = (self.image_token_id,) + ((self.videos.video_token_id,) if self.videos else ())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """Staged rows (`source`, `image_folder`, `index`, `raw`, `image_bytes`, `defect`) -> one output row per input
@@ -99,13 +112,16 @@ class RowPreparer:
             if not isinstance(error, RowError):
                 error = RowError("unexpected_error", f"{type(error).__name__}: {error}")
             return {"id": row_id, "reason": error.reason, "detail": error.detail[:500], "input_ids": [],
-                    "labels": [], **self.images.columns(), "image_tokens": [], "num_images": 0, "length": 0,
+                    "labels": [], **self.images.columns(), **NO_VIDEO, "image_tokens": [], "num_images": 0,
+                    "length": 0,
                     "num_supervised": 0, "modality": ""}
 
     def _example(self, row: dict, image_folder: str, inline: list) -> dict:
         s = self.settings
-        names = formats.image_list(row)
-        turns = formats.normalise_conversation(row, len(names))
+        names, clip = formats.image_list(row), formats.video_of(row)
+        if clip is not None and self.videos is None:
+            raise RowError("video_unsupported", f"model family {s.family} takes no videos (llava_onevision does)")
+        turns = formats.normalise_conversation(row, len(names), video=clip is not None)
         rendered = templates.render(s.template, turns, self.tokenizer)
         ids, labels = templates.tokenize_with_labels(rendered, self.tokenizer)
         encoded = [inline[i] if i < len(inline) and inline[i] is not None
@@ -113,13 +129,19 @@ class RowPreparer:
                    for i, name in enumerate(names)]
         prepared = self.images.prepare(encoded)  # decodes every image: a bad one is this row's reject
         ids, labels = templates.expand_image_tokens(ids, labels, self.image_token_id, prepared.token_counts)
-        ids, labels = templates.fit_to_length(ids, labels, s.max_length, self.image_token_id, s.too_long)
+        if self.videos is not None:  # also where a `<video>` typed into a row without one is found
+            # decodes and samples the video, after the cheap checks: a bad one is this row's reject
+            clip = self.videos.prepare(image_folder, clip, s.allow_paths_outside_image_folder) if clip else None
+            ids, labels = templates.expand_image_tokens(ids, labels, self.videos.video_token_id,
+                                                        [clip.token_count] if clip else [], "video")
+        ids, labels = templates.fit_to_length(ids, labels, s.max_length, self.media_token_ids, s.too_long)
         num_supervised = int((labels != templates.IGNORE_INDEX).sum())
         if num_supervised == 0:
             raise RowError("nothing_supervised", "no assistant tokens to learn")
         return {"input_ids": ids.astype(np.int32).tolist(), "labels": labels.astype(np.int32).tolist(),
-                **prepared.columns, "image_tokens": prepared.token_counts, "num_images": len(names),
-                "length": len(ids), "num_supervised": num_supervised, "modality": "image" if names else "text"}
+                **prepared.columns, **(clip.columns if clip else NO_VIDEO), "image_tokens": prepared.token_counts,
+                "num_images": len(names) or int(clip is not None), "length": len(ids),
+                "num_supervised": num_supervised, "modality": "video" if clip else "image" if names else "text"}
 
 
 def _parse_row(raw) -> dict:

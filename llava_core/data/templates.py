@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from llava_core.data.formats import ASSISTANT, IMAGE_TAG, RowError, Turn
+from llava_core.data.formats import ASSISTANT, IMAGE_TAG, VIDEO_TAG, RowError, Turn
 from llava_core.model.chat_template import VICUNA_SYSTEM
 
 IGNORE_INDEX = -100
@@ -31,10 +31,11 @@ class Rendered:
 def render_plain(turns: list[Turn], eos: str) -> Rendered:
     """Stage-1 format: the instruction is discarded; `<image>` + caption + newline, caption and newline supervised
     (the prompt is `<image>` alone)."""
-    if len(turns) != 2 or turns[0].text.count(IMAGE_TAG) != 1:
-        raise RowError("template_mismatch", "the plain template needs one image and one caption turn")
+    tag = VIDEO_TAG if VIDEO_TAG in turns[0].text else IMAGE_TAG  # a video row's tag is `<video>` by now
+    if len(turns) != 2 or turns[0].text.count(tag) != 1:
+        raise RowError("template_mismatch", "the plain template needs one image (or video) and one caption turn")
     answer = turns[1].text.strip() + "\n"
-    return Rendered(IMAGE_TAG + answer, [(len(IMAGE_TAG), len(IMAGE_TAG) + len(answer))])
+    return Rendered(tag + answer, [(len(tag), len(tag) + len(answer))])
 
 
 def render_vicuna_v1(turns: list[Turn], eos: str, system: str = VICUNA_SYSTEM) -> Rendered:
@@ -110,24 +111,27 @@ def _is_prefix(prefix: list[int], ids: np.ndarray) -> bool:
     return len(prefix) <= len(ids) and np.array_equal(ids[:len(prefix)], prefix)
 
 
-def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, counts: list[int]):
-    """Replace the k-th image token by the `counts[k]` placeholders the model fills with that image's features."""
+def expand_image_tokens(ids: np.ndarray, labels: np.ndarray, image_token_id: int, counts: list[int],
+                        medium: str = "image"):
+    """Replace the k-th image token by the `counts[k]` placeholders the model fills with that image's features;
+    with the video token and `medium="video"`, the same for a video (OneVision: `counts` is [] or [one count])."""
     positions = np.flatnonzero(ids == image_token_id)
     if len(positions) != len(counts):
-        raise RowError("image_tag_mismatch", f"{len(positions)} image tokens after tokenizing for {len(counts)} "
-                                             f"images")
+        raise RowError("image_tag_mismatch", f"{len(positions)} {medium} tokens after tokenizing for {len(counts)} "
+                                             f"{medium}s")
     repeats = np.ones(len(ids), dtype=np.int64)
     repeats[positions] = counts
     return np.repeat(ids, repeats), np.repeat(labels, repeats)
 
 
-def fit_to_length(ids: np.ndarray, labels: np.ndarray, max_length: int, image_token_id: int, policy: str):
-    """Enforce `max_length`: reject, or cut text from the end (never through image tokens)."""
+def fit_to_length(ids: np.ndarray, labels: np.ndarray, max_length: int, image_token_id, policy: str):
+    """Enforce `max_length`: reject, or cut text from the end (never through image tokens; `image_token_id` may be
+    a tuple of ids: the image and video tokens)."""
     if len(ids) <= max_length:
         return ids, labels
     if policy != "truncate":
         raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
-    last_image = int(np.flatnonzero(ids == image_token_id).max(initial=-1))
+    last_image = int(np.flatnonzero(np.isin(ids, image_token_id)).max(initial=-1))
     if last_image >= max_length:
         raise RowError("too_long", f"image tokens end at {last_image + 1} > max_length {max_length}")
     ids, labels = ids[:max_length], labels[:max_length]

@@ -24,7 +24,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from PIL import Image
 from transformers import (
     AddedToken,
     AutoModelForCausalLM,
@@ -44,6 +46,9 @@ from transformers import (
     LlavaProcessor,
     SiglipVisionModel,
 )
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_utils import SizeDict
+from transformers.video_utils import make_batched_videos
 from transformers.initialization import no_init_weights
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
@@ -322,10 +327,11 @@ def square_tiles(fam: Family, tile: int) -> dict:
 
 
 class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
-    """transformers' LlavaOnevisionProcessor with its video slot left empty. transformers 5.x builds that processor
-    only with a video processor (ProcessorMixin checks every slot's class and refuses None), and every video
-    processor needs torchvision, which a CPU-only install may not have. Images need neither: the image-token
-    counting, chat template and tokenizing are the parent's own; videos are refused with that reason."""
+    """transformers' LlavaOnevisionProcessor with `OnevisionFrameProcessor` in its video slot. transformers 5.x builds
+    that processor only with a video processor (ProcessorMixin checks every slot's class and refuses None), and every
+    video processor needs torchvision, which a CPU-only install may not have. The image-token counting, chat template,
+    tokenizing and the `<video>` expansion (`replace_video_token`) are the parent's own; only the frames' pixels come
+    from the small frame processor, kept outside the mixin's slots so that saving writes what it did before."""
 
     def __init__(self, image_processor=None, tokenizer=None, num_image_tokens=None,
                  vision_feature_select_strategy=None, chat_template=None, image_token=IMAGE_TOKEN,
@@ -338,6 +344,7 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         self.video_token_id = tokenizer.convert_tokens_to_ids(video_token)
         self.vision_aspect_ratio = vision_aspect_ratio
         ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+        self.video_processor = OnevisionFrameProcessor(image_processor)  # what ProcessorMixin's video path calls
 
     def to_dict(self) -> dict:
         """Saved as the LlavaOnevisionProcessor it stands for, with the video processor transformers' OneVision
@@ -348,10 +355,71 @@ class ImageOnlyOnevisionProcessor(LlavaOnevisionProcessor):
         saved["video_processor"] = onevision_video_processor_dict(self.image_processor)
         return saved
 
-    def __call__(self, images=None, text=None, videos=None, **kwargs):
-        if videos is not None:
-            raise ValueError("videos need LLaVA-OneVision's video processor, which needs torchvision: install it")
-        return super().__call__(images=images, text=text, **kwargs)
+
+class OnevisionFrameProcessor:
+    """What LlavaOnevisionVideoProcessor does to a video, without torchvision: every frame squashed to the image
+    processor's `size` (height, width) with its own resize (PIL, its `resample`: bicubic for OneVision), then its own
+    rescale and normalisation with the tower's mean and std. Prepare stores `squash`'s uint8 frames, the trainer
+    finishes them with `images.normalisation`'s affine, serving calls the whole: one frame path for all three."""
+
+    model_input_names = ["pixel_values_videos"]
+
+    def __init__(self, image_processor):
+        self.image_processor = pil_image_processor(image_processor)
+
+    def squash(self, frames) -> np.ndarray:
+        """(frames, 3, height, width) uint8: each frame (RGB PIL image or (h, w, 3) uint8 array) resized to `size`.
+        PIL resizes in 8 bits, so this is exactly what the float pixels are computed from."""
+        ip = self.image_processor
+        size = SizeDict(height=ip.size["height"], width=ip.size["width"])
+        chw = [np.moveaxis(np.asarray(frame.convert("RGB") if isinstance(frame, Image.Image) else frame), -1, 0)
+               for frame in frames]
+        return np.stack([ip.resize(image=np.ascontiguousarray(f), size=size, resample=ip.resample) for f in chw])
+
+    def finish(self, squashed: np.ndarray) -> np.ndarray:
+        """Squashed uint8 frames -> the model's float32 pixels, by the image processor's own rescale and normalise."""
+        ip = self.image_processor
+        pixels = [ip.rescale(f, ip.rescale_factor) if ip.do_rescale else f.astype(np.float32) for f in squashed]
+        if ip.do_normalize:
+            pixels = [ip.normalize(f, ip.image_mean, ip.image_std) for f in pixels]
+        return np.stack(pixels).astype(np.float32)
+
+    def __call__(self, videos, return_tensors=None, **kwargs) -> BatchFeature:
+        """`pixel_values_videos` (videos, frames, 3, height, width) of a list of videos, each a sequence of frames
+        or a (frames, h, w, 3) array (transformers' `make_batched_videos` forms). A batch's videos must have equal
+        frame counts (the model stacks them)."""
+        pixels = [self.finish(self.squash(list(video))) for video in make_batched_videos(videos)]
+        if len({p.shape[0] for p in pixels}) > 1:
+            raise ValueError(f"the videos of one batch must have the same number of frames, got "
+                             f"{[p.shape[0] for p in pixels]}")
+        return BatchFeature({"pixel_values_videos": np.stack(pixels)}, tensor_type=return_tensors)
+
+
+def pil_image_processor(image_processor):
+    """The image processor's PIL backend with its resize, rescale and normalisation settings: where torchvision is
+    installed transformers builds the torchvision backend, whose functions take tensors and resize with torch."""
+    if getattr(image_processor, "backend", "pil") == "pil":
+        return image_processor
+    from transformers import LlavaOnevisionImageProcessorPil
+
+    settings = image_processor.to_dict()
+    return LlavaOnevisionImageProcessorPil(**{key: settings[key] for key in VIDEO_PROCESSOR_KEYS})
+
+
+def frame_processor(processor) -> OnevisionFrameProcessor:
+    """The frame path of a OneVision processor, whichever video processor it holds: prepare, training and serving
+    squash frames with this one, so a torchvision video processor (torch's bicubic) only ever sees frames already at
+    its size."""
+    return OnevisionFrameProcessor(processor.image_processor)
+
+
+def video_token_count(processor, frames: int, height: int, width: int) -> int:
+    """The `<video>` tokens a video of `frames` frames expands to: frames x pooled features + one newline."""
+    return processor._get_num_multimodal_tokens(video_sizes=[(frames, height, width)])["num_video_tokens"][0]
+
+
+def takes_videos(fam: Family) -> bool:
+    return VIDEO_TOKEN in fam.media_tokens
 
 
 VIDEO_PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",

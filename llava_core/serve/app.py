@@ -244,9 +244,9 @@ class LlavaServer:
             raise unauthorized("incorrect API key")
 
     def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatRequest, GenerationRequest]:
-        chat = protocol.parse_chat_request(body, self.settings, self.model_name)
-        protocol.check_image_tokens(engine.count_image_tokens(chat.images), self.settings.max_image_tokens)
-        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images)
+        chat = protocol.parse_chat_request(body, self.settings, self.model_name, engine.takes_videos)
+        protocol.check_image_tokens(engine.count_image_tokens(chat.images, chat.videos), self.settings.max_image_tokens)
+        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos)
         return chat, protocol.fit_to_context(chat, prompt_tokens, engine.context_length,
                                              self.settings.default_max_tokens)
 

@@ -6,7 +6,8 @@ decoded images in the order they appear, and sampling settings, and runs a batch
 strings (`BatchProgress` ends each row on its own), and after every decoding step each request gets its new text
 (`answer_stream`), which is what streaming sends. Prompts and images go through exactly the steps training and
 `llava_core.eval` use (chat template; for LLaVA-1.5 pad-to-square with the processor's mean colour; the family's
-processor, which tiles AnyRes images), so a served answer is the answer the evaluation measured.
+processor, which tiles AnyRes images), so a served answer is the answer the evaluation measured. OneVision's videos
+(sampled frames, `{"type": "video"}` parts) are squashed by the same frame path prepare stores them with.
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -24,7 +26,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from llava_core.data import images as image_ops
 from llava_core.data.image_layouts import processor_images
 from llava_core.model.build import IMAGE_TOKEN, load_llava
-from llava_core.model.families import family, image_token_counts
+from llava_core.model.families import family, frame_processor, image_token_counts, takes_videos, video_token_count
 from llava_core.serve.answer_stream import AnswerStream, StreamEvent
 from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
 
@@ -41,6 +43,8 @@ class GenerationRequest:
     messages: list[dict]  # chat-template messages; each image is a {"type": "image"} part
     images: list[Image.Image] = field(default_factory=list)  # decoded, in the order their parts appear
     sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=64))
+    # OneVision: each video's sampled RGB frames (height, width, 3) uint8, in the order their parts appear
+    videos: list[list[np.ndarray]] = field(default_factory=list)
     # Set when nobody waits for the answer any more (the client went away): its row stops at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
 
@@ -121,6 +125,8 @@ class GenerationEngine:
         self._counting_tokenizer = copy.deepcopy(self.tokenizer)
         self._counting_lock = threading.Lock()
         self.tokens_per_image = None if self.family.takes_image_sizes() else self._measure_tokens_per_image()
+        self.takes_videos = takes_videos(self.family)
+        self.frames = frame_processor(processor) if self.takes_videos else None
 
     def _eos_token_ids(self) -> set[int]:
         eos = self.model.generation_config.eos_token_id
@@ -138,19 +144,27 @@ class GenerationEngine:
     def render_prompt(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
-    def count_image_tokens(self, images: list[Image.Image]) -> int:
-        """The `<image>` tokens a request's images expand to, from their sizes alone (AnyRes: each image's tiles,
-        unpadding and row newlines; OneVision: base views only when there are several)."""
+    def count_image_tokens(self, images: list[Image.Image], videos: list | None = None) -> int:
+        """The `<image>` and `<video>` tokens a request's images and videos expand to, from their sizes alone
+        (AnyRes: each image's tiles, unpadding and row newlines; OneVision: base views only when there are several;
+        a video: its frames' pooled features and one newline)."""
+        video_tokens = sum(self.count_video_tokens(video) for video in videos or [])
         if self.tokens_per_image is not None:
-            return len(images) * self.tokens_per_image
-        return sum(image_token_counts(self.processor, [(im.height, im.width) for im in images], self.family))
+            return len(images) * self.tokens_per_image + video_tokens
+        sizes = [(im.height, im.width) for im in images]
+        return sum(image_token_counts(self.processor, sizes, self.family)) + video_tokens
 
-    def count_prompt_tokens(self, messages: list[dict], images: list[Image.Image]) -> int:
-        """The prompt's length as the model sees it, image tokens included, without preprocessing any image."""
+    def count_video_tokens(self, frames: list[np.ndarray]) -> int:
+        size = self.processor.image_processor.size  # every frame is squashed to it
+        return video_token_count(self.processor, len(frames), size["height"], size["width"])
+
+    def count_prompt_tokens(self, messages: list[dict], images: list[Image.Image], videos: list | None = None) -> int:
+        """The prompt's length as the model sees it, image and video tokens included, without preprocessing any."""
         prompt = self.render_prompt(messages)
         with self._counting_lock:
             text_tokens = len(self._counting_tokenizer(prompt)["input_ids"])
-        return text_tokens - len(images) + self.count_image_tokens(images)
+        placeholders = len(images) + len(videos or [])
+        return text_tokens - placeholders + self.count_image_tokens(images, videos)
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """One completion per request, in order."""
@@ -224,10 +238,21 @@ class GenerationEngine:
 
     def _batch_inputs(self, group: list[GenerationRequest]) -> dict:
         prompts = [self.render_prompt(r.messages) for r in group]
+        videos = self._squashed_videos(group)
         with self._tokenizer_lock:
             pictures = processor_images(self.family.name, [r.images for r in group], self.pad_fill)
-            inputs = self.processor(images=pictures, text=prompts, padding=True, return_tensors="pt")
+            inputs = self.processor(images=pictures, videos=videos, text=prompts, padding=True, return_tensors="pt")
         return inputs.to(self.device)
+
+    def _squashed_videos(self, group: list[GenerationRequest]) -> list[np.ndarray] | None:
+        """The batch's videos as (frames, height, width, 3) uint8 at the tower's size, squashed as prepare squashed
+        them: whichever video processor the processor holds then resizes nothing."""
+        videos = [video for r in group for video in r.videos]
+        if not videos:
+            return None
+        if not self.takes_videos:  # the protocol refuses them first; a direct caller learns why here
+            raise ValueError(f"a {self.family.name} model takes no video; llava_onevision models do")
+        return [np.moveaxis(self.frames.squash(video), 1, -1) for video in videos]
 
     def _decode(self, tokens: list[int]) -> str:
         with self._tokenizer_lock:

@@ -1,11 +1,12 @@
-"""Fetch the bytes of an http(s) `image_url`, without letting a client turn the server into a proxy.
+"""Fetch the bytes of an http(s) `image_url` (or `video_url`), without letting a client turn the server into a proxy.
 
 Only hosts on the workflow's allowlist (`serve.image_url_hosts`, empty by default) are fetched; any other URL is
 refused before a name is even looked up. The host name is resolved once, every address it resolves to is checked
 (private, loopback, link-local, reserved and multicast addresses are refused unless `serve.allow_private_image_hosts`),
 and the connection goes to the address that was checked, so a second DNS answer cannot swap in an internal address.
 TLS still verifies the certificate against the host name. Redirects are not followed (their target would skip these
-checks), and both the size (`serve.max_image_bytes`) and the time (`serve.image_fetch_timeout_s`) are bounded.
+checks), and both the size (`serve.max_image_bytes`, videos `serve.max_video_bytes`) and the time
+(`serve.image_fetch_timeout_s`) are bounded. Videos follow the same host rules as images.
 """
 from __future__ import annotations
 
@@ -23,18 +24,23 @@ CHUNK_BYTES = 64 * 1024
 
 
 def fetch_image_bytes(url: str, settings: ServeSettings, param: str) -> bytes:
+    return fetch_media_bytes(url, settings, param, "image", settings.max_image_bytes)
+
+
+def fetch_media_bytes(url: str, settings: ServeSettings, param: str, medium: str, max_bytes: int) -> bytes:
+    """The bytes at `url`, an image's or a video's (`medium`), at most `max_bytes` of them."""
     target = urllib.parse.urlsplit(url)
     host, port = host_and_port(target, param)
     allowed = {h.lower().rstrip(".") for h in settings.image_url_hosts}
     if host not in allowed:
-        hint = "this server fetches no image URLs" if not allowed else f"allowed hosts: {', '.join(sorted(allowed))}"
-        raise bad_request(f"image URL host {host!r} is not allowed ({hint}); send the image inline as a "
-                          "data:image/...;base64,... URL", param, "image_host_not_allowed")
+        hint = f"allowed hosts: {', '.join(sorted(allowed))}" if allowed else f"this server fetches no {medium} URLs"
+        raise bad_request(f"{medium} URL host {host!r} is not allowed ({hint}); send the {medium} inline as a "
+                          f"data:{medium}/...;base64,... URL", param, f"{medium}_host_not_allowed")
     address = checked_address(host, port, settings.allow_private_image_hosts, param)
     path = target.path or "/"
     if target.query:
         path += "?" + target.query
-    return download(target.scheme.lower(), host, port, address, path, settings, param)
+    return download(target.scheme.lower(), host, port, address, path, settings, param, medium, max_bytes)
 
 
 def host_and_port(target: urllib.parse.SplitResult, param: str) -> tuple[str, int]:
@@ -101,36 +107,38 @@ class PinnedHTTPSConnection(http.client.HTTPSConnection):
 
 
 def download(scheme: str, host: str, port: int, address: str, path: str, settings: ServeSettings,
-             param: str) -> bytes:
+             param: str, medium: str = "image", max_bytes: int | None = None) -> bytes:
+    max_bytes = settings.max_image_bytes if max_bytes is None else max_bytes
     connection_class = PinnedHTTPSConnection if scheme == "https" else PinnedHTTPConnection
     deadline = time.monotonic() + settings.image_fetch_timeout_s
     connection = connection_class(host, port, address, settings.image_fetch_timeout_s)
     try:
-        connection.request("GET", path, headers={"User-Agent": "llava-ray", "Accept": "image/*"})
+        connection.request("GET", path, headers={"User-Agent": "llava-ray", "Accept": f"{medium}/*"})
         response = connection.getresponse()
-        check_response(response, settings.max_image_bytes, param)
-        return read_limited(response, connection, settings.max_image_bytes, deadline, param)
+        check_response(response, max_bytes, param, medium)
+        return read_limited(response, connection, max_bytes, deadline, param, medium)
     except (socket.timeout, TimeoutError):
-        raise fetch_failed(f"no answer within {settings.image_fetch_timeout_s:g}s", param) from None
+        raise fetch_failed(f"no answer within {settings.image_fetch_timeout_s:g}s", param, medium) from None
     except (OSError, http.client.HTTPException) as error:
-        raise fetch_failed(f"{type(error).__name__}: {error}", param) from None
+        raise fetch_failed(f"{type(error).__name__}: {error}", param, medium) from None
     finally:
         connection.close()
 
 
-def check_response(response: http.client.HTTPResponse, max_bytes: int, param: str) -> None:
+def check_response(response: http.client.HTTPResponse, max_bytes: int, param: str, medium: str = "image") -> None:
     if 300 <= response.status < 400:
-        raise fetch_failed(f"HTTP {response.status} redirect; redirects are not followed, use the final URL", param)
+        raise fetch_failed(f"HTTP {response.status} redirect; redirects are not followed, use the final URL", param,
+                           medium)
     if response.status != 200:
-        raise fetch_failed(f"HTTP {response.status}", param)
+        raise fetch_failed(f"HTTP {response.status}", param, medium)
     declared = response.getheader("Content-Length", "")
     if declared.isdigit() and int(declared) > max_bytes:
-        raise bad_request(f"the image is {declared} bytes, over the limit of {max_bytes} bytes", param,
-                          "image_too_large")
+        raise bad_request(f"the {medium} is {declared} bytes, over the limit of {max_bytes} bytes", param,
+                          f"{medium}_too_large")
 
 
 def read_limited(response: http.client.HTTPResponse, connection: http.client.HTTPConnection, max_bytes: int,
-                 deadline: float, param: str) -> bytes:
+                 deadline: float, param: str, medium: str = "image") -> bytes:
     chunks, size = [], 0
     while True:
         remaining = deadline - time.monotonic()
@@ -144,9 +152,10 @@ def read_limited(response: http.client.HTTPResponse, connection: http.client.HTT
             return b"".join(chunks)
         size += len(chunk)
         if size > max_bytes:
-            raise bad_request(f"the image is larger than the limit of {max_bytes} bytes", param, "image_too_large")
+            raise bad_request(f"the {medium} is larger than the limit of {max_bytes} bytes", param,
+                              f"{medium}_too_large")
         chunks.append(chunk)
 
 
-def fetch_failed(reason: str, param: str):
-    return bad_request(f"the image URL could not be fetched: {reason}", param, "image_fetch_failed")
+def fetch_failed(reason: str, param: str, medium: str = "image"):
+    return bad_request(f"the {medium} URL could not be fetched: {reason}", param, f"{medium}_fetch_failed")

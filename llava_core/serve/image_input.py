@@ -35,16 +35,17 @@ def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image
     return checked_image(data, limits, param)
 
 
-def data_url_bytes(url: str, max_bytes: int, param: str) -> bytes:
+def data_url_bytes(url: str, max_bytes: int, param: str, medium: str = "image") -> bytes:
+    """The bytes of a `data:<medium>/...;base64,` URL (`medium` "image" or "video"), at most `max_bytes`."""
     # Whitespace is common in pasted base64 (line-wrapped `base64` output) and means nothing.
-    encoded = "".join(base64_payload(url, param).split())
+    encoded = "".join(base64_payload(url, param, medium).split())
     # Refuse oversized payloads from their length (4 characters per 3 bytes), before spending memory on decoding.
     if len(encoded) * 3 // 4 > max_bytes + 2:
-        raise bad_request(f"the image is larger than the limit of {max_bytes} bytes", param, "image_too_large")
-    data = decode_base64(encoded, param)
+        raise bad_request(f"the {medium} is larger than the limit of {max_bytes} bytes", param, f"{medium}_too_large")
+    data = decode_base64(encoded, param, medium)
     if len(data) > max_bytes:
-        raise bad_request(f"the image is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
-                          "image_too_large")
+        raise bad_request(f"the {medium} is {len(data)} bytes, over the limit of {max_bytes} bytes", param,
+                          f"{medium}_too_large")
     return data
 
 
@@ -65,19 +66,21 @@ def image_error(error: RowError, param: str):
     return bad_request(message, param, code)
 
 
-def base64_payload(url: str, param: str) -> str:
+def base64_payload(url: str, param: str, medium: str = "image") -> str:
     match = DATA_URL.fullmatch(url.strip())
     if not match:
-        raise bad_request("image_url.url must be a data:image/...;base64,... URL (or an http(s) URL of an allowed "
-                          "host)", param, "invalid_image_url")
+        raise bad_request(f"{medium}_url.url must be a data:{medium}/...;base64,... URL (or an http(s) URL of an "
+                          "allowed host)", param, f"invalid_{medium}_url")
     mime = match.group("mime")
-    if mime is not None and not mime.startswith("image/"):
-        raise bad_request(f"the data URL's media type is {mime}, not an image type", param, "invalid_image_url")
+    if mime is not None and not mime.startswith(f"{medium}/"):
+        article = "an" if medium == "image" else "a"
+        raise bad_request(f"the data URL's media type is {mime}, not {article} {medium} type", param,
+                          f"invalid_{medium}_url")
     return match.group("data")
 
 
-def decode_base64(encoded: str, param: str) -> bytes:
+def decode_base64(encoded: str, param: str, medium: str = "image") -> bytes:
     try:
         return base64.b64decode(encoded, validate=True)
     except (binascii.Error, ValueError) as error:
-        raise bad_request(f"image_url.url is not valid base64: {error}", param, "invalid_base64") from None
+        raise bad_request(f"{medium}_url.url is not valid base64: {error}", param, "invalid_base64") from None

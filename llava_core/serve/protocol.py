@@ -9,7 +9,7 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 import numpy as np
@@ -17,11 +17,12 @@ from PIL import Image
 
 from llava_core.config import ServeSettings
 from llava_core.model.build import IMAGE_TOKEN
+from llava_core.model.families import VIDEO_TOKEN
 from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.engine import Completion, GenerationRequest, SamplingSettings
 from llava_core.serve.errors import bad_request, model_not_found
 from llava_core.serve.image_input import image_from_url
-
+from llava_core.serve.video_input import video_from_url
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
@@ -39,6 +40,19 @@ class ChatRequest:
     requested_max_tokens: Optional[int]  # None when the client left it to the server
     stream: bool = False
     include_usage: bool = False  # streaming only: end with a chunk that carries `usage`
+    videos: list = field(default_factory=list)  # each `serve.video_frames` sampled RGB frames; {"type": "video"} parts
+
+
+@dataclass
+class Media:
+    """What a request's content parts decode into, in order, and which placeholders the model reads."""
+    takes_videos: bool
+    images: list = field(default_factory=list)
+    videos: list = field(default_factory=list)
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        return (IMAGE_TOKEN, VIDEO_TOKEN) if self.takes_videos else (IMAGE_TOKEN,)
 
 
 def parse_json_body(data: bytes) -> Any:
@@ -103,7 +117,8 @@ def check_encodable(text: str) -> None:
                           "send text as valid Unicode") from None
 
 
-def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> ChatRequest:
+def parse_chat_request(body: Any, settings: ServeSettings, model_name: str, takes_videos: bool = False) -> ChatRequest:
+    """A checked request; `takes_videos`: the model's family reads `video_url` parts (LLaVA-OneVision)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
     check_model(body.get("model"), model_name)
@@ -116,12 +131,13 @@ def parse_chat_request(body: Any, settings: ServeSettings, model_name: str) -> C
     if not isinstance(raw_messages, list) or not raw_messages:
         raise bad_request("messages must be a non-empty array", "messages")
     check_image_count(raw_messages, settings.max_images)
+    check_video_count(raw_messages, settings.max_videos, takes_videos)
     check_prompt_chars(raw_messages, settings.max_prompt_chars)
-    images: list[Image.Image] = []  # filled in order by parse_message, as the chat template places them
-    messages = [parse_message(m, f"messages[{i}]", images, settings) for i, m in enumerate(raw_messages)]
+    media = Media(takes_videos)  # filled in order by parse_message, as the chat template places them
+    messages = [parse_message(m, f"messages[{i}]", media, settings) for i, m in enumerate(raw_messages)]
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
-    return ChatRequest(messages, images, sampling, max_tokens, stream, include_usage)
+    return ChatRequest(messages, media.images, sampling, max_tokens, stream, include_usage, media.videos)
 
 
 def check_model(name: Any, model_name: str) -> None:
@@ -169,16 +185,32 @@ def check_unsupported(body: dict) -> None:
         raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
 
 
-def check_image_count(raw_messages: list, max_images: int) -> None:
-    """Count image parts before decoding any, so a request with 1000 images costs nothing."""
-    count = sum(
+def count_parts(raw_messages: list, kind: str) -> int:
+    return sum(
         1
         for message in raw_messages if isinstance(message, dict) and isinstance(message.get("content"), list)
-        for part in message["content"] if isinstance(part, dict) and part.get("type") == "image_url"
+        for part in message["content"] if isinstance(part, dict) and part.get("type") == kind
     )
+
+
+def check_image_count(raw_messages: list, max_images: int) -> None:
+    """Count image parts before decoding any, so a request with 1000 images costs nothing."""
+    count = count_parts(raw_messages, "image_url")
     if count > max_images:
         raise bad_request(f"too many images: {count}, the limit is {max_images} per request", "messages",
                           "too_many_images")
+
+
+def check_video_count(raw_messages: list, max_videos: int, takes_videos: bool) -> None:
+    """Count video parts before decoding any (a video costs ~0.1-1 s of CPU), and refuse them outright where the
+    model's family has no video input."""
+    count = count_parts(raw_messages, "video_url")
+    if count and not takes_videos:
+        raise bad_request("this model takes no video (video_url parts are read by llava_onevision models only)",
+                          "messages", "video_not_supported")
+    if count > max_videos:
+        raise bad_request(f"too many videos: {count}, the limit is {max_videos} per request", "messages",
+                          "too_many_videos")
 
 
 def check_prompt_chars(raw_messages: list, max_chars: int) -> None:
@@ -199,7 +231,7 @@ def message_texts(raw_messages: list):
                 yield part["text"]
 
 
-def parse_message(message: Any, where: str, images: list, settings: ServeSettings) -> dict:
+def parse_message(message: Any, where: str, media: Media, settings: ServeSettings) -> dict:
     if not isinstance(message, dict):
         raise bad_request(f"{where} must be an object", where)
     role = message.get("role")
@@ -210,15 +242,15 @@ def parse_message(message: Any, where: str, images: list, settings: ServeSetting
     if content is None and role == "assistant":
         content = ""  # assistant turns that only called tools have no content; there is nothing to show the model
     if isinstance(content, str):
-        check_text(content, f"{where}.content")
+        check_text(content, f"{where}.content", media.placeholders)
         return {"role": role, "content": content}
     if not isinstance(content, list):
         raise bad_request(f"{where}.content must be a string or an array of content parts", f"{where}.content")
-    parts = [parse_part(part, f"{where}.content[{i}]", role, images, settings) for i, part in enumerate(content)]
+    parts = [parse_part(part, f"{where}.content[{i}]", role, media, settings) for i, part in enumerate(content)]
     return {"role": role, "content": parts}
 
 
-def parse_part(part: Any, where: str, role: str, images: list, settings: ServeSettings) -> dict:
+def parse_part(part: Any, where: str, role: str, media: Media, settings: ServeSettings) -> dict:
     if not isinstance(part, dict):
         raise bad_request(f"{where} must be an object", where)
     kind = part.get("type")
@@ -226,29 +258,37 @@ def parse_part(part: Any, where: str, role: str, images: list, settings: ServeSe
         text = part.get("text")
         if not isinstance(text, str):
             raise bad_request(f"{where}.text must be a string", f"{where}.text")
-        check_text(text, f"{where}.text")
+        check_text(text, f"{where}.text", media.placeholders)
         return {"type": "text", "text": text}
     if kind == "image_url":
         if role != "user":
             raise bad_request(f"{where}: images are only accepted in user messages", where)
-        images.append(image_from_url(image_url_of(part, where), settings, f"{where}.image_url"))
+        media.images.append(image_from_url(image_url_of(part, where), settings, f"{where}.image_url"))
         return {"type": "image"}
-    raise bad_request(f"{where}.type: unknown content part type {kind!r}; expected 'text' or 'image_url'",
-                      f"{where}.type")
+    if kind == "video_url":  # check_video_count refused them already where the model has no video input
+        if role != "user":
+            raise bad_request(f"{where}: videos are only accepted in user messages", where)
+        media.videos.append(video_from_url(image_url_of(part, where, "video_url"), settings, f"{where}.video_url"))
+        return {"type": "video"}
+    expected = "'text', 'image_url' or 'video_url'" if media.takes_videos else "'text' or 'image_url'"
+    raise bad_request(f"{where}.type: unknown content part type {kind!r}; expected {expected}", f"{where}.type")
 
 
-def image_url_of(part: dict, where: str) -> str:
-    image_url = part.get("image_url")
+def image_url_of(part: dict, where: str, key: str = "image_url") -> str:
+    """The url of an `image_url` (or `video_url`) part: `{"type": key, key: {"url": ...}}`."""
+    image_url = part.get(key)
     url = image_url.get("url") if isinstance(image_url, dict) else None
     if not isinstance(url, str):
-        raise bad_request(f"{where}.image_url must be an object with a string url", f"{where}.image_url")
+        raise bad_request(f"{where}.{key} must be an object with a string url", f"{where}.{key}")
     return url
 
 
-def check_text(text: str, where: str) -> None:
-    # A typed "<image>" would become an image placeholder with no image behind it.
-    if IMAGE_TOKEN in text:
-        raise bad_request(f"{where} contains {IMAGE_TOKEN}; send images as image_url parts instead", where)
+def check_text(text: str, where: str, placeholders: tuple[str, ...] = (IMAGE_TOKEN,)) -> None:
+    # A typed "<image>" (or, where the model reads videos, "<video>") would become a placeholder with nothing behind.
+    for token in placeholders:
+        if token in text:
+            medium = "videos as video_url" if token == VIDEO_TOKEN else "images as image_url"
+            raise bad_request(f"{where} contains {token}; send {medium} parts instead", where)
 
 
 def parse_sampling(body: dict) -> SamplingSettings:
@@ -279,10 +319,12 @@ def requested_max_tokens(body: dict, settings: ServeSettings) -> Optional[int]:
 
 def check_image_tokens(image_tokens: int, limit: int) -> None:
     """A request's images cost what their tokens cost: an AnyRes image is up to ~8,800 of them (OneVision at 6x6
-    tiles), so the limit counts tokens, from the images' sizes, before any tile is cut."""
+    tiles), a OneVision video of 32 frames 6,273, so the limit counts tokens, from the sizes, before any tile is
+    cut."""
     if image_tokens > limit:
-        raise bad_request(f"the images are {image_tokens} tokens, over this server's limit of {limit} image tokens "
-                          f"per request; send fewer or smaller images", "messages", "too_many_image_tokens")
+        raise bad_request(f"the images and videos are {image_tokens} tokens, over this server's limit of {limit} "
+                          f"image tokens per request; send fewer or smaller images", "messages",
+                          "too_many_image_tokens")
 
 
 def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int,
@@ -291,14 +333,15 @@ def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int
     server's own default."""
     room = context_length - prompt_tokens
     if room <= 0:
-        raise bad_request(f"the prompt is {prompt_tokens} tokens (images included), which does not fit the model's "
-                          f"context of {context_length} tokens", "messages", "context_length_exceeded")
+        raise bad_request(f"the prompt is {prompt_tokens} tokens (images and videos included), which does not fit the "
+                          f"model's context of {context_length} tokens", "messages", "context_length_exceeded")
     wanted = request.requested_max_tokens
     if wanted is not None and wanted > room:
         raise bad_request(f"the prompt is {prompt_tokens} tokens and max_tokens is {wanted}; together they exceed the "
                           f"model's context of {context_length} tokens", "max_tokens", "context_length_exceeded")
     max_tokens = wanted if wanted is not None else min(default_max_tokens, room)
-    return GenerationRequest(request.messages, request.images, replace(request.sampling, max_tokens=max_tokens))
+    return GenerationRequest(request.messages, request.images, replace(request.sampling, max_tokens=max_tokens),
+                             videos=request.videos)
 
 
 def stop_strings(body: dict) -> tuple[str, ...]:

@@ -165,8 +165,9 @@ def padding_fraction(plan: list[list[np.ndarray]], lengths: np.ndarray) -> float
 
 
 def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, pixels) -> dict:
-    """Right-padded input_ids/labels/attention_mask and the rows' images in order (`pixel_values` None when there
-    are none), as `pixels` (`data.image_layouts.CropPixels` / `TilePixels`) makes them."""
+    """Right-padded input_ids/labels/attention_mask and the rows' images (and videos) in order (`pixel_values` None
+    when there are no images), as `pixels` (`data.image_layouts.CropPixels` / `TilePixels`) makes them from its
+    `columns`."""
     picked = table.take(pa.array(rows))
     ids, offsets = _flat_lists(picked.column("input_ids"))
     labels, label_offsets = _flat_lists(picked.column("labels"))
@@ -179,7 +180,7 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, pixels) -> dic
         batch_ids[i, :n] = ids[offsets[i]:offsets[i + 1]]
         batch_labels[i, :n] = labels[label_offsets[i]:label_offsets[i + 1]]
         attention[i, :n] = 1
-    images = pixels(picked.column(pixels.column).to_pylist())
+    images = pixels(*(picked.column(name).to_pylist() for name in pixels.columns))
     return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, **images}
 
 

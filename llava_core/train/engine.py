@@ -183,9 +183,10 @@ def with_blank_image_row(batch: dict, image_token_id: int, blank: tuple[dict, in
 
 
 def model_inputs(batch: dict, image_token_id: int, pixels, pad_id: int, flatten: bool) -> dict:
-    """A collated micro-batch as the model takes it: a blank image row when it has no image (`pixels.blank()`),
-    packed rows as one row for flash attention's variable-length kernel."""
-    if batch["pixel_values"] is None:
+    """A collated micro-batch as the model takes it: a blank image row when it has no image and no video
+    (`pixels.blank()`; a video runs the same tower, projector and image_newline), packed rows as one row for flash
+    attention's variable-length kernel."""
+    if batch["pixel_values"] is None and batch.get("pixel_values_videos") is None:
         batch = with_blank_image_row(batch, image_token_id, pixels.blank(), pad_id)
     return flatten_packed(batch) if flatten else batch
 

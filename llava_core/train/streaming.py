@@ -29,7 +29,7 @@ from llava_core import storage
 from llava_core.data.plan_index import PlanIndexError, read_plan_index, scan_shards, shard_rows
 from llava_core.train.batching import collate_micro_batch
 
-BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads, with crops (tiles: `images`)
+BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads, with crops (else: `pixels.columns`)
 CACHE_BYTES = 64 * 2**20  # recently read row groups: rows of one group that meet in nearby micro-batches
 OPEN_SHARDS = 16  # decoded footers kept for the next read (~3 MB each for 2000 rows)
 # Row groups of one micro-batch read at once: on S3 a read is a request round trip (~30-80 ms), so the 16 random
@@ -204,7 +204,7 @@ class BatchPrefetcher:
             raise ValueError(f"prefetch depth must be at least 1, not {depth}")
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        self.reader = RowReader(rows, ["input_ids", "labels", pixels.column], cache_bytes=cache_bytes)
+        self.reader = RowReader(rows, ["input_ids", "labels", *pixels.columns], cache_bytes=cache_bytes)
         args = (self.reader, micro_batches, packing, pad_token_id, pixels, self.ready, self.stop)
         self.thread = threading.Thread(target=_produce, args=args, name="batch-prefetcher", daemon=True)
         self.thread.start()
