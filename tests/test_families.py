@@ -2,6 +2,7 @@
 model and processor that run together (tiny stand-ins at small tiles; the token-count test runs real tile sizes)."""
 import os
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -123,9 +124,13 @@ def test_llava_onevision_assembles_with_siglip_cut_qwen2_and_media_tokens(hub):
     assert (multi.input_ids == image_id).sum() == 2 * (16 + 1)
     with torch.no_grad():
         model(**multi)
-    if not is_torchvision_available():  # videos are refused with the reason, never silently dropped
-        with pytest.raises(ValueError, match="torchvision"):
-            processor(videos=[torch.zeros(2, 3, 32, 32)], text="<video>")
+    # A video: frames squashed to the tower's size (the frame processor stands in for torchvision's), 2 x 2 pooled
+    # features a frame of the 4 x 4 view plus one newline.
+    if not is_torchvision_available():
+        clip = np.zeros((2, 40, 56, 3), dtype=np.uint8)
+        video = processor(videos=[clip], text="<video>", return_tensors="pt")
+        assert tuple(video.pixel_values_videos.shape) == (1, 2, 3, 32, 32)
+        assert int((video.input_ids == video_id).sum()) == 2 * 4 + 1
 
 
 def test_llava_assembles_as_before(hub):

@@ -139,11 +139,11 @@ def test_vllm_config_mirrors_a_model_in_s3():
 
 
 def test_vllm_config_of_each_family_names_the_media_it_takes(tmp_path):
-    """The family comes from the export's config.json; OneVision's vLLM config budgets no video until the endpoint
-    takes video, and every family gets the image limit the workflow sets."""
+    """The family comes from the export's config.json; OneVision's vLLM config takes the endpoint's videos, and every
+    family gets the image limit the workflow sets."""
     from llava_core.serve.deploy_config import serve_config
 
-    settings = serve_settings_from_dict({"engine": "vllm", "max_images": 3})
+    settings = serve_settings_from_dict({"engine": "vllm", "max_images": 3, "max_videos": 2})
     limits = {}
     for family in ("llava", "llava_next", "llava_onevision"):
         export = tmp_path / family
@@ -151,7 +151,7 @@ def test_vllm_config_of_each_family_names_the_media_it_takes(tmp_path):
         (export / "config.json").write_text(json.dumps({"model_type": family}))
         app = serve_config(str(export), settings, "m")["applications"][0]
         limits[family] = app["args"]["llm_configs"][0]["engine_kwargs"]["limit_mm_per_prompt"]
-    assert limits == {"llava": {"image": 3}, "llava_next": {"image": 3}, "llava_onevision": {"image": 3, "video": 0}}
+    assert limits == {"llava": {"image": 3}, "llava_next": {"image": 3}, "llava_onevision": {"image": 3, "video": 2}}
 
 
 def test_serve_refuses_a_folder_without_a_model(tmp_path, capsys):

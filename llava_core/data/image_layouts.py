@@ -212,11 +212,11 @@ class TilePixels:
         return {"pixel_values_videos": torch.from_numpy(np.stack(clips))}
 
     def _pixels(self, per_sample: list[list]) -> dict:
-        """OneVision's processor is given the images per sample: it pads an image of a several-image sample to a
-        square base view instead of tiling it, and says so in `batch_num_images`."""
+        """The images as inference gives them to the processor (`processor_images`): OneVision's per sample, so an
+        image of a several-image sample becomes a square base view, said in `batch_num_images`."""
+        out = self.processor.image_processor(images=processor_images(self.family.name, per_sample, None),
+                                             return_tensors="pt")
         several = self.family.base_view_for_several_images
-        batch = per_sample if several else [image for sample in per_sample for image in sample]
-        out = self.processor.image_processor(images=batch, return_tensors="pt")
         keys = ("pixel_values", "image_sizes", "batch_num_images") if several else ("pixel_values", "image_sizes")
         return {key: out[key] for key in keys}
 

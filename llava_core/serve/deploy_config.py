@@ -107,11 +107,11 @@ def vllm_application(model_dir: str, settings: ServeSettings, model_name: str, f
 
 def media_limits(settings: ServeSettings, family: str) -> dict:
     """vLLM's `limit_mm_per_prompt`: what a prompt may carry, which is also what vLLM reserves memory for when it
-    profiles the largest multimodal prompt at start-up. OneVision models take video too; until this endpoint's
-    limits name videos it allows none, so vLLM does not budget a 32-frame video per sequence."""
+    profiles the largest multimodal prompt at start-up. OneVision models take video too (`serve.max_videos`); the
+    other families none."""
     limits = {"image": settings.max_images}
     if family == "llava_onevision":
-        limits["video"] = 0
+        limits["video"] = settings.max_videos
     return limits
 
 
