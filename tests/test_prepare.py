@@ -146,13 +146,15 @@ def test_padding_uses_the_mean_colour(tiny_dataset):
     wide = Image.new("RGB", (64, 32), (255, 255, 255))  # padded top and bottom to 64x64
     buffer = io.BytesIO()
     wide.save(buffer, format="PNG")
-    crop = np.frombuffer(preparer._pixels([buffer.getvalue()]), dtype=np.uint8).reshape(3, 64, 64)
-    scale, offset = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (preparer.scale, preparer.offset))
+    images = preparer.images  # the crop format (llava_core/data/image_layouts.py)
+    record = images.prepare([buffer.getvalue()]).columns["pixel_values"]
+    crop = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(3, 64, 64)
+    scale, offset = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (record["scale"], record["offset"]))
     pixels = crop * scale + offset
-    processor = preparer.image_processor
+    processor = images.image_processor
     # Lossless: the stored uint8 crop + affine is exactly what the processor's float path gives for the padded image.
     from llava_core.data.images import pad_to_square
-    reference = processor(images=[pad_to_square(wide, preparer.pad_fill)], return_tensors="np")["pixel_values"][0]
+    reference = processor(images=[pad_to_square(wide, images.pad_fill)], return_tensors="np")["pixel_values"][0]
     np.testing.assert_allclose(pixels, reference, atol=1e-5)
     fill = np.array([round(c * 255) / 255 for c in processor.image_mean])
     expected_pad = (fill - np.array(processor.image_mean)) / np.array(processor.image_std)
