@@ -53,16 +53,18 @@ def checked_image(data: bytes, limits: ImageLimits, param: str) -> Image.Image:
     try:
         return decode_image(data, limits)
     except RowError as error:
-        raise image_error(error, param) from None
+        raise media_error(error, param) from None
     except Exception as error:  # noqa: BLE001 - PIL's decoders fail on crafted files in many ways; all are the client's
-        raise image_error(RowError("image_corrupt", f"{type(error).__name__}: {error}"), param) from None
+        raise media_error(RowError("image_corrupt", f"{type(error).__name__}: {error}"), param) from None
 
 
-def image_error(error: RowError, param: str):
-    message = f"invalid image: {MESSAGES_FOR_REASON.get(error.reason, error.reason)}"
+def media_error(error: RowError, param: str, medium: str = "image", messages: dict = MESSAGES_FOR_REASON):
+    """The 400 for an image (or video) that failed its checks: the reason in words, its detail, and the code
+    `<medium>_too_large` or `invalid_<medium>`."""
+    message = f"invalid {medium}: {messages.get(error.reason, error.reason)}"
     if error.detail:
-        message += f" ({error.detail})"
-    code = "image_too_large" if error.reason == "image_too_large" else "invalid_image"
+        message += f" ({error.detail[:300]})"
+    code = f"{medium}_too_large" if error.reason == f"{medium}_too_large" else f"invalid_{medium}"
     return bad_request(message, param, code)
 
 

@@ -11,9 +11,8 @@ from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
 from llava_core.data.images import ImageLimits
 from llava_core.data.video import VideoSampling, decode_video
-from llava_core.serve.errors import bad_request
 from llava_core.serve.image_fetch import fetch_media_bytes
-from llava_core.serve.image_input import data_url_bytes
+from llava_core.serve.image_input import data_url_bytes, media_error
 
 MESSAGES_FOR_REASON = {
     "video_unreadable": "the data is not a video the server can decode",
@@ -37,14 +36,7 @@ def checked_video(data: bytes, sampling: VideoSampling, limits: ImageLimits, par
     try:
         return decode_video(data, sampling, limits)
     except RowError as error:
-        raise video_error(error, param) from None
+        raise media_error(error, param, "video", MESSAGES_FOR_REASON) from None
     except Exception as error:  # noqa: BLE001 - ffmpeg's demuxers fail on crafted files in many ways
-        raise video_error(RowError("video_unreadable", f"{type(error).__name__}: {error}"), param) from None
-
-
-def video_error(error: RowError, param: str):
-    message = f"invalid video: {MESSAGES_FOR_REASON.get(error.reason, error.reason)}"
-    if error.detail:
-        message += f" ({error.detail[:300]})"
-    code = "video_too_large" if error.reason == "video_too_large" else "invalid_video"
-    return bad_request(message, param, code)
+        raise media_error(RowError("video_unreadable", f"{type(error).__name__}: {error}"), param, "video",
+                          MESSAGES_FOR_REASON) from None
