@@ -113,8 +113,7 @@ class RowPreparer:
                 error = RowError("unexpected_error", f"{type(error).__name__}: {error}")
             return {"id": row_id, "reason": error.reason, "detail": error.detail[:500], "input_ids": [],
                     "labels": [], **self.images.columns(), **NO_VIDEO, "image_tokens": [], "num_images": 0,
-                    "length": 0,
-                    "num_supervised": 0, "modality": ""}
+                    "length": 0, "num_supervised": 0, "modality": ""}
 
     def _example(self, row: dict, image_folder: str, inline: list) -> dict:
         s = self.settings
