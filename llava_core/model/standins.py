@@ -40,7 +40,7 @@ from llava_core.model.chat_template import VICUNA_SYSTEM
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 TRANSFORMERS_VERSION_OF_THE_REPOS = "4.31.0"  # what the Vicuna v1.5 repos' configs record
-VERSION = 2  # of what these functions write: part of the quickstart's settings hash, so old copies are replaced
+VERSION = 3  # of what these functions write: part of the quickstart's settings hash, so old copies are replaced
 
 
 @dataclass
@@ -53,7 +53,7 @@ class TinyModelConfig:
     llm_layers: int = 2
     llm_heads: int = 4
     vocab_size: int = 600
-    max_positions: int = 1024
+    max_positions: int = 4096  # the LLM's context, as vicuna-7b-v1.5's config has it (rotary: no weights to size)
     position_embedding_std: float = 0.3
     tower_pretraining_steps: int = 0  # only with a batch source given to save_tiny_models
     seed: int = 0
