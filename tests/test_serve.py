@@ -24,7 +24,7 @@ MODEL = "tiny-llava"
 API_KEY = "test-key"
 MAX_TOKENS = 6
 LIMITS = dict(max_tokens_limit=32, max_images=2, max_image_bytes=30_000, max_image_pixels=300 * 300,
-              max_body_bytes=200_000, max_prompt_chars=20_000, body_read_timeout_s=2.0)
+              max_body_bytes=200_000, max_prompt_chars=60_000, body_read_timeout_s=2.0)
 # Small capacity, so that a burst of requests overflows it: 8 in the replica, 8 waiting, the rest get 429. (Serve counts
 # requests that arrive together as queued until each is assigned, so the queue must hold a batch's worth.)
 CAPACITY = dict(max_ongoing_requests=8, max_queued_requests=8)
@@ -285,7 +285,7 @@ def image_url_part(url: str) -> dict:
 GOOD_PNG = png_bytes(wide_image())
 BOMB = bomb_png()
 
-LONG_TEXT = "red square " * 1500  # about 3000 tokens, the tiny model's context is 1024
+LONG_TEXT = "red square " * 3000  # about 6000 tokens, the tiny model's context is Vicuna's 4096
 ASSISTANT_IMAGE = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": [image_part(GOOD_PNG)]},
                    {"role": "user", "content": "And?"}]
 
@@ -347,8 +347,8 @@ BAD_REQUESTS = {
     "a 1 x 10,000 image": (with_content(image_part(png_bytes(Image.new("RGB", (1, 10_000))))), 400,
                            "longer than the limit"),
     "a 2 x 300 image": (with_content(image_part(png_bytes(Image.new("RGB", (2, 300))))), 400, "aspect ratio 150.0"),
-    "prompt over the character limit": (good_body(messages=[{"role": "user", "content": "y" * 20_001}]), 400,
-                                        "20001 characters"),
+    "prompt over the character limit": (good_body(messages=[{"role": "user", "content": "y" * 60_001}]), 400,
+                                        "60001 characters"),
     "tools asked for": (good_body(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tool calling"),
     "invalid UTF-8 in the body": (b'{"model": "tiny-\xff"}', 400, "not valid JSON"),
 }

@@ -127,7 +127,7 @@ def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path)
     ({"lora": {"r": 8}, "trainable": ["projector"]}, "add 'llm'"),
     ({"lora": {"target_modules": ["lm_head"]}}, "target_modules"),
     ({"sampling": "by_length"}, "sampling"),
-    ({"init_projector": "mm_projector.bin"}, "only the instruct stage"),
+    ({"init_projector": "mm_projector.bin"}, "align trains the projector from scratch"),
 ])
 def test_bad_training_settings_are_rejected_before_anything_runs(settings, message):
     from llava_core.config import WorkflowError, _build, Workflow, validate
