@@ -366,7 +366,7 @@ def test_the_engine_answers_a_video_as_generate_does_on_the_same_inputs(exported
 
     # Plain transformers: the model as saved, the prompt and pixel_values_videos built directly from the frames.
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(exported).eval()
-    processor = families.load_processor(exported)
+    processor = families.load_processor(exported, "llava_onevision")
     prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True)
     inputs = processor(text=[prompt], videos=[np.stack(chat.videos[0])], return_tensors="pt")
     assert inputs["input_ids"].shape[1] == prompt_tokens

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import functools
+
 import numpy as np
 import torch
 
@@ -140,9 +142,9 @@ class VideoFrames:
 
 def shard_videos(images_side, family_name: str, sampling, limits: images.ImageLimits) -> VideoFrames | None:
     """The prepare side of the video format for a family whose model takes videos (OneVision), else None."""
-    from llava_core.model.families import family, takes_videos
+    from llava_core.model.families import family
 
-    return VideoFrames(images_side.processor, sampling, limits) if takes_videos(family(family_name)) else None
+    return VideoFrames(images_side.processor, sampling, limits) if family(family_name).takes_videos() else None
 
 
 def _height_width(image) -> tuple[int, int]:
@@ -190,10 +192,10 @@ class TilePixels:
     order, the order the model fills the `<video>` tokens in."""
 
     def __init__(self, processor, family_name: str):
-        from llava_core.model.families import family, takes_videos
+        from llava_core.model.families import family
 
         self.processor, self.family = processor, family(family_name)
-        self.columns = ("images", "video") if takes_videos(self.family) else ("images",)
+        self.columns = ("images", "video") if self.family.takes_videos() else ("images",)
 
     def __call__(self, rows: list, videos: list | None = None) -> dict:
         per_sample = [[images.decode_image(data) for data in row] for row in rows if row]
@@ -237,7 +239,10 @@ class TilePixels:
                  for i, size in enumerate(inputs["image_sizes"])]
         return frames + sum(views)
 
+    @functools.cache
     def blank(self) -> tuple[dict, int]:
+        """Made once: every text-only micro-batch of the run gets the same blank image (the model never writes into
+        its inputs)."""
         from llava_core.model.families import image_token_counts
 
         tile = tile_side(self.processor.image_processor)

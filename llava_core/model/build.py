@@ -165,13 +165,16 @@ def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementatio
     """A LLaVA checkpoint of any family in HF format (this project's stage outputs and exports, or llava-hf/*
     models) as its family's transformers class, local or a storage URI; partitioned as it loads under an active
     ZeRO-3 config."""
+    from transformers import AutoConfig
+
     from llava_core.model.families import load_processor, model_class_of
 
     path = storage.local_copy(path)
+    model_type = AutoConfig.from_pretrained(path).model_type
     placement = {"device_map": {"": device}} if device is not None else {}
-    model = model_class_of(path).from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
-                                                 **placement)
-    return model, load_processor(path)
+    model = model_class_of(path, model_type).from_pretrained(path, dtype=dtype,
+                                                             attn_implementation=attn_implementation, **placement)
+    return model, load_processor(path, model_type)
 
 
 OFFICIAL_PROJECTOR_KEYS = {"linear_1.": "model.mm_projector.0.", "linear_2.": "model.mm_projector.2."}

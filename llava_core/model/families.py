@@ -101,6 +101,9 @@ class Family:
         """AnyRes families: the model needs each image's (height, width) to find its tiles."""
         return bool(self.grids)
 
+    def takes_videos(self) -> bool:
+        return VIDEO_TOKEN in self.media_tokens
+
 
 FAMILIES = {
     "llava": Family(
@@ -118,7 +121,8 @@ FAMILIES = {
         "llava_onevision", LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionProcessor,
         LlavaOnevisionImageProcessor, "anyres_max_9", ONEVISION_GRIDS, vision_feature_layer=-1,
         vision_feature_select_strategy="full", drops_last_tower_layer=True, media_tokens=(IMAGE_TOKEN, VIDEO_TOKEN),
-        base_view_for_several_images=True, template="chat_template", vision_tower="google/siglip-so400m-patch14-384", llm="Qwen/Qwen2-7B-Instruct"),
+        base_view_for_several_images=True, template="chat_template", vision_tower="google/siglip-so400m-patch14-384",
+        llm="Qwen/Qwen2-7B-Instruct"),
 }
 
 
@@ -418,10 +422,6 @@ def video_token_count(processor, frames: int, height: int, width: int) -> int:
     return processor._get_num_multimodal_tokens(video_sizes=[(frames, height, width)])["num_video_tokens"][0]
 
 
-def takes_videos(fam: Family) -> bool:
-    return VIDEO_TOKEN in fam.media_tokens
-
-
 VIDEO_PROCESSOR_KEYS = ("do_convert_rgb", "do_normalize", "do_rescale", "do_resize", "image_mean", "image_std",
                         "resample", "rescale_factor", "size")
 
@@ -434,21 +434,18 @@ def onevision_video_processor_dict(image_processor) -> dict:
             "do_sample_frames": False, **{k: settings[k] for k in VIDEO_PROCESSOR_KEYS}}
 
 
-def load_processor(path: str):
+def load_processor(path: str, model_type: str):
     """A saved model's processor: `AutoProcessor`'s, except a OneVision processor without torchvision, which loads
-    as `ImageOnlyOnevisionProcessor` (images only) instead of degrading to a bare tokenizer."""
-    from transformers import AutoConfig, AutoProcessor
+    as `ImageOnlyOnevisionProcessor` (images and frames) instead of degrading to a bare tokenizer."""
+    from transformers import AutoProcessor
 
-    if AutoConfig.from_pretrained(path).model_type == "llava_onevision" and not is_torchvision_available():
+    if model_type == "llava_onevision" and not is_torchvision_available():
         return ImageOnlyOnevisionProcessor.from_pretrained(path)
     return AutoProcessor.from_pretrained(path)
 
 
-def model_class_of(path: str) -> type:
+def model_class_of(path: str, model_type: str) -> type:
     """The transformers class a saved LLaVA checkpoint of any family loads as, from its config's model_type."""
-    from transformers import AutoConfig
-
-    model_type = AutoConfig.from_pretrained(path).model_type
     if model_type not in FAMILIES:
         raise ValueError(f"{path} holds a {model_type!r} model, not one of the LLaVA families {list(FAMILIES)}")
     return FAMILIES[model_type].model_class

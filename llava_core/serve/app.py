@@ -245,8 +245,9 @@ class LlavaServer:
 
     def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatRequest, GenerationRequest]:
         chat = protocol.parse_chat_request(body, self.settings, self.model_name, engine.takes_videos)
-        protocol.check_image_tokens(engine.count_image_tokens(chat.images, chat.videos), self.settings.max_image_tokens)
-        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos)
+        media_tokens = engine.count_image_tokens(chat.images, chat.videos)
+        protocol.check_image_tokens(media_tokens, self.settings.max_image_tokens)
+        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos, media_tokens)
         return chat, protocol.fit_to_context(chat, prompt_tokens, engine.context_length,
                                              self.settings.default_max_tokens)
 

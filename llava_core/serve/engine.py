@@ -26,7 +26,7 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 from llava_core.data import images as image_ops
 from llava_core.data.image_layouts import processor_images
 from llava_core.model.build import IMAGE_TOKEN, load_llava
-from llava_core.model.families import family, frame_processor, image_token_counts, takes_videos, video_token_count
+from llava_core.model.families import family, frame_processor, image_token_counts, video_token_count
 from llava_core.serve.answer_stream import AnswerStream, StreamEvent
 from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
 
@@ -125,7 +125,7 @@ class GenerationEngine:
         self._counting_tokenizer = copy.deepcopy(self.tokenizer)
         self._counting_lock = threading.Lock()
         self.tokens_per_image = None if self.family.takes_image_sizes() else self._measure_tokens_per_image()
-        self.takes_videos = takes_videos(self.family)
+        self.takes_videos = self.family.takes_videos()
         self.frames = frame_processor(processor) if self.takes_videos else None
 
     def _eos_token_ids(self) -> set[int]:
@@ -158,13 +158,16 @@ class GenerationEngine:
         size = self.processor.image_processor.size  # every frame is squashed to it
         return video_token_count(self.processor, len(frames), size["height"], size["width"])
 
-    def count_prompt_tokens(self, messages: list[dict], images: list[Image.Image], videos: list | None = None) -> int:
-        """The prompt's length as the model sees it, image and video tokens included, without preprocessing any."""
+    def count_prompt_tokens(self, messages: list[dict], images: list[Image.Image], videos: list | None = None,
+                            media_tokens: int | None = None) -> int:
+        """The prompt's length as the model sees it, image and video tokens included, without preprocessing any;
+        `media_tokens`: `count_image_tokens` of the same images and videos, when the caller has it already."""
         prompt = self.render_prompt(messages)
         with self._counting_lock:
             text_tokens = len(self._counting_tokenizer(prompt)["input_ids"])
-        placeholders = len(images) + len(videos or [])
-        return text_tokens - placeholders + self.count_image_tokens(images, videos)
+        if media_tokens is None:
+            media_tokens = self.count_image_tokens(images, videos)
+        return text_tokens - len(images) - len(videos or []) + media_tokens
 
     def generate(self, requests: list[GenerationRequest]) -> list[Completion]:
         """One completion per request, in order."""
