@@ -18,7 +18,7 @@ from llava_core.data.synthetic import COLOURS
 from llava_core.model import families, standins
 
 PALETTE = np.array(list(COLOURS.values()), dtype=float)
-BASE, BUDGET = 32, 96  # the tower's size (the base view, `pad`), and about 3 x 3 tiles: OneVision's feature budget
+BASE, BUDGET = 32, 96  # the tower's size (the base view, `pad`), and 3 x 3 tiles: OneVision's feature budget
 
 
 def small(**sizes) -> dict:
@@ -120,9 +120,9 @@ def test_the_dot_is_unreadable_at_base_size_and_readable_at_the_tiles_resolution
              for side in (BASE, BUDGET)}
     print(f"readout {read}, dot tint {dot}, decoy tint {decoy}")
     assert read[BUDGET] >= 0.97  # measured 1.00
-    assert read[BASE] <= 0.40  # chance is 0.25; measured 0.28
-    assert dot[BASE] < 0.3 and abs(dot[BASE] - decoy[BASE]) < 0.05  # measured 0.21 vs 0.21: alike at base size
-    assert dot[BUDGET] > 0.9 and decoy[BUDGET] < 0.5  # measured 1.00 vs 0.38
+    assert read[BASE] <= 0.40  # chance is 0.25; measured 0.22
+    assert dot[BASE] < 0.3 and abs(dot[BASE] - decoy[BASE]) < 0.05  # measured 0.10 vs 0.09: alike at base size
+    assert dot[BUDGET] > 0.9 and decoy[BUDGET] < 0.5  # measured 0.97 vs 0.11
 
 
 # --- what the tower sees and learns ------------------------------------------------------------------------------
@@ -188,7 +188,7 @@ def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, cap
     assert Image.open(tmp_path / "images/eval_000000.png").size in ov.CANVASES
 
     model, processor = families.assemble("llava_onevision", w.model.vision_tower, w.model.llm)
-    assert processor._get_num_multimodal_tokens(image_sizes=[(192, 192)])["num_image_tokens"] == [172]
+    assert processor._get_num_multimodal_tokens(image_sizes=[(96, 96)])["num_image_tokens"] == [172]
     image = Image.open(tmp_path / "images/eval_000000.png")
     inputs = processor(images=[image], text=["<image>\nWhat colour is the small dot?"], return_tensors="pt")
     with torch.no_grad():

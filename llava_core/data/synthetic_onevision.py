@@ -1,14 +1,15 @@
 """The LLaVA-OneVision quickstart's synthetic dataset: high-resolution scenes whose small mark only tiles can read.
 
-Each image is a canvas of 192 x 192 (or 192 x 128 / 128 x 192) px: exactly a grid of 6 x 6 (or 4 x 6 / 6 x 4) tiles
-of the tiny tower's 32 px, so "Higher AnyRes" tiles it at full resolution. It holds the large shapes of
-`synthetic.py` (drawn with its helpers, scaled up; their colour, shape, count and position questions are answerable
-at the tower's base size too) plus one **small mark**: a 3 x 3 px opaque dot whose colour is asked ("highres"
-questions). Squashed to the base view (32 px) the dot is a faint tint of about 0.16-0.3 of its colour, and the
-scene also holds 2-4 **decoys**: larger, translucent spots of random palette colours that look just as faint
-there. So the base view cannot tell which faint spot is the dot; at the resolution OneVision's token budget keeps
-(about 3 x 3 tiles, 96 px) the dot is full-strength and the decoys stay faint. tests/test_synthetic_onevision.py
-measures both.
+Each image is a canvas of 96 x 96 (or 96 x 64 / 64 x 96) px: exactly a grid of 3 x 3 (or 2 x 3 / 3 x 2) tiles of
+the tiny tower's 32 px, OneVision's full feature budget (anyres_max_9), so "Higher AnyRes" reads every pixel and
+never shrinks the feature map. (A first design drew 192 px canvases: their 6 x 6 tiles were bilinearly shrunk to the
+3 x 3 budget, and the trained model read the dot at chance.) It holds the large shapes of `synthetic.py` (drawn with
+its helpers, scaled up; their colour, shape, count and position questions are answerable at the tower's base size
+too) plus one **small mark**: a 1 px opaque dot whose colour is asked ("highres" questions). Squashed to the base
+view (32 px) the dot is a faint tint of its colour, and the scene also holds 2-4 **decoys**: larger, translucent
+spots of random palette colours that look just as faint there. So the base view cannot tell which faint spot is
+the dot; in the tiles the dot is full-strength and the decoys stay faint. tests/test_synthetic_onevision.py measures
+both.
 
 Multi-image rows (`"image": [a, b]`, two `<image>` tags) ask which of two scenes shows a given shape; OneVision sees
 each image of a multi-image row at base size only, and the question needs no more. The eval split stays one image
@@ -31,16 +32,16 @@ from llava_core.data.synthetic import COLOURS, Shape
 
 TILE = 32  # the tiny SigLIP tower's image size: one view
 # (width, height): squares twice as often, and both orientations of 2:3, so three tile grids get used.
-CANVASES = ((192, 192), (192, 192), (192, 128), (128, 192))
-MARK_SIDE = 3  # px (odd: synthetic.paint's squares): 0.5 px in the base view, 1.5 px at the 3 x 3-tile budget
-DECOY_SIDES = (5, 7)  # odd sides, as synthetic.paint draws squares 2r + 1 wide
-DECOY_OPACITY = (0.25, 0.45)  # faint at every resolution; at base size as strong as the dot's smeared tint
+CANVASES = ((96, 96), (96, 96), (96, 64), (64, 96))
+MARK_SIDE = 1  # px (odd: synthetic.paint's squares): a third of a pixel in the base view, one pixel in a tile
+DECOY_SIDES = (3, 5)  # odd sides, as synthetic.paint draws squares 2r + 1 wide
+DECOY_OPACITY = (0.06, 0.16)  # faint at every resolution; at base size as strong as the dot's smeared tint
 DECOYS = (2, 4)
-CLEARANCE = 10  # px between a spot and any shape or other spot, so no two blend into one in the base view
+CLEARANCE = 5  # px between a spot and any shape or other spot, so no two blend into one in the base view
 HIGHRES_SHARE = 0.5  # of eval questions, and of instruct rows that ask about the dot
 MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
 HIGHRES_QUESTION = "What colour is the small dot?"
-GENERATOR_VERSION = 1  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+GENERATOR_VERSION = 2  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES + the dot's colour.
 PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES, len(COLOURS) + 1)
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (a tile's place, the dot at base size)
@@ -71,7 +72,7 @@ def draw_highres_scene(rng: random.Random) -> tuple[Scene, Image.Image, Image.Im
     """A random scene, its image, and the shapes' mask (as `synthetic.draw_scene_with_mask`'s)."""
     size = rng.choice(CANVASES)
     shapes = synthetic.random_scene(rng)
-    # Radii scale with the short side: 16-24 px on 128, 24-36 px on 192 (4-6 px in the 32 px base view).
+    # Radii scale with the short side: 8-12 px on 64, 12-18 px on 96 (4-6 px in the 32 px base view).
     image, mask = synthetic.draw_scene_with_mask(shapes, rng, size, scale=min(size) / 80)
     taken = np.asarray(mask) > 0
     mark = _place(Spot(rng.choice(list(COLOURS)), 0, 0, MARK_SIDE), taken, rng)
@@ -111,7 +112,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
-    up to 36, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
+    up to 9, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
     a kind is absent, UNLABELLED where a view cannot show it (a tile does not know its place in the image; the base
     view cannot tell the dot from a decoy)."""
     width, height = scene.size
