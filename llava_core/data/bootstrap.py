@@ -61,7 +61,7 @@ def labelled_scene_batches(processor, cfg: standins.TinyModelConfig, batch_size:
     yield from _shuffled_batches(processor, images, labels, cfg.seed, batch_size)
 
 
-def labelled_view_batches(processor, cfg: standins.TinyModelConfig, batch_size: int = 64, pool: int = 1024):
+def labelled_view_batches(processor, cfg: standins.TinyModelConfig, batch_size: int = 64, pool: int = 4096):
     """`labelled_scene_batches` for LLaVA-OneVision's tower: fresh high-resolution scenes, each as the views the
     model gets of it (the base view and tiles: `synthetic_onevision.tower_views`), `pool` scenes' worth."""
     rng = random.Random(f"onevision-tower-{cfg.seed}")
