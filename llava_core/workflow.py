@@ -310,10 +310,12 @@ def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
     ctx = RunContext(w, w.run_dir, vision, llm, hashes=compute_hashes(w))
     check_upstream(ctx, selected)
     print(f"run directory: {ctx.run_dir}", flush=True)
-    summary = run_stages(ctx, selected, force)
+    # Ablations run before serve: a live deployment holds CPUs or GPUs that their training workers would wait for.
+    summary = run_stages(ctx, [s for s in selected if s != "serve"], force)
     if w.ablations and "evaluate" in selected:
         summary = add_ablations(ctx, summary)
     if "serve" in selected:
+        summary = run_stages(ctx, ["serve"], force)
         from llava_core.serve.app import shutdown
         from llava_core.serve.demo import serve_until_interrupted
 
