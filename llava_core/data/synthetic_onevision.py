@@ -114,7 +114,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
     up to 9, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
     a kind is absent, UNLABELLED where a view cannot show it (a tile does not know its place in the image; the base
-    view cannot tell the dot from a decoy)."""
+    view cannot tell the dot from a decoy). A tile's dot labels are sparse: `_dot_labels`."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
