@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.data import formats, synthetic_onevision as ov
+from llava_core.data import formats, synthetic, synthetic_onevision as ov
 from llava_core.data.bootstrap import labelled_view_batches
 from llava_core.data.synthetic import COLOURS
 from llava_core.model import families, standins
@@ -58,6 +58,20 @@ def test_every_good_row_normalises_and_its_images_exist(dataset):
     assert kinds["multi", 2] >= 2 and kinds["text", 0] == 3
     sizes = {Image.open(os.path.join(dataset["image_folder"], f"align_{i:06d}.png")).size for i in range(12)}
     assert sizes <= set(ov.CANVASES) and len(sizes) >= 2
+
+
+def test_instruct_rows_ask_several_turns_and_the_dot_in_about_half():
+    rng = random.Random(3)
+    with_dot, low, high = 0, *ov.QUESTIONS_PER_ROW
+    for _ in range(400):
+        scene = ov.draw_highres_scene(rng)[0]
+        qa = ov.instruct_questions(scene, rng)
+        dots = [a for category, _, a in qa if category == "highres"]
+        assert dots in ([], [scene.mark.colour])
+        with_dot += bool(dots)
+        answerable = len(synthetic.questions(scene.shapes, random.Random(0)))
+        assert min(low, answerable) <= len(qa) - len(dots) <= high
+    assert abs(with_dot / 400 - ov.HIGHRES_SHARE) < 0.08
 
 
 def test_multi_image_answers_point_at_the_image_with_the_shape():
@@ -148,7 +162,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     labels = np.stack([l for _, l in views])
     assert labels.shape == (4, 16, 4)
     assert (labels[0, :, 3] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
-    assert (labels[1:, :, 2] == ov.UNLABELLED).all()
+    assert (labels[1:, :, 2] == np.where(labels[1:, :, 0] > 0, ov.IN_A_TILE, 0)).all()  # a tile knows no place
     dot = list(COLOURS).index(scene.mark.colour) + 1
     assert dot in labels[1, :, 3] and dot not in labels[2:, :, 3]  # the dot's tile comes first
     assert set(labels[1:, :, 3].ravel()) <= {dot, 0, ov.UNLABELLED} and (labels[2:, :, 3] == 0).any(axis=1).all()

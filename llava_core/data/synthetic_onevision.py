@@ -40,10 +40,20 @@ DECOYS = (2, 4)
 CLEARANCE = 5  # px between a spot and any shape or other spot, so no two blend into one in the base view
 HIGHRES_SHARE = 0.5  # of eval questions, and of instruct rows that ask about the dot
 MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
+# Turns an instruct row asks about its large shapes (as LLaVA-665K's rows hold several an image): the image's
+# 120-172 tokens dominate a step's cost, a turn adds ~15, so more turns teach more in the same time. (With 2-3 the
+# LLM had too few answers in the 20-minute budget: two runs of the same workflow read colour at 0.73 and at chance.)
+QUESTIONS_PER_ROW = (3, 5)
 HIGHRES_QUESTION = "What colour is the small dot?"
-GENERATOR_VERSION = 3  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
-# Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES + the dot's colour.
-PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES, len(COLOURS) + 1)
+GENERATOR_VERSION = 5  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+# The position kind's label on a tile's shape patches: "somewhere in a tile". A tile does not know its place in the
+# image; left unlabelled, the tower guessed it from the tile's own frame (measured: a probe read a confidently wrong
+# place on 54% of tile shape patches), and the LLM, which sees a shape in ~9x more tile tokens than base-view ones,
+# believed it (position 0.48 against 0.79 at base size alone).
+IN_A_TILE = len(synthetic.POSITIONS) + 1
+# Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
+# dot's colour.
+PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1)
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (a tile's place, the dot at base size)
 
 
@@ -113,8 +123,8 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
     up to 9, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
-    a kind is absent, UNLABELLED where a view cannot show it (a tile does not know its place in the image; the base
-    view cannot tell the dot from a decoy). A tile's dot labels are sparse: `_dot_labels`."""
+    a kind is absent, UNLABELLED where a view cannot show it (the base view cannot tell the dot from a decoy). A
+    tile's shapes are IN_A_TILE for position; its dot labels are sparse: `_dot_labels`."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
@@ -127,7 +137,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     for r, c in [dot_tile, *rng.sample(others, tiles - 1)]:
         box = (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)
         labels = synthetic.patch_labels(scene.shapes, mask.crop(box), grid)
-        labels[:, 2] = UNLABELLED
+        labels[:, 2] = np.where(labels[:, 2] > 0, IN_A_TILE, 0)
         views.append((image.crop(box), _with_dot(labels, _dot_labels(scene, box, patch, grid, rng))))
     return views
 
@@ -168,10 +178,11 @@ def highres_question(scene: Scene) -> tuple[str, str, str]:
 
 
 def instruct_questions(scene: Scene, rng: random.Random) -> list[tuple[str, str, str]]:
-    """2-3 (category, question, answer) triples; the dot's colour among them in HIGHRES_SHARE of the rows."""
-    qa = synthetic.questions(scene.shapes, rng)[: rng.randint(2, 3)]
+    """QUESTIONS_PER_ROW (category, question, answer) triples about the large shapes (fewer if the scene answers
+    fewer), plus the dot's colour at a random turn in HIGHRES_SHARE of the rows."""
+    qa = synthetic.questions(scene.shapes, rng)[: rng.randint(*QUESTIONS_PER_ROW)]
     if rng.random() < HIGHRES_SHARE:
-        qa[rng.randrange(len(qa))] = highres_question(scene)
+        qa.insert(rng.randrange(len(qa) + 1), highres_question(scene))
     return qa
 
 

@@ -1,0 +1,131 @@
+"""What the OneVision quickstart's pretrained tiny SigLIP tower tells the LLM, read with linear probes (~15 s).
+
+The quickstart's dot questions need the LLM to find one patch among a scene's 144 tile features and read its colour.
+When a run reads the dot at chance, this says whether the tower or the LLM is at fault. On fresh scenes (never the
+dataset's), cut into every tile as the processor crops them:
+
+- dot: a linear probe of the tile features for the dot's colour (background weighted 0.05, as the dot is 1 patch in
+  ~90): accuracy on the dot's patches, on decoys and shapes (should say "no dot"), and how often the patch the probe
+  finds most dot-like in a tile that holds the dot is the dot;
+- tile_position: a probe trained on the base views' position labels, applied to the tiles' shape patches: how often
+  it reads a confident (> 0.8) place there. A tile cannot know its place; what the tower says there, the LLM reads.
+
+Last line: {"tower", "dot": {...}, "tile_position": {...}}.
+
+    PYTHONPATH=. python benchmarks/onevision_tower_probe.py data/quickstart-onevision/models/vision [--scenes 800]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+
+import numpy as np
+import torch
+
+from llava_core.data import synthetic, synthetic_onevision as ov
+from llava_core.model import standins
+
+TILE, PATCH = 32, 8  # the quickstart's tower: 32 px views, 8 px patches (4 x 4 features a view)
+GRID = TILE // PATCH
+BACKGROUND, SHAPE, DECOY, DOT = range(4)
+
+
+def tile_views(scene, image, mask):
+    """Every tile of the scene with per-patch (dot colour label, what lies there, position label)."""
+    width, height = scene.size
+    for r in range(height // TILE):
+        for c in range(width // TILE):
+            box = (c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)
+            labels = synthetic.patch_labels(scene.shapes, mask.crop(box), GRID)
+            kind = np.where(labels[:, 0] > 0, SHAPE, BACKGROUND)
+            dot = np.zeros(GRID * GRID, dtype=np.int64)
+            for spot, what in [*((d, DECOY) for d in scene.decoys), (scene.mark, DOT)]:
+                x, y = spot.centre
+                if box[0] <= x < box[2] and box[1] <= y < box[3]:
+                    i = (y - box[1]) // PATCH * GRID + (x - box[0]) // PATCH
+                    kind[i] = what
+                    if what == DOT:
+                        dot[i] = list(synthetic.COLOURS).index(scene.mark.colour) + 1
+            yield image.crop(box), dot, kind, labels[:, 2]
+
+
+def features(tower, processor, views) -> torch.Tensor:
+    pixels = processor(images=views, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        # OneVision reads the last layer of the cut tower: hidden state -2 of the full one.
+        return torch.cat([tower(pixel_values=pixels[i:i + 256], output_hidden_states=True).hidden_states[-2]
+                          for i in range(0, len(pixels), 256)]).flatten(0, 1)
+
+
+def fit_probe(x, y, classes: int, weight=None, steps: int = 1500) -> torch.nn.Linear:
+    torch.manual_seed(0)
+    head = torch.nn.Linear(x.shape[1], classes)
+    optimizer = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(steps):
+        batch = torch.randint(0, len(x), (4096,))
+        loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch], weight=weight)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return head
+
+
+def dot_probe(x, dot, kind) -> dict:
+    split = int(0.8 * len(x))
+    weight = torch.ones(len(synthetic.COLOURS) + 1)
+    weight[0] = 0.05
+    head = fit_probe(x[:split], dot[:split], len(weight), weight)
+    with torch.no_grad():
+        logits = head(x)
+    held = slice(split, None)
+    predicted, truth, what = logits[held].argmax(-1), dot[held], kind[held]
+    result = {name: round((predicted[what == k] == truth[what == k]).float().mean().item(), 3)
+              for k, name in ((DOT, "dot_colour"), (DECOY, "decoy_no_dot"), (SHAPE, "shape_no_dot"))}
+    no_dot = logits.softmax(-1)[:, 0].view(-1, GRID * GRID)
+    per_tile = kind.view(-1, GRID * GRID)
+    holds = (per_tile == DOT).any(1)
+    picked = no_dot[holds].argmin(1, keepdim=True)
+    result["most_dot_like_patch_is_the_dot"] = round((per_tile[holds].gather(1, picked) == DOT).float().mean().item(), 3)
+    return result
+
+
+def tile_position_probe(tower, processor, scenes) -> dict:
+    bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0] for scene, image, mask in scenes]
+    x = features(tower, processor, [view for view, _ in bases])
+    y = torch.from_numpy(np.stack([labels[:, 2] for _, labels in bases])).flatten()
+    head = fit_probe(x, y, len(synthetic.POSITIONS) + 1)
+    tiles = [(view, position) for s in scenes for view, _, _, position in tile_views(*s)]
+    with torch.no_grad():
+        p = head(features(tower, processor, [v for v, _ in tiles])).softmax(-1)
+    truth = torch.from_numpy(np.stack([position for _, position in tiles])).flatten()
+    on_shapes = truth > 0
+    confident = p[on_shapes].max(-1).values > 0.8
+    return {"base_view_accuracy": round((head(x).argmax(-1)[y > 0] == y[y > 0]).float().mean().item(), 3),
+            "tile_shape_patches": int(on_shapes.sum()),
+            "confident_place_on_tiles": round(confident.float().mean().item(), 3),
+            "confident_and_wrong_on_tiles": round((confident & (p[on_shapes].argmax(-1) != truth[on_shapes]))
+                                                  .float().mean().item(), 3)}
+
+
+def main() -> None:
+    from transformers import SiglipVisionModel
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("tower", help="the saved tiny SigLIP tower (data/quickstart-onevision/models/vision)")
+    parser.add_argument("--scenes", type=int, default=800)
+    args = parser.parse_args()
+    tower = SiglipVisionModel.from_pretrained(args.tower).eval()
+    processor = standins.tiny_siglip_image_processor(standins.TinyModelConfig(image_size=TILE, patch_size=PATCH))
+    rng = random.Random(123)
+    scenes = [ov.draw_highres_scene(rng) for _ in range(args.scenes)]
+    tiles = [t for s in scenes for t in tile_views(*s)]
+    x = features(tower, processor, [view for view, *_ in tiles])
+    dot = torch.from_numpy(np.stack([d for _, d, _, _ in tiles])).flatten()
+    kind = torch.from_numpy(np.stack([k for _, _, k, _ in tiles])).flatten()
+    print(json.dumps({"tower": args.tower, "dot": dot_probe(x, dot, kind),
+                      "tile_position": tile_position_probe(tower, processor, scenes[: args.scenes // 2])}))
+
+
+if __name__ == "__main__":
+    main()
