@@ -1,4 +1,5 @@
-"""What trains: LoRA on the LLM only, merged into a plain HF checkpoint; parameter groups; the official projector."""
+"""What trains: LoRA on the LLM only, merged into a plain HF checkpoint, the projector in the adapter as peft's
+modules_to_save; parameter groups; the official projector."""
 import json
 import os
 
@@ -32,18 +33,22 @@ def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset)
     lora_modules = {n.split(".lora_")[0] for n in trained if "lora_" in n}
     assert lora_modules and all(".language_model." in n for n in lora_modules)
     assert {n.rsplit(".", 1)[-1] for n in lora_modules} == set(LORA["target_modules"])
-    non_lora = [n for n in trained if "lora_" not in n]
-    assert non_lora and all("multi_modal_projector" in n for n in non_lora)
+    non_lora = [n for n in trained if "lora_" not in n]  # the projector: peft's modules_to_save copy
+    assert non_lora and all("multi_modal_projector.modules_to_save.default." in n for n in non_lora)
+    originals = [p for n, p in model.named_parameters() if ".multi_modal_projector.original_module." in n]
+    assert originals and not any(p.requires_grad for p in originals)
 
     groups = parameter_groups(model, lr=2e-4, projector_lr=2e-5, weight_decay=0.1)
     report = describe_training(model, groups)
-    projector = model.get_base_model().model.multi_modal_projector
+    projector = model.get_base_model().model.multi_modal_projector.modules_to_save["default"]  # the trained copy
     assert report["trained"]["projector"] == {"parameters": sum(p.numel() for p in projector.parameters()),
                                               "lr": 2e-5}
     assert report["trained"]["lora"]["lr"] == 2e-4 and set(report["trained"]) == {"projector", "lora"}
     assert report["trainable_parameters"] == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert set(report["frozen"]) == {"llm", "vision"}
-    assert report["total_parameters"] == sum(p.numel() for p in model.parameters())
+    assert set(report["frozen"]) == {"llm", "vision"}  # peft's frozen original projector is not counted
+    lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    plain = LlavaForConditionalGeneration(model.get_base_model().config)
+    assert lora and report["total_parameters"] == sum(p.numel() for p in plain.parameters()) + lora
     # biases get no weight decay, matrices do
     assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
 
@@ -74,30 +79,97 @@ def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_pa
     stage_out = tmp_path / "instruct"
     save_hf_model(model, processor, str(stage_out / "model"), torch.float32)  # the stage output, adapter beside it
     files = set(os.listdir(stage_out / "adapter"))
-    assert {"adapter_config.json", "adapter_model.safetensors", "non_lora_trainables.safetensors"} <= files
+    assert files == {"adapter_config.json", "adapter_model.safetensors", "README.md"}  # peft's own, no side file
     metrics = export_hf(str(stage_out), str(tmp_path / "export"))
     assert set(os.listdir(tmp_path / "export" / "adapter")) == files
 
     merged = LlavaForConditionalGeneration.from_pretrained(tmp_path / "export").eval()
-    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
     assert metrics["parameters"] == sum(p.numel() for p in merged.parameters())  # counted from the file headers
+    trained_projector = model.get_base_model().model.multi_modal_projector.modules_to_save["default"]
+    assert_same_weights(merged.model.multi_modal_projector, trained_projector)
     with torch.no_grad():
         merged_logits = merged(**batch).logits
     assert torch.allclose(merged_logits, peft_logits, atol=1e-4)
 
-    # The adapter alone: base + peft adapter + the non-LoRA trained parts give the same model again.
+
+def assert_same_weights(module, expected):
+    state, wanted = module.state_dict(), expected.state_dict()
+    assert state.keys() == wanted.keys() and all(torch.equal(state[k], wanted[k]) for k in state)
+
+
+@pytest.mark.parametrize("family", ["llava", "llava_next"])
+def test_the_adapter_alone_restores_the_trained_projector_and_logits(tiny_dataset, tmp_path, family):
+    """base + `PeftModel.from_pretrained(base, adapter)` is the trained model: LoRA and the projector (peft's
+    modules_to_save), nothing beside the adapter. LLaVA-NeXT's `image_newline` counts with the LLM, which LoRA
+    keeps frozen: the base's own value is the trained model's."""
+    from peft import PeftModel
     from safetensors.torch import load_file
 
-    base = LlavaForConditionalGeneration.from_pretrained(base_dir)
+    from llava_core.model import families
+    from llava_core.model.lora import save_adapter
+
+    torch.manual_seed(0)
+    model, processor = families.assemble(family, tiny_dataset["vision"], tiny_dataset["llm"])
+    base_dir = str(tmp_path / "base")
+    model.save_pretrained(base_dir)
+    model = apply_stage_training(model, ["projector", "llm"], LORA)
+    llava = model.get_base_model()
+    newline = getattr(llava.model, "image_newline", None)
+    assert newline is None or not newline.requires_grad
+    projector_before = {k: v.clone() for k, v in llava.model.multi_modal_projector.modules_to_save.default
+                        .state_dict().items()}
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    batch = family_batch(llava, processor, family)
+    for _ in range(2):
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.eval()
+    trained = llava.model.multi_modal_projector.modules_to_save["default"]
+    assert not torch.equal(trained.linear_1.weight, projector_before["linear_1.weight"])  # the projector trained
     with torch.no_grad():
-        base_logits = base(**batch).logits
-    assert not torch.allclose(base_logits, peft_logits, atol=1e-3)  # training changed something
-    reloaded = PeftModel.from_pretrained(base, stage_out / "adapter").eval()
-    extra = load_file(stage_out / "adapter" / "non_lora_trainables.safetensors")
-    missing = reloaded.get_base_model().load_state_dict(extra, strict=False)
-    assert not missing.unexpected_keys
+        trained_logits = model(**batch).logits
+
+    adapter = str(tmp_path / "adapter")
+    assert sorted(save_adapter(model, adapter)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    saved = load_file(os.path.join(adapter, "adapter_model.safetensors"))
+    assert any("multi_modal_projector" in k for k in saved) and not any("original_module" in k for k in saved)
+
+    base = type(llava).from_pretrained(base_dir)
+    assert not torch.equal(base.model.multi_modal_projector.linear_1.weight, trained.linear_1.weight)
+    reloaded = PeftModel.from_pretrained(base, adapter).eval()
+    assert_same_weights(reloaded.get_base_model().model.multi_modal_projector.modules_to_save["default"], trained)
     with torch.no_grad():
-        assert torch.allclose(reloaded(**batch).logits, peft_logits, atol=1e-4)
+        assert torch.equal(reloaded(**batch).logits, trained_logits)
+    merged = reloaded.merge_and_unload()  # peft's own merge puts the trained projector in place
+    assert_same_weights(merged.model.multi_modal_projector, trained)
+
+
+def family_batch(model, processor, family):
+    """A two-image batch the family's processor lays out (AnyRes tiles for LLaVA-NeXT)."""
+    if family == "llava":
+        return tiny_batch(model, processor)
+    from PIL import Image
+
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is the shape?"}]}],
+        add_generation_prompt=True)
+    images = [Image.new("RGB", (90, 40), (200, 30, 30)), Image.new("RGB", (40, 70), (30, 30, 200))]
+    inputs = dict(processor(images=images, text=[prompt, prompt], return_tensors="pt", padding=True))
+    inputs["labels"] = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    return inputs
+
+
+def test_a_bare_parameter_cannot_be_a_modules_to_save(tiny_dataset):
+    """peft saves whole modules only: a part that is a bare nn.Parameter (`image_newline`) fails loudly instead of
+    training without being saved in the adapter."""
+    from llava_core.model import families
+    from llava_core.model.lora import apply_lora
+
+    model, _ = families.assemble("llava_next", tiny_dataset["vision"], tiny_dataset["llm"])
+    with pytest.raises(ValueError, match="not modules"):
+        apply_lora(model, LORA, [model.model.multi_modal_projector, model.model.image_newline])
 
 
 def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path):

@@ -4,13 +4,15 @@ parameter groups and reports exactly what trains.
 Parts of transformers' LLaVA models (every family): `vision` (the CLIP or SigLIP tower), `projector`, `llm` (decoder
 and lm_head, and the AnyRes families' `image_newline`, which LLaVA-NeXT's training code counts with the language
 model: `mm_language_model` unfreezes everything that is not tower or projector), plus `lora` when LoRA adapters
-wrap the LLM's Linear layers (the LLM itself then stays frozen).
+wrap the LLM's Linear layers (the LLM itself, `image_newline` included, then stays frozen). With LoRA the other
+trained parts are peft's modules_to_save: their parameters train under `...modules_to_save.default...` names beside
+a frozen `...original_module...` copy, which the reports leave out (it is not part of the model that runs).
 """
 from __future__ import annotations
 
 import torch
 
-from llava_core.model.lora import apply_lora, llava_of
+from llava_core.model.lora import apply_lora, is_kept_original, llava_of
 
 
 def parts_of(model) -> dict:
@@ -55,16 +57,13 @@ def set_trainable(model, trainable: list[str]) -> dict[str, dict]:
 
 
 def apply_stage_training(model, trainable: list[str], lora: dict | None):
-    """Freeze per stage; with LoRA the LLM stays frozen and gets adapters. Returns the model to train (a peft model
-    with LoRA)."""
+    """Freeze per stage; with LoRA the LLM stays frozen and gets adapters, and the other trained parts go in the
+    adapter as peft's modules_to_save (peft sets what requires grad). Returns the model to train (a peft model with
+    LoRA)."""
     full = [p for p in trainable if not (lora and p == "llm")]
     set_trainable(model, full)
     if lora:
-        model = apply_lora(model, lora)  # peft freezes everything but the adapters: unfreeze the full parts again
-        for part, modules in parts_of(model).items():
-            for module in modules:
-                if part in full:
-                    module.requires_grad_(True)
+        model = apply_lora(model, lora, [m for part in full for m in parts_of(model)[part]])
     return model
 
 
@@ -90,14 +89,14 @@ def parameter_groups(model, lr: float, projector_lr: float | None, weight_decay:
 
 def describe_training(model, groups: list[dict]) -> dict:
     """{"trained": {part: {parameters, lr}}, "frozen": {part: parameters}, totals}: what the log and trainable.json
-    show."""
+    show, counted on the model as it runs and exports (peft's kept-aside originals left out)."""
     trained: dict[str, dict] = {}
     for group in groups:
         entry = trained.setdefault(group["part"], {"parameters": 0, "lr": group["lr"]})
         entry["parameters"] += sum(numel(p) for p in group["params"])
     frozen: dict[str, int] = {}
     for name, param in model.named_parameters():
-        if not param.requires_grad:
+        if not param.requires_grad and not is_kept_original(name):
             frozen[part_of(name)] = frozen.get(part_of(name), 0) + numel(param)
     return {"trained": trained, "frozen": frozen,
             "trainable_parameters": sum(v["parameters"] for v in trained.values()),

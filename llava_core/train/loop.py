@@ -20,7 +20,7 @@ import torch
 from llava_core import storage
 from llava_core.data.image_layouts import pixel_inputs
 from llava_core.model.build import official_projector_bytes
-from llava_core.model.lora import llava_of
+from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
 from llava_core.train.batching import BatchPlan, capped_steps
 from llava_core.train.engine import (build_engine, deepspeed_config, grad_accum_steps, model_inputs, optimizer_step,
@@ -243,7 +243,7 @@ def write_stage_output(model, processor, parts, config, rank) -> None:
     generation defaults: the export is this directory as it is. Also the adapter alone when LoRA trained and
     `trainable.json`; the metrics are rank 0's MetricsWriter's. Every rank takes part in the gathers; global rank 0
     writes."""
-    projector = llava_of(model).model.multi_modal_projector
+    projector = trained_module(llava_of(model).model.multi_modal_projector)  # under LoRA, peft's trained copy
     with tempfile.TemporaryDirectory() as local:
         with gathered(list(projector.parameters())):  # 21M parameters for 7B: gathered alone
             if rank == 0:

@@ -34,7 +34,7 @@ def peak_flops(configured_tflops: float | None, use_gpu: bool) -> float | None:
 def model_part_sizes(model) -> flop_model.PartSizes:
     """Part sizes counted from the parameters (ZeRO-3 shards counted whole). The input embedding table is a lookup,
     not a matmul, unless it is tied to the lm_head, which a tied model's parameter list holds only once."""
-    from llava_core.model.lora import llava_of
+    from llava_core.model.lora import is_kept_original, llava_of
     from llava_core.train.freeze import numel, part_of
 
     llava = llava_of(model)
@@ -42,7 +42,7 @@ def model_part_sizes(model) -> flop_model.PartSizes:
     tied = llava.get_output_embeddings().weight is embed
     counts = {"vision": 0, "projector": 0, "llm": 0, "lora": 0}
     for name, param in model.named_parameters():
-        if param is not embed or tied:
+        if (param is not embed or tied) and not is_kept_original(name):  # peft's frozen original runs no matmul
             counts[part_of(name)] += numel(param)
     from llava_core.model.families import features_per_view, tower_has_cls
 

@@ -19,7 +19,7 @@ from typing import Callable
 
 import torch
 
-from llava_core.model.lora import is_peft, llava_of
+from llava_core.model.lora import is_kept_original, is_peft, llava_of, plain_name, trained_module
 from llava_core.model.zero3 import full_shape, gathered
 
 MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained used to: 7B in bf16 is 3 shards
@@ -43,10 +43,10 @@ class Entry:
 
 
 def checkpoint_entries(model, dtype: torch.dtype) -> list[Entry]:
-    """The tensors of a plain LlavaForConditionalGeneration checkpoint, in module order, with LoRA merged in. Floating
-    tensors are written in `dtype`; tied weights once."""
+    """The tensors of a plain LlavaForConditionalGeneration checkpoint, in module order, with LoRA merged in and
+    peft's modules_to_save copies under the plain names. Floating tensors are written in `dtype`; tied weights once."""
     base = llava_of(model)
-    wanted = {k.replace(".base_layer.", ".") for k in base.state_dict() if "lora_" not in k}
+    wanted = {plain_name(k) for k in base.state_dict() if "lora_" not in k and not is_kept_original(k)}
     entries, seen = [], set()
 
     def add(key, tensor, gather, value):
@@ -55,13 +55,9 @@ def checkpoint_entries(model, dtype: torch.dtype) -> list[Entry]:
             entries.append(Entry(key, full_shape(tensor), dtype if tensor.is_floating_point() else tensor.dtype,
                                  gather, value))
 
-    lora_modules = set()
-    for name, module in base.named_modules():
+    for name, module in plain_modules(base):
         prefix = f"{name}." if name else ""
-        if any(name.startswith(m + ".") for m in lora_modules):
-            continue  # inside a LoRA layer: written merged with its layer
-        if hasattr(module, "base_layer") and hasattr(module, "get_delta_weight"):
-            lora_modules.add(name)
+        if is_lora_layer(module):
             params = list(module.parameters())
             add(prefix + "weight", module.base_layer.weight, params, lambda m=module: merged_weight(m))
             if module.base_layer.bias is not None:
@@ -74,6 +70,21 @@ def checkpoint_entries(model, dtype: torch.dtype) -> list[Entry]:
             if bname not in module._non_persistent_buffers_set:
                 add(prefix + bname, buffer, [], lambda b=buffer: b)
     return entries
+
+
+def is_lora_layer(module) -> bool:
+    return hasattr(module, "base_layer") and hasattr(module, "get_delta_weight")
+
+
+def plain_modules(module, name: str = ""):
+    """(name, module) in module order as the plain model has them: a modules_to_save wrapper stands for its trained
+    copy; a LoRA layer is yielded alone (its base layer and adapters are written merged with it)."""
+    module = trained_module(module)
+    yield name, module
+    if is_lora_layer(module):
+        return
+    for child_name, child in module.named_children():
+        yield from plain_modules(child, f"{name}.{child_name}" if name else child_name)
 
 
 def merged_weight(lora_layer) -> torch.Tensor:
@@ -153,7 +164,7 @@ def save_hf_model(model, processor, directory: str, dtype: torch.dtype, writer: 
         os.makedirs(directory, exist_ok=True)
     write_weights(model, directory, dtype, writer)
     if is_peft(model):
-        trained = [p for p in model.parameters() if p.requires_grad]  # adapters and fully trained parts: small
+        trained = [p for p in model.parameters() if p.requires_grad]  # adapters and modules_to_save: small
         with gathered(trained):
             if writer:
                 save_adapter(model, os.path.join(os.path.dirname(directory), "adapter"))
