@@ -54,7 +54,7 @@ IN_A_TILE = len(synthetic.POSITIONS) + 1
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
 # dot's colour.
 PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1)
-UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (a tile's place, the dot at base size)
+UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (the dot at base size)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ the trained model (the official LLaVA code needs a `non_lora_trainables.bin` bes
 """
 from __future__ import annotations
 
+import os
 import re
 
 
@@ -75,7 +76,5 @@ def apply_lora(model, settings: dict, full_modules: list | None = None):
 
 def save_adapter(model, directory: str) -> list[str]:
     """peft's adapter directory: the LoRA weights and the fully trained modules_to_save (e.g. the projector)."""
-    import os
-
     model.save_pretrained(directory)
     return sorted(os.listdir(directory))
