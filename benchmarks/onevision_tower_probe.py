@@ -4,9 +4,10 @@ The quickstart's dot questions need the LLM to find one patch among a scene's 14
 When a run reads the dot at chance, this says whether the tower or the LLM is at fault. On fresh scenes (never the
 dataset's), cut into every tile as the processor crops them:
 
-- dot: a linear probe of the tile features for the dot's colour (background weighted 0.05, as the dot is 1 patch in
-  ~90): accuracy on the dot's patches, on decoys and shapes (should say "no dot"), and how often the patch the probe
-  finds most dot-like in a tile that holds the dot is the dot;
+- dot: a linear probe of the tile features for the colour of the dot their tile holds (0: none; the tower is
+  pretrained to say it on every patch of the dot's tile, `synthetic_onevision._dot_labels`): accuracy on the
+  patches of the dot's tiles, on the dot's own patch, on the patches of the other tiles (should say "no dot"), and
+  how often the tile's most common answer is right for the dot's tiles;
 - tile_position: a probe trained on the base views' position labels, applied to the tiles' shape patches: how often
   it reads a confident (> 0.8) place there. A tile cannot know its place; what the tower says there, the LLM reads.
 
@@ -32,21 +33,22 @@ BACKGROUND, SHAPE, DECOY, DOT = range(4)
 
 
 def tile_views(scene, image, mask):
-    """Every tile of the scene with per-patch (dot colour label, what lies there, position label)."""
+    """Every tile of the scene with per-patch (the colour of the dot the tile holds or 0, what lies there, position
+    label)."""
     width, height = scene.size
+    dot_colour = list(synthetic.COLOURS).index(scene.mark.colour) + 1
     for r in range(height // TILE):
         for c in range(width // TILE):
             box = (c * TILE, r * TILE, (c + 1) * TILE, (r + 1) * TILE)
             labels = synthetic.patch_labels(scene.shapes, mask.crop(box), GRID)
             kind = np.where(labels[:, 0] > 0, SHAPE, BACKGROUND)
-            dot = np.zeros(GRID * GRID, dtype=np.int64)
+            holds_the_dot = False
             for spot, what in [*((d, DECOY) for d in scene.decoys), (scene.mark, DOT)]:
                 x, y = spot.centre
                 if box[0] <= x < box[2] and box[1] <= y < box[3]:
-                    i = (y - box[1]) // PATCH * GRID + (x - box[0]) // PATCH
-                    kind[i] = what
-                    if what == DOT:
-                        dot[i] = list(synthetic.COLOURS).index(scene.mark.colour) + 1
+                    kind[(y - box[1]) // PATCH * GRID + (x - box[0]) // PATCH] = what
+                    holds_the_dot |= what == DOT
+            dot = np.full(GRID * GRID, dot_colour if holds_the_dot else 0, dtype=np.int64)
             yield image.crop(box), dot, kind, labels[:, 2]
 
 
@@ -72,22 +74,19 @@ def fit_probe(x, y, classes: int, weight=None, steps: int = 1500) -> torch.nn.Li
 
 
 def dot_probe(x, dot, kind) -> dict:
-    split = int(0.8 * len(x))
-    weight = torch.ones(len(synthetic.COLOURS) + 1)
-    weight[0] = 0.05
-    head = fit_probe(x[:split], dot[:split], len(weight), weight)
+    split = int(0.8 * len(x)) // (GRID * GRID) * GRID * GRID  # whole tiles on each side
+    head = fit_probe(x[:split], dot[:split], len(synthetic.COLOURS) + 1)
     with torch.no_grad():
-        logits = head(x)
-    held = slice(split, None)
-    predicted, truth, what = logits[held].argmax(-1), dot[held], kind[held]
-    result = {name: round((predicted[what == k] == truth[what == k]).float().mean().item(), 3)
-              for k, name in ((DOT, "dot_colour"), (DECOY, "decoy_no_dot"), (SHAPE, "shape_no_dot"))}
-    no_dot = logits.softmax(-1)[:, 0].view(-1, GRID * GRID)
-    per_tile = kind.view(-1, GRID * GRID)
-    holds = (per_tile == DOT).any(1)
-    picked = no_dot[holds].argmin(1, keepdim=True)
-    result["most_dot_like_patch_is_the_dot"] = round((per_tile[holds].gather(1, picked) == DOT).float().mean().item(), 3)
-    return result
+        predicted = head(x[split:]).argmax(-1)
+    truth, what = dot[split:], kind[split:]
+    in_dot_tile = truth > 0
+    per_tile, truth_per_tile = predicted.view(-1, GRID * GRID), truth.view(-1, GRID * GRID)[:, 0]
+    dot_tiles = truth_per_tile > 0
+    votes = per_tile[dot_tiles].mode(1).values
+    return {"dot_tile_patches_colour": round((predicted == truth)[in_dot_tile].float().mean().item(), 3),
+            "dot_patch_colour": round((predicted == truth)[what == DOT].float().mean().item(), 3),
+            "other_tiles_no_dot": round((predicted == 0)[~in_dot_tile].float().mean().item(), 3),
+            "dot_tile_vote_colour": round((votes == truth_per_tile[dot_tiles]).float().mean().item(), 3)}
 
 
 def tile_position_probe(tower, processor, scenes) -> dict:

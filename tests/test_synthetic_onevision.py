@@ -160,13 +160,17 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert torch.allclose(ours[0], theirs[0], atol=1e-5)  # the base view: the canvas squashed to 32 px
     assert all(any(torch.allclose(view, tile, atol=1e-5) for tile in theirs[1:]) for view in ours[1:])
     labels = np.stack([l for _, l in views])
-    assert labels.shape == (4, 16, 4)
-    assert (labels[0, :, 3] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
+    assert labels.shape == (4, 16, 5)
+    assert (labels[0, :, 3:] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
     assert (labels[1:, :, 2] == np.where(labels[1:, :, 0] > 0, ov.IN_A_TILE, 0)).all()  # a tile knows no place
     dot = list(COLOURS).index(scene.mark.colour) + 1
-    assert dot in labels[1, :, 3] and dot not in labels[2:, :, 3]  # the dot's tile comes first
-    assert set(labels[1:, :, 3].ravel()) <= {dot, 0, ov.UNLABELLED} and (labels[2:, :, 3] == 0).any(axis=1).all()
-    assert (labels[1:, :, 3] == ov.UNLABELLED).mean() > 0.5  # "no dot" is not most of the kind's labels
+    own_patch, tile = labels[1:, :, 3], labels[1:, :, 4]
+    assert (own_patch[0] == dot).sum() == 1 and dot not in own_patch[1:]  # the dot's tile comes first
+    x, y = scene.mark.centre
+    assert own_patch[0][(y % 32) // 8 * 4 + (x % 32) // 8] == dot  # on the dot's own patch
+    assert set(own_patch.ravel()) <= {dot, 0, ov.UNLABELLED} and (own_patch[1:] == 0).any(axis=1).all()
+    assert (own_patch == ov.UNLABELLED).mean() > 0.5  # "no dot" is not most of the kind's labels
+    assert (tile[0] == dot).all() and (tile[1:] == 0).all()  # the tile kind: the dot's colour on all its tile
 
 
 def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
@@ -175,13 +179,15 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     cfg = standins.TinyModelConfig(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2)
     batches = labelled_view_batches(standins.tiny_siglip_image_processor(cfg), cfg, batch_size=64, pool=256)
     pixels, labels = next(batches)
-    assert pixels.shape == (64, 3, 32, 32) and labels.shape == (64, 16, 4)
+    assert pixels.shape == (64, 3, 32, 32) and labels.shape == (64, 16, 5)
     torch.manual_seed(0)
     config = standins.siglip_config_json(cfg, text_vocab_size=64)
     tower = SiglipModel(SiglipConfig(**{k: v for k, v in config.items() if k != "architectures"})).vision_model
     accuracy = standins.pretrain_vision_tower(tower, batches, ov.PATCH_LABEL_CLASSES, steps=150)
-    # Chance on the labelled patches is about 1/4 per label kind; a tower that learned nothing stays near it.
-    assert accuracy > 0.45  # measured 0.53 (the dot kind labels its dot, not 15 easy "no dot" patches a tile)
+    # Chance on the labelled patches is 1/3 (shape) to 1/7 (the colours), about 0.2 over these labels; a tower that
+    # learned nothing stays near it. Measured 0.35: the shapes' kinds are learned first; the dot's tile kind (16
+    # labels a dot tile) only after ~2000 steps, which the workflow gives it (benchmarks/onevision_tower_probe.py).
+    assert accuracy > 0.28
     assert not tower.training
 
 

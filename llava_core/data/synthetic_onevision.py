@@ -45,15 +45,15 @@ MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
 # LLM had too few answers in the 20-minute budget: two runs of the same workflow read colour at 0.73 and at chance.)
 QUESTIONS_PER_ROW = (3, 5)
 HIGHRES_QUESTION = "What colour is the small dot?"
-GENERATOR_VERSION = 5  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+GENERATOR_VERSION = 6  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
 # The position kind's label on a tile's shape patches: "somewhere in a tile". A tile does not know its place in the
 # image; left unlabelled, the tower guessed it from the tile's own frame (measured: a probe read a confidently wrong
 # place on 54% of tile shape patches), and the LLM, which sees a shape in ~9x more tile tokens than base-view ones,
 # believed it (position 0.48 against 0.79 at base size alone).
 IN_A_TILE = len(synthetic.POSITIONS) + 1
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
-# dot's colour.
-PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1)
+# dot's colour on its patch + the dot's colour on its tile (`_dot_labels`).
+PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1, len(COLOURS) + 1)
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (the dot at base size)
 
 
@@ -122,9 +122,9 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
-    up to 9, and the tower has to learn it. Labels are (patches, 4): colour, shape, position, dot colour; 0 where
+    up to 9, and the tower has to learn it. Labels are (patches, 5): colour, shape, position, the dot's patch, the dot's tile; 0 where
     a kind is absent, UNLABELLED where a view cannot show it (the base view cannot tell the dot from a decoy). A
-    tile's shapes are IN_A_TILE for position; its dot labels are sparse: `_dot_labels`."""
+    tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
@@ -143,27 +143,37 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
 
 
 def _dot_labels(scene: Scene, box: tuple, patch: int, grid: int, rng: random.Random) -> np.ndarray:
-    """The dot kind's labels of one tile: the dot's colour on its patch, "no dot" (0) on the decoys' patches and on
-    one random patch, UNLABELLED elsewhere. Labelling every other patch 0 would let the tower score 15/16 on this
-    kind by never seeing a dot (measured: a probe of its features read the dot at chance)."""
-    dot = np.full(grid * grid, UNLABELLED, dtype=np.int64)
-    dot[rng.randrange(grid * grid)] = 0
+    """The two dot kinds' labels of one tile, (patches, 2):
+    - the dot's patch: its colour on the dot's patch, "no dot" (0) on the decoys' patches and on one random patch,
+      UNLABELLED elsewhere (labelling every other patch 0 let the tower score 15/16 by never seeing a dot);
+    - the dot's tile: its colour on every patch of the tile that holds it, 0 on every patch of the others, as a
+      trained ViT's patch tokens carry what their neighbourhood holds. With the first kind alone the tower found the
+      dot (a probe read its colour at 0.96) but the tiny LLM had to fetch 1 token of ~170 and learned to in one run
+      of four; the second puts it in 16. The tower learns the second only on top of the first, and only with a layer
+      to spread it in before the one LLaVA reads (measured with benchmarks/onevision_tower_probe.py: 2 layers read it
+      at chance, 3 layers at 0.9)."""
+    colour = list(COLOURS).index(scene.mark.colour) + 1
 
     def index(spot: Spot) -> int | None:
         x, y = spot.centre
         inside = box[0] <= x < box[2] and box[1] <= y < box[3]
         return (y - box[1]) // patch * grid + (x - box[0]) // patch if inside else None
 
+    own_patch = np.full(grid * grid, UNLABELLED, dtype=np.int64)
+    own_patch[rng.randrange(grid * grid)] = 0
     for decoy in scene.decoys:
         if (i := index(decoy)) is not None:
-            dot[i] = 0
-    if (i := index(scene.mark)) is not None:
-        dot[i] = list(COLOURS).index(scene.mark.colour) + 1
-    return dot
+            own_patch[i] = 0
+    holds_the_dot = (i := index(scene.mark)) is not None
+    if holds_the_dot:
+        own_patch[i] = colour
+    tile = np.full(grid * grid, colour if holds_the_dot else 0, dtype=np.int64)
+    return np.stack([own_patch, tile], axis=1)
 
 
 def _with_dot(labels: np.ndarray, dot) -> np.ndarray:
-    return np.concatenate([labels, np.broadcast_to(dot, labels.shape[:1])[:, None]], axis=1)
+    """`labels` (patches, 3) with the two dot kinds appended (`dot`: their (patches, 2) labels or one value)."""
+    return np.concatenate([labels, np.broadcast_to(dot, (labels.shape[0], 2))], axis=1)
 
 
 # --- questions and rows ------------------------------------------------------------------------------------------
