@@ -166,16 +166,18 @@ class TrainStageSettings:
     tracking: str = ""  # "", "mlflow" (MLFLOW_TRACKING_URI) or "wandb" (WANDB_PROJECT); TensorBoard is always on
 
 
-EVAL_LAYOUTS = ("llava", "vqa", "pope", "choice")
+EVAL_LAYOUTS = ("llava", "vqa", "pope", "mme", "choice")
 MAIN_EVAL_SET = "main"  # the name of the set given by evaluate.questions / answers / image_folder
 
 
 @dataclass
 class EvalSetSettings:
     """One evaluation set; `llava_core.eval.layouts` reads each layout."""
-    layout: str = "llava"  # llava | vqa | pope | choice
-    questions: str = ""  # jsonl (all layouts), VQAv2 questions JSON (vqa), MMBench TSV (choice)
-    answers: str = ""  # required for llava; optional elsewhere when the questions carry their answers
+    layout: str = "llava"  # llava | vqa | pope | mme | choice
+    questions: str = ""  # jsonl (all layouts), VQAv2 questions JSON (vqa), MMBench TSV (choice); or a folder: POPE's
+    # split files coco_pope_<split>.json (pope), MME's release folder (mme)
+    answers: str = ""  # required for llava; optional elsewhere when the questions carry their answers; pope: may be
+    # the folder of POPE's split files, labels then paired by position within each split (as LLaVA's eval_pope.py)
     image_folder: str = ""
     image_template: str = ""  # vqa: image name from row fields, e.g. COCO_val2014_{image_id:012d}.jpg
     primary: bool = False  # its accuracy / blind_accuracy become the top-level evaluate.accuracy / blind_accuracy
