@@ -138,13 +138,13 @@ def serve_settings(args):
     """The workflow's `serve:` section (if given), then --set overrides, then the explicit flags."""
     import yaml
 
-    from llava_core.config import apply_overrides, serve_settings_from_dict
+    from llava_core.config import apply_overrides, read_yaml, serve_settings_from_dict
 
     data = {}
     if args.workflow:
         try:
             with open(args.workflow) as f:
-                data = (yaml.safe_load(f) or {}).get("serve") or {}
+                data = (read_yaml(f) or {}).get("serve") or {}
         except (OSError, yaml.YAMLError) as error:
             raise WorkflowError(f"--workflow {args.workflow}: {error}") from None
     # `--set serve.port=9000` and `--set port=9000` mean the same here.
