@@ -263,8 +263,8 @@ class TrainStageSettings:
         None, "the tower's own rate when `vision` trains; `null`: `lr` (LLaVA-NeXT / OneVision: 2e-6 beside lr 1e-5)",
         gt=0)
     lora: Optional[LoraSettings] = setting(
-        None, "set (`lora: {}` takes the defaults) to train LoRA adapters instead of the whole LLM; needs `llm` in "
-              "`trainable`")
+        None, "set (`lora: {}` takes the defaults) to train LoRA adapters instead of the whole LLM (on its Linear layers "
+              "only; never projector, vision tower or lm_head); needs `llm` in `trainable`")
     init_projector: Str = setting(
         "", "not for align: an official LLaVA `mm_projector.bin` (local or `s3://`) to start from instead of this "
             "run's align output")
@@ -560,7 +560,9 @@ class Workflow:
     storage: Str = setting("runs", "where run directories live, local or `s3://`")
     ray_address: Optional[Str] = setting(
         None, "`null`: an in-process local Ray; `auto` or `ray://head:10001` for a cluster")
-    synthetic: Optional[SyntheticSettings] = setting(None, "quickstart only: generate the data and tiny base models")
+    synthetic: Optional[SyntheticSettings] = setting(
+        None, "quickstart only: generate the dataset and tiny base models under `root` when they are not there, and "
+              "again when these settings change")
     model: ModelSettings = setting(ModelSettings, "the model family and its base models")
     datasets: dict[str, DatasetSettings] = setting(dict, "the training data by name; stages name theirs")
     scaling: ScalingSettings = setting(ScalingSettings, "the training workers")
