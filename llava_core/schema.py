@@ -34,7 +34,8 @@ SERVE_ENGINES = ("transformers", "vllm")
 OVERLOAD_STATUSES = (429, 503)
 # The `prepare.image_aspect_ratio` values each family's model takes; N: the tiles' worth of features past which
 # OneVision shrinks the feature map (anyres_max_9 in its recipe).
-IMAGE_LAYOUTS = {"llava": ("pad", "square"), "llava_next": ("anyres", "pad"), "llava_onevision": ("anyres_max_N", "pad")}
+IMAGE_LAYOUTS = {"llava": ("pad", "square"), "llava_next": ("anyres", "pad"),
+                 "llava_onevision": ("anyres_max_N", "pad")}
 
 # Strict scalars: YAML's `3` is no str, `"3"` no int, `true` no number. An int is a valid float (and becomes one).
 Int = Annotated[int, Strict()]
@@ -263,8 +264,8 @@ class TrainStageSettings:
         None, "the tower's own rate when `vision` trains; `null`: `lr` (LLaVA-NeXT / OneVision: 2e-6 beside lr 1e-5)",
         gt=0)
     lora: Optional[LoraSettings] = setting(
-        None, "set (`lora: {}` takes the defaults) to train LoRA adapters instead of the whole LLM (on its Linear layers "
-              "only; never projector, vision tower or lm_head); needs `llm` in `trainable`")
+        None, "set (`lora: {}` takes the defaults) to train LoRA adapters instead of the whole LLM (on its Linear "
+              "layers only; never projector, vision tower or lm_head); needs `llm` in `trainable`")
     init_projector: Str = setting(
         "", "not for align: an official LLaVA `mm_projector.bin` (local or `s3://`) to start from instead of this "
             "run's align output")
