@@ -64,8 +64,8 @@ def _check_sampling(spec: str) -> str:
 
 # all | first:N | last:N | random:N | N% (random) | first:N% | last:N% | random:N%; the pattern is for editors.
 SamplingSpec = Annotated[Str, AfterValidator(_check_sampling),
-                         Field(json_schema_extra={"pattern": r"^\s*(all|((first|last|end|random):)?\d+%|"
-                                                             r"(first|last|end|random):\d+)\s*$"})]
+                         Field(json_schema_extra={"pattern": r"^(all|((first|last|end|random):)?\d+%|"
+                                                             r"(first|last|end|random):\d+)$"})]
 
 SECTION = ConfigDict(extra="forbid")
 
@@ -85,10 +85,9 @@ def setting(default: Any = ..., doc: str = "", **constraints) -> Any:
     return Field(default, description=doc, **constraints)
 
 
-def problems(*found: tuple[str, str]) -> None:
-    """Report a section's broken rules together: (key within the section, or "" for the section; message) pairs.
-
-    One error carries them all: pydantic takes one error per validator, and `config` spells out each with its path.
+def refuse(*found: tuple[str, str] | None) -> None:
+    """Report a section's broken rules together, each a (key within the section or "", message) pair; None for a
+    rule that holds. One error carries them all: pydantic keeps one error per validator; `config` gives each its path.
     """
     found = [p for p in found if p]
     if found:
@@ -187,7 +186,7 @@ class DatasetSettings:
 
     @model_validator(mode="after")
     def _path_or_sources(self):
-        problems(
+        refuse(
             ("", "give either path (one source) or sources (a mixture), not both") if self.path and self.sources else
             None,
             ("path", "required (or sources: a list of {path, image_folder, sampling})")
@@ -321,7 +320,7 @@ class TrainStageSettings:
 
     @model_validator(mode="after")
     def _consistent(self):
-        problems(
+        refuse(
             ("offload_params", "needs zero_stage 3 (ZeRO 1/2 keep parameters on the device)")
             if self.offload_params and self.zero_stage != 3 else None,
             ("offload_optimizer", "needs zero_stage 1, 2 or 3") if self.offload_optimizer and self.zero_stage == 0
@@ -364,7 +363,7 @@ class EvalSetSettings:
 
     @model_validator(mode="after")
     def _layout_rules(self):
-        problems(
+        refuse(
             ("questions", "required") if not self.questions else None,
             ("answers", "required for the llava layout") if self.layout == "llava" and not self.answers else None,
             ("circular", "only multiple choice (layout: choice) has options to rotate")
@@ -385,7 +384,7 @@ class EvalEndpointSettings:
 
     @model_validator(mode="after")
     def _http(self):
-        problems(("url", f"{self.url!r} is not an http(s) URL")
+        refuse(("url", f"{self.url!r} is not an http(s) URL")
                  if not self.url.startswith(("http://", "https://")) else None,
                  ("model", "required (the model id the endpoint answers to, see its /v1/models)")
                  if not self.model else None)
@@ -414,7 +413,7 @@ class EvaluateSettings:
     @model_validator(mode="after")
     def _sets_rules(self):
         marked = [name for name, s in self.sets.items() if s.primary]
-        problems(
+        refuse(
             (f"sets.{MAIN_EVAL_SET}", "the name is taken by evaluate.questions; rename the set")
             if MAIN_EVAL_SET in self.sets and self.questions else None,
             ("answers", "required with evaluate.questions (LLaVA layout)") if self.questions and not self.answers
@@ -455,7 +454,7 @@ class AutoscalingSettings:
 
     @model_validator(mode="after")
     def _ordered(self):
-        problems(("", f"needs 0 <= min_replicas <= max_replicas, got {self.min_replicas} and {self.max_replicas}")
+        refuse(("", f"needs 0 <= min_replicas <= max_replicas, got {self.min_replicas} and {self.max_replicas}")
                  if self.min_replicas > self.max_replicas else None)
         return self
 
@@ -540,7 +539,7 @@ class ServeSettings:
 
     @model_validator(mode="after")
     def _limits(self):
-        problems(
+        refuse(
             ("max_queued_requests", "a positive number, or -1 for no limit")
             if self.max_queued_requests == 0 or self.max_queued_requests < -1 else None,
             ("image_url_hosts", "a list of host names such as images.example.com")
