@@ -186,11 +186,9 @@ class DatasetSettings:
 
     @model_validator(mode="after")
     def _path_or_sources(self):
-        refuse(
-            ("", "give either path (one source) or sources (a mixture), not both") if self.path and self.sources else
-            None,
-            ("path", "required (or sources: a list of {path, image_folder, sampling})")
-            if not self.path and not self.sources else None)
+        both, neither = bool(self.path and self.sources), not (self.path or self.sources)
+        refuse(("", "give either path (one source) or sources (a mixture), not both") if both else None,
+               ("path", "required (or sources: a list of {path, image_folder, sampling})") if neither else None)
         return self
 
 
