@@ -406,7 +406,8 @@ class EvaluateSettings:
     batch_size: Int = setting(32, "questions per batch of in-process inference", ge=1)
     num_actors: Int = setting(2, "Ray Data actors answering in-process, one model copy each (one GPU each on a GPU "
                                  "cluster; fewer when fewer CPUs are free)", ge=1)
-    blind_baseline: Bool = setting(True, "also answer every question with a blank image")
+    blind_baseline: Bool = setting(True, "also answer every question with its image blanked: the processor's mean "
+                                         "colour at the image's own size (so AnyRes tiles it as the real one)")
     report_examples: Int = setting(6, "examples per set shown in evaluate/report.html", ge=0)
     endpoint: Optional[EvalEndpointSettings] = setting(
         None, "set: ask this live endpoint instead of the export; its key is read from the named variable or file "

@@ -41,7 +41,7 @@ def image_folder(tmp_path):
 def answer_with(table: dict):
     """A stand-in for a model: fixed predictions looked up by prompt text; the blind baseline always says "no"."""
     def answer(queries):
-        return {q.key: ("no" if q.image_b64 else table[q.text]) for q in queries}
+        return {q.key: ("no" if q.blank else table[q.text]) for q in queries}
     return answer
 
 
@@ -367,7 +367,7 @@ def test_the_stage_pass_reports_mme_scores_and_pope_splits(tmp_path, image_folde
         "pope": EvalSetSettings(layout="pope", questions=write_pope_splits(tmp_path / "coco"),
                                 image_folder=image_folder)})
     table.update({f"Is there a thing {i}?\n{SHORT_ANSWER}": "Yes" for i in range(6)})
-    results = evaluate_sets(settings, answer_with(table), blank="iVBORw0K", out_dir=str(tmp_path / "out"), title="t")
+    results = evaluate_sets(settings, answer_with(table), blank="127,127,127", out_dir=str(tmp_path / "out"), title="t")
     mme = results["mme"]
     assert (mme["perception"], mme["cognition"], mme["subtasks"]["OCR"]["score"]) == (225.0, 50.0, 125.0)
     # The blind stand-in says "no": right on every image's "No" question only: acc 50, acc+ 0 in every subtask.
@@ -483,7 +483,7 @@ def test_evaluate_sets_writes_predictions_metrics_and_an_escaped_report(tmp_path
         sets={"pope": EvalSetSettings(layout="pope", questions=write_jsonl(tmp_path / "pope.jsonl", pope_q),
                                       image_folder=image_folder)})
     out = tmp_path / "evaluate"
-    results = evaluate_sets(settings, answer_with(table), blank="iVBORw0K", out_dir=str(out), title="t<1>")
+    results = evaluate_sets(settings, answer_with(table), blank="127,127,127", out_dir=str(out), title="t<1>")
     metrics = stage_metrics(results, settings.primary_set(), "fixed")
 
     # llava: i % 4 == 0 -> "blue" is right (6 of 24); i % 4 == 2 -> "blue" is wrong; odd i -> "red" is right (12).
@@ -553,3 +553,29 @@ def test_inline_images_are_stored_once_per_question_and_sent_by_path(tmp_path):
     # Always "A": right in exactly one of the three rotations of every question, so never circularly right; in the
     # given order right for questions 0 and 3 (answers A, B, C, A).
     assert results["mmbench"]["accuracy"] == 0.0 and results["mmbench"]["plain_accuracy"] == 0.5
+
+
+def test_the_blind_baseline_sees_a_blank_of_each_images_own_size(tmp_path, image_folder):
+    """AnyRes tiles an image by its size: the blind baseline keeps the size (the token count) and loses the content."""
+    import io
+
+    from llava_core.eval.backends import image_bytes
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": f"img{i}.png", "text": "What colour?"}) + "\n"
+                                 for i in range(4)))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"question_id": i, "answer": "red"}) + "\n" for i in range(4)))
+    settings = EvaluateSettings(questions=str(questions), answers=str(tmp_path / "a.jsonl"), image_folder=image_folder)
+    asked = []
+
+    def answer(queries):
+        asked.extend(queries)
+        return {q.key: "red" for q in queries}
+
+    evaluate_sets(settings, answer, blank="10,20,30", out_dir=str(tmp_path / "out"), title="t")
+    seen, blind = [q for q in asked if not q.blank], [q for q in asked if q.blank]
+    assert len(seen) == len(blind) == 4
+    for real, blank in zip(seen, blind):
+        original, blanked = (Image.open(io.BytesIO(image_bytes(q))) for q in (real, blank))
+        assert blanked.size == original.size == (24 + 8 * int(real.image_path[-5]), 16)
+        assert blanked.convert("RGB").getcolors() == [(blanked.width * blanked.height, (10, 20, 30))]
