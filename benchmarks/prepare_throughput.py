@@ -82,12 +82,12 @@ def run_pipeline(paths: dict, cores: int, out_dir: str) -> tuple[float, dict]:
     import ray
 
     from llava_core.data.pipeline import prepare_dataset
-    from llava_core.data.sources import Source
+    from llava_core.config import SourceSettings
 
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         start = time.perf_counter()
-        entry, _ = prepare_dataset("bench", [Source(paths["annotations"], paths["images"])], "vicuna_v1",
+        entry, _ = prepare_dataset("bench", [SourceSettings(paths["annotations"], paths["images"])], "vicuna_v1",
                                    paths["vision"], paths["llm"], SETTINGS, out_dir, num_actors=cores,
                                    rows_per_shard=1000)
         return time.perf_counter() - start, entry
@@ -101,13 +101,14 @@ def run_floor(paths: dict, rows: int, out_dir: str) -> float:
     import pyarrow.parquet as pq
 
     from llava_core.data.rows import RowPreparer
-    from llava_core.data.sources import Source, staged_blocks
+    from llava_core.config import SourceSettings
+    from llava_core.data.sources import staged_blocks
 
     start = time.perf_counter()
     preparer = RowPreparer(paths["vision"], paths["llm"],
                            {"template": "vicuna_v1", "image_folder": paths["images"], **SETTINGS})
     outputs, done = [], 0
-    for block in staged_blocks(Source(paths["annotations"], paths["images"])):
+    for block in staged_blocks(SourceSettings(paths["annotations"], paths["images"])):
         if done >= rows:
             break
         block = block.slice(0, rows - done)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from llava_core.config import Workflow, WorkflowError, _build, resolve_local_paths
+from llava_core.config import Workflow, WorkflowError, workflow_from_dict
 
 # What an ablation compares: the primary eval set's headline numbers, as the evaluate stage reports them.
 COMPARED = ("accuracy", "blind_accuracy")
@@ -28,12 +28,7 @@ def ablated(w: Workflow, name: str) -> Workflow:
                 raise WorkflowError(f"{dotted}: {section} is not a section of the workflow")
             node = node[section]
         node[key] = value
-    from llava_core.config import validate
-
-    sibling = _build(Workflow, data, "")
-    validate(sibling)
-    resolve_local_paths(sibling)
-    return sibling
+    return workflow_from_dict(data)
 
 
 def comparison(own: dict, sibling: dict) -> dict:

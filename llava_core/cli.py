@@ -1,4 +1,5 @@
-"""`llava-ray`: run, validate or submit a workflow, follow a submitted job, or serve an exported model."""
+"""`llava-ray`: run, validate or submit a workflow, follow a submitted job, serve an exported model, or print the
+workflow schema."""
 from __future__ import annotations
 
 import argparse
@@ -34,6 +35,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--mfu", type=float, default=0.3, help="model-FLOPs utilisation the plan assumes")
     validate.add_argument("--check-remote", action="store_true", help="also check that s3:// paths exist")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+    schema = sub.add_parser("schema", help="print the workflow's JSON Schema (or the README's reference tables)",
+                            description="Print the JSON Schema of a workflow file, which editors use to complete and "
+                                        "check keys (the shipped workflows name workflows/schema.json in their first "
+                                        "line), or with --markdown the reference tables of the README.")
+    schema.add_argument("--markdown", action="store_true", help="print the reference tables instead")
 
     _add_job_commands(sub)
 
@@ -134,17 +141,24 @@ def _validate(args, workflow) -> int:
     return 0
 
 
+def _schema(args) -> int:
+    from llava_core import reference
+
+    sys.stdout.write(reference.markdown() + "\n" if args.markdown else reference.json_schema_text())
+    return 0
+
+
 def serve_settings(args):
     """The workflow's `serve:` section (if given), then --set overrides, then the explicit flags."""
     import yaml
 
-    from llava_core.config import apply_overrides, serve_settings_from_dict
+    from llava_core.config import apply_overrides, read_yaml, serve_settings_from_dict
 
     data = {}
     if args.workflow:
         try:
             with open(args.workflow) as f:
-                data = (yaml.safe_load(f) or {}).get("serve") or {}
+                data = (read_yaml(f) or {}).get("serve") or {}
         except (OSError, yaml.YAMLError) as error:
             raise WorkflowError(f"--workflow {args.workflow}: {error}") from None
     # `--set serve.port=9000` and `--set port=9000` mean the same here.
@@ -201,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
             return _job_command(args)
         if args.command == "submit":
             return _submit(args)
+        if args.command == "schema":
+            return _schema(args)
         workflow = load_workflow(args.workflow, args.overrides)
     except WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)

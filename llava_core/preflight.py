@@ -1,9 +1,9 @@
 """Checks of a workflow against the world it will run in, before any worker starts.
 
-`config.validate` checks the file on its own (keys, types, values). This module checks what the file points at: that
-local paths exist (remote ones on request: a laptop validating a cluster workflow often has no bucket access), and
-that each training worker fits on one node of the cluster. Every problem is reported at once, each with its YAML path
-and what to do about it.
+The schema (`llava_core/schema.py`, applied by `config.load_workflow`) checks the file on its own: keys, types, values
+and how they fit together. This module checks what the file points at: that local paths exist (remote ones on
+request: a laptop validating a cluster workflow often has no bucket access), and that each training worker fits on one
+node of the cluster. Every problem is reported at once, each with its YAML path and what to do about it.
 """
 from __future__ import annotations
 

@@ -96,6 +96,12 @@ def exists(path: str) -> bool:
     return fs.get_file_info(inner).type != pafs.FileType.NotFound
 
 
+def is_dir(path: str) -> bool:
+    """A folder (on S3: a prefix with objects below it)."""
+    fs, inner = filesystem(path)
+    return fs.get_file_info(inner).type == pafs.FileType.Directory
+
+
 def size(path: str) -> int:
     """A file's size in bytes, from its metadata (one HEAD request on S3): checked before a large read."""
     fs, inner = filesystem(path)

@@ -97,6 +97,21 @@ def test_prompt_tokens_are_a_prefix_and_exactly_the_answers_are_learned(tokenize
         assert labels.tolist() == expected.tolist()
 
 
+def test_vicuna_v1_labels_are_the_chat_templates_assistant_mask(tokenizer):
+    """vicuna_v1 has one definition, the chat template the export ships: rendered for the client's messages with
+    `return_assistant_tokens_mask`, its generation markers cover exactly the tokens training learns."""
+    turns = formats.normalise_conversation(multi_turn_row(ANSWERS), 1)
+    ids, labels = templates.tokenize_with_labels(templates.render("vicuna_v1", turns, tokenizer), tokenizer)
+    chat = tokenizer.apply_chat_template(inference_messages(turns), chat_template=VICUNA_V1_CHAT_TEMPLATE,
+                                         tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
+    # apply_chat_template tokenizes without special tokens and the template writes no BOS; training (like the
+    # processor at inference) lets the tokenizer add its own, so training's ids are that BOS (LLaMA) + the template's.
+    own = tokenizer("")["input_ids"]
+    assert ids.tolist() == own + chat["input_ids"]
+    learned = (labels != templates.IGNORE_INDEX).astype(int).tolist()
+    assert learned == [0] * len(own) + chat["assistant_masks"] and sum(learned) > len(ANSWERS)
+
+
 def test_the_first_generated_token_of_a_numeric_answer_is_learned(tiny_dataset):
     """With the LLaMA-style tokenizer, ` 4` is `▁` then `4`: both must be supervised (a mask from the answer's
     characters would leave `▁` unlearned, and the model would never emit it after `ASSISTANT:`)."""

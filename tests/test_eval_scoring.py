@@ -6,7 +6,9 @@ numbers must follow from the predictions alone), and checks `load_eval_set` + `s
 """
 from __future__ import annotations
 
+import csv
 import json
+import os
 import re
 from fractions import Fraction
 
@@ -17,6 +19,7 @@ from llava_core.config import EvalSetSettings, EvaluateSettings, WorkflowError, 
 from llava_core.eval.evaluate import evaluate_sets, stage_metrics
 from llava_core.eval.layouts import OPTION_LETTER, SHORT_ANSWER, EvalSetError, load_eval_set
 from llava_core.eval.scoring import score_set
+from llava_core.eval.vqa_answers import normalise_answer, process_punctuation
 
 CATEGORIES = ("adversarial", "popular", "random")
 
@@ -38,7 +41,7 @@ def image_folder(tmp_path):
 def answer_with(table: dict):
     """A stand-in for a model: fixed predictions looked up by prompt text; the blind baseline always says "no"."""
     def answer(queries):
-        return {q.key: ("no" if q.image_b64 else table[q.text]) for q in queries}
+        return {q.key: ("no" if q.blank else table[q.text]) for q in queries}
     return answer
 
 
@@ -99,6 +102,50 @@ def test_vqav2_json_files_with_an_image_template(tmp_path, image_folder):
     assert score.metrics["exact_match"] == 0.5
 
 
+# The official VQA answer processing (EvalAI's processor; vqaEval.py's processPunctuation / processDigitArticle),
+# each output worked out by hand from its rules.
+ANSWER_PROCESSING = [
+    ("dont", "don't"), ("Isnt", "isn't"), ("wont", "won't"), ("youre right", "you're right"),  # contractions
+    ("two", "2"), ("None", "0"), ("Ten", "10"),  # number words
+    ("3.5", "3.5"), ("2.", "2"), ("Mr. Smith", "mr smith"),  # a period stays only before a digit
+    ("well-known", "well known"), ("left/right", "left right"), ("yes!", "yes"),  # a mark inside a word: a space
+    ("left / right", "left right"),  # a mark beside a space is deleted
+    ("1,000", "1000"), ("1,000 people", "1000 people"),  # commas go before anything else
+    ("The dog.", "dog"), ("an apple", "apple"), ("A", ""),  # articles
+    ("It's red", "it 's red"), ("10:30", "10:30"), ("50%", "50%"), ("\tred\ncar ", "red car"),
+]
+
+
+@pytest.mark.parametrize("answer, processed", ANSWER_PROCESSING)
+def test_answers_are_processed_as_the_vqa_evaluation_does(answer, processed):
+    assert normalise_answer(answer) == processed
+
+
+def test_a_comma_between_digits_deletes_every_mark():
+    """vqaEval's commaStrip rule, which EvalAI's processor keeps (its own comma removal comes first, so a test)."""
+    assert process_punctuation("3,5-6") == "356" and process_punctuation("3-6") == "3 6"
+
+
+def test_vqa_scores_follow_the_official_processing(tmp_path, image_folder):
+    """The soft accuracy counts the references that equal the prediction once both are processed."""
+    cases = [  # (prediction, references, matches after processing)
+        ("well-known", ["well known"] * 2 + ["wellknown"] * 8, 2),  # no longer merged with "wellknown"
+        ("3.5", ["3.5"] + ["35"] * 9, 1),  # no longer "35"
+        ("Dont", ["don't"] * 6 + ["no"] * 4, 6),
+        ("1,000", ["1000"] * 3 + ["100"] * 7, 3),
+        ("The two dogs.", ["2 dogs"] * 2 + ["dogs"] * 8, 2),
+    ]
+    questions = [{"question_id": i, "image": "img0.png", "question": f"q{i}", "answers": refs}
+                 for i, (_, refs, _) in enumerate(cases)]
+    items = load_eval_set(EvalSetSettings(layout="vqa", questions=write_jsonl(tmp_path / "v.jsonl", questions),
+                                          image_folder=image_folder))
+    score = score_set("vqa", items, [prediction for prediction, _, _ in cases])
+    expected = [VQA_BY_MATCHES.get(k, Fraction(1)) for _, _, k in cases]
+    assert [r["score"] for r in score.rows] == [float(e) for e in expected]
+    assert score.metrics["accuracy"] == float(sum(expected) / len(cases))
+    assert score.metrics["exact_match"] == float(Fraction(1, 5))  # only "don't" is also the most common reference
+
+
 # --- POPE ----------------------------------------------------------------------------------------------------------
 
 # (prediction, what POPE's parser makes of it)
@@ -139,7 +186,197 @@ def test_pope_metrics_by_hand(tmp_path, image_folder):
     adversarial = [i for i in range(32) if i % 3 == 0]  # every one labelled "no"
     assert score.metrics["by_category"]["adversarial"] == float(
         Fraction(sum(parsed[i] == "no" for i in adversarial), len(adversarial)))
-    assert score.metrics["f1_by_category"]["adversarial"] == 0.0  # no positives: precision and recall are 0
+    assert score.metrics["per_category"]["adversarial"]["f1"] == 0.0  # no positives: precision and recall are 0
+
+
+# LLaVA's POPE: three split files. Labels and answers per split, and what each split scores, by hand:
+# adversarial: TP 2, FN 1, FP 1, TN 2; popular: TP 3, FP 2, TN 1; random: "No" throughout: TN 3, FN 3.
+POPE_LABELS = ["yes", "yes", "yes", "no", "no", "no"]
+POPE_SPLIT_ANSWERS = {"adversarial": ["Yes", "Yes", "No", "Yes", "No", "No"],
+                      "popular": ["Yes", "Yes", "Yes", "Yes", "Yes", "No"],
+                      "random": ["No"] * 6}
+POPE_SPLIT_METRICS = {
+    "adversarial": {"accuracy": Fraction(4, 6), "precision": Fraction(2, 3), "recall": Fraction(2, 3),
+                    "f1": Fraction(2, 3), "yes_ratio": Fraction(3, 6), "count": 6},
+    "popular": {"accuracy": Fraction(4, 6), "precision": Fraction(3, 5), "recall": Fraction(1),
+                "f1": Fraction(3, 4), "yes_ratio": Fraction(5, 6), "count": 6},  # f1 = 2 * 3/5 * 1 / (8/5)
+    "random": {"accuracy": Fraction(1, 2), "precision": Fraction(0), "recall": Fraction(0), "f1": Fraction(0),
+               "yes_ratio": Fraction(0), "count": 6},
+}
+
+
+def write_pope_splits(folder):
+    """coco_pope_<split>.json as POPE ships them: JSON lines, question ids from 1 in every file."""
+    folder.mkdir()
+    for split in POPE_SPLIT_ANSWERS:
+        write_jsonl(folder / f"coco_pope_{split}.json", [
+            {"question_id": i + 1, "image": f"img{(i + len(split)) % 4}.png", "text": f"Is there a thing {i}?",
+             "label": label} for i, label in enumerate(POPE_LABELS)])
+    return str(folder)
+
+
+def answers_by_split(items):
+    """The answer of each item from POPE_SPLIT_ANSWERS: its split, and its place among that split's items."""
+    seen = {split: 0 for split in POPE_SPLIT_ANSWERS}
+    answers = []
+    for item in items:
+        answers.append(POPE_SPLIT_ANSWERS[item.category][seen[item.category]])
+        seen[item.category] += 1
+    return answers
+
+
+def assert_pope_split_metrics(metrics):
+    assert metrics["per_category"] == {split: {k: float(v) if isinstance(v, Fraction) else v for k, v in m.items()}
+                                       for split, m in POPE_SPLIT_METRICS.items()}
+    # All 18: TP 5, FP 3, TN 6, FN 4.
+    precision, recall = Fraction(5, 8), Fraction(5, 9)
+    assert metrics["accuracy"] == float(Fraction(11, 18)) and metrics["yes_ratio"] == float(Fraction(8, 18))
+    assert metrics["f1"] == float(2 * precision * recall / (precision + recall)) == float(Fraction(10, 17))
+
+
+def test_pope_split_files_are_scored_per_split(tmp_path, image_folder):
+    """`questions` the folder of split files: each file is a split, its labels inline."""
+    s = EvalSetSettings(layout="pope", questions=write_pope_splits(tmp_path / "coco"), image_folder=image_folder)
+    items = load_eval_set(s)
+    assert [i.category for i in items] == ["adversarial"] * 6 + ["popular"] * 6 + ["random"] * 6
+    assert len({i.key for i in items}) == 18 and items[6].question_id == "popular/1"  # every file numbers from 1
+    assert items[0].text == f"Is there a thing 0?\n{SHORT_ANSWER}"
+    assert_pope_split_metrics(score_set("pope", items, answers_by_split(items)).metrics)
+
+
+def llava_pope_questions(split_folder):
+    """LLaVA's llava_pope_test.jsonl: every split's questions with their category, in an order of its own (here
+    the splits interleaved), ids of its own; labels pair with them by position within a split."""
+    rows = []
+    for i in range(6):
+        for split in ("random", "adversarial", "popular"):
+            label = json.loads((split_folder / f"coco_pope_{split}.json").read_text().splitlines()[i])
+            rows.append({"question_id": 1000 + len(rows), "image": label["image"], "text": label["text"],
+                         "category": split})
+    return rows
+
+
+def test_llava_pope_question_file_with_a_folder_of_labels(tmp_path, image_folder):
+    folder = write_pope_splits(tmp_path / "coco")
+    questions = llava_pope_questions(tmp_path / "coco")
+    s = EvalSetSettings(layout="pope", questions=write_jsonl(tmp_path / "llava_pope_test.jsonl", questions),
+                        answers=folder, image_folder=image_folder)
+    items = load_eval_set(s)
+    assert [i.references[0] for i in items if i.category == "popular"] == POPE_LABELS
+    assert_pope_split_metrics(score_set("pope", items, answers_by_split(items)).metrics)
+
+    questions[3]["image"] = "img9.png"  # the 2nd random question no longer shows the 2nd random label's image
+    s.questions = write_jsonl(tmp_path / "wrong.jsonl", questions)
+    with pytest.raises(EvalSetError, match="line 2 of split 'random'"):
+        load_eval_set(s)
+    s.questions = write_jsonl(tmp_path / "short.jsonl", llava_pope_questions(tmp_path / "coco")[:-1])
+    with pytest.raises(EvalSetError, match=re.escape("labels without a question") + ".*'popular': 1"):
+        load_eval_set(s)
+
+
+# --- MME: two questions per image, acc + acc+ per subtask ----------------------------------------------------------
+
+# subtask -> per image: (question, label, prediction) twice. MME's parser: "yes"/"no" as they are, else whichever of
+# the two the first four characters (lower-cased) contain, else "other".
+MME_CASES = {
+    "existence": [[("Is there a dog?", "Yes", "Yes"), ("Is there a cat?", "No", "No")],  # both right
+                  [("Is there a car?", "Yes", "yes, there is"), ("Is there a bus?", "No", "Yes")],  # one
+                  [("Is there a cup?", "Yes", "No."), ("Is there a pen?", "No", "not sure")]],  # one ("not " -> no)
+    "OCR": [[("Does it say A?", "Yes", "YES"), ("Does it say B?", "No", "NO")],  # both
+            [("Does it say C?", "Yes", "I think yes"), ("Does it say D?", "No", "no")]],  # one ("i th": other)
+    "code_reasoning": [[("Does it print 1?", "Yes", "Yes"), ("Does it print 2?", "No", "Yes")],  # one
+                       [("Does it loop?", "Yes", "nope"), ("Does it halt?", "No", "No")]],  # one ("nope" -> no)
+}
+# By hand: existence acc 4/6, acc+ 1/3 -> 66.67 + 33.33 = 100; OCR acc 3/4, acc+ 1/2 -> 75 + 50 = 125;
+# code_reasoning acc 2/4, acc+ 0 -> 50. Perception = existence + OCR, cognition = code_reasoning.
+MME_SUBTASK_SCORES = {"OCR": (75, 50), "code_reasoning": (50, 0),
+                      "existence": (Fraction(200, 3), Fraction(100, 3))}
+
+
+def mme_rows():
+    return [{"question_id": f"{subtask}/{n}.png", "image": f"img{n}.png", "text": f"{q} Please answer yes or no.",
+             "answer": label, "category": subtask}
+            for subtask, images in MME_CASES.items() for n, pair in enumerate(images) for q, label, _ in pair]
+
+
+def mme_predictions(items):
+    said = {(subtask, f"{q} Please answer yes or no."): p
+            for subtask, images in MME_CASES.items() for pair in images for q, _, p in pair}
+    return [said[(i.category, i.text.split("\n")[0])] for i in items]
+
+
+def assert_mme_metrics(metrics):
+    assert metrics["subtasks"] == {t: {"acc": float(a), "acc_plus": float(p), "score": float(a + p)}
+                                   for t, (a, p) in MME_SUBTASK_SCORES.items()}
+    assert metrics["perception"] == 225.0 and metrics["cognition"] == 50.0
+    assert metrics["accuracy"] == float(Fraction(9, 14)) and metrics["acc_plus"] == float(Fraction(2, 7))
+    assert metrics["unparsed"] == float(Fraction(1, 14)) and metrics["count"] == 14
+    assert metrics["by_category"]["OCR"] == 0.75
+
+
+def test_mme_scores_acc_and_acc_plus_per_subtask(tmp_path, image_folder):
+    s = EvalSetSettings(layout="mme", questions=write_jsonl(tmp_path / "mme.jsonl", mme_rows()),
+                        image_folder=image_folder)
+    items = load_eval_set(s)
+    assert items[0].text == f"Is there a dog? Please answer yes or no.\n{SHORT_ANSWER}"
+    assert [i.key for i in items[:2]] == ["existence/0.png", "existence/0.png#2"]  # one id per image, as LLaVA's
+    assert_mme_metrics(score_set("mme", items, mme_predictions(items)).metrics)
+
+    with pytest.raises(EvalSetError, match="two questions of every image"):
+        load_eval_set(EvalSetSettings(layout="mme", questions=s.questions, image_folder=image_folder, limit=3))
+    bad = [{**r, "category": "counting"} for r in mme_rows()]
+    with pytest.raises(EvalSetError, match="'counting', not one of MME's subtasks"):
+        load_eval_set(EvalSetSettings(layout="mme", questions=write_jsonl(tmp_path / "bad.jsonl", bad),
+                                      image_folder=image_folder))
+
+
+def write_mme_release(root):
+    """MME_Benchmark_release_version: a .txt of "question<TAB>answer" lines per image, beside it, or (for some
+    subtasks) in questions_answers_YN/ with the image in images/; some copies put the subtasks in MME_Benchmark/."""
+    for subtask, images in MME_CASES.items():
+        base = root / "MME_Benchmark" if subtask == "code_reasoning" else root
+        apart = subtask == "OCR"
+        image_dir, text_dir = (base / subtask / "images", base / subtask / "questions_answers_YN") if apart else (
+            base / subtask, base / subtask)
+        image_dir.mkdir(parents=True, exist_ok=True)
+        text_dir.mkdir(parents=True, exist_ok=True)
+        for n, pair in enumerate(images):
+            Image.new("RGB", (16, 16), (n * 60, 0, 0)).save(image_dir / f"{n:04d}.jpg")
+            (text_dir / f"{n:04d}.txt").write_text("".join(f"{q} Please answer yes or no.\t{label}\n"
+                                                           for q, label, _ in pair))
+    (root / "readme.txt").write_text("not a subtask\n")
+    (root / "eval_tool" / "Your_Results").mkdir(parents=True)
+    (root / "eval_tool" / "Your_Results" / "existence.txt").write_text("0001.jpg\tIs it?\tYes\n")  # not read
+    return str(root)
+
+
+def test_mme_release_folder(tmp_path):
+    items = load_eval_set(EvalSetSettings(layout="mme", questions=write_mme_release(tmp_path / "MME")))
+    assert len(items) == 14 and {i.category for i in items} == set(MME_CASES)
+    ocr = [i for i in items if i.category == "OCR"]
+    assert ocr[0].question_id == "OCR/0000.jpg" and ocr[0].image_path == str(tmp_path / "MME/OCR/images/0000.jpg")
+    assert ocr[0].references == ["yes"] and ocr[1].references == ["no"]
+    assert_mme_metrics(score_set("mme", items, mme_predictions(items)).metrics)
+
+
+def test_the_stage_pass_reports_mme_scores_and_pope_splits(tmp_path, image_folder):
+    table = {f"{q} Please answer yes or no.\n{SHORT_ANSWER}": p
+             for images in MME_CASES.values() for pair in images for q, _, p in pair}
+    settings = EvaluateSettings(sets={
+        "mme": EvalSetSettings(layout="mme", questions=write_mme_release(tmp_path / "MME"), primary=True),
+        "pope": EvalSetSettings(layout="pope", questions=write_pope_splits(tmp_path / "coco"),
+                                image_folder=image_folder)})
+    table.update({f"Is there a thing {i}?\n{SHORT_ANSWER}": "Yes" for i in range(6)})
+    results = evaluate_sets(settings, answer_with(table), blank="127,127,127", out_dir=str(tmp_path / "out"), title="t")
+    mme = results["mme"]
+    assert (mme["perception"], mme["cognition"], mme["subtasks"]["OCR"]["score"]) == (225.0, 50.0, 125.0)
+    # The blind stand-in says "no": right on every image's "No" question only: acc 50, acc+ 0 in every subtask.
+    assert (mme["blind"]["perception"], mme["blind"]["cognition"], mme["blind"]["acc_plus"]) == (100.0, 50.0, 0.0)
+    # POPE, "Yes" throughout: per split TP 3, FP 3.
+    assert results["pope"]["per_category"]["random"] == {"accuracy": 0.5, "precision": 0.5, "recall": 1.0,
+                                                         "f1": round(2 / 3, 4), "yes_ratio": 1.0, "count": 6}
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "<th>perception</th>" in html and "225.0000" in html
 
 
 # --- multiple choice, circular ---------------------------------------------------------------------------------------
@@ -213,6 +450,22 @@ def test_multiple_choice_reads_option_text_and_mmbench_tsv(tmp_path):
     assert score.metrics["accuracy"] == float(Fraction(3, 6))
 
 
+def test_mmbench_tsv_with_an_image_over_csvs_field_limit(tmp_path):
+    """csv's default field limit is 128 KiB; MMBench's inline images are often larger."""
+    noise = Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3))  # incompressible: a large PNG
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    image = base64.b64encode(buffer.getvalue()).decode()
+    assert len(image) > 200_000
+    limit = csv.field_size_limit()
+    items = load_eval_set(EvalSetSettings(layout="choice", questions=write_mmbench_tsv(tmp_path / "mm.tsv", image, 3)))
+    assert [i.image_b64 == image for i in items] == [True] * 3 and [i.references for i in items] == [["A"], ["B"], ["C"]]
+    assert csv.field_size_limit() == limit  # put back after the read
+
+
 # --- the stage's pass over several sets: files, metrics, report --------------------------------------------------
 
 
@@ -230,7 +483,7 @@ def test_evaluate_sets_writes_predictions_metrics_and_an_escaped_report(tmp_path
         sets={"pope": EvalSetSettings(layout="pope", questions=write_jsonl(tmp_path / "pope.jsonl", pope_q),
                                       image_folder=image_folder)})
     out = tmp_path / "evaluate"
-    results = evaluate_sets(settings, answer_with(table), blank="iVBORw0K", out_dir=str(out), title="t<1>")
+    results = evaluate_sets(settings, answer_with(table), blank="127,127,127", out_dir=str(out), title="t<1>")
     metrics = stage_metrics(results, settings.primary_set(), "fixed")
 
     # llava: i % 4 == 0 -> "blue" is right (6 of 24); i % 4 == 2 -> "blue" is wrong; odd i -> "red" is right (12).
@@ -300,3 +553,29 @@ def test_inline_images_are_stored_once_per_question_and_sent_by_path(tmp_path):
     # Always "A": right in exactly one of the three rotations of every question, so never circularly right; in the
     # given order right for questions 0 and 3 (answers A, B, C, A).
     assert results["mmbench"]["accuracy"] == 0.0 and results["mmbench"]["plain_accuracy"] == 0.5
+
+
+def test_the_blind_baseline_sees_a_blank_of_each_images_own_size(tmp_path, image_folder):
+    """AnyRes tiles an image by its size: the blind baseline keeps the size (the token count) and loses the content."""
+    import io
+
+    from llava_core.eval.backends import image_bytes
+
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": i, "image": f"img{i}.png", "text": "What colour?"}) + "\n"
+                                 for i in range(4)))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"question_id": i, "answer": "red"}) + "\n" for i in range(4)))
+    settings = EvaluateSettings(questions=str(questions), answers=str(tmp_path / "a.jsonl"), image_folder=image_folder)
+    asked = []
+
+    def answer(queries):
+        asked.extend(queries)
+        return {q.key: "red" for q in queries}
+
+    evaluate_sets(settings, answer, blank="10,20,30", out_dir=str(tmp_path / "out"), title="t")
+    seen, blind = [q for q in asked if not q.blank], [q for q in asked if q.blank]
+    assert len(seen) == len(blind) == 4
+    for real, blank in zip(seen, blind):
+        original, blanked = (Image.open(io.BytesIO(image_bytes(q))) for q in (real, blank))
+        assert blanked.size == original.size == (24 + 8 * int(real.image_path[-5]), 16)
+        assert blanked.convert("RGB").getcolors() == [(blanked.width * blanked.height, (10, 20, 30))]

@@ -15,7 +15,8 @@ from PIL import Image
 
 from llava_core.data import images, sources
 from llava_core.data.formats import RowError
-from llava_core.data.sources import ArrayReader, Source, SourceError
+from llava_core.config import SourceSettings
+from llava_core.data.sources import ArrayReader, SourceError
 
 BOM = codecs.BOM_UTF8
 
@@ -46,7 +47,7 @@ def preparer(tiny_dataset):
 def prepared(preparer, path: str, image_folder: str = "") -> list[dict]:
     """Every row of the file through staging and the row stage, as prepare runs them (without Ray)."""
     out = []
-    for block in sources.staged_blocks(Source(path, image_folder)):
+    for block in sources.staged_blocks(SourceSettings(path, image_folder)):
         out += preparer(block).select(["id", "index", "reason", "detail", "status"]).to_pylist()
     return out
 
@@ -174,7 +175,7 @@ def test_elements_across_chunk_boundaries_read_the_same(tmp_path):
 def test_defective_rows_stage_as_arrow_accepts_them_and_keep_their_index(tmp_path):
     lines = [text_row("a"), b'{"id": "\xff\xfe"}', b'{"v": "\\udfff"}', text_row("d")]
     path = write(tmp_path, "rows.jsonl", b"\n".join(lines) + b"\n")
-    table = pa.concat_tables(sources.staged_blocks(Source(path, "imgs")))
+    table = pa.concat_tables(sources.staged_blocks(SourceSettings(path, "imgs")))
     assert table.column("index").to_pylist() == [0, 1, 2, 3]
     assert table.column("raw").to_pylist()[1] == '{"id": "\ufffd\ufffd"}'  # replacement characters
     assert [d is None for d in table.column("defect").to_pylist()] == [True, False, False, True]
@@ -337,8 +338,9 @@ def test_the_prepare_stage_rejects_each_hostile_row_and_writes_the_rest(ray_sess
                 b"]" * 100_000, json.dumps(image_row("abs", str(image_tree / "red.png"))).encode(), good[3]]
     array = write(tmp_path, "rows.json", BOM + b"[\n" + b",\n".join(elements) + b"\n]\n")
     entry, _ = pipeline.prepare_dataset(
-        "mix", [Source(jsonl, str(image_tree)), Source(array, str(image_tree))], "vicuna_v1", tiny_dataset["vision"],
-        tiny_dataset["llm"], {"max_length": 512}, str(tmp_path / "out"), num_actors=1, rows_per_shard=100)
+        "mix", [SourceSettings(jsonl, str(image_tree)), SourceSettings(array, str(image_tree))], "vicuna_v1",
+        tiny_dataset["vision"], tiny_dataset["llm"], {"max_length": 512}, str(tmp_path / "out"), num_actors=1,
+        rows_per_shard=100)
     rejects = [json.loads(line) for line in open(tmp_path / "out" / "mix" / "rejects.jsonl")]
     got = [(os.path.basename(r["source"]), r["index"], r["reason"], r["detail"].split(": ", 1)[0]) for r in rejects]
 

@@ -11,7 +11,7 @@ from PIL import Image
 
 from llava_core.data import pipeline
 from llava_core.data.image_layouts import CropPixels
-from llava_core.data.sources import Source
+from llava_core.config import SourceSettings
 
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
@@ -79,7 +79,7 @@ def dirty_dataset(tmp_path_factory):
 
 
 def _prepare(dataset, tiny_dataset, out_dir, path=None, image_folder=None):
-    source = Source(path or dataset["path"], image_folder or dataset["image_folder"])
+    source = SourceSettings(path or dataset["path"], image_folder or dataset["image_folder"])
     return pipeline.prepare_dataset("mix", [source], "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
                                     SETTINGS, str(out_dir), num_actors=2, rows_per_shard=100)
 
@@ -226,7 +226,8 @@ def test_mixture_of_jsonl_and_hub_parquet_with_sampling(ray_session, tiny_datase
         "conversations": [conversations if i % 2 else _turns("Say hi.", "hi") for i in range(8)],
     })
     pq.write_table(hub, tmp_path / "hub.parquet")
-    sources = [Source(str(jsonl), folder, "last:3"), Source(str(tmp_path / "hub.parquet"), "", "50%", seed=3)]
+    sources = [SourceSettings(str(jsonl), folder, "last:3"),
+               SourceSettings(str(tmp_path / "hub.parquet"), "", "50%", seed=3)]
     entry, _ = pipeline.prepare_dataset("mix", sources, "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
                                         SETTINGS, str(tmp_path / "out"), num_actors=2, rows_per_shard=100)
     per_source = entry["sources"]

@@ -6,7 +6,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from llava_core.data import sources
-from llava_core.data.sources import Source, select_indices
+from llava_core.config import SourceSettings
+from llava_core.data.sources import select_indices
 
 
 def test_sampling_strategies_pick_the_documented_rows():
@@ -36,7 +37,7 @@ def test_json_array_and_jsonl_stream_the_same_rows(tmp_path):
     from_array = [json.loads(row.raw) for row in sources.iter_rows(str(tmp_path / "a.json"))]
     from_lines = [json.loads(row.raw) for row in sources.iter_rows(str(tmp_path / "a.jsonl"))]
     assert from_array == from_lines == rows
-    blocks = list(sources.staged_blocks(Source(str(tmp_path / "a.json"), "imgs"), rows_per_block=128))
+    blocks = list(sources.staged_blocks(SourceSettings(str(tmp_path / "a.json"), "imgs"), rows_per_block=128))
     assert [b.num_rows for b in blocks] == [128, 128, 44]
     assert blocks[2].column("index").to_pylist() == list(range(256, 300))
     assert set(blocks[0].column("image_folder").to_pylist()) == {"imgs"}

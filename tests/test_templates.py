@@ -25,9 +25,10 @@ def supervised_text(tokenizer, ids, labels):
     return tokenizer.decode(ids[labels != templates.IGNORE_INDEX])
 
 
-def test_vicuna_v1_renders_the_official_format():
+def test_vicuna_v1_renders_the_official_format(tokenizer):
+    """The export's chat template, through which training renders vicuna_v1, writes LLaVA's format exactly."""
     turns = formats.normalise_conversation(ROW, 1)
-    rendered = templates.render_vicuna_v1(turns, "</s>")
+    rendered = templates.render_vicuna_v1(turns, tokenizer)
     assert rendered.text == (f"{VICUNA_SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT: red</s>"
                              "USER: And the shape? ASSISTANT: a circle</s>")
     assert [rendered.text[s:e] for s, e in rendered.supervised] == [" red</s>", " a circle</s>"]
@@ -35,7 +36,7 @@ def test_vicuna_v1_renders_the_official_format():
 
 def test_vicuna_v1_mask_covers_exactly_the_answers(tokenizer):
     turns = formats.normalise_conversation(ROW, 1)
-    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer.eos_token), tokenizer)
+    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer), tokenizer)
     assert ids[0] == tokenizer.bos_token_id and labels[0] == templates.IGNORE_INDEX
     # Exactly the answer tokens and their </s> are supervised, each answer in one contiguous run.
     supervised = np.flatnonzero(labels != templates.IGNORE_INDEX)
@@ -57,7 +58,7 @@ def test_text_only_row_has_no_image_tokens(tokenizer):
     row = {"id": "t", "conversations": [{"from": "human", "value": "What is one plus one?"},
                                         {"from": "gpt", "value": "two"}]}
     turns = formats.normalise_conversation(row, 0)
-    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer.eos_token), tokenizer)
+    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer), tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     assert image_id not in ids
     assert supervised_text(tokenizer, ids, labels).strip() == "two</s>"
@@ -65,7 +66,7 @@ def test_text_only_row_has_no_image_tokens(tokenizer):
 
 def test_image_tokens_expand_and_are_never_supervised(tokenizer):
     turns = formats.normalise_conversation(ROW, 1)
-    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer.eos_token), tokenizer)
+    ids, labels = templates.tokenize_with_labels(templates.render_vicuna_v1(turns, tokenizer), tokenizer)
     image_id = tokenizer.convert_tokens_to_ids("<image>")
     expanded, expanded_labels = templates.expand_image_tokens(ids, labels, image_id, [64])
     assert (expanded == image_id).sum() == 64 and len(expanded) == len(ids) + 63
@@ -112,16 +113,21 @@ def test_role_content_keys_and_leading_assistant_turn():
     assert [(t.role, t.text) for t in turns] == [("user", "<image>\nq"), ("assistant", "a")]
 
 
-def test_export_chat_template_renders_the_training_prompt(tiny_llava_dir):
+def test_export_chat_template_renders_the_training_prompt(tiny_llava_dir, tokenizer):
+    """The export ships the template training rendered with; from a client's content parts it renders the training
+    text up to the answer being generated."""
     from transformers import AutoProcessor
 
+    from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+
     processor = AutoProcessor.from_pretrained(tiny_llava_dir)
+    assert processor.chat_template == VICUNA_V1_CHAT_TEMPLATE
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]},
                 {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
                 {"role": "user", "content": [{"type": "text", "text": "And the shape?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     turns = formats.normalise_conversation(ROW, 1)
-    trained = templates.render_vicuna_v1(turns, "</s>").text
+    trained = templates.render_vicuna_v1(turns, tokenizer).text
     # The inference prompt is the training text up to the position of the answer being generated.
     assert trained.startswith(prompt) and trained[len(prompt):] == " a circle</s>"
 

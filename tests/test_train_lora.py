@@ -202,23 +202,22 @@ def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path)
     ({"init_projector": "mm_projector.bin"}, "align trains the projector from scratch"),
 ])
 def test_bad_training_settings_are_rejected_before_anything_runs(settings, message):
-    from llava_core.config import WorkflowError, _build, Workflow, validate
+    from llava_core.config import WorkflowError, workflow_from_dict
 
     data = {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
             "align": {"dataset": "align", "global_batch_size": 32, "micro_batch_size": 16, **settings}}
     if "lora" in settings and "trainable" not in settings:
         data["align"]["trainable"] = ["projector", "llm"]
     with pytest.raises(WorkflowError, match=message):
-        validate(_build(Workflow, data, ""))
+        workflow_from_dict(data)
 
 
 def test_llava_15_lora_settings_are_accepted():
-    from llava_core.config import _build, Workflow, validate
+    from llava_core.config import workflow_from_dict
 
-    w = _build(Workflow, {"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
-                          "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"], "lora": {},
-                                       "lr": 2e-4, "projector_lr": 2e-5,
-                                       "zero_stage": 3, "offload_params": True, "offload_optimizer": True,
-                                       "sampling": "modality_grouped", "init_projector": "mm_projector.bin"}}, "")
-    validate(w)
+    w = workflow_from_dict({"datasets": {"align": {"path": "a.json"}, "instruct": {"path": "b.json"}},
+                            "instruct": {"dataset": "instruct", "trainable": ["projector", "llm"], "lora": {},
+                                         "lr": 2e-4, "projector_lr": 2e-5,
+                                         "zero_stage": 3, "offload_params": True, "offload_optimizer": True,
+                                         "sampling": "modality_grouped", "init_projector": "mm_projector.bin"}})
     assert (w.instruct.lora.r, w.instruct.lora.alpha, len(w.instruct.lora.target_modules)) == (128, 256, 7)

@@ -1,6 +1,7 @@
 """Create a quickstart's synthetic dataset and tiny base models, again whenever their settings change."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -30,7 +31,7 @@ def ensure_synthetic(workflow) -> None:
     paths = write(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
-    model_cfg = standins.TinyModelConfig(**s.tiny_model.__dict__, seed=s.seed)
+    model_cfg = standins.TinyModelConfig(**dataclasses.asdict(s.tiny_model), seed=s.seed)
     # Generators: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
     if onevision:
         base_models = families.family("llava_onevision")

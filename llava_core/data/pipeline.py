@@ -10,6 +10,7 @@ in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,10 +21,10 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from llava_core import storage
-from llava_core.config import dataset_sources
+from llava_core.config import SourceSettings, dataset_sources
 from llava_core.data.plan_index import INDEX_NAME, write_plan_index
 from llava_core.data.rows import ROW_GROUP_ROWS, RowPreparer, RowSettings
-from llava_core.data.sources import Source, keep_indices, select_indices, staged_blocks
+from llava_core.data.sources import keep_indices, select_indices, staged_blocks
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class TooManyRejects(RuntimeError):
     pass
 
 
-def prepare_dataset(name: str, sources: list[Source], template: str, vision_path: str, llm_path: str,
+def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vision_path: str, llm_path: str,
                     settings: dict, out_dir: str, num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
     """Prepare one dataset (a mixture of sources); returns its manifest entry and the token length of every row."""
     dataset_dir = storage.join(out_dir, name)
@@ -54,7 +55,7 @@ def prepare_dataset(name: str, sources: list[Source], template: str, vision_path
 
     prepared = ray.data.from_arrow_refs(blocks).map_batches(
         RowPreparer,
-        fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path, "settings": row_settings.__dict__},
+        fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path, "settings": row_settings},
         batch_format="pyarrow",
         batch_size=32,
         compute=ActorPoolStrategy(size=num_actors),
@@ -123,7 +124,7 @@ def _worker_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _stage(source: Source) -> tuple[list, int]:
+def _stage(source: SourceSettings) -> tuple[list, int]:
     """Stream a source file once into blocks in the object store: no process holds the whole file."""
     refs, total = [], 0
     for block in staged_blocks(source):
@@ -187,15 +188,10 @@ def length_stats(lengths: np.ndarray) -> dict:
 def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict:
     """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot."""
     p = workflow.prepare
-    settings = {"max_length": p.max_length, "too_long": p.too_long, "family": workflow.model.family,
-                "image_aspect_ratio": p.image_aspect_ratio,
-                "max_image_pixels": p.max_image_pixels, "max_image_side": p.max_image_side,
-                "max_image_aspect_ratio": p.max_image_aspect_ratio,
-                "allow_paths_outside_image_folder": p.allow_paths_outside_image_folder,
-                "video_frames": p.video_frames, "video_fps": p.video_fps, "max_video_bytes": p.max_video_bytes}
+    settings = {**dataclasses.asdict(p), "family": workflow.model.family}  # every prepare setting reaches the rows
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
-        sources = [Source(**s.__dict__) for s in dataset_sources(dataset)]
+        sources = dataset_sources(dataset)
         entry, lengths = prepare_dataset(name, sources, dataset.template, vision_path, llm_path, settings, out_dir,
                                          p.num_actors, p.rows_per_shard)
         manifest["datasets"][name] = entry

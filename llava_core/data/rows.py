@@ -9,7 +9,6 @@ measurements behind them.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -17,23 +16,22 @@ import pyarrow as pa
 from llava_core.data import formats, images, templates, video
 from llava_core.data.formats import RowError
 from llava_core.data.image_layouts import NO_VIDEO, shard_images, shard_videos
+from llava_core.schema import PrepareSettings, section
 
 
-@dataclass
-class RowSettings:
+@section(kw_only=True)
+class RowSettings(PrepareSettings):
+    """How one raw row becomes an example: the workflow's `prepare` settings (defined there, once), with its dataset's
+    template and the model's family. An empty `image_aspect_ratio` is the family's own layout."""
     template: str
-    max_length: int
-    image_folder: str = ""  # the default for rows whose staged `image_folder` is empty
-    too_long: str = "reject"  # or "truncate" (text only, never image tokens)
     family: str = "llava"  # the model family: which processor, image layout and shard format
-    image_aspect_ratio: str = "pad"  # `prepare.image_aspect_ratio`, as validated for the family
-    max_image_pixels: int = images.DEFAULT_MAX_PIXELS
-    max_image_side: int = images.DEFAULT_MAX_SIDE
-    max_image_aspect_ratio: float = images.DEFAULT_MAX_ASPECT_RATIO
-    allow_paths_outside_image_folder: bool = False  # else `..`, absolute paths and URIs are rejected
-    video_frames: int = video.DEFAULT_FRAMES
-    video_fps: float = 0.0
-    max_video_bytes: int = video.DEFAULT_MAX_BYTES
+    image_folder: str = ""  # the default for rows whose staged `image_folder` is empty
+
+    @property
+    def layout(self) -> str:
+        from llava_core.model.families import family
+
+        return self.image_aspect_ratio or family(self.family).image_layout
 
     @property
     def image_limits(self) -> images.ImageLimits:
@@ -73,9 +71,10 @@ ROW_GROUP_ROWS = 8
 
 
 class RowPreparer:
-    def __init__(self, vision_path: str, llm_path: str, settings: dict):
-        self.settings = s = RowSettings(**settings)
-        self.images = shard_images(vision_path, llm_path, s.family, s.image_aspect_ratio, s.template, s.image_limits)
+    def __init__(self, vision_path: str, llm_path: str, settings: RowSettings | dict):
+        """`settings`: a RowSettings, or a mapping of its fields (tests and benchmarks name only what they change)."""
+        self.settings = s = settings if isinstance(settings, RowSettings) else RowSettings(**settings)
+        self.images = shard_images(vision_path, llm_path, s.family, s.layout, s.template, s.image_limits)
         self.videos = shard_videos(self.images, s.family, s.video_sampling, s.image_limits)  # None: no video
         self.tokenizer = self.images.tokenizer
         self.image_token_id = self.images.image_token_id

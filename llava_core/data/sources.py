@@ -21,7 +21,6 @@ import itertools
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -29,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llava_core import storage
+from llava_core.schema import SourceSettings
 
 STAGED_SCHEMA = pa.schema([
     ("source", pa.string()),  # the annotation file the row came from
@@ -59,14 +59,6 @@ class SourceRow(NamedTuple):
     raw: str  # the row's JSON text
     inline: list  # inline image bytes (hub parquet), aligned with the row's images; else []
     defect: str | None = None  # why it is not a row (see the module docstring); None when it is one
-
-
-@dataclass
-class Source:
-    path: str
-    image_folder: str = ""
-    sampling: str = "all"  # all | first:N | last:N | random:N | N% | first:N% | last:N% | random:N%
-    seed: int = 0
 
 
 def iter_rows(path: str) -> Iterator[SourceRow]:
@@ -448,7 +440,7 @@ def _split_inline_images(row: dict) -> tuple[str, list]:
     return json.dumps(row, ensure_ascii=False, default=str), inline if any(d is not None for d in inline) else []
 
 
-def staged_blocks(source: Source, rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[pa.Table]:
+def staged_blocks(source: SourceSettings, rows_per_block: int = ROWS_PER_BLOCK) -> Iterator[pa.Table]:
     """The source's rows as arrow blocks of STAGED_SCHEMA, streamed: one block in memory at a time."""
     buffer, size, count = [], 0, 0
 

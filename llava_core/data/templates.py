@@ -2,11 +2,13 @@
 
 Rendering returns the full text plus, for every assistant answer, the character span from the end of the inference
 prompt (the conversation so far, as the export's chat template renders it with the generation prompt) to the end of
-the answer's end-of-turn token. Tokenizing then supervises exactly the tokens after the prompt's own tokens up to the
-tokens of the text through the answer: with a LLaMA tokenizer ` 4` after `ASSISTANT:` is two tokens (`▁`, `4`), and
-the `▁` is the first token the model must generate, so it must be learned. A row whose prompt tokens are not a
-prefix of its own tokens has no trustworthy mask and is rejected (`tokenization_mismatch`), never trained silently
-with a wrong one (the official code's "tokenization mismatch" zeroes such samples' loss without a word).
+the answer's end-of-turn token. `vicuna_v1` and `chat_template` rows are rendered by that Jinja template itself, turn
+by turn, so the text and the spans come from the one definition the export ships; only `plain` (stage 1) is written
+here. Tokenizing then supervises exactly the tokens after the prompt's own tokens up to the tokens of the text through
+the answer: with a LLaMA tokenizer ` 4` after `ASSISTANT:` is two tokens (`▁`, `4`), and the `▁` is the first token
+the model must generate, so it must be learned. A row whose prompt tokens are not a prefix of its own tokens has no
+trustworthy mask and is rejected (`tokenization_mismatch`), never trained silently with a wrong one (the official
+code's "tokenization mismatch" zeroes such samples' loss without a word).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llava_core.data.formats import ASSISTANT, IMAGE_TAG, VIDEO_TAG, RowError, Turn
-from llava_core.model.chat_template import VICUNA_SYSTEM
+from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
 
 IGNORE_INDEX = -100
 TEMPLATES = ("plain", "vicuna_v1", "chat_template")
@@ -25,7 +27,7 @@ TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 class Rendered:
     text: str
     supervised: list[tuple[int, int]]  # per answer: [end of its inference prompt, end of its end-of-turn token)
-    add_special_tokens: bool = True  # False when the template writes its own BOS (chat templates do)
+    add_special_tokens: bool = True  # False when the template writes its own BOS (vicuna_v1's does not)
 
 
 def render_plain(turns: list[Turn], eos: str) -> Rendered:
@@ -38,22 +40,33 @@ def render_plain(turns: list[Turn], eos: str) -> Rendered:
     return Rendered(tag + answer, [(len(tag), len(tag) + len(answer))])
 
 
-def render_vicuna_v1(turns: list[Turn], eos: str, system: str = VICUNA_SYSTEM) -> Rendered:
-    """`{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`."""
-    text, spans = system + " ", []
-    for turn in turns:
-        if turn.role == ASSISTANT:
-            text += "ASSISTANT:"  # the inference prompt ends here; the space belongs to the answer's first token
-            answer = " " + turn.text.strip() + eos
-            spans.append((len(text), len(text) + len(answer)))
-            text += answer
-        else:
-            text += f"USER: {turn.text.strip()} "
-    return Rendered(text, spans)
+def render_vicuna_v1(turns: list[Turn], tokenizer) -> Rendered:
+    """`{system} USER: <image>\\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>`, rendered by the template
+    the export ships (`VICUNA_V1_CHAT_TEMPLATE`, the format's only definition).
+
+    The LLaMA/Vicuna tokenizer has no chat template of its own, so this one is passed in rather than set on the
+    tokenizer. It writes no BOS: tokenizing adds the tokenizer's own, as the processor does at inference. The spans
+    come from renders with and without the generation prompt, not from the template's `{% generation %}` markers:
+    those renders are the prompts inference sees, and `tokenize_with_labels` rejects a row whose prompt tokens are
+    not a prefix (a mask from the markers' character offsets would take a token that straddles the boundary
+    silently); a test pins the markers' mask to the labels this gives.
+    """
+    messages = [{"role": t.role, "content": t.text.strip()} for t in turns]  # vicuna_v1 trains on trimmed turns
+    return render_turn_by_turn(messages, tokenizer, VICUNA_V1_CHAT_TEMPLATE, add_special_tokens=True)
 
 
 def render_chat_template(turns: list[Turn], tokenizer) -> Rendered:
-    """The tokenizer's own Jinja chat template (LLaMA-3, Qwen, Mistral bases), rendered turn by turn.
+    """The tokenizer's own Jinja chat template (LLaMA-3, Qwen, Mistral bases); it writes its own BOS."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("template 'chat_template': the tokenizer has no chat_template; use vicuna_v1 or plain, or "
+                         "a base model whose tokenizer_config.json carries one")
+    messages = [{"role": t.role, "content": t.text} for t in turns]
+    return render_turn_by_turn(messages, tokenizer, None, add_special_tokens=False)
+
+
+def render_turn_by_turn(messages: list[dict], tokenizer, chat_template: str | None,
+                        add_special_tokens: bool) -> Rendered:
+    """A conversation rendered by a Jinja chat template (`None`: the tokenizer's own), turn by turn.
 
     For the k-th answer, the conversation up to its question rendered with the generation prompt is where the answer
     starts, and the conversation up to the answer is where it ends: the span between them is the answer and its
@@ -61,28 +74,27 @@ def render_chat_template(turns: list[Turn], tokenizer) -> Rendered:
     the full text; a template that rewrites earlier turns (some hide past reasoning) breaks that and the row is
     rejected as `chat_template_mismatch` rather than trained with a wrong mask.
     """
-    if not getattr(tokenizer, "chat_template", None):
-        raise ValueError("template 'chat_template': the tokenizer has no chat_template; use vicuna_v1 or plain, or "
-                         "a base model whose tokenizer_config.json carries one")
-    messages = [{"role": t.role, "content": t.text} for t in turns]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    def apply(upto: int, generation_prompt: bool = False) -> str:
+        return tokenizer.apply_chat_template(messages[:upto], chat_template=chat_template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+
+    text = apply(len(messages))
     spans = []
-    for k, turn in enumerate(turns):
-        if turn.role != ASSISTANT:
+    for k, message in enumerate(messages):
+        if message["role"] != ASSISTANT:
             continue
-        prompt = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(messages[: k + 1], tokenize=False)
+        prompt, upto = apply(k, generation_prompt=True), apply(k + 1)
         if not (text.startswith(prompt) and text.startswith(upto) and len(prompt) < len(upto.rstrip())):
             raise RowError("chat_template_mismatch", f"rendering up to turn {k} is not a prefix of the conversation")
         spans.append((len(prompt), len(upto.rstrip())))
-    return Rendered(text, spans, add_special_tokens=False)
+    return Rendered(text, spans, add_special_tokens)
 
 
 def render(template: str, turns: list[Turn], tokenizer) -> Rendered:
     if template == "plain":
         return render_plain(turns, tokenizer.eos_token)
     if template == "vicuna_v1":
-        return render_vicuna_v1(turns, tokenizer.eos_token)
+        return render_vicuna_v1(turns, tokenizer)
     if template == "chat_template":
         return render_chat_template(turns, tokenizer)
     raise ValueError(f"unknown template {template!r}; choose one of {list(TEMPLATES)}")

@@ -8,6 +8,7 @@ same `decode_image`), so both backends see the same pixels and give the same ans
 from __future__ import annotations
 
 import base64
+import io
 import logging
 import mimetypes
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import requests
 import torch
+from PIL import Image
 
 from llava_core import storage
 from llava_core.config import EvalEndpointSettings
@@ -30,12 +32,24 @@ class Query:
     key: str  # unique across the whole evaluation
     text: str
     image_path: str = ""  # read from here ...
-    image_b64: str = ""  # ... or inline (a blank image for the blind baseline, MMBench's TSV images)
+    image_b64: str = ""  # ... or inline (MMBench's TSV images)
+    blank: str = ""  # the blind baseline: "r,g,b", the image replaced by one of its own size in that colour
 
 
 def image_bytes(query: Query | dict) -> bytes:
     query = query if isinstance(query, dict) else asdict(query)
-    return base64.b64decode(query["image_b64"]) if query["image_b64"] else storage.read_bytes(query["image_path"])
+    data = base64.b64decode(query["image_b64"]) if query["image_b64"] else storage.read_bytes(query["image_path"])
+    return blank_like(data, query["blank"]) if query.get("blank") else data
+
+
+def blank_like(data: bytes, rgb: str) -> bytes:
+    """A PNG of the encoded image's own size in one colour. The blind baseline keeps the image's layout (LLaVA-NeXT
+    and OneVision tile an image by its size, so its token count) and loses only its content: a fixed-size blank
+    gave a OneVision model a grid it never trained on, and it answered "redthree" instead of guessing."""
+    size = images.decode_image(data).size
+    buffer = io.BytesIO()
+    Image.new("RGB", size, tuple(int(c) for c in rgb.split(","))).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 # --- in-process: Ray Data actors ----------------------------------------------------------------------------------
@@ -119,7 +133,7 @@ def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int
 
 
 def data_url(query: Query) -> str:
-    mime = mimetypes.guess_type(query.image_path)[0] if query.image_path else "image/png"
+    mime = mimetypes.guess_type(query.image_path)[0] if query.image_path and not query.blank else "image/png"
     return f"data:{mime or 'image/png'};base64," + base64.b64encode(image_bytes(query)).decode()
 
 

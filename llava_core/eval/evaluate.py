@@ -12,11 +12,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import re
-
-from PIL import Image
 
 from llava_core import storage
 from llava_core.config import EvaluateSettings
@@ -31,16 +28,12 @@ __all__ = ["run_evaluate", "generate_answers", "normalise_answer", "evaluate_set
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 
-def blank_png(export_dir: str | None) -> str:
-    """The blind baseline's image, base64 PNG: the export's processor mean colour (CLIP's without an export). Only
-    the processor's small config file is read: the driver never copies the model."""
-    mean = CLIP_MEAN
-    if export_dir and storage.exists(export_dir):
-        mean = processor_image_mean(export_dir)
-    image = Image.new("RGB", (64, 64), tuple(int(round(c * 255)) for c in mean))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
+def blank_colour(export_dir: str | None) -> str:
+    """The blind baseline's colour, "r,g,b": the export's processor mean (CLIP's without an export), each question's
+    image replaced by one of its own size in it (`backends.blank_like`). Only the processor's small config file is
+    read: the driver never copies the model."""
+    mean = processor_image_mean(export_dir) if export_dir and storage.exists(export_dir) else CLIP_MEAN
+    return ",".join(str(int(round(c * 255))) for c in mean)
 
 
 def processor_image_mean(export_dir: str) -> list[float]:
@@ -82,7 +75,8 @@ def store_inline_images(items: list[EvalItem], folder: str) -> None:
 
 
 def build_queries(sets: dict[str, list[EvalItem]], blank: str | None) -> tuple[list[Query], dict]:
-    """One query per item (and one more with the blank image per item when blank is given); keys are indices."""
+    """One query per item (and one more with its image blanked in the colour `blank`, when given); keys are
+    indices."""
     queries, where = [], {}
     for name, items in sets.items():
         for index, item in enumerate(items):
@@ -90,7 +84,7 @@ def build_queries(sets: dict[str, list[EvalItem]], blank: str | None) -> tuple[l
             queries.append(Query(str(len(queries)), item.text, item.image_path, item.image_b64))
             if blank is not None:
                 where[(name, index, True)] = str(len(queries))
-                queries.append(Query(str(len(queries)), item.text, image_b64=blank))
+                queries.append(Query(str(len(queries)), item.text, item.image_path, item.image_b64, blank))
     return queries, where
 
 
@@ -163,7 +157,7 @@ def run_evaluate(export_dir: str, settings: EvaluateSettings, out_dir: str, titl
         print("evaluate: no eval sets in the workflow (evaluate.questions or evaluate.sets); nothing to do", flush=True)
         return {"sets": {}}
     endpoint = settings.endpoint
-    blank = blank_png(export_dir) if settings.blind_baseline else None
+    blank = blank_colour(export_dir) if settings.blind_baseline else None
     if endpoint is not None:
         def answer(queries):
             return answer_by_endpoint(queries, endpoint, settings.max_new_tokens)

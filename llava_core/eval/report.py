@@ -15,7 +15,8 @@ from llava_core.data import images
 
 THUMBNAIL = 160  # pixels, the longer side
 # Columns of the metrics table, in order; a layout shows the ones it has.
-METRIC_COLUMNS = ("accuracy", "exact_match", "plain_accuracy", "precision", "recall", "f1", "yes_ratio", "unparsed")
+METRIC_COLUMNS = ("accuracy", "exact_match", "plain_accuracy", "acc_plus", "perception", "cognition", "precision",
+                  "recall", "f1", "yes_ratio", "unparsed")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

@@ -6,24 +6,12 @@ matches to the last bit. `score_set` is the one entry point the evaluate stage u
 from __future__ import annotations
 
 import re
-import string
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from fractions import Fraction
 
-from llava_core.eval.layouts import EvalItem
-
-ARTICLES = re.compile(r"\b(a|an|the)\b")
-# The VQA evaluation maps number words to digits so "two" and "2" agree.
-NUMBER_WORDS = {"none": "0", "zero": "0", "one": "1", "two": "2", "three": "3", "four": "4", "five": "5",
-                "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10"}
-
-
-def normalise_answer(text: str) -> str:
-    """Lower-case, drop punctuation and articles, number words to digits, collapse spaces (the VQA convention)."""
-    text = text.lower().translate(str.maketrans("", "", string.punctuation))
-    text = ARTICLES.sub(" ", text)
-    return " ".join(NUMBER_WORDS.get(word, word) for word in text.split())
+from llava_core.eval.layouts import MME_SUBTASKS, EvalItem, mme_pairs
+from llava_core.eval.vqa_answers import normalise_answer
 
 
 def ratio(part, whole) -> Fraction:
@@ -38,8 +26,11 @@ def mean(values: list) -> Fraction:
 
 
 def vqa_soft_accuracy(prediction: str, references: list[str]) -> Fraction:
-    """VQAv2: min(#humans that gave the answer / 3, 1), averaged over the leave-one-out subsets of the references.
-    With one reference it is exact match."""
+    """VQAv2 / TextVQA: min(#humans that gave the answer / 3, 1), averaged over the leave-one-out subsets of the
+    references, the prediction and every reference normalised by EvalAI's processor: `_compute_answer_scores` of
+    `TextVQAAccuracyEvaluator` in haotian-liu/LLaVA `llava/eval/m4c_evaluator.py` (LLaVA's TextVQA scorer). The
+    official VQAv2 `vqaEval.py` (GT-Vision-Lab/VQA) processes the references only when they disagree; the two differ
+    only where ten identical references change under processing. With one reference it is exact match."""
     answer, refs = normalise_answer(prediction), [normalise_answer(r) for r in references]
     if len(refs) == 1:
         return Fraction(int(answer == refs[0]))
@@ -69,28 +60,31 @@ def score_short_answers(items: list[EvalItem], predictions: list[str]) -> tuple[
     return metrics, rows
 
 
-# --- yes/no (pope) ----------------------------------------------------------------------------------------------
+# --- yes/no (pope, mme) -----------------------------------------------------------------------------------------
 
 
 def parse_yes_no(prediction: str) -> str:
-    """POPE's rule: keep the first sentence, drop commas, and it is "no" if the words contain No / no / not."""
+    """POPE's rule (haotian-liu/LLaVA `llava/eval/eval_pope.py`): keep the first sentence, drop commas, and it is
+    "no" if the words contain No / no / not."""
     text = prediction.split(".")[0].replace(",", "")
     words = text.split(" ")
     return "no" if any(w in words for w in ("No", "not", "no")) else "yes"
 
 
 def yes_no_metrics(pairs: list[tuple[str, str]]) -> dict:
-    """pairs of (parsed prediction, label); "yes" is the positive class, as in POPE."""
+    """pairs of (parsed prediction, label); "yes" is the positive class, as in `eval_pope.py`."""
     tp = sum(p == "yes" and l == "yes" for p, l in pairs)
     fp = sum(p == "yes" and l == "no" for p, l in pairs)
     tn = sum(p == "no" and l == "no" for p, l in pairs)
     precision, recall = ratio(tp, tp + fp), ratio(tp, tp + sum(p == "no" and l == "yes" for p, l in pairs))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else Fraction(0)
     return {"accuracy": ratio(tp + tn, len(pairs)), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": ratio(tp + fp, len(pairs))}
+            "yes_ratio": ratio(tp + fp, len(pairs)), "count": len(pairs)}
 
 
 def score_yes_no(items: list[EvalItem], predictions: list[str]) -> tuple[dict, list[dict]]:
+    """POPE as haotian-liu/LLaVA `llava/eval/eval_pope.py` scores it: accuracy, precision, recall, F1 and yes-ratio,
+    over the whole set and per category (LLaVA's three splits, adversarial / popular / random, are categories)."""
     parsed = [parse_yes_no(p) for p in predictions]
     rows = [{"parsed": a, "score": Fraction(int(a == item.references[0])), "correct": a == item.references[0]}
             for item, a in zip(items, parsed)]
@@ -100,7 +94,52 @@ def score_yes_no(items: list[EvalItem], predictions: list[str]) -> tuple[dict, l
     per_category = {c: yes_no_metrics(pairs) for c, pairs in sorted(by_category.items())}
     metrics = {**yes_no_metrics([(a, item.references[0]) for item, a in zip(items, parsed)]),
                "by_category": {c: m["accuracy"] for c, m in per_category.items()},
-               "f1_by_category": {c: m["f1"] for c, m in per_category.items()},
+               "per_category": per_category}
+    return metrics, rows
+
+
+def parse_mme(prediction: str) -> str:
+    """MME's `parse_pred_ans` (its eval_tool `calculation.py`), on the lower-cased answer: "yes" / "no" as they are,
+    else whichever of the two its first four characters contain, else "other" (counted wrong)."""
+    answer = prediction.lower()
+    if answer in ("yes", "no"):
+        return answer
+    return "yes" if "yes" in answer[:4] else "no" if "no" in answer[:4] else "other"
+
+
+def mme_subtask_scores(items: list[EvalItem], correct: list[bool], pairs: list[tuple[int, int]]) -> dict:
+    """Per subtask: acc (% of questions right), acc_plus (% of images with both questions right) and their sum, the
+    subtask's score, as MME's eval_tool `calculation.py` computes them."""
+    questions, images = defaultdict(list), defaultdict(list)
+    for pair in pairs:
+        subtask = items[pair[0]].category
+        questions[subtask] += [correct[i] for i in pair]
+        images[subtask].append(all(correct[i] for i in pair))
+    scores = {}
+    for subtask in sorted(questions):
+        acc = 100 * ratio(sum(questions[subtask]), len(questions[subtask]))
+        acc_plus = 100 * ratio(sum(images[subtask]), len(images[subtask]))
+        scores[subtask] = {"acc": acc, "acc_plus": acc_plus, "score": acc + acc_plus}
+    return scores
+
+
+def score_mme(items: list[EvalItem], predictions: list[str]) -> tuple[dict, list[dict]]:
+    """MME as its official eval_tool `calculation.py` scores it (BradyFU/Awesome-Multimodal-Large-Language-Models,
+    branch Evaluation, tools/eval_tool.zip; LLaVA's scripts/v1_5/eval/mme.sh runs it): each subtask scores acc +
+    acc_plus, in percent; `perception` sums the ten perception subtasks' scores (at most 2000), `cognition` the four
+    cognition ones' (at most 800). `accuracy` is the fraction of questions right, `acc_plus` that of images."""
+    parsed = [parse_mme(p) for p in predictions]
+    correct = [a == item.references[0] for item, a in zip(items, parsed)]
+    rows = [{"parsed": a, "score": Fraction(int(c)), "correct": c} for a, c in zip(parsed, correct)]
+    pairs = mme_pairs(items)
+    subtasks = mme_subtask_scores(items, correct, pairs)
+    metrics = {"accuracy": ratio(sum(correct), len(correct)),
+               "acc_plus": ratio(sum(all(correct[i] for i in pair) for pair in pairs), len(pairs)),
+               **{part: sum((subtasks[t]["score"] for t in names if t in subtasks), Fraction(0))
+                  for part, names in MME_SUBTASKS.items()},
+               "subtasks": subtasks,
+               "by_category": {t: s["acc"] / 100 for t, s in subtasks.items()},
+               "unparsed": ratio(parsed.count("other"), len(parsed)),
                "count": len(rows)}
     return metrics, rows
 
@@ -150,7 +189,8 @@ def score_choice(items: list[EvalItem], predictions: list[str]) -> tuple[dict, l
 
 # --- the entry point --------------------------------------------------------------------------------------------
 
-SCORERS = {"llava": score_short_answers, "vqa": score_short_answers, "pope": score_yes_no, "choice": score_choice}
+SCORERS = {"llava": score_short_answers, "vqa": score_short_answers, "pope": score_yes_no, "mme": score_mme,
+           "choice": score_choice}
 
 
 @dataclass

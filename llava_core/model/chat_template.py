@@ -1,8 +1,10 @@
-"""The vicuna_v1 conversation format as a Jinja chat template.
+"""The vicuna_v1 conversation format as a Jinja chat template: its only definition.
 
-The export ships this template so that `processor.apply_chat_template(messages, add_generation_prompt=True)` renders
-exactly the text the model was trained on (see `llava_core.data.templates.render_vicuna_v1`); a test pins the two
-against each other.
+Training renders vicuna_v1 rows through this template (`llava_core.data.templates.render_vicuna_v1`) and the export
+ships it, so `processor.apply_chat_template(messages, add_generation_prompt=True)` renders exactly the text the model
+was trained on. Each answer and its end-of-turn token sit in `{% generation %}` markers, so
+`apply_chat_template(..., tokenize=True, return_dict=True, return_assistant_tokens_mask=True)` marks the tokens
+training learns; a test pins that mask to training's labels.
 """
 
 VICUNA_SYSTEM = (
@@ -12,6 +14,8 @@ VICUNA_SYSTEM = (
 
 # Content may be a string or a list of parts ({"type": "image"} / {"type": "text", "text": ...}); images are put at
 # the front of their turn as "<image>\n", the normalisation LLaVA trains with.
+# The generation prompt ends at `ASSISTANT:` and the space after it opens the answer's generation block: the first
+# token the model generates is `▁red` (or a lone `▁` before a digit), so that space must be learned with the answer.
 VICUNA_V1_CHAT_TEMPLATE = (
     "{% set ns = namespace(system='" + VICUNA_SYSTEM.replace("'", "\\'") + "') %}"
     "{% for message in messages %}{% if message['role'] == 'system' %}"
@@ -26,7 +30,7 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{% set n_images = message['content'] | selectattr('type', 'in', ['image', 'image_url']) | list | length %}"
     "{% endif %}"
     "{% if message['role'] == 'user' %}USER: {{ '<image>\n' * n_images }}{{ text }} "
-    "{% else %}ASSISTANT: {{ text }}{{ eos_token }}{% endif %}"
+    "{% else %}ASSISTANT:{% generation %} {{ text }}{{ eos_token }}{% endgeneration %}{% endif %}"
     "{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
 )

@@ -27,7 +27,6 @@ import json
 import os
 import string
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -36,6 +35,7 @@ from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from transformers import LlamaForCausalLM
 
 from llava_core.model.chat_template import VICUNA_SYSTEM
+from llava_core.schema import TinyModelSettings, section
 
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
 CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -43,19 +43,12 @@ TRANSFORMERS_VERSION_OF_THE_REPOS = "4.31.0"  # what the Vicuna v1.5 repos' conf
 VERSION = 3  # of what these functions write: part of the quickstart's settings hash, so old copies are replaced
 
 
-@dataclass
-class TinyModelConfig:
-    image_size: int = 64
-    patch_size: int = 8
-    vision_hidden: int = 64
-    vision_layers: int = 3
-    llm_hidden: int = 128
-    llm_layers: int = 2
-    llm_heads: int = 4
-    vocab_size: int = 600
+@section
+class TinyModelConfig(TinyModelSettings):
+    """The workflow's `synthetic.tiny_model` sizes (one definition, in the schema) and what a workflow does not set.
+    `tower_pretraining_steps` is only read when save_tiny_models is given a batch source."""
     max_positions: int = 4096  # the LLM's context, as vicuna-7b-v1.5's config has it (rotary: no weights to size)
     position_embedding_std: float = 0.3
-    tower_pretraining_steps: int = 0  # only with a batch source given to save_tiny_models
     seed: int = 0
 
 
