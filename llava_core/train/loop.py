@@ -81,7 +81,6 @@ def train_loop_per_worker(config: dict) -> None:
     peak = peak_flops(config["peak_tflops_per_worker"], config["use_gpu"])
 
     start_step, history = restore(engine, total_steps)
-    hooks = TestHooks(config.get("test_hooks"), rank, start_step)
     writer = (MetricsWriter(config["stage_name"], stage, tensorboard_dir(config), config["output_dir"], history)
               if rank == 0 else None)
     if rank == 0:
@@ -114,7 +113,6 @@ def train_loop_per_worker(config: dict) -> None:
                 print_progress(config["stage_name"], record, total_steps, config["start_time"])
         if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
             save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
-            hooks.after_checkpoint(step + 1)
     batches.close()
     if writer:
         writer.close()
@@ -126,30 +124,6 @@ def tensorboard_dir(config: dict) -> str:
     if storage.is_remote(config["output_dir"]):
         return os.path.join(tempfile.gettempdir(), "llava-ray-tensorboard", config["stage_name"])
     return os.path.join(config["output_dir"], "tensorboard")
-
-
-class TestHooks:
-    """Test-only observation points (`test_hooks` in the loop config; never set by a workflow): every rank appends
-    its pid and progress to `progress_file`; `hold_after_checkpoint: k` keeps the first attempt busy for
-    `hold_seconds` after checkpoint k, so a test can kill a worker at a known point; `fail_after_checkpoint: k`
-    raises after checkpoint k in an attempt that started before it."""
-
-    def __init__(self, hooks: dict | None, rank: int, start_step: int):
-        self.hooks, self.rank, self.start_step = hooks or {}, rank, start_step
-        self.log({"event": "start", "start_step": start_step})
-
-    def log(self, record: dict) -> None:
-        if "progress_file" in self.hooks:
-            with open(self.hooks["progress_file"], "a") as f:
-                f.write(json.dumps({**record, "rank": self.rank, "pid": os.getpid()}) + "\n")
-
-    def after_checkpoint(self, step: int) -> None:
-        self.log({"event": "checkpoint", "step": step})
-        if step == self.hooks.get("hold_after_checkpoint") and self.start_step < step:
-            time.sleep(self.hooks.get("hold_seconds", 60))
-        if step == self.hooks.get("fail_after_checkpoint") and self.start_step < step:
-            time.sleep(5)  # let the controller register the checkpoint first (it polls workers every ~2 s)
-            raise RuntimeError(f"test hook: failing after checkpoint {step}")
 
 
 def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device) -> dict:

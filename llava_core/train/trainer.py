@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from llava_core import storage
@@ -24,10 +25,10 @@ def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
 
 
 def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
-                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None,
-                       test_hooks: dict | None = None, run_name: str | None = None, template: str = "vicuna_v1",
-                       save_model: bool = True, plan_index: str | None = None, family: str = "llava",
-                       image_layout: str = "pad") -> dict:
+                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None, *,
+                       run_name: str | None = None, template: str = "vicuna_v1", save_model: bool = True,
+                       plan_index: str | None = None, family: str = "llava", image_layout: str = "pad",
+                       callbacks: Sequence[UserCallback] = ()) -> dict:
     """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`.
 
     `run_name` (default: the stage name) names the Ray Train run under `<stage_dir>/ray`: a run with the same name
@@ -36,7 +37,10 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
     machine: workers may run on other nodes. `template` is the dataset's (the processor's chat template follows it);
     `save_model: False` hands off the projector alone (`mm_projector.bin`). `plan_index` is prepare's index of the
     shards' rows (None: each rank scans the shards' footers instead). `family` and `image_layout` (`model.family`,
-    `prepare.image_aspect_ratio`) pick the model a fresh stage assembles; the shards were prepared for them."""
+    `prepare.image_aspect_ratio`) pick the model a fresh stage assembles; the shards were prepared for them.
+    `callbacks` are Ray Train's own (`ray.train.UserCallback`, run in its controller process): they see every
+    checkpoint report (`{"step", "loss"}` per worker) and every worker failure, e.g. to alert on a stalled or
+    failing stage."""
     loop_config = {
         "stage_name": stage_name,
         "stage": dataclasses.asdict(stage),
@@ -53,7 +57,6 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
         "output_dir": stage_dir,
         "start_time": time.time(),
         "peak_tflops_per_worker": scaling.peak_tflops_per_worker,
-        "test_hooks": test_hooks,  # tests only: progress file and a pause after a checkpoint (see loop.TestHooks)
     }
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -65,6 +68,7 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
             storage_path=storage.join(stage_dir, "ray"),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
