@@ -5,7 +5,6 @@ checkpoints in `<stage dir>/ray/<stage>`; running the same stage again resumes f
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Sequence
 
@@ -14,7 +13,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from llava_core import storage
 from llava_core.config import ScalingSettings, TrainStageSettings
-from llava_core.train.loop import train_loop_per_worker
+from llava_core.train.loop import LoopConfig, train_loop_per_worker
 
 
 def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
@@ -41,26 +40,13 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
     `callbacks` are Ray Train's own (`ray.train.UserCallback`, run in its controller process): they see every
     checkpoint report (`{"step", "loss"}` per worker) and every worker failure, e.g. to alert on a stalled or
     failing stage."""
-    loop_config = {
-        "stage_name": stage_name,
-        "stage": dataclasses.asdict(stage),
-        "use_gpu": scaling.use_gpu,
-        "shards": shards,
-        "plan_index": plan_index,
-        "vision_path": vision_path,
-        "llm_path": llm_path,
-        "init_from": init_from,
-        "template": template,
-        "family": family,
-        "image_layout": image_layout,
-        "save_model": save_model,
-        "output_dir": stage_dir,
-        "start_time": time.time(),
-        "peak_tflops_per_worker": scaling.peak_tflops_per_worker,
-    }
+    config = LoopConfig(
+        stage_name=stage_name, stage=stage, scaling=scaling, shards=tuple(shards), plan_index=plan_index,
+        output_dir=stage_dir, init_from=init_from, vision_path=vision_path, llm_path=llm_path, family=family,
+        image_layout=image_layout, template=template, save_model=save_model, start_time=time.time())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"config": config},  # Ray Train passes the loop a dict
         scaling_config=scaling_config(scaling),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
