@@ -20,7 +20,6 @@ Last line: {"device", "step_s", "tokens_per_s", "mfu", "peak_mem_gib", "checkpoi
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -111,10 +110,10 @@ def main() -> None:
     config._attn_implementation = args.attn
     one_rank_group(device)
     total_steps = args.steps
-    stage = dataclasses.asdict(TrainStageSettings(
+    stage = TrainStageSettings(
         trainable=["projector", "llm"], global_batch_size=args.rows_per_micro * args.accum,
         micro_batch_size=args.rows_per_micro, lr=2e-5, zero_stage=2, gradient_checkpointing=True, packing=True,
-        pack_length=pack_length, attn_implementation=args.attn))
+        pack_length=pack_length, attn_implementation=args.attn)
 
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
@@ -123,7 +122,7 @@ def main() -> None:
         model = LlavaForConditionalGeneration(config)
     torch.set_default_dtype(previous)
     engine, _, _ = build_engine(model, stage, 1, total_steps, use_gpu, device)
-    flops = flops_counter(engine.module, stage["trainable"], lora=False)
+    flops = flops_counter(engine.module, stage.trainable, lora=False)
 
     with tempfile.TemporaryDirectory() as root:
         plan = BatchPlan(1, args.rows_per_micro, args.accum, seed=0, packing=True, pack_length=pack_length)

@@ -1,6 +1,5 @@
 """One FLOP model: the plan (from configs) and the runtime MFU (from the model's parameters) count the same FLOPs;
 one peak table, matched from CUDA device names."""
-import dataclasses
 import os
 
 import pytest
@@ -34,10 +33,9 @@ def test_plan_and_runtime_count_the_same_flops(tiny_dataset, stage_name, overrid
     workflow = load_workflow(os.path.join(ROOT, "workflows", "quickstart.yaml"), [
         f"model.vision_tower={tiny_dataset['vision']}", f"model.llm={tiny_dataset['llm']}", *overrides])
     stage = getattr(workflow, stage_name)
-    lora = dataclasses.asdict(stage.lora) if stage.lora else None
     model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
-    model = apply_stage_training(model, stage.trainable, lora)  # the loop's own steps, as it counts them
-    runtime = flops_counter(model, stage.trainable, bool(lora))
+    model = apply_stage_training(model, stage.trainable, stage.lora)  # the loop's own steps, as it counts them
+    runtime = flops_counter(model, stage.trainable, stage.lora is not None)
     size = plan.model_size(workflow)
 
     for tokens, images in ((100, 0), (100, 1), (300, 3)):
@@ -45,7 +43,7 @@ def test_plan_and_runtime_count_the_same_flops(tiny_dataset, stage_name, overrid
     # peft's frozen original of each modules_to_save part (the projector under LoRA) is not the model's.
     params = {n: p.numel() for n, p in model.named_parameters() if not is_kept_original(n)}
     assert sum(size.params.values()) == sum(v for n, v in params.items() if "lora_" not in n)  # memory's count
-    if lora:
+    if stage.lora is not None:
         assert plan.trained_params(stage, size)["llm"] == sum(v for n, v in params.items() if "lora_" in n)
 
 

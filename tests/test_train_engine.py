@@ -9,7 +9,6 @@ real DeepSpeed in 1 or 2 CPU processes over gloo, without Ray Train (the loop's 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import threading
@@ -19,29 +18,33 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from llava_core.config import LoraSettings, TrainStageSettings
+from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
 from tests.ports import free_port
 
 
-def stage_dict(**overrides) -> dict:
+def stage_settings(**overrides) -> TrainStageSettings:
     settings = dict(trainable=["projector", "llm"], global_batch_size=4, micro_batch_size=4, lr=1e-3, zero_stage=0,
                     warmup_ratio=0.0, max_grad_norm=1e9)  # no clipping: gradients are compared as computed
     settings.update(overrides)
-    return dataclasses.asdict(TrainStageSettings(**settings))
+    return TrainStageSettings(**settings)
 
 
-def loop_config(models: dict, stage: dict) -> dict:
-    return {"stage": stage, "use_gpu": False, "init_from": None, "vision_path": models["vision"],
-            "llm_path": models["llm"], "template": "vicuna_v1"}
+def loop_config(models: dict, stage: TrainStageSettings, world: int = 1):
+    from llava_core.train.loop import LoopConfig
+
+    return LoopConfig(stage_name="instruct", stage=stage, scaling=ScalingSettings(num_workers=world), shards=(),
+                      plan_index=None, output_dir="", init_from=None, vision_path=models["vision"],
+                      llm_path=models["llm"], family="llava", image_layout="pad", template="vicuna_v1",
+                      save_model=True, start_time=0.0)
 
 
-def build(models: dict, stage: dict, world: int = 1, total_steps: int = 10):
+def build(models: dict, stage: TrainStageSettings, world: int = 1, total_steps: int = 10):
     """What train_loop_per_worker does before its first step."""
     from llava_core.train.engine import build_engine, deepspeed_config, zero3_loading
     from llava_core.train.loop import build_model
 
     with zero3_loading(deepspeed_config(stage, world, False)):
-        model, processor = build_model(loop_config(models, stage), torch.device("cpu"))
+        model, processor = build_model(loop_config(models, stage, world), torch.device("cpu"))
     engine, _, _ = build_engine(model, stage, world, total_steps, False, torch.device("cpu"))
     return engine, processor
 
@@ -93,7 +96,7 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one
 
     calls = {}
     for checkpointing in (False, True):
-        engine, _ = build(tiny_dataset, stage_dict(gradient_checkpointing=checkpointing, micro_batch_size=2,
+        engine, _ = build(tiny_dataset, stage_settings(gradient_checkpointing=checkpointing, micro_batch_size=2,
                                                    global_batch_size=2))
         assert engine.module.training
         # transformers checkpoints a decoder layer's `forward` (its own hooks stay outside): count calls of a module
@@ -108,7 +111,7 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one
 
 
 def test_the_schedule_is_transformers_cosine_with_hf_trainers_warmup_steps(tiny_dataset, one_rank):
-    engine, _ = build(tiny_dataset, stage_dict(warmup_ratio=0.03, lr=1e-3), total_steps=100)
+    engine, _ = build(tiny_dataset, stage_settings(warmup_ratio=0.03, lr=1e-3), total_steps=100)
     scheduler = engine.lr_scheduler
     lrs = []
     for _ in range(100):
@@ -120,8 +123,7 @@ def test_the_schedule_is_transformers_cosine_with_hf_trainers_warmup_steps(tiny_
 
 
 def test_lora_dropout_is_active_while_training(tiny_dataset, one_rank):
-    stage = stage_dict(lora=dataclasses.asdict(LoraSettings(r=4, alpha=8, dropout=0.5)), micro_batch_size=2,
-                       global_batch_size=2)
+    stage = stage_settings(lora=LoraSettings(r=4, alpha=8, dropout=0.5), micro_batch_size=2, global_batch_size=2)
     engine, _ = build(tiny_dataset, stage)
     batch = batch_of(samples(engine, 2))
     dropouts = [m for n, m in engine.module.named_modules() if n.endswith("lora_dropout.default")]
@@ -170,7 +172,7 @@ def rank_gradients(rank: int, world: int, port: int, models: dict, micro: int, n
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    engine, _ = build(models, stage_dict(micro_batch_size=micro, global_batch_size=8), world)
+    engine, _ = build(models, stage_settings(micro_batch_size=micro, global_batch_size=8), world)
     rows = samples(engine)
     grads = gradients_after_one_step(engine, split(rows, rank, world, micro), normalization)
     if rank == 0:
@@ -242,7 +244,7 @@ def zero3_rank(rank: int, world: int, port: int, models: dict, out_dir: str):
     import llava_core.model.build  # noqa: F401
     import llava_core.train.loop  # noqa: F401
 
-    stage = stage_dict(trainable=["projector"], zero_stage=3, micro_batch_size=2, global_batch_size=4)
+    stage = stage_settings(trainable=["projector"], zero_stage=3, micro_batch_size=2, global_batch_size=4)
     baseline, peaks, sampler = anonymous_rss(), {}, PeakSampler()
     engine, processor = build(models, stage, world)
     peaks["load"], sampler = sampler.stop() - baseline, PeakSampler()

@@ -1,13 +1,12 @@
-"""A training stage survives failures: a worker killed by its pid after checkpoint k restarts the worker group from
+"""A training stage survives failures: a worker killed (SIGKILL) after checkpoint k restarts the worker group from
 checkpoint k (step counter continued, not restarted); a run that fails outright resumes from its last checkpoint
 when run again (what a restarted driver does). Real Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, with LoRA and
-packing, on a tiny model and token rows written straight to a parquet shard (the prepare stage has its own tests).
+text-only micro-batches, on a tiny model and token rows written straight to a parquet shard (the prepare stage has
+its own tests). The failures come from outside the loop: a Ray Train callback kills a worker process
+(tests/worker_faults.py); what happened is read from the callback's log and the stage's own metrics.jsonl.
 """
 import json
 import os
-import signal
-import threading
-import time
 
 import numpy as np
 import pyarrow as pa
@@ -54,46 +53,12 @@ def text_only_micro_batches(shard, accum, world=2, micro=2):
     return sum(int(images[np.concatenate(m)].sum()) == 0 for m in plan)
 
 
-def events(progress_file):
-    if not os.path.exists(progress_file):
-        return []
-    return [json.loads(line) for line in open(progress_file) if line.strip()]
-
-
-def registered_step(stage_dir, name="instruct"):
-    """The step of the latest checkpoint Ray Train's controller has registered (it polls workers every ~2 s, so a
-    reported checkpoint counts only once it is in the snapshot)."""
-    path = os.path.join(stage_dir, "ray", name, "checkpoint_manager_snapshot.json")
-    try:
-        latest = json.load(open(path)).get("latest_checkpoint_result") or {}
-    except (OSError, ValueError):
-        return None
-    return latest.get("metrics", {}).get("step")
-
-
-def kill_worker_after_checkpoint(progress_file, stage_dir, step, rank, timeout=300):
-    """Watch the loop's progress file; SIGKILL the worker process of `rank` once checkpoint `step` is registered."""
-    killed = {}
-
-    def watch():
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            for e in events(progress_file):
-                if (e["event"] == "checkpoint" and e["step"] == step and e["rank"] == rank
-                        and registered_step(stage_dir) == step):
-                    os.kill(e["pid"], signal.SIGKILL)
-                    killed["pid"] = e["pid"]
-                    return
-            time.sleep(0.2)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-    return thread, killed
-
-
 def test_worker_killed_resumes_from_checkpoint_then_rerun_resumes_after_a_failed_run(
         ray_session, tiny_dataset, tmp_path):
+    from ray.train import WorkerGroupError
+
     from llava_core.train.trainer import run_training_stage
+    from tests.worker_faults import KillWorkerAfterCheckpoint, read_log
 
     shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"))
     assert text_only_micro_batches(shard, GLOBAL_BATCH // 4) > 0  # ZeRO-3 hangs on these unless handled
@@ -102,28 +67,30 @@ def test_worker_killed_resumes_from_checkpoint_then_rerun_resumes_after_a_failed
         global_batch_size=GLOBAL_BATCH, micro_batch_size=2, lr=1e-3, projector_lr=1e-4, zero_stage=3,
         packing=False, checkpoint_every=4, keep_checkpoints=2, max_failures=1, log_every=4)
     scaling = ScalingSettings(num_workers=2, cpus_per_worker=1)
-    stage_dir, progress = str(tmp_path / "instruct"), str(tmp_path / "progress.jsonl")
-    hooks = {"progress_file": progress, "hold_after_checkpoint": 4, "hold_seconds": 120,
-             "fail_after_checkpoint": 8}
+    stage_dir, log = str(tmp_path / "instruct"), str(tmp_path / "faults.jsonl")
 
-    watcher, killed = kill_worker_after_checkpoint(progress, stage_dir, step=4, rank=1)
-    with pytest.raises(Exception, match="test hook: failing after checkpoint 8"):
+    # A worker dies after checkpoint 4 (the group restarts from it), and again after checkpoint 8: the restart
+    # budget (max_failures 1) is spent, so the run fails like a dead driver would.
+    with pytest.raises(WorkerGroupError) as failed:
         run_training_stage("instruct", stage, scaling, [shard], stage_dir, tiny_dataset["vision"],
-                           tiny_dataset["llm"], None, test_hooks=hooks)
-    watcher.join(timeout=1)
-    assert killed, "the worker was never killed: no checkpoint 4 reported"
-    starts = [e["start_step"] for e in events(progress) if e["event"] == "start"]
-    assert starts == [0, 0, 4, 4]  # the restarted group continued at checkpoint 4, not at 0
-    # The group restart budget is spent when the second failure hits: the run fails like a dead driver would.
+                           tiny_dataset["llm"], None, callbacks=[KillWorkerAfterCheckpoint(log, kill_at=(4, 8))])
+    reports = [e for e in read_log(log) if e["event"] == "report"]
+    kills = [e for e in reports if e["killed"]]
+    assert [(e["step"], bool(e["killed"])) for e in reports] == [(4, True), (8, True)]  # no checkpoint 4 again
+    assert str(kills[1]["killed"]) in str(failed.value)  # the run failed because that worker died
     # Running the same stage again (same storage and name) resumes from the last checkpoint, step 8.
-    run_training_stage("instruct", stage, scaling, [shard], stage_dir, tiny_dataset["vision"],
-                       tiny_dataset["llm"], None, test_hooks=hooks)
-    starts = [e["start_step"] for e in events(progress) if e["event"] == "start"]
-    assert starts[4:] == [8, 8]
-    assert [e["step"] for e in events(progress) if e["event"] == "checkpoint" and e["rank"] == 0] == [4, 8, 12]
+    run_training_stage("instruct", stage, scaling, [shard], stage_dir, tiny_dataset["vision"], tiny_dataset["llm"],
+                       None, callbacks=[KillWorkerAfterCheckpoint(log)])
+    assert [e["step"] for e in read_log(log) if e["event"] == "report"] == [4, 8, 12]
 
     history = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
     assert [r["step"] for r in history] == list(range(1, STEPS + 1))  # the planned steps, each once
+    # Each step was trained by the attempt that was live then: steps 1-4 before the first kill, kept from checkpoint
+    # 4 (not trained again); 5-8 by the restarted group; 9-12 by the rerun, which started at checkpoint 8.
+    first_kill, second_kill = kills[0]["time"], kills[1]["time"]
+    assert all(r["time"] < first_kill for r in history[:4])
+    assert all(first_kill < r["time"] < second_kill for r in history[4:8])
+    assert all(second_kill < r["time"] for r in history[8:])
     assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in history)
     trainable = json.load(open(os.path.join(stage_dir, "trainable.json")))
     assert set(trainable["trained"]) == {"lora", "projector"} and trainable["trained"]["projector"]["lr"] == 1e-4

@@ -7,11 +7,12 @@ import pytest
 import torch
 from transformers import LlavaForConditionalGeneration
 
+from llava_core.config import LoraSettings
 from llava_core.model.build import assemble_llava, load_official_projector
 from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
 
-LORA = {"r": 4, "alpha": 8, "dropout": 0.0,
-        "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
+LORA = LoraSettings(r=4, alpha=8, dropout=0.0,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
 
 
 def tiny_batch(model, processor, seed=0):
@@ -32,7 +33,7 @@ def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     lora_modules = {n.split(".lora_")[0] for n in trained if "lora_" in n}
     assert lora_modules and all(".language_model." in n for n in lora_modules)
-    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == set(LORA["target_modules"])
+    assert {n.rsplit(".", 1)[-1] for n in lora_modules} == set(LORA.target_modules)
     non_lora = [n for n in trained if "lora_" not in n]  # the projector: peft's modules_to_save copy
     assert non_lora and all("multi_modal_projector.modules_to_save.default." in n for n in non_lora)
     originals = [p for n, p in model.named_parameters() if ".multi_modal_projector.original_module." in n]

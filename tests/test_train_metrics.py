@@ -1,4 +1,5 @@
 """Training metrics: FLOPs counted from the model's parameters, the loss-curve PNG, TensorBoard events."""
+import dataclasses
 import os
 
 import threading
@@ -8,10 +9,11 @@ import pytest
 import requests
 
 from llava_core import storage
+from llava_core.config import TrainStageSettings
 from llava_core.train.metrics import MetricsWriter, flops_counter, plot_loss_curves, read_history
 from tests.s3_server import environment, s3_server
 
-STAGE = {"tracking": "", "metrics_sync_every": 5}
+STAGE = TrainStageSettings(tracking="", metrics_sync_every=5)
 
 
 def test_the_runtime_counts_flops_from_the_model_parameters(tiny_dataset):
@@ -119,7 +121,7 @@ def test_a_slow_upload_never_blocks_a_step_and_requests_meanwhile_are_coalesced(
 
     monkeypatch.setattr(storage, "write_text", slow_write)
     stage_dir = tmp_path / "align"
-    writer = MetricsWriter("align", {**STAGE, "metrics_sync_every": 1}, str(stage_dir / "tensorboard"),
+    writer = MetricsWriter("align", dataclasses.replace(STAGE, metrics_sync_every=1), str(stage_dir / "tensorboard"),
                            str(stage_dir), history=[])
     started = time.monotonic()
     for record in records(range(1, 21)):  # a sync requested at every step

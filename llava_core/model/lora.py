@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 import re
 
+from llava_core.schema import LoraSettings
+
 
 def llava_of(model):
     """The LlavaForConditionalGeneration inside a peft wrapper (or the model itself)."""
@@ -56,18 +58,18 @@ def module_paths(model, modules: list) -> list[str]:
     return [paths[id(m)] for m in modules]
 
 
-def lora_config(settings: dict, modules_to_save: list[str] | None = None):
+def lora_config(settings: LoraSettings, modules_to_save: list[str] | None = None):
     from peft import LoraConfig
 
-    names = "|".join(settings["target_modules"])
+    names = "|".join(settings.target_modules)
     return LoraConfig(
-        r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"], bias="none",
+        r=settings.r, lora_alpha=settings.alpha, lora_dropout=settings.dropout, bias="none",
         # fullmatch on module names: the LLM lives under `model.language_model`; CLIP also has q_proj/k_proj/v_proj
         target_modules=rf".*\.language_model\..*\.({names})",
         modules_to_save=modules_to_save or None)
 
 
-def apply_lora(model, settings: dict, full_modules: list | None = None):
+def apply_lora(model, settings: LoraSettings, full_modules: list | None = None):
     """LoRA on the LLM; `full_modules` (e.g. the projector) train in full and are saved in the adapter."""
     from peft import get_peft_model
 

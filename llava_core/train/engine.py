@@ -21,6 +21,7 @@ import torch
 
 from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.lora import llava_of
+from llava_core.schema import TrainStageSettings
 from llava_core.train.freeze import apply_stage_training, parameter_groups
 
 # transformers keeps a weak reference to the active HfDeepSpeedConfig: this keeps it alive for the worker's life, so
@@ -28,24 +29,24 @@ from llava_core.train.freeze import apply_stage_training, parameter_groups
 _ZERO3_CONFIG: list = []
 
 
-def training_dtype(stage: dict, use_gpu: bool) -> torch.dtype:
+def training_dtype(stage: TrainStageSettings, use_gpu: bool) -> torch.dtype:
     """bf16 on GPU when the stage asks for it; CPU kernels are fp32 (bf16 there is slower and less exact)."""
-    return torch.bfloat16 if use_gpu and stage["bf16"] else torch.float32
+    return torch.bfloat16 if use_gpu and stage.bf16 else torch.float32
 
 
-def grad_accum_steps(stage: dict, world_size: int) -> int:
+def grad_accum_steps(stage: TrainStageSettings, world_size: int) -> int:
     """Micro-batches per rank per optimizer step (the workflow checks that the division is exact)."""
-    return stage["global_batch_size"] // (world_size * stage["micro_batch_size"])
+    return stage.global_batch_size // (world_size * stage.micro_batch_size)
 
 
-def deepspeed_config(stage: dict, world_size: int, use_gpu: bool, hidden_size: int = 0) -> dict:
+def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, hidden_size: int = 0) -> dict:
     """DeepSpeed's config for the stage; `hidden_size` (the LLM's, once it is built) sizes ZeRO-3's prefetching."""
-    zero = {"stage": stage["zero_stage"]}
-    if stage["offload_optimizer"]:
+    zero = {"stage": stage.zero_stage}
+    if stage.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
-    if stage["offload_params"]:
+    if stage.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": use_gpu}
-    if stage["zero_stage"] == 3:
+    if stage.zero_stage == 3:
         # Save writes the weights itself, module by module (train/save.py): never gather a 16-bit copy of everything.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
         if hidden_size:  # HF Trainer's "auto" values, as LLaVA's zero3.json asks for: prefetch ~one layer's matrix,
@@ -53,10 +54,10 @@ def deepspeed_config(stage: dict, world_size: int, use_gpu: bool, hidden_size: i
             zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
     return {
-        "train_batch_size": stage["global_batch_size"],
-        "train_micro_batch_size_per_gpu": stage["micro_batch_size"],
+        "train_batch_size": stage.global_batch_size,
+        "train_micro_batch_size_per_gpu": stage.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(stage, world_size),
-        "gradient_clipping": stage["max_grad_norm"],
+        "gradient_clipping": stage.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": training_dtype(stage, use_gpu) == torch.bfloat16},
         "zero_allow_untested_optimizer": True,  # torch AdamW (fused on GPU): DeepSpeed's FusedAdam needs its own build
@@ -80,15 +81,15 @@ def zero3_loading(ds_config: dict):
     yield
 
 
-def build_optimizer(groups: list[dict], stage: dict, use_gpu: bool):
+def build_optimizer(groups: list[dict], stage: TrainStageSettings, use_gpu: bool):
     """torch AdamW, fused on GPU (one kernel for all parameters); with optimizer offload on a GPU, DeepSpeed's CPU
     Adam (torch's is far slower on CPU state)."""
     groups = [{k: v for k, v in g.items() if k != "part"} for g in groups]
-    if stage["offload_optimizer"] and use_gpu:
+    if stage.offload_optimizer and use_gpu:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=stage["lr"], weight_decay=stage["weight_decay"])
-    return torch.optim.AdamW(groups, lr=stage["lr"], weight_decay=stage["weight_decay"], fused=use_gpu)
+        return DeepSpeedCPUAdam(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay, fused=use_gpu)
 
 
 def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
@@ -96,20 +97,21 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
 
 
-def build_engine(model, stage: dict, world_size: int, total_steps: int, use_gpu: bool, device: torch.device):
+def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps: int, use_gpu: bool,
+                 device: torch.device):
     """(engine, scheduler, parameter groups): the model frozen per stage, checkpointed if asked, on `device` unless
     ZeRO-3 already placed its partitions, in train mode, with AdamW and the transformers cosine schedule."""
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
-    model = apply_stage_training(model, stage["trainable"], stage["lora"])
-    if stage["gradient_checkpointing"]:
+    model = apply_stage_training(model, stage.trainable, stage.lora)
+    if stage.gradient_checkpointing:
         llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if stage["zero_stage"] != 3:
+    if stage.zero_stage != 3:
         model = model.to(device)  # before the optimizer: fused AdamW wants its parameters on the GPU
-    groups = parameter_groups(model, stage["lr"], stage["projector_lr"], stage["weight_decay"], stage.get("vision_lr"))
+    groups = parameter_groups(model, stage.lr, stage.projector_lr, stage.weight_decay, stage.vision_lr)
     optimizer = build_optimizer(groups, stage, use_gpu)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage["warmup_ratio"]),
+    scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage.warmup_ratio),
                                                 total_steps)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,

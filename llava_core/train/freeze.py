@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from llava_core.model.lora import apply_lora, is_kept_original, llava_of
+from llava_core.schema import LoraSettings
 
 
 def parts_of(model) -> dict:
@@ -56,13 +57,13 @@ def set_trainable(model, trainable: list[str]) -> dict[str, dict]:
     return report
 
 
-def apply_stage_training(model, trainable: list[str], lora: dict | None):
+def apply_stage_training(model, trainable: list[str], lora: LoraSettings | None):
     """Freeze per stage; with LoRA the LLM stays frozen and gets adapters, and the other trained parts go in the
     adapter as peft's modules_to_save (peft sets what requires grad). Returns the model to train (a peft model with
     LoRA)."""
-    full = [p for p in trainable if not (lora and p == "llm")]
+    full = [p for p in trainable if not (lora is not None and p == "llm")]
     set_trainable(model, full)
-    if lora:
+    if lora is not None:
         model = apply_lora(model, lora, [m for part in full for m in parts_of(model)[part]])
     return model
 

@@ -1,12 +1,14 @@
 """The per-worker training loop of the align and instruct stages (runs inside Ray Train workers).
 
 Build the stage's model (partitioned as it loads under ZeRO-3), hand it to DeepSpeed (`train/engine.py`), then step
-through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train. Resuming restores the DeepSpeed state and the step
-counter from the last checkpoint Ray Train hands back; the final checkpoint holds only the step counter and history
-(the stage output holds the weights), so no optimizer state is kept once a stage is done.
+through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train.
+Resuming restores the DeepSpeed state and the step counter from the last checkpoint Ray Train hands back; the final
+checkpoint holds only the step counter and history (the stage output holds the weights), so no optimizer state is kept
+once a stage is done. Everything the loop reads is one `LoopConfig`, built by the driver (`train/trainer.py`).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ from llava_core.data.image_layouts import pixel_inputs
 from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
+from llava_core.schema import ScalingSettings, TrainStageSettings
 from llava_core.train.batching import BatchPlan, capped_steps
 from llava_core.train.engine import (build_engine, deepspeed_config, grad_accum_steps, model_inputs, optimizer_step,
                                      training_dtype, zero3_loading)
@@ -33,64 +36,84 @@ from llava_core.train.streaming import BatchPrefetcher, TrainingRows
 DS_TAG = "deepspeed"
 
 
-def build_model(config: dict, device: torch.device):
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """What every rank's loop reads, built once on the driver: the workflow's stage and scaling sections as they are,
+    plus what the stage runner resolved (the shards, the base models' storage URIs, the stage directory). Ray Train
+    pickles it to each worker inside `train_loop_config` (`{"config": LoopConfig(...)}`)."""
+    stage_name: str  # align, knowledge or instruct: names the log lines, metrics and trackers' runs
+    stage: TrainStageSettings
+    scaling: ScalingSettings
+    shards: tuple[str, ...]  # prepare's parquet shards of the stage's dataset
+    plan_index: str | None  # prepare's index of the shards' rows; None: each rank scans the shards' footers
+    output_dir: str  # the stage directory: the hand-off, metrics.jsonl, trainable.json
+    init_from: str | None  # the previous stage's full HF model; None: assemble a fresh one from the towers below
+    vision_path: str
+    llm_path: str
+    family: str  # `model.family`
+    image_layout: str  # `prepare.image_aspect_ratio` ("": the family's own)
+    template: str  # the dataset's; the processor's chat template follows it
+    save_model: bool  # False: hand off the projector alone (`mm_projector.bin`)
+    start_time: float  # when the driver started the stage, for the progress lines' ETA
+
+
+def build_model(config: LoopConfig, device: torch.device):
     """The stage's starting model in the training dtype with the chosen attention, and its processor."""
     from llava_core.model.build import load_llava, load_official_projector
     from llava_core.model.families import assemble
 
-    stage = config["stage"]
-    dtype = training_dtype(stage, config["use_gpu"])
+    stage, use_gpu = config.stage, config.scaling.use_gpu
+    dtype = training_dtype(stage, use_gpu)
     # ZeRO 0-2 keep whole weights on every GPU: load them straight there, not first into host memory per rank.
-    on = device if config["use_gpu"] and stage["zero_stage"] != 3 else None
-    torch.manual_seed(stage["seed"])  # every rank must start from the same fresh projector (and LoRA)
-    if config["init_from"]:
-        model, processor = load_llava(config["init_from"], dtype, stage["attn_implementation"], on)
+    on = device if use_gpu and stage.zero_stage != 3 else None
+    torch.manual_seed(stage.seed)  # every rank must start from the same fresh projector (and LoRA)
+    if config.init_from:
+        model, processor = load_llava(config.init_from, dtype, stage.attn_implementation, on)
     else:
-        model, processor = assemble(config.get("family", "llava"), config["vision_path"], config["llm_path"], dtype,
-                                    config["template"], stage["attn_implementation"], on,
-                                    config.get("image_layout"))
-    if stage["init_projector"]:
-        load_official_projector(model, stage["init_projector"])
+        model, processor = assemble(config.family, config.vision_path, config.llm_path, dtype, config.template,
+                                    stage.attn_implementation, on, config.image_layout)
+    if stage.init_projector:
+        load_official_projector(model, stage.init_projector)
     return model, processor
 
 
-def train_loop_per_worker(config: dict) -> None:
-    stage = config["stage"]
+def train_loop_per_worker(train_loop_config: dict) -> None:
+    config: LoopConfig = train_loop_config["config"]  # Ray Train hands the loop a dict
+    stage, use_gpu = config.stage, config.scaling.use_gpu
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device() if config["use_gpu"] else torch.device("cpu")
+    device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
 
-    examples = TrainingRows.open(config["shards"], config["plan_index"])  # plan columns + row locations only
+    examples = TrainingRows.open(list(config.shards), config.plan_index)  # plan columns + row locations only
     lengths, num_images = examples.lengths, examples.num_images
     grad_accum = grad_accum_steps(stage, world)
-    plan = BatchPlan(world, stage["micro_batch_size"], grad_accum, stage["seed"], stage["sampling"],
-                     stage["packing"], stage["pack_length"])
-    epoch_steps = [plan.steps_in_epoch(lengths, num_images, e) for e in range(stage["epochs"])]
-    if stage["max_steps"]:
-        epoch_steps = capped_steps(epoch_steps, stage["max_steps"])
+    plan = BatchPlan(world, stage.micro_batch_size, grad_accum, stage.seed, stage.sampling, stage.packing,
+                     stage.pack_length)
+    epoch_steps = [plan.steps_in_epoch(lengths, num_images, e) for e in range(stage.epochs)]
+    if stage.max_steps:
+        epoch_steps = capped_steps(epoch_steps, stage.max_steps)
     total_steps = sum(epoch_steps)
     if total_steps == 0:
         raise ValueError(f"{examples.num_rows} rows are fewer than one global batch of {plan.global_batch_size}")
 
-    with zero3_loading(deepspeed_config(stage, world, config["use_gpu"])):
+    with zero3_loading(deepspeed_config(stage, world, use_gpu)):
         model, processor = build_model(config, device)
-    engine, scheduler, groups = build_engine(model, stage, world, total_steps, config["use_gpu"], device)
+    engine, scheduler, groups = build_engine(model, stage, world, total_steps, use_gpu, device)
     model = engine.module
     parts = describe_training(model, groups)
-    flops = flops_counter(model, stage["trainable"], bool(stage["lora"]))
-    peak = peak_flops(config["peak_tflops_per_worker"], config["use_gpu"])
+    flops = flops_counter(model, stage.trainable, stage.lora is not None)
+    peak = peak_flops(config.scaling.peak_tflops_per_worker, use_gpu)
 
     start_step, history = restore(engine, total_steps)
-    hooks = TestHooks(config.get("test_hooks"), rank, start_step)
-    writer = (MetricsWriter(config["stage_name"], stage, tensorboard_dir(config), config["output_dir"], history)
+    writer = (MetricsWriter(config.stage_name, stage, tensorboard_dir(config), config.output_dir, history)
               if rank == 0 else None)
     if rank == 0:
-        log_start(config, parts, total_steps, start_step, plan)
+        log_start(config.stage_name, parts, total_steps, start_step, plan)
     pixels = pixel_inputs(processor, llava_of(model).config.model_type, llava_of(model).config)
     pad_id, image_token_id = processor.tokenizer.pad_token_id, llava_of(model).config.image_token_id
     batches = BatchPrefetcher(examples, plan.rank_micro_batches(lengths, num_images, epoch_steps, start_step, rank),
-                              stage["packing"], pad_id, pixels)
-    flatten = stage["packing"] and stage["attn_implementation"] == "flash_attention_2"
+                              stage.packing, pad_id, pixels)
+    flatten = stage.packing and stage.attn_implementation == "flash_attention_2"
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
     for step in range(start_step, total_steps):
@@ -104,52 +127,27 @@ def train_loop_per_worker(config: dict) -> None:
             window["tokens"] += tokens
             window["samples"] += len(rows)
             window["flops"] += flops(tokens, pixels.views(batch))
-        loss = optimizer_step(engine, step_batches, stage["loss_normalization"], device)
+        loss = optimizer_step(engine, step_batches, stage.loss_normalization, device)
         record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)
         is_last = step + 1 == total_steps
         if rank == 0:
             writer.write(record)
-            if (step + 1) % stage["log_every"] == 0 or is_last or step == start_step:
-                print_progress(config["stage_name"], record, total_steps, config["start_time"])
-        if is_last or (stage["checkpoint_every"] and (step + 1) % stage["checkpoint_every"] == 0):
+            if (step + 1) % stage.log_every == 0 or is_last or step == start_step:
+                print_progress(config.stage_name, record, total_steps, config.start_time)
+        if is_last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
-            hooks.after_checkpoint(step + 1)
     batches.close()
     if writer:
         writer.close()
 
 
-def tensorboard_dir(config: dict) -> str:
+def tensorboard_dir(config: LoopConfig) -> str:
     """TensorBoard events go straight into the stage directory when it is local; into a temp dir (copied there by
     the MetricsWriter) when it is remote."""
-    if storage.is_remote(config["output_dir"]):
-        return os.path.join(tempfile.gettempdir(), "llava-ray-tensorboard", config["stage_name"])
-    return os.path.join(config["output_dir"], "tensorboard")
-
-
-class TestHooks:
-    """Test-only observation points (`test_hooks` in the loop config; never set by a workflow): every rank appends
-    its pid and progress to `progress_file`; `hold_after_checkpoint: k` keeps the first attempt busy for
-    `hold_seconds` after checkpoint k, so a test can kill a worker at a known point; `fail_after_checkpoint: k`
-    raises after checkpoint k in an attempt that started before it."""
-
-    def __init__(self, hooks: dict | None, rank: int, start_step: int):
-        self.hooks, self.rank, self.start_step = hooks or {}, rank, start_step
-        self.log({"event": "start", "start_step": start_step})
-
-    def log(self, record: dict) -> None:
-        if "progress_file" in self.hooks:
-            with open(self.hooks["progress_file"], "a") as f:
-                f.write(json.dumps({**record, "rank": self.rank, "pid": os.getpid()}) + "\n")
-
-    def after_checkpoint(self, step: int) -> None:
-        self.log({"event": "checkpoint", "step": step})
-        if step == self.hooks.get("hold_after_checkpoint") and self.start_step < step:
-            time.sleep(self.hooks.get("hold_seconds", 60))
-        if step == self.hooks.get("fail_after_checkpoint") and self.start_step < step:
-            time.sleep(5)  # let the controller register the checkpoint first (it polls workers every ~2 s)
-            raise RuntimeError(f"test hook: failing after checkpoint {step}")
+    if storage.is_remote(config.output_dir):
+        return os.path.join(tempfile.gettempdir(), "llava-ray-tensorboard", config.stage_name)
+    return os.path.join(config.output_dir, "tensorboard")
 
 
 def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device) -> dict:
@@ -198,10 +196,10 @@ def print_progress(stage_name: str, record: dict, total_steps: int, start_time: 
         f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
 
 
-def log_start(config, parts, total_steps, start_step, plan) -> None:
+def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
     trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
     frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
-    say(f"[{config['stage_name']}] training {trained} | frozen {frozen} | {total_steps} steps of "
+    say(f"[{stage_name}] training {trained} | frozen {frozen} | {total_steps} steps of "
         f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} ({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
@@ -220,7 +218,8 @@ def restore(engine, total_steps: int) -> tuple[int, list]:
     return state["step"], state["history"]
 
 
-def save_and_report(engine, processor, step, total_steps, history, parts, rank, config, is_last) -> None:
+def save_and_report(engine, processor, step, total_steps, history, parts, rank, config: LoopConfig,
+                    is_last) -> None:
     """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only. The last
     checkpoint skips the DeepSpeed state (optimizer included: 12 bytes per trained parameter, 84 GB for 7B): the
     stage output written beside it holds the weights, and a resumed finished stage has nothing to train."""
@@ -237,7 +236,7 @@ def save_and_report(engine, processor, step, total_steps, history, parts, rank, 
                          checkpoint=ray.train.Checkpoint.from_directory(directory))
 
 
-def write_stage_output(model, processor, parts, config, rank) -> None:
+def write_stage_output(model, processor, parts, config: LoopConfig, rank) -> None:
     """The stage's hand-off: `mm_projector.bin` (the official stage-1 file), and when the next stage needs more than
     the projector (`save_model`) a complete HF LLaVA directory (LoRA merged in) in the training dtype, with greedy
     generation defaults: the export is this directory as it is. Also the adapter alone when LoRA trained and
@@ -249,11 +248,11 @@ def write_stage_output(model, processor, parts, config, rank) -> None:
             if rank == 0:
                 with open(os.path.join(local, "mm_projector.bin"), "wb") as f:
                     f.write(official_projector_bytes(projector))
-        if config["save_model"]:
+        if config.save_model:
             save_hf_model(model, processor, os.path.join(local, "model"),
-                          training_dtype(config["stage"], config["use_gpu"]), writer=rank == 0)
+                          training_dtype(config.stage, config.scaling.use_gpu), writer=rank == 0)
         if rank != 0:
             return
         with open(os.path.join(local, "trainable.json"), "w") as f:
             json.dump(parts, f, indent=1)
-        storage.copy_dir(local, config["output_dir"])
+        storage.copy_dir(local, config.output_dir)

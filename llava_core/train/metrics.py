@@ -6,6 +6,7 @@ part sizes come from the model's own parameters, so the count is exact for whate
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import resource
 import threading
 
 from llava_core import flops as flop_model, storage
+from llava_core.schema import TrainStageSettings
 
 log = logging.getLogger(__name__)
 
@@ -70,23 +72,26 @@ class MetricsWriter:
     configured. `history` (restored from the checkpoint when resuming) comes first in metrics.jsonl, and TensorBoard
     drops the events a failed attempt wrote after that checkpoint."""
 
-    def __init__(self, stage_name: str, stage: dict, tensorboard_dir: str, output_dir: str, history: list[dict]):
+    def __init__(self, stage_name: str, stage: TrainStageSettings, tensorboard_dir: str, output_dir: str,
+                 history: list[dict]):
         from tensorboardX import SummaryWriter
 
         self.records = list(history)
         self.tensorboard = SummaryWriter(tensorboard_dir, purge_step=history[-1]["step"] + 1 if history else None)
-        self.sync_every = stage["metrics_sync_every"]
+        self.sync_every = stage.metrics_sync_every
         self.sync = MetricsSync(output_dir, tensorboard_dir, self.tensorboard.flush)
-        self.tracker = stage["tracking"]
+        self.tracker = stage.tracking
         if self.tracker == "mlflow":
             import mlflow  # only imported when configured; MLFLOW_TRACKING_URI says where
 
             mlflow.start_run(run_name=stage_name)
-            mlflow.log_params({k: v for k, v in stage.items() if isinstance(v, (int, float, str, bool))})
+            mlflow.log_params({k: v for k, v in dataclasses.asdict(stage).items()
+                               if isinstance(v, (int, float, str, bool))})
         elif self.tracker == "wandb":
             import wandb  # only imported when configured; WANDB_PROJECT / WANDB_API_KEY from the environment
 
-            wandb.init(project=os.environ.get("WANDB_PROJECT", "llava-ray"), name=stage_name, config=stage)
+            wandb.init(project=os.environ.get("WANDB_PROJECT", "llava-ray"), name=stage_name,
+                       config=dataclasses.asdict(stage))
 
     def write(self, record: dict) -> None:
         self.records.append(record)

@@ -5,15 +5,15 @@ checkpoints in `<stage dir>/ray/<stage>`; running the same stage again resumes f
 """
 from __future__ import annotations
 
-import dataclasses
 import time
+from collections.abc import Sequence
 
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from llava_core import storage
 from llava_core.config import ScalingSettings, TrainStageSettings
-from llava_core.train.loop import train_loop_per_worker
+from llava_core.train.loop import LoopConfig, train_loop_per_worker
 
 
 def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
@@ -24,10 +24,10 @@ def scaling_config(scaling: ScalingSettings) -> ScalingConfig:
 
 
 def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: ScalingSettings, shards: list[str],
-                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None,
-                       test_hooks: dict | None = None, run_name: str | None = None, template: str = "vicuna_v1",
-                       save_model: bool = True, plan_index: str | None = None, family: str = "llava",
-                       image_layout: str = "pad") -> dict:
+                       stage_dir: str, vision_path: str, llm_path: str, init_from: str | None, *,
+                       run_name: str | None = None, template: str = "vicuna_v1", save_model: bool = True,
+                       plan_index: str | None = None, family: str = "llava", image_layout: str = "pad",
+                       callbacks: Sequence[UserCallback] = ()) -> dict:
     """Train one stage; its HF model lands in `<stage_dir>/model` and its metrics in `<stage_dir>/metrics.jsonl`.
 
     `run_name` (default: the stage name) names the Ray Train run under `<stage_dir>/ray`: a run with the same name
@@ -36,28 +36,17 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
     machine: workers may run on other nodes. `template` is the dataset's (the processor's chat template follows it);
     `save_model: False` hands off the projector alone (`mm_projector.bin`). `plan_index` is prepare's index of the
     shards' rows (None: each rank scans the shards' footers instead). `family` and `image_layout` (`model.family`,
-    `prepare.image_aspect_ratio`) pick the model a fresh stage assembles; the shards were prepared for them."""
-    loop_config = {
-        "stage_name": stage_name,
-        "stage": dataclasses.asdict(stage),
-        "use_gpu": scaling.use_gpu,
-        "shards": shards,
-        "plan_index": plan_index,
-        "vision_path": vision_path,
-        "llm_path": llm_path,
-        "init_from": init_from,
-        "template": template,
-        "family": family,
-        "image_layout": image_layout,
-        "save_model": save_model,
-        "output_dir": stage_dir,
-        "start_time": time.time(),
-        "peak_tflops_per_worker": scaling.peak_tflops_per_worker,
-        "test_hooks": test_hooks,  # tests only: progress file and a pause after a checkpoint (see loop.TestHooks)
-    }
+    `prepare.image_aspect_ratio`) pick the model a fresh stage assembles; the shards were prepared for them.
+    `callbacks` are Ray Train's own (`ray.train.UserCallback`, run in its controller process): they see every
+    checkpoint report (`{"step", "loss"}` per worker) and every worker failure, e.g. to alert on a stalled or
+    failing stage."""
+    config = LoopConfig(
+        stage_name=stage_name, stage=stage, scaling=scaling, shards=tuple(shards), plan_index=plan_index,
+        output_dir=stage_dir, init_from=init_from, vision_path=vision_path, llm_path=llm_path, family=family,
+        image_layout=image_layout, template=template, save_model=save_model, start_time=time.time())
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={"config": config},  # Ray Train passes the loop a dict
         scaling_config=scaling_config(scaling),
         torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
@@ -65,6 +54,7 @@ def run_training_stage(stage_name: str, stage: TrainStageSettings, scaling: Scal
             storage_path=storage.join(stage_dir, "ray"),
             failure_config=FailureConfig(max_failures=stage.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=stage.keep_checkpoints),
+            callbacks=list(callbacks),
         ),
     )
     result = trainer.fit()
