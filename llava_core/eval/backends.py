@@ -95,7 +95,8 @@ class ExportAnswerer:
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: dict) -> dict:
-        rows = [{"image_b64": b, "image_path": p} for b, p in zip(batch["image_b64"], batch["image_path"])]
+        rows = [{"image_b64": b, "image_path": p, "blank": k}
+                for b, p, k in zip(batch["image_b64"], batch["image_path"], batch["blank"])]
         pictures = [images.decode_image(image_bytes(row)) for row in rows]
         answers = generate_answers(self.model, self.processor, list(batch["text"]), pictures,
                                    self.max_new_tokens, self.batch_size)
