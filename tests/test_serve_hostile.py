@@ -15,7 +15,8 @@ from PIL import Image
 from llava_core.config import ServeSettings
 from llava_core.data.images import ImageLimits, decode_image
 from llava_core.data.formats import RowError
-from llava_core.serve import protocol, sampling
+from llava_core.serve import protocol, token_sampler
+from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
 
 MODEL = "tiny-llava"
@@ -191,16 +192,15 @@ def test_exif_rotation_is_applied():
 
 def test_a_tiny_top_p_keeps_the_most_likely_token():
     probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0, -1.0]), dim=-1)
-    kept = sampling.nucleus(probs, 1e-300)
+    kept = token_sampler.nucleus(probs, 1e-300)
     assert kept.tolist() == [0.0, 1.0, 0.0, 0.0]
-    generator = sampling.new_generator(0)
-    assert sampling.draw(torch.tensor([1.0, 3.0, 2.0]), 1.0, 1e-30, generator) == 1
+    generator = token_sampler.new_generator(0)
+    assert token_sampler.draw(torch.tensor([1.0, 3.0, 2.0]), 1.0, 1e-30, generator) == 1
 
 
 def test_a_row_whose_draw_fails_is_recorded_and_the_others_are_drawn():
-    settings = [sampling.SamplingSettings(4, temperature=1.0, seed=1), sampling.SamplingSettings(4, temperature=0.7,
-                                                                                                  seed=2)]
-    sampler = sampling.PerRequestSampler(settings)
+    params = [DecodingParams(4, temperature=1.0, seed=1), DecodingParams(4, temperature=0.7, seed=2)]
+    sampler = token_sampler.PerRequestSampler(params)
     scores = torch.tensor([[float("-inf")] * 5, [0.0, 5.0, 0.0, 0.0, 0.0]])  # row 0 has no possible token
     out = sampler(torch.zeros(2, 1, dtype=torch.long), scores)
     assert list(sampler.failures) == [0] and isinstance(sampler.failures[0], FloatingPointError)
@@ -217,10 +217,9 @@ def engine(tiny_llava_dir):
 
 
 def requests_for(texts: list[str], temperature: float = 0.0):
-    from llava_core.serve.engine import GenerationRequest, SamplingSettings
+    from llava_core.serve.engine import GenerationRequest
 
-    return [GenerationRequest([{"role": "user", "content": text}], [], SamplingSettings(max_tokens=5,
-                                                                                        temperature=temperature))
+    return [GenerationRequest([{"role": "user", "content": text}], [], DecodingParams(5, temperature=temperature))
             for text in texts]
 
 
@@ -240,14 +239,14 @@ def alone(engine):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(engine, alone, monkeypatch):
-    real_draw = sampling.draw
+    real_draw = token_sampler.draw
 
     def draw(logits, temperature, top_p, generator):  # the failure a bad parameter would cause, on row 2 only
         if temperature == 0.77:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_draw(logits, temperature, top_p, generator)
 
-    monkeypatch.setattr(sampling, "draw", draw)
+    monkeypatch.setattr(token_sampler, "draw", draw)
     requests = requests_for(TEXTS)
     requests[2] = requests_for([TEXTS[2]], temperature=0.77)[0]
     result = outcomes(engine, requests)

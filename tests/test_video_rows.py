@@ -25,7 +25,8 @@ from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
 from llava_core.model import families, standins
 from llava_core.serve import protocol
-from llava_core.serve.engine import GenerationEngine, GenerationRequest, SamplingSettings
+from llava_core.serve.decoding import DecodingParams
+from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import ApiError
 from llava_core.train.batching import collate, collate_packed
 
@@ -360,7 +361,7 @@ def test_the_engine_answers_a_video_as_generate_does_on_the_same_inputs(exported
                                        takes_videos=True)
     prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos)
     assert engine.count_image_tokens([], chat.videos) == FRAMES * 4 + 1
-    request = GenerationRequest(chat.messages, [], SamplingSettings(max_tokens=5, temperature=0), videos=chat.videos)
+    request = GenerationRequest(chat.messages, [], DecodingParams(max_tokens=5, temperature=0), videos=chat.videos)
     completion = engine.generate([request])[0]
     assert completion.prompt_tokens == prompt_tokens
 

@@ -19,7 +19,9 @@ from llava_core.config import ServeSettings
 from llava_core.model.build import IMAGE_TOKEN
 from llava_core.model.families import VIDEO_TOKEN
 from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.engine import Completion, GenerationRequest, SamplingSettings
+from llava_core.serve.answer_stream import Completion
+from llava_core.serve.decoding import DecodingParams
+from llava_core.serve.engine import GenerationRequest
 from llava_core.serve.errors import bad_request, model_not_found
 from llava_core.serve.image_input import image_from_url
 from llava_core.serve.video_input import video_from_url
@@ -36,7 +38,7 @@ MAX_NUMBER_CHARS = 40
 class ChatRequest:
     messages: list[dict]  # chat-template messages, images as {"type": "image"} parts
     images: list[Image.Image]
-    sampling: SamplingSettings  # max_tokens is a placeholder until `fit_to_context` has seen the prompt's length
+    decoding: DecodingParams  # max_tokens is a placeholder until `fit_to_context` has seen the prompt's length
     requested_max_tokens: Optional[int]  # None when the client left it to the server
     stream: bool = False
     include_usage: bool = False  # streaming only: end with a chunk that carries `usage`
@@ -126,7 +128,7 @@ def parse_chat_request(body: Any, settings: ServeSettings, model_name: str, take
     check_unsupported(body)
     stream, include_usage = stream_options(body)
     # Cheap checks first: a wrong max_tokens should not cost decoding the images.
-    sampling, max_tokens = parse_sampling(body), requested_max_tokens(body, settings)
+    decoding, max_tokens = parse_decoding(body), requested_max_tokens(body, settings)
     raw_messages = body.get("messages")
     if not isinstance(raw_messages, list) or not raw_messages:
         raise bad_request("messages must be a non-empty array", "messages")
@@ -137,7 +139,7 @@ def parse_chat_request(body: Any, settings: ServeSettings, model_name: str, take
     messages = [parse_message(m, f"messages[{i}]", media, settings) for i, m in enumerate(raw_messages)]
     if messages[-1]["role"] != "user":
         raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
-    return ChatRequest(messages, media.images, sampling, max_tokens, stream, include_usage, media.videos)
+    return ChatRequest(messages, media.images, decoding, max_tokens, stream, include_usage, media.videos)
 
 
 def check_model(name: Any, model_name: str) -> None:
@@ -291,7 +293,7 @@ def check_text(text: str, where: str, placeholders: tuple[str, ...] = (IMAGE_TOK
             raise bad_request(f"{where} contains {token}; send {medium} parts instead", where)
 
 
-def parse_sampling(body: dict) -> SamplingSettings:
+def parse_decoding(body: dict) -> DecodingParams:
     temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
     # The sampler compares float32 probabilities with it: 1e-300 is 0.0 there, and would keep no token at all.
@@ -301,7 +303,7 @@ def parse_sampling(body: dict) -> SamplingSettings:
     seed = body.get("seed")
     if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise bad_request("seed must be a 64-bit integer", "seed")
-    return SamplingSettings(max_tokens=1, temperature=temperature, top_p=top_p, stop=stop_strings(body), seed=seed)
+    return DecodingParams(max_tokens=1, temperature=temperature, top_p=top_p, stop=stop_strings(body), seed=seed)
 
 
 def requested_max_tokens(body: dict, settings: ServeSettings) -> Optional[int]:
@@ -340,7 +342,7 @@ def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int
         raise bad_request(f"the prompt is {prompt_tokens} tokens and max_tokens is {wanted}; together they exceed the "
                           f"model's context of {context_length} tokens", "max_tokens", "context_length_exceeded")
     max_tokens = wanted if wanted is not None else min(default_max_tokens, room)
-    return GenerationRequest(request.messages, request.images, replace(request.sampling, max_tokens=max_tokens),
+    return GenerationRequest(request.messages, request.images, replace(request.decoding, max_tokens=max_tokens),
                              videos=request.videos)
 
 
