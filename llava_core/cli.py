@@ -195,11 +195,11 @@ def _serve(args) -> int:
 
         url = run_vllm(model_dir, settings, name)
     else:
-        from llava_core.serve.app import deploy
+        from llava_core.serve.client import deploy
 
         url = deploy(model_dir, settings, name)
     print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
-    from llava_core.serve.demo import serve_until_interrupted
+    from llava_core.serve.client import serve_until_interrupted
 
     serve_until_interrupted()
     return 0

@@ -116,7 +116,7 @@ def image_host():
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_llava_dir, tmp_path_factory):
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     # The key lives in a file the replica reads (as a mounted Kubernetes secret), never in the settings.
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"

@@ -5,6 +5,9 @@ that concurrent requests share one `generate` call. The batch function is an asy
 step it hands each request its new text, which a streaming request sends as a server-sent event and a plain request
 collects, so both kinds share batches and get the same answer. Every refusal is a 4xx in OpenAI's error shape; only
 a fault of the server itself is a 500.
+
+This module is the replica (the deployment and its routes) and the application builder; the driver deploys it, waits
+for it and asks it with `serve.client`.
 """
 # No `from __future__ import annotations` here: FastAPI must see `Request` as a class, not as a string, once Serve has
 # rebound the route methods to the replica.
@@ -29,12 +32,11 @@ from llava_core import storage
 from llava_core.config import ServeSettings, serve_settings_from_dict
 from llava_core.serve import protocol
 from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
+from llava_core.serve.deploy_config import DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
 from llava_core.serve.errors import (ApiError, body_timeout, error_body, payload_too_large, unauthorized,
                                      unavailable)
 from llava_core.secrets import read_secret
-from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -301,24 +303,3 @@ def build_app(args: dict):
     return application(model_dir, settings, args.get("model_name") or settings.model_name
                        or default_model_name(model_dir))
 
-
-def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
-    """Serve `model_dir` (a storage URI every node can read: each replica mirrors it itself) on the already-initialised
-    Ray; returns the base URL once the model answers (`/ready`), or fails saying what the replicas are doing."""
-    timeout_s = ready_timeout_s(settings, model_dir)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    # Not waiting inside Serve: its wait has no limit (a replica that no node can place waits forever) and says nothing.
-    target = serve.RunTarget(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
-    serve.run_many([target], wait_for_applications_running=False)
-    url = f"http://{client_host(settings.host)}:{settings.port}"
-    wait_until_ready(url, APP_NAME, timeout_s)
-    return url
-
-
-def shutdown() -> None:
-    """Stop the application and Serve's proxies, so a later `deploy` can listen on another host or port."""
-    serve.shutdown()
-
-
-def client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
