@@ -1,5 +1,5 @@
 """Hostile and careless requests, checked in-process: the body parser, the request checks, the image limits, the
-sampler and the engine's per-request failure isolation. Each case asserts the exact status and a fragment of the
+token sampler and the engine's per-request failure isolation. Each case asserts the exact status and a fragment of the
 message that proves which check refused it. (tests/test_serve.py sends the protocol-level cases to a live server.)"""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from llava_core.config import ServeSettings
 from llava_core.data.images import ImageLimits, decode_image
 from llava_core.data.formats import RowError
 from llava_core.serve import protocol, token_sampler
+from llava_core.serve.media import decode_media
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
 
@@ -37,6 +38,12 @@ def image_part(data: bytes, mime: str = "image/png") -> dict:
 def body(*parts, **changes) -> dict:
     content = [{"type": "text", "text": "What is it?"}, *parts]
     return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": content}], **changes}
+
+
+def checked(request: dict, settings: ServeSettings = SETTINGS, takes_videos: bool = False):
+    """What the replica does before it counts tokens: check the body, then decode its images and videos."""
+    chat = protocol.parse_chat_request(request, settings, MODEL, takes_videos)
+    return chat, *decode_media(chat, settings)
 
 
 def refusal(call) -> ApiError:
@@ -146,7 +153,7 @@ BAD_CHATS = {
 @pytest.mark.parametrize("case", list(BAD_CHATS))
 def test_bad_chat_request_is_a_400_naming_its_field(case):
     request, param, code, fragment = BAD_CHATS[case]
-    error = refusal(lambda: protocol.parse_chat_request(request, SETTINGS, MODEL))
+    error = refusal(lambda: checked(request))
     assert (error.status, error.param) == (400, param), error.message
     assert code is None or error.code == code, error.code
     assert fragment is None or fragment in error.message, error.message
@@ -177,8 +184,7 @@ IMAGE_FORMATS = {
 
 @pytest.mark.parametrize("case", list(IMAGE_FORMATS))
 def test_odd_but_valid_image_formats_decode_to_rgb(case):
-    request = protocol.parse_chat_request(body(image_part(IMAGE_FORMATS[case]())), SETTINGS, MODEL)
-    (image,) = request.images
+    _, (image,), _ = checked(body(image_part(IMAGE_FORMATS[case]())))
     assert (image.mode, image.size) == ("RGB", (30, 20))
 
 
@@ -186,7 +192,7 @@ def test_exif_rotation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: the picture is 20 wide and 30 high as seen
     data = encoded(Image.new("RGB", (30, 20), (9, 9, 9)), "JPEG", exif=exif)
-    (image,) = protocol.parse_chat_request(body(image_part(data, "image/jpeg")), SETTINGS, MODEL).images
+    _, (image,), _ = checked(body(image_part(data, "image/jpeg")))
     assert image.size == (20, 30)
 
 
