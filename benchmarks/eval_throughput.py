@@ -60,7 +60,7 @@ def main() -> None:
 
     from llava_core.config import EvalEndpointSettings, EvaluateSettings, ServeSettings
     from llava_core.eval.evaluate import run_evaluate
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     tmp = tempfile.mkdtemp(prefix="eval_bench_")
     export, eval_dir = (args.export, args.eval_dir) if args.export else tiny_export(tmp, args.questions)

@@ -111,7 +111,7 @@ def main() -> None:
     import ray
 
     from llava_core.config import ServeSettings
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     with tempfile.TemporaryDirectory() as root:
         model_dir = build_tiny_llava(root)

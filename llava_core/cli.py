@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 
@@ -195,18 +196,44 @@ def _serve(args) -> int:
 
         url = run_vllm(model_dir, settings, name)
     else:
-        from llava_core.serve.app import deploy
+        from llava_core.serve.client import deploy
 
         url = deploy(model_dir, settings, name)
     print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
-    from llava_core.serve.demo import serve_until_interrupted
+    from llava_core.serve.client import serve_until_interrupted
 
     serve_until_interrupted()
     return 0
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each record (pytest, Ray and Serve replace it), not as it was at set-up."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _) -> None:
+        pass
+
+
+def configure_logging() -> None:
+    """The `llava_core` loggers' INFO lines on stderr, set up once per process. Without a handler Python shows only
+    warnings, bare, and every `log.info` is lost. Only this process: Ray workers and Serve replicas log as Ray sets
+    them up (Ray configures its own `ray` loggers there, not `llava_core`)."""
+    logger = logging.getLogger("llava_core")
+    if any(isinstance(handler, StderrHandler) for handler in logger.handlers):
+        return
+    handler = StderrHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    configure_logging()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:
         if args.command == "serve":

@@ -138,7 +138,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
 
 
 def stage_serve(ctx: RunContext) -> dict:
-    from llava_core.serve.demo import serve_and_demo
+    from llava_core.serve.stage import serve_and_demo
 
     return serve_and_demo(ctx)
 
@@ -316,8 +316,7 @@ def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
         summary = add_ablations(ctx, summary)
     if "serve" in selected:
         summary = run_stages(ctx, ["serve"], force)
-        from llava_core.serve.app import shutdown
-        from llava_core.serve.demo import serve_until_interrupted
+        from llava_core.serve.client import serve_until_interrupted, shutdown
 
         if exit_after_serve:
             shutdown()

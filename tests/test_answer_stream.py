@@ -4,7 +4,7 @@ import pytest
 
 from llava_core.serve.answer_stream import AnswerStream
 from llava_core.serve.engine import BYTE_FALLBACK_TOKEN
-from llava_core.serve.sampling import SamplingSettings
+from llava_core.serve.decoding import DecodingParams
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +17,7 @@ def tokenizer(tiny_dataset):
 def stream_all(tokenizer, pieces: list[str]) -> tuple[str, str]:
     ids = tokenizer.convert_tokens_to_ids(pieces)
     byte_ids = frozenset(i for token, i in tokenizer.get_vocab().items() if BYTE_FALLBACK_TOKEN.fullmatch(token))
-    stream = AnswerStream(SamplingSettings(max_tokens=len(ids)), 0, {tokenizer.eos_token_id},
+    stream = AnswerStream(DecodingParams(max_tokens=len(ids)), 0, {tokenizer.eos_token_id},
                           lambda tokens: tokenizer.decode(tokens, skip_special_tokens=True), byte_ids)
     deltas = "".join(stream.push(i).delta for i in ids)
     return deltas, tokenizer.decode(ids, skip_special_tokens=True).strip()

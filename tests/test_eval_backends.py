@@ -71,7 +71,7 @@ def through_endpoint(in_process, tiny_llava_dir, eval_sets, tmp_path_factory):
     """After the in-process run, so the Serve replica does not take a CPU from the Ray Data actors."""
     from dataclasses import replace
 
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     key_file = tmp_path_factory.mktemp("secrets") / "api-key"  # as a Kubernetes secret is mounted
     key_file.write_text(API_KEY + "\n")

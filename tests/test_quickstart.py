@@ -161,7 +161,7 @@ def test_the_endpoint_answers_the_held_out_questions_exactly_as_in_process_evalu
 
     from llava_core.config import EvalEndpointSettings, ServeSettings
     from llava_core.eval.evaluate import run_evaluate
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     workflow, _ = first_run
     export = run_file(workflow, "export")

@@ -21,7 +21,7 @@ REPLICA_CLASS = "ServeReplica:llava:LlavaServer"
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_llava_dir):
-    from llava_core.serve.app import deploy, shutdown
+    from llava_core.serve.client import deploy, shutdown
 
     # Health checks every second: Serve notices the dead replica quickly (the default of 5 s would do, slower).
     settings = ServeSettings(port=free_port(), max_batch_size=8, batch_wait_timeout_s=0.05, max_queued_requests=-1,

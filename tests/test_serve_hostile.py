@@ -1,5 +1,5 @@
 """Hostile and careless requests, checked in-process: the body parser, the request checks, the image limits, the
-sampler and the engine's per-request failure isolation. Each case asserts the exact status and a fragment of the
+token sampler and the engine's per-request failure isolation. Each case asserts the exact status and a fragment of the
 message that proves which check refused it. (tests/test_serve.py sends the protocol-level cases to a live server.)"""
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from PIL import Image
 from llava_core.config import ServeSettings
 from llava_core.data.images import ImageLimits, decode_image
 from llava_core.data.formats import RowError
-from llava_core.serve import protocol, sampling
+from llava_core.serve import protocol, token_sampler
+from llava_core.serve.media import decode_media
+from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
 
 MODEL = "tiny-llava"
@@ -36,6 +38,12 @@ def image_part(data: bytes, mime: str = "image/png") -> dict:
 def body(*parts, **changes) -> dict:
     content = [{"type": "text", "text": "What is it?"}, *parts]
     return {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": content}], **changes}
+
+
+def checked(request: dict, settings: ServeSettings = SETTINGS, takes_videos: bool = False):
+    """What the replica does before it counts tokens: check the body, then decode its images and videos."""
+    chat = protocol.parse_chat_request(request, settings, MODEL, takes_videos)
+    return chat, *decode_media(chat, settings)
 
 
 def refusal(call) -> ApiError:
@@ -145,7 +153,7 @@ BAD_CHATS = {
 @pytest.mark.parametrize("case", list(BAD_CHATS))
 def test_bad_chat_request_is_a_400_naming_its_field(case):
     request, param, code, fragment = BAD_CHATS[case]
-    error = refusal(lambda: protocol.parse_chat_request(request, SETTINGS, MODEL))
+    error = refusal(lambda: checked(request))
     assert (error.status, error.param) == (400, param), error.message
     assert code is None or error.code == code, error.code
     assert fragment is None or fragment in error.message, error.message
@@ -176,8 +184,7 @@ IMAGE_FORMATS = {
 
 @pytest.mark.parametrize("case", list(IMAGE_FORMATS))
 def test_odd_but_valid_image_formats_decode_to_rgb(case):
-    request = protocol.parse_chat_request(body(image_part(IMAGE_FORMATS[case]())), SETTINGS, MODEL)
-    (image,) = request.images
+    _, (image,), _ = checked(body(image_part(IMAGE_FORMATS[case]())))
     assert (image.mode, image.size) == ("RGB", (30, 20))
 
 
@@ -185,22 +192,21 @@ def test_exif_rotation_is_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # rotated 90 degrees: the picture is 20 wide and 30 high as seen
     data = encoded(Image.new("RGB", (30, 20), (9, 9, 9)), "JPEG", exif=exif)
-    (image,) = protocol.parse_chat_request(body(image_part(data, "image/jpeg")), SETTINGS, MODEL).images
+    _, (image,), _ = checked(body(image_part(data, "image/jpeg")))
     assert image.size == (20, 30)
 
 
 def test_a_tiny_top_p_keeps_the_most_likely_token():
     probs = torch.softmax(torch.tensor([1.0, 3.0, 2.0, -1.0]), dim=-1)
-    kept = sampling.nucleus(probs, 1e-300)
+    kept = token_sampler.nucleus(probs, 1e-300)
     assert kept.tolist() == [0.0, 1.0, 0.0, 0.0]
-    generator = sampling.new_generator(0)
-    assert sampling.draw(torch.tensor([1.0, 3.0, 2.0]), 1.0, 1e-30, generator) == 1
+    generator = token_sampler.new_generator(0)
+    assert token_sampler.draw(torch.tensor([1.0, 3.0, 2.0]), 1.0, 1e-30, generator) == 1
 
 
 def test_a_row_whose_draw_fails_is_recorded_and_the_others_are_drawn():
-    settings = [sampling.SamplingSettings(4, temperature=1.0, seed=1), sampling.SamplingSettings(4, temperature=0.7,
-                                                                                                  seed=2)]
-    sampler = sampling.PerRequestSampler(settings)
+    params = [DecodingParams(4, temperature=1.0, seed=1), DecodingParams(4, temperature=0.7, seed=2)]
+    sampler = token_sampler.PerRequestSampler(params)
     scores = torch.tensor([[float("-inf")] * 5, [0.0, 5.0, 0.0, 0.0, 0.0]])  # row 0 has no possible token
     out = sampler(torch.zeros(2, 1, dtype=torch.long), scores)
     assert list(sampler.failures) == [0] and isinstance(sampler.failures[0], FloatingPointError)
@@ -217,10 +223,9 @@ def engine(tiny_llava_dir):
 
 
 def requests_for(texts: list[str], temperature: float = 0.0):
-    from llava_core.serve.engine import GenerationRequest, SamplingSettings
+    from llava_core.serve.engine import GenerationRequest
 
-    return [GenerationRequest([{"role": "user", "content": text}], [], SamplingSettings(max_tokens=5,
-                                                                                        temperature=temperature))
+    return [GenerationRequest([{"role": "user", "content": text}], [], DecodingParams(5, temperature=temperature))
             for text in texts]
 
 
@@ -240,14 +245,14 @@ def alone(engine):
 
 
 def test_a_request_whose_sampling_fails_fails_alone(engine, alone, monkeypatch):
-    real_draw = sampling.draw
+    real_draw = token_sampler.draw
 
     def draw(logits, temperature, top_p, generator):  # the failure a bad parameter would cause, on row 2 only
         if temperature == 0.77:
             raise RuntimeError("probability tensor contains either inf, nan or element < 0")
         return real_draw(logits, temperature, top_p, generator)
 
-    monkeypatch.setattr(sampling, "draw", draw)
+    monkeypatch.setattr(token_sampler, "draw", draw)
     requests = requests_for(TEXTS)
     requests[2] = requests_for([TEXTS[2]], temperature=0.77)[0]
     result = outcomes(engine, requests)

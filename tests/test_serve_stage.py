@@ -15,7 +15,8 @@ from PIL import Image
 
 from llava_core.config import DatasetSettings, ServeSettings, Workflow
 from llava_core.serve import readiness
-from llava_core.serve.demo import chat_request, image_mime, instruct_question
+from llava_core.serve.client import chat_request, image_mime
+from llava_core.serve.stage import instruct_question
 from tests.conftest import TEST_API_KEY_ENV
 from tests.ports import free_port
 
@@ -62,7 +63,7 @@ def test_the_demo_question_is_the_first_image_rows_first_turn(instruct_data, tmp
 def test_with_an_eval_set_the_demo_asks_its_first_question(instruct_data, tmp_path):
     from llava_core.config import EvalSetSettings
     from llava_core.eval.layouts import SHORT_ANSWER
-    from llava_core.serve.demo import demo_question
+    from llava_core.serve.stage import demo_question
 
     questions = tmp_path / "pope.jsonl"
     questions.write_text("".join(json.dumps({"question_id": i, "image": "blue.jpg", "text": f"Is there a cat {i}?",
@@ -123,7 +124,7 @@ def test_status_line_names_the_replicas_and_their_message():
 @pytest.fixture(scope="module")
 def served_demo(ray_session, tiny_llava_dir, instruct_data, tmp_path_factory):
     """The serve stage of a workflow with no eval set, on a run directory holding an export."""
-    from llava_core.serve.app import shutdown
+    from llava_core.serve.client import shutdown
     from llava_core.workflow import RunContext, compute_hashes, stage_serve
 
     run_dir = str(tmp_path_factory.mktemp("run"))

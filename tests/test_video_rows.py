@@ -25,7 +25,9 @@ from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
 from llava_core.model import families, standins
 from llava_core.serve import protocol
-from llava_core.serve.engine import GenerationEngine, GenerationRequest, SamplingSettings
+from llava_core.serve.media import decode_media
+from llava_core.serve.decoding import DecodingParams
+from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import ApiError
 from llava_core.train.batching import collate, collate_packed
 
@@ -311,12 +313,18 @@ def data_url(data: bytes) -> str:
     return "data:video/mp4;base64," + base64.b64encode(data).decode()
 
 
-def test_protocol_parses_a_video_url_data_url_into_sampled_frames():
-    chat = protocol.parse_chat_request(video_body(data_url(mp4_bytes())), ServeSettings(video_frames=FRAMES), "m",
-                                       takes_videos=True)
-    assert chat.images == [] and len(chat.videos) == 1 and len(chat.videos[0]) == FRAMES
-    assert chat.videos[0][0].shape == (48, 64, 3)
-    assert chat.messages[0]["content"] == [{"type": "video"}, {"type": "text", "text": "What happens in the video?"}]
+def checked(body: dict, settings: ServeSettings, takes_videos: bool = True):
+    """The replica's checks before it counts tokens: the body, then its images and videos, decoded."""
+    chat = protocol.parse_chat_request(body, settings, "m", takes_videos=takes_videos)
+    return chat, *decode_media(chat, settings)
+
+
+def test_a_video_url_data_url_becomes_sampled_frames():
+    chat, images, videos = checked(video_body(data_url(mp4_bytes())), ServeSettings(video_frames=FRAMES))
+    assert images == [] and len(videos) == 1 and len(videos[0]) == FRAMES
+    assert videos[0][0].shape == (48, 64, 3)
+    assert chat.template_messages()[0]["content"] == [{"type": "video"},
+                                                      {"type": "text", "text": "What happens in the video?"}]
 
 
 @pytest.mark.parametrize("body, settings, takes_videos, code", [
@@ -328,7 +336,7 @@ def test_protocol_parses_a_video_url_data_url_into_sampled_frames():
 ])
 def test_bad_video_requests_are_400s_with_a_reason(body, settings, takes_videos, code):
     with pytest.raises(ApiError) as caught:
-        protocol.parse_chat_request(body, settings, "m", takes_videos=takes_videos)
+        checked(body, settings, takes_videos)
     assert caught.value.status == 400 and caught.value.code == code, caught.value.message
 
 
@@ -336,11 +344,11 @@ def test_too_many_videos_and_a_typed_video_tag_are_refused():
     body = video_body(data_url(mp4_bytes()))
     body["messages"][0]["content"].append(body["messages"][0]["content"][0])
     with pytest.raises(ApiError, match="too many videos"):
-        protocol.parse_chat_request(body, ServeSettings(), "m", takes_videos=True)
+        checked(body, ServeSettings())
     typed = {"model": "m", "messages": [{"role": "user", "content": "what is <video>?"}]}
     with pytest.raises(ApiError, match="video_url"):
-        protocol.parse_chat_request(typed, ServeSettings(), "m", takes_videos=True)
-    assert protocol.parse_chat_request(typed, ServeSettings(), "m", takes_videos=False).videos == []
+        checked(typed, ServeSettings())
+    assert checked(typed, ServeSettings(), takes_videos=False)[2] == []
 
 
 @pytest.fixture(scope="module")
@@ -356,19 +364,19 @@ def test_the_engine_answers_a_video_as_generate_does_on_the_same_inputs(exported
     from transformers import LlavaOnevisionForConditionalGeneration
 
     engine = GenerationEngine(exported, device="cpu")
-    chat = protocol.parse_chat_request(video_body(data_url(mp4_bytes())), ServeSettings(video_frames=FRAMES), "m",
-                                       takes_videos=True)
-    prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos)
-    assert engine.count_image_tokens([], chat.videos) == FRAMES * 4 + 1
-    request = GenerationRequest(chat.messages, [], SamplingSettings(max_tokens=5, temperature=0), videos=chat.videos)
+    chat, _, videos = checked(video_body(data_url(mp4_bytes())), ServeSettings(video_frames=FRAMES))
+    messages = chat.template_messages()
+    prompt_tokens = engine.count_prompt_tokens(messages, [], videos)
+    assert engine.count_image_tokens([], videos) == FRAMES * 4 + 1
+    request = GenerationRequest(messages, [], DecodingParams(max_tokens=5, temperature=0), videos=videos)
     completion = engine.generate([request])[0]
     assert completion.prompt_tokens == prompt_tokens
 
     # Plain transformers: the model as saved, the prompt and pixel_values_videos built directly from the frames.
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(exported).eval()
     processor = families.load_processor(exported, "llava_onevision")
-    prompt = processor.apply_chat_template(chat.messages, add_generation_prompt=True)
-    inputs = processor(text=[prompt], videos=[np.stack(chat.videos[0])], return_tensors="pt")
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], videos=[np.stack(videos[0])], return_tensors="pt")
     assert inputs["input_ids"].shape[1] == prompt_tokens
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=5, do_sample=False)

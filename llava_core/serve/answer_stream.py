@@ -1,17 +1,17 @@
 """One request's generated tokens become text, step by step: what a streaming client receives as deltas is, joined,
 exactly the non-streaming answer.
 
-Both kinds of request go through this class. It ends the answer at the end-of-sequence token, at the first stop
-string or at max_tokens, and holds back text that may still change: a trailing partial UTF-8 character, a suffix that
-could be the start of a stop string, and whitespace at either end (the answer is stripped, as LLaVA's own serving and
-the evaluation do).
+Both kinds of request go through `AnswerStream`; a plain answer is its events joined (`completion_from_events`). It
+ends the answer at the end-of-sequence token, at the first stop string or at max_tokens, and holds back text that may
+still change: a trailing partial UTF-8 character, a suffix that could be the start of a stop string, and whitespace at
+either end (the answer is stripped, as LLaVA's own serving and the evaluation do).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from llava_core.serve.sampling import SamplingSettings
+from llava_core.serve.decoding import DecodingParams
 
 # What decoding shows for the first bytes of a character split over tokens; at the end of the text it may still
 # become a real character with the next token.
@@ -26,6 +26,23 @@ class StreamEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: Optional[BaseException] = None  # with finish_reason "error": why this request's generation failed
+
+
+@dataclass
+class Completion:
+    text: str
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def completion_from_events(events: list[StreamEvent]) -> Completion:
+    """One request's events, joined: the answer a plain (non-streaming) request gets, or its error raised."""
+    last = events[-1]
+    if last.error is not None:
+        raise last.error
+    return Completion("".join(e.delta for e in events), last.finish_reason, last.prompt_tokens,
+                      last.completion_tokens)
 
 
 def first_stop_position(text: str, stops: tuple[str, ...]) -> Optional[int]:
@@ -45,9 +62,9 @@ def stop_prefix_length(text: str, stops: tuple[str, ...]) -> int:
 
 
 class AnswerStream:
-    def __init__(self, sampling: SamplingSettings, prompt_tokens: int, eos_token_ids: set[int],
+    def __init__(self, decoding: DecodingParams, prompt_tokens: int, eos_token_ids: set[int],
                  decode: Callable[[list[int]], str], byte_token_ids: frozenset[int] = frozenset()):
-        self.sampling = sampling
+        self.decoding = decoding
         self.prompt_tokens = prompt_tokens
         self.eos_token_ids = eos_token_ids
         self.decode = decode
@@ -69,11 +86,11 @@ class AnswerStream:
             return self.finish("stop")
         self.tokens.append(token)
         self.text = self.decode(self.tokens)
-        stop_at = first_stop_position(self.text, self.sampling.stop)
+        stop_at = first_stop_position(self.text, self.decoding.stop)
         if stop_at is not None:
             self.text = self.text[:stop_at]
             return self.finish("stop")
-        if self.generated >= self.sampling.max_tokens:
+        if self.generated >= self.decoding.max_tokens:
             return self.finish("length")
         return StreamEvent(self.take(self.settled_text()))
 
@@ -88,7 +105,7 @@ class AnswerStream:
 
     def settled_text(self) -> str:
         text = self.text.lstrip() if not self._ends_in_bytes() else self.decode(self._before_bytes()).lstrip()
-        text = text[:len(text) - stop_prefix_length(text, self.sampling.stop)]
+        text = text[:len(text) - stop_prefix_length(text, self.decoding.stop)]
         return text.rstrip(INCOMPLETE_CHARACTER).rstrip()
 
     def _ends_in_bytes(self) -> bool:

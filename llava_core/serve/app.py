@@ -1,10 +1,14 @@
 """An OpenAI-compatible chat endpoint for the exported model on Ray Serve, with dynamic batching and streaming.
 
-Each request is checked completely in the ingress (`protocol`), then waits a few milliseconds in `@serve.batch` so
-that concurrent requests share one `generate` call. The batch function is an async generator: after every decoding
-step it hands each request its new text, which a streaming request sends as a server-sent event and a plain request
-collects, so both kinds share batches and get the same answer. Every refusal is a 4xx in OpenAI's error shape; only
-a fault of the server itself is a 500.
+Each request is checked completely in the ingress (its body by `protocol`, its images and videos by `media`, its
+length against the model's context with the engine's token counts), then waits a few milliseconds in `@serve.batch`
+so that concurrent requests share one `generate` call. The batch function is an async generator: after every decoding
+step it hands each request its new text, which a streaming request sends as a server-sent event (`sse`) and a plain
+request collects, so both kinds share batches and get the same answer. Every refusal is a 4xx in OpenAI's error
+shape; only a fault of the server itself is a 500.
+
+This module is the replica (the deployment and its routes) and the application builder; the driver deploys it, waits
+for it and asks it with `serve.client`.
 """
 # No `from __future__ import annotations` here: FastAPI must see `Request` as a class, not as a string, once Serve has
 # rebound the route methods to the replica.
@@ -28,13 +32,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava_core import storage
 from llava_core.config import ServeSettings, serve_settings_from_dict
 from llava_core.serve import protocol
-from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
-from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
+from llava_core.serve.answer_stream import StreamEvent, completion_from_events
+from llava_core.serve.deploy_config import DEPLOYMENT_NAME, default_model_name, replica_options
+from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import (ApiError, body_timeout, error_body, payload_too_large, unauthorized,
                                      unavailable)
+from llava_core.serve.media import decode_media
+from llava_core.serve.sse import ChunkWriter, data_line
 from llava_core.secrets import read_secret
-from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +171,16 @@ class LlavaServer:
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         self.authorize(request)
-        return protocol.models_body(self.model_name, self.created)
+        return protocol.ModelList(data=[self.model_card()]).model_dump()
 
     @api.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict:
         self.authorize(request)
         protocol.check_model(model, self.model_name)
-        return protocol.model_card(self.model_name, self.created)
+        return self.model_card().model_dump()
+
+    def model_card(self) -> protocol.ModelCard:
+        return protocol.ModelCard(id=self.model_name, created=self.created)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -196,18 +204,20 @@ class LlavaServer:
             collected = [first] + [event async for event, _ in events]
         finally:
             generation_request.cancelled.set()
-        return JSONResponse(protocol.chat_completion_body(completion_from_events(collected), self.model_name),
-                            headers=headers)
+        answer = completion_from_events(collected)
+        body = protocol.ChatCompletion.answer(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
+                                              answer.completion_tokens)
+        return JSONResponse(body.model_dump(), headers=headers)
 
-    async def stream(self, chat: protocol.ChatRequest, generation_request: GenerationRequest, first: StreamEvent,
-                     events: AsyncIterator, rid: str) -> AsyncIterator[str]:
-        writer = protocol.ChunkWriter(self.model_name, chat.include_usage)
+    async def stream(self, chat: protocol.ChatCompletionRequest, generation_request: GenerationRequest,
+                     first: StreamEvent, events: AsyncIterator, rid: str) -> AsyncIterator[str]:
+        writer = ChunkWriter(self.model_name, chat.include_usage)
         try:
             yield writer.start() + writer.event(first)
             async for event, _ in events:
                 yield writer.event(event)
         except Exception as error:  # noqa: BLE001 - the status line is sent already; say it in the stream
-            yield writer.sse(server_error_body(error, rid))
+            yield data_line(server_error_body(error, rid))
         finally:
             # A client that went away cancels this generator; its row in the batch stops at the next step.
             generation_request.cancelled.set()
@@ -243,13 +253,18 @@ class LlavaServer:
         if not hmac.compare_digest(key.strip().encode(), expected.encode()):
             raise unauthorized("incorrect API key")
 
-    def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatRequest, GenerationRequest]:
+    def validate(self, engine: GenerationEngine, body) -> tuple[protocol.ChatCompletionRequest, GenerationRequest]:
+        """The checked request and the engine's input for it: the body's shape first, then its images and videos,
+        then its length in tokens against the model's context."""
         chat = protocol.parse_chat_request(body, self.settings, self.model_name, engine.takes_videos)
-        media_tokens = engine.count_image_tokens(chat.images, chat.videos)
+        images, videos = decode_media(chat, self.settings)
+        messages = chat.template_messages()
+        media_tokens = engine.count_image_tokens(images, videos)
         protocol.check_image_tokens(media_tokens, self.settings.max_image_tokens)
-        prompt_tokens = engine.count_prompt_tokens(chat.messages, chat.images, chat.videos, media_tokens)
-        return chat, protocol.fit_to_context(chat, prompt_tokens, engine.context_length,
-                                             self.settings.default_max_tokens)
+        prompt_tokens = engine.count_prompt_tokens(messages, images, videos, media_tokens)
+        max_tokens = protocol.answer_length(chat, prompt_tokens, engine.context_length,
+                                            self.settings.default_max_tokens)
+        return chat, GenerationRequest(messages, images, chat.decoding(max_tokens), videos=videos)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.02)
     async def generate_batch(self, requests: list[GenerationRequest]) -> AsyncIterator[list]:
@@ -301,24 +316,3 @@ def build_app(args: dict):
     return application(model_dir, settings, args.get("model_name") or settings.model_name
                        or default_model_name(model_dir))
 
-
-def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
-    """Serve `model_dir` (a storage URI every node can read: each replica mirrors it itself) on the already-initialised
-    Ray; returns the base URL once the model answers (`/ready`), or fails saying what the replicas are doing."""
-    timeout_s = ready_timeout_s(settings, model_dir)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
-    # Not waiting inside Serve: its wait has no limit (a replica that no node can place waits forever) and says nothing.
-    target = serve.RunTarget(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
-    serve.run_many([target], wait_for_applications_running=False)
-    url = f"http://{client_host(settings.host)}:{settings.port}"
-    wait_until_ready(url, APP_NAME, timeout_s)
-    return url
-
-
-def shutdown() -> None:
-    """Stop the application and Serve's proxies, so a later `deploy` can listen on another host or port."""
-    serve.shutdown()
-
-
-def client_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host

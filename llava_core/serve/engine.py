@@ -1,13 +1,14 @@
 """Generate answers for already-validated chat requests with the exported LLaVA model, several at a time.
 
 The engine knows nothing about HTTP: it takes chat-template messages (images as `{"type": "image"}` parts), the
-decoded images in the order they appear, and sampling settings, and runs a batch of them as one left-padded
-`generate` call. Every request keeps its own sampling settings (`sampling.PerRequestSampler`), max_tokens and stop
-strings (`BatchProgress` ends each row on its own), and after every decoding step each request gets its new text
-(`answer_stream`), which is what streaming sends. Prompts and images go through exactly the steps training and
-`llava_core.eval` use (chat template; for LLaVA-1.5 pad-to-square with the processor's mean colour; the family's
-processor, which tiles AnyRes images), so a served answer is the answer the evaluation measured. OneVision's videos
-(sampled frames, `{"type": "video"}` parts) are squashed by the same frame path prepare stores them with.
+decoded images in the order they appear, and each request's decoding parameters, and runs a batch of them as one
+left-padded `generate` call. Every request keeps its own temperature, top-p and seed
+(`token_sampler.PerRequestSampler`), max_tokens and stop strings (`BatchProgress` ends each row on its own), and after
+every decoding step each request gets its new text (`answer_stream`), which is what streaming sends. Prompts and
+images go through exactly the steps training and `llava_core.eval` use (chat template; for LLaVA-1.5 pad-to-square
+with the processor's mean colour; the family's processor, which tiles AnyRes images), so a served answer is the answer
+the evaluation measured. OneVision's videos (sampled frames, `{"type": "video"}` parts) are squashed by the same frame
+path prepare stores them with.
 """
 from __future__ import annotations
 
@@ -27,12 +28,11 @@ from llava_core.data import images as image_ops
 from llava_core.data.image_layouts import processor_images
 from llava_core.model.build import IMAGE_TOKEN, load_llava
 from llava_core.model.families import family, frame_processor, image_token_counts, video_token_count
-from llava_core.serve.answer_stream import AnswerStream, StreamEvent
-from llava_core.serve.sampling import PerRequestSampler, SamplingSettings
+from llava_core.serve.answer_stream import AnswerStream, Completion, StreamEvent, completion_from_events
+from llava_core.serve.decoding import DecodingParams
+from llava_core.serve.token_sampler import PerRequestSampler
 
 log = logging.getLogger(__name__)
-
-__all__ = ["Completion", "GenerationEngine", "GenerationRequest", "SamplingSettings", "StreamEvent"]
 
 # Called after every decoding step with one entry per request: its new event, or None when it had already finished.
 StepCallback = Callable[[list[Optional[StreamEvent]]], None]
@@ -42,27 +42,11 @@ StepCallback = Callable[[list[Optional[StreamEvent]]], None]
 class GenerationRequest:
     messages: list[dict]  # chat-template messages; each image is a {"type": "image"} part
     images: list[Image.Image] = field(default_factory=list)  # decoded, in the order their parts appear
-    sampling: SamplingSettings = field(default_factory=lambda: SamplingSettings(max_tokens=64))
+    decoding: DecodingParams = field(default_factory=lambda: DecodingParams(max_tokens=64))
     # OneVision: each video's sampled RGB frames (height, width, 3) uint8, in the order their parts appear
     videos: list[list[np.ndarray]] = field(default_factory=list)
     # Set when nobody waits for the answer any more (the client went away): its row stops at the next step.
     cancelled: threading.Event = field(default_factory=threading.Event, compare=False, repr=False)
-
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-    prompt_tokens: int
-    completion_tokens: int
-
-
-def completion_from_events(events: list[StreamEvent]) -> Completion:
-    last = events[-1]
-    if last.error is not None:
-        raise last.error
-    return Completion("".join(e.delta for e in events), last.finish_reason, last.prompt_tokens,
-                      last.completion_tokens)
 
 
 class BatchProgress(StoppingCriteria):
@@ -213,14 +197,14 @@ class GenerationEngine:
         """One `generate` call; raises only when it failed before any step was reported."""
         inputs = self._batch_inputs(requests)
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        streams = [AnswerStream(r.sampling, int(length), self.eos_token_ids, self._decode, self.byte_token_ids)
+        streams = [AnswerStream(r.decoding, int(length), self.eos_token_ids, self._decode, self.byte_token_ids)
                    for r, length in zip(requests, prompt_lengths)]
-        sampler = PerRequestSampler([r.sampling for r in requests])
+        sampler = PerRequestSampler([r.decoding for r in requests])
         progress = BatchProgress(streams, requests, sampler, on_step)
         try:
             self.model.generate(
                 **inputs,
-                max_new_tokens=max(r.sampling.max_tokens for r in requests),
+                max_new_tokens=max(r.decoding.max_tokens for r in requests),
                 pad_token_id=self.tokenizer.pad_token_id,
                 # Sampled rows pick their token in the sampler and leave only it possible, so argmax keeps it.
                 do_sample=False,

@@ -1,7 +1,12 @@
-"""The OpenAI Chat Completions wire format: check a request body completely and turn it into engine input.
+"""The OpenAI Chat Completions wire format: the request a client may send, as pydantic models that check it
+completely, and the bodies the server answers with.
 
-Everything a client can get wrong is found here, before the request joins a batch, and reported as a 400 naming the
-field (`messages[0].content[1].image_url`): a bad request must never fail the batch it would have shared.
+Pure data: no torch, no network, no image decoding, no HTTP. Everything a client can get wrong in the body is found
+here, before the request costs anything, and reported as a 400 naming the field (`messages[0].content[1].image_url`):
+a bad request must never fail the batch it would have shared. Each field's type, range and checks are on the field;
+`parse_chat_request` reports the first field that fails, in the order the fields are declared. What needs more than
+the body is checked next: the images and videos by `serve.media` (decoding them, fetching allowed URLs), the token
+counts by the replica with `check_image_tokens` and `answer_length`.
 """
 from __future__ import annotations
 
@@ -9,51 +14,36 @@ import json
 import math
 import time
 import uuid
-from dataclasses import dataclass, field, replace
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
-from PIL import Image
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
+                      ValidationError, ValidationInfo, model_serializer, model_validator)
 
 from llava_core.config import ServeSettings
-from llava_core.model.build import IMAGE_TOKEN
-from llava_core.model.families import VIDEO_TOKEN
-from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.engine import Completion, GenerationRequest, SamplingSettings
-from llava_core.serve.errors import bad_request, model_not_found
-from llava_core.serve.image_input import image_from_url
-from llava_core.serve.video_input import video_from_url
+from llava_core.data.formats import IMAGE_TAG, VIDEO_TAG
+from llava_core.serve.decoding import DecodingParams
+from llava_core.serve.errors import ApiError, bad_request, model_not_found
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
+ONLY_N_1 = "only n=1 is supported"
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_P_RANGE = (0.0, 1.0)
 # A chat request nests about 6 deep (messages[0].content[1].image_url.url); thousands deep exhausts the parser's stack.
 MAX_JSON_DEPTH = 32
 # A 64-bit seed has 20 digits; a 5,000-digit literal costs quadratic time to convert and Python refuses it anyway.
 MAX_NUMBER_CHARS = 40
+# Features a client would silently not get are refused, not ignored (null, false and [] mean "not asked").
+UNSUPPORTED = {
+    "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs", "top_logprobs": "logprobs",
+    "audio": "audio output",
+}
 
 
-@dataclass
-class ChatRequest:
-    messages: list[dict]  # chat-template messages, images as {"type": "image"} parts
-    images: list[Image.Image]
-    sampling: SamplingSettings  # max_tokens is a placeholder until `fit_to_context` has seen the prompt's length
-    requested_max_tokens: Optional[int]  # None when the client left it to the server
-    stream: bool = False
-    include_usage: bool = False  # streaming only: end with a chunk that carries `usage`
-    videos: list = field(default_factory=list)  # each `serve.video_frames` sampled RGB frames; {"type": "video"} parts
-
-
-@dataclass
-class Media:
-    """What a request's content parts decode into, in order, and which placeholders the model reads."""
-    takes_videos: bool
-    images: list = field(default_factory=list)
-    videos: list = field(default_factory=list)
-
-    @property
-    def placeholders(self) -> tuple[str, ...]:
-        return (IMAGE_TOKEN, VIDEO_TOKEN) if self.takes_videos else (IMAGE_TOKEN,)
-
+# ---- the body: plain, finite, shallow, encodable JSON ------------------------------------------------------------
 
 def parse_json_body(data: bytes) -> Any:
     """A request body as JSON, or a 400 for anything that is not plain, finite, shallow, encodable JSON."""
@@ -117,72 +107,169 @@ def check_encodable(text: str) -> None:
                           "send text as valid Unicode") from None
 
 
-def parse_chat_request(body: Any, settings: ServeSettings, model_name: str, takes_videos: bool = False) -> ChatRequest:
-    """A checked request; `takes_videos`: the model's family reads `video_url` parts (LLaVA-OneVision)."""
+# ---- what the checks know of the server, and how a refusal leaves pydantic ----------------------------------------
+
+@dataclass(frozen=True)
+class Server:
+    """The validation context: the serve settings, the model name clients must send, and whether the model's family
+    reads `video_url` parts (LLaVA-OneVision)."""
+    settings: ServeSettings
+    model_name: str
+    takes_videos: bool = False
+
+    @property
+    def placeholders(self) -> tuple[str, ...]:
+        # What the chat template renders image and video parts as (the model's IMAGE_TOKEN and VIDEO_TOKEN): typed by
+        # a client, one would become a placeholder with nothing behind it.
+        return (IMAGE_TAG, VIDEO_TAG) if self.takes_videos else (IMAGE_TAG,)
+
+
+class Refused(ValueError):
+    """A check's refusal inside the models, carried out of pydantic (as its `value_error`) to `refusal`. The 400 names
+    the field pydantic met it at, followed by `at`; its message is that name followed by `text`, or `text` alone when
+    `whole`. `error` is an ApiError given as it is (the 404 of an unknown model)."""
+
+    def __init__(self, text: str = "", at: str = "", code: Optional[str] = None, whole: bool = False,
+                 error: Optional[ApiError] = None):
+        super().__init__(text or (error.message if error else ""))
+        self.text, self.at, self.code, self.whole, self.error = text, at, code, whole, error
+
+    def api_error(self, where: str) -> ApiError:
+        if self.error is not None:
+            return self.error
+        param = where + self.at
+        return bad_request(self.text if self.whole else param + self.text, param, self.code)
+
+
+def between(low: float, high: float) -> Refused:
+    return Refused(f" must be between {low:g} and {high:g}")
+
+
+# What pydantic's own errors (a wrong type, a missing field, a value out of range) say, by the field's path (list
+# indexes as "*"): the first refusal is for a wrong type, the second, where there is one, for a value out of range.
+FIELD_REFUSALS: dict[tuple, tuple[Refused, ...]] = {
+    ("model",): (Refused(" is required and must be a string"),),
+    ("n",): (Refused(ONLY_N_1, whole=True),),
+    ("stream",): (Refused(" must be a boolean"),),
+    ("stream_options",): (Refused('stream_options must be an object like {"include_usage": true}', whole=True),),
+    ("temperature",): (Refused(" must be a number"), between(*TEMPERATURE_RANGE)),
+    ("top_p",): (Refused(" must be a number"), between(*TOP_P_RANGE)),
+    ("seed",): (Refused(" must be a 64-bit integer"),),
+    ("stop",): (Refused(" must be a string or an array of strings"),),
+    ("max_completion_tokens",): (Refused(" must be a positive integer"),),
+    ("max_tokens",): (Refused(" must be a positive integer"),),
+    ("messages",): (Refused(" must be a non-empty array"),),
+    ("messages", "*"): (Refused(" must be an object"),),
+    ("messages", "*", "content"): (Refused(" must be a string or an array of content parts"),),
+    ("messages", "*", "content", "*"): (Refused(" must be an object"),),
+    ("messages", "*", "content", "*", "text"): (Refused(" must be a string"),),
+    ("messages", "*", "content", "*", "image_url"): (Refused(" must be an object with a string url"),),
+    ("messages", "*", "content", "*", "video_url"): (Refused(" must be an object with a string url"),),
+}
+RANGE_ERRORS = {"greater_than", "greater_than_equal", "less_than", "less_than_equal", "too_short", "too_long"}
+# The names of the union members a value was tried as; they appear in pydantic's paths but not in the request's.
+TAGS = {"text content", "parts content", "text part", "image_url part", "video_url part", "other part"}
+
+
+def refusal(error: dict) -> ApiError:
+    """The ApiError for one of pydantic's errors, naming the field as the request does (`messages[0].content[1]`)."""
+    loc = [part for part in error["loc"] if part not in TAGS]
+    refused = error.get("ctx", {}).get("error")
+    if error["type"] == "value_error" and isinstance(refused, Refused):
+        return refused.api_error(path(loc))
+    for length in range(len(loc), 0, -1):
+        says = FIELD_REFUSALS.get(tuple("*" if isinstance(part, int) else part for part in loc[:length]))
+        if says:
+            return says[-1 if error["type"] in RANGE_ERRORS else 0].api_error(path(loc[:length]))
+    return bad_request(f"{path(loc) or 'the request body'}: {error['msg']}", path(loc) or None)  # not expected
+
+
+def path(loc: list) -> str:
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+
+
+def parse_chat_request(body: Any, settings: ServeSettings, model_name: str,
+                       takes_videos: bool = False) -> ChatCompletionRequest:
+    """A checked request, or the ApiError of its first problem; `takes_videos`: the model's family reads `video_url`
+    parts (LLaVA-OneVision)."""
     if not isinstance(body, dict):
         raise bad_request("the request body must be a JSON object")
-    check_model(body.get("model"), model_name)
-    check_n(body)
-    check_unsupported(body)
-    stream, include_usage = stream_options(body)
-    # Cheap checks first: a wrong max_tokens should not cost decoding the images.
-    sampling, max_tokens = parse_sampling(body), requested_max_tokens(body, settings)
-    raw_messages = body.get("messages")
-    if not isinstance(raw_messages, list) or not raw_messages:
-        raise bad_request("messages must be a non-empty array", "messages")
-    check_image_count(raw_messages, settings.max_images)
-    check_video_count(raw_messages, settings.max_videos, takes_videos)
-    check_prompt_chars(raw_messages, settings.max_prompt_chars)
-    media = Media(takes_videos)  # filled in order by parse_message, as the chat template places them
-    messages = [parse_message(m, f"messages[{i}]", media, settings) for i, m in enumerate(raw_messages)]
-    if messages[-1]["role"] != "user":
-        raise bad_request("the last message must be from the user", f"messages[{len(messages) - 1}].role")
-    return ChatRequest(messages, media.images, sampling, max_tokens, stream, include_usage, media.videos)
+    try:
+        return ChatCompletionRequest.model_validate(body, context=Server(settings, model_name, takes_videos))
+    except ValidationError as error:
+        raise refusal(error.errors()[0]) from None
 
 
-def check_model(name: Any, model_name: str) -> None:
-    if not isinstance(name, str) or not name:
-        raise bad_request("model is required and must be a string", "model")
-    if name != model_name:
-        raise model_not_found(name)
+# ---- the checks the fields carry ---------------------------------------------------------------------------------
+
+def none_is(default: Any):
+    """A before-validator: JSON's null means the field's default, as OpenAI's API has it."""
+    return BeforeValidator(lambda value: default if value is None else value)
 
 
-def stream_options(body: dict) -> tuple[bool, bool]:
-    stream = body.get("stream")
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise bad_request("stream must be a boolean", "stream")
-    options = body.get("stream_options")
-    if options is None:
-        return stream, False
-    if not stream:
-        raise bad_request("stream_options is only allowed when stream is true", "stream_options")
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
-        raise bad_request("stream_options must be an object like {\"include_usage\": true}", "stream_options")
-    return stream, options.get("include_usage", False)
+def served_model(name: str, info: ValidationInfo) -> str:
+    if name != info.context.model_name:
+        raise Refused(error=model_not_found(name))
+    return name
 
 
-def check_n(body: dict) -> None:
-    n = body.get("n")
-    if n is not None and (not is_int(n) or n != 1):
-        raise bad_request("only n=1 is supported", "n")
+def only_one(n: int) -> int:
+    if n != 1:
+        raise Refused(ONLY_N_1, whole=True)
+    return n
 
 
-UNSUPPORTED = {
-    "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs", "top_logprobs": "logprobs",
-    "audio": "audio output",
-}
-
-
-def check_unsupported(body: dict) -> None:
-    """Features a client would silently not get are refused, not ignored (null, false and [] mean "not asked")."""
-    for key, feature in UNSUPPORTED.items():
-        if body.get(key) not in (None, False, []):
-            raise bad_request(f"{feature} is not supported by this server ({key})", key)
-    response_format = body.get("response_format")
+def text_format(response_format: Any) -> Any:
     if response_format is not None and response_format != {"type": "text"}:
-        raise bad_request("only response_format {\"type\": \"text\"} is supported", "response_format")
+        raise Refused("only response_format {\"type\": \"text\"} is supported", whole=True)
+    return response_format
+
+
+def only_when_streaming(options: Any, info: ValidationInfo) -> Any:
+    if options is not None and not info.data.get("stream"):
+        raise Refused(" is only allowed when stream is true")
+    return options
+
+
+def nonzero_in_float32(top_p: float) -> float:
+    # The sampler compares float32 probabilities with it: 1e-300 is 0.0 there, and would keep no token at all.
+    if np.float32(top_p) <= 0:
+        raise Refused(" must be greater than 0, also as the float32 the sampler compares it in (1e-300 is 0 there)")
+    return top_p
+
+
+def as_stop_list(stop: Any) -> Any:
+    return [] if stop is None else [stop] if isinstance(stop, str) else stop
+
+
+def at_most_stops(stops: list[str]) -> list[str]:
+    if len(stops) > MAX_STOP_STRINGS:
+        raise Refused(f" accepts at most {MAX_STOP_STRINGS} strings")
+    return stops
+
+
+def within_limit(value: int, info: ValidationInfo) -> int:
+    limit = info.context.settings.max_tokens_limit
+    if value > limit:
+        raise Refused(f" is {value}, over this server's limit of {limit}")
+    return value
+
+
+def unless_max_completion_tokens(value: Any, info: ValidationInfo) -> Any:
+    # max_completion_tokens is the current name; max_tokens is the older one that most clients still send.
+    return None if info.data.get("max_completion_tokens") is not None else value
+
+
+def counted_messages(messages: Any, info: ValidationInfo) -> Any:
+    """Count images, videos and text before checking any message: a request with 1000 images or 8 MB of text is
+    refused for that at once."""
+    if not isinstance(messages, list) or not messages:
+        raise Refused(" must be a non-empty array")
+    server: Server = info.context
+    check_image_count(messages, server.settings.max_images)
+    check_video_count(messages, server.settings.max_videos, server.takes_videos)
+    check_prompt_chars(messages, server.settings.max_prompt_chars)
+    return messages
 
 
 def count_parts(raw_messages: list, kind: str) -> int:
@@ -194,31 +281,29 @@ def count_parts(raw_messages: list, kind: str) -> int:
 
 
 def check_image_count(raw_messages: list, max_images: int) -> None:
-    """Count image parts before decoding any, so a request with 1000 images costs nothing."""
     count = count_parts(raw_messages, "image_url")
     if count > max_images:
-        raise bad_request(f"too many images: {count}, the limit is {max_images} per request", "messages",
-                          "too_many_images")
+        raise Refused(f"too many images: {count}, the limit is {max_images} per request", code="too_many_images",
+                      whole=True)
 
 
 def check_video_count(raw_messages: list, max_videos: int, takes_videos: bool) -> None:
-    """Count video parts before decoding any (a video costs ~0.1-1 s of CPU), and refuse them outright where the
-    model's family has no video input."""
+    """Refuse videos outright where the model's family has no video input (a video costs ~0.1-1 s of CPU)."""
     count = count_parts(raw_messages, "video_url")
     if count and not takes_videos:
-        raise bad_request("this model takes no video (video_url parts are read by llava_onevision models only)",
-                          "messages", "video_not_supported")
+        raise Refused("this model takes no video (video_url parts are read by llava_onevision models only)",
+                      code="video_not_supported", whole=True)
     if count > max_videos:
-        raise bad_request(f"too many videos: {count}, the limit is {max_videos} per request", "messages",
-                          "too_many_videos")
+        raise Refused(f"too many videos: {count}, the limit is {max_videos} per request", code="too_many_videos",
+                      whole=True)
 
 
 def check_prompt_chars(raw_messages: list, max_chars: int) -> None:
     """Count the text before tokenizing it: an 8 MB prompt takes the tokenizer seconds and could never fit anyway."""
     chars = sum(len(text) for text in message_texts(raw_messages))
     if chars > max_chars:
-        raise bad_request(f"the messages hold {chars} characters of text, over this server's limit of {max_chars}",
-                          "messages", "context_length_exceeded")
+        raise Refused(f"the messages hold {chars} characters of text, over this server's limit of {max_chars}",
+                      code="context_length_exceeded", whole=True)
 
 
 def message_texts(raw_messages: list):
@@ -231,90 +316,200 @@ def message_texts(raw_messages: list):
                 yield part["text"]
 
 
-def parse_message(message: Any, where: str, media: Media, settings: ServeSettings) -> dict:
-    if not isinstance(message, dict):
-        raise bad_request(f"{where} must be an object", where)
-    role = message.get("role")
-    if role not in ROLES:
-        raise bad_request(f"{where}.role: unknown role {role!r}; expected one of {sorted(ROLES)}", f"{where}.role")
-    role = ROLES[role]
-    content = message.get("content")
-    if content is None and role == "assistant":
-        content = ""  # assistant turns that only called tools have no content; there is nothing to show the model
-    if isinstance(content, str):
-        check_text(content, f"{where}.content", media.placeholders)
-        return {"role": role, "content": content}
-    if not isinstance(content, list):
-        raise bad_request(f"{where}.content must be a string or an array of content parts", f"{where}.content")
-    parts = [parse_part(part, f"{where}.content[{i}]", role, media, settings) for i, part in enumerate(content)]
-    return {"role": role, "content": parts}
+def ends_with_user(messages: list[ChatMessage]) -> list[ChatMessage]:
+    if messages[-1].role != "user":
+        raise Refused("the last message must be from the user", at=f"[{len(messages) - 1}].role", whole=True)
+    return messages
 
 
-def parse_part(part: Any, where: str, role: str, media: Media, settings: ServeSettings) -> dict:
-    if not isinstance(part, dict):
-        raise bad_request(f"{where} must be an object", where)
-    kind = part.get("type")
-    if kind == "text":
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise bad_request(f"{where}.text must be a string", f"{where}.text")
-        check_text(text, f"{where}.text", media.placeholders)
-        return {"type": "text", "text": text}
-    if kind == "image_url":
-        if role != "user":
-            raise bad_request(f"{where}: images are only accepted in user messages", where)
-        media.images.append(image_from_url(image_url_of(part, where), settings, f"{where}.image_url"))
-        return {"type": "image"}
-    if kind == "video_url":  # check_video_count refused them already where the model has no video input
-        if role != "user":
-            raise bad_request(f"{where}: videos are only accepted in user messages", where)
-        media.videos.append(video_from_url(image_url_of(part, where, "video_url"), settings, f"{where}.video_url"))
-        return {"type": "video"}
-    expected = "'text', 'image_url' or 'video_url'" if media.takes_videos else "'text' or 'image_url'"
-    raise bad_request(f"{where}.type: unknown content part type {kind!r}; expected {expected}", f"{where}.type")
+def known_role(role: Any) -> str:
+    if not isinstance(role, str) or role not in ROLES:
+        raise Refused(f": unknown role {role!r}; expected one of {sorted(ROLES)}")
+    return ROLES[role]
 
 
-def image_url_of(part: dict, where: str, key: str = "image_url") -> str:
-    """The url of an `image_url` (or `video_url`) part: `{"type": key, key: {"url": ...}}`."""
-    image_url = part.get(key)
-    url = image_url.get("url") if isinstance(image_url, dict) else None
-    if not isinstance(url, str):
-        raise bad_request(f"{where}.{key} must be an object with a string url", f"{where}.{key}")
-    return url
-
-
-def check_text(text: str, where: str, placeholders: tuple[str, ...] = (IMAGE_TOKEN,)) -> None:
-    # A typed "<image>" (or, where the model reads videos, "<video>") would become a placeholder with nothing behind.
-    for token in placeholders:
+def no_typed_placeholder(text: str, info: ValidationInfo) -> str:
+    for token in info.context.placeholders:
         if token in text:
-            medium = "videos as video_url" if token == VIDEO_TOKEN else "images as image_url"
-            raise bad_request(f"{where} contains {token}; send {medium} parts instead", where)
+            medium = "videos as video_url" if token == VIDEO_TAG else "images as image_url"
+            raise Refused(f" contains {token}; send {medium} parts instead")
+    return text
 
 
-def parse_sampling(body: dict) -> SamplingSettings:
-    temperature = number(body, "temperature", 1.0, low=0.0, high=2.0)
-    top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
-    # The sampler compares float32 probabilities with it: 1e-300 is 0.0 there, and would keep no token at all.
-    if np.float32(top_p) <= 0:
-        raise bad_request("top_p must be greater than 0, also as the float32 the sampler compares it in (1e-300 is 0 there)",
-                          "top_p")
-    seed = body.get("seed")
-    if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
-        raise bad_request("seed must be a 64-bit integer", "seed")
-    return SamplingSettings(max_tokens=1, temperature=temperature, top_p=top_p, stop=stop_strings(body), seed=seed)
+# ---- the request -------------------------------------------------------------------------------------------------
+
+STRICT = ConfigDict(strict=True)  # no "2" for an int, no true for a number; unknown keys are ignored, as OpenAI does
+Text = Annotated[str, AfterValidator(no_typed_placeholder)]
 
 
-def requested_max_tokens(body: dict, settings: ServeSettings) -> Optional[int]:
-    # max_completion_tokens is the current name; max_tokens is the older one that most clients still send.
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    value = body.get(key)
-    if value is None:
-        return None
-    if not is_int(value) or value <= 0:
-        raise bad_request(f"{key} must be a positive integer", key)
-    if value > settings.max_tokens_limit:
-        raise bad_request(f"{key} is {value}, over this server's limit of {settings.max_tokens_limit}", key)
+class TextPart(BaseModel):
+    model_config = STRICT
+    type: Literal["text"]
+    text: Text
+
+    def template_part(self) -> dict:
+        return {"type": "text", "text": self.text}
+
+
+class MediaUrl(BaseModel):
+    model_config = STRICT
+    url: str
+
+
+class ImagePart(BaseModel):
+    model_config = STRICT
+    medium: ClassVar[str] = "image"
+    type: Literal["image_url"]
+    image_url: MediaUrl
+
+    @property
+    def url(self) -> str:
+        return self.image_url.url
+
+    def template_part(self) -> dict:
+        return {"type": "image"}
+
+
+class VideoPart(BaseModel):
+    """vLLM's OpenAI extension for video; read by LLaVA-OneVision models."""
+    model_config = STRICT
+    medium: ClassVar[str] = "video"
+    type: Literal["video_url"]
+    video_url: MediaUrl
+
+    @property
+    def url(self) -> str:
+        return self.video_url.url
+
+    def template_part(self) -> dict:
+        return {"type": "video"}
+
+
+class OtherPart(BaseModel):
+    """Anything else in a content array: refused, saying what the server takes instead."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse(cls, part: Any, info: ValidationInfo) -> Any:
+        if not isinstance(part, dict):
+            raise Refused(" must be an object")
+        expected = "'text', 'image_url' or 'video_url'" if info.context.takes_videos else "'text' or 'image_url'"
+        raise Refused(f": unknown content part type {part.get('type')!r}; expected {expected}", at=".type")
+
+
+def part_kind(part: Any) -> str:
+    kind = part.get("type") if isinstance(part, dict) else None
+    return f"{kind} part" if kind in ("text", "image_url", "video_url") else "other part"
+
+
+def content_kind(content: Any) -> Optional[str]:
+    return "text content" if isinstance(content, str) else "parts content" if isinstance(content, list) else None
+
+
+Part = Annotated[Union[Annotated[TextPart, Tag("text part")], Annotated[ImagePart, Tag("image_url part")],
+                       Annotated[VideoPart, Tag("video_url part")], Annotated[OtherPart, Tag("other part")]],
+                 Discriminator(part_kind)]
+Content = Annotated[Union[Annotated[Text, Tag("text content")], Annotated[list[Part], Tag("parts content")]],
+                    Discriminator(content_kind)]
+
+
+class ChatMessage(BaseModel):
+    model_config = STRICT
+    role: Annotated[Literal["system", "user", "assistant"], BeforeValidator(known_role)] = \
+        Field(None, validate_default=True)  # "developer" is read as "system"
+    content: Content = Field(None, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def empty_assistant_turn(cls, message: Any) -> Any:
+        # Assistant turns that only called tools have no content; there is nothing to show the model.
+        if isinstance(message, dict) and message.get("role") == "assistant" and message.get("content") is None:
+            return {**message, "content": ""}
+        return message
+
+    @model_validator(mode="after")
+    def media_from_the_user(self) -> ChatMessage:
+        for index, part in enumerate(self.parts()):
+            if isinstance(part, (ImagePart, VideoPart)) and self.role != "user":
+                raise Refused(f": {part.medium}s are only accepted in user messages", at=f".content[{index}]")
+        return self
+
+    def parts(self) -> list:
+        return [] if isinstance(self.content, str) else self.content
+
+    def template_message(self) -> dict:
+        """The message as the chat template takes it: images as {"type": "image"} parts, videos as {"type": "video"}."""
+        if isinstance(self.content, str):
+            return {"role": self.role, "content": self.content}
+        return {"role": self.role, "content": [part.template_part() for part in self.content]}
+
+
+class StreamOptions(BaseModel):
+    model_config = STRICT
+    include_usage: bool = False  # end the stream with a chunk that carries `usage`
+
+
+def not_asked(value: Any, info: ValidationInfo) -> Any:
+    if value not in (None, False, []):
+        raise Refused(f"{UNSUPPORTED[info.field_name]} is not supported by this server ({info.field_name})",
+                      whole=True)
     return value
+
+
+NotSupported = Annotated[Any, AfterValidator(not_asked)]
+AnswerLength = Annotated[int, Field(gt=0), AfterValidator(within_limit)]
+
+
+class ChatCompletionRequest(BaseModel):
+    """The fields of a chat completion request this server reads (others are ignored, as OpenAI's API ignores
+    unknown ones), in the order they are checked: cheap ones first."""
+    model_config = STRICT
+    model: Annotated[str, Field(min_length=1), AfterValidator(served_model)]
+    n: Optional[Annotated[int, AfterValidator(only_one)]] = None
+    tools: NotSupported = None
+    functions: NotSupported = None
+    logprobs: NotSupported = None
+    top_logprobs: NotSupported = None
+    audio: NotSupported = None
+    response_format: Annotated[Any, AfterValidator(text_format)] = None
+    stream: Annotated[bool, none_is(False)] = False
+    stream_options: Annotated[Optional[StreamOptions], BeforeValidator(only_when_streaming)] = None
+    temperature: Annotated[float, none_is(1.0), Field(ge=TEMPERATURE_RANGE[0], le=TEMPERATURE_RANGE[1])] = 1.0
+    top_p: Annotated[float, none_is(1.0), Field(ge=TOP_P_RANGE[0], le=TOP_P_RANGE[1]),
+                     AfterValidator(nonzero_in_float32)] = 1.0
+    seed: Optional[Annotated[int, Field(ge=SEED_RANGE[0], le=SEED_RANGE[1])]] = None
+    stop: Annotated[list[str], BeforeValidator(as_stop_list), AfterValidator(at_most_stops)] = []
+    max_completion_tokens: Optional[AnswerLength] = None
+    max_tokens: Annotated[Optional[AnswerLength], BeforeValidator(unless_max_completion_tokens)] = None
+    messages: Annotated[list[ChatMessage], BeforeValidator(counted_messages), AfterValidator(ends_with_user)]
+
+    @property
+    def requested_max_tokens(self) -> Optional[int]:
+        """The answer length the client asked for; None when it left it to the server."""
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return self.stream_options is not None and self.stream_options.include_usage
+
+    def decoding(self, max_tokens: int) -> DecodingParams:
+        return DecodingParams(max_tokens, self.temperature, self.top_p, tuple(s for s in self.stop if s), self.seed)
+
+    def template_messages(self) -> list[dict]:
+        return [message.template_message() for message in self.messages]
+
+    def media_parts(self) -> list[tuple[str, Union[ImagePart, VideoPart]]]:
+        """(where, part) of every image_url and video_url part, in the order the chat template places them."""
+        return [(f"messages[{i}].content[{j}].{part.type}", part)
+                for i, message in enumerate(self.messages) for j, part in enumerate(message.parts())
+                if isinstance(part, (ImagePart, VideoPart))]
+
+
+# ---- what needs the model's numbers: checked by the replica once it has counted the tokens -----------------------
+
+def check_model(name: str, model_name: str) -> None:
+    if name != model_name:
+        raise model_not_found(name)
 
 
 def check_image_tokens(image_tokens: int, limit: int) -> None:
@@ -327,10 +522,9 @@ def check_image_tokens(image_tokens: int, limit: int) -> None:
                           "too_many_image_tokens")
 
 
-def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int,
-                   default_max_tokens: int) -> GenerationRequest:
-    """The engine's input, with an answer length that fits the model's context: refuse what cannot fit, shorten the
-    server's own default."""
+def answer_length(request: ChatCompletionRequest, prompt_tokens: int, context_length: int,
+                  default_max_tokens: int) -> int:
+    """The answer's max_tokens, fitting the model's context: refuse what cannot fit, shorten the server's default."""
     room = context_length - prompt_tokens
     if room <= 0:
         raise bad_request(f"the prompt is {prompt_tokens} tokens (images and videos included), which does not fit the "
@@ -339,103 +533,92 @@ def fit_to_context(request: ChatRequest, prompt_tokens: int, context_length: int
     if wanted is not None and wanted > room:
         raise bad_request(f"the prompt is {prompt_tokens} tokens and max_tokens is {wanted}; together they exceed the "
                           f"model's context of {context_length} tokens", "max_tokens", "context_length_exceeded")
-    max_tokens = wanted if wanted is not None else min(default_max_tokens, room)
-    return GenerationRequest(request.messages, request.images, replace(request.sampling, max_tokens=max_tokens),
-                             videos=request.videos)
+    return wanted if wanted is not None else min(default_max_tokens, room)
 
 
-def stop_strings(body: dict) -> tuple[str, ...]:
-    stop = body.get("stop")
-    if stop is None:
-        return ()
-    stops = [stop] if isinstance(stop, str) else stop
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise bad_request("stop must be a string or an array of strings", "stop")
-    if len(stops) > MAX_STOP_STRINGS:
-        raise bad_request(f"stop accepts at most {MAX_STOP_STRINGS} strings", "stop")
-    return tuple(s for s in stops if s)
-
-
-def number(body: dict, key: str, default: float, low: float, high: float) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise bad_request(f"{key} must be a number", key)
-    if not low <= value <= high:
-        raise bad_request(f"{key} must be between {low:g} and {high:g}", key)
-    return float(value)
-
-
-def is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
+# ---- the responses -----------------------------------------------------------------------------------------------
 
 def completion_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex}"
 
 
-def chat_completion_body(completion: Completion, model_name: str) -> dict:
-    return {
-        "id": completion_id(),
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model_name,
-        "choices": [{
-            "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
-            "finish_reason": completion.finish_reason,
-            "logprobs": None,
-        }],
-        "usage": usage_body(completion.prompt_tokens, completion.completion_tokens),
-    }
+def now() -> int:
+    return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+    @classmethod
+    def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens)
 
 
-class ChunkWriter:
-    """One streamed answer as server-sent events in OpenAI's `chat.completion.chunk` format: a first chunk with
-    the role, one chunk per text delta, a chunk with `finish_reason`, a `usage` chunk with no choices when the client
-    asked for it (`stream_options.include_usage`, as OpenAI does), then `data: [DONE]`."""
-
-    def __init__(self, model_name: str, include_usage: bool):
-        self.id, self.created, self.model = completion_id(), int(time.time()), model_name
-        self.include_usage = include_usage
-
-    def start(self) -> str:
-        return self.chunk({"role": "assistant", "content": ""})
-
-    def event(self, event: StreamEvent) -> str:
-        text = self.chunk({"content": event.delta}) if event.delta else ""
-        if event.finish_reason is None:
-            return text
-        text += self.chunk({}, event.finish_reason)
-        if self.include_usage:
-            text += self.sse({**self.envelope([]), "usage": usage_body(event.prompt_tokens, event.completion_tokens)})
-        return text + "data: [DONE]\n\n"
-
-    def chunk(self, delta: dict, finish_reason: Optional[str] = None) -> str:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        body = self.envelope([choice])
-        if self.include_usage:
-            body["usage"] = None  # OpenAI's chunks say `usage: null` until the last one
-        return self.sse(body)
-
-    def envelope(self, choices: list) -> dict:
-        return {"id": self.id, "object": "chat.completion.chunk", "created": self.created, "model": self.model,
-                "choices": choices}
-
-    @staticmethod
-    def sse(body: dict) -> str:
-        return f"data: {json.dumps(body)}\n\n"
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
 
 
-def models_body(model_name: str, created: int) -> dict:
-    return {"object": "list", "data": [model_card(model_name, created)]}
+class Choice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
+    logprobs: None = None
 
 
-def model_card(model_name: str, created: int) -> dict:
-    return {"id": model_name, "object": "model", "created": created, "owned_by": "llava-ray"}
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=completion_id)
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[Choice]
+    usage: Usage
+
+    @classmethod
+    def answer(cls, model: str, text: str, finish_reason: str, prompt_tokens: int,
+               completion_tokens: int) -> ChatCompletion:
+        choice = Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)
+        return cls(model=model, choices=[choice], usage=Usage.counted(prompt_tokens, completion_tokens))
+
+
+class Delta(BaseModel):
+    """What one chunk adds: the role in the first, text in the following ones, nothing in the one that finishes."""
+    role: Optional[Literal["assistant"]] = None
+    content: Optional[str] = None
+
+    @model_serializer
+    def given_fields(self) -> dict:
+        return {name: getattr(self, name) for name in type(self).model_fields if name in self.model_fields_set}
+
+
+class ChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed answer. `usage` is only sent when the client asked for it
+    (`stream_options.include_usage`): null until the last chunk, which has it and no choices."""
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChunkChoice]
+    usage: Optional[Usage] = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "llava-ray"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

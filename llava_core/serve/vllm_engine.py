@@ -20,7 +20,7 @@ def run_vllm(model_dir: str, settings: ServeSettings, model_name: str) -> str:
                             "`pip install \"ray[llm]\"` on GPU nodes, or use serve.engine: transformers") from None
     from ray import serve
 
-    from llava_core.serve.app import client_host
+    from llava_core.serve.client import client_host
 
     serve.start(http_options={"host": settings.host, "port": settings.port})
     app = build_openai_app({"llm_configs": [vllm_llm_config(model_dir, settings, model_name,

@@ -1,4 +1,4 @@
-"""The serve stage of a workflow: deploy the export, prove it answers with one real request, then keep serving.
+"""The serve stage of a workflow: deploy the export, prove it answers with one real request, and say how to call it.
 
 The demo asks the first question of the workflow's primary eval set; a workflow without one (the full-size ones)
 asks the first image row of its instruct data instead, read from the start of the file without loading the rest.
@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import io
 import json
 import time
 from dataclasses import dataclass
-
-import requests
-from PIL import Image, UnidentifiedImageError
 
 from llava_core import storage
 from llava_core.config import DatasetSettings, EvalSetSettings, Workflow, dataset_sources
@@ -21,6 +17,7 @@ from llava_core.data import formats
 from llava_core.data.images import read_image_bytes
 from llava_core.data.sources import iter_rows
 from llava_core.secrets import shell_reference
+from llava_core.serve.client import chat_request, deploy, image_mime, post_chat
 
 
 @dataclass
@@ -28,31 +25,6 @@ class DemoQuestion:
     text: str
     images: list[bytes]
     origin: str  # where the image was read: the log line and demo.json say it
-
-
-def image_mime(image_bytes: bytes) -> str:
-    """The media type of encoded image bytes (image/png, image/jpeg, ...), read from their header."""
-    try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            return Image.MIME[image.format]
-    except (UnidentifiedImageError, KeyError) as error:
-        raise ValueError(f"not an image in a format PIL knows ({error})") from None
-
-
-def image_data_url(image_bytes: bytes) -> str:
-    return f"data:{image_mime(image_bytes)};base64," + base64.b64encode(image_bytes).decode()
-
-
-def chat_request(model_name: str, question: str, images: list[bytes], max_tokens: int = 16) -> dict:
-    return {
-        "model": model_name,
-        "messages": [{"role": "user", "content": [
-            {"type": "text", "text": question},
-            *({"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in images),
-        ]}],
-        "max_tokens": max_tokens,
-        "temperature": 0,
-    }
 
 
 def demo_question(w: Workflow) -> DemoQuestion:
@@ -130,7 +102,8 @@ def curl_example(url: str, model_name: str, key_reference: str | None) -> str:
 
 
 def serve_and_demo(ctx) -> dict:
-    from llava_core.serve.app import deploy, replica_api_key
+    """The stage: deploy, ask, print the endpoint and a curl example, and record the exchange in `serve/demo.json`."""
+    from llava_core.serve.app import replica_api_key
 
     w = ctx.workflow
     model_name = w.serve.model_name or w.name
@@ -138,10 +111,9 @@ def serve_and_demo(ctx) -> dict:
     # The export's URI, not a copy on this (the driver's) disk: the replica may run on another node and mirrors it.
     url = deploy(storage.absolute(ctx.stage_dir("export")), w.serve, model_name)
     api_key = replica_api_key(w.serve)  # the demo asks with the key the replicas read, from the same place
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     started = time.time()
     request = chat_request(model_name, question.text, question.images)
-    response = requests.post(f"{url}/v1/chat/completions", json=request, headers=headers, timeout=120)
+    response = post_chat(url, request, api_key)
     if response.status_code != 200:  # the endpoint's own message says why (a prompt over the context, a bad image)
         raise RuntimeError(f"the demo request about {question.origin} got {response.status_code}: "
                            f"{response.text[:1000]}")
@@ -157,15 +129,3 @@ def serve_and_demo(ctx) -> dict:
     storage.write_json(storage.join(ctx.stage_dir("serve"), "demo.json"), result)
     return result
 
-
-def serve_until_interrupted() -> None:
-    from llava_core.serve.app import shutdown
-
-    print("serving until Ctrl-C ...", flush=True)
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        print("shutting down the endpoint", flush=True)
-    finally:
-        shutdown()

@@ -1,7 +1,7 @@
-"""Per-request sampling inside one batched `generate` call.
+"""Per-request token sampling inside one batched `generate` call.
 
-`generate` applies one temperature and one top-p to a whole batch. To let every request keep its own settings (and
-a seeded request its own random stream, whoever shares its batch), the sampling happens here, in a logits
+`generate` applies one temperature and one top-p to a whole batch. To let every request keep its own `DecodingParams`
+(and a seeded request its own random stream, whoever shares its batch), the sampling happens here, in a logits
 processor: each sampled row draws its token with its own `torch.Generator` and leaves only that token possible, so
 `generate` can run greedy (argmax) for the whole batch. Greedy rows pass through untouched, which keeps them
 identical to plain greedy `generate`.
@@ -9,28 +9,12 @@ identical to plain greedy `generate`.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 from transformers import LogitsProcessor
 
-# Dividing logits by a temperature this close to 0 overflows them to inf and the sampler fails on NaN probabilities;
-# the limit of sampling as the temperature goes to 0 is greedy decoding anyway.
-GREEDY_BELOW_TEMPERATURE = 1e-5
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    max_tokens: int
-    temperature: float = 1.0  # 0 (or anything below GREEDY_BELOW_TEMPERATURE) means greedy
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: Optional[int] = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW_TEMPERATURE
+from llava_core.serve.decoding import DecodingParams
 
 
 class PerRequestSampler(LogitsProcessor):
@@ -39,17 +23,17 @@ class PerRequestSampler(LogitsProcessor):
     A row whose draw fails is recorded in `failures` (row -> error) and given any token: the caller ends that row
     with its error, and the other rows of the batch go on."""
 
-    def __init__(self, settings: list[SamplingSettings]):
-        self.settings = settings
-        self.generators = [None if s.greedy else new_generator(s.seed) for s in settings]
+    def __init__(self, params: list[DecodingParams]):
+        self.params = params
+        self.generators = [None if p.greedy else new_generator(p.seed) for p in params]
         self.failures: dict[int, Exception] = {}
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row, (sampling, generator) in enumerate(zip(self.settings, self.generators)):
+        for row, (params, generator) in enumerate(zip(self.params, self.generators)):
             if generator is None or row in self.failures:
                 continue
             try:
-                token = draw(scores[row], sampling.temperature, sampling.top_p, generator)
+                token = draw(scores[row], params.temperature, params.top_p, generator)
             except Exception as error:  # noqa: BLE001 - one row's failure is that row's answer, not the batch's
                 self.failures[row] = error
                 token = 0
