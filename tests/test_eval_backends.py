@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from llava_core.config import EvalEndpointSettings, EvalSetSettings, EvaluateSettings, ServeSettings
-from llava_core.eval.backends import actor_pool_size, generate_answers
+from llava_core.eval.backends import actor_pool_size, answer_questions
 from llava_core.eval.evaluate import run_evaluate
 from llava_core.eval.layouts import load_eval_set
 from llava_core.eval.scoring import score_set
@@ -103,17 +103,29 @@ def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpo
 
 
 def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava_dir, eval_sets):
-    """One question answered alone by the same code path as the actors, outside Ray: batching changes nothing."""
-    from llava_core.data.images import decode_image
+    """One question answered alone through the actors' path (the serving engine), outside Ray, and by plain
+    transformers greedy decoding: batching changes nothing and the engine adds nothing to the model's answer."""
+    from llava_core.data.image_layouts import processor_images
+    from llava_core.data.images import decode_image, mean_colour
     from llava_core.model.build import load_llava
+    from llava_core.serve.engine import GenerationEngine
 
     _, out = in_process
     item = load_eval_set(eval_sets.sets["mc"])[1]
-    model, processor = load_llava(tiny_llava_dir)
     picture = decode_image(open(item.image_path, "rb").read())
-    alone = generate_answers(model.eval(), processor, [item.text], [picture], eval_sets.max_new_tokens, 1)
-    assert predictions(out, "mc")[1]["prediction"] == alone[0]
-    assert torch.is_grad_enabled()  # inference_mode stays inside generate_answers
+    alone = answer_questions(GenerationEngine(tiny_llava_dir), [item.text], [picture], eval_sets.max_new_tokens, 1)
+    assert torch.is_grad_enabled()  # inference mode stays inside the engine
+
+    model, processor = load_llava(tiny_llava_dir)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    pictures = processor_images(model.config.model_type, [[picture]], mean_colour(processor.image_processor))
+    inputs = processor(images=pictures, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        output = model.eval().generate(**inputs, max_new_tokens=eval_sets.max_new_tokens, do_sample=False,
+                                       pad_token_id=processor.tokenizer.pad_token_id)
+    reference = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert predictions(out, "mc")[1]["prediction"] == alone[0] == reference.strip()
 
 
 def test_stage_metrics_follow_from_the_written_predictions(in_process, eval_sets):

@@ -1,28 +1,28 @@
-"""Two ways to answer the same questions greedily: the exported model in Ray Data actors, or a live endpoint.
+"""Two ways to answer the same questions greedily: the serving engine in Ray Data actors, or a live endpoint.
 
-Both take the same `Query`s (the exact prompt text and the image's encoded bytes or path) and both end in the same
-steps: the chat template with the image first, pad-to-square with the processor's mean colour, `LlavaProcessor`,
-greedy decoding, the answer stripped. Images travel as their original bytes (the endpoint decodes them with the
-same `decode_image`), so both backends see the same pixels and give the same answers on the same model.
+Both take the same `Query`s (the question and the image's encoded bytes or path) and answer through one generation
+path: the in-process actors hold the endpoint's own `GenerationEngine` (chat template, the family's image steps,
+batching, greedy decoding, stop handling) and the endpoint runs that engine behind its protocol, sent the body its
+own client helper builds (`serve.client.chat_request`). Images travel as their original bytes (the endpoint decodes
+them with the same `decode_image`), so both backends see the same pixels and give the same answers on the same model.
 """
 from __future__ import annotations
 
 import base64
 import io
 import logging
-import mimetypes
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import requests
-import torch
 from PIL import Image
 
 from llava_core import storage
 from llava_core.config import EvalEndpointSettings
 from llava_core.data import images
 from llava_core.secrets import read_secret
+from llava_core.serve.client import chat_request
 
 log = logging.getLogger(__name__)
 
@@ -55,51 +55,41 @@ def blank_like(data: bytes, rgb: str) -> bytes:
 # --- in-process: Ray Data actors ----------------------------------------------------------------------------------
 
 
-def prompt_for(processor, question: str) -> str:
+def question_request(question: str, picture, max_new_tokens: int):
+    """An eval question as the engine takes a chat request: one user turn with the image and the question, greedy."""
+    from llava_core.serve.decoding import DecodingParams
+    from llava_core.serve.engine import GenerationRequest
+
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return GenerationRequest(messages, [picture], DecodingParams(max_tokens=max_new_tokens, temperature=0))
 
 
-@torch.inference_mode()
-def generate_answers(model, processor, questions: list[str], pil_images: list, max_new_tokens: int,
-                     batch_size: int) -> list[str]:
-    """Greedy answers, batched with left padding; images go to the processor as in training (`processor_images`)."""
-    from llava_core.data.image_layouts import processor_images
-
-    processor.tokenizer.padding_side = "left"
-    fill = images.mean_colour(processor.image_processor)
+def answer_questions(engine, questions: list[str], pictures: list, max_new_tokens: int, batch_size: int) -> list[str]:
+    """Greedy answers from the serving engine, `batch_size` questions to a `generate` call, each answer stripped."""
     answers = []
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
-        prompts = [prompt_for(processor, q) for q in questions[chunk]]
-        pictures = processor_images(model.config.model_type, [[im] for im in pil_images[chunk]], fill)
-        inputs = processor(images=pictures, text=prompts, padding=True, return_tensors="pt").to(model.device)
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=processor.tokenizer.pad_token_id)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:]
-        answers += [t.strip() for t in processor.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        batch = [question_request(q, p, max_new_tokens) for q, p in zip(questions[chunk], pictures[chunk])]
+        answers += [completion.text.strip() for completion in engine.generate(batch)]
     return answers
 
 
 class ExportAnswerer:
-    """A Ray Data actor holding one copy of the exported model."""
+    """A Ray Data actor holding one serving engine (one copy of the exported model)."""
 
     def __init__(self, export_dir: str, max_new_tokens: int, batch_size: int):
-        from llava_core.model.build import load_llava
+        from llava_core.serve.engine import GenerationEngine
 
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-        # load_llava mirrors an s3:// export to the actor's own node: on a cluster the driver's disk is not its disk.
-        model, self.processor = load_llava(export_dir, dtype=dtype)
-        self.model = model.to(device).eval()
+        # The engine loads through load_llava, which mirrors an s3:// export to the actor's own node (on a cluster
+        # the driver's disk is not its disk); bf16 on a GPU, fp32 on CPU.
+        self.engine = GenerationEngine(export_dir)
         self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
 
     def __call__(self, batch: dict) -> dict:
         rows = [{"image_b64": b, "image_path": p, "blank": k}
                 for b, p, k in zip(batch["image_b64"], batch["image_path"], batch["blank"])]
         pictures = [images.decode_image(image_bytes(row)) for row in rows]
-        answers = generate_answers(self.model, self.processor, list(batch["text"]), pictures,
-                                   self.max_new_tokens, self.batch_size)
+        answers = answer_questions(self.engine, list(batch["text"]), pictures, self.max_new_tokens, self.batch_size)
         return {"key": batch["key"], "prediction": np.array(answers, dtype=object)}
 
 
@@ -133,17 +123,6 @@ def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int
 # --- a live endpoint (OpenAI protocol) --------------------------------------------------------------------------
 
 
-def data_url(query: Query) -> str:
-    mime = mimetypes.guess_type(query.image_path)[0] if query.image_path and not query.blank else "image/png"
-    return f"data:{mime or 'image/png'};base64," + base64.b64encode(image_bytes(query)).decode()
-
-
-def chat_body(query: Query, model: str, max_new_tokens: int) -> dict:
-    content = [{"type": "image_url", "image_url": {"url": data_url(query)}}, {"type": "text", "text": query.text}]
-    return {"model": model, "messages": [{"role": "user", "content": content}],
-            "max_tokens": max_new_tokens, "temperature": 0}
-
-
 def completions_url(base: str) -> str:
     base = base.rstrip("/")
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
@@ -151,8 +130,8 @@ def completions_url(base: str) -> str:
 
 def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpointSettings,
                  max_new_tokens: int) -> str:
-    response = session.post(completions_url(endpoint.url), json=chat_body(query, endpoint.model, max_new_tokens),
-                            timeout=endpoint.timeout_s)
+    body = chat_request(endpoint.model, query.text, [image_bytes(query)], max_new_tokens)
+    response = session.post(completions_url(endpoint.url), json=body, timeout=endpoint.timeout_s)
     if response.status_code != 200:
         raise RuntimeError(f"{endpoint.url} answered {response.status_code} to question {query.key!r}: "
                            f"{response.text[:500]}")
