@@ -46,9 +46,9 @@ def tiny_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tiny_dataset, tmp_path_factory):
     """An untrained LLaVA in HF export layout (model + processor + chat template), for engine and serving tests."""
-    from llava_core.model.build import assemble_llava
-
     import torch
+
+    from llava_core.model.build import assemble_llava
 
     out = str(tmp_path_factory.mktemp("tiny_llava"))
     # The new projector draws from torch's global generator: seeded, the model (and every answer the tests compare)

@@ -128,8 +128,12 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
 
     import torch
     from PIL import Image
-    from transformers import (AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                              LlavaOnevisionForConditionalGeneration)
+    from transformers import (
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     config = json.load(open(os.path.join(export_dir, "config.json")))
     model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,

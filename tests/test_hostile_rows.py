@@ -13,9 +13,9 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from llava_core.config import SourceSettings
 from llava_core.data import images, sources
 from llava_core.data.formats import RowError
-from llava_core.config import SourceSettings
 from llava_core.data.sources import ArrayReader, SourceError
 
 BOM = codecs.BOM_UTF8

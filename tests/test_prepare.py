@@ -9,9 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_core.config import SourceSettings
 from llava_core.data import pipeline
 from llava_core.data.image_layouts import CropPixels
-from llava_core.config import SourceSettings
 
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 

@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llava_core.data import sources
 from llava_core.config import SourceSettings
+from llava_core.data import sources
 from llava_core.data.sources import select_indices
 
 

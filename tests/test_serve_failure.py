@@ -68,7 +68,7 @@ class Load:
             with self.lock:
                 self.results.append((started, time.monotonic() - started, outcome))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from llava_core.config import ServeSettings
-from llava_core.data.images import ImageLimits, decode_image
 from llava_core.data.formats import RowError
+from llava_core.data.images import ImageLimits, decode_image
 from llava_core.serve import protocol, sampling
 from llava_core.serve.errors import ApiError
 

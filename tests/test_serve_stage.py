@@ -103,8 +103,15 @@ def test_ready_timeout_setting_wins_and_a_bad_one_is_refused(tiny_llava_dir):
 
 
 def test_status_line_names_the_replicas_and_their_message():
-    from ray.serve.schema import (ApplicationStatus, ApplicationStatusOverview, DeploymentStatus,
-                                  DeploymentStatusOverview, DeploymentStatusTrigger, ReplicaState, ServeStatus)
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ReplicaState,
+        ServeStatus,
+    )
 
     deployment = DeploymentStatusOverview(
         status=DeploymentStatus.UPDATING, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,

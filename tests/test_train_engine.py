@@ -241,6 +241,7 @@ def zero3_rank(rank: int, world: int, port: int, models: dict, out_dir: str):
     os.environ["LOCAL_RANK"] = str(rank)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     import deepspeed  # noqa: F401  (imported code is not the model: measured from after the imports)
+
     import llava_core.model.build  # noqa: F401
     import llava_core.train.loop  # noqa: F401
 

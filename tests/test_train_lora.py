@@ -1,6 +1,5 @@
 """What trains: LoRA on the LLM only, merged into a plain HF checkpoint, the projector in the adapter as peft's
 modules_to_save; parameter groups; the official projector."""
-import json
 import os
 
 import pytest
@@ -55,7 +54,6 @@ def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset)
 
 
 def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_path, ray_session):
-    from peft import PeftModel
 
     from llava_core.model.export import export_hf
     from llava_core.train.save import save_hf_model

@@ -1,7 +1,6 @@
 """Training metrics: FLOPs counted from the model's parameters, the loss-curve PNG, TensorBoard events."""
 import dataclasses
 import os
-
 import threading
 import time
 

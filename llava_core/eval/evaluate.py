@@ -17,8 +17,14 @@ import re
 
 from llava_core import storage
 from llava_core.config import EvaluateSettings
-from llava_core.eval.backends import Query, answer_by_endpoint, answer_in_process, generate_answers, image_bytes
-from llava_core.eval.backends import prompt_for  # noqa: F401 - part of this module's interface
+from llava_core.eval.backends import (
+    Query,
+    answer_by_endpoint,
+    answer_in_process,
+    generate_answers,
+    image_bytes,
+    prompt_for,  # noqa: F401 - part of this module's interface
+)
 from llava_core.eval.layouts import EvalItem, load_eval_set
 from llava_core.eval.report import render_report, thumbnail_b64
 from llava_core.eval.scoring import SetScore, normalise_answer, score_set  # noqa: F401 - normalise_answer: API

@@ -24,8 +24,8 @@ from transformers.initialization import no_init_weights
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_core import storage
-from llava_core.model.zero3 import gathered, zero3_paused
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from llava_core.model.zero3 import gathered, zero3_paused
 
 log = logging.getLogger(__name__)
 

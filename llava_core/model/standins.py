@@ -31,8 +31,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch.nn.functional import cross_entropy
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from llava_core.model.chat_template import VICUNA_SYSTEM
 from llava_core.schema import TinyModelSettings, section
@@ -442,7 +449,7 @@ PRETRAINABLE_TOWERS = {
 
 
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
-                     tower_pretraining: Optional["TowerPretraining"] = None,
+                     tower_pretraining: Optional[TowerPretraining] = None,
                      vision_hub_id: str = "openai/clip-vit-large-patch14-336",
                      llm_hub_id: str = "lmsys/vicuna-7b-v1.5") -> None:
     """A quickstart's base models: the stand-in of `vision_hub_id` (CLIP ViT-L/14-336 or SigLIP so400m; pretrained

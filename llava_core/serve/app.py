@@ -27,13 +27,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_core import storage
 from llava_core.config import ServeSettings, serve_settings_from_dict
+from llava_core.secrets import read_secret
 from llava_core.serve import protocol
 from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.deploy_config import APP_NAME, DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest, completion_from_events
-from llava_core.serve.errors import (ApiError, body_timeout, error_body, payload_too_large, unauthorized,
-                                     unavailable)
-from llava_core.secrets import read_secret
+from llava_core.serve.errors import ApiError, body_timeout, error_body, payload_too_large, unauthorized, unavailable
 from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 log = logging.getLogger(__name__)

@@ -23,6 +23,7 @@ from llava_core.serve.engine import Completion, GenerationRequest, SamplingSetti
 from llava_core.serve.errors import bad_request, model_not_found
 from llava_core.serve.image_input import image_from_url
 from llava_core.serve.video_input import video_from_url
+
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_STOP_STRINGS = 4
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts

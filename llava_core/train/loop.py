@@ -26,8 +26,15 @@ from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
 from llava_core.schema import ScalingSettings, TrainStageSettings
 from llava_core.train.batching import BatchPlan, capped_steps
-from llava_core.train.engine import (build_engine, deepspeed_config, grad_accum_steps, model_inputs, optimizer_step,
-                                     training_dtype, zero3_loading)
+from llava_core.train.engine import (
+    build_engine,
+    deepspeed_config,
+    grad_accum_steps,
+    model_inputs,
+    optimizer_step,
+    training_dtype,
+    zero3_loading,
+)
 from llava_core.train.freeze import describe_training
 from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
 from llava_core.train.save import save_hf_model
