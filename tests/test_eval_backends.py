@@ -44,15 +44,16 @@ def eval_sets(tmp_path_factory):
     llava_a = [{"question_id": i, "answer": "red"} for i in range(5)]
     vqa = [{"question_id": f"v{i}", "image": name[(i + 1) % 4], "question": "How many shapes?",
             "answers": ["one"] * 6 + ["two"] * 4} for i in range(4)]
-    pope = [{"question_id": i, "image": name[i % 4], "text": f"Is there a square {i}?", "label": "yes" if i % 2 else "no",
-             "category": "random"} for i in range(4)]
+    pope = [{"question_id": i, "image": name[i % 4], "text": f"Is there a square {i}?",
+             "label": "yes" if i % 2 else "no", "category": "random"} for i in range(4)]
     choice = [{"question_id": i, "image": name[(i + 2) % 4], "question": "Which colour?",
                "options": ["red", "green", "blue"], "answer": "ABC"[i]} for i in range(3)]
     return EvaluateSettings(
         questions=write_jsonl(root / "q.jsonl", llava_q), answers=write_jsonl(root / "a.jsonl", llava_a),
         image_folder=str(folder), max_new_tokens=4, batch_size=4, num_actors=2, report_examples=2,
         sets={
-            "vqa": EvalSetSettings(layout="vqa", questions=write_jsonl(root / "vqa.jsonl", vqa), image_folder=str(folder)),
+            "vqa": EvalSetSettings(layout="vqa", questions=write_jsonl(root / "vqa.jsonl", vqa),
+                                   image_folder=str(folder)),
             "pope": EvalSetSettings(layout="pope", questions=write_jsonl(root / "pope.jsonl", pope),
                                     image_folder=str(folder)),
             "mc": EvalSetSettings(layout="choice", questions=write_jsonl(root / "mc.jsonl", choice),

@@ -83,7 +83,8 @@ JSONL_LINES = {
 
 
 def assert_rejected_between_neighbours(got: list, where: str, start: int, detail: str) -> None:
-    """The defective row (at byte `start`) is its own malformed_row reject, and the good rows on both sides are written."""
+    """The defective row (at byte `start`) is its own malformed_row reject, and the good rows on both sides are
+    written."""
     assert [(r["id"], r["index"], r["status"]) for r in got] == [
         ("before", 0, "written"), ("", 1, "rejected"), ("after", 2, "written")]
     assert got[1]["reason"] == "malformed_row"

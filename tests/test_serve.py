@@ -238,7 +238,8 @@ def test_streaming_with_a_stop_string_holds_back_the_stop(client, reference):
     chunks = stream_chunks(client, messages, max_tokens=12, stop=[stop])
 
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == raw[:raw.find(stop)].strip() == ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    plain = ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    assert text == raw[:raw.find(stop)].strip() == plain
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 

@@ -44,7 +44,8 @@ def test_pretraining_teaches_the_tower_what_each_patch_shows():
     assert 0.05 < (labels[..., 0] > 0).float().mean() < 0.5  # shapes cover some patches, never all
     torch.manual_seed(0)
     tower = standins.vision_tower(cfg)
-    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES, cfg.tower_pretraining_steps)
+    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES,
+                                              cfg.tower_pretraining_steps)
     # Chance on the foreground patches is about 1/4 per label kind; a tower that learned nothing stays near it.
     assert accuracy > 0.6
     assert not tower.training

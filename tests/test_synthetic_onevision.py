@@ -159,7 +159,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert len(theirs) == 1 + (scene.size[0] // 32) * (scene.size[1] // 32)
     assert torch.allclose(ours[0], theirs[0], atol=1e-5)  # the base view: the canvas squashed to 32 px
     assert all(any(torch.allclose(view, tile, atol=1e-5) for tile in theirs[1:]) for view in ours[1:])
-    labels = np.stack([l for _, l in views])
+    labels = np.stack([view_labels for _, view_labels in views])
     assert labels.shape == (4, 16, 5)
     assert (labels[0, :, 3:] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
     assert (labels[1:, :, 2] == np.where(labels[1:, :, 0] > 0, ov.IN_A_TILE, 0)).all()  # a tile knows no place

@@ -103,7 +103,7 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one
         # inside it, as they start (torch stops a recomputation once it has every saved tensor back).
         inside = llava_of(engine.module).model.language_model.layers[0].mlp
         count = []
-        handle = inside.register_forward_pre_hook(lambda *_: count.append(1))
+        handle = inside.register_forward_pre_hook(lambda *_: count.append(1))  # noqa: B023 - removed below
         optimizer_step(engine, [batch_of(samples(engine, 2))], "token", torch.device("cpu"))
         handle.remove()
         calls[checkpointing] = len(count)

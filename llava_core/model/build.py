@@ -115,7 +115,8 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
     set_generation_defaults(model, tokenizer, padded_vocab)
 
     chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
-    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size, chat_template=chat_template)
+    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size,
+                                chat_template=chat_template)
     return model, processor
 
 

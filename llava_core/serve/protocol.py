@@ -297,8 +297,8 @@ def parse_sampling(body: dict) -> SamplingSettings:
     top_p = number(body, "top_p", 1.0, low=0.0, high=1.0)
     # The sampler compares float32 probabilities with it: 1e-300 is 0.0 there, and would keep no token at all.
     if np.float32(top_p) <= 0:
-        raise bad_request("top_p must be greater than 0, also as the float32 the sampler compares it in (1e-300 is 0 there)",
-                          "top_p")
+        raise bad_request("top_p must be greater than 0, also as the float32 the sampler compares it in "
+                          "(1e-300 is 0 there)", "top_p")
     seed = body.get("seed")
     if seed is not None and not (is_int(seed) and SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
         raise bad_request("seed must be a 64-bit integer", "seed")

@@ -207,7 +207,8 @@ def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
     trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
     frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
     say(f"[{stage_name}] training {trained} | frozen {frozen} | {total_steps} steps of "
-        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} ({plan.world_size} workers x {plan.micro_batch_size} x "
+        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} "
+        f"({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 

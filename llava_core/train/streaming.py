@@ -218,7 +218,7 @@ class BatchPrefetcher:
                 break
             except queue.Empty:
                 if not self.thread.is_alive():
-                    raise RuntimeError("the batch prefetcher stopped without finishing its micro-batches")
+                    raise RuntimeError("the batch prefetcher stopped without finishing its micro-batches") from None
         if item is _END:
             self.ready.put(_END)  # every later get ends too
             raise StopIteration("no micro-batches left in the plan")
