@@ -6,6 +6,8 @@ from llava_core.serve.answer_stream import AnswerStream
 from llava_core.serve.engine import BYTE_FALLBACK_TOKEN
 from llava_core.serve.sampling import SamplingSettings
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dataset):

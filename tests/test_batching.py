@@ -15,6 +15,8 @@ from llava_core.train.batching import (
     padding_fraction,
 )
 
+pytestmark = pytest.mark.unit
+
 
 def flat(micro_batches):
     return [int(i) for micro in micro_batches for row in micro for i in row]

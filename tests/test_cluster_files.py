@@ -7,6 +7,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 

@@ -19,6 +19,8 @@ from llava_core.eval.layouts import load_eval_set
 from llava_core.eval.scoring import score_set
 from tests.ports import free_port
 
+pytestmark = pytest.mark.integration
+
 MODEL = "tiny-llava-eval"
 API_KEY = "eval-key"
 

@@ -21,6 +21,8 @@ from llava_core.eval.layouts import OPTION_LETTER, SHORT_ANSWER, EvalSetError, l
 from llava_core.eval.scoring import score_set
 from llava_core.eval.vqa_answers import normalise_answer, process_punctuation
 
+pytestmark = pytest.mark.unit
+
 CATEGORIES = ("adversarial", "popular", "random")
 
 

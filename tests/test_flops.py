@@ -9,6 +9,8 @@ from llava_core.config import load_workflow
 from llava_core.flops import GPUS, coefficients, gpu_for_device
 from llava_core.train.metrics import flops_counter, peak_flops
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 

@@ -18,6 +18,8 @@ from llava_core.data import images, sources
 from llava_core.data.formats import RowError
 from llava_core.data.sources import ArrayReader, SourceError
 
+pytestmark = pytest.mark.unit
+
 BOM = codecs.BOM_UTF8
 
 
@@ -324,6 +326,7 @@ def test_the_serve_demo_skips_defective_rows_and_outside_paths(image_tree, tmp_p
     assert lenient.origin == f"{path} row 1 (../secret.png)"
 
 
+@pytest.mark.integration
 def test_the_prepare_stage_rejects_each_hostile_row_and_writes_the_rest(ray_session, tiny_dataset, image_tree,
                                                                          tmp_path):
     """The real stage on Ray Data: a JSONL file (BOM, CRLF) and a JSON array (BOM) in one dataset, each with good

@@ -13,6 +13,8 @@ from llava_core.config import SourceSettings
 from llava_core.data import pipeline
 from llava_core.data.image_layouts import CropPixels
 
+pytestmark = pytest.mark.integration
+
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
 
@@ -138,6 +140,7 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     np.testing.assert_allclose(batch["pixel_values"].numpy(), expected, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_padding_uses_the_mean_colour(tiny_dataset):
     from llava_core.data.rows import RowPreparer
 
@@ -162,6 +165,7 @@ def test_padding_uses_the_mean_colour(tiny_dataset):
     assert pixels[:, 32, 32].min() > 1.0  # white centre stays white
 
 
+@pytest.mark.unit
 def test_reject_threshold_stops_the_stage():
     manifest = {"datasets": {"mix": {"rows_in": 100, "rows_rejected": 5, "rejected_by_reason": {"image_missing": 5},
                                      "source": "x.json"}}}

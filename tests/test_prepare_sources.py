@@ -9,6 +9,8 @@ from llava_core.config import SourceSettings
 from llava_core.data import sources
 from llava_core.data.sources import select_indices
 
+pytestmark = pytest.mark.unit
+
 
 def test_sampling_strategies_pick_the_documented_rows():
     assert select_indices("all", 5, 0).tolist() == [0, 1, 2, 3, 4]

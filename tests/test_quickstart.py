@@ -17,6 +17,8 @@ from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
 from tests.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
 
 

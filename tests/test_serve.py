@@ -20,6 +20,8 @@ from llava_core.config import ServeSettings
 from llava_core.data.images import mean_colour, pad_to_square
 from tests.ports import free_port
 
+pytestmark = pytest.mark.integration
+
 MODEL = "tiny-llava"
 API_KEY = "test-key"
 MAX_TOKENS = 6

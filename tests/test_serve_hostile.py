@@ -18,6 +18,8 @@ from llava_core.data.images import ImageLimits, decode_image
 from llava_core.serve import protocol, sampling
 from llava_core.serve.errors import ApiError
 
+pytestmark = pytest.mark.unit
+
 MODEL = "tiny-llava"
 SETTINGS = ServeSettings(max_images=2, max_image_bytes=200_000, max_image_pixels=300 * 300, max_image_side=1000,
                          max_image_aspect_ratio=20, max_prompt_chars=5_000, max_tokens_limit=32)

@@ -19,6 +19,8 @@ from llava_core.serve.demo import chat_request, image_mime, instruct_question
 from tests.conftest import TEST_API_KEY_ENV
 from tests.ports import free_port
 
+pytestmark = pytest.mark.unit
+
 QUESTION = "What colour is the shape in the middle?"
 
 
@@ -148,6 +150,7 @@ def served_demo(ray_session, tiny_llava_dir, instruct_data, tmp_path_factory):
     shutdown()
 
 
+@pytest.mark.integration
 def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(served_demo, instruct_data):
     ctx, result, _ = served_demo
     demo = json.load(open(os.path.join(ctx.stage_dir("serve"), "demo.json")))
@@ -165,6 +168,7 @@ def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(
     assert demo["usage"]["prompt_tokens"] == asked["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
 
 
+@pytest.mark.integration
 def test_the_key_is_read_from_the_environment_and_never_printed(served_demo):
     ctx, result, printed = served_demo
     key = os.environ[TEST_API_KEY_ENV]
@@ -190,6 +194,7 @@ def test_a_replica_without_its_key_does_not_start(tmp_path):
     assert replica_api_key(ServeSettings()) is None  # no key named: an open endpoint, as configured
 
 
+@pytest.mark.integration
 def test_running_out_of_time_says_what_serve_is_doing(served_demo):
     from llava_core.serve.deploy_config import APP_NAME
 

@@ -8,6 +8,8 @@ import torch
 
 from llava_core.model import standins
 
+pytestmark = pytest.mark.unit
+
 # The real repos' files and config keys (sources cited in llava_core/model/standins.py).
 SIGLIP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
                 "spiece.model", "tokenizer_config.json"}

@@ -17,6 +17,8 @@ from llava_core.data.bootstrap import labelled_view_batches
 from llava_core.data.synthetic import COLOURS
 from llava_core.model import families, standins
 
+pytestmark = pytest.mark.unit
+
 PALETTE = np.array(list(COLOURS.values()), dtype=float)
 BASE, BUDGET = 32, 96  # the tower's size (the base view, `pad`), and 3 x 3 tiles: OneVision's feature budget
 
@@ -173,6 +175,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert (tile[0] == dot).all() and (tile[1:] == 0).all()  # the tile kind: the dot's colour on all its tile
 
 
+@pytest.mark.integration
 def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     from transformers import SiglipConfig, SiglipModel
 
@@ -191,6 +194,7 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     assert not tower.training
 
 
+@pytest.mark.integration
 def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, capsys):
     from llava_core.config import SyntheticSettings, TinyModelSettings, Workflow
     from llava_core.data.bootstrap import ensure_synthetic

@@ -14,6 +14,8 @@ from llava_core.data.image_layouts import CropPixels
 from llava_core.model.build import assemble_llava
 from llava_core.train.batching import collate_packed
 
+pytestmark = pytest.mark.unit
+
 
 def sample_table(model, processor, seed=0):
     g = torch.Generator().manual_seed(seed)

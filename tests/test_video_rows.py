@@ -29,6 +29,8 @@ from llava_core.serve.engine import GenerationEngine, GenerationRequest, Samplin
 from llava_core.serve.errors import ApiError
 from llava_core.train.batching import collate, collate_packed
 
+pytestmark = pytest.mark.unit
+
 HUB = {"llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct"),
        "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5")}
 FRAMES = 8  # prepare.video_frames in these tests

@@ -9,6 +9,8 @@ import pytest
 from llava_core import preflight
 from llava_core.config import WorkflowError, load_workflow
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FULL_SIZE = ["llava-v1.5-7b.yaml", "llava-v1.5-13b.yaml", "llava-v1.5-7b-lora.yaml"]
 
