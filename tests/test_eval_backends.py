@@ -93,6 +93,7 @@ def predictions(out, name):
     return [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpoint):
     (local, local_out), (remote, remote_out) = in_process, through_endpoint
     assert local["backend"] == "ray_data" and remote["backend"].startswith("endpoint")
@@ -105,6 +106,7 @@ def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpo
     assert any(answers), "every answer is empty, so agreement would prove nothing"
 
 
+@pytest.mark.slow
 def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava_dir, eval_sets):
     """One question answered alone by the same code path as the actors, outside Ray: batching changes nothing."""
     from llava_core.data.images import decode_image
@@ -119,6 +121,7 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     assert torch.is_grad_enabled()  # inference_mode stays inside generate_answers
 
 
+@pytest.mark.slow
 def test_stage_metrics_follow_from_the_written_predictions(in_process, eval_sets):
     metrics, out = in_process
     assert metrics["primary"] == "main" and metrics["questions"] == 5

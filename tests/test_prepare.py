@@ -200,6 +200,7 @@ def _shard_rows(entry) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: r["index"])
 
 
+@pytest.mark.slow
 def test_the_same_preparation_from_s3_gives_identical_shards(ray_session, tiny_dataset, dirty_dataset, s3_server,
                                                               tmp_path):
     local_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "local")

@@ -38,7 +38,7 @@ def test_patch_labels_name_the_shape_under_each_patch():
     assert labels.tolist() == [[green, square, top], [0, 0, 0], [0, 0, 0], [yellow, circle, bottom]]
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_pretraining_teaches_the_tower_what_each_patch_shows():
     cfg = standins.TinyModelConfig(vision_layers=2, vision_hidden=64, tower_pretraining_steps=120)
     processor = standins.tiny_image_processor(cfg)

@@ -175,7 +175,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert (tile[0] == dot).all() and (tile[1:] == 0).all()  # the tile kind: the dot's colour on all its tile
 
 
-@pytest.mark.integration
+@pytest.mark.slow
 def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     from transformers import SiglipConfig, SiglipModel
 

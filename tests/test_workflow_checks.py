@@ -76,6 +76,7 @@ def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
         check_upstream(RunContext(official, official.run_dir, "", "", hashes=compute_hashes(official)), ["instruct"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_full_size_workflows_validate_and_plan_here_without_downloading(name):
     result = validate(f"workflows/{name}", "--plan", "--json")
@@ -106,6 +107,7 @@ def test_plan_memory_follows_the_zero_stage():
     assert memory[3]["optimizer"] == memory[2]["optimizer"]
 
 
+@pytest.mark.slow
 def test_plan_warns_before_a_stage_that_cannot_fit_the_gpu():
     fits = validate("workflows/llava-v1.5-13b.yaml", "--plan")
     assert fits.returncode == 0 and "warning:" not in fits.stdout
