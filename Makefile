@@ -1,4 +1,5 @@
 # The two commands of the README's quickstart: `make run` and `make test`. Both install what is missing first.
+# `make test ARGS="-m 'not slow'"` is the quick loop (the README's Tests section); `make lint` runs ruff.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The workflow `make run` runs: the LLaVA-1.5 quickstart, or QUICKSTART=workflows/quickstart-onevision.yaml
 QUICKSTART ?= workflows/quickstart.yaml
 
-.PHONY: install run test clean
+.PHONY: install run test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +26,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest tests $(ARGS)
+
+lint: install
+	$(BIN)/python -m ruff check . $(ARGS)
 
 clean:
 	rm -rf runs data/quickstart data/quickstart-onevision

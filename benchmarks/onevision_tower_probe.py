@@ -90,7 +90,8 @@ def dot_probe(x, dot, kind) -> dict:
 
 
 def tile_position_probe(tower, processor, scenes) -> dict:
-    bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0] for scene, image, mask in scenes]
+    bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0]
+             for scene, image, mask in scenes]
     x = features(tower, processor, [view for view, _ in bases])
     y = torch.from_numpy(np.stack([labels[:, 2] for _, labels in bases])).flatten()
     head = fit_probe(x, y, len(synthetic.POSITIONS) + 1)

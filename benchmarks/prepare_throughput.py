@@ -81,8 +81,8 @@ SETTINGS = {"max_length": 2048, "too_long": "reject", "image_aspect_ratio": "pad
 def run_pipeline(paths: dict, cores: int, out_dir: str) -> tuple[float, dict]:
     import ray
 
-    from llava_core.data.pipeline import prepare_dataset
     from llava_core.config import SourceSettings
+    from llava_core.data.pipeline import prepare_dataset
 
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
@@ -100,8 +100,8 @@ def run_floor(paths: dict, rows: int, out_dir: str) -> float:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from llava_core.data.rows import RowPreparer
     from llava_core.config import SourceSettings
+    from llava_core.data.rows import RowPreparer
     from llava_core.data.sources import staged_blocks
 
     start = time.perf_counter()

@@ -21,11 +21,35 @@ from pydantic import TypeAdapter, ValidationError
 from pydantic.dataclasses import is_pydantic_dataclass
 
 from llava_core.schema import (  # noqa: F401  (re-exported: callers import the sections from here)
-    EVAL_LAYOUTS, IMAGE_LAYOUTS, LORA_TARGETS, MAIN_EVAL_SET, MODEL_FAMILIES, REMOVED_KEYS, SECRET_IN_WORKFLOW,
-    SERVE_ENGINES, TRAINABLE_PARTS, TRAINING_STAGES, AutoscalingSettings, DatasetSettings, EvalEndpointSettings,
-    EvalSetSettings, EvaluateSettings, LoraSettings, ModelSettings, PrepareSettings, ScalingSettings, ServeSettings,
-    SourceSettings, SyntheticSettings, TinyModelSettings, TrainStageSettings, VllmSettings, Workflow, dataset_sources,
-    layout_fits)
+    EVAL_LAYOUTS,
+    IMAGE_LAYOUTS,
+    LORA_TARGETS,
+    MAIN_EVAL_SET,
+    MODEL_FAMILIES,
+    REMOVED_KEYS,
+    SECRET_IN_WORKFLOW,
+    SERVE_ENGINES,
+    TRAINABLE_PARTS,
+    TRAINING_STAGES,
+    AutoscalingSettings,
+    DatasetSettings,
+    EvalEndpointSettings,
+    EvalSetSettings,
+    EvaluateSettings,
+    LoraSettings,
+    ModelSettings,
+    PrepareSettings,
+    ScalingSettings,
+    ServeSettings,
+    SourceSettings,
+    SyntheticSettings,
+    TinyModelSettings,
+    TrainStageSettings,
+    VllmSettings,
+    Workflow,
+    dataset_sources,
+    layout_fits,
+)
 
 
 class WorkflowError(ValueError):
@@ -36,7 +60,7 @@ class WorkflowError(ValueError):
         self.problems = problems or [message]
 
     @classmethod
-    def of(cls, problems: list[str]) -> "WorkflowError":
+    def of(cls, problems: list[str]) -> WorkflowError:
         if len(problems) == 1:
             return cls(problems[0])
         return cls("\n  ".join([f"{len(problems)} problem(s):", *problems]), problems)

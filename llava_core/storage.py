@@ -70,13 +70,13 @@ def s3_filesystem(bucket: str) -> pafs.S3FileSystem:
     return _s3_client(endpoint, region, *(os.environ.get(name) for name in S3_CREDENTIAL_VARS))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bucket_region(bucket: str) -> str:
     """One HEAD request per bucket and process: the answer does not change while we run."""
     return pafs.resolve_s3_region(bucket)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _s3_client(endpoint: str | None, region: str | None, *credentials: str | None) -> pafs.S3FileSystem:
     """One client per process and settings: every image read reuses its connections instead of opening new ones.
 

@@ -107,7 +107,8 @@ def status_lines(address: str | None, job_id: str | None) -> list[str]:
     jobs = client(address)
     if job_id:
         info = jobs.get_job_info(job_id)
-        return [f"{info.submission_id}  {info.status}  {info.entrypoint}" + (f"\n  {info.message}" if info.message else "")]
+        return [f"{info.submission_id}  {info.status}  {info.entrypoint}"
+                + (f"\n  {info.message}" if info.message else "")]
     return [f"{j.submission_id}  {j.status}  {j.entrypoint}" for j in jobs.list_jobs() if j.submission_id]
 
 

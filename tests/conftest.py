@@ -17,6 +17,28 @@ for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY"
     os.environ.setdefault(_name, _value)
 
 
+# The test tiers (pyproject's markers; the README's Tests section defines them). A test is in exactly one: its closest
+# tier mark (its own, else its module's `pytestmark`); without one, integration if it starts Ray, else unit.
+TIERS = ("unit", "integration", "slow")
+STARTS_RAY = "ray_session"
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, which reads every mark of a test and of its module
+def pytest_collection_modifyitems(config, items):
+    tiers = {}
+    for item in items:
+        closest = next((mark.name for mark in item.iter_markers() if mark.name in TIERS), None)
+        tiers[item] = closest or ("integration" if STARTS_RAY in item.fixturenames else "unit")
+        if tiers[item] == "unit" and STARTS_RAY in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid} is marked unit but starts Ray ({STARTS_RAY}): mark it "
+                                    "integration or slow")
+    # Leave each test its one tier mark only, so that `-m integration` does not take a module's slow exceptions.
+    for node in {parent for item in items for parent in item.listchain()}:
+        node.own_markers[:] = [mark for mark in node.own_markers if mark.name not in TIERS]
+    for item, tier in tiers.items():
+        item.add_marker(tier)
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     import ray
@@ -46,9 +68,9 @@ def tiny_dataset(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tiny_dataset, tmp_path_factory):
     """An untrained LLaVA in HF export layout (model + processor + chat template), for engine and serving tests."""
-    from llava_core.model.build import assemble_llava
-
     import torch
+
+    from llava_core.model.build import assemble_llava
 
     out = str(tmp_path_factory.mktemp("tiny_llava"))
     # The new projector draws from torch's global generator: seeded, the model (and every answer the tests compare)

@@ -4,6 +4,8 @@ import pytest
 from llava_core.ablations import ablated, comparison
 from llava_core.config import WorkflowError, load_workflow
 
+pytestmark = pytest.mark.unit
+
 QUICKSTART = "workflows/quickstart.yaml"
 
 

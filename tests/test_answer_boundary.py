@@ -8,6 +8,8 @@ import pytest
 from llava_core.data import formats, templates
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
 
+pytestmark = pytest.mark.unit
+
 # Digits (LLaMA splits them and writes the space as its own `▁`), rare words (many pieces), words that merge with
 # the space before them and words that do not (punctuation first).
 ANSWERS = ["4", "1234", "zygomorphic", "red", "(circle)", "3.5 metres", "x-ray"]

@@ -18,6 +18,8 @@ from llava_core.model import families, standins
 from llava_core.train.batching import collate, collate_packed
 from llava_core.train.engine import with_blank_image_row
 
+pytestmark = pytest.mark.unit
+
 HUB = {"llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", "vicuna_v1"),
        "llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct", "chat_template")}
 SIZES = [(40, 30), (90, 200), (64, 64), (300, 70), (17, 150)]  # (height, width)

@@ -17,6 +17,8 @@ from PIL import Image
 
 from llava_core.model import families, standins
 
+pytestmark = pytest.mark.unit
+
 TOWERS = {"llava_next": "openai/clip-vit-large-patch14-336", "llava_onevision": "google/siglip-so400m-patch14-384"}
 LLMS = {"llava_next": "lmsys/vicuna-7b-v1.5", "llava_onevision": "Qwen/Qwen2-7B-Instruct"}
 TILES = {"llava_next": (336, 14), "llava_onevision": (384, 14)}

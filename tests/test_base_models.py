@@ -7,6 +7,8 @@ import pytest
 
 from llava_core.model import base_models
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize("name, hub", [("lmsys/vicuna-7b-v1.5", True), ("openai/clip-vit-large-patch14-336", True),
                                        ("s3://bucket/hub/lmsys/vicuna-7b-v1.5", False),

@@ -5,8 +5,17 @@ import pytest
 import torch
 
 from llava_core.data.image_layouts import CropPixels
-from llava_core.train.batching import (BatchPlan, capped_steps, collate, collate_packed, epoch_and_step, pack,
-                                       padding_fraction)
+from llava_core.train.batching import (
+    BatchPlan,
+    capped_steps,
+    collate,
+    collate_packed,
+    epoch_and_step,
+    pack,
+    padding_fraction,
+)
+
+pytestmark = pytest.mark.unit
 
 
 def flat(micro_batches):

@@ -7,6 +7,8 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -25,8 +27,8 @@ def project_requirements() -> dict[str, Requirement]:
 
 def dockerfile_pins() -> dict[str, str]:
     text = open(os.path.join(ROOT, "cluster", "Dockerfile")).read()
-    return {name.lower(): version for name, version in re.findall(r'"?([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^"\s]*)"?',
-                                                                     text)}
+    pin = r'"?([A-Za-z0-9_.-]+)(?:\[[^\]]*\])?==([0-9][^"\s]*)"?'
+    return {name.lower(): version for name, version in re.findall(pin, text)}
 
 
 def test_dockerfile_pins_satisfy_pyproject_and_the_base_image_matches_ray():
@@ -94,7 +96,8 @@ def credential_source(group: dict) -> dict:
 
 @pytest.mark.parametrize("name", ["rayjob.yaml", "raycluster.yaml", "rayservice.yaml"])
 def test_the_head_reads_s3_with_the_same_credentials_as_every_worker(name):
-    """The driver on the head reads the data manifests and the annotation file: workers alone with keys is not enough."""
+    """The driver on the head reads the data manifests and the annotation file: workers alone with keys is not
+    enough."""
     cluster = cluster_spec(load(name))
     head = credential_source(cluster["headGroupSpec"])
     assert head["secrets"] or head["serviceAccountName"], f"{name}: the head has no S3 credentials"
@@ -146,7 +149,8 @@ def test_aws_cluster_launcher_config():
     # S3 through instance profiles on every node type, the head included; keys are never written into the config.
     assert all("Name" in t["node_config"]["IamInstanceProfile"] or "Arn" in t["node_config"]["IamInstanceProfile"]
                for t in types.values())
-    assert not any("AWS_ACCESS_KEY_ID" in option or "AWS_SECRET" in option for option in config["docker"]["run_options"])
+    assert not any("AWS_ACCESS_KEY_ID" in option or "AWS_SECRET" in option
+                   for option in config["docker"]["run_options"])
     assert any(option.startswith("--env AWS_REGION=") for option in config["docker"]["run_options"])
     # Token auth on every node, the token file shipped to each; the dashboard stays on the head's loopback.
     assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]

@@ -4,6 +4,8 @@ import pytest
 from llava_core.config import WorkflowError, load_workflow
 from llava_core.workflow import compute_hashes
 
+pytestmark = pytest.mark.unit
+
 QUICKSTART = "workflows/quickstart.yaml"
 
 

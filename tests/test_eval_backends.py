@@ -19,6 +19,8 @@ from llava_core.eval.layouts import load_eval_set
 from llava_core.eval.scoring import score_set
 from tests.ports import free_port
 
+pytestmark = pytest.mark.integration
+
 MODEL = "tiny-llava-eval"
 API_KEY = "eval-key"
 
@@ -44,15 +46,16 @@ def eval_sets(tmp_path_factory):
     llava_a = [{"question_id": i, "answer": "red"} for i in range(5)]
     vqa = [{"question_id": f"v{i}", "image": name[(i + 1) % 4], "question": "How many shapes?",
             "answers": ["one"] * 6 + ["two"] * 4} for i in range(4)]
-    pope = [{"question_id": i, "image": name[i % 4], "text": f"Is there a square {i}?", "label": "yes" if i % 2 else "no",
-             "category": "random"} for i in range(4)]
+    pope = [{"question_id": i, "image": name[i % 4], "text": f"Is there a square {i}?",
+             "label": "yes" if i % 2 else "no", "category": "random"} for i in range(4)]
     choice = [{"question_id": i, "image": name[(i + 2) % 4], "question": "Which colour?",
                "options": ["red", "green", "blue"], "answer": "ABC"[i]} for i in range(3)]
     return EvaluateSettings(
         questions=write_jsonl(root / "q.jsonl", llava_q), answers=write_jsonl(root / "a.jsonl", llava_a),
         image_folder=str(folder), max_new_tokens=4, batch_size=4, num_actors=2, report_examples=2,
         sets={
-            "vqa": EvalSetSettings(layout="vqa", questions=write_jsonl(root / "vqa.jsonl", vqa), image_folder=str(folder)),
+            "vqa": EvalSetSettings(layout="vqa", questions=write_jsonl(root / "vqa.jsonl", vqa),
+                                   image_folder=str(folder)),
             "pope": EvalSetSettings(layout="pope", questions=write_jsonl(root / "pope.jsonl", pope),
                                     image_folder=str(folder)),
             "mc": EvalSetSettings(layout="choice", questions=write_jsonl(root / "mc.jsonl", choice),
@@ -90,6 +93,7 @@ def predictions(out, name):
     return [json.loads(line) for line in (out / name / "predictions.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpoint):
     (local, local_out), (remote, remote_out) = in_process, through_endpoint
     assert local["backend"] == "ray_data" and remote["backend"].startswith("endpoint")
@@ -102,6 +106,7 @@ def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpo
     assert any(answers), "every answer is empty, so agreement would prove nothing"
 
 
+@pytest.mark.slow
 def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava_dir, eval_sets):
     """One question answered alone through the actors' path (the serving engine), outside Ray, and by plain
     transformers greedy decoding: batching changes nothing and the engine adds nothing to the model's answer."""
@@ -128,6 +133,7 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     assert predictions(out, "mc")[1]["prediction"] == alone[0] == reference.strip()
 
 
+@pytest.mark.slow
 def test_stage_metrics_follow_from_the_written_predictions(in_process, eval_sets):
     metrics, out = in_process
     assert metrics["primary"] == "main" and metrics["questions"] == 5

@@ -21,6 +21,8 @@ from llava_core.eval.layouts import OPTION_LETTER, SHORT_ANSWER, EvalSetError, l
 from llava_core.eval.scoring import score_set
 from llava_core.eval.vqa_answers import normalise_answer, process_punctuation
 
+pytestmark = pytest.mark.unit
+
 CATEGORIES = ("adversarial", "popular", "random")
 
 
@@ -92,7 +94,8 @@ def test_vqav2_json_files_with_an_image_template(tmp_path, image_folder):
         {"question_id": 8, "image_id": 3, "question": "What shape?"}]}))
     (tmp_path / "a.json").write_text(json.dumps({"annotations": [
         {"question_id": 8, "multiple_choice_answer": "circle", "answers": [{"answer": "circle"}] * 10},
-        {"question_id": 7, "multiple_choice_answer": "red", "answers": [{"answer": "red"}] * 9 + [{"answer": "pink"}]}]}))
+        {"question_id": 7, "multiple_choice_answer": "red",
+         "answers": [{"answer": "red"}] * 9 + [{"answer": "pink"}]}]}))
     s = EvalSetSettings(layout="vqa", questions=str(tmp_path / "q.json"), answers=str(tmp_path / "a.json"),
                         image_folder=image_folder, image_template="img{image_id}.png")
     items = load_eval_set(s)
@@ -462,7 +465,8 @@ def test_mmbench_tsv_with_an_image_over_csvs_field_limit(tmp_path):
     assert len(image) > 200_000
     limit = csv.field_size_limit()
     items = load_eval_set(EvalSetSettings(layout="choice", questions=write_mmbench_tsv(tmp_path / "mm.tsv", image, 3)))
-    assert [i.image_b64 == image for i in items] == [True] * 3 and [i.references for i in items] == [["A"], ["B"], ["C"]]
+    assert [i.image_b64 == image for i in items] == [True] * 3
+    assert [i.references for i in items] == [["A"], ["B"], ["C"]]
     assert csv.field_size_limit() == limit  # put back after the read
 
 

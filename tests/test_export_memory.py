@@ -6,7 +6,11 @@ import struct
 import subprocess
 import sys
 
+import pytest
+
 from tests.ray_cluster import AUTH_ENV
+
+pytestmark = pytest.mark.slow
 
 MODEL_BYTES = 3 * 2**30  # 3 GiB of weights: a 1.5B model in bf16
 # What exporting may add to the driver once it is connected. (Connecting itself costs what the cluster holds: from

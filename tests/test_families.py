@@ -9,6 +9,8 @@ from PIL import Image
 
 from llava_core.model import families, standins
 
+pytestmark = pytest.mark.unit
+
 CLIP, SIGLIP = "openai/clip-vit-large-patch14-336", "google/siglip-so400m-patch14-384"
 VICUNA, QWEN2 = "lmsys/vicuna-7b-v1.5", "Qwen/Qwen2-7B-Instruct"
 

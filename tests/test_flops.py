@@ -9,6 +9,8 @@ from llava_core.config import load_workflow
 from llava_core.flops import GPUS, coefficients, gpu_for_device
 from llava_core.train.metrics import flops_counter, peak_flops
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 
@@ -52,9 +54,9 @@ def test_vicuna_7b_instruct_flops_by_hand():
     rows, a multiple of 64), per layer 4 x 4096^2 (q,k,v,o) + 3 x 4096 x 11008 (gate, up, down) + 2 x 4096 (norms)
     = 202,383,360; x 32 layers = 6,476,267,520, + 4096 (final norm) + 32064 x 4096 (lm_head) = 6,607,605,760
     counted parameters (the 6.74B total less the input embedding lookup). Instruct trains the LLM:
-    6 x 6,607,605,760 = 39,645,634,560 FLOPs per token. Per image: the frozen CLIP ViT-L/14-336 (303,507,456 parameters) forward over 577 positions,
-    2 x 303,507,456 x 577 = 350,247,604,224, and the trained projector (1024 x 4096 + 4096 + 4096^2 + 4096
-    = 20,979,712) over 576 tokens, 6 x 20,979,712 x 576 = 72,505,884,672."""
+    6 x 6,607,605,760 = 39,645,634,560 FLOPs per token. Per image: the frozen CLIP ViT-L/14-336 (303,507,456
+    parameters) forward over 577 positions, 2 x 303,507,456 x 577 = 350,247,604,224, and the trained projector
+    (1024 x 4096 + 4096 + 4096^2 + 4096 = 20,979,712) over 576 tokens, 6 x 20,979,712 x 576 = 72,505,884,672."""
     workflow = load_workflow(os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml"))
     size = plan.model_size(workflow)
     assert size.params == {"llm": 6_738_939_904, "vision": 303_507_456, "projector": 20_979_712}

@@ -25,6 +25,8 @@ from tests.ports import free_port
 from tests.ray_cluster import AUTH_ENV, cluster_token_path, local_ray_cluster
 from tests.s3_server import environment, s3_server
 
+pytestmark = pytest.mark.slow
+
 WORKFLOWS = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows"))
 BUCKET = "s3://llava-test"
 # Each stand-in at its repo's tile geometry: CLIP-L/336 576 features a view, SigLIP so400m/384 729.
@@ -128,8 +130,12 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
 
     import torch
     from PIL import Image
-    from transformers import (AutoProcessor, LlavaForConditionalGeneration, LlavaNextForConditionalGeneration,
-                              LlavaOnevisionForConditionalGeneration)
+    from transformers import (
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+        LlavaNextForConditionalGeneration,
+        LlavaOnevisionForConditionalGeneration,
+    )
 
     config = json.load(open(os.path.join(export_dir, "config.json")))
     model_class = {"llava": LlavaForConditionalGeneration, "llava_next": LlavaNextForConditionalGeneration,

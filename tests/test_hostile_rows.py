@@ -13,10 +13,12 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
+from llava_core.config import SourceSettings
 from llava_core.data import images, sources
 from llava_core.data.formats import RowError
-from llava_core.config import SourceSettings
 from llava_core.data.sources import ArrayReader, SourceError
+
+pytestmark = pytest.mark.unit
 
 BOM = codecs.BOM_UTF8
 
@@ -83,7 +85,8 @@ JSONL_LINES = {
 
 
 def assert_rejected_between_neighbours(got: list, where: str, start: int, detail: str) -> None:
-    """The defective row (at byte `start`) is its own malformed_row reject, and the good rows on both sides are written."""
+    """The defective row (at byte `start`) is its own malformed_row reject, and the good rows on both sides are
+    written."""
     assert [(r["id"], r["index"], r["status"]) for r in got] == [
         ("before", 0, "written"), ("", 1, "rejected"), ("after", 2, "written")]
     assert got[1]["reason"] == "malformed_row"
@@ -323,6 +326,7 @@ def test_the_serve_demo_skips_defective_rows_and_outside_paths(image_tree, tmp_p
     assert lenient.origin == f"{path} row 1 (../secret.png)"
 
 
+@pytest.mark.integration
 def test_the_prepare_stage_rejects_each_hostile_row_and_writes_the_rest(ray_session, tiny_dataset, image_tree,
                                                                          tmp_path):
     """The real stage on Ray Data: a JSONL file (BOM, CRLF) and a JSON array (BOM) in one dataset, each with good

@@ -8,6 +8,8 @@ import pytest
 
 from tests.ray_cluster import local_ray_cluster
 
+pytestmark = pytest.mark.unit
+
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
 CLI = [sys.executable, "-m", "llava_core.cli"]
 SMALL = ["synthetic.tiny_model.tower_pretraining_steps=0",  # a random tower: accuracy is not tested here
@@ -25,6 +27,7 @@ def head(tmp_path_factory):
         yield dashboard
 
 
+@pytest.mark.slow
 def test_submit_runs_the_workflow_as_a_ray_job_and_status_and_logs_follow_it(head, tmp_path):
     storage = str(tmp_path / "runs")
     overrides = [a for o in [f"storage={storage}", "ray_address=auto", *SMALL] for a in ("--set", o)]
@@ -44,6 +47,7 @@ def test_submit_runs_the_workflow_as_a_ray_job_and_status_and_logs_follow_it(hea
     assert instruct["rows_written"] == 24 + 2
 
 
+@pytest.mark.slow
 def test_a_bad_workflow_is_refused_before_anything_is_submitted(head):
     refused = cli("submit", QUICKSTART, "--address", head, "--set", "instruct.lrr=1")
     assert refused.returncode == 2 and "instruct.lrr: unknown key (did you mean 'lr'?)" in refused.stderr

@@ -9,9 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
+from llava_core.config import SourceSettings
 from llava_core.data import pipeline
 from llava_core.data.image_layouts import CropPixels
-from llava_core.config import SourceSettings
+
+pytestmark = pytest.mark.integration
 
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
 
@@ -138,6 +140,7 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     np.testing.assert_allclose(batch["pixel_values"].numpy(), expected, atol=1e-5)
 
 
+@pytest.mark.unit
 def test_padding_uses_the_mean_colour(tiny_dataset):
     from llava_core.data.rows import RowPreparer
 
@@ -162,6 +165,7 @@ def test_padding_uses_the_mean_colour(tiny_dataset):
     assert pixels[:, 32, 32].min() > 1.0  # white centre stays white
 
 
+@pytest.mark.unit
 def test_reject_threshold_stops_the_stage():
     manifest = {"datasets": {"mix": {"rows_in": 100, "rows_rejected": 5, "rejected_by_reason": {"image_missing": 5},
                                      "source": "x.json"}}}
@@ -196,6 +200,7 @@ def _shard_rows(entry) -> list[dict]:
     return sorted(table.to_pylist(), key=lambda r: r["index"])
 
 
+@pytest.mark.slow
 def test_the_same_preparation_from_s3_gives_identical_shards(ray_session, tiny_dataset, dirty_dataset, s3_server,
                                                               tmp_path):
     local_entry, _ = _prepare(dirty_dataset, tiny_dataset, tmp_path / "local")

@@ -4,6 +4,8 @@ import yaml
 
 from llava_core.config import SourceSettings, WorkflowError, dataset_sources, load_workflow
 
+pytestmark = pytest.mark.unit
+
 QUICKSTART = "workflows/quickstart.yaml"
 
 

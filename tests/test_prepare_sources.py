@@ -5,9 +5,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from llava_core.data import sources
 from llava_core.config import SourceSettings
+from llava_core.data import sources
 from llava_core.data.sources import select_indices
+
+pytestmark = pytest.mark.unit
 
 
 def test_sampling_strategies_pick_the_documented_rows():

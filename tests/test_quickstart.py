@@ -17,6 +17,8 @@ from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
 from tests.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart.yaml"))
 
 
@@ -104,7 +106,8 @@ def test_align_trains_only_the_projector_and_instruct_adds_the_llm(first_run):
 
     def key(suffix, part):
         return next(k for k in instructed if k.endswith(suffix) and part in k)
-    llm_key, vision_key = key("layers.0.self_attn.q_proj.weight", "language_model"), key("layers.0.mlp.fc1.weight", "vision")
+    llm_key = key("layers.0.self_attn.q_proj.weight", "language_model")
+    vision_key = key("layers.0.mlp.fc1.weight", "vision")
     assert not torch.equal(instructed[llm_key], base_llm["model.layers.0.self_attn.q_proj.weight"].float())
     assert not torch.equal(instructed[key("linear_1.weight", "projector")], aligned["model.mm_projector.0.weight"])
     # The vision tower stays the base CLIP's throughout (the stand-in is a full CLIPModel: its vision_model half).

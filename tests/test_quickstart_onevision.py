@@ -15,6 +15,8 @@ from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
 from tests.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 WORKFLOW = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "workflows", "quickstart-onevision.yaml"))
 HIGHRES = "highres"
 

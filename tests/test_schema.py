@@ -12,6 +12,8 @@ from llava_core import reference
 from llava_core.config import WorkflowError, load_workflow, read_yaml, serve_settings_from_dict
 from llava_core.schema import TinyModelSettings
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 SHIPPED = sorted(glob.glob(os.path.join(ROOT, "workflows", "*.yaml")))
 QUICKSTART = os.path.join(ROOT, "workflows", "quickstart.yaml")

@@ -17,9 +17,24 @@ from PIL import Image
 from llava_core.config import ServeSettings
 from llava_core.data.images import mean_colour, pad_to_square
 from tests.ports import free_port
-from tests.serve_requests import (BAD_REQUESTS, BOMB, FETCH_TIMEOUT_S, GOOD_PNG, IMAGE_URLS, LIMITS, MODEL,
-                                  good_body, image_part, image_url_part, noise_png, png_bytes, wide_image,
-                                  with_content)
+from tests.serve_requests import (
+    BAD_REQUESTS,
+    BOMB,
+    FETCH_TIMEOUT_S,
+    GOOD_PNG,
+    IMAGE_URLS,
+    LIMITS,
+    MODEL,
+    good_body,
+    image_part,
+    image_url_part,
+    noise_png,
+    png_bytes,
+    wide_image,
+    with_content,
+)
+
+pytestmark = pytest.mark.integration
 
 API_KEY = "test-key"
 MAX_TOKENS = 6
@@ -200,7 +215,8 @@ def test_streaming_with_a_stop_string_holds_back_the_stop(client, reference):
     chunks = stream_chunks(client, messages, max_tokens=12, stop=[stop])
 
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert text == raw[:raw.find(stop)].strip() == ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    plain = ask(client, messages, max_tokens=12, stop=[stop]).choices[0].message.content
+    assert text == raw[:raw.find(stop)].strip() == plain
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 

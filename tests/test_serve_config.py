@@ -15,6 +15,8 @@ import yaml
 from llava_core.cli import main
 from llava_core.config import WorkflowError, serve_settings_from_dict
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.fixture()
 def run_dir(tmp_path):

@@ -14,6 +14,8 @@ import requests
 from llava_core.config import ServeSettings
 from tests.ports import free_port
 
+pytestmark = pytest.mark.slow
+
 MODEL = "tiny-llava"
 CLIENT_TIMEOUT_S = 30.0  # a new replica starts (imports torch, loads the model) in ~5-15 s here
 REPLICA_CLASS = "ServeReplica:llava:LlavaServer"
@@ -68,7 +70,7 @@ class Load:
             with self.lock:
                 self.results.append((started, time.monotonic() - started, outcome))
 
-    def __enter__(self) -> "Load":
+    def __enter__(self) -> Load:
         for thread in self.threads:
             thread.start()
         return self

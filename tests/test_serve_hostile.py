@@ -13,12 +13,14 @@ import torch
 from PIL import Image
 
 from llava_core.config import ServeSettings
-from llava_core.data.images import ImageLimits, decode_image
 from llava_core.data.formats import RowError
+from llava_core.data.images import ImageLimits, decode_image
 from llava_core.serve import protocol, token_sampler
-from llava_core.serve.media import decode_media
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
+from llava_core.serve.media import decode_media
+
+pytestmark = pytest.mark.unit
 
 MODEL = "tiny-llava"
 SETTINGS = ServeSettings(max_images=2, max_image_bytes=200_000, max_image_pixels=300 * 300, max_image_side=1000,

@@ -20,6 +20,8 @@ from llava_core.serve.stage import instruct_question
 from tests.conftest import TEST_API_KEY_ENV
 from tests.ports import free_port
 
+pytestmark = pytest.mark.unit
+
 QUESTION = "What colour is the shape in the middle?"
 
 
@@ -104,8 +106,15 @@ def test_ready_timeout_setting_wins_and_a_bad_one_is_refused(tiny_llava_dir):
 
 
 def test_status_line_names_the_replicas_and_their_message():
-    from ray.serve.schema import (ApplicationStatus, ApplicationStatusOverview, DeploymentStatus,
-                                  DeploymentStatusOverview, DeploymentStatusTrigger, ReplicaState, ServeStatus)
+    from ray.serve.schema import (
+        ApplicationStatus,
+        ApplicationStatusOverview,
+        DeploymentStatus,
+        DeploymentStatusOverview,
+        DeploymentStatusTrigger,
+        ReplicaState,
+        ServeStatus,
+    )
 
     deployment = DeploymentStatusOverview(
         status=DeploymentStatus.UPDATING, status_trigger=DeploymentStatusTrigger.CONFIG_UPDATE_STARTED,
@@ -142,6 +151,7 @@ def served_demo(ray_session, tiny_llava_dir, instruct_data, tmp_path_factory):
     shutdown()
 
 
+@pytest.mark.integration
 def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(served_demo, instruct_data):
     ctx, result, _ = served_demo
     demo = json.load(open(os.path.join(ctx.stage_dir("serve"), "demo.json")))
@@ -159,6 +169,7 @@ def test_serve_stage_without_an_eval_set_asks_the_instruct_datas_image_question(
     assert demo["usage"]["prompt_tokens"] == asked["usage"]["prompt_tokens"] > text_only["usage"]["prompt_tokens"]
 
 
+@pytest.mark.integration
 def test_the_key_is_read_from_the_environment_and_never_printed(served_demo):
     ctx, result, printed = served_demo
     key = os.environ[TEST_API_KEY_ENV]
@@ -184,6 +195,7 @@ def test_a_replica_without_its_key_does_not_start(tmp_path):
     assert replica_api_key(ServeSettings()) is None  # no key named: an open endpoint, as configured
 
 
+@pytest.mark.integration
 def test_running_out_of_time_says_what_serve_is_doing(served_demo):
     from llava_core.serve.deploy_config import APP_NAME
 

@@ -8,6 +8,8 @@ import torch
 
 from llava_core.model import standins
 
+pytestmark = pytest.mark.unit
+
 # The real repos' files and config keys (sources cited in llava_core/model/standins.py).
 SIGLIP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
                 "spiece.model", "tokenizer_config.json"}
@@ -81,7 +83,8 @@ def test_vicuna_is_sharded_bin_with_a_sentencepiece_tokenizer_only(hub, hub_id, 
     saved = {}
     for name in shard_files:
         saved.update(torch.load(os.path.join(path, name)))
-    assert set(saved) == set(index["weight_map"]) and all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
+    assert set(saved) == set(index["weight_map"])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in saved.items())
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert type(tokenizer).__name__ == "LlamaTokenizer" and tokenizer.pad_token is None
     ids = tokenizer("ASSISTANT: 4")["input_ids"]

@@ -7,7 +7,10 @@ import pytest
 from llava_core import storage
 from tests.s3_server import environment, s3_server
 
+pytestmark = pytest.mark.unit
 
+
+@pytest.mark.integration
 def test_a_rewritten_remote_directory_is_downloaded_again(tmp_path):
     with s3_server("cache-test") as env, environment(env):
         remote = "s3://cache-test/runs/quickstart/align/model"
@@ -52,6 +55,7 @@ class Recorder:
         return object()
 
 
+@pytest.mark.integration
 def test_one_client_serves_every_path_of_a_bucket_and_a_round_trip_works(clean_s3):
     with s3_server("client-test") as env, environment(env):
         first, inner = storage.filesystem("s3://client-test/runs/a.json")
@@ -106,6 +110,7 @@ def test_without_region_or_endpoint_the_bucket_is_asked_once(clean_s3):
     assert asked == ["far-away", "other-bucket"]
 
 
+@pytest.mark.integration
 def test_without_weights_copies_only_the_small_files(tmp_path):
     with s3_server("cache-test") as env, environment(env):
         remote = "s3://cache-test/hub/lmsys/vicuna-7b-v1.5"
@@ -119,6 +124,7 @@ def test_without_weights_copies_only_the_small_files(tmp_path):
         assert full != small and len(os.listdir(full)) == 6  # a full copy is never served from the small one
 
 
+@pytest.mark.integration
 def test_processes_of_one_node_download_a_model_once(tmp_path, monkeypatch):
     """8 ranks of a GPU node asking at once: one downloads, the others wait for its copy (one file lock)."""
     import threading

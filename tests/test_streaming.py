@@ -20,6 +20,8 @@ from llava_core.train.batching import BatchPlan, collate, collate_packed
 from llava_core.train.streaming import BatchPrefetcher, RowReader, ShardReadError, TrainingRows
 from tests.s3_server import environment, s3_server
 
+pytestmark = pytest.mark.unit
+
 IMAGE_SHAPE = (3, 8, 8)
 PIXELS = CropPixels(IMAGE_SHAPE)
 SHARD_ROWS = (21, 16, 27)  # uneven, so row groups and shards end at different places
@@ -211,6 +213,7 @@ def test_a_shard_that_cannot_be_read_fails_the_consumer_naming_the_file(shards):
     assert not batches.thread.is_alive()
 
 
+@pytest.mark.integration
 def test_shards_stream_from_s3(shards):
     table = in_memory(shards)
     with s3_server("train-rows") as env, environment(env):

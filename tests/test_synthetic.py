@@ -2,12 +2,15 @@
 import random
 
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
 from llava_core.data import synthetic
 from llava_core.data.bootstrap import labelled_scene_batches
 from llava_core.model import standins
+
+pytestmark = pytest.mark.unit
 
 
 def test_the_mask_marks_exactly_the_pixels_of_each_shape():
@@ -35,6 +38,7 @@ def test_patch_labels_name_the_shape_under_each_patch():
     assert labels.tolist() == [[green, square, top], [0, 0, 0], [0, 0, 0], [yellow, circle, bottom]]
 
 
+@pytest.mark.slow
 def test_pretraining_teaches_the_tower_what_each_patch_shows():
     cfg = standins.TinyModelConfig(vision_layers=2, vision_hidden=64, tower_pretraining_steps=120)
     processor = standins.tiny_image_processor(cfg)
@@ -44,7 +48,8 @@ def test_pretraining_teaches_the_tower_what_each_patch_shows():
     assert 0.05 < (labels[..., 0] > 0).float().mean() < 0.5  # shapes cover some patches, never all
     torch.manual_seed(0)
     tower = standins.vision_tower(cfg)
-    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES, cfg.tower_pretraining_steps)
+    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES,
+                                              cfg.tower_pretraining_steps)
     # Chance on the foreground patches is about 1/4 per label kind; a tower that learned nothing stays near it.
     assert accuracy > 0.6
     assert not tower.training

@@ -17,6 +17,8 @@ from llava_core.data.bootstrap import labelled_view_batches
 from llava_core.data.synthetic import COLOURS
 from llava_core.model import families, standins
 
+pytestmark = pytest.mark.unit
+
 PALETTE = np.array(list(COLOURS.values()), dtype=float)
 BASE, BUDGET = 32, 96  # the tower's size (the base view, `pad`), and 3 x 3 tiles: OneVision's feature budget
 
@@ -159,7 +161,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert len(theirs) == 1 + (scene.size[0] // 32) * (scene.size[1] // 32)
     assert torch.allclose(ours[0], theirs[0], atol=1e-5)  # the base view: the canvas squashed to 32 px
     assert all(any(torch.allclose(view, tile, atol=1e-5) for tile in theirs[1:]) for view in ours[1:])
-    labels = np.stack([l for _, l in views])
+    labels = np.stack([view_labels for _, view_labels in views])
     assert labels.shape == (4, 16, 5)
     assert (labels[0, :, 3:] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
     assert (labels[1:, :, 2] == np.where(labels[1:, :, 0] > 0, ov.IN_A_TILE, 0)).all()  # a tile knows no place
@@ -173,6 +175,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert (tile[0] == dot).all() and (tile[1:] == 0).all()  # the tile kind: the dot's colour on all its tile
 
 
+@pytest.mark.slow
 def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     from transformers import SiglipConfig, SiglipModel
 
@@ -191,6 +194,7 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     assert not tower.training
 
 
+@pytest.mark.integration
 def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, capsys):
     from llava_core.config import SyntheticSettings, TinyModelSettings, Workflow
     from llava_core.data.bootstrap import ensure_synthetic

@@ -6,6 +6,8 @@ from llava_core.data import formats, templates
 from llava_core.data.formats import RowError
 from llava_core.model.chat_template import VICUNA_SYSTEM
 
+pytestmark = pytest.mark.unit
+
 ROW = {"id": "r1", "image": "a.png", "conversations": [
     {"from": "human", "value": "What colour is it?\n<image>"},  # tag after the text: normalised to the front
     {"from": "gpt", "value": "red"},

@@ -19,6 +19,8 @@ from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
 from llava_core.data.rows import ROW_GROUP_ROWS
 from llava_core.model.build import load_tokenizer_with_image_token
 
+pytestmark = pytest.mark.slow
+
 ROWS, GLOBAL_BATCH, STEPS = 96, 8, 12
 
 

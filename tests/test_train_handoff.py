@@ -2,11 +2,14 @@
 (real Ray Train + DeepSpeed on 2 CPU workers), and it loads into a fresh model with exactly the trained values."""
 import os
 
+import pytest
 import torch
 
 from llava_core.config import ScalingSettings, TrainStageSettings
 from llava_core.data.plan_index import write_plan_index
 from tests.test_train_failures import write_shard
+
+pytestmark = pytest.mark.slow
 
 
 def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session, tiny_dataset, tmp_path):

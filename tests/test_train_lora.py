@@ -1,6 +1,5 @@
 """What trains: LoRA on the LLM only, merged into a plain HF checkpoint, the projector in the adapter as peft's
 modules_to_save; parameter groups; the official projector."""
-import json
 import os
 
 import pytest
@@ -10,6 +9,8 @@ from transformers import LlavaForConditionalGeneration
 from llava_core.config import LoraSettings
 from llava_core.model.build import assemble_llava, load_official_projector
 from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
+
+pytestmark = pytest.mark.unit
 
 LORA = LoraSettings(r=4, alpha=8, dropout=0.0,
                     target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
@@ -54,8 +55,8 @@ def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset)
     assert all(g["weight_decay"] == (0.1 if g["params"][0].ndim >= 2 else 0.0) for g in groups)
 
 
+@pytest.mark.integration
 def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_path, ray_session):
-    from peft import PeftModel
 
     from llava_core.model.export import export_hf
     from llava_core.train.save import save_hf_model

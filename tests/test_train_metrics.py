@@ -1,7 +1,6 @@
 """Training metrics: FLOPs counted from the model's parameters, the loss-curve PNG, TensorBoard events."""
 import dataclasses
 import os
-
 import threading
 import time
 
@@ -12,6 +11,8 @@ from llava_core import storage
 from llava_core.config import TrainStageSettings
 from llava_core.train.metrics import MetricsWriter, flops_counter, plot_loss_curves, read_history
 from tests.s3_server import environment, s3_server
+
+pytestmark = pytest.mark.unit
 
 STAGE = TrainStageSettings(tracking="", metrics_sync_every=5)
 
@@ -95,6 +96,7 @@ def remote_history(stage_dir: str) -> list[dict]:
     return read_history(storage.read_text(storage.join(stage_dir, "metrics.jsonl")))
 
 
+@pytest.mark.integration
 def test_metrics_reach_s3_every_few_steps_while_the_stage_runs(s3, tmp_path):
     stage_dir = "s3://metrics/runs/live/align"
     writer = MetricsWriter("align", STAGE, str(tmp_path / "tb"), stage_dir, history=[])
@@ -136,6 +138,7 @@ def test_a_slow_upload_never_blocks_a_step_and_requests_meanwhile_are_coalesced(
     assert read_history((stage_dir / "metrics.jsonl").read_text()) == records(range(1, 21))
 
 
+@pytest.mark.integration
 def test_a_failed_upload_is_logged_and_the_next_sync_succeeds(s3, tmp_path, caplog):
     stage_dir = "s3://not-yet/runs/align"  # a bucket that does not exist until halfway through
     writer = MetricsWriter("align", STAGE, str(tmp_path / "tb"), stage_dir, history=[])
@@ -150,6 +153,7 @@ def test_a_failed_upload_is_logged_and_the_next_sync_succeeds(s3, tmp_path, capl
     writer.close()
 
 
+@pytest.mark.integration
 def test_a_resumed_stage_file_starts_with_the_history_restored_from_its_checkpoint(s3, tmp_path):
     stage_dir = "s3://metrics/runs/resumed/align"
     first = MetricsWriter("align", STAGE, str(tmp_path / "tb1"), stage_dir, history=[])

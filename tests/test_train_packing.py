@@ -10,9 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_core.model.build import assemble_llava
 from llava_core.data.image_layouts import CropPixels
+from llava_core.model.build import assemble_llava
 from llava_core.train.batching import collate_packed
+
+pytestmark = pytest.mark.unit
 
 
 def sample_table(model, processor, seed=0):

@@ -25,11 +25,13 @@ from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
 from llava_core.model import families, standins
 from llava_core.serve import protocol
-from llava_core.serve.media import decode_media
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import ApiError
+from llava_core.serve.media import decode_media
 from llava_core.train.batching import collate, collate_packed
+
+pytestmark = pytest.mark.unit
 
 HUB = {"llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct"),
        "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5")}
@@ -384,6 +386,7 @@ def test_the_engine_answers_a_video_as_generate_does_on_the_same_inputs(exported
     assert completion.text == expected.strip() and completion.completion_tokens >= 1  # answers are served stripped
 
 
+@pytest.mark.integration
 def test_the_live_endpoint_answers_two_images_and_a_video_as_the_engine_does(ray_session, exported):
     """A OneVision export on Ray Serve: a request with two images (each at base size, as OneVision trains several)
     and one with a video get 200s whose answers and prompt token counts are the engine's on the same inputs."""
@@ -408,7 +411,8 @@ def test_the_live_endpoint_answers_two_images_and_a_video_as_the_engine_does(ray
     assert all(e.text for e in expected), "an empty answer would make the comparison prove nothing"
     url = deploy(exported, settings, "m")
     try:
-        answers = [requests.post(f"{url}/v1/chat/completions", json=body, timeout=120) for body in (two_images, a_video)]
+        answers = [requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+                   for body in (two_images, a_video)]
     finally:
         shutdown()
     for response, completion in zip(answers, expected):

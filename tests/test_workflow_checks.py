@@ -9,6 +9,8 @@ import pytest
 from llava_core import preflight
 from llava_core.config import WorkflowError, load_workflow
 
+pytestmark = pytest.mark.unit
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 FULL_SIZE = ["llava-v1.5-7b.yaml", "llava-v1.5-13b.yaml", "llava-v1.5-7b-lora.yaml"]
 
@@ -74,6 +76,7 @@ def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
         check_upstream(RunContext(official, official.run_dir, "", "", hashes=compute_hashes(official)), ["instruct"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", FULL_SIZE)
 def test_full_size_workflows_validate_and_plan_here_without_downloading(name):
     result = validate(f"workflows/{name}", "--plan", "--json")
@@ -104,6 +107,7 @@ def test_plan_memory_follows_the_zero_stage():
     assert memory[3]["optimizer"] == memory[2]["optimizer"]
 
 
+@pytest.mark.slow
 def test_plan_warns_before_a_stage_that_cannot_fit_the_gpu():
     fits = validate("workflows/llava-v1.5-13b.yaml", "--plan")
     assert fits.returncode == 0 and "warning:" not in fits.stdout

@@ -28,8 +28,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import functools
-
 import numpy as np
 import torch
 
@@ -49,8 +47,13 @@ class CropImages:
     """Prepare side of the crop format (LLaVA-1.5)."""
 
     def __init__(self, vision_path: str, llm_path: str, layout: str, limits: images.ImageLimits):
-        from llava_core.model.build import (IMAGE_TOKEN, image_seq_length, load_image_processor,
-                                            load_tokenizer_with_image_token, vision_config)
+        from llava_core.model.build import (
+            IMAGE_TOKEN,
+            image_seq_length,
+            load_image_processor,
+            load_tokenizer_with_image_token,
+            vision_config,
+        )
 
         self.tokenizer = load_tokenizer_with_image_token(llm_path)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -196,6 +199,7 @@ class TilePixels:
 
         self.processor, self.family = processor, family(family_name)
         self.columns = ("images", "video") if self.family.takes_videos() else ("images",)
+        self._blank: tuple[dict, int] | None = None  # made on first use, by `blank`
 
     def __call__(self, rows: list, videos: list | None = None) -> dict:
         per_sample = [[images.decode_image(data) for data in row] for row in rows if row]
@@ -239,16 +243,16 @@ class TilePixels:
                  for i, size in enumerate(inputs["image_sizes"])]
         return frames + sum(views)
 
-    @functools.cache
     def blank(self) -> tuple[dict, int]:
         """Made once: every text-only micro-batch of the run gets the same blank image (the model never writes into
-        its inputs)."""
+        its inputs). Kept on the instance: a `functools.cache` on the method would keep every instance alive."""
         from llava_core.model.families import image_token_counts
 
-        tile = tile_side(self.processor.image_processor)
-        image = images.blank_image(self.processor.image_processor, tile)
-        inputs = self._pixels([[image]])
-        return inputs, image_token_counts(self.processor, [(tile, tile)], self.family)[0]
+        if self._blank is None:
+            tile = tile_side(self.processor.image_processor)
+            image = images.blank_image(self.processor.image_processor, tile)
+            self._blank = self._pixels([[image]]), image_token_counts(self.processor, [(tile, tile)], self.family)[0]
+        return self._blank
 
 
 def processor_images(family_name: str, per_sample: list[list], pad_fill) -> list | None:

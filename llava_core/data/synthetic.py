@@ -180,7 +180,8 @@ def text_only_row(idx: int, rng: random.Random) -> dict:
     return {"id": f"text-{idx:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
 
 
-def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int, seed: int) -> dict:
+def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int,
+             seed: int) -> dict:
     """Write the dataset under `root`; returns the paths. Two deliberately broken rows go into the instruct set
     (a missing image and a corrupt file) because real data has them and preparation must reject them visibly."""
     rng = random.Random(seed)

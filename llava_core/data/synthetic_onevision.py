@@ -122,9 +122,9 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
-    up to 9, and the tower has to learn it. Labels are (patches, 5): colour, shape, position, the dot's patch, the dot's tile; 0 where
-    a kind is absent, UNLABELLED where a view cannot show it (the base view cannot tell the dot from a decoy). A
-    tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
+    up to 9, and the tower has to learn it. Labels are (patches, 5): colour, shape, position, the dot's patch, the
+    dot's tile; 0 where a kind is absent, UNLABELLED where a view cannot show it (the base view cannot tell the dot
+    from a decoy). A tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")

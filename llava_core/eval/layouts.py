@@ -359,7 +359,8 @@ def choice_items(row: dict, answer_row: dict, s: EvalSetSettings, suffix: str) -
         letters = LETTERS[:len(rotated)]
         text = question + "".join(f"\n{letter}. {option}" for letter, option in zip(letters, rotated))
         key = f"{row['question_id']}@{k}" if s.circular else row["question_id"]
-        items.append(EvalItem(key, row["question_id"], with_suffix(text, suffix), [letters[(correct - k) % len(options)]],
+        items.append(EvalItem(key, row["question_id"], with_suffix(text, suffix),
+                              [letters[(correct - k) % len(options)]],
                               category=str(row.get("category") or "all"), options=dict(zip(letters, rotated)),
                               rotation=k, **image))
     return items

@@ -73,10 +73,10 @@ def parse_yes_no(prediction: str) -> str:
 
 def yes_no_metrics(pairs: list[tuple[str, str]]) -> dict:
     """pairs of (parsed prediction, label); "yes" is the positive class, as in `eval_pope.py`."""
-    tp = sum(p == "yes" and l == "yes" for p, l in pairs)
-    fp = sum(p == "yes" and l == "no" for p, l in pairs)
-    tn = sum(p == "no" and l == "no" for p, l in pairs)
-    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + sum(p == "no" and l == "yes" for p, l in pairs))
+    tp = sum(p == "yes" and label == "yes" for p, label in pairs)
+    fp = sum(p == "yes" and label == "no" for p, label in pairs)
+    tn = sum(p == "no" and label == "no" for p, label in pairs)
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + sum(p == "no" and label == "yes" for p, label in pairs))
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else Fraction(0)
     return {"accuracy": ratio(tp + tn, len(pairs)), "precision": precision, "recall": recall, "f1": f1,
             "yes_ratio": ratio(tp + fp, len(pairs)), "count": len(pairs)}

@@ -24,8 +24,8 @@ from transformers.initialization import no_init_weights
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_core import storage
-from llava_core.model.zero3 import gathered, zero3_paused
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from llava_core.model.zero3 import gathered, zero3_paused
 
 log = logging.getLogger(__name__)
 
@@ -115,7 +115,8 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
     set_generation_defaults(model, tokenizer, padded_vocab)
 
     chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
-    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size, chat_template=chat_template)
+    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size,
+                                chat_template=chat_template)
     return model, processor
 
 

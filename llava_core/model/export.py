@@ -34,7 +34,8 @@ def copy_export(instruct_dir: str, export_dir: str) -> dict:
     config = storage.read_json(storage.join(export_dir, "config.json"))
     weights = [storage.join(export_dir, f) for f in metrics["files"] if f.endswith(".safetensors")]
     return {**metrics, "parameters": sum(safetensors_parameters(w) for w in weights),
-            "dtype": config.get("dtype") or config.get("torch_dtype"), "family": config["model_type"], "image_seq_length": config.get("image_seq_length")}
+            "dtype": config.get("dtype") or config.get("torch_dtype"), "family": config["model_type"],
+            "image_seq_length": config.get("image_seq_length")}
 
 
 def safetensors_parameters(path: str) -> int:

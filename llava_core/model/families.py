@@ -48,10 +48,10 @@ from transformers import (
 )
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.image_utils import SizeDict
-from transformers.video_utils import make_batched_videos
 from transformers.initialization import no_init_weights
 from transformers.processing_utils import ProcessorMixin
 from transformers.utils import is_torchvision_available
+from transformers.video_utils import make_batched_videos
 
 from llava_core import storage
 from llava_core.model.build import (

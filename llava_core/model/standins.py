@@ -31,8 +31,15 @@ from typing import Callable, Iterator, Optional
 
 import torch
 from torch.nn.functional import cross_entropy
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
-from transformers import LlamaForCausalLM
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from llava_core.model.chat_template import VICUNA_SYSTEM
 from llava_core.schema import TinyModelSettings, section
@@ -57,7 +64,8 @@ class TinyModelConfig(TinyModelSettings):
 
 def clip_config(cfg: TinyModelConfig) -> CLIPConfig:
     text = CLIPTextConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                          vocab_size=64, max_position_embeddings=16, bos_token_id=62, eos_token_id=63, pad_token_id=1, projection_dim=cfg.vision_hidden)
+                          vocab_size=64, max_position_embeddings=16, bos_token_id=62, eos_token_id=63, pad_token_id=1,
+                          projection_dim=cfg.vision_hidden)
     vision = CLIPVisionConfig(image_size=cfg.image_size, patch_size=cfg.patch_size, hidden_size=cfg.vision_hidden,
                               intermediate_size=cfg.vision_hidden * 4, num_hidden_layers=cfg.vision_layers,
                               num_attention_heads=4, projection_dim=cfg.vision_hidden)
@@ -142,7 +150,8 @@ VICUNA_TOKENIZER_CONFIG = {
     "eos_token": _special("</s>"), "legacy": False, "model_max_length": 4096, "pad_token": None,
     "padding_side": "right", "sp_model_kwargs": {}, "tokenizer_class": "LlamaTokenizer", "unk_token": _special("<unk>"),
 }
-VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _special("<s>"), "eos_token": _special("</s>"), "unk_token": _special("<unk>")}
+VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _special("<s>"), "eos_token": _special("</s>"),
+                             "unk_token": _special("<unk>")}
 
 
 def llama_config(cfg: TinyModelConfig, vocab_size: int) -> LlamaConfig:
@@ -442,7 +451,7 @@ PRETRAINABLE_TOWERS = {
 
 
 def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: TinyModelConfig,
-                     tower_pretraining: Optional["TowerPretraining"] = None,
+                     tower_pretraining: Optional[TowerPretraining] = None,
                      vision_hub_id: str = "openai/clip-vit-large-patch14-336",
                      llm_hub_id: str = "lmsys/vicuna-7b-v1.5") -> None:
     """A quickstart's base models: the stand-in of `vision_hub_id` (CLIP ViT-L/14-336 or SigLIP so400m; pretrained
@@ -491,7 +500,7 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
         pixels, labels = next(batches)
         features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, first_patch:]
         logits = [head(features) for head in heads]
-        loss = sum(cross_entropy(l.flatten(0, 1), labels[..., k].flatten()) for k, l in enumerate(logits))
+        loss = sum(cross_entropy(kind.flatten(0, 1), labels[..., k].flatten()) for k, kind in enumerate(logits))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -507,5 +516,5 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
 def _foreground_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
     """Accuracy over every (patch, kind) where something of that kind lies (label > 0); chance is about 1 / the
     kind's classes, as background patches (the easy majority) are left out."""
-    hits = [(l.argmax(-1) == labels[..., k])[labels[..., k] > 0] for k, l in enumerate(logits)]
+    hits = [(kind.argmax(-1) == labels[..., k])[labels[..., k] > 0] for k, kind in enumerate(logits)]
     return torch.cat(hits).float().mean().item()

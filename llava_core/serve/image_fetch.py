@@ -117,7 +117,7 @@ def download(scheme: str, host: str, port: int, address: str, path: str, setting
         response = connection.getresponse()
         check_response(response, max_bytes, param, medium)
         return read_limited(response, connection, max_bytes, deadline, param, medium)
-    except (socket.timeout, TimeoutError):
+    except TimeoutError:
         raise fetch_failed(f"no answer within {settings.image_fetch_timeout_s:g}s", param, medium) from None
     except (OSError, http.client.HTTPException) as error:
         raise fetch_failed(f"{type(error).__name__}: {error}", param, medium) from None
@@ -143,7 +143,7 @@ def read_limited(response: http.client.HTTPResponse, connection: http.client.HTT
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise socket.timeout()
+            raise TimeoutError()
         # The whole download, not each read, has the time limit. (`connection.sock` is gone once http.client knows
         # the server closes after this response; the socket the connection opened is still the one being read.)
         connection.socket.settimeout(remaining)

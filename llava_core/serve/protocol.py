@@ -18,8 +18,19 @@ from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
 import numpy as np
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag,
-                      ValidationError, ValidationInfo, model_serializer, model_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    ValidationInfo,
+    model_serializer,
+    model_validator,
+)
 
 from llava_core.config import ServeSettings
 from llava_core.data.formats import IMAGE_TAG, VIDEO_TAG

@@ -26,8 +26,15 @@ from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
 from llava_core.schema import ScalingSettings, TrainStageSettings
 from llava_core.train.batching import BatchPlan, capped_steps
-from llava_core.train.engine import (build_engine, deepspeed_config, grad_accum_steps, model_inputs, optimizer_step,
-                                     training_dtype, zero3_loading)
+from llava_core.train.engine import (
+    build_engine,
+    deepspeed_config,
+    grad_accum_steps,
+    model_inputs,
+    optimizer_step,
+    training_dtype,
+    zero3_loading,
+)
 from llava_core.train.freeze import describe_training
 from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
 from llava_core.train.save import save_hf_model
@@ -200,7 +207,8 @@ def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
     trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
     frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
     say(f"[{stage_name}] training {trained} | frozen {frozen} | {total_steps} steps of "
-        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} ({plan.world_size} workers x {plan.micro_batch_size} x "
+        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} "
+        f"({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 

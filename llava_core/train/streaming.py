@@ -55,7 +55,7 @@ class TrainingRows:
     group_in_shard: np.ndarray  # the row group's index inside its shard
 
     @classmethod
-    def open(cls, shard_paths: list[str], plan_index: str | None = None) -> "TrainingRows":
+    def open(cls, shard_paths: list[str], plan_index: str | None = None) -> TrainingRows:
         """From prepare's plan index (one read) when there is one, else from the shards' footers and two small
         columns (datasets prepared before the index: every footer and one range per row group, serially, as each
         rank of a node does it at once). No pixel or token bytes are read."""
@@ -66,7 +66,7 @@ class TrainingRows:
         return cls.from_index(shard_paths, scan_shards(shard_paths, threads=1))
 
     @classmethod
-    def from_index(cls, shard_paths: list[str], index: pa.Table) -> "TrainingRows":
+    def from_index(cls, shard_paths: list[str], index: pa.Table) -> TrainingRows:
         """The plan index's rows (see `llava_core.data.plan_index`) as row groups and plan columns."""
         shard, group = (index.column(c).to_numpy().astype(np.int64) for c in ("shard", "row_group"))
         starts_group = np.ones(len(shard), dtype=bool)
@@ -218,7 +218,7 @@ class BatchPrefetcher:
                 break
             except queue.Empty:
                 if not self.thread.is_alive():
-                    raise RuntimeError("the batch prefetcher stopped without finishing its micro-batches")
+                    raise RuntimeError("the batch prefetcher stopped without finishing its micro-batches") from None
         if item is _END:
             self.ready.put(_END)  # every later get ends too
             raise StopIteration("no micro-batches left in the plan")
@@ -241,7 +241,7 @@ class BatchPrefetcher:
         if not self.thread.is_alive():
             self.reader.close()
 
-    def __enter__(self) -> "BatchPrefetcher":
+    def __enter__(self) -> BatchPrefetcher:
         return self
 
     def __exit__(self, *exc) -> None:
