@@ -36,20 +36,36 @@ class Query:
     blank: str = ""  # the blind baseline: "r,g,b", the image replaced by one of its own size in that colour
 
 
-def image_bytes(query: Query | dict) -> bytes:
+def source_bytes(query: Query | dict) -> bytes:
+    """The question's own image, encoded, as read."""
     query = query if isinstance(query, dict) else asdict(query)
-    data = base64.b64decode(query["image_b64"]) if query["image_b64"] else storage.read_bytes(query["image_path"])
-    return blank_like(data, query["blank"]) if query.get("blank") else data
+    return base64.b64decode(query["image_b64"]) if query["image_b64"] else storage.read_bytes(query["image_path"])
 
 
-def blank_like(data: bytes, rgb: str) -> bytes:
-    """A PNG of the encoded image's own size in one colour. The blind baseline keeps the image's layout (LLaVA-NeXT
-    and OneVision tile an image by its size, so its token count) and loses only its content: a fixed-size blank
-    gave a OneVision model a grid it never trained on, and it answered "redthree" instead of guessing."""
-    size = images.decode_image(data).size
+def image_bytes(query: Query | dict) -> bytes:
+    """What the question is asked with, encoded: its image, or for the blind baseline a PNG of `blank_image`."""
+    query = query if isinstance(query, dict) else asdict(query)
+    if not query.get("blank"):
+        return source_bytes(query)
     buffer = io.BytesIO()
-    Image.new("RGB", size, tuple(int(c) for c in rgb.split(","))).save(buffer, format="PNG")
+    blank_image(source_bytes(query), query["blank"]).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def blank_image(data: bytes, rgb: str) -> Image.Image:
+    """One colour at the encoded image's own size (read from its header: no pixel is decoded). The blind baseline
+    keeps the image's layout (LLaVA-NeXT and OneVision tile an image by its size, so its token count) and loses only
+    its content: a fixed-size blank gave a OneVision model a grid it never trained on, and it answered "redthree"
+    instead of guessing."""
+    with Image.open(io.BytesIO(data)) as image:
+        size = image.size
+    return Image.new("RGB", size, tuple(int(c) for c in rgb.split(",")))
+
+
+def query_picture(query: dict) -> Image.Image:
+    """The decoded image a question is asked with; a blind question's blank is made directly, never encoded."""
+    data = source_bytes(query)
+    return blank_image(data, query["blank"]) if query.get("blank") else images.decode_image(data)
 
 
 # --- in-process: Ray Data actors ----------------------------------------------------------------------------------
@@ -88,7 +104,7 @@ class ExportAnswerer:
     def __call__(self, batch: dict) -> dict:
         rows = [{"image_b64": b, "image_path": p, "blank": k}
                 for b, p, k in zip(batch["image_b64"], batch["image_path"], batch["blank"])]
-        pictures = [images.decode_image(image_bytes(row)) for row in rows]
+        pictures = [query_picture(row) for row in rows]
         answers = answer_questions(self.engine, list(batch["text"]), pictures, self.max_new_tokens, self.batch_size)
         return {"key": batch["key"], "prediction": np.array(answers, dtype=object)}
 

@@ -29,7 +29,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 
 def blank_colour(export_dir: str | None) -> str:
     """The blind baseline's colour, "r,g,b": the export's processor mean (CLIP's without an export), each question's
-    image replaced by one of its own size in it (`backends.blank_like`). Only the processor's small config file is
+    image replaced by one of its own size in it (`backends.blank_image`). Only the processor's small config file is
     read: the driver never copies the model."""
     mean = processor_image_mean(export_dir) if export_dir and storage.exists(export_dir) else CLIP_MEAN
     return ",".join(str(int(round(c * 255))) for c in mean)
