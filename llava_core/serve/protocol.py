@@ -367,33 +367,30 @@ class MediaUrl(BaseModel):
     url: str
 
 
-class ImagePart(BaseModel):
+class MediaPart(BaseModel):
+    """A content part that points at a medium: `{"type": "<medium>_url", "<medium>_url": {"url": ...}}`."""
     model_config = STRICT
+    medium: ClassVar[str]
+
+    @property
+    def url(self) -> str:
+        return getattr(self, f"{self.medium}_url").url
+
+    def template_part(self) -> dict:
+        return {"type": self.medium}
+
+
+class ImagePart(MediaPart):
     medium: ClassVar[str] = "image"
     type: Literal["image_url"]
     image_url: MediaUrl
 
-    @property
-    def url(self) -> str:
-        return self.image_url.url
 
-    def template_part(self) -> dict:
-        return {"type": "image"}
-
-
-class VideoPart(BaseModel):
+class VideoPart(MediaPart):
     """vLLM's OpenAI extension for video; read by LLaVA-OneVision models."""
-    model_config = STRICT
     medium: ClassVar[str] = "video"
     type: Literal["video_url"]
     video_url: MediaUrl
-
-    @property
-    def url(self) -> str:
-        return self.video_url.url
-
-    def template_part(self) -> dict:
-        return {"type": "video"}
 
 
 class OtherPart(BaseModel):
@@ -441,7 +438,7 @@ class ChatMessage(BaseModel):
     @model_validator(mode="after")
     def media_from_the_user(self) -> ChatMessage:
         for index, part in enumerate(self.parts()):
-            if isinstance(part, (ImagePart, VideoPart)) and self.role != "user":
+            if isinstance(part, MediaPart) and self.role != "user":
                 raise Refused(f": {part.medium}s are only accepted in user messages", at=f".content[{index}]")
         return self
 
@@ -509,11 +506,11 @@ class ChatCompletionRequest(BaseModel):
     def template_messages(self) -> list[dict]:
         return [message.template_message() for message in self.messages]
 
-    def media_parts(self) -> list[tuple[str, Union[ImagePart, VideoPart]]]:
+    def media_parts(self) -> list[tuple[str, MediaPart]]:
         """(where, part) of every image_url and video_url part, in the order the chat template places them."""
         return [(f"messages[{i}].content[{j}].{part.type}", part)
                 for i, message in enumerate(self.messages) for j, part in enumerate(message.parts())
-                if isinstance(part, (ImagePart, VideoPart))]
+                if isinstance(part, MediaPart)]
 
 
 # ---- what needs the model's numbers: checked by the replica once it has counted the tokens -----------------------
