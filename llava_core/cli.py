@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
 from llava_core.config import WorkflowError, load_workflow
 from llava_core.flops import GPUS
+from llava_core.logs import configure_logging, init_ray
 from llava_core.workflow import STAGES
 
 
@@ -188,9 +188,7 @@ def _serve(args) -> int:
         print(f"wrote {args.config_out} ({settings.engine} engine, model '{name}' from {model_dir}); "
               f"deploy it with: serve deploy {args.config_out}")
         return 0
-    import ray
-
-    ray.init(configure_logging=False)
+    init_ray()
     if settings.engine == "vllm":
         from llava_core.serve.vllm_engine import run_vllm
 
@@ -204,31 +202,6 @@ def _serve(args) -> int:
 
     serve_until_interrupted()
     return 0
-
-
-class StderrHandler(logging.StreamHandler):
-    """Writes to `sys.stderr` as it is at each record (pytest, Ray and Serve replace it), not as it was at set-up."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _) -> None:
-        pass
-
-
-def configure_logging() -> None:
-    """The `llava_core` loggers' INFO lines on stderr, set up once per process. Without a handler Python shows only
-    warnings, bare, and every `log.info` is lost. Only this process: Ray workers and Serve replicas log as Ray sets
-    them up (Ray configures its own `ray` loggers there, not `llava_core`)."""
-    logger = logging.getLogger("llava_core")
-    if any(isinstance(handler, StderrHandler) for handler in logger.handlers):
-        return
-    handler = StderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

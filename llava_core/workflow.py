@@ -17,6 +17,7 @@ from typing import Callable
 from llava_core import storage
 from llava_core.config import Workflow, WorkflowError, settings_hash
 from llava_core.data.rows import OUTPUT_COLUMNS, ROW_GROUP_ROWS
+from llava_core.logs import init_ray
 from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
@@ -304,7 +305,7 @@ def run_workflow(w: Workflow, only: str | None = None, start: str | None = None,
     preflight.check(w)
     selected, force = select_stages(w, only, start)
     if not ray.is_initialized():
-        ray.init(address=w.ray_address, configure_logging=False)
+        init_ray(w.ray_address)
     warn_about_resources(w)
     vision, llm = resolve_base_models(w)
     ctx = RunContext(w, w.run_dir, vision, llm, hashes=compute_hashes(w))

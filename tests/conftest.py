@@ -43,8 +43,10 @@ def pytest_collection_modifyitems(config, items):
 def ray_session():
     import ray
 
+    from llava_core.logs import init_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, log_to_driver=True, configure_logging=False)
+        init_ray(num_cpus=2, log_to_driver=True)
     yield ray
     # Ray is shut down at interpreter exit; tearing it down here would break fixtures finalised after this one.
 
