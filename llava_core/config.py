@@ -219,7 +219,7 @@ def _out_of_range(value: Any, info) -> str:
 
 
 def validate(w: Workflow) -> None:
-    """The rules that span sections, every broken one reported at once; an empty image layout becomes the family's."""
+    """The rules that span sections, every broken one reported at once."""
     problems = [*stage_problems(w), *model_problems(w), *ablation_problems(w)]
     if problems:
         raise WorkflowError.of(problems)
@@ -247,15 +247,21 @@ def stage_problems(w: Workflow) -> list[str]:
 
 
 def model_problems(w: Workflow) -> list[str]:
-    """The image layout is one the family's model can take; an empty layout becomes the family's own."""
-    if not w.prepare.image_aspect_ratio:
-        from llava_core.model.families import family  # imported late: it brings transformers
-
-        w.prepare.image_aspect_ratio = family(w.model.family).image_layout
+    """The image layout is one the family's model can take."""
     if layout_fits(w.prepare.image_aspect_ratio, w.model.family):
         return []
     return [f"prepare.image_aspect_ratio: {w.prepare.image_aspect_ratio!r} does not fit model.family "
             f"{w.model.family}, which takes {' or '.join(IMAGE_LAYOUTS[w.model.family])}"]
+
+
+def with_family_layout(w: Workflow) -> Workflow:
+    """An empty `prepare.image_aspect_ratio` becomes the family's own layout."""
+    if w.prepare.image_aspect_ratio:
+        return w
+    from llava_core.model.families import family  # imported late: it brings transformers
+
+    layout = family(w.model.family).image_layout
+    return dataclasses.replace(w, prepare=dataclasses.replace(w.prepare, image_aspect_ratio=layout))
 
 
 def ablation_problems(w: Workflow) -> list[str]:
@@ -280,10 +286,9 @@ def ablation_problems(w: Workflow) -> list[str]:
 
 def workflow_from_dict(data: Any) -> Workflow:
     """A checked workflow, its local paths absolute, from the mapping a YAML file holds."""
-    workflow = parse(Workflow, data)
+    workflow = with_family_layout(parse(Workflow, data))
     validate(workflow)
-    resolve_local_paths(workflow)
-    return workflow
+    return with_local_paths(workflow)
 
 
 def load_workflow(path: str, overrides: list[str] = ()) -> Workflow:
@@ -305,8 +310,10 @@ def serve_settings_from_dict(data: Any, where: str = "serve") -> ServeSettings:
     return parse(ServeSettings, data, where)
 
 
-def resolve_local_paths(w: Workflow) -> None:
-    """Make local paths absolute: Ray workers run in other working directories. Hub ids stay as they are."""
+def with_local_paths(w: Workflow) -> Workflow:
+    """The workflow with its local paths absolute: Ray workers run in other working directories. Hub ids and
+    remote URIs stay as they are; a base model path is made absolute only where it exists (or the quickstart will
+    create it), as a hub id looks like a relative path."""
     import os
 
     from llava_core import storage
@@ -314,20 +321,20 @@ def resolve_local_paths(w: Workflow) -> None:
     def local(path: str) -> str:
         return path if not path or storage.is_remote(path) else os.path.abspath(path)
 
-    for ds in w.datasets.values():
-        ds.path, ds.image_folder = local(ds.path), local(ds.image_folder)
-        for source in ds.sources:
-            source.path, source.image_folder = local(source.path), local(source.image_folder)
-    e = w.evaluate
-    e.questions, e.answers, e.image_folder = local(e.questions), local(e.answers), local(e.image_folder)
-    for s in e.sets.values():
-        s.questions, s.answers, s.image_folder = local(s.questions), local(s.answers), local(s.image_folder)
-    for attr in ("vision_tower", "llm"):
-        path = getattr(w.model, attr)
-        if w.synthetic is not None or os.path.exists(path):  # the quickstart creates its models on first run
-            setattr(w.model, attr, local(path))
-    if w.synthetic is not None:
-        w.synthetic.root = local(w.synthetic.root)
+    def absolute(section, *names: str):
+        return dataclasses.replace(section, **{name: local(getattr(section, name)) for name in names})
+
+    datasets = {name: dataclasses.replace(absolute(ds, "path", "image_folder"),
+                                          sources=[absolute(s, "path", "image_folder") for s in ds.sources])
+                for name, ds in w.datasets.items()}
+    files = ("questions", "answers", "image_folder")
+    evaluate = dataclasses.replace(absolute(w.evaluate, *files),
+                                   sets={name: absolute(s, *files) for name, s in w.evaluate.sets.items()})
+    models = [attr for attr in ("vision_tower", "llm")
+              if w.synthetic is not None or os.path.exists(getattr(w.model, attr))]
+    synthetic = w.synthetic and absolute(w.synthetic, "root")
+    return dataclasses.replace(w, datasets=datasets, evaluate=evaluate, model=absolute(w.model, *models),
+                               synthetic=synthetic)
 
 
 def settings_hash(*parts: Any) -> str:

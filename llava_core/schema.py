@@ -71,10 +71,12 @@ SECTION = ConfigDict(extra="forbid")
 
 
 def section(cls=None, **options):
-    """A workflow section: a pydantic dataclass that refuses unknown keys."""
+    """A workflow section: a frozen pydantic dataclass that refuses unknown keys. Frozen because one workflow object
+    travels to every stage, actor and rank: a change is a new object (`dataclasses.replace`), never an edit that
+    only some of them see."""
     if cls is None:
         return functools.partial(section, **options)
-    return dataclass(cls, config=SECTION, **options)
+    return dataclass(cls, config=SECTION, **{"frozen": True, **options})
 
 
 def setting(default: Any = ..., doc: str = "", **constraints) -> Any:

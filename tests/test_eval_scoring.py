@@ -7,6 +7,7 @@ numbers must follow from the predictions alone), and checks `load_eval_set` + `s
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import re
@@ -269,12 +270,13 @@ def test_llava_pope_question_file_with_a_folder_of_labels(tmp_path, image_folder
     assert_pope_split_metrics(score_set("pope", items, answers_by_split(items)).metrics)
 
     questions[3]["image"] = "img9.png"  # the 2nd random question no longer shows the 2nd random label's image
-    s.questions = write_jsonl(tmp_path / "wrong.jsonl", questions)
+    wrong = dataclasses.replace(s, questions=write_jsonl(tmp_path / "wrong.jsonl", questions))
     with pytest.raises(EvalSetError, match="line 2 of split 'random'"):
-        load_eval_set(s)
-    s.questions = write_jsonl(tmp_path / "short.jsonl", llava_pope_questions(tmp_path / "coco")[:-1])
+        load_eval_set(wrong)
+    short = dataclasses.replace(s, questions=write_jsonl(tmp_path / "short.jsonl",
+                                                         llava_pope_questions(tmp_path / "coco")[:-1]))
     with pytest.raises(EvalSetError, match=re.escape("labels without a question") + ".*'popular': 1"):
-        load_eval_set(s)
+        load_eval_set(short)
 
 
 # --- MME: two questions per image, acc + acc+ per subtask ----------------------------------------------------------

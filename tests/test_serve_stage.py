@@ -63,7 +63,7 @@ def test_the_demo_question_is_the_first_image_rows_first_turn(instruct_data, tmp
 
 
 def test_with_an_eval_set_the_demo_asks_its_first_question(instruct_data, tmp_path):
-    from llava_core.config import EvalSetSettings
+    from llava_core.config import EvalSetSettings, EvaluateSettings
     from llava_core.eval.layouts import SHORT_ANSWER
     from llava_core.serve.stage import demo_question
 
@@ -71,8 +71,9 @@ def test_with_an_eval_set_the_demo_asks_its_first_question(instruct_data, tmp_pa
     questions.write_text("".join(json.dumps({"question_id": i, "image": "blue.jpg", "text": f"Is there a cat {i}?",
                                              "label": "no"}) + "\n" for i in range(3)))
     folder = instruct_data["image_folder"]
-    workflow = Workflow(datasets={"instruct": DatasetSettings(path=instruct_data["path"], image_folder=folder)})
-    workflow.evaluate.sets = {"pope": EvalSetSettings(layout="pope", questions=str(questions), image_folder=folder)}
+    pope = EvalSetSettings(layout="pope", questions=str(questions), image_folder=folder)
+    workflow = Workflow(datasets={"instruct": DatasetSettings(path=instruct_data["path"], image_folder=folder)},
+                        evaluate=EvaluateSettings(sets={"pope": pope}))
     question = demo_question(workflow)
     assert question.text == f"Is there a cat 0?\n{SHORT_ANSWER}"  # as evaluate asks it
     assert question.images == [instruct_data["image"]]

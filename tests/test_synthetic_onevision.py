@@ -196,16 +196,15 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
 
 @pytest.mark.integration
 def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, capsys):
-    from llava_core.config import SyntheticSettings, TinyModelSettings, Workflow
+    from llava_core.config import ModelSettings, SyntheticSettings, TinyModelSettings, Workflow
     from llava_core.data.bootstrap import ensure_synthetic
 
-    w = Workflow()
-    w.model.family = "llava_onevision"
-    w.model.vision_tower, w.model.llm = str(tmp_path / "models/vision"), str(tmp_path / "models/llm")
-    w.synthetic = SyntheticSettings(root=str(tmp_path), **small(align_rows=8, instruct_rows=16, eval_questions=4),
-                                    tiny_model=TinyModelSettings(
-                                        image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, llm_hidden=32,
-                                        llm_layers=1, llm_heads=2, vocab_size=300, tower_pretraining_steps=20))
+    model = ModelSettings(family="llava_onevision", vision_tower=str(tmp_path / "models/vision"),
+                          llm=str(tmp_path / "models/llm"))
+    w = Workflow(model=model, synthetic=SyntheticSettings(
+        root=str(tmp_path), **small(align_rows=8, instruct_rows=16, eval_questions=4),
+        tiny_model=TinyModelSettings(image_size=32, patch_size=8, vision_hidden=32, vision_layers=2, llm_hidden=32,
+                                     llm_layers=1, llm_heads=2, vocab_size=300, tower_pretraining_steps=20)))
     ensure_synthetic(w)
     assert "[vision tower] step 20/20" in capsys.readouterr().out
     assert json.load(open(tmp_path / "models/vision/config.json"))["architectures"] == ["SiglipModel"]
