@@ -1,5 +1,5 @@
 """The LLaVA-OneVision quickstart end to end, as `make run QUICKSTART=workflows/quickstart-onevision.yaml` runs it:
-stand-ins of SigLIP so400m and Qwen2-7B-Instruct, "Higher AnyRes" (anyres_max_9), every stage, then its ablation
+stand-ins of SigLIP so400m and Qwen2-7B-Instruct, "Higher AnyRes" (anyres_max_4), every stage, then its ablation
 at `image_aspect_ratio: pad` (the image at the tower's base size only) on the same data, budget and seed.
 
 Checks values: the model learned to look (accuracy and its lead over the image-blind baseline), AnyRes earns its
@@ -102,7 +102,8 @@ def test_the_export_is_transformers_onevision_and_answers_as_the_endpoint_did(fi
     export = os.path.join(workflow.run_dir, "export")
     config = json.load(open(os.path.join(export, "config.json")))
     processor_config = json.load(open(os.path.join(export, "processor_config.json")))
-    assert config["model_type"] == "llava_onevision" and config["vision_aspect_ratio"] == "anyres_max_9"
+    assert config["model_type"] == "llava_onevision"
+    assert config["vision_aspect_ratio"] == workflow.prepare.image_aspect_ratio
     assert processor_config["processor_class"] == "LlavaOnevisionProcessor" and "video_processor" in processor_config
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(export).eval()
     processor = ImageOnlyOnevisionProcessor.from_pretrained(export)

@@ -48,8 +48,9 @@ def test_pretraining_teaches_the_tower_what_each_patch_shows():
     assert 0.05 < (labels[..., 0] > 0).float().mean() < 0.5  # shapes cover some patches, never all
     torch.manual_seed(0)
     tower = standins.vision_tower(cfg)
-    accuracy = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES,
-                                              cfg.tower_pretraining_steps)
-    # Chance on the foreground patches is about 1/4 per label kind; a tower that learned nothing stays near it.
-    assert accuracy > 0.6
+    colour, shape, position = standins.pretrain_vision_tower(tower, batches, synthetic.PATCH_LABEL_CLASSES,
+                                                             cfg.tower_pretraining_steps)
+    # Chance on a kind's labelled patches is 1 / its classes (colour 0.25, shape 0.33, position 0.25); a tower that
+    # learned nothing stays near it. Measured after 120 steps: 0.95, 0.49, 0.79.
+    assert colour > 0.7 and shape > 0.4 and position > 0.55, (colour, shape, position)
     assert not tower.training

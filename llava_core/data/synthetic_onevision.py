@@ -1,15 +1,16 @@
 """The LLaVA-OneVision quickstart's synthetic dataset: high-resolution scenes whose small mark only tiles can read.
 
 Each image is a canvas of 96 x 96 (or 96 x 64 / 64 x 96) px: exactly a grid of 3 x 3 (or 2 x 3 / 3 x 2) tiles of
-the tiny tower's 32 px, OneVision's full feature budget (anyres_max_9), so "Higher AnyRes" reads every pixel and
-never shrinks the feature map. (A first design drew 192 px canvases: their 6 x 6 tiles were bilinearly shrunk to the
-3 x 3 budget, and the trained model read the dot at chance.) It holds the large shapes of `synthetic.py` (drawn with
-its helpers, scaled up; their colour, shape, count and position questions are answerable at the tower's base size
-too) plus one **small mark**: a 1 px opaque dot whose colour is asked ("highres" questions). Squashed to the base
-view (32 px) the dot is a faint tint of its colour, and the scene also holds 2-4 **decoys**: larger, translucent
-spots of random palette colours that look just as faint there. So the base view cannot tell which faint spot is
-the dot; in the tiles the dot is full-strength and the decoys stay faint. tests/test_synthetic_onevision.py measures
-both.
+the tiny tower's 32 px, so "Higher AnyRes" crops every tile unscaled; the quickstart's `anyres_max_4` then shrinks
+the 3 x 3 feature map bilinearly to 4 tiles' worth, as OneVision does past its budget. (A first design drew 192 px
+canvases, 6 x 6 tiles shrunk to 3 x 3's worth, when the tower said the dot on its patch only: the trained model read
+the dot at chance. Now the tower says it on all its tile, `_dot_labels`, which survives the shrinking.) It holds the
+large shapes of `synthetic.py` (drawn with its helpers, scaled up; their colour, shape, count and position questions
+are answerable at the tower's base size too) plus one **small mark**: a 1 px opaque dot whose colour is asked
+("highres" questions). Squashed to the base view (32 px) the dot is a faint tint of its colour, and the scene also
+holds 2-4 **decoys**: larger, translucent spots of random palette colours that look just as faint there. So the base
+view cannot tell which faint spot is the dot; in the tiles the dot is full-strength and the decoys stay faint.
+tests/test_synthetic_onevision.py measures both.
 
 Multi-image rows (`"image": [a, b]`, two `<image>` tags) ask which of two scenes shows a given shape; OneVision sees
 each image of a multi-image row at base size only, and the question needs no more. The eval split stays one image
@@ -45,15 +46,20 @@ MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
 # LLM had too few answers in the 20-minute budget: two runs of the same workflow read colour at 0.73 and at chance.)
 QUESTIONS_PER_ROW = (3, 5)
 HIGHRES_QUESTION = "What colour is the small dot?"
-GENERATOR_VERSION = 6  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+GENERATOR_VERSION = 7  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
 # The position kind's label on a tile's shape patches: "somewhere in a tile". A tile does not know its place in the
 # image; left unlabelled, the tower guessed it from the tile's own frame (measured: a probe read a confidently wrong
 # place on 54% of tile shape patches), and the LLM, which sees a shape in ~9x more tile tokens than base-view ones,
 # believed it (position 0.48 against 0.79 at base size alone).
 IN_A_TILE = len(synthetic.POSITIONS) + 1
+# The view kind's labels, on every patch of a view. A ViT's patch tokens tell a whole-image view from a close-up by
+# their content's scale; said outright here, so the LLM can look for places in the base view's tokens only. Without
+# it the LLM answered "right" or "bottom" to every position question (0.16; pad 0.47-0.65); with it, 0.53 (pad 0.50).
+BASE_VIEW, TILE_VIEW = 1, 2
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
-# dot's colour on its patch + the dot's colour on its tile (`_dot_labels`).
-PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1, len(COLOURS) + 1)
+# dot's colour on its patch + the dot's colour on its tile (`_dot_labels`) + the view kind.
+PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1, len(COLOURS) + 1,
+                       TILE_VIEW + 1)
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (the dot at base size)
 
 
@@ -122,15 +128,15 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
-    up to 9, and the tower has to learn it. Labels are (patches, 5): colour, shape, position, the dot's patch, the
-    dot's tile; 0 where a kind is absent, UNLABELLED where a view cannot show it (the base view cannot tell the dot
-    from a decoy). A tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
+    up to 9, and the tower has to learn it. Labels are (patches, 6): colour, shape, position, the dot's patch, the
+    dot's tile, the view; 0 where a kind is absent, UNLABELLED where a view cannot show it (the base view cannot
+    tell the dot from a decoy). A tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
     grid = tile // patch
     base = synthetic.patch_labels(scene.shapes, mask.resize((tile, tile), Image.NEAREST), grid)
-    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot(base, UNLABELLED))]
+    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot(base, UNLABELLED, BASE_VIEW))]
     cx, cy = scene.mark.centre
     dot_tile = (cy // tile, cx // tile)
     others = [(r, c) for r in range(height // tile) for c in range(width // tile) if (r, c) != dot_tile]
@@ -138,7 +144,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
         box = (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)
         labels = synthetic.patch_labels(scene.shapes, mask.crop(box), grid)
         labels[:, 2] = np.where(labels[:, 2] > 0, IN_A_TILE, 0)
-        views.append((image.crop(box), _with_dot(labels, _dot_labels(scene, box, patch, grid, rng))))
+        views.append((image.crop(box), _with_dot(labels, _dot_labels(scene, box, patch, grid, rng), TILE_VIEW)))
     return views
 
 
@@ -171,9 +177,11 @@ def _dot_labels(scene: Scene, box: tuple, patch: int, grid: int, rng: random.Ran
     return np.stack([own_patch, tile], axis=1)
 
 
-def _with_dot(labels: np.ndarray, dot) -> np.ndarray:
-    """`labels` (patches, 3) with the two dot kinds appended (`dot`: their (patches, 2) labels or one value)."""
-    return np.concatenate([labels, np.broadcast_to(dot, (labels.shape[0], 2))], axis=1)
+def _with_dot(labels: np.ndarray, dot, view: int) -> np.ndarray:
+    """`labels` (patches, 3) with the two dot kinds appended (`dot`: their (patches, 2) labels or one value), then
+    the view kind."""
+    patches = labels.shape[0]
+    return np.concatenate([labels, np.broadcast_to(dot, (patches, 2)), np.full((patches, 1), view)], axis=1)
 
 
 # --- questions and rows ------------------------------------------------------------------------------------------

@@ -480,14 +480,14 @@ def _write_json(path: str, obj: dict) -> None:
 TowerPretraining = tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple]
 
 
-def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float = 3e-3) -> float:
+def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float = 3e-3) -> list[float]:
     """Teach the layer LLaVA reads (hidden state -2: CLIP's patch tokens without CLS; for SigLIP, which has no CLS,
     every token, the last layer of the cut tower OneVision keeps) to say what lies under each patch, one linear head
     per label kind; the heads are thrown away after. Labels of -100 (a kind a view cannot show) are not trained.
     This stands in for CLIP's / SigLIP's pretraining: a trained tower's patch tokens already carry the object they
     belong to, which a random tower's do not (they carry only the local pixels, and a tiny LLM trained for minutes
-    cannot learn to bind colour, shape and place across them). Returns the final per-patch accuracy of the patches
-    where a labelled thing lies."""
+    cannot learn to bind colour, shape and place across them). Returns the last batch's accuracy per label kind,
+    on the patches where a thing of that kind lies (an easy kind would hide a hard one in one pooled figure)."""
     from llava_core.model.families import tower_has_cls
 
     first_patch = int(tower_has_cls(model.config))
@@ -495,7 +495,7 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
     optimizer = torch.optim.AdamW([*model.parameters(), *heads.parameters()], lr=lr)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
     model.train()
-    start, accuracy = time.time(), 0.0
+    start, accuracy = time.time(), []
     for step in range(1, steps + 1):
         pixels, labels = next(batches)
         features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, first_patch:]
@@ -507,14 +507,14 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
         schedule.step()
         if step % 50 == 0 or step == steps:
             accuracy = _foreground_accuracy(logits, labels)
-            print(f"[vision tower] step {step}/{steps} loss {loss.item():.4f} "
-                  f"patch accuracy {accuracy:.3f} (this batch) {time.time() - start:.0f}s", flush=True)
+            print(f"[vision tower] step {step}/{steps} loss {loss.item():.4f} patch accuracy by label kind "
+                  f"{' '.join(f'{a:.2f}' for a in accuracy)} (this batch) {time.time() - start:.0f}s", flush=True)
     model.eval()
     return accuracy
 
 
-def _foreground_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> float:
-    """Accuracy over every (patch, kind) where something of that kind lies (label > 0); chance is about 1 / the
-    kind's classes, as background patches (the easy majority) are left out."""
+def _foreground_accuracy(logits: list[torch.Tensor], labels: torch.Tensor) -> list[float]:
+    """Each kind's accuracy over the patches where something of that kind lies (label > 0; nan where none does);
+    chance is about 1 / the kind's classes, as background patches (the easy majority) are left out."""
     hits = [(kind.argmax(-1) == labels[..., k])[labels[..., k] > 0] for k, kind in enumerate(logits)]
-    return torch.cat(hits).float().mean().item()
+    return [h.float().mean().item() if h.numel() else float("nan") for h in hits]
