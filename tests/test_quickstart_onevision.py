@@ -66,23 +66,24 @@ def test_anyres_beats_the_base_size_on_what_only_tiles_show(first_run):
     assert pad["by_category_gain"][HIGHRES] >= 0.30, pad
     own, base = predictions(workflow.run_dir), predictions(pad["run_dir"])
     assert [r["question_id"] for r in own] == [r["question_id"] for r in base]  # the same questions
-    # The ablation trained on the same rows and text, each single image in its own, smaller layout (one tile at
-    # the base size); several images are base views in both layouts.
+    # The ablation trained on the same rows and text, each single image in its own, smaller layout (26-36 tokens:
+    # the base view and one tile at the base size, against AnyRes's 76-88); several images are base views in both.
     own_rows, pad_rows = instruct_rows(workflow.run_dir), instruct_rows(pad["run_dir"])
     assert own_rows.keys() == pad_rows.keys() and len(own_rows) > 4000
     for row_id, row in own_rows.items():
         ablated = pad_rows[row_id]
         assert row["length"] - sum(row["image_tokens"]) == ablated["length"] - sum(ablated["image_tokens"])
         if len(row["image_tokens"]) == 1:
-            assert ablated["image_tokens"][0] < row["image_tokens"][0] / 3, (row_id, row, ablated)
+            assert ablated["image_tokens"][0] < row["image_tokens"][0], (row_id, row, ablated)
         else:
             assert ablated["image_tokens"] == row["image_tokens"], (row_id, row, ablated)
 
 
-# Not met reliably yet: three runs of this workflow read the non-dot questions at 0.75 vs pad 0.79, 0.745 vs 0.745
-# and 0.71 vs 0.78; AnyRes's position answers collapse to "right"/"bottom" (0.16-0.26 against pad's 0.47-0.65)
-# while it reads colour better. The workflow's header has the numbers; the issue stays open on this.
-@pytest.mark.xfail(reason="AnyRes loses position questions to pad (its header: 0.16-0.26 vs 0.47-0.65)", strict=False)
+# Not met reliably yet: two runs of this workflow read the non-dot questions at 0.775 vs pad 0.735 and at 0.735 vs
+# 0.765; AnyRes learns position in some runs only (0.53 and 0.24 against pad's 0.50 and 0.53) while it reads colour
+# better. The workflow's header has the numbers; the issue stays open on this.
+@pytest.mark.xfail(reason="AnyRes learns position in some runs only (its header: 0.53 and 0.24 vs pad 0.50, 0.53)",
+                   strict=False)
 def test_anyres_loses_nothing_on_what_the_base_view_shows(first_run):
     workflow, summary = first_run
     own, base = predictions(workflow.run_dir), predictions(summary["ablations"]["pad"]["run_dir"])

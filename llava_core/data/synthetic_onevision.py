@@ -54,7 +54,8 @@ GENERATOR_VERSION = 7  # part of the OneVision dataset's hash: bump it when a ch
 IN_A_TILE = len(synthetic.POSITIONS) + 1
 # The view kind's labels, on every patch of a view. A ViT's patch tokens tell a whole-image view from a close-up by
 # their content's scale; said outright here, so the LLM can look for places in the base view's tokens only. Without
-# it the LLM answered "right" or "bottom" to every position question (0.16; pad 0.47-0.65); with it, 0.53 (pad 0.50).
+# it the LLM answered "right" or "bottom" to every position question (0.16-0.26; pad 0.47-0.65); with it, 0.53 and
+# 0.24 in two runs (pad 0.50, 0.53): learnable, not yet learned every time.
 BASE_VIEW, TILE_VIEW = 1, 2
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
 # dot's colour on its patch + the dot's colour on its tile (`_dot_labels`) + the view kind.
