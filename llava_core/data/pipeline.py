@@ -62,6 +62,10 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
         num_cpus=1,
         **_worker_env(),
     )
+    # Rows reach the shards in source order, whichever actor finishes its batch first: the batch plan draws its
+    # seeded order over the shards' rows, so without this the same seed trains on other batches every run. Ray
+    # holds a finished batch back until the ones before it are written (a few batches per actor in the object store).
+    prepared.context.execution_options.preserve_order = True
     rows_dir = storage.join(dataset_dir, "rows")
     _write_streaming(prepared, rows_dir, rows_per_shard)
     shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
