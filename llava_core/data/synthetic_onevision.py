@@ -137,7 +137,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
     grid = tile // patch
     base = synthetic.patch_labels(scene.shapes, mask.resize((tile, tile), Image.NEAREST), grid)
-    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot(base, UNLABELLED, BASE_VIEW))]
+    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot_and_view(base, UNLABELLED, BASE_VIEW))]
     cx, cy = scene.mark.centre
     dot_tile = (cy // tile, cx // tile)
     others = [(r, c) for r in range(height // tile) for c in range(width // tile) if (r, c) != dot_tile]
@@ -145,7 +145,8 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
         box = (c * tile, r * tile, (c + 1) * tile, (r + 1) * tile)
         labels = synthetic.patch_labels(scene.shapes, mask.crop(box), grid)
         labels[:, 2] = np.where(labels[:, 2] > 0, IN_A_TILE, 0)
-        views.append((image.crop(box), _with_dot(labels, _dot_labels(scene, box, patch, grid, rng), TILE_VIEW)))
+        dot = _dot_labels(scene, box, patch, grid, rng)
+        views.append((image.crop(box), _with_dot_and_view(labels, dot, TILE_VIEW)))
     return views
 
 
@@ -178,7 +179,7 @@ def _dot_labels(scene: Scene, box: tuple, patch: int, grid: int, rng: random.Ran
     return np.stack([own_patch, tile], axis=1)
 
 
-def _with_dot(labels: np.ndarray, dot, view: int) -> np.ndarray:
+def _with_dot_and_view(labels: np.ndarray, dot, view: int) -> np.ndarray:
     """`labels` (patches, 3) with the two dot kinds appended (`dot`: their (patches, 2) labels or one value), then
     the view kind."""
     patches = labels.shape[0]
