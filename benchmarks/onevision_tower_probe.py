@@ -8,10 +8,13 @@ dataset's), cut into every tile as the processor crops them:
   pretrained to say it on every patch of the dot's tile, `synthetic_onevision._dot_labels`): accuracy on the
   patches of the dot's tiles, on the dot's own patch, on the patches of the other tiles (should say "no dot"), and
   how often the tile's most common answer is right for the dot's tiles;
+- layout: a probe of the base views' features for each colour's place in the scene (the tower is pretrained to say
+  it on every base-view patch, `synthetic_onevision.LAYOUT_KINDS`): accuracy over the colours a scene holds, on
+  every patch (chance about 0.25; pair scenes need the side, not only the axis);
 - tile_position: a probe trained on the base views' position labels, applied to the tiles' shape patches: how often
   it reads a confident (> 0.8) place there. A tile cannot know its place; what the tower says there, the LLM reads.
 
-Last line: {"tower", "dot": {...}, "tile_position": {...}}.
+Last line: {"tower", "dot": {...}, "layout": {...}, "tile_position": {...}}.
 
     PYTHONPATH=. python benchmarks/onevision_tower_probe.py data/quickstart-onevision/models/vision [--scenes 800]
 """
@@ -89,6 +92,26 @@ def dot_probe(x, dot, kind) -> dict:
             "dot_tile_vote_colour": round((votes == truth_per_tile[dot_tiles]).float().mean().item(), 3)}
 
 
+def layout_probe(tower, processor, scenes) -> dict:
+    bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0]
+             for scene, image, mask in scenes]
+    x = features(tower, processor, [view for view, _ in bases])
+    layout = torch.from_numpy(np.stack([labels[:, 6:] for _, labels in bases])).flatten(0, 1)  # (patches, colours)
+    pairs = torch.tensor([len(scene.shapes) == 2 for scene, _, _ in scenes]).repeat_interleave(GRID * GRID)
+    split = int(0.8 * len(x)) // (GRID * GRID) * GRID * GRID
+    hits = []
+    for colour in range(layout.shape[1]):
+        head = fit_probe(x[:split], layout[:split, colour], ov.IN_A_TILE + 1)
+        with torch.no_grad():
+            predicted = head(x[split:]).argmax(-1)
+        present = layout[split:, colour] > 0
+        hits.append(((predicted == layout[split:, colour]) & present, present))
+    right, present = (torch.stack(h).sum(0) for h in zip(*hits))
+    held_out_pairs = pairs[split:]
+    return {"base_view_accuracy": round((right.sum() / present.sum()).item(), 3),
+            "pair_scenes_accuracy": round((right[held_out_pairs].sum() / present[held_out_pairs].sum()).item(), 3)}
+
+
 def tile_position_probe(tower, processor, scenes) -> dict:
     bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0]
              for scene, image, mask in scenes]
@@ -124,6 +147,7 @@ def main() -> None:
     dot = torch.from_numpy(np.stack([d for _, d, _, _ in tiles])).flatten()
     kind = torch.from_numpy(np.stack([k for _, _, k, _ in tiles])).flatten()
     print(json.dumps({"tower": args.tower, "dot": dot_probe(x, dot, kind),
+                      "layout": layout_probe(tower, processor, scenes[: args.scenes // 2]),
                       "tile_position": tile_position_probe(tower, processor, scenes[: args.scenes // 2])}))
 
 

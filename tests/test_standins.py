@@ -178,6 +178,9 @@ def test_qwen2_is_sharded_safetensors_with_its_byte_level_bpe_tokenizer_and_chat
         "<|im_end|>\n<|im_start|>assistant\nblue<|im_end|>\n")
     ids = tokenizer.apply_chat_template(messages[:1], add_generation_prompt=True)["input_ids"]
     assert ids[0] == first + 1 and tokenizer.decode(ids).endswith("<|im_start|>assistant\n")  # no BOS in front
+    # The roles are one token each after <|im_start|>, as in Qwen2's vocabulary (they are in every row).
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[-3:] == ["<|im_start|>", "assistant", "Ċ"] and tokens[11:14] == ["<|im_start|>", "user", "Ċ"]
     for text in ["a red circle on the left", "  two  spaces\n\nand lines", "Größe: 42 µm — 東京", "<|im_end|>x"]:
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.convert_ids_to_tokens(tokenizer("is 42")["input_ids"])[-3:] == ["Ġ", "4", "2"]  # digits split

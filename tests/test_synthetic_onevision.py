@@ -162,7 +162,7 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert torch.allclose(ours[0], theirs[0], atol=1e-5)  # the base view: the canvas squashed to 32 px
     assert all(any(torch.allclose(view, tile, atol=1e-5) for tile in theirs[1:]) for view in ours[1:])
     labels = np.stack([view_labels for _, view_labels in views])
-    assert labels.shape == (4, 16, 6)
+    assert labels.shape == (4, 16, 6 + ov.LAYOUT_KINDS)
     assert (labels[0, :, 3:5] == ov.UNLABELLED).all() and (labels[0, :, 2] != ov.UNLABELLED).all()
     assert (labels[0, :, 5] == ov.BASE_VIEW).all() and (labels[1:, :, 5] == ov.TILE_VIEW).all()  # on every patch
     assert (labels[1:, :, 2] == np.where(labels[1:, :, 0] > 0, ov.IN_A_TILE, 0)).all()  # a tile knows no place
@@ -174,6 +174,10 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     assert set(own_patch.ravel()) <= {dot, 0, ov.UNLABELLED} and (own_patch[1:] == 0).any(axis=1).all()
     assert (own_patch == ov.UNLABELLED).mean() > 0.5  # "no dot" is not most of the kind's labels
     assert (tile[0] == dot).all() and (tile[1:] == 0).all()  # the tile kind: the dot's colour on all its tile
+    layout = np.zeros(len(COLOURS), dtype=np.int64)  # the base view says each colour's place on all its patches
+    for shape in scene.shapes:
+        layout[list(COLOURS).index(shape.colour)] = synthetic.POSITIONS.index(shape.position) + 1
+    assert (labels[0, :, 6:] == layout).all() and (labels[1:, :, 6:] == ov.IN_A_TILE).all()
 
 
 @pytest.mark.slow
@@ -183,11 +187,13 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
     cfg = standins.TinyModelConfig(image_size=32, patch_size=8, vision_hidden=64, vision_layers=2)
     batches = labelled_view_batches(standins.tiny_siglip_image_processor(cfg), cfg, batch_size=64, pool=256)
     pixels, labels = next(batches)
-    assert pixels.shape == (64, 3, 32, 32) and labels.shape == (64, 16, 6)
+    assert pixels.shape == (64, 3, 32, 32) and labels.shape == (64, 16, 6 + ov.LAYOUT_KINDS)
     torch.manual_seed(0)
     config = standins.siglip_config_json(cfg, text_vocab_size=64)
     tower = SiglipModel(SiglipConfig(**{k: v for k, v in config.items() if k != "architectures"})).vision_model
-    colour, _, position, _, _, view = standins.pretrain_vision_tower(tower, batches, ov.PATCH_LABEL_CLASSES, steps=150)
+    accuracy = standins.pretrain_vision_tower(tower, batches, ov.PATCH_LABEL_CLASSES, steps=150,
+                                              weights=ov.PATCH_LABEL_WEIGHTS)
+    colour, _, position, _, _, view = accuracy[:6]
     # Chance on a kind's labelled patches is 1 / its classes: colour 0.25, position 0.2, view 0.5; a tower that
     # learned nothing stays near it. Measured after 150 steps: colour 0.87, position 0.66, view 1.0. Shape (0.26) and
     # the dot's kinds (0.0) come later; the dot's tile kind after ~2000 steps, which the workflow gives it

@@ -36,12 +36,12 @@ def ensure_synthetic(workflow) -> None:
     if onevision:
         base_models = families.family("llava_onevision")
         pretraining = (labelled_view_batches(standins.tiny_siglip_image_processor(model_cfg), model_cfg),
-                       synthetic_onevision.PATCH_LABEL_CLASSES)
+                       synthetic_onevision.PATCH_LABEL_CLASSES, synthetic_onevision.PATCH_LABEL_WEIGHTS)
         standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining,
                                   base_models.vision_tower, base_models.llm)
     else:
         pretraining = (labelled_scene_batches(standins.tiny_image_processor(model_cfg), model_cfg),
-                       synthetic.PATCH_LABEL_CLASSES)
+                       synthetic.PATCH_LABEL_CLASSES, None)
         standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)

@@ -46,7 +46,7 @@ MULTI_IMAGE_SHARE = 0.15  # of instruct image rows
 # LLM had too few answers in the 20-minute budget: two runs of the same workflow read colour at 0.73 and at chance.)
 QUESTIONS_PER_ROW = (3, 5)
 HIGHRES_QUESTION = "What colour is the small dot?"
-GENERATOR_VERSION = 7  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
+GENERATOR_VERSION = 8  # part of the OneVision dataset's hash: bump it when a change here should regenerate data
 # The position kind's label on a tile's shape patches: "somewhere in a tile". A tile does not know its place in the
 # image; left unlabelled, the tower guessed it from the tile's own frame (measured: a probe read a confidently wrong
 # place on 54% of tile shape patches), and the LLM, which sees a shape in ~9x more tile tokens than base-view ones,
@@ -57,10 +57,21 @@ IN_A_TILE = len(synthetic.POSITIONS) + 1
 # it the LLM answered "right" or "bottom" to every position question (0.16-0.26; pad 0.47-0.65); with it, 0.53 and
 # 0.24 in two runs (pad 0.50, 0.53): learnable, not yet learned every time.
 BASE_VIEW, TILE_VIEW = 1, 2
+# The layout kinds, one per colour: where the scene's shape of that colour lies (0: none has it), said on every patch
+# of the base view, as a trained ViT's patch tokens carry a summary of their whole view. A tile cannot know it
+# (IN_A_TILE there). With places said only on a shape's own base-view patches, "Where is the red circle?" in a pair
+# scene meant finding the 1-4 base-view patches that are red, circle and base view at once among ~80 image tokens,
+# which the tiny LLM learned in one AnyRes run of three (position 0.53; 0.24 and 0.26 in the others: it read the
+# axis, not the side), while at base size alone every token was a base-view one (0.50 in all three).
+LAYOUT_KINDS = len(COLOURS)
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
-# dot's colour on its patch + the dot's colour on its tile (`_dot_labels`) + the view kind.
+# dot's colour on its patch + the dot's colour on its tile (`_dot_labels`) + the view kind + the layout kinds.
 PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(COLOURS) + 1, len(COLOURS) + 1,
-                       TILE_VIEW + 1)
+                       TILE_VIEW + 1, *(IN_A_TILE + 1,) * LAYOUT_KINDS)
+# Each kind's weight in the pretraining loss: the layout kinds count as one kind together. At full weight each they
+# crowded the dot's tile kind out of the tower (benchmarks/onevision_tower_probe.py read it at 0.007, against 0.87
+# at a quarter each; the layout at 0.99 either way).
+PATCH_LABEL_WEIGHTS = (1.0,) * 6 + (1 / LAYOUT_KINDS,) * LAYOUT_KINDS
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (the dot at base size)
 
 
@@ -129,15 +140,17 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
     """(view, per-patch labels) pairs as OneVision cuts this scene for a `tile` px tower: the base view (the canvas
     squashed to tile size, as the processor resizes it) and `tiles` of its grid-aligned tiles (the canvases are
     exact tile grids, so the processor crops them unscaled), the dot's tile always among them: it is in one tile of
-    up to 9, and the tower has to learn it. Labels are (patches, 6): colour, shape, position, the dot's patch, the
-    dot's tile, the view; 0 where a kind is absent, UNLABELLED where a view cannot show it (the base view cannot
-    tell the dot from a decoy). A tile's shapes are IN_A_TILE for position; its dot labels are `_dot_labels`'."""
+    up to 9, and the tower has to learn it. Labels are (patches, 6 + LAYOUT_KINDS): colour, shape, position, the
+    dot's patch, the dot's tile, the view, the layout; 0 where a kind is absent, UNLABELLED where a view cannot
+    show it (the base view cannot tell the dot from a decoy). In a tile, shapes are IN_A_TILE for position and the
+    layout is IN_A_TILE; its dot labels are `_dot_labels`'."""
     width, height = scene.size
     if width % tile or height % tile:
         raise ValueError(f"canvas {scene.size} is not a grid of {tile} px tiles")
     grid = tile // patch
     base = synthetic.patch_labels(scene.shapes, mask.resize((tile, tile), Image.NEAREST), grid)
-    views = [(image.resize((tile, tile), Image.BICUBIC), _with_dot_and_view(base, UNLABELLED, BASE_VIEW))]
+    views = [(image.resize((tile, tile), Image.BICUBIC),
+              _with_kinds_of_the_view(base, UNLABELLED, BASE_VIEW, _layout(scene)))]
     cx, cy = scene.mark.centre
     dot_tile = (cy // tile, cx // tile)
     others = [(r, c) for r in range(height // tile) for c in range(width // tile) if (r, c) != dot_tile]
@@ -146,7 +159,7 @@ def tower_views(scene: Scene, image: Image.Image, mask: Image.Image, tile: int, 
         labels = synthetic.patch_labels(scene.shapes, mask.crop(box), grid)
         labels[:, 2] = np.where(labels[:, 2] > 0, IN_A_TILE, 0)
         dot = _dot_labels(scene, box, patch, grid, rng)
-        views.append((image.crop(box), _with_dot_and_view(labels, dot, TILE_VIEW)))
+        views.append((image.crop(box), _with_kinds_of_the_view(labels, dot, TILE_VIEW, IN_A_TILE)))
     return views
 
 
@@ -179,11 +192,20 @@ def _dot_labels(scene: Scene, box: tuple, patch: int, grid: int, rng: random.Ran
     return np.stack([own_patch, tile], axis=1)
 
 
-def _with_dot_and_view(labels: np.ndarray, dot, view: int) -> np.ndarray:
+def _layout(scene: Scene) -> np.ndarray:
+    """The layout kinds' labels of the whole scene, (LAYOUT_KINDS,): each colour's shape's place, 0 if none."""
+    layout = np.zeros(LAYOUT_KINDS, dtype=np.int64)
+    for shape in scene.shapes:
+        layout[list(COLOURS).index(shape.colour)] = synthetic.POSITIONS.index(shape.position) + 1
+    return layout
+
+
+def _with_kinds_of_the_view(labels: np.ndarray, dot, view: int, layout) -> np.ndarray:
     """`labels` (patches, 3) with the two dot kinds appended (`dot`: their (patches, 2) labels or one value), then
-    the view kind."""
+    the view kind and the layout kinds (`layout`: their (LAYOUT_KINDS,) labels or one value), on every patch."""
     patches = labels.shape[0]
-    return np.concatenate([labels, np.broadcast_to(dot, (patches, 2)), np.full((patches, 1), view)], axis=1)
+    return np.concatenate([labels, np.broadcast_to(dot, (patches, 2)), np.full((patches, 1), view),
+                           np.broadcast_to(layout, (patches, LAYOUT_KINDS))], axis=1)
 
 
 # --- questions and rows ------------------------------------------------------------------------------------------

@@ -358,9 +358,11 @@ def train_qwen2_tokenizer(corpus: list[str], vocab_size: int):
     tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    # The template's words are in every row, as they are common in Qwen2's own data.
-    tokenizer.train_from_iterator(corpus + ["system user assistant " + QWEN2_SYSTEM] * max(1, len(corpus) // 16),
-                                  trainer=trainer)
+    # The template's words are in every row, as they are common in Qwen2's own data; one a line, as the template
+    # writes them after `<|im_start|>` (" user" with its space is another pre-token: "user" stayed 2 tokens and
+    # "assistant" 3, ~15 a 5-turn row, where the real tokenizer has one each).
+    template_words = "\n".join(["system", "user", "assistant", QWEN2_SYSTEM])
+    tokenizer.train_from_iterator(corpus + [template_words] * max(1, len(corpus) // 16), trainer=trainer)
     tokenizer.add_special_tokens(list(QWEN2_SPECIAL_TOKENS))
     return tokenizer
 
@@ -460,10 +462,10 @@ def save_tiny_models(vision_path: str, llm_path: str, corpus: list[str], cfg: Ti
     torch.manual_seed(cfg.seed)
     pretrain = None
     if tower_pretraining and cfg.tower_pretraining_steps > 0:
-        batches, classes = tower_pretraining
+        batches, classes, weights = tower_pretraining
 
         def pretrain(tower):
-            pretrain_vision_tower(tower, batches, classes, cfg.tower_pretraining_steps)
+            pretrain_vision_tower(tower, batches, classes, cfg.tower_pretraining_steps, weights=weights)
     PRETRAINABLE_TOWERS[vision_hub_id](vision_path, corpus, cfg, pretrain)
     save_standin(llm_hub_id, llm_path, corpus, cfg)
 
@@ -476,11 +478,13 @@ def _write_json(path: str, obj: dict) -> None:
 
 # --- the quickstart tower's own pretraining --------------------------------------------------------------------
 
-# (batches of (pixel_values (B, 3, H, W), per-patch class ids (B, patches, kinds)), classes per label kind)
-TowerPretraining = tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple]
+# (batches of (pixel_values (B, 3, H, W), per-patch class ids (B, patches, kinds)), classes per label kind,
+#  each kind's weight in the loss or None for 1 each)
+TowerPretraining = tuple[Iterator[tuple[torch.Tensor, torch.Tensor]], tuple, Optional[tuple]]
 
 
-def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float = 3e-3) -> list[float]:
+def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float = 3e-3,
+                          weights: Optional[tuple] = None) -> list[float]:
     """Teach the layer LLaVA reads (hidden state -2: CLIP's patch tokens without CLS; for SigLIP, which has no CLS,
     every token, the last layer of the cut tower OneVision keeps) to say what lies under each patch, one linear head
     per label kind; the heads are thrown away after. Labels of -100 (a kind a view cannot show) are not trained.
@@ -500,7 +504,8 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
         pixels, labels = next(batches)
         features = model(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, first_patch:]
         logits = [head(features) for head in heads]
-        loss = sum(cross_entropy(kind.flatten(0, 1), labels[..., k].flatten()) for k, kind in enumerate(logits))
+        losses = [cross_entropy(kind.flatten(0, 1), labels[..., k].flatten()) for k, kind in enumerate(logits)]
+        loss = sum(losses if weights is None else [w * term for w, term in zip(weights, losses)])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
