@@ -55,14 +55,15 @@ IN_A_TILE = len(synthetic.POSITIONS) + 1
 # The view kind's labels, on every patch of a view. A ViT's patch tokens tell a whole-image view from a close-up by
 # their content's scale; said outright here, so the LLM can look for places in the base view's tokens only. Without
 # it the LLM answered "right" or "bottom" to every position question (0.16-0.26; pad 0.47-0.65); with it, 0.53 and
-# 0.24 in two runs (pad 0.50, 0.53): learnable, not yet learned every time.
+# 0.24 in two runs (pad 0.50, 0.53): learnable, not learned every time, until the layout kinds below.
 BASE_VIEW, TILE_VIEW = 1, 2
 # The layout kinds, one per colour: where the scene's shape of that colour lies (0: none has it), said on every patch
 # of the base view, as a trained ViT's patch tokens carry a summary of their whole view. A tile cannot know it
 # (IN_A_TILE there). With places said only on a shape's own base-view patches, "Where is the red circle?" in a pair
 # scene meant finding the 1-4 base-view patches that are red, circle and base view at once among ~80 image tokens,
 # which the tiny LLM learned in one AnyRes run of three (position 0.53; 0.24 and 0.26 in the others: it read the
-# axis, not the side), while at base size alone every token was a base-view one (0.50 in all three).
+# axis, not the side), while at base size alone every token was a base-view one (0.50 in all three). With them,
+# 0.63-0.74 in three runs (pad 0.58-0.74; the quickstart workflow's header).
 LAYOUT_KINDS = len(COLOURS)
 # Per-patch label kinds of the tower's pretraining: synthetic.PATCH_LABEL_CLASSES (position with IN_A_TILE) + the
 # dot's colour on its patch + the dot's colour on its tile (`_dot_labels`) + the view kind + the layout kinds.

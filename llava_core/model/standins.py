@@ -490,8 +490,9 @@ def pretrain_vision_tower(model, batches, classes: tuple, steps: int, lr: float 
     per label kind; the heads are thrown away after. Labels of -100 (a kind a view cannot show) are not trained.
     This stands in for CLIP's / SigLIP's pretraining: a trained tower's patch tokens already carry the object they
     belong to, which a random tower's do not (they carry only the local pixels, and a tiny LLM trained for minutes
-    cannot learn to bind colour, shape and place across them). Returns the last batch's accuracy per label kind,
-    on the patches where a thing of that kind lies (an easy kind would hide a hard one in one pooled figure)."""
+    cannot learn to bind colour, shape and place across them). `weights`: each kind's factor in the summed loss
+    (None: 1 each). Returns the last batch's accuracy per label kind, on the patches where a thing of that kind
+    lies (an easy kind would hide a hard one in one pooled figure)."""
     from llava_core.model.families import tower_has_cls
 
     first_patch = int(tower_has_cls(model.config))
