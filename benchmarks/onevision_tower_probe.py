@@ -92,11 +92,16 @@ def dot_probe(x, dot, kind) -> dict:
             "dot_tile_vote_colour": round((votes == truth_per_tile[dot_tiles]).float().mean().item(), 3)}
 
 
-def layout_probe(tower, processor, scenes) -> dict:
+def base_views(tower, processor, scenes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scenes' base views as the tower sees them: features and labels, (scenes x patches, ...) each."""
     bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0]
              for scene, image, mask in scenes]
-    x = features(tower, processor, [view for view, _ in bases])
-    layout = torch.from_numpy(np.stack([labels[:, 6:] for _, labels in bases])).flatten(0, 1)  # (patches, colours)
+    labels = torch.from_numpy(np.stack([view_labels for _, view_labels in bases])).flatten(0, 1)
+    return features(tower, processor, [view for view, _ in bases]), labels
+
+
+def layout_probe(x, labels, scenes) -> dict:
+    layout = labels[:, -ov.LAYOUT_KINDS:]  # (patches, colours)
     pairs = torch.tensor([len(scene.shapes) == 2 for scene, _, _ in scenes]).repeat_interleave(GRID * GRID)
     split = int(0.8 * len(x)) // (GRID * GRID) * GRID * GRID
     hits = []
@@ -112,11 +117,8 @@ def layout_probe(tower, processor, scenes) -> dict:
             "pair_scenes_accuracy": round((right[held_out_pairs].sum() / present[held_out_pairs].sum()).item(), 3)}
 
 
-def tile_position_probe(tower, processor, scenes) -> dict:
-    bases = [ov.tower_views(scene, image, mask, TILE, PATCH, random.Random(0), tiles=1)[0]
-             for scene, image, mask in scenes]
-    x = features(tower, processor, [view for view, _ in bases])
-    y = torch.from_numpy(np.stack([labels[:, 2] for _, labels in bases])).flatten()
+def tile_position_probe(tower, processor, scenes, x, labels) -> dict:
+    y = labels[:, 2]  # the position kind
     head = fit_probe(x, y, len(synthetic.POSITIONS) + 1)
     tiles = [(view, position) for s in scenes for view, _, _, position in tile_views(*s)]
     with torch.no_grad():
@@ -146,9 +148,11 @@ def main() -> None:
     x = features(tower, processor, [view for view, *_ in tiles])
     dot = torch.from_numpy(np.stack([d for _, d, _, _ in tiles])).flatten()
     kind = torch.from_numpy(np.stack([k for _, _, k, _ in tiles])).flatten()
+    half = scenes[: args.scenes // 2]
+    base_x, base_labels = base_views(tower, processor, half)
     print(json.dumps({"tower": args.tower, "dot": dot_probe(x, dot, kind),
-                      "layout": layout_probe(tower, processor, scenes[: args.scenes // 2]),
-                      "tile_position": tile_position_probe(tower, processor, scenes[: args.scenes // 2])}))
+                      "layout": layout_probe(base_x, base_labels, half),
+                      "tile_position": tile_position_probe(tower, processor, half, base_x, base_labels)}))
 
 
 if __name__ == "__main__":

@@ -177,7 +177,8 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
     layout = np.zeros(len(COLOURS), dtype=np.int64)  # the base view says each colour's place on all its patches
     for shape in scene.shapes:
         layout[list(COLOURS).index(shape.colour)] = synthetic.POSITIONS.index(shape.position) + 1
-    assert (labels[0, :, 6:] == layout).all() and (labels[1:, :, 6:] == ov.IN_A_TILE).all()
+    layouts = labels[:, :, -ov.LAYOUT_KINDS:]
+    assert (layouts[0] == layout).all() and (layouts[1:] == ov.IN_A_TILE).all()
 
 
 @pytest.mark.slow

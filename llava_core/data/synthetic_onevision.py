@@ -72,7 +72,7 @@ PATCH_LABEL_CLASSES = (*synthetic.PATCH_LABEL_CLASSES[:2], IN_A_TILE + 1, len(CO
 # Each kind's weight in the pretraining loss: the layout kinds count as one kind together. At full weight each they
 # crowded the dot's tile kind out of the tower (benchmarks/onevision_tower_probe.py read it at 0.007, against 0.87
 # at a quarter each; the layout at 0.99 either way).
-PATCH_LABEL_WEIGHTS = (1.0,) * 6 + (1 / LAYOUT_KINDS,) * LAYOUT_KINDS
+PATCH_LABEL_WEIGHTS = (1.0,) * (len(PATCH_LABEL_CLASSES) - LAYOUT_KINDS) + (1 / LAYOUT_KINDS,) * LAYOUT_KINDS
 UNLABELLED = -100  # cross_entropy's ignore_index: what a view cannot show (the dot at base size)
 
 
