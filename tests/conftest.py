@@ -69,16 +69,17 @@ def tiny_dataset(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tiny_dataset, tmp_path_factory):
-    """An untrained LLaVA in HF export layout (model + processor + chat template), for engine and serving tests."""
+    """An untrained LLaVA as the stages export it (hub key layout, processor, chat template), for engine and serving
+    tests."""
     import torch
 
     from llava_core.model.build import assemble_llava
+    from llava_core.train.save import save_hf_model
 
     out = str(tmp_path_factory.mktemp("tiny_llava"))
     # The new projector draws from torch's global generator: seeded, the model (and every answer the tests compare)
     # is the same whichever tests ran first.
     torch.manual_seed(0)
     model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_hf_model(model, processor, out, torch.float32)
     return out

@@ -110,8 +110,7 @@ def test_endpoint_and_in_process_give_the_same_answers(in_process, through_endpo
 def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava_dir, eval_sets):
     """One question answered alone through the actors' path (the serving engine), outside Ray, and by plain
     transformers greedy decoding: batching changes nothing and the engine adds nothing to the model's answer."""
-    from llava_core.data.image_layouts import processor_images
-    from llava_core.data.images import decode_image, mean_colour
+    from llava_core.data.images import decode_image
     from llava_core.model.build import load_llava
     from llava_core.serve.engine import GenerationEngine
 
@@ -124,8 +123,7 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     model, processor = load_llava(tiny_llava_dir)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.text}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    pictures = processor_images(model.config.model_type, [[picture]], mean_colour(processor.image_processor))
-    inputs = processor(images=pictures, text=[prompt], return_tensors="pt")
+    inputs = processor(images=[picture], text=[prompt], return_tensors="pt")
     with torch.no_grad():
         output = model.eval().generate(**inputs, max_new_tokens=eval_sets.max_new_tokens, do_sample=False,
                                        pad_token_id=processor.tokenizer.pad_token_id)

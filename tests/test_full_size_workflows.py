@@ -149,14 +149,7 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
         processor = AutoProcessor.from_pretrained(export_dir)
     messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")
-    if config["model_type"] == "llava":
-        # As LLaVA-1.5 (`expand2square`) and the endpoint do: pad to a square of the processor's mean colour. The
-        # synthetic images are 96 x 72, and a processor's centre crop would show the model another picture.
-        side, mean = max(image.size), tuple(int(round(m * 255)) for m in processor.image_processor.image_mean)
-        square = Image.new("RGB", (side, side), mean)
-        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
-        image = square
+    image = Image.open(io.BytesIO(image_bytes)).convert("RGB")  # padded or tiled by the export's own processor
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)

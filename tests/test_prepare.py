@@ -118,7 +118,7 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     # What the trainer reads: collate turns the stored crops into the processor's own float32 pixels.
     from transformers import AutoImageProcessor
 
-    from llava_core.data.images import decode_image, mean_colour, pad_to_square
+    from llava_core.data.images import decode_image
     from llava_core.train.batching import collate
     from llava_core.train.streaming import RowReader, TrainingRows
     # Prepare's plan index (written by a Ray task, named in the manifest entry) is what the footer scan finds.
@@ -134,34 +134,55 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     processor = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
     originals = [decode_image(open(os.path.join(dirty_dataset["image_folder"], n), "rb").read())
                  for n in ("good.png", "second.png")]
-    expected = processor(images=[pad_to_square(im, mean_colour(processor)) for im in originals],
-                         return_tensors="np")["pixel_values"]
+    fill = tuple(int(c * 255) for c in processor.image_mean)
+    expected = processor(images=[expand2square(im, fill) for im in originals], return_tensors="np")["pixel_values"]
     assert batch["pixel_values"].dtype == torch.float32 and tuple(batch["pixel_values"].shape) == (2, 3, 64, 64)
     np.testing.assert_allclose(batch["pixel_values"].numpy(), expected, atol=1e-5)
 
 
+def expand2square(pil_img, background_color):
+    """LLaVA-1.5's own padding (llava/mm_utils.py), the reference prepare and the export's processor must match."""
+    width, height = pil_img.size
+    if width == height:
+        return pil_img
+    if width > height:
+        result = Image.new(pil_img.mode, (width, width), background_color)
+        result.paste(pil_img, (0, (width - height) // 2))
+        return result
+    result = Image.new(pil_img.mode, (height, height), background_color)
+    result.paste(pil_img, ((height - width) // 2, 0))
+    return result
+
+
 @pytest.mark.unit
-def test_padding_uses_the_mean_colour(tiny_dataset):
+def test_padding_is_the_official_expand2square_in_the_exports_processor(tiny_dataset):
+    """Prepare's crops are LLaVA-1.5's: `expand2square` with the background `tuple(int(x * 255) for x in
+    image_mean)` (122, 116, 104 for CLIP, truncated, not rounded), then the tower's CLIP processor. The processor the
+    export saves (`LlavaImageProcessor`, `do_pad`) computes the same pixels on its own."""
+    from transformers import AutoImageProcessor
+
     from llava_core.data.rows import RowPreparer
 
     preparer = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"],
                            {"template": "vicuna_v1", "image_folder": "", "max_length": 512})
-    wide = Image.new("RGB", (64, 32), (255, 255, 255))  # padded top and bottom to 64x64
+    tall = Image.new("RGB", (32, 64), (255, 255, 255))  # padded left and right to 64x64
     buffer = io.BytesIO()
-    wide.save(buffer, format="PNG")
+    tall.save(buffer, format="PNG")
     images = preparer.images  # the crop format (llava_core/data/image_layouts.py)
     record = images.prepare([buffer.getvalue()]).columns["pixel_values"]
     crop = np.frombuffer(record["uint8"], dtype=np.uint8).reshape(3, 64, 64)
     scale, offset = (np.asarray(v, dtype=np.float32)[:, None, None] for v in (record["scale"], record["offset"]))
     pixels = crop * scale + offset
-    processor = images.image_processor
-    # Lossless: the stored uint8 crop + affine is exactly what the processor's float path gives for the padded image.
-    from llava_core.data.images import pad_to_square
-    reference = processor(images=[pad_to_square(wide, images.pad_fill)], return_tensors="np")["pixel_values"][0]
-    np.testing.assert_allclose(pixels, reference, atol=1e-5)
-    fill = np.array([round(c * 255) / 255 for c in processor.image_mean])
-    expected_pad = (fill - np.array(processor.image_mean)) / np.array(processor.image_std)
-    np.testing.assert_allclose(pixels[:, 0, 0], expected_pad, atol=0.02)  # top band: mean colour, ~0 normalised
+    tower = AutoImageProcessor.from_pretrained(tiny_dataset["vision"])
+    background = tuple(int(x * 255) for x in tower.image_mean)
+    assert background == (122, 116, 104)
+    official = tower(images=[expand2square(tall, background)], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(pixels, official, atol=1e-5)  # lossless: uint8 crop + affine = the float path
+    assert type(images.image_processor).__name__.startswith("LlavaImageProcessor") and images.image_processor.do_pad
+    export_side = images.image_processor(images=[tall], return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(export_side, official, atol=1e-5)
+    expected_pad = (np.array(background) / 255 - np.array(tower.image_mean)) / np.array(tower.image_std)
+    np.testing.assert_allclose(pixels[:, 32, 0], expected_pad, atol=1e-5)  # left band: the truncated mean colour
     assert pixels[:, 32, 32].min() > 1.0  # white centre stays white
 
 

@@ -132,13 +132,10 @@ from transformers import AutoProcessor, LlavaForConditionalGeneration
 export, image_path, question = sys.argv[1:4]
 model = LlavaForConditionalGeneration.from_pretrained(export)
 processor = AutoProcessor.from_pretrained(export)
-image = Image.open(image_path).convert("RGB")
-side = max(image.size)  # LLaVA-1.5 "pad": centre on a square of the processor's mean colour
-canvas = Image.new("RGB", (side, side), tuple(round(c * 255) for c in processor.image_processor.image_mean))
-canvas.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+image = Image.open(image_path).convert("RGB")  # the export's processor pads it to a square, as training did
 messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=canvas, text=prompt, return_tensors="pt")
+inputs = processor(images=image, text=prompt, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
 answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 print(json.dumps({"answer": answer, "imported_llava_core": "llava_core" in sys.modules}))

@@ -15,7 +15,6 @@ import torch
 from PIL import Image
 
 from llava_core.config import ServeSettings
-from llava_core.data.images import mean_colour, pad_to_square
 from tests.ports import free_port
 from tests.serve_requests import (
     BAD_REQUESTS,
@@ -113,7 +112,7 @@ def client(server):
 
 @pytest.fixture(scope="module")
 def reference(tiny_llava_dir):
-    """Greedy answers from plain transformers, with images padded to square as in training."""
+    """Greedy answers from plain transformers with the export's own processor (which pads images to a square)."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     model = LlavaForConditionalGeneration.from_pretrained(tiny_llava_dir).eval()
@@ -122,8 +121,7 @@ def reference(tiny_llava_dir):
     @torch.inference_mode()
     def answer(messages: list[dict], images: list[Image.Image], max_new_tokens: int = MAX_TOKENS) -> dict:
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        padded = [pad_to_square(image, mean_colour(processor.image_processor)) for image in images]
-        inputs = processor(images=padded or None, text=[prompt], return_tensors="pt")
+        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         raw = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return {"text": raw.strip(), "raw": raw, "prompt_tokens": inputs["input_ids"].shape[1]}

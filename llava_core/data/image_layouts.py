@@ -44,23 +44,23 @@ class PreparedImages:
 
 
 class CropImages:
-    """Prepare side of the crop format (LLaVA-1.5)."""
+    """Prepare side of the crop format (LLaVA-1.5): the export's own image processor (`llava_image_processor`, which
+    pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
 
     def __init__(self, vision_path: str, llm_path: str, layout: str, limits: images.ImageLimits):
         from llava_core.model.build import (
             IMAGE_TOKEN,
             image_seq_length,
-            load_image_processor,
+            llava_image_processor,
             load_tokenizer_with_image_token,
             vision_config,
         )
 
         self.tokenizer = load_tokenizer_with_image_token(llm_path)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.image_processor = load_image_processor(vision_path)
+        self.image_processor = llava_image_processor(vision_path, layout)
         self.tokens_per_image = image_seq_length(vision_config(vision_path))
-        self.layout, self.limits = layout, limits
-        self.pad_fill = images.mean_colour(self.image_processor)
+        self.limits = limits
         self.scale, self.offset = images.normalisation(self.image_processor)
 
     def prepare(self, encoded: list[bytes]) -> PreparedImages:
@@ -75,8 +75,6 @@ class CropImages:
         if not encoded:
             return b""
         decoded = [images.decode_image(data, self.limits) for data in encoded]
-        if self.layout == "pad":
-            decoded = [images.pad_to_square(image, self.pad_fill) for image in decoded]
         return images.processed_uint8(self.image_processor, decoded).tobytes()
 
 
@@ -220,7 +218,7 @@ class TilePixels:
     def _pixels(self, per_sample: list[list]) -> dict:
         """The images as inference gives them to the processor (`processor_images`): OneVision's per sample, so an
         image of a several-image sample becomes a square base view, said in `batch_num_images`."""
-        out = self.processor.image_processor(images=processor_images(self.family.name, per_sample, None),
+        out = self.processor.image_processor(images=processor_images(self.family.name, per_sample),
                                              return_tensors="pt")
         several = self.family.base_view_for_several_images
         keys = ("pixel_values", "image_sizes", "batch_num_images") if several else ("pixel_values", "image_sizes")
@@ -255,19 +253,18 @@ class TilePixels:
         return self._blank
 
 
-def processor_images(family_name: str, per_sample: list[list], pad_fill) -> list | None:
-    """A batch's images (per sample, decoded) as the family's processor takes them at inference, the way training
-    saw them: LLaVA-1.5 padded to a square of the mean colour (`pad`), flat; LLaVA-NeXT flat, tiled by the
-    processor; OneVision per sample, so an image of a several-image sample becomes its base view alone."""
+def processor_images(family_name: str, per_sample: list[list]) -> list | None:
+    """A batch's images (per sample, decoded) as the family's processor takes them: flat for LLaVA-1.5 (whose
+    processor pads them) and LLaVA-NeXT (whose processor tiles them); OneVision per sample, so an image of a
+    several-image sample becomes its base view alone. The processor does every pixel step itself, as it does in any
+    other reader of the export."""
     from llava_core.model.families import family
 
-    fam = family(family_name)
     if not any(per_sample):
         return None
-    if fam.base_view_for_several_images:
+    if family(family_name).base_view_for_several_images:
         return [list(sample) for sample in per_sample if sample]
-    flat = [image for sample in per_sample for image in sample]
-    return flat if fam.takes_image_sizes() else [images.pad_to_square(image, pad_fill) for image in flat]
+    return [image for sample in per_sample for image in sample]
 
 
 def tile_side(image_processor) -> int:

@@ -109,7 +109,9 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
 
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] | int) -> Image.Image:
-    """LLaVA-1.5's `pad` aspect-ratio mode: centre the image on a square canvas of the processor's mean colour."""
+    """LLaVA-1.5's `pad` aspect-ratio mode: centre the image on a square canvas of `fill`. Models pad through their
+    processor (`build.llava_image_processor`); this serves the stand-in tower's pretraining, whose label masks are
+    padded alongside their scenes."""
     width, height = image.size
     if width == height:
         return image
@@ -120,7 +122,9 @@ def pad_to_square(image: Image.Image, fill: tuple[int, int, int] | int) -> Image
 
 
 def mean_colour(image_processor) -> tuple[int, int, int]:
-    return tuple(int(round(c * 255)) for c in image_processor.image_mean)
+    """The processor's mean as 8-bit RGB, truncated as the official `expand2square` and transformers'
+    `LlavaImageProcessor` compute its pad colour: (122, 116, 104) for CLIP."""
+    return tuple(int(c * 255) for c in image_processor.image_mean)
 
 
 def blank_image(image_processor, size: int = 64) -> Image.Image:

@@ -18,6 +18,7 @@ from transformers import (
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaProcessor,
 )
 from transformers.initialization import no_init_weights
@@ -49,9 +50,23 @@ def load_image_processor(vision_path: str):
     return AutoImageProcessor.from_pretrained(storage.local_copy(vision_path, without_weights=True))
 
 
-def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE):
+LLAVA_IMAGE_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
+                        "do_normalize", "image_mean", "image_std", "do_convert_rgb")
+
+
+def llava_image_processor(vision_path: str, layout: str = "pad") -> LlavaImageProcessor:
+    """LLaVA-1.5's image steps as transformers' `LlavaImageProcessor`: the tower's resize, crop and normalisation,
+    after a pad to a square of `int(mean x 255)` when `layout` is `pad` (the official `expand2square`). Prepare,
+    training and serving use it, and the export saves it, so any reader of the export sees the trained pixels."""
+    tower = load_image_processor(vision_path).to_dict()
+    return LlavaImageProcessor(**{key: tower[key] for key in LLAVA_IMAGE_SETTINGS if key in tower},
+                               do_pad=layout == "pad")
+
+
+def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE,
+                    layout: str = "pad"):
     return LlavaProcessor(
-        image_processor=load_image_processor(vision_path),
+        image_processor=llava_image_processor(vision_path, layout),
         tokenizer=tokenizer,
         patch_size=patch_size,
         vision_feature_select_strategy="default",
@@ -76,9 +91,10 @@ def image_seq_length(vision_config) -> int:
 
 
 def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32, template: str = "vicuna_v1",
-                   attn_implementation: str = "sdpa", device: torch.device | None = None):
+                   attn_implementation: str = "sdpa", device: torch.device | None = None, layout: str = "pad"):
     """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor, whose chat template
-    renders `template`'s inference prompt (the LLM tokenizer's own for `chat_template`).
+    renders `template`'s inference prompt (the LLM tokenizer's own for `chat_template`) and whose image processor
+    pads to a square when `layout` (`prepare.image_aspect_ratio`) is `pad`.
 
     The paths are local directories, hub ids or storage URIs (`s3://`, mirrored to this process's own disk). Weights
     load in `dtype`, straight onto `device` when given; under an active ZeRO-3 config (training) every part loads
@@ -116,7 +132,7 @@ def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.f
 
     chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
     processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size,
-                                chat_template=chat_template)
+                                chat_template=chat_template, layout=layout)
     return model, processor
 
 

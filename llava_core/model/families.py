@@ -31,10 +31,10 @@ from transformers import (
     AddedToken,
     AutoModelForCausalLM,
     AutoTokenizer,
-    CLIPImageProcessor,
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessor,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
     LlavaNextImageProcessor,
@@ -107,7 +107,7 @@ class Family:
 
 FAMILIES = {
     "llava": Family(
-        "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, CLIPImageProcessor, "pad", (),
+        "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, LlavaImageProcessor, "pad", (),
         vision_feature_layer=-2, vision_feature_select_strategy="default", drops_last_tower_layer=False,
         media_tokens=(IMAGE_TOKEN,), base_view_for_several_images=False, template="vicuna_v1",
         vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
@@ -160,7 +160,8 @@ def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = to
     fam = family(name)
     template = template or fam.template
     if fam.name == "llava":
-        return assemble_llava(vision_path, llm_path, dtype, template, attn_implementation, device)
+        return assemble_llava(vision_path, llm_path, dtype, template, attn_implementation, device,
+                              layout or fam.image_layout)
     return assemble_anyres(fam, vision_path, llm_path, dtype, template, attn_implementation, device,
                            layout or fam.image_layout)
 

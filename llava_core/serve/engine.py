@@ -5,10 +5,10 @@ decoded images in the order they appear, and each request's decoding parameters,
 left-padded `generate` call. Every request keeps its own temperature, top-p and seed
 (`token_sampler.PerRequestSampler`), max_tokens and stop strings (`BatchProgress` ends each row on its own), and after
 every decoding step each request gets its new text (`answer_stream`), which is what streaming sends. Prompts and
-images go through exactly the steps training and `llava_core.eval` use (chat template; for LLaVA-1.5 pad-to-square
-with the processor's mean colour; the family's processor, which tiles AnyRes images), so a served answer is the answer
-the evaluation measured. OneVision's videos (sampled frames, `{"type": "video"}` parts) are squashed by the same frame
-path prepare stores them with.
+images go through the export's own chat template and processor (which pads LLaVA-1.5's images to a square and tiles
+AnyRes images), as in any other reader of the export, so a served answer is the answer the evaluation measured.
+OneVision's videos (sampled frames, `{"type": "video"}` parts) are squashed by the same frame path prepare stores
+them with.
 """
 from __future__ import annotations
 
@@ -97,7 +97,6 @@ class GenerationEngine:
         self.tokenizer = processor.tokenizer
         # Generation appends on the right, so padding must go on the left, away from where answers start.
         self.tokenizer.padding_side = "left"
-        self.pad_fill = image_ops.mean_colour(processor.image_processor)
         self.eos_token_ids = self._eos_token_ids()
         self.byte_token_ids = frozenset(i for token, i in self.tokenizer.get_vocab().items()
                                         if BYTE_FALLBACK_TOKEN.fullmatch(token))
@@ -227,7 +226,7 @@ class GenerationEngine:
         prompts = [self.render_prompt(r.messages) for r in group]
         videos = self._squashed_videos(group)
         with self._tokenizer_lock:
-            pictures = processor_images(self.family.name, [r.images for r in group], self.pad_fill)
+            pictures = processor_images(self.family.name, [r.images for r in group])
             inputs = self.processor(images=pictures, videos=videos, text=prompts, padding=True, return_tensors="pt")
         return inputs.to(self.device)
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import struct
 from dataclasses import dataclass
 from typing import Callable
@@ -42,9 +43,34 @@ class Entry:
         return math.prod(self.shape) * self.dtype.itemsize
 
 
+# transformers 5.2x names a LLaVA model's weights `model.vision_tower.embeddings.*`, `model.language_model.*`,
+# `lm_head.*` in memory and writes them so; the hub's checkpoints, vLLM, SGLang and transformers 4.x read
+# `vision_tower.vision_model.*`, `language_model.model.*`, `language_model.lm_head.*`, `multi_modal_projector.*`,
+# `image_newline` (transformers 5.x reads that layout too, through its conversion mapping). The same for all three
+# families and both towers (CLIP, SigLIP); a name already in the hub's form is left as it is.
+HUB_KEY_LAYOUT = (
+    (re.compile(r"^lm_head\."), "language_model.lm_head."),
+    (re.compile(r"^model\.language_model\."), "language_model.model."),
+    (re.compile(r"^model\.vision_tower\.(?!vision_model\.)"), "vision_tower.vision_model."),
+    (re.compile(r"^model\.vision_tower\."), "vision_tower."),
+    (re.compile(r"^model\.multi_modal_projector\."), "multi_modal_projector."),
+    (re.compile(r"^model\.image_newline$"), "image_newline"),
+)
+
+
+def hub_key(name: str) -> str:
+    """A parameter's name as the hub's checkpoints of its family spell it."""
+    for pattern, replacement in HUB_KEY_LAYOUT:
+        renamed = pattern.sub(replacement, name, count=1)
+        if renamed != name:
+            return renamed
+    return name
+
+
 def checkpoint_entries(model, dtype: torch.dtype) -> list[Entry]:
-    """The tensors of a plain LlavaForConditionalGeneration checkpoint, in module order, with LoRA merged in and
-    peft's modules_to_save copies under the plain names. Floating tensors are written in `dtype`; tied weights once."""
+    """The tensors of a plain LlavaForConditionalGeneration checkpoint, in module order, under the hub's names
+    (`hub_key`), with LoRA merged in and peft's modules_to_save copies under the plain names. Floating tensors are
+    written in `dtype`; tied weights once."""
     base = llava_of(model)
     wanted = {plain_name(k) for k in base.state_dict() if "lora_" not in k and not is_kept_original(k)}
     entries, seen = [], set()
@@ -52,8 +78,8 @@ def checkpoint_entries(model, dtype: torch.dtype) -> list[Entry]:
     def add(key, tensor, gather, value):
         if key in wanted and id(tensor) not in seen:
             seen.add(id(tensor))
-            entries.append(Entry(key, full_shape(tensor), dtype if tensor.is_floating_point() else tensor.dtype,
-                                 gather, value))
+            saved_dtype = dtype if tensor.is_floating_point() else tensor.dtype
+            entries.append(Entry(hub_key(key), full_shape(tensor), saved_dtype, gather, value))
 
     for name, module in plain_modules(base):
         prefix = f"{name}." if name else ""
@@ -175,6 +201,8 @@ def save_hf_model(model, processor, directory: str, dtype: torch.dtype, writer: 
     base.config.architectures = [type(base).__name__]
     base.config.save_pretrained(directory)
     base.generation_config.do_sample = False  # LLaVA evaluates greedily; clients can still ask for sampling
-    base.generation_config.max_new_tokens = 64
+    # No answer length: engines take this file's values as their request defaults (vLLM's max_tokens), and a length
+    # here would cut every answer that asks for none. Our endpoint has its own default (serve.default_max_tokens).
+    base.generation_config.max_new_tokens = None
     base.generation_config.save_pretrained(directory)
     processor.save_pretrained(directory)

@@ -1,0 +1,186 @@
+"""The export is read by software this project did not write, and answers there as it answers in our engine.
+
+Each family's tiny export is written by the stages' own writer (`train.save.save_hf_model`) and handed to:
+- plain transformers (the installed 5.x) with only the export's processor: greedy answers to 100 held-out questions
+  must equal our engine's (the endpoint's and the evaluation's one generation path) on >= 99% of them;
+- transformers 4.57 (the last 4.x) in its own environment (`make readers` builds `.venv-hf4`): every weight loads,
+  no key missing or unexpected, each tensor the file's;
+- vLLM's CPU build in its own environment (`.venv-vllm`): tests/test_export_vllm.py.
+The models are untrained: their answers still depend on the image (5 to 34 distinct answers a hundred questions), so
+another pixel path shows as other answers, which `test_the_comparison_sees_other_pixels` proves for the padding; and
+the export's processor alone computes exactly the pixels training computed from prepare's shards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+import pytest
+import torch
+from PIL import Image
+
+from llava_core.eval.backends import answer_questions
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HF4_PYTHON = os.path.join(ROOT, ".venv-hf4", "bin", "python")
+READER = os.path.join(ROOT, "tests", "readers", "transformers_weights.py")
+FAMILIES = ("llava", "llava_next", "llava_onevision")
+BASE_MODELS = {"llava": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
+               "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
+               "llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct")}
+QUESTIONS = 100
+MAX_NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    """100 held-out questions on the quickstart's synthetic scenes (96 x 72: padded or tiled, never square)."""
+    from llava_core.data import synthetic
+
+    root = str(tmp_path_factory.mktemp("readers"))
+    paths = synthetic.generate(root, align_rows=8, instruct_rows=64, eval_questions=QUESTIONS, text_only_rows=0,
+                               seed=3)
+    questions = [json.loads(line) for line in open(paths["eval_questions"])][:QUESTIONS]
+    rows = json.load(open(paths["instruct"]))
+    corpus = [turn["value"] for row in rows for turn in row["conversations"]] + [q["text"] for q in questions]
+    images = [Image.open(os.path.join(paths["image_folder"], q["image"])).convert("RGB") for q in questions]
+    return {"root": root, "corpus": corpus, "texts": [q["text"] for q in questions], "images": images}
+
+
+@pytest.fixture(scope="module")
+def exports(held_out):
+    """family -> its export directory, written as the instruct stage writes its model."""
+    from llava_core.model import families, standins
+    from llava_core.train.save import save_hf_model
+
+    cfg = standins.TinyModelConfig(tower_pretraining_steps=0)
+    out = {}
+    for name in FAMILIES:
+        base = os.path.join(held_out["root"], name)
+        vision, llm = (os.path.join(base, part) for part in ("vision", "llm"))
+        for hub_id, path in zip(BASE_MODELS[name], (vision, llm)):
+            standins.save_standin(hub_id, path, held_out["corpus"], cfg)
+        torch.manual_seed(0)
+        model, processor = families.assemble(name, vision, llm)
+        out[name] = os.path.join(base, "export")
+        save_hf_model(model, processor, out[name], torch.float32)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine_answers(exports, held_out):
+    """family -> our engine's greedy answers to the held-out questions, batched as the evaluation batches them."""
+    from llava_core.serve.engine import GenerationEngine
+
+    return {name: answer_questions(GenerationEngine(export), held_out["texts"], held_out["images"], MAX_NEW_TOKENS, 8)
+            for name, export in exports.items()}
+
+
+def transformers_answers(export: str, texts: list[str], images: list, processor=None) -> list[str]:
+    """Greedy answers from transformers alone, one question at a time: the family's class and the export's processor
+    (OneVision's without its video half where torchvision is missing, as `families.load_processor` loads it)."""
+    from llava_core.model.families import FAMILIES as CLASSES, load_processor
+
+    family = json.load(open(os.path.join(export, "config.json")))["model_type"]
+    model = CLASSES[family].model_class.from_pretrained(export).eval()
+    processor = processor or load_processor(export, family)  # AutoProcessor's, but for OneVision without torchvision
+    answers = []
+    for text, image in zip(texts, images):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        with torch.no_grad():
+            output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+        answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
+                                                  skip_special_tokens=True).strip())
+    return answers
+
+
+def agreement(ours: list[str], theirs: list[str]) -> float:
+    assert len(ours) == len(theirs) == QUESTIONS
+    return sum(a == b for a, b in zip(ours, theirs)) / len(ours)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_transformers_answers_as_our_engine_with_only_the_exports_files(family, exports, engine_answers, held_out):
+    ours = engine_answers[family]
+    assert len(set(ours)) >= 5, f"{len(set(ours))} distinct answers: agreement would prove little"
+    theirs = transformers_answers(exports[family], held_out["texts"], held_out["images"])
+    assert agreement(ours, theirs) >= 0.99, [(a, b) for a, b in zip(ours, theirs) if a != b][:5]
+
+
+def test_the_comparison_sees_other_pixels(exports, engine_answers, held_out):
+    """The check above can fail: LLaVA-1.5's export read with its tower's own CLIP processor (resize the short side,
+    centre-crop: what the export shipped before it padded) answers otherwise on many of the same questions."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(exports["llava"])
+    processor.image_processor = AutoImageProcessor.from_pretrained(
+        os.path.join(held_out["root"], "llava", "vision"))  # CLIPImageProcessor: no pad
+    cropped = transformers_answers(exports["llava"], held_out["texts"], held_out["images"], processor)
+    assert agreement(engine_answers["llava"], cropped) < 0.9
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_exports_processor_computes_the_pixels_training_saw(family, exports, held_out):
+    """Prepare's stored form of each held-out image, turned into pixels as the trainer does (`image_layouts`), equals
+    what transformers' image processor loaded from the export alone computes: LLaVA-1.5's pad-to-square crop,
+    LLaVA-NeXT's and OneVision's AnyRes tiles and image sizes."""
+    import io
+
+    import numpy as np
+    from transformers import AutoImageProcessor
+
+    from llava_core.data.image_layouts import pixel_inputs
+    from llava_core.data.rows import RowPreparer
+    from llava_core.model.families import family as family_of
+
+    base = os.path.join(held_out["root"], family)
+    preparer = RowPreparer(os.path.join(base, "vision"), os.path.join(base, "llm"),
+                           {"family": family, "template": family_of(family).template, "image_folder": "",
+                            "max_length": 4096})
+    encoded = []
+    for image in held_out["images"][:8]:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    columns = [preparer.images.prepare([data]).columns for data in encoded]
+    config = json.load(open(os.path.join(exports[family], "config.json")))
+    if family == "llava":
+        trainer = pixel_inputs(preparer.images, family, type("Config", (), {"image_seq_length": 1}))
+        trained = trainer([c["pixel_values"] for c in columns])
+    else:
+        trained = pixel_inputs(preparer.images.processor, family, config)([c["images"] for c in columns])
+    exported = AutoImageProcessor.from_pretrained(exports[family])(images=held_out["images"][:8], return_tensors="pt")
+    np.testing.assert_allclose(exported["pixel_values"].numpy(), trained["pixel_values"].numpy(), atol=1e-5)
+    if family != "llava":
+        assert exported["image_sizes"].tolist() == trained["image_sizes"].tolist()
+
+
+def file_fingerprints(export: str) -> list:
+    """The fingerprint (tests/readers/transformers_weights.py) of every tensor in the export's safetensors."""
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for name in sorted(os.listdir(export)):
+        if name.endswith(".safetensors"):
+            tensors.update(load_file(os.path.join(export, name)))
+    values = [t.double() for t in tensors.values()]
+    return sorted([list(t.shape), round(t.sum().item(), 6), round(t.norm().item(), 6)] for t in values)
+
+
+def test_transformers_4_loads_every_weight_of_every_family(exports):
+    if not os.path.exists(HF4_PYTHON):
+        pytest.fail(f"{HF4_PYTHON} is missing: `make readers` (part of `make test`) builds it")
+    result = subprocess.run([HF4_PYTHON, READER, *exports.values()], capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    for report, (family, export) in zip(reports, exports.items()):
+        assert report["family"] == family and report["transformers"].startswith("4.57")
+        assert not report["imported_llava_core"]
+        assert report["missing_keys"] == report["unexpected_keys"] == report["mismatched_keys"] == [], family
+        assert report["weights"] == file_fingerprints(export), family
