@@ -4,7 +4,8 @@ Each family's tiny export is written by the stages' own writer (`train.save.save
 - plain transformers (the installed 5.x) with only the export's processor: greedy answers to 100 held-out questions
   must equal our engine's (the endpoint's and the evaluation's one generation path) on >= 99% of them;
 - transformers 4.57 (the last 4.x) in its own environment (`make readers` builds `.venv-hf4`): every weight loads,
-  no key missing or unexpected, each tensor the file's;
+  no key missing or unexpected, each tensor the file's; LLaVA-1.5 and NeXT answer there as in our engine too
+  (4.x's OneVision processor needs torchvision, which this CPU-only machine lacks);
 - vLLM's CPU build in its own environment (`.venv-vllm`): tests/test_export_vllm.py.
 The models are untrained: their answers still depend on the image (5 to 34 distinct answers a hundred questions), so
 another pixel path shows as other answers, which `test_the_comparison_sees_other_pixels` proves for the padding; and
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF4_PYTHON = os.path.join(ROOT, ".venv-hf4", "bin", "python")
-READER = os.path.join(ROOT, "tests", "readers", "transformers_weights.py")
+READER = os.path.join(ROOT, "tests", "readers", "transformers_reader.py")
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 BASE_MODELS = {"llava": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
                "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
@@ -46,8 +47,12 @@ def held_out(tmp_path_factory):
     questions = [json.loads(line) for line in open(paths["eval_questions"])][:QUESTIONS]
     rows = json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]] + [q["text"] for q in questions]
-    images = [Image.open(os.path.join(paths["image_folder"], q["image"])).convert("RGB") for q in questions]
-    return {"root": root, "corpus": corpus, "texts": [q["text"] for q in questions], "images": images}
+    files = [os.path.join(paths["image_folder"], q["image"]) for q in questions]
+    questions_file = os.path.join(root, "questions.json")
+    with open(questions_file, "w") as f:
+        json.dump([{"text": q["text"], "image": path} for q, path in zip(questions, files)], f)
+    return {"root": root, "corpus": corpus, "texts": [q["text"] for q in questions], "questions_file": questions_file,
+            "images": [Image.open(path).convert("RGB") for path in files]}
 
 
 @pytest.fixture(scope="module")
@@ -172,15 +177,27 @@ def file_fingerprints(export: str) -> list:
     return sorted([list(t.shape), round(t.sum().item(), 6), round(t.norm().item(), 6)] for t in values)
 
 
-def test_transformers_4_loads_every_weight_of_every_family(exports):
+def transformers_4(*args: str):
+    """What tests/readers/transformers_reader.py says in `.venv-hf4` (transformers 4.57, nothing of this project)."""
     if not os.path.exists(HF4_PYTHON):
         pytest.fail(f"{HF4_PYTHON} is missing: `make readers` (part of `make test`) builds it")
-    result = subprocess.run([HF4_PYTHON, READER, *exports.values()], capture_output=True, text=True, timeout=600,
+    result = subprocess.run([HF4_PYTHON, READER, *args], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
-    reports = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["transformers"].startswith("4.57") and not report["imported_llava_core"]
+    return report["result"]
+
+
+def test_transformers_4_loads_every_weight_of_every_family(exports):
+    reports = transformers_4("weights", *exports.values())
     for report, (family, export) in zip(reports, exports.items()):
-        assert report["family"] == family and report["transformers"].startswith("4.57")
-        assert not report["imported_llava_core"]
+        assert report["family"] == family
         assert report["missing_keys"] == report["unexpected_keys"] == report["mismatched_keys"] == [], family
         assert report["weights"] == file_fingerprints(export), family
+
+
+@pytest.mark.parametrize("family", ("llava", "llava_next"))
+def test_transformers_4_answers_as_our_engine(family, exports, engine_answers, held_out):
+    theirs = transformers_4("answers", exports[family], held_out["questions_file"], str(MAX_NEW_TOKENS))
+    assert agreement(engine_answers[family], theirs) >= 0.99

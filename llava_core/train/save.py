@@ -206,3 +206,19 @@ def save_hf_model(model, processor, directory: str, dtype: torch.dtype, writer: 
     base.generation_config.max_new_tokens = None
     base.generation_config.save_pretrained(directory)
     processor.save_pretrained(directory)
+    write_portable_tokenizer_config(directory, processor)
+
+
+def write_portable_tokenizer_config(directory: str, processor) -> None:
+    """tokenizer_config.json as transformers 4.x reads it too: transformers 5 lists the added special tokens as
+    `extra_special_tokens`, which 4.x takes for a mapping (and fails on); both read `additional_special_tokens`. The
+    processor it names is the one processor_config.json names (OneVision's image-only stand-in saves as
+    transformers' LlavaOnevisionProcessor)."""
+    path = os.path.join(directory, "tokenizer_config.json")
+    with open(path) as f:
+        config = json.load(f)
+    if isinstance(config.get("extra_special_tokens"), list):
+        config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    config["processor_class"] = processor.to_dict()["processor_class"]
+    with open(path, "w") as f:
+        json.dump(config, f, indent=2, ensure_ascii=False)
