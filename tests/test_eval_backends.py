@@ -121,9 +121,9 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     assert torch.is_grad_enabled()  # inference mode stays inside the engine
 
     model, processor = load_llava(tiny_llava_dir)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item.text}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-    inputs = processor(images=[picture], text=[prompt], return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "image", "image": picture}, {"type": "text", "text": item.text}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
     with torch.no_grad():
         output = model.eval().generate(**inputs, max_new_tokens=eval_sets.max_new_tokens, do_sample=False,
                                        pad_token_id=processor.tokenizer.pad_token_id)

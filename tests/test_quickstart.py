@@ -133,9 +133,9 @@ export, image_path, question = sys.argv[1:4]
 model = LlavaForConditionalGeneration.from_pretrained(export)
 processor = AutoProcessor.from_pretrained(export)
 image = Image.open(image_path).convert("RGB")  # the export's processor pads it to a square, as training did
-messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-inputs = processor(images=image, text=prompt, return_tensors="pt")
+messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]}]
+inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=16, do_sample=False)
 answer = processor.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 print(json.dumps({"answer": answer, "imported_llava_core": "llava_core" in sys.modules}))

@@ -120,8 +120,12 @@ def reference(tiny_llava_dir):
 
     @torch.inference_mode()
     def answer(messages: list[dict], images: list[Image.Image], max_new_tokens: int = MAX_TOKENS) -> dict:
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+        pictures = iter(images)  # each {"type": "image"} part gets its image, as transformers' chat inputs carry them
+        messages = [{**m, "content": [{**part, "image": next(pictures)} if part["type"] == "image" else part
+                                      for part in m["content"]]} if isinstance(m["content"], list) else m
+                    for m in messages]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
         raw = processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
         return {"text": raw.strip(), "raw": raw, "prompt_tokens": inputs["input_ids"].shape[1]}

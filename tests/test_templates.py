@@ -28,10 +28,12 @@ def supervised_text(tokenizer, ids, labels):
 
 
 def test_vicuna_v1_renders_the_official_format(tokenizer):
-    """The export's chat template, through which training renders vicuna_v1, writes LLaVA's format exactly."""
+    """The export's chat template, through which training renders vicuna_v1, writes LLaVA's format exactly, after
+    the BOS the official code's tokenizer adds (an engine rendering the chat adds none of its own)."""
     turns = formats.normalise_conversation(ROW, 1)
     rendered = templates.render_vicuna_v1(turns, tokenizer)
-    assert rendered.text == (f"{VICUNA_SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT: red</s>"
+    assert not rendered.add_special_tokens
+    assert rendered.text == (f"<s>{VICUNA_SYSTEM} USER: <image>\nWhat colour is it? ASSISTANT: red</s>"
                              "USER: And the shape? ASSISTANT: a circle</s>")
     assert [rendered.text[s:e] for s, e in rendered.supervised] == [" red</s>", " a circle</s>"]
 

@@ -27,7 +27,7 @@ TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 class Rendered:
     text: str
     supervised: list[tuple[int, int]]  # per answer: [end of its inference prompt, end of its end-of-turn token)
-    add_special_tokens: bool = True  # False when the template writes its own BOS (vicuna_v1's does not)
+    add_special_tokens: bool = True  # False when the template writes its own BOS (vicuna_v1's does)
 
 
 def render_plain(turns: list[Turn], eos: str) -> Rendered:
@@ -45,14 +45,14 @@ def render_vicuna_v1(turns: list[Turn], tokenizer) -> Rendered:
     the export ships (`VICUNA_V1_CHAT_TEMPLATE`, the format's only definition).
 
     The LLaMA/Vicuna tokenizer has no chat template of its own, so this one is passed in rather than set on the
-    tokenizer. It writes no BOS: tokenizing adds the tokenizer's own, as the processor does at inference. The spans
-    come from renders with and without the generation prompt, not from the template's `{% generation %}` markers:
-    those renders are the prompts inference sees, and `tokenize_with_labels` rejects a row whose prompt tokens are
-    not a prefix (a mask from the markers' character offsets would take a token that straddles the boundary
-    silently); a test pins the markers' mask to the labels this gives.
+    tokenizer. It writes the BOS itself (as vLLM and every engine that renders a chat expects), so tokenizing adds
+    none. The spans come from renders with and without the generation prompt, not from the template's
+    `{% generation %}` markers: those renders are the prompts inference sees, and `tokenize_with_labels` rejects a
+    row whose prompt tokens are not a prefix (a mask from the markers' character offsets would take a token that
+    straddles the boundary silently); a test pins the markers' mask to the labels this gives.
     """
     messages = [{"role": t.role, "content": t.text.strip()} for t in turns]  # vicuna_v1 trains on trimmed turns
-    return render_turn_by_turn(messages, tokenizer, VICUNA_V1_CHAT_TEMPLATE, add_special_tokens=True)
+    return render_turn_by_turn(messages, tokenizer, VICUNA_V1_CHAT_TEMPLATE, add_special_tokens=False)
 
 
 def render_chat_template(turns: list[Turn], tokenizer) -> Rendered:

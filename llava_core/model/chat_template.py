@@ -2,9 +2,12 @@
 
 Training renders vicuna_v1 rows through this template (`llava_core.data.templates.render_vicuna_v1`) and the export
 ships it, so `processor.apply_chat_template(messages, add_generation_prompt=True)` renders exactly the text the model
-was trained on. Each answer and its end-of-turn token sit in `{% generation %}` markers, so
-`apply_chat_template(..., tokenize=True, return_dict=True, return_assistant_tokens_mask=True)` marks the tokens
-training learns; a test pins that mask to training's labels.
+was trained on, its BOS (`<s>`) included: engines that tokenize a rendered chat without adding special tokens
+(vLLM's chat completions, SGLang, transformers' own `apply_chat_template(..., tokenize=True)`) then feed the model
+the sequence it trained on. A caller that tokenizes the rendered text itself must not add another BOS. Each answer
+and its end-of-turn token sit in `{% generation %}` markers, so `apply_chat_template(..., tokenize=True,
+return_dict=True, return_assistant_tokens_mask=True)` marks the tokens training learns; a test pins that mask to
+training's labels.
 """
 
 VICUNA_SYSTEM = (
@@ -22,7 +25,7 @@ VICUNA_V1_CHAT_TEMPLATE = (
     "{% set ns.system = message['content'] if message['content'] is string "
     "else message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join('') %}"
     "{% endif %}{% endfor %}"
-    "{{ ns.system }} "
+    "{% if bos_token %}{{ bos_token }}{% endif %}{{ ns.system }} "
     "{% for message in messages %}{% if message['role'] != 'system' %}"
     "{% if message['content'] is string %}{% set text = message['content'] %}{% set n_images = 0 %}"
     "{% else %}"

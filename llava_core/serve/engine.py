@@ -127,6 +127,12 @@ class GenerationEngine:
     def render_prompt(self, messages: list[dict]) -> str:
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
+    def adds_special_tokens(self, prompt: str) -> bool:
+        """transformers' rule (`ProcessorMixin.apply_chat_template`), which vLLM's chat follows too: a rendered prompt
+        that starts with the BOS (vicuna_v1's template writes it) gets no second one when it is tokenized."""
+        bos = self.tokenizer.bos_token
+        return not (bos and prompt.startswith(bos))
+
     def count_image_tokens(self, images: list[Image.Image], videos: list | None = None) -> int:
         """The `<image>` and `<video>` tokens a request's images and videos expand to, from their sizes alone
         (AnyRes: each image's tiles, unpadding and row newlines; OneVision: base views only when there are several;
@@ -147,7 +153,8 @@ class GenerationEngine:
         `media_tokens`: `count_image_tokens` of the same images and videos, when the caller has it already."""
         prompt = self.render_prompt(messages)
         with self._counting_lock:
-            text_tokens = len(self._counting_tokenizer(prompt)["input_ids"])
+            text_tokens = len(self._counting_tokenizer(prompt, add_special_tokens=self.adds_special_tokens(prompt))
+                              ["input_ids"])
         if media_tokens is None:
             media_tokens = self.count_image_tokens(images, videos)
         return text_tokens - len(images) - len(videos or []) + media_tokens
@@ -227,7 +234,8 @@ class GenerationEngine:
         videos = self._squashed_videos(group)
         with self._tokenizer_lock:
             pictures = processor_images(self.family.name, [r.images for r in group])
-            inputs = self.processor(images=pictures, videos=videos, text=prompts, padding=True, return_tensors="pt")
+            inputs = self.processor(images=pictures, videos=videos, text=prompts, padding=True, return_tensors="pt",
+                                    add_special_tokens=self.adds_special_tokens(prompts[0]))
         return inputs.to(self.device)
 
     def _squashed_videos(self, group: list[GenerationRequest]) -> list[np.ndarray] | None:

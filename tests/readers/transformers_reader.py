@@ -42,9 +42,11 @@ def answers(export: str, questions_file: str, max_new_tokens: str) -> list[str]:
     processor = transformers.AutoProcessor.from_pretrained(export)
     out = []
     for question in json.load(open(questions_file)):
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question["text"]}]}]
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=[Image.open(question["image"]).convert("RGB")], text=prompt, return_tensors="pt")
+        image = Image.open(question["image"]).convert("RGB")
+        messages = [{"role": "user", "content": [{"type": "image", "image": image},
+                                                 {"type": "text", "text": question["text"]}]}]
+        inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                               return_tensors="pt")
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=int(max_new_tokens), do_sample=False)
         out.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
