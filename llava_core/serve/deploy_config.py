@@ -96,13 +96,33 @@ def transformers_application(model_dir: str, settings: ServeSettings, model_name
     }
 
 
-def vllm_application(model_dir: str, settings: ServeSettings, model_name: str, family: str = "llava") -> dict:
-    return {
+def vllm_application(model_dir: str, settings: ServeSettings, model_name: str, family: str = "llava",
+                     env: dict | None = None) -> dict:
+    """Ray's OpenAI app for vLLM, built by its import path where it runs: Serve's controller imports
+    `ray.serve.llm` (and with it vLLM) in the application's runtime environment, so the driver needs neither. The
+    ingress only routes (no CPU of its own, as Ray's request router); the replicas run in `serve.vllm.python`'s
+    environment when it is set, with `env` added to theirs."""
+    app = {
         "name": APP_NAME,
         "route_prefix": "/",
         "import_path": VLLM_BUILDER,
-        "args": {"llm_configs": [vllm_llm_config(model_dir, settings, model_name, family)]},
+        "args": {"llm_configs": [vllm_llm_config(model_dir, settings, model_name, family)],
+                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}},
     }
+    runtime_env = vllm_runtime_env(settings, env or {})
+    if runtime_env:
+        app["runtime_env"] = runtime_env
+    return app
+
+
+def vllm_runtime_env(settings: ServeSettings, env: dict) -> dict:
+    """Where and with what environment the vLLM app is built and its replicas run: `serve.vllm.python` as Ray's
+    `py_executable`, and `serve.vllm.env_vars` on top of `env`."""
+    env = {**env, **settings.vllm.env_vars}
+    runtime_env = {"env_vars": env} if env else {}
+    if settings.vllm.python:
+        runtime_env["py_executable"] = settings.vllm.python
+    return runtime_env
 
 
 def media_limits(settings: ServeSettings, family: str) -> dict:
@@ -132,6 +152,8 @@ def vllm_llm_config(model_dir: str, settings: ServeSettings, model_name: str, fa
     }
     if settings.vllm.accelerator_type:
         config["accelerator_type"] = settings.vllm.accelerator_type
+    if settings.gpus_per_replica == 0:  # vLLM's CPU build: the engine's one bundle holds CPUs, not a GPU
+        config["placement_group_config"] = {"bundles": [{"CPU": settings.cpus_per_replica}]}
     return config
 
 

@@ -55,10 +55,10 @@ def plain(state) -> str:
     return getattr(state, "value", state)
 
 
-def ready_answer(url: str) -> tuple[int | None, str]:
-    """The status code of `/ready` and its reason; None when nothing answers."""
+def ready_answer(url: str, path: str = "/ready") -> tuple[int | None, str]:
+    """The status code of `path` and its reason; None when nothing answers."""
     try:
-        with urllib.request.urlopen(f"{url}/ready", timeout=5) as response:
+        with urllib.request.urlopen(f"{url}{path}", timeout=5) as response:
             return response.status, "ready"
     except urllib.error.HTTPError as error:
         return error.code, error_message(error.read())
@@ -73,8 +73,8 @@ def error_message(body: bytes) -> str:
         return body[:200].decode(errors="replace")
 
 
-def wait_until_ready(url: str, app_name: str, timeout_s: float) -> None:
-    """Until the application is RUNNING (so no replica of an earlier deployment answers) and `/ready` says 200."""
+def wait_until_ready(url: str, app_name: str, timeout_s: float, path: str = "/ready") -> None:
+    """Until the application is RUNNING (so no replica of an earlier deployment answers) and `path` says 200."""
     from ray import serve
     from ray.serve.schema import ApplicationStatus
 
@@ -84,12 +84,12 @@ def wait_until_ready(url: str, app_name: str, timeout_s: float) -> None:
         app = status.applications.get(app_name)
         if app is not None and app.status == ApplicationStatus.DEPLOY_FAILED:
             raise RuntimeError(f"the deployment failed: {describe_status(status, app_name)}")
-        code, reason = ready_answer(url)
+        code, reason = ready_answer(url, path)
         if code == 200 and app is not None and app.status == ApplicationStatus.RUNNING:
             return
         if time.monotonic() > deadline:
             raise RuntimeError(
-                f"{url}/ready did not answer 200 within {timeout_s:.0f}s (serve.ready_timeout_s); last answer: "
+                f"{url}{path} did not answer 200 within {timeout_s:.0f}s (serve.ready_timeout_s); last answer: "
                 f"{code or '-'} {reason}; {describe_status(status, app_name)}. If Serve was already running with "
                 "other HTTP options, call shutdown() first")
         time.sleep(0.5)
