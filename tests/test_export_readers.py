@@ -17,21 +17,24 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 
 import pytest
 import torch
 from PIL import Image
 
 from llava_core.eval.backends import answer_questions
+from tests.other_readers import (
+    HF4_PYTHON,
+    TRANSFORMERS_READER,
+    VLLM_PYTHON,
+    VLLM_READER,
+    agreement,
+    run_reader,
+    write_questions,
+)
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-HF4_PYTHON = os.path.join(ROOT, ".venv-hf4", "bin", "python")
-VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
-READER = os.path.join(ROOT, "tests", "readers", "transformers_reader.py")
-VLLM_READER = os.path.join(ROOT, "tests", "readers", "vllm_reader.py")
 FAMILIES = ("llava", "llava_next", "llava_onevision")
 BASE_MODELS = {"llava": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
                "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"),
@@ -52,9 +55,7 @@ def held_out(tmp_path_factory):
     rows = json.load(open(paths["instruct"]))
     corpus = [turn["value"] for row in rows for turn in row["conversations"]] + [q["text"] for q in questions]
     files = [os.path.join(paths["image_folder"], q["image"]) for q in questions]
-    questions_file = os.path.join(root, "questions.json")
-    with open(questions_file, "w") as f:
-        json.dump([{"text": q["text"], "image": path} for q, path in zip(questions, files)], f)
+    questions_file = write_questions(os.path.join(root, "questions.json"), [q["text"] for q in questions], files)
     return {"root": root, "corpus": corpus, "texts": [q["text"] for q in questions], "questions_file": questions_file,
             "images": [Image.open(path).convert("RGB") for path in files]}
 
@@ -106,11 +107,6 @@ def transformers_answers(export: str, texts: list[str], images: list, processor=
         answers.append(processor.tokenizer.decode(output[0, inputs["input_ids"].shape[1]:],
                                                   skip_special_tokens=True).strip())
     return answers
-
-
-def agreement(ours: list[str], theirs: list[str]) -> float:
-    assert len(ours) == len(theirs) == QUESTIONS
-    return sum(a == b for a, b in zip(ours, theirs)) / len(ours)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -181,22 +177,9 @@ def file_fingerprints(export: str) -> list:
     return sorted([list(t.shape), round(t.sum().item(), 6), round(t.norm().item(), 6)] for t in values)
 
 
-def run_reader(python: str, script: str, *args: str) -> dict:
-    """The JSON line a reader script prints when another environment's Python runs it (nothing of this project on
-    its path)."""
-    if not os.path.exists(python):
-        pytest.fail(f"{python} is missing: `make readers` (part of `make test`) builds it")
-    result = subprocess.run([python, script, *args], capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "PYTHONPATH": ""})
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert not report["imported_llava_core"]
-    return report
-
-
 def transformers_4(*args: str):
     """What tests/readers/transformers_reader.py says in `.venv-hf4` (transformers 4.57)."""
-    report = run_reader(HF4_PYTHON, READER, *args)
+    report = run_reader(HF4_PYTHON, TRANSFORMERS_READER, *args)
     assert report["transformers"].startswith("4.57")
     return report["result"]
 
@@ -226,7 +209,7 @@ def test_vllm_answers_as_our_engine(family, exports, engine_answers, held_out):
 def test_transformers_with_torchvision_answers_onevision_as_our_engine(exports, engine_answers, held_out):
     """OneVision's processor needs torchvision for its video half; the vLLM environment has it, so its transformers
     (5.1x) reads the export's full LlavaOnevisionProcessor through AutoProcessor."""
-    report = run_reader(VLLM_PYTHON, READER, "answers", exports["llava_onevision"], held_out["questions_file"],
-                        str(MAX_NEW_TOKENS))
+    report = run_reader(VLLM_PYTHON, TRANSFORMERS_READER, "answers", exports["llava_onevision"],
+                        held_out["questions_file"], str(MAX_NEW_TOKENS))
     assert report["transformers"].startswith("5.")
     assert agreement(engine_answers["llava_onevision"], report["result"]) >= 0.99

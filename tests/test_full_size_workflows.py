@@ -97,7 +97,8 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
     driver_home = os.path.join(root, f"driver-{name}", "home")
     os.makedirs(driver_home)
     overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
-                 f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers", *DATA, *SIZES, *SCALING, *EXTRA.get(name, [])]
+                 f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers", *DATA, *SIZES,
+                 *SCALING, *EXTRA.get(name, [])]
     driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
                   "TMPDIR": os.path.dirname(driver_home)}
     return subprocess.run(

@@ -15,6 +15,15 @@ from safetensors.torch import load_file
 
 from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
+from tests.other_readers import (
+    HF4_PYTHON,
+    TRANSFORMERS_READER,
+    VLLM_PYTHON,
+    VLLM_READER,
+    agreement,
+    run_reader,
+    write_questions,
+)
 from tests.ports import free_port
 
 pytestmark = pytest.mark.slow
@@ -181,6 +190,27 @@ def test_the_endpoint_answers_the_held_out_questions_exactly_as_in_process_evalu
     assert len(in_process) == 200
     assert predictions(tmp_path / "through-endpoint") == in_process
     assert metrics["accuracy"] == json.load(open(run_file(workflow, "evaluate", "metrics.json")))["accuracy"]
+
+
+def test_vllm_and_transformers_4_answer_the_held_out_questions_as_the_evaluation_did(first_run, tmp_path):
+    """The trained export in software this project did not write, each in its own environment with only the export's
+    files: vLLM's CPU build (its chat path) and transformers 4.57 answer the 200 held-out questions as the evaluate
+    stage (our engine) did."""
+    from llava_core.eval.layouts import load_eval_set
+
+    workflow, _ = first_run
+    export = run_file(workflow, "export")
+    items = load_eval_set(workflow.evaluate.all_sets()["main"])
+    rows = {row["key"]: row["prediction"]
+            for row in map(json.loads, open(run_file(workflow, "evaluate", "main", "predictions.jsonl")))}
+    ours = [rows[item.key] for item in items]
+    questions = write_questions(str(tmp_path / "questions.json"), [item.text for item in items],
+                                [item.image_path for item in items])
+    max_tokens = str(workflow.evaluate.max_new_tokens)
+    served = run_reader(VLLM_PYTHON, VLLM_READER, export, questions, max_tokens)
+    assert agreement(ours, served["answers"]) >= 0.99  # a trained model's answers: vLLM's own text, not re-decoded
+    loaded = run_reader(HF4_PYTHON, TRANSFORMERS_READER, "answers", export, questions, max_tokens)
+    assert agreement(ours, loaded["result"]) >= 0.99
 
 
 def test_rerun_skips_finished_stages_and_a_changed_setting_reruns_from_there(first_run, port):

@@ -17,13 +17,12 @@ from PIL import Image
 
 from llava_core.config import DatasetSettings, Workflow
 from llava_core.serve.decoding import DecodingParams
+from tests.other_readers import VLLM_PYTHON
 from tests.ports import free_port
 from tests.serve_requests import image_part, png_bytes
 
 pytestmark = pytest.mark.slow
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 MODEL = "tiny-vllm"
 # vLLM's CPU engine, small: in the replica's own process (starts in seconds), 1 GiB of KV cache, threads unbound.
 CPU_ENGINE = {"python": VLLM_PYTHON,
