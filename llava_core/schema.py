@@ -479,6 +479,11 @@ class VllmSettings:
     env_vars: dict[str, Str] = setting(
         dict, "`engine: vllm` only: environment variables of the vLLM replicas, e.g. `VLLM_CPU_KVCACHE_SPACE: '4'` "
               "(GiB of KV cache) on CPU nodes")
+    direct_streaming: Bool = setting(
+        False, "`engine: vllm` only: the vLLM server is Serve's ingress itself (Ray's direct streaming: no "
+               "separate ingress replica, one Python hop fewer per request; see docs/results.md). Needs "
+               "`RAY_SERVE_ENABLE_HA_PROXY=1` in the Ray cluster's environment (HAProxy as Serve's HTTP proxy, for "
+               "every application on it)")
 
 
 SECRET_IN_WORKFLOW = ("a key written in the workflow would be copied into Serve configs, the RayService object and "

@@ -139,6 +139,15 @@ def test_vllm_engine_config_is_a_ray_serve_llm_app(tmp_path, run_dir, workflow_f
     }
 
 
+def test_vllm_direct_streaming_makes_the_llm_server_the_ingress():
+    from llava_core.serve.deploy_config import vllm_application
+
+    settings = serve_settings_from_dict({"engine": "vllm", "vllm": {"direct_streaming": True}})
+    app = vllm_application("/models/export", settings, "m")
+    assert app["runtime_env"]["env_vars"] == {"RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING": "1"}
+    assert "ingress_deployment_config" not in app["args"]  # Ray refuses ingress options with direct streaming
+
+
 def test_an_api_key_with_the_vllm_engine_is_refused(tmp_path, run_dir, workflow_file):
     """Ray's LLM app checks no key: a workflow asking for one must not serve without it."""
     from llava_core.config import WorkflowError, load_workflow

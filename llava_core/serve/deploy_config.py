@@ -100,16 +100,17 @@ def vllm_application(model_dir: str, settings: ServeSettings, model_name: str, f
                      env: dict | None = None) -> dict:
     """Ray's OpenAI app for vLLM, built by its import path where it runs: Serve's controller imports
     `ray.serve.llm` (and with it vLLM) in the application's runtime environment, so the driver needs neither. The
-    ingress only routes (no CPU of its own, as Ray's request router); the replicas run in `serve.vllm.python`'s
-    environment when it is set, with `env` added to theirs."""
-    app = {
-        "name": APP_NAME,
-        "route_prefix": "/",
-        "import_path": VLLM_BUILDER,
-        "args": {"llm_configs": [vllm_llm_config(model_dir, settings, model_name, family)],
-                 "ingress_deployment_config": {"ray_actor_options": {"num_cpus": 0}}},
-    }
-    runtime_env = vllm_runtime_env(settings, env or {})
+    ingress only routes (no CPU of its own, as Ray's request router), or with `serve.vllm.direct_streaming` the LLM
+    server is the ingress; the replicas run in `serve.vllm.python`'s environment when it is set, with `env` added to
+    theirs."""
+    args = {"llm_configs": [vllm_llm_config(model_dir, settings, model_name, family)]}
+    env = dict(env or {})
+    if settings.vllm.direct_streaming:  # the LLM server is the ingress; Ray refuses ingress options then
+        env["RAY_SERVE_LLM_ENABLE_DIRECT_STREAMING"] = "1"
+    else:
+        args["ingress_deployment_config"] = {"ray_actor_options": {"num_cpus": 0}}
+    app = {"name": APP_NAME, "route_prefix": "/", "import_path": VLLM_BUILDER, "args": args}
+    runtime_env = vllm_runtime_env(settings, env)
     if runtime_env:
         app["runtime_env"] = runtime_env
     return app
