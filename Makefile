@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 # The workflow `make run` runs: the LLaVA-1.5 quickstart, or QUICKSTART=workflows/quickstart-onevision.yaml
 QUICKSTART ?= workflows/quickstart.yaml
 
-# Other readers of the export, each in its own environment (tests/test_export_readers.py, test_export_vllm.py).
+# Other readers of the export, each in its own environment (tests/other_readers.py).
 # transformers 4.x: its own transformers, huggingface-hub and tokenizers, the rest (torch, safetensors, ...) seen
 # through a .pth file in the project's venv: ~10 s and ~20 MB instead of a second torch.
 HF4_VENV ?= .venv-hf4

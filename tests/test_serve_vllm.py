@@ -53,14 +53,21 @@ def client(server):
     return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def our_completion(model_dir: str, question: str, images: list, max_tokens: int):
-    """Our engine's greedy completion of the same question (the endpoint's and the evaluation's path)."""
-    from llava_core.serve.engine import GenerationEngine, GenerationRequest
+@pytest.fixture(scope="module")
+def engine(tiny_llava_dir):
+    """Our engine on the same export (the endpoint's and the evaluation's generation path), loaded once."""
+    from llava_core.serve.engine import GenerationEngine
+
+    return GenerationEngine(tiny_llava_dir)
+
+
+def our_completion(engine, question: str, images: list, max_tokens: int):
+    """Our engine's greedy completion of the same question."""
+    from llava_core.serve.engine import GenerationRequest
 
     parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
     decoding = DecodingParams(max_tokens=max_tokens, temperature=0)
-    return GenerationEngine(model_dir).generate([GenerationRequest([{"role": "user", "content": parts}], images,
-                                                                   decoding)])[0]
+    return engine.generate([GenerationRequest([{"role": "user", "content": parts}], images, decoding)])[0]
 
 
 def same_answer(vllm_text: str, completion) -> bool:
@@ -69,7 +76,7 @@ def same_answer(vllm_text: str, completion) -> bool:
     return vllm_text.rstrip("\ufffd") == completion.text.rstrip("\ufffd")
 
 
-def test_text_image_and_streamed_answers_are_our_engines(client, tiny_llava_dir):
+def test_text_image_and_streamed_answers_are_our_engines(client, engine):
     image = Image.new("RGB", (56, 40), (200, 40, 40))
     question = "What colour is the shape?"
     plain = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
@@ -81,8 +88,8 @@ def test_text_image_and_streamed_answers_are_our_engines(client, tiny_llava_dir)
         model=MODEL, max_tokens=8, temperature=0, stream=True,
         messages=[{"role": "user", "content": [image_part(png_bytes(image)), {"type": "text", "text": question}]}])
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
-    for answer, ours in ((plain, our_completion(tiny_llava_dir, question, [], 8)),
-                         (with_image, our_completion(tiny_llava_dir, question, [image], 8))):
+    for answer, ours in ((plain, our_completion(engine, question, [], 8)),
+                         (with_image, our_completion(engine, question, [image], 8))):
         assert same_answer(answer.choices[0].message.content, ours)
         assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == \
             (ours.prompt_tokens, ours.completion_tokens)
@@ -104,7 +111,7 @@ def test_a_request_without_max_tokens_is_not_cut_by_the_export(client):
     assert answer.usage.completion_tokens > 64 and answer.choices[0].finish_reason == "length"
 
 
-def test_the_workflows_serve_stage_serves_with_vllm(server, tiny_llava_dir, tmp_path):
+def test_the_workflows_serve_stage_serves_with_vllm(server, engine, tiny_llava_dir, tmp_path):
     """The serve stage of a workflow with `serve.engine: vllm` deploys vLLM (in place of the module's app, on its
     port: one Serve, one set of HTTP options) and asks it the demo question."""
     from llava_core.serve.client import shutdown
@@ -126,7 +133,7 @@ def test_the_workflows_serve_stage_serves_with_vllm(server, tiny_llava_dir, tmp_
             demo = stage_serve(ctx)
     finally:
         shutdown()
-    ours = our_completion(tiny_llava_dir, "What colour is the shape?", [Image.open(image).convert("RGB")],
+    ours = our_completion(engine, "What colour is the shape?", [Image.open(image).convert("RGB")],
                           demo["max_tokens"])
     assert demo["model"] == "vllm-stage" and demo["usage"]["prompt_tokens"] == ours.prompt_tokens
     assert same_answer(demo["answer"], ours)
