@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROJECT_PYTHON = os.path.join(ROOT, ".venv", "bin", "python")  # transformers 5.2x, run as any user runs it
 HF4_PYTHON = os.path.join(ROOT, ".venv-hf4", "bin", "python")
 VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 TRANSFORMERS_READER = os.path.join(ROOT, "tests", "readers", "transformers_reader.py")
