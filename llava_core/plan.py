@@ -149,8 +149,11 @@ def model_size(workflow) -> ModelSize:
     vision = vision_params(tower, layers)
     # One projected feature per patch and view (the "default" strategy drops CLIP's CLS: 576 for CLIP-L/336).
     clip = tower.get("model_type", "clip_vision_model").startswith("clip")
+    head_size = llm.get("head_dim") or hidden // llm["num_attention_heads"]
     parts = PartSizes(vision=vision, projector=projector, llm=llm_counted, lora=0,
-                      vision_positions=patches + int(clip), image_tokens=patches)
+                      vision_positions=patches + int(clip), image_tokens=patches,
+                      llm_layers=llm["num_hidden_layers"], llm_attention_width=llm["num_attention_heads"] * head_size,
+                      vision_layers=layers, vision_width=tower["hidden_size"])
     typical = TYPICAL_IMAGE[workflow.model.family] or (patches, 1)
     return ModelSize(parts, {"llm": llm_all, "vision": vision, "projector": projector}, llama_linears(llm),
                      llm["num_hidden_layers"], hidden, source, *typical)
@@ -233,10 +236,11 @@ def tokens_per_row(workflow, dataset: str, size: ModelSize, prepared: dict) -> t
 
 
 def stage_flops_per_row(stage, size: ModelSize, tokens: float, views: float) -> float:
-    """Model FLOPs of one row of `tokens` tokens and `views` tower passes (averages allowed) in this stage."""
+    """Model FLOPs of one row of `tokens` tokens and `views` tower passes (averages allowed) in this stage. Attention
+    counts the average row's length squared: rows of unequal lengths cost more (by their lengths' variance)."""
     lora = stage.lora is not None
     parts = dataclasses.replace(size.parts, lora=lora_params(stage, size) if lora else 0)
-    return training_flops(parts, stage.trainable, lora)(tokens, views)
+    return training_flops(parts, stage.trainable, lora)(tokens, views, tokens ** 2)
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
@@ -267,6 +271,21 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     return gb
 
 
+def checkpoint_gb(stage, size: ModelSize, workers: int) -> dict[str, float]:
+    """A mid-stage checkpoint (`train/checkpoints.py`): fp32 Adam state (master + 2 moments, 12 B) and the weights in
+    the training dtype (2 B) of every trained parameter; frozen ones are not saved. Under ZeRO-3 each rank writes
+    1/workers of both; under ZeRO 0-2 of the optimizer state, and rank 0 the weights."""
+    trained = sum(trained_params(stage, size).values())
+    optimizer, weights = 12 * trained, 2 * trained
+    sharded = optimizer + weights if stage.zero_stage >= 3 else optimizer
+    per_rank = sharded / workers
+    # scratch on an 8-GPU node holding rank 0: its ranks' shards and rank 0's unsharded weights, twice (the next
+    # checkpoint may start while the last one still uploads)
+    node = 2 * (min(8, workers) * per_rank + (optimizer + weights - sharded))
+    return {"total": round((optimizer + weights) / 1e9, 1), "per_rank": round(per_rank / 1e9, 2),
+            "node_of_8_gpus": round(node / 1e9)}
+
+
 def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gpu: str, mfu: float) -> dict:
     stage, scaling = getattr(workflow, stage_name), workflow.scaling
     rows, rows_source = dataset_rows(workflow, stage.dataset, prepared)
@@ -280,6 +299,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
         "tokens_per_row": round(tokens), "tokens_from": tokens_source,
         "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens),
+        "checkpoint_gb": checkpoint_gb(stage, size, workers), "checkpoint_every": stage.checkpoint_every,
     }
     if rows is None:
         return plan
@@ -361,6 +381,11 @@ def format_plan(plan: dict) -> str:
                          f"{s['flops']:.2e} FLOPs")
         if "gpu_hours" in s:
             lines.append(f"            ~{s['gpu_hours']} GPU-hours, ~{s['wall_hours']} h wall")
+        ckpt = s["checkpoint_gb"]
+        lines.append(f"            checkpoint ~{ckpt['total']:.3g} GB every {s['checkpoint_every']} steps, "
+                     f"{ckpt['per_rank']:.1f} GB a rank: scaling.local_dir needs ~{ckpt['node_of_8_gpus']} GB "
+                     "on an 8-GPU node (two checkpoints while one uploads)" if s["checkpoint_every"] else
+                     f"            no mid-stage checkpoints (checkpoint_every 0; one would be ~{ckpt['total']:.0f} GB)")
         mem = s["memory_per_gpu_gb"]
         device = "GPU" if "GPU" in s["resources_per_worker"] else "worker"
         lines.append(f"            memory per {device} ~{mem['total']:.1f} GB (weights {mem['weights']:.1f}, gradients "

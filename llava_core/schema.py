@@ -105,6 +105,11 @@ class ScalingSettings:
     use_gpu: Bool = setting(False, "train on GPUs: one per worker, `gpus_per_worker` each")
     cpus_per_worker: Float = setting(1, "CPUs each training worker reserves", ge=0)
     gpus_per_worker: Float = setting(1, "GPUs each training worker reserves; only read when `use_gpu` is true", ge=0)
+    local_dir: Str = setting(
+        "", "node-local scratch where each rank writes its checkpoint shards before they upload to storage (in the "
+            "background) and fetches its own shards when resuming; `''`: the system temp directory. Give it a fast "
+            "disk with room for a checkpoint's share of each node (`validate --plan` says how much): NVMe on the "
+            "cluster files")
     peak_tflops_per_worker: Optional[Float] = setting(
         None, "the peak for MFU; `null`: the device's dense bf16 peak from the one GPU table, `llava_core/flops.py`, "
               "matched from its CUDA name (H100 SXM/PCIe/NVL, H200, A100 40/80 GB, L40S, L4; none on CPU or other "

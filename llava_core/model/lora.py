@@ -70,10 +70,14 @@ def lora_config(settings: LoraSettings, modules_to_save: list[str] | None = None
 
 
 def apply_lora(model, settings: LoraSettings, full_modules: list | None = None):
-    """LoRA on the LLM; `full_modules` (e.g. the projector) train in full and are saved in the adapter."""
+    """LoRA on the LLM; `full_modules` (e.g. the projector) train in full and are saved in the adapter. The adapters
+    take the model's dtype: peft's default upcasts them to fp32, and ZeRO-3 then refuses a bf16 model's parameter
+    group that mixes fp32 adapters with the bf16 projector copy (DeepSpeed keeps fp32 master weights of every trained
+    parameter anyway, so nothing is lost)."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(settings, module_paths(model, full_modules or [])))
+    return get_peft_model(model, lora_config(settings, module_paths(model, full_modules or [])),
+                          autocast_adapter_dtype=False)
 
 
 def save_adapter(model, directory: str) -> list[str]:

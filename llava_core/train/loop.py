@@ -1,8 +1,8 @@
 """The per-worker training loop of the align and instruct stages (runs inside Ray Train workers).
 
 Build the stage's model (partitioned as it loads under ZeRO-3), hand it to DeepSpeed (`train/engine.py`), then step
-through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train.
-Resuming restores the DeepSpeed state and the step counter from the last checkpoint Ray Train hands back; the final
+through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train
+(`train/checkpoints.py`). Resuming restores the DeepSpeed state and the step counter from the last checkpoint Ray Train hands back; the final
 checkpoint holds only the step counter and history (the stage output holds the weights), so no optimizer state is kept
 once a stage is done. Everything the loop reads is one `LoopConfig`, built by the driver (`train/trainer.py`).
 """
@@ -25,6 +25,7 @@ from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
 from llava_core.schema import ScalingSettings, TrainStageSettings
+from llava_core.train import checkpoints
 from llava_core.train.batching import BatchPlan, capped_steps
 from llava_core.train.engine import (
     build_engine,
@@ -36,12 +37,16 @@ from llava_core.train.engine import (
     zero3_loading,
 )
 from llava_core.train.freeze import describe_training
-from llava_core.train.metrics import MetricsWriter, flops_counter, peak_flops, peak_rss_gib
+from llava_core.train.metrics import (
+    MetricsWriter,
+    flops_counter,
+    micro_batch_flops,
+    peak_device_gib,
+    peak_flops,
+    peak_rss_gib,
+)
 from llava_core.train.save import save_hf_model
 from llava_core.train.streaming import BatchPrefetcher, TrainingRows
-
-DS_TAG = "deepspeed"
-
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -111,7 +116,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     flops = flops_counter(model, stage.trainable, stage.lora is not None)
     peak = peak_flops(config.scaling.peak_tflops_per_worker, use_gpu)
 
-    start_step, history = restore(engine, total_steps)
+    start_step, history = checkpoints.restore(engine, total_steps, checkpoints.scratch_dir(config.scaling.local_dir))
     writer = (MetricsWriter(config.stage_name, stage, tensorboard_dir(config), config.output_dir, history)
               if rank == 0 else None)
     if rank == 0:
@@ -133,7 +138,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             tokens = int(lengths[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
-            window["flops"] += flops(tokens, pixels.views(batch))
+            window["flops"] += micro_batch_flops(flops, lengths[rows], pixels.views(batch))
         loss = optimizer_step(engine, step_batches, stage.loss_normalization, device)
         record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)
@@ -166,7 +171,8 @@ def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world:
     sums = torch.cat([numerator.to(torch.float64).reshape(1), counts])
     torch.distributed.all_reduce(sums)
     # The slowest rank's data wait gates the step; the largest rank's peak memory is what a node must hold.
-    worst = torch.tensor([window["data_wait_s"], peak_rss_gib()], dtype=torch.float64, device=device)
+    worst = torch.tensor([window["data_wait_s"], peak_rss_gib(), peak_device_gib(device)], dtype=torch.float64,
+                         device=device)
     torch.distributed.all_reduce(worst, op=torch.distributed.ReduceOp.MAX)
     sums, worst = sums.tolist(), worst.tolist()
     now = time.time()
@@ -184,6 +190,7 @@ def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world:
         "mfu": None if peak is None else round(sums[3] / elapsed / (world * peak), 4),
         "data_wait_s": round(worst[0], 4),  # time blocked waiting for prefetched batches, max over ranks
         "rss_gib": round(worst[1], 3),  # peak resident memory of the largest rank so far
+        "gpu_peak_gib": round(worst[2], 3),  # peak GPU memory allocated by the largest rank so far (0 on CPU)
         "time": round(now, 3),
     }
 
@@ -212,36 +219,21 @@ def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 
 
-def restore(engine, total_steps: int) -> tuple[int, list]:
-    """(step to start at, history so far) from Ray Train's latest checkpoint. A finished stage's checkpoint has no
-    DeepSpeed state to load: nothing is left to train."""
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return 0, []
-    with checkpoint.as_directory() as directory:
-        with open(os.path.join(directory, "train_state.json")) as f:
-            state = json.load(f)
-        if state["step"] < total_steps:
-            engine.load_checkpoint(directory, tag=DS_TAG, load_module_strict=False)
-    return state["step"], state["history"]
-
-
 def save_and_report(engine, processor, step, total_steps, history, parts, rank, config: LoopConfig,
                     is_last) -> None:
-    """Every rank writes its DeepSpeed shard into the same checkpoint; side files come from rank 0 only. The last
-    checkpoint skips the DeepSpeed state (optimizer included: 12 bytes per trained parameter, 84 GB for 7B): the
-    stage output written beside it holds the weights, and a resumed finished stage has nothing to train."""
-    with tempfile.TemporaryDirectory() as directory:
-        if not is_last:
-            engine.save_checkpoint(directory, tag=DS_TAG, exclude_frozen_parameters=True)
-        if rank == 0:
-            with open(os.path.join(directory, "train_state.json"), "w") as f:
-                json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
-        if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
-            write_stage_output(engine.module, processor, parts, config, rank)
-        last = history[-1]
-        ray.train.report({"step": step, "loss": last["loss"]},
-                         checkpoint=ray.train.Checkpoint.from_directory(directory))
+    """Every rank writes its DeepSpeed shard into the step's checkpoint (`train/checkpoints.py`: node-local, uploaded
+    in the background); side files come from rank 0 only. The last checkpoint skips the DeepSpeed state (optimizer
+    included: 12 bytes per trained parameter, 84 GB for 7B): the stage output written beside it holds the weights,
+    and a resumed finished stage has nothing to train."""
+    directory = checkpoints.new_directory(checkpoints.scratch_dir(config.scaling.local_dir), step)
+    if not is_last:
+        engine.save_checkpoint(directory, tag=checkpoints.DS_TAG, exclude_frozen_parameters=True)
+    if rank == 0:
+        with open(os.path.join(directory, checkpoints.STATE_FILE), "w") as f:
+            json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
+    if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
+        write_stage_output(engine.module, processor, parts, config, rank)
+    checkpoints.report({"step": step, "loss": history[-1]["loss"]}, directory, final=is_last)
 
 
 def write_stage_output(model, processor, parts, config: LoopConfig, rank) -> None:
@@ -251,7 +243,7 @@ def write_stage_output(model, processor, parts, config: LoopConfig, rank) -> Non
     `trainable.json`; the metrics are rank 0's MetricsWriter's. Every rank takes part in the gathers; global rank 0
     writes."""
     projector = trained_module(llava_of(model).model.multi_modal_projector)  # under LoRA, peft's trained copy
-    with tempfile.TemporaryDirectory() as local:
+    with tempfile.TemporaryDirectory(dir=checkpoints.scratch_dir(config.scaling.local_dir)) as local:
         with gathered(list(projector.parameters())):  # 21M parameters for 7B: gathered alone
             if rank == 0:
                 with open(os.path.join(local, "mm_projector.bin"), "wb") as f:

@@ -48,22 +48,47 @@ def model_part_sizes(model) -> flop_model.PartSizes:
             counts[part_of(name)] += numel(param)
     from llava_core.model.families import features_per_view, tower_has_cls
 
-    vision = llava.config.vision_config
+    vision, text = llava.config.vision_config, llava.config.text_config
     patches = features_per_view(vision)
+    head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     # Per tower pass (a view: the one crop of LLaVA-1.5, a tile or base view of AnyRes): the projector maps every
-    # patch feature; row newlines are a copy, not a matmul.
-    return flop_model.PartSizes(**counts, vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches)
+    # patch feature; row newlines are a copy, not a matmul. The tower runs the layers it holds.
+    return flop_model.PartSizes(**counts, vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches,
+                                llm_layers=text.num_hidden_layers,
+                                llm_attention_width=text.num_attention_heads * head_size,
+                                vision_layers=len(tower_layers(llava)), vision_width=vision.hidden_size)
+
+
+def tower_layers(llava):
+    """The vision tower's encoder layers (CLIP and SigLIP alike keep them at `vision_model.encoder.layers`)."""
+    from llava_core.model.lora import trained_module
+
+    tower = trained_module(llava.model.vision_tower)
+    return getattr(tower, "vision_model", tower).encoder.layers
+
+
+def micro_batch_flops(flops, lengths, views: int) -> float:
+    """Model FLOPs of a micro-batch of samples of these token `lengths` (a numpy array) and `views` tower passes."""
+    return flops(int(lengths.sum()), views, float((lengths.astype("float64") ** 2).sum()))
 
 
 def flops_counter(model, trainable: list[str], lora: bool):
-    """A function (tokens, views) -> model FLOPs of one micro-batch, for this model and stage (`views`: tower
-    passes, one per LLaVA-1.5 image)."""
+    """A function (tokens, views, squared_lengths) -> model FLOPs of one micro-batch, for this model and stage
+    (`views`: tower passes, one per LLaVA-1.5 image; `squared_lengths`: the sum of its samples' lengths squared)."""
     return flop_model.training_flops(model_part_sizes(model), trainable, lora)
 
 
 def peak_rss_gib() -> float:
     """This process's peak resident memory so far (Linux reports ru_maxrss in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def peak_device_gib(device) -> float:
+    """The training device's peak allocated memory so far (what the caching allocator handed out; `nvidia-smi` shows
+    more: its reserved pool and the CUDA context); 0 on CPU, where `peak_rss_gib` is the figure."""
+    import torch
+
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
 
 
 class MetricsWriter:

@@ -1,0 +1,58 @@
+"""The next-token loss without vocabulary-sized fp32 logits for the whole sequence.
+
+transformers computes logits at every position and upcasts all of them to fp32 for the cross-entropy: at OneVision's
+32K positions and Qwen2's 152K vocabulary that is ~20 GB a copy, ~50 GB with the softmax and its gradient, on top of
+ZeRO-3's state. Two changes, same loss and gradient:
+- the lm_head runs only where a label is supervised (transformers' boolean `logits_to_keep`): the prompt, image and
+  padding positions (~90% of a OneVision row, ~60% of a LLaVA-1.5 one) get no logits at all, which also saves their
+  share of the lm_head's FLOPs;
+- the fp32 cross-entropy runs over chunks of those rows, each chunk recomputed in backward (non-reentrant
+  checkpointing): at most one chunk's fp32 logits, softmax and gradient are alive at a time (`CHUNK_BYTES`).
+What stays: the supervised rows' logits in the training dtype and their gradient (a 2K-token answer under Qwen2: 0.6 GB
+each in bf16). A fused linear cross-entropy kernel (Liger's) would drop those too; it needs the hidden states before
+the lm_head, which transformers' forward does not return, and a ZeRO-3-gathered lm_head weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from llava_core.data.templates import IGNORE_INDEX
+
+CHUNK_BYTES = 512 * 2**20  # fp32 logits per chunk; its softmax and gradient take as much again each
+
+
+def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
+    """Positions whose next token is supervised (the position predicts the label one to its right), as a bool mask."""
+    keep = torch.zeros_like(labels, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+    return keep
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """The fp32 cross-entropy of `logits` rows (any dtype) against `targets`, summed, one chunk of rows at a time."""
+    rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
+    if logits.shape[0] == 0:  # nothing supervised: 0, with a graph, since backward must still run on every rank
+        return logits.float().sum()
+    total = 0.0
+    for start in range(0, logits.shape[0], rows):
+        total = total + checkpoint(_summed_chunk, logits[start:start + rows], targets[start:start + rows],
+                                   use_reentrant=False)
+    return total
+
+
+def _summed_chunk(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def next_token_loss(model, batch: dict, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """The model's causal LM loss over `batch` (its `labels` as transformers reads them): the summed token losses
+    divided by `num_items_in_batch` when given (token normalisation), else their mean (transformers' two rules)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    labels = batch["labels"]
+    keep = supervised_positions(labels)
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (supervised positions, vocabulary)
+    total = summed_cross_entropy(logits, labels[:, 1:][keep[:, :-1]])
+    divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
+    return total / divisor
