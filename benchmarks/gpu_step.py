@@ -7,15 +7,20 @@ bf16. What runs is the worker loop's: `train.engine.build_engine` (DeepSpeed ZeR
 freezing: projector + LLM train, vision frozen, gradient checkpointing, fused AdamW, the cosine schedule), rows
 written as a prepared shard (8-row groups) and streamed by `train.streaming.BatchPrefetcher` with the batch plan's
 packing (rows of --pack-length tokens), `train.engine.model_inputs` (packed rows flattened for flash attention's
-variable-length path), `train.engine.optimizer_step` (token-normalised loss) and a DeepSpeed checkpoint at the end.
-Sample lengths follow LLaVA-1.5's mix (benchmarks/padding.py). MFU counts model FLOPs (llava_core.flops: 6N per
-token trained, 2N per patch for the frozen tower, no recomputation, attention scores excluded) against the device's
-dense bf16 peak. A 7B model with fp32 AdamW state on one GPU needs ~110 GB before activations: an H200 holds it; on
-an 80 GB GPU pass --layers 16.
+variable-length path), `train.engine.optimizer_step` (token-normalised loss, `train/loss.py`), and with --save a
+DeepSpeed checkpoint at the end, timed after the step figures are printed. Sample lengths follow LLaVA-1.5's mix
+(benchmarks/padding.py). MFU counts model FLOPs (llava_core.flops, the plan's count: 6N per token trained, the lm_head
+on supervised tokens, 2N per patch for the frozen tower, attention included, no recomputation) against the device's
+dense bf16 peak.
 
-    python benchmarks/gpu_step.py [--attn flash_attention_2]     # on a GPU
-    python benchmarks/gpu_step.py --tiny                         # the same code on CPU with tiny shapes
-Last line: {"device", "step_s", "tokens_per_s", "mfu", "peak_mem_gib", "checkpoint_s"}
+Memory: the whole 7B with fp32 AdamW state and fp32 gradients on one GPU needs ~125 GB before activations. By default
+the LLM keeps as many of its 32 layers as the GPU holds (all on 141 GB H200s, 16 on 80 GB H100s: 7B width, half the
+depth; MFU per layer is what the full model runs at); the output names the layer count. Takes ~2-4 minutes.
+
+    python benchmarks/gpu_step.py [--attn sdpa] [--layers 32] [--save]   # on a GPU (flash attention when installed)
+    python benchmarks/gpu_step.py --tiny                                  # the same code on CPU with tiny shapes
+Last line: {"device", "llm_layers", "attn", "step_s", "tokens_per_s", "mfu", "peak_mem_gib"} (a further line with
+"checkpoint_s" after it with --save)
 """
 from __future__ import annotations
 
@@ -38,7 +43,7 @@ from llava_core.config import TrainStageSettings  # noqa: E402
 from llava_core.data.image_layouts import CropPixels  # noqa: E402
 from llava_core.data.rows import ROW_GROUP_ROWS  # noqa: E402
 from llava_core.train.batching import BatchPlan  # noqa: E402
-from llava_core.train.engine import build_engine, model_inputs, optimizer_step  # noqa: E402
+from llava_core.train.engine import build_engine, model_inputs, optimizer_step, supervised_tokens  # noqa: E402
 from llava_core.train.metrics import flops_counter, micro_batch_flops, peak_flops  # noqa: E402
 from llava_core.train.streaming import BatchPrefetcher, TrainingRows  # noqa: E402
 
@@ -83,6 +88,26 @@ def write_rows(config: LlavaConfig, rows: int, max_length: int, path: str, seed:
     return path
 
 
+def default_layers(config: LlavaConfig, device: torch.device) -> int:
+    """All the LLM's layers where ~18 bytes a parameter (bf16 weights, fp32 gradients, fp32 Adam master and moments)
+    leave a fifth of the GPU for activations; else the most that do, in steps of 8."""
+    layers = config.text_config.num_hidden_layers
+    if device.type != "cuda":
+        return layers
+    text = config.text_config
+    per_layer = 4 * text.hidden_size ** 2 + 3 * text.hidden_size * text.intermediate_size
+    fixed = 2 * text.vocab_size * text.hidden_size + 330e6  # embeddings, lm_head, the tower and projector
+    budget = 0.8 * torch.cuda.get_device_properties(device).total_memory / 18
+    fits = int((budget - fixed) // per_layer) // 8 * 8
+    return max(8, min(layers, fits))
+
+
+def default_attention(use_gpu: bool) -> str:
+    import importlib.util
+
+    return "flash_attention_2" if use_gpu and importlib.util.find_spec("flash_attn") else "sdpa"
+
+
 def one_rank_group(device: torch.device) -> None:
     """A world of one, as torchrun would set it up: DeepSpeed wants an initialised process group and LOCAL_RANK."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ.get("MASTER_PORT", "29533"), RANK="0",
@@ -98,15 +123,17 @@ def main() -> None:
     parser.add_argument("--rows-per-micro", type=int, default=2)
     parser.add_argument("--accum", type=int, default=2)
     parser.add_argument("--pack-length", type=int, default=0, help="default: 4096 (512 with --tiny)")
-    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flash_attention_2", "eager"])
-    parser.add_argument("--layers", type=int, default=0, help="fewer LLM layers, when memory is short")
+    parser.add_argument("--attn", default="", choices=["", "sdpa", "flash_attention_2", "eager"],
+                        help="default: flash_attention_2 on a GPU where flash-attn is installed, else sdpa")
+    parser.add_argument("--layers", type=int, default=0, help="LLM layers (default: what the GPU's memory holds)")
+    parser.add_argument("--save", action="store_true", help="also time a DeepSpeed checkpoint (~49 GB at 16 layers)")
     args = parser.parse_args()
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     use_gpu = device.type == "cuda"
     pack_length = args.pack_length or (512 if args.tiny else 4096)
     config = llava_config(args.tiny)
-    if args.layers:
-        config.text_config.num_hidden_layers = args.layers
+    config.text_config.num_hidden_layers = args.layers or default_layers(config, device)
+    args.attn = args.attn or default_attention(use_gpu)
     config._attn_implementation = args.attn
     one_rank_group(device)
     total_steps = args.steps
@@ -144,7 +171,8 @@ def main() -> None:
                 step_batches.append(model_inputs(batch, config.image_token_index, pixels, 0, flatten))
                 picked = np.concatenate(micro)
                 step_tokens += int(rows.lengths[picked].sum())
-                flop += micro_batch_flops(flops, rows.lengths[picked], int(rows.num_images[picked].sum()))
+                flop += micro_batch_flops(flops, rows.lengths[picked], int(rows.num_images[picked].sum()),
+                                          supervised_tokens(batch))
             if use_gpu:
                 torch.cuda.synchronize()
             started = time.time()
@@ -155,21 +183,20 @@ def main() -> None:
             step_flops.append(flop)
             print(f"step {step + 1}/{args.steps}: {times[-1]:.3f}s, {step_tokens} tokens, loss {loss:.3f}", flush=True)
         batches.close()
-        started = time.time()
-        engine.save_checkpoint(os.path.join(root, "checkpoint"), tag="deepspeed", exclude_frozen_parameters=True)
-        checkpoint_s = time.time() - started
-
-    measured = slice(args.warmup, None)
-    peak = peak_flops(None, use_gpu)
-    mfu = None if peak is None else float(np.sum(step_flops[measured]) / np.sum(times[measured]) / peak)
-    print(json.dumps({
-        "device": torch.cuda.get_device_name() if use_gpu else "cpu (--tiny)",
-        "step_s": round(float(np.mean(times[measured])), 4),
-        "tokens_per_s": round(float(np.sum(tokens[measured]) / np.sum(times[measured])), 1),
-        "mfu": None if mfu is None else round(mfu, 4),
-        "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None,
-        "checkpoint_s": round(checkpoint_s, 2)}))
-
+        measured = slice(args.warmup, None)
+        peak = peak_flops(None, use_gpu)
+        mfu = None if peak is None else float(np.sum(step_flops[measured]) / np.sum(times[measured]) / peak)
+        print(json.dumps({
+            "device": torch.cuda.get_device_name() if use_gpu else "cpu (--tiny)",
+            "llm_layers": config.text_config.num_hidden_layers, "attn": args.attn,
+            "step_s": round(float(np.mean(times[measured])), 4),
+            "tokens_per_s": round(float(np.sum(tokens[measured]) / np.sum(times[measured])), 1),
+            "mfu": None if mfu is None else round(mfu, 4),
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None}), flush=True)
+        if args.save:
+            started = time.time()
+            engine.save_checkpoint(os.path.join(root, "checkpoint"), tag="deepspeed", exclude_frozen_parameters=True)
+            print(json.dumps({"checkpoint_s": round(time.time() - started, 2)}))
 
 if __name__ == "__main__":
     main()

@@ -3,8 +3,9 @@
 Model FLOPs, the quantity MFU conventionally counts: per parameter and per position it runs on, 6 for parts whose
 weights train (forward + the two backward matmuls), 4 for frozen parts that gradients flow through (forward +
 input gradients: the LLM under a trained projector or LoRA), 2 for frozen parts that only run forward (a frozen
-vision tower). The LLM (and its LoRA adapters, always 6) runs on every token, image tokens included; the projector
-on each image's tokens; the vision tower on each image's patches plus CLS. The LLM's input embedding table (a lookup)
+vision tower). The LLM (and its LoRA adapters, always 6) runs on every token, image tokens included, except its
+lm_head, which the training loss runs only where a label is supervised (`train/loss.py`); the projector on each
+image's tokens; the vision tower on each image's patches plus CLS. The LLM's input embedding table (a lookup)
 is left out; norms and the tower's position embeddings are in (a fraction of a percent).
 
 Attention's two matmuls per layer (scores Q.K^T and their weighted sum of V) have no weights: 4 x s^2 x width forward
@@ -33,7 +34,8 @@ class PartSizes:
     """Parameters per part, as the FLOP model counts them, and the positions the image parts run on per image."""
     vision: int
     projector: int
-    llm: int  # without the input embedding table; the lm_head counts even when tied to it
+    llm: int  # without the input embedding table and the lm_head
+    lm_head: int  # runs only at supervised positions (`train/loss.py`); counted even when tied to the embeddings
     lora: int  # 0 without LoRA
     vision_positions: int  # patches + CLS
     image_tokens: int  # projector outputs placed into the LLM's sequence
@@ -55,8 +57,9 @@ def coefficients(trainable: list[str], lora: bool) -> dict[str, int]:
 
 
 def training_flops(sizes: PartSizes, trainable: list[str], lora: bool):
-    """A function (tokens, images, squared_lengths) -> model FLOPs of a micro-batch (or, with averages, of a row) for
-    this stage; `squared_lengths` is the sum of each sample's token count squared (for the LLM's attention)."""
+    """A function (tokens, images, squared_lengths, supervised) -> model FLOPs of a micro-batch (or, with averages,
+    of a row) for this stage; `squared_lengths` is the sum of each sample's token count squared (for the LLM's
+    attention), `supervised` the tokens with a label (the lm_head runs there only)."""
     coef = coefficients(trainable, lora)
     per_token = coef["llm"] * sizes.llm + coef["lora"] * sizes.lora
     vision_attention = (3 if coef["vision"] == 6 else 1) * 4 * sizes.vision_width * sizes.vision_positions ** 2
@@ -67,8 +70,11 @@ def training_flops(sizes: PartSizes, trainable: list[str], lora: bool):
     # before it (coefficient 4 or 6)
     per_squared_length = (3 if coef["llm"] >= 4 else 1) * 2 * sizes.llm_attention_width * sizes.llm_layers
 
-    def flops(tokens: float, images: float, squared_lengths: float) -> float:
-        return float(per_token * tokens + per_image * images + per_squared_length * squared_lengths)
+    per_supervised = coef["llm"] * sizes.lm_head  # trained with the LLM; else gradients flow through it
+
+    def flops(tokens: float, images: float, squared_lengths: float, supervised: float) -> float:
+        return float(per_token * tokens + per_image * images + per_squared_length * squared_lengths
+                     + per_supervised * supervised)
 
     return flops
 

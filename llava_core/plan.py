@@ -51,6 +51,9 @@ KNOWN_DATASETS = {"blip_laion_cc_sbu_558k": 558_128, "llava_v1_5_mix665k": 665_2
 # Average tokens per row, image tokens included, when nothing better is known: LLaVA-Pretrain captions are short;
 # the 665k mix averages a few hundred text tokens and ~94% of its rows carry an image.
 DEFAULT_TEXT_TOKENS = {"plain": 20, "vicuna_v1": 250, "chat_template": 250}
+# Of those, the supervised ones (answers and their end-of-turn tokens): a caption and its newline; about half of a
+# conversation (the answers outweigh the questions). An assumption until prepare has counted them.
+DEFAULT_SUPERVISED_TOKENS = {"plain": 15, "vicuna_v1": 125, "chat_template": 125}
 IMAGE_ROW_FRACTION = {"plain": 1.0, "vicuna_v1": 0.94, "chat_template": 0.94}
 
 
@@ -114,6 +117,10 @@ def llm_params(config: dict, vocab: int) -> tuple[int, int]:
     return counted, counted + (0 if config.get("tie_word_embeddings", False) else vocab * hidden)
 
 
+def lm_head_params(config: dict, vocab: int) -> int:
+    return vocab * config["hidden_size"]
+
+
 def tower_config(tower: str) -> dict:
     config = local_config(tower)
     if config:
@@ -150,7 +157,8 @@ def model_size(workflow) -> ModelSize:
     # One projected feature per patch and view (the "default" strategy drops CLIP's CLS: 576 for CLIP-L/336).
     clip = tower.get("model_type", "clip_vision_model").startswith("clip")
     head_size = llm.get("head_dim") or hidden // llm["num_attention_heads"]
-    parts = PartSizes(vision=vision, projector=projector, llm=llm_counted, lora=0,
+    parts = PartSizes(vision=vision, projector=projector, llm=llm_counted - lm_head_params(llm, vocab),
+                      lm_head=lm_head_params(llm, vocab), lora=0,
                       vision_positions=patches + int(clip), image_tokens=patches,
                       llm_layers=llm["num_hidden_layers"], llm_attention_width=llm["num_attention_heads"] * head_size,
                       vision_layers=layers, vision_width=tower["hidden_size"])
@@ -221,26 +229,36 @@ def trained_params(stage, size: ModelSize) -> dict[str, int]:
     return trained
 
 
-def tokens_per_row(workflow, dataset: str, size: ModelSize, prepared: dict) -> tuple[float, float, str]:
-    """(tokens per row, tower passes per row): measured by the prepare stage when it ran (passes: one image's
-    typical views per image row), else the recipe's averages."""
+@dataclass(frozen=True)
+class RowAverages:
+    tokens: float  # image tokens included
+    views: float  # tower passes
+    supervised: float  # labelled tokens
+    source: str
+
+
+def row_averages(workflow, dataset: str, size: ModelSize, prepared: dict) -> RowAverages:
+    """Tokens, tower passes and supervised tokens per row: measured by the prepare stage when it ran (passes: one
+    image's typical views per image row), else the recipe's averages."""
     entry = prepared.get(dataset)
     if entry and entry["rows_written"]:
-        image_rows = entry["rows_written"] - entry.get("text_only_rows", 0)
-        return (entry["tokens"] / entry["rows_written"], size.views_per_image * image_rows / entry["rows_written"],
-                "prepare manifest")
+        rows = entry["rows_written"]
+        image_rows = rows - entry.get("text_only_rows", 0)
+        return RowAverages(entry["tokens"] / rows, size.views_per_image * image_rows / rows,
+                           entry["supervised_tokens"] / rows, "prepare manifest")
     template = workflow.datasets[dataset].template
     fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
-    return (fraction * size.tokens_per_image + DEFAULT_TEXT_TOKENS.get(template, 250),
-            fraction * size.views_per_image, "recipe averages")
+    return RowAverages(fraction * size.tokens_per_image + DEFAULT_TEXT_TOKENS.get(template, 250),
+                       fraction * size.views_per_image, DEFAULT_SUPERVISED_TOKENS.get(template, 125),
+                       "recipe averages")
 
 
-def stage_flops_per_row(stage, size: ModelSize, tokens: float, views: float) -> float:
-    """Model FLOPs of one row of `tokens` tokens and `views` tower passes (averages allowed) in this stage. Attention
-    counts the average row's length squared: rows of unequal lengths cost more (by their lengths' variance)."""
+def stage_flops_per_row(stage, size: ModelSize, row: RowAverages) -> float:
+    """Model FLOPs of one average row in this stage. Attention counts the average row's length squared: rows of
+    unequal lengths cost more (by their lengths' variance)."""
     lora = stage.lora is not None
     parts = dataclasses.replace(size.parts, lora=lora_params(stage, size) if lora else 0)
-    return training_flops(parts, stage.trainable, lora)(tokens, views, tokens ** 2)
+    return training_flops(parts, stage.trainable, lora)(row.tokens, row.views, row.tokens ** 2, row.supervised)
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
@@ -289,7 +307,8 @@ def checkpoint_gb(stage, size: ModelSize, workers: int) -> dict[str, float]:
 def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gpu: str, mfu: float) -> dict:
     stage, scaling = getattr(workflow, stage_name), workflow.scaling
     rows, rows_source = dataset_rows(workflow, stage.dataset, prepared)
-    tokens, views, tokens_source = tokens_per_row(workflow, stage.dataset, size, prepared)
+    row = row_averages(workflow, stage.dataset, size, prepared)
+    tokens = row.tokens
     workers = scaling.num_workers
     plan = {
         "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
@@ -297,7 +316,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         "trainable": {p: n for p, n in trained_params(stage, size).items()},
         "zero_stage": stage.zero_stage,
         "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
-        "tokens_per_row": round(tokens), "tokens_from": tokens_source,
+        "tokens_per_row": round(tokens), "tokens_from": row.source,
         "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens),
         "checkpoint_gb": checkpoint_gb(stage, size, workers), "checkpoint_every": stage.checkpoint_every,
     }
@@ -305,7 +324,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         return plan
     steps = rows // stage.global_batch_size * stage.epochs
     steps = min(steps, stage.max_steps) if stage.max_steps else steps
-    flops = stage_flops_per_row(stage, size, tokens, views) * steps * stage.global_batch_size
+    flops = stage_flops_per_row(stage, size, row) * steps * stage.global_batch_size
     peak = GPUS[gpu].tflops * 1e12
     gpus = workers if scaling.use_gpu else 0
     plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)

@@ -40,8 +40,9 @@ def test_plan_and_runtime_count_the_same_flops(tiny_dataset, stage_name, overrid
     runtime = flops_counter(model, stage.trainable, stage.lora is not None)
     size = plan.model_size(workflow)
 
-    for tokens, images in ((100, 0), (100, 1), (300, 3)):
-        assert plan.stage_flops_per_row(stage, size, tokens, images) == runtime(tokens, images, tokens ** 2)
+    for tokens, images, supervised in ((100, 0, 40), (100, 1, 0), (300, 3, 120)):
+        row = plan.RowAverages(tokens, images, supervised, "")
+        assert plan.stage_flops_per_row(stage, size, row) == runtime(tokens, images, tokens ** 2, supervised)
     # peft's frozen original of each modules_to_save part (the projector under LoRA) is not the model's.
     params = {n: p.numel() for n, p in model.named_parameters() if not is_kept_original(n)}
     assert sum(size.params.values()) == sum(v for n, v in params.items() if "lora_" not in n)  # memory's count
@@ -52,22 +53,26 @@ def test_plan_and_runtime_count_the_same_flops(tiny_dataset, stage_name, overrid
 def test_vicuna_7b_instruct_flops_by_hand():
     """Vicuna-7B v1.5 (hidden 4096, 32 layers, MLP 11008, vocab 32000 + <image> + <pad> = 32002 tokens in 32064
     rows, a multiple of 64), per layer 4 x 4096^2 (q,k,v,o) + 3 x 4096 x 11008 (gate, up, down) + 2 x 4096 (norms)
-    = 202,383,360; x 32 layers = 6,476,267,520, + 4096 (final norm) + 32064 x 4096 (lm_head) = 6,607,605,760
-    counted parameters (the 6.74B total less the input embedding lookup). Instruct trains the LLM:
-    6 x 6,607,605,760 = 39,645,634,560 FLOPs per token. Per image: the frozen CLIP ViT-L/14-336 (303,507,456
-    parameters) forward over 577 positions, 2 x 303,507,456 x 577 = 350,247,604,224, and the trained projector
-    (1024 x 4096 + 4096 + 4096^2 + 4096 = 20,979,712) over 576 tokens, 6 x 20,979,712 x 576 = 72,505,884,672.
-    Attention: the frozen tower's 24 layers forward over 577 positions both ways, 24 x 4 x 577^2 x 1024 =
-    32,728,252,416 per image; the trained LLM's causal attention, 3 (forward + backward) x 2 x 32 layers x 4096 =
-    786,432 per squared token: 503,316,480,000 for a row of 800 tokens, 1.6% of its 6N x 800."""
+    = 202,383,360; x 32 layers = 6,476,267,520, + 4096 (final norm) = 6,476,271,616 parameters on every token; the
+    lm_head's 32064 x 4096 = 131,334,144 on supervised tokens only (the input embedding lookup is no matmul).
+    Instruct trains the LLM: 6 x 6,476,271,616 = 38,857,629,696 FLOPs per token, 6 x 131,334,144 = 788,004,864 more
+    per supervised one. Per image: the frozen CLIP ViT-L/14-336 (303,507,456 parameters) forward over 577 positions,
+    2 x 303,507,456 x 577 = 350,247,604,224, and the trained projector (1024 x 4096 + 4096 + 4096^2 + 4096 =
+    20,979,712) over 576 tokens, 6 x 20,979,712 x 576 = 72,505,884,672. Attention: the frozen tower's 24 layers
+    forward over 577 positions both ways, 24 x 4 x 577^2 x 1024 = 32,728,252,416 per image; the trained LLM's causal
+    attention, 3 (forward + backward) x 2 x 32 layers x 4096 = 786,432 per squared token: 503,316,480,000 for a row
+    of 800 tokens, 1.6% of its 6N x 800."""
     workflow = load_workflow(os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml"))
     size = plan.model_size(workflow)
     assert size.params == {"llm": 6_738_939_904, "vision": 303_507_456, "projector": 20_979_712}
-    per_token = plan.stage_flops_per_row(workflow.instruct, size, 1, 0)
-    assert per_token == 6 * 6_607_605_760 + 786_432 == 39_646_420_992
-    assert plan.stage_flops_per_row(workflow.instruct, size, 0, 1) == (350_247_604_224 + 72_505_884_672
-                                                                       + 32_728_252_416)
-    assert plan.stage_flops_per_row(workflow.instruct, size, 800, 0) == 800 * 39_645_634_560 + 503_316_480_000
+
+    def row(tokens, views, supervised):
+        return plan.stage_flops_per_row(workflow.instruct, size, plan.RowAverages(tokens, views, supervised, ""))
+
+    assert row(1, 0, 0) == 38_857_629_696 + 786_432
+    assert row(1, 0, 1) - row(1, 0, 0) == 788_004_864
+    assert row(0, 1, 0) == 350_247_604_224 + 72_505_884_672 + 32_728_252_416
+    assert row(800, 0, 400) == 800 * 38_857_629_696 + 400 * 788_004_864 + 503_316_480_000
 
 
 @pytest.mark.parametrize("device, gpu", [

@@ -22,21 +22,22 @@ def test_the_runtime_counts_flops_from_the_model_parameters(tiny_dataset):
 
     model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
     flops = flops_counter(model, ["projector", "llm"], lora=False)
-    llm = sum(p.numel() for p in model.model.language_model.parameters()) + model.lm_head.weight.numel()
+    llm = sum(p.numel() for p in model.model.language_model.parameters())
     llm -= model.get_input_embeddings().weight.numel()  # a lookup, not a matmul
-    assert flops(tokens=100, images=0, squared_lengths=0) == 6 * llm * 100
+    assert flops(tokens=100, images=0, squared_lengths=0, supervised=0) == 6 * llm * 100
+    # the lm_head runs at supervised positions only (train/loss.py)
+    assert flops(100, 0, 0, supervised=30) - flops(100, 0, 0, supervised=0) == 6 * model.lm_head.weight.numel() * 30
     projector = sum(p.numel() for p in model.model.multi_modal_projector.parameters())
     vision = sum(p.numel() for p in model.model.vision_tower.parameters())
     vision_config, text = model.config.vision_config, model.config.text_config
     patches = (vision_config.image_size // vision_config.patch_size) ** 2 + 1
     # the frozen tower's attention runs forward only: 4 x positions^2 x width per layer
     tower_attention = vision_config.num_hidden_layers * 4 * patches ** 2 * vision_config.hidden_size
-    assert flops(tokens=100, images=2, squared_lengths=0) - flops(tokens=100, images=0, squared_lengths=0) == (
+    assert flops(100, images=2, squared_lengths=0, supervised=0) - flops(100, 0, 0, 0) == (
         6 * projector * model.config.image_seq_length * 2 + 2 * vision * patches * 2 + 2 * tower_attention)
     # the trained LLM's causal attention: 2 x s^2 x width forward per layer, 3x with its backward; two samples of
     # 30 and 70 tokens attend within themselves (30^2 + 70^2), not as one of 100
-    assert flops(tokens=100, images=0, squared_lengths=30 ** 2 + 70 ** 2) - flops(tokens=100, images=0,
-                                                                               squared_lengths=0) == (
+    assert flops(100, 0, squared_lengths=30 ** 2 + 70 ** 2, supervised=0) - flops(100, 0, 0, 0) == (
         3 * 2 * (30 ** 2 + 70 ** 2) * text.hidden_size * text.num_hidden_layers)
 
 

@@ -146,7 +146,8 @@ def test_plan_takes_rows_and_tokens_from_the_prepare_manifest_when_it_exists(tmp
 
     workflow = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}")
     storage.write_json(storage.join(workflow.run_dir, "prepare", "manifest.json"),
-                       {"datasets": {"align": {"rows_written": 512, "tokens": 512 * 600, "text_only_rows": 0}}})
+                       {"datasets": {"align": {"rows_written": 512, "tokens": 512 * 600, "text_only_rows": 0,
+                                                   "supervised_tokens": 512 * 20}}})
     stages = {s["stage"]: s for s in build_plan(workflow)["stages"]}
     assert (stages["align"]["rows"], stages["align"]["rows_from"]) == (512, "prepare manifest")
     assert (stages["align"]["tokens_per_row"], stages["align"]["tokens_from"]) == (600, "prepare manifest")

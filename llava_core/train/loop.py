@@ -33,6 +33,7 @@ from llava_core.train.engine import (
     grad_accum_steps,
     model_inputs,
     optimizer_step,
+    supervised_tokens,
     training_dtype,
     zero3_loading,
 )
@@ -138,7 +139,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             tokens = int(lengths[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
-            window["flops"] += micro_batch_flops(flops, lengths[rows], pixels.views(batch))
+            window["flops"] += micro_batch_flops(flops, lengths[rows], pixels.views(batch), supervised_tokens(batch))
         loss = optimizer_step(engine, step_batches, stage.loss_normalization, device)
         record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
         history.append(record)

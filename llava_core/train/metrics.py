@@ -35,17 +35,16 @@ def peak_flops(configured_tflops: float | None, use_gpu: bool) -> float | None:
 
 def model_part_sizes(model) -> flop_model.PartSizes:
     """Part sizes counted from the parameters (ZeRO-3 shards counted whole). The input embedding table is a lookup,
-    not a matmul, unless it is tied to the lm_head, which a tied model's parameter list holds only once."""
+    not a matmul; the lm_head is a part of its own (counted even when tied to that table)."""
     from llava_core.model.lora import is_kept_original, llava_of
     from llava_core.train.freeze import numel, part_of
 
     llava = llava_of(model)
-    embed = llava.get_input_embeddings().weight
-    tied = llava.get_output_embeddings().weight is embed
+    embed, head = llava.get_input_embeddings().weight, llava.get_output_embeddings().weight
     counts = {"vision": 0, "projector": 0, "llm": 0, "lora": 0}
     for name, param in model.named_parameters():
-        if (param is not embed or tied) and not is_kept_original(name):  # peft's frozen original runs no matmul
-            counts[part_of(name)] += numel(param)
+        if param is not embed and param is not head and not is_kept_original(name):  # peft's frozen original runs
+            counts[part_of(name)] += numel(param)  # no matmul
     from llava_core.model.families import features_per_view, tower_has_cls
 
     vision, text = llava.config.vision_config, llava.config.text_config
@@ -53,7 +52,7 @@ def model_part_sizes(model) -> flop_model.PartSizes:
     head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     # Per tower pass (a view: the one crop of LLaVA-1.5, a tile or base view of AnyRes): the projector maps every
     # patch feature; row newlines are a copy, not a matmul. The tower runs the layers it holds.
-    return flop_model.PartSizes(**counts, vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches,
+    return flop_model.PartSizes(**counts, lm_head=numel(head), vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches,
                                 llm_layers=text.num_hidden_layers,
                                 llm_attention_width=text.num_attention_heads * head_size,
                                 vision_layers=len(tower_layers(llava)), vision_width=vision.hidden_size)
@@ -67,14 +66,16 @@ def tower_layers(llava):
     return getattr(tower, "vision_model", tower).encoder.layers
 
 
-def micro_batch_flops(flops, lengths, views: int) -> float:
-    """Model FLOPs of a micro-batch of samples of these token `lengths` (a numpy array) and `views` tower passes."""
-    return flops(int(lengths.sum()), views, float((lengths.astype("float64") ** 2).sum()))
+def micro_batch_flops(flops, lengths, views: int, supervised: int) -> float:
+    """Model FLOPs of a micro-batch of samples of these token `lengths` (a numpy array), `views` tower passes and
+    `supervised` labelled tokens."""
+    return flops(int(lengths.sum()), views, float((lengths.astype("float64") ** 2).sum()), supervised)
 
 
 def flops_counter(model, trainable: list[str], lora: bool):
-    """A function (tokens, views, squared_lengths) -> model FLOPs of one micro-batch, for this model and stage
-    (`views`: tower passes, one per LLaVA-1.5 image; `squared_lengths`: the sum of its samples' lengths squared)."""
+    """A function (tokens, views, squared_lengths, supervised) -> model FLOPs of one micro-batch, for this model and
+    stage (`views`: tower passes, one per LLaVA-1.5 image; `squared_lengths`: the sum of its samples' lengths
+    squared; `supervised`: its labelled tokens)."""
     return flop_model.training_flops(model_part_sizes(model), trainable, lora)
 
 
