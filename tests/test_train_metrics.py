@@ -181,3 +181,15 @@ def test_a_resumed_stage_file_starts_with_the_history_restored_from_its_checkpoi
     files = storage.list_files(storage.join(stage_dir, "tensorboard"))
     starts = [[e.step for e in read_events(storage.read_bytes(f)) if e.HasField("session_log")] for f in files]
     assert [9] in starts
+
+
+def test_the_progress_line_times_steps_from_this_attempts_first_and_never_wraps_at_a_day():
+    from llava_core.train.loop import progress_line
+
+    record = {"step": 11, "loss": 1.5, "lr": 2e-5, "samples_per_s": 64.0, "tokens_per_s": 50000.0, "mfu": 0.412}
+    # resumed at step 9: its first step ended at t=1000 after 5 minutes of start-up; 2 more steps took 60 s each
+    line = progress_line("instruct", record, 5011, start_time=700.0, timed_from=(1000.0, 9), now=1120.0)
+    assert line == ("[instruct] step 11/5011 (0%) loss 1.5000 lr 2.00e-05 60.00 s/step samples/s 64.0 tokens/s 50000 "
+                    "MFU 41.2% elapsed 0:07:00 ETA 83:20:00")  # 5000 steps x 60 s: 83 h 20 min, not 11:20:00
+    first = progress_line("instruct", {**record, "step": 9, "mfu": None}, 5011, 700.0, (1000.0, 9), 1000.0)
+    assert first.endswith("tokens/s 50000 elapsed 0:05:00 ETA --")  # no rate from one step

@@ -146,8 +146,10 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         is_last = step + 1 == total_steps
         if rank == 0:
             writer.write(record)
+            if step == start_step:  # the rate is timed from here: start-up, loading and a resume's skip left out
+                timed_from = (time.time(), step + 1)
             if (step + 1) % stage.log_every == 0 or is_last or step == start_step:
-                print_progress(config.stage_name, record, total_steps, config.start_time)
+                say(progress_line(config.stage_name, record, total_steps, config.start_time, timed_from, time.time()))
         if is_last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
     batches.close()
@@ -202,13 +204,26 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def print_progress(stage_name: str, record: dict, total_steps: int, start_time: float) -> None:
+def duration(seconds: float) -> str:
+    """H:MM:SS, hours unbounded (a clock format would wrap at 24 h)."""
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def progress_line(stage_name: str, record: dict, total_steps: int, start_time: float,
+                  timed_from: tuple[float, int], now: float) -> str:
+    """The stage's progress: the step rate (and so the ETA) since this attempt's first step (`timed_from`: when it
+    ended, its step number), so neither start-up nor the steps a resume skipped count; elapsed since the driver
+    started the stage."""
     done = record["step"]
-    elapsed = time.time() - start_time
-    eta = elapsed / done * (total_steps - done) if done else 0
-    say(f"[{stage_name}] step {done}/{total_steps} loss {record['loss']:.4f} lr {record['lr']:.2e} "
-        f"samples/s {record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f} "
-        f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}")
+    timed_steps = done - timed_from[1]
+    per_step = (now - timed_from[0]) / timed_steps if timed_steps > 0 else None
+    rate = "" if per_step is None else f" {per_step:.2f} s/step"
+    mfu = "" if record.get("mfu") is None else f" MFU {record['mfu']:.1%}"
+    eta = "--" if per_step is None else duration(per_step * (total_steps - done))
+    return (f"[{stage_name}] step {done}/{total_steps} ({done / total_steps:.0%}) loss {record['loss']:.4f} "
+            f"lr {record['lr']:.2e}{rate} samples/s {record['samples_per_s']:.1f} tokens/s "
+            f"{record['tokens_per_s']:.0f}{mfu} elapsed {duration(now - start_time)} ETA {eta}")
 
 
 def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
