@@ -20,7 +20,8 @@ ZERO2 = ["train_state.json", "deepspeed/mp_rank_00_model_states.pt",
 
 def test_a_rank_fetches_its_own_shards_and_its_nodes_first_rank_the_shared_files():
     assert files_for_rank(ZERO3, 1, fetches_shared=False) == [
-        "deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt", "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        "deepspeed/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "deepspeed/bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
     assert files_for_rank(ZERO3, 0, fetches_shared=True) == [
         "train_state.json", "deepspeed/zero_pp_rank_0_mp_rank_00_model_states.pt",
         "deepspeed/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt"]  # not rank 10's

@@ -22,9 +22,9 @@ import torch
 
 from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.lora import llava_of
-from llava_core.train.loss import next_token_loss
 from llava_core.schema import TrainStageSettings
 from llava_core.train.freeze import apply_stage_training, parameter_groups
+from llava_core.train.loss import next_token_loss
 
 # transformers keeps a weak reference to the active HfDeepSpeedConfig: this keeps it alive for the worker's life, so
 # everything that asks `is_deepspeed_zero3_enabled()` (loading, resizing embeddings, peft) sees ZeRO-3.

@@ -2,9 +2,10 @@
 
 Build the stage's model (partitioned as it loads under ZeRO-3), hand it to DeepSpeed (`train/engine.py`), then step
 through the batch plan, each rank streaming its own rows (`train/streaming.py`), reporting checkpoints to Ray Train
-(`train/checkpoints.py`). Resuming restores the DeepSpeed state and the step counter from the last checkpoint Ray Train hands back; the final
-checkpoint holds only the step counter and history (the stage output holds the weights), so no optimizer state is kept
-once a stage is done. Everything the loop reads is one `LoopConfig`, built by the driver (`train/trainer.py`).
+(`train/checkpoints.py`). Resuming restores the DeepSpeed state and the step counter from the last checkpoint Ray
+Train hands back; the final checkpoint holds only the step counter and history (the stage output holds the weights),
+so no optimizer state is kept once a stage is done. Everything the loop reads is one `LoopConfig`, built by the
+driver (`train/trainer.py`).
 """
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ from llava_core.train.metrics import (
 )
 from llava_core.train.save import save_hf_model
 from llava_core.train.streaming import BatchPrefetcher, TrainingRows
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:

@@ -52,7 +52,8 @@ def model_part_sizes(model) -> flop_model.PartSizes:
     head_size = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
     # Per tower pass (a view: the one crop of LLaVA-1.5, a tile or base view of AnyRes): the projector maps every
     # patch feature; row newlines are a copy, not a matmul. The tower runs the layers it holds.
-    return flop_model.PartSizes(**counts, lm_head=numel(head), vision_positions=patches + int(tower_has_cls(vision)), image_tokens=patches,
+    return flop_model.PartSizes(**counts, lm_head=numel(head), vision_positions=patches + int(tower_has_cls(vision)),
+                                image_tokens=patches,
                                 llm_layers=text.num_hidden_layers,
                                 llm_attention_width=text.num_attention_heads * head_size,
                                 vision_layers=len(tower_layers(llava)), vision_width=vision.hidden_size)
