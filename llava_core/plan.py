@@ -262,8 +262,9 @@ def stage_flops_per_row(stage, size: ModelSize, row: RowAverages) -> float:
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
-    """bf16 weights (2 B), bf16 gradients (2 B) and fp32 Adam (master + 2 moments, 12 B) per parameter, divided over
-    the workers as the ZeRO stage shards them; offloaded state lives in CPU memory instead. Activations: the
+    """bf16 weights (2 B), fp32 gradients (4 B: they accumulate and reduce in fp32, `train/engine.py`) and fp32 Adam
+    (master + 2 moments, 12 B) per parameter, divided over the workers as the ZeRO stage shards them; offloaded state
+    lives in CPU memory instead. Activations: the
     checkpointed layer inputs (2 B x hidden per token per layer) plus one layer's working set (~34 B x hidden per
     token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
     SDPA/flash attention never store)."""
@@ -271,7 +272,9 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     total = sum(size.params.values())
     trained = sum(trained_params(stage, size).values())
     weights = 2 * total / (workers if zero >= 3 else 1)
-    grads = 2 * trained / (workers if zero >= 2 else 1)
+    if zero >= 3 and stage.zero_hpz_partition_size > 1:  # ZeRO++'s second, node-local partition
+        weights += 2 * total / stage.zero_hpz_partition_size
+    grads = (4 if stage.bf16 else 2) * trained / (workers if zero >= 2 else 1)
     optimizer = 12 * trained / (workers if zero >= 1 else 1)
     if stage.offload_optimizer:
         optimizer = 0.0
@@ -330,7 +333,8 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
     plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)
     if gpus:
         hours = flops / (gpus * peak * mfu) / 3600
-        plan.update(gpu_hours=round(hours * gpus, 1), wall_hours=round(hours, 2))
+        plan.update(gpu_hours=round(hours * gpus, 1), wall_hours=round(hours, 2),
+                    step_s=round(hours * 3600 / max(steps, 1), 2))
     return plan
 
 
@@ -399,7 +403,8 @@ def format_plan(plan: dict) -> str:
                          f"{human(s['tokens'])} tokens at ~{s['tokens_per_row']} per row ({s['tokens_from']}), "
                          f"{s['flops']:.2e} FLOPs")
         if "gpu_hours" in s:
-            lines.append(f"            ~{s['gpu_hours']} GPU-hours, ~{s['wall_hours']} h wall")
+            lines.append(f"            ~{s['gpu_hours']} GPU-hours, ~{s['wall_hours']} h wall, ~{s['step_s']} s a step "
+                         f"at {a['mfu']:.0%} MFU")
         ckpt = s["checkpoint_gb"]
         lines.append(f"            checkpoint ~{ckpt['total']:.3g} GB every {s['checkpoint_every']} steps, "
                      f"{ckpt['per_rank']:.1f} GB a rank: scaling.local_dir needs ~{ckpt['node_of_8_gpus']} GB "

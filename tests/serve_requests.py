@@ -116,7 +116,7 @@ BAD_REQUESTS = {
     "stream_options without stream": (good_body(stream_options={"include_usage": True}), 400, "only allowed"),
     "prompt longer than the context": (good_body(messages=[{"role": "user", "content": LONG_TEXT}]), 400, "context"),
     "model missing": ({k: v for k, v in good_body().items() if k != "model"}, 400, "model is required"),
-    "unknown model": (good_body(model="gpt-4o"), 404, "does not exist"),
+    "unknown model": (good_body(model="gpt-4o"), 404, f"does not exist. This endpoint serves `{MODEL}`"),
     # Each of these was a 500 before: the parser's stack, Python's int limit, UTF-8 encoding, float32 sampling.
     "JSON nested 5,000 deep": (b'{"model": "tiny-llava", "x": ' + b"[" * 5000 + b"]" * 5000 + b"}", 400,
                                "nested too deeply"),

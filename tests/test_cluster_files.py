@@ -158,3 +158,14 @@ def test_aws_cluster_launcher_config():
     assert not any("dashboard-host" in command for command in config["head_start_ray_commands"])
     assert config["docker"]["image"] == load("rayjob.yaml")["spec"]["rayClusterSpec"]["headGroupSpec"][
         "template"]["spec"]["containers"][0]["image"]
+
+
+def test_the_image_builds_flash_attention_and_pyproject_needs_a_deepspeed_that_checkpoints_frozen_zero3():
+    """`attn_implementation: flash_attention_2` must find flash-attn in the image; DeepSpeed before 0.19.4 raised
+    CheckpointError under ZeRO-3 with non-reentrant checkpointing and frozen parameters (the align stage, LoRA)."""
+    from packaging.version import Version
+
+    text = open(os.path.join(ROOT, "cluster", "Dockerfile")).read()
+    assert "flash-attn" in dockerfile_pins() and re.search(r"pip install [^\n]*flash_attn-\*\.whl", text)
+    deepspeed = project_requirements()["deepspeed"].specifier
+    assert not deepspeed.contains(Version("0.19.3")) and deepspeed.contains(Version("0.19.4"))

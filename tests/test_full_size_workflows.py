@@ -37,7 +37,7 @@ HUB_IDS = {"openai/clip-vit-large-patch14-336": 336, "lmsys/vicuna-7b-v1.5": 336
 SIZES = ["align.global_batch_size=16", "align.micro_batch_size=4", "instruct.global_batch_size=16",
          "instruct.micro_batch_size=4", "instruct.epochs=1", "prepare.num_actors=2", "prepare.rows_per_shard=100"]
 SCALING = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
-           "scaling.local_dir="]  # the system temp directory: no /mnt/scratch here
+           "scaling.local_dir=''"]  # the system temp directory: no /mnt/scratch here
 DATA = [f"datasets.align.path={BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
         f"datasets.align.image_folder={BUCKET}/LLaVA-Pretrain/images",
         f"datasets.instruct.path={BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json",

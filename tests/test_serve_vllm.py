@@ -137,3 +137,34 @@ def test_the_workflows_serve_stage_serves_with_vllm(server, engine, tiny_llava_d
                           demo["max_tokens"])
     assert demo["model"] == "vllm-stage" and demo["usage"]["prompt_tokens"] == ours.prompt_tokens
     assert same_answer(demo["answer"], ours)
+
+
+def test_llava_ray_serve_with_engine_vllm_answers_the_openai_client(ray_session, engine, tiny_llava_dir, monkeypatch,
+                                                                   capsys):
+    """`llava-ray serve EXPORT --set engine=vllm ...` as a user types it: the CLI's settings and its deploy, on this
+    test session's Ray (its `ray.init` is the one thing left out) and without blocking until Ctrl-C."""
+    from llava_core import cli
+    from llava_core.serve.client import shutdown
+    from llava_core.serve.deploy_config import default_model_name
+
+    monkeypatch.setattr(cli, "init_ray", lambda: None)
+    monkeypatch.setattr("llava_core.serve.client.serve_until_interrupted", lambda: None)
+    port = free_port()
+    engine_kwargs = json.dumps(CPU_ENGINE["engine_kwargs"])
+    env_vars = json.dumps(CPU_ENGINE["env_vars"])
+    try:
+        assert cli.main(["serve", tiny_llava_dir, "--port", str(port), "--set", "engine=vllm",
+                         "--set", "gpus_per_replica=0", "--set", f"vllm.python={VLLM_PYTHON}",
+                         "--set", f"vllm.engine_kwargs={engine_kwargs}", "--set", f"vllm.env_vars={env_vars}"]) == 0
+        printed = capsys.readouterr().out
+        name = default_model_name(tiny_llava_dir)  # the export's folder names the model
+        assert f"serving '{name}' at http://127.0.0.1:{port}/v1/chat/completions" in printed
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
+        image = Image.new("RGB", (48, 64), (40, 200, 40))
+        answer = client.chat.completions.create(
+            model=name, max_tokens=8, temperature=0,
+            messages=[{"role": "user", "content": [image_part(png_bytes(image)),
+                                                   {"type": "text", "text": "What shape?"}]}])
+    finally:
+        shutdown()
+    assert same_answer(answer.choices[0].message.content, our_completion(engine, "What shape?", [image], 8))

@@ -29,8 +29,10 @@ def bad_request(message: str, param: Optional[str] = None, code: Optional[str] =
     return ApiError(400, message, param, code)
 
 
-def model_not_found(name: str) -> ApiError:
-    return ApiError(404, f"The model `{name}` does not exist.", "model", "model_not_found")
+def model_not_found(name: str, served: str) -> ApiError:
+    """OpenAI's 404 for an unknown model, naming the one this endpoint serves (the usual mistake is a name)."""
+    return ApiError(404, f"The model `{name}` does not exist. This endpoint serves `{served}`.", "model",
+                    "model_not_found")
 
 
 def unauthorized(message: str) -> ApiError:

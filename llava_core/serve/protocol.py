@@ -220,7 +220,7 @@ def none_is(default: Any):
 
 def served_model(name: str, info: ValidationInfo) -> str:
     if name != info.context.model_name:
-        raise Refused(error=model_not_found(name))
+        raise Refused(error=model_not_found(name, info.context.model_name))
     return name
 
 
@@ -517,7 +517,7 @@ class ChatCompletionRequest(BaseModel):
 
 def check_model(name: str, model_name: str) -> None:
     if name != model_name:
-        raise model_not_found(name)
+        raise model_not_found(name, model_name)
 
 
 def check_image_tokens(image_tokens: int, limit: int) -> None:

@@ -47,8 +47,10 @@ def grad_accum_steps(stage: TrainStageSettings, world_size: int) -> int:
     return stage.global_batch_size // (world_size * stage.micro_batch_size)
 
 
-def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, hidden_size: int = 0) -> dict:
-    """DeepSpeed's config for the stage; `hidden_size` (the LLM's, once it is built) sizes ZeRO-3's prefetching."""
+def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, hidden_size: int = 0,
+                     layer_params: int = 0) -> dict:
+    """DeepSpeed's config for the stage; `hidden_size` and `layer_params` (the LLM's width and one decoder layer's
+    parameters, once it is built) size ZeRO-3's prefetching and what stays unpartitioned."""
     zero = {"stage": stage.zero_stage}
     if stage.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": use_gpu}
@@ -57,10 +59,13 @@ def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, 
     if stage.zero_stage == 3:
         # Save writes the weights itself, module by module (train/save.py): never gather a 16-bit copy of everything.
         zero["stage3_gather_16bit_weights_on_model_save"] = False
-        if hidden_size:  # HF Trainer's "auto" values, as LLaVA's zero3.json asks for: prefetch ~one layer's matrix,
-            # keep only vectors (norms, biases) unpartitioned
-            zero["stage3_prefetch_bucket_size"] = int(0.9 * hidden_size * hidden_size)
+        if hidden_size:  # keep only vectors (norms, biases) unpartitioned, as HF Trainer's "auto" does
             zero["stage3_param_persistence_threshold"] = 10 * hidden_size
+        if layer_params:  # prefetch the next decoder layer whole while this one computes (HF's "auto", 0.9 x
+            # hidden^2, is one matrix of a layer's seven: its gathers then wait on each other)
+            zero["stage3_prefetch_bucket_size"] = layer_params
+        if stage.zero_hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = stage.zero_hpz_partition_size
     bf16 = training_dtype(stage, use_gpu) == torch.bfloat16
     return {
         "train_batch_size": stage.global_batch_size,
@@ -71,7 +76,7 @@ def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, 
         "bf16": {"enabled": bf16},
         # Gradients accumulate over micro-batches and reduce over ranks in fp32 (DeepSpeed's default is the model's
         # dtype): bf16's 8-bit mantissa loses small gradients in sums over 2-64 terms. Megatron's choice too; it
-        # doubles the gradient bytes reduced (7B: 28 GB instead of 14 a step, ~0.1 s on one node's NVLink).
+        # doubles the gradient bytes reduced (7B: 27 GB instead of 13.5 a step, ~0.06 s on one node's NVLink).
         **({"data_types": {"grad_accum_dtype": "fp32"}, "communication_data_type": "fp32"} if bf16 else {}),
         "zero_allow_untested_optimizer": True,  # torch AdamW (fused on GPU): DeepSpeed's FusedAdam needs its own build
         "zero_force_ds_cpu_optimizer": False,
@@ -126,13 +131,22 @@ def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps:
     optimizer = build_optimizer(groups, stage, use_gpu)
     scheduler = get_cosine_schedule_with_warmup(optimizer, warmup_steps(total_steps, stage.warmup_ratio),
                                                 total_steps)
+    llava = llava_of(model)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler,
-        config=deepspeed_config(stage, world_size, use_gpu, llava_of(model).config.text_config.hidden_size))
+        config=deepspeed_config(stage, world_size, use_gpu, llava.config.text_config.hidden_size,
+                                decoder_layer_params(llava)))
     # from_pretrained returns eval mode: without this, gradient checkpointing (transformers checkpoints only when
     # `self.training`) and LoRA dropout silently do nothing.
     engine.train()
     return engine, scheduler, groups
+
+
+def decoder_layer_params(llava) -> int:
+    """One LLM decoder layer's parameters, counted whole under ZeRO-3 (LoRA's adapters included)."""
+    from llava_core.train.freeze import numel
+
+    return sum(numel(p) for p in llava.model.language_model.layers[0].parameters())
 
 
 def supervised_tokens(batch: dict) -> int:
@@ -157,7 +171,6 @@ def optimizer_step(engine, batches: list[dict], normalization: str, device: torc
     numerator = torch.zeros((), device=device)
     for batch in batches:
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        # without a cache: packed rows would attend across samples
         if normalization == "token":
             loss = next_token_loss(engine, batch, per_micro)
             numerator += loss.detach().float() * per_micro

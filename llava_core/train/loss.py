@@ -3,9 +3,9 @@
 transformers computes logits at every position and upcasts all of them to fp32 for the cross-entropy: at OneVision's
 32K positions and Qwen2's 152K vocabulary that is ~20 GB a copy, ~50 GB with the softmax and its gradient, on top of
 ZeRO-3's state. Two changes, same loss and gradient:
-- the lm_head runs only where a label is supervised (transformers' boolean `logits_to_keep`): the prompt, image and
-  padding positions (~90% of a OneVision row, ~60% of a LLaVA-1.5 one) get no logits at all, which also saves their
-  share of the lm_head's FLOPs;
+- the lm_head runs only where a label is supervised (transformers' boolean `logits_to_keep`, 5.23 on): the prompt,
+  image and padding positions (~85% of a LLaVA-1.5 row, over 90% of a OneVision one) get no logits at all, which also
+  saves their share of the lm_head's FLOPs;
 - the fp32 cross-entropy runs over chunks of those rows, each chunk recomputed in backward (non-reentrant
   checkpointing): at most one chunk's fp32 logits, softmax and gradient are alive at a time (`CHUNK_BYTES`).
 What stays: the supervised rows' logits in the training dtype and their gradient (a 2K-token answer under Qwen2: 0.6 GB
@@ -52,6 +52,7 @@ def next_token_loss(model, batch: dict, num_items_in_batch: torch.Tensor | None 
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     labels = batch["labels"]
     keep = supervised_positions(labels)
+    # no cache: with one, packed rows would attend across their samples
     logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (supervised positions, vocabulary)
     total = summed_cross_entropy(logits, labels[:, 1:][keep[:, :-1]])
     divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
