@@ -237,9 +237,6 @@ def stage_problems(w: Workflow) -> list[str]:
             problems.append(
                 f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by scaling.num_workers "
                 f"x {name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number")
-        if w.scaling.num_workers % stage.zero_hpz_partition_size:
-            problems.append(f"{name}.zero_hpz_partition_size: {stage.zero_hpz_partition_size} does not divide "
-                            f"scaling.num_workers = {w.scaling.num_workers} (it is the ranks of one node)")
         if stage.attn_implementation == "flash_attention_2" and not w.scaling.use_gpu:
             problems.append(f"{name}.attn_implementation: flash_attention_2 runs on GPUs only (scaling.use_gpu is "
                             f"false); use sdpa")

@@ -64,8 +64,6 @@ def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, 
         if layer_params:  # prefetch the next decoder layer whole while this one computes (HF's "auto", 0.9 x
             # hidden^2, is one matrix of a layer's seven: its gathers then wait on each other)
             zero["stage3_prefetch_bucket_size"] = layer_params
-        if stage.zero_hpz_partition_size > 1:
-            zero["zero_hpz_partition_size"] = stage.zero_hpz_partition_size
     bf16 = training_dtype(stage, use_gpu) == torch.bfloat16
     return {
         "train_batch_size": stage.global_batch_size,
