@@ -43,8 +43,9 @@ def model_part_sizes(model) -> flop_model.PartSizes:
     embed, head = llava.get_input_embeddings().weight, llava.get_output_embeddings().weight
     counts = {"vision": 0, "projector": 0, "llm": 0, "lora": 0}
     for name, param in model.named_parameters():
-        if param is not embed and param is not head and not is_kept_original(name):  # peft's frozen original runs
-            counts[part_of(name)] += numel(param)  # no matmul
+        # the lm_head is its own part; peft's frozen original beside a trained copy runs no matmul
+        if param is not embed and param is not head and not is_kept_original(name):
+            counts[part_of(name)] += numel(param)
     from llava_core.model.families import features_per_view, tower_has_cls
 
     vision, text = llava.config.vision_config, llava.config.text_config
