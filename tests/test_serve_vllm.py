@@ -72,8 +72,10 @@ def our_completion(engine, question: str, images: list, max_tokens: int):
 
 def same_answer(vllm_text: str, completion) -> bool:
     """The same text, but for an unfinished UTF-8 sequence at the very end (an untrained model's byte tokens): our
-    stream shows it as U+FFFD, vLLM's detokenizer holds it back."""
-    return vllm_text.rstrip("\ufffd") == completion.text.rstrip("\ufffd")
+    stream shows it as U+FFFD, vLLM's detokenizer holds it back; and for the space of a first token that starts a
+    word (sentencepiece's "▁detailed"): vLLM decodes it after the prompt and keeps it, transformers' decode of the
+    answer alone drops it."""
+    return vllm_text.rstrip("\ufffd").removeprefix(" ") == completion.text.rstrip("\ufffd")
 
 
 def test_text_image_and_streamed_answers_are_our_engines(client, engine):
@@ -167,4 +169,6 @@ def test_llava_ray_serve_with_engine_vllm_answers_the_openai_client(ray_session,
                                                    {"type": "text", "text": "What shape?"}]}])
     finally:
         shutdown()
-    assert same_answer(answer.choices[0].message.content, our_completion(engine, "What shape?", [image], 8))
+    ours = our_completion(engine, "What shape?", [image], 8)
+    assert same_answer(answer.choices[0].message.content, ours)
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (ours.prompt_tokens, ours.completion_tokens)
