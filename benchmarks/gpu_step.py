@@ -42,6 +42,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from llava_core.config import TrainStageSettings  # noqa: E402
 from llava_core.data.image_layouts import CropPixels  # noqa: E402
 from llava_core.data.rows import ROW_GROUP_ROWS  # noqa: E402
+from llava_core.plan import llama_linears  # noqa: E402
 from llava_core.train.batching import BatchPlan  # noqa: E402
 from llava_core.train.engine import build_engine, model_inputs, optimizer_step, supervised_tokens  # noqa: E402
 from llava_core.train.metrics import flops_counter, micro_batch_flops, peak_flops  # noqa: E402
@@ -96,7 +97,7 @@ def default_layers(config: LlavaConfig, device: torch.device) -> int:
     if device.type != "cuda":
         return layers
     text = config.text_config
-    per_layer = 4 * text.hidden_size ** 2 + 3 * text.hidden_size * text.intermediate_size
+    per_layer = sum(i * o for i, o in llama_linears(text.to_dict()).values())
     fixed = 2 * text.vocab_size * text.hidden_size + 330e6  # embeddings, lm_head, the tower and projector
     budget = 0.88 * torch.cuda.get_device_properties(device).total_memory / 18
     fits = int((budget - fixed) // per_layer) // 4 * 4

@@ -113,11 +113,12 @@ def llm_params(config: dict, vocab: int) -> tuple[int, int]:
     biases = sum(out for name, (_, out) in linears.items() if config.get(
         "mlp_bias" if name in ("gate_proj", "up_proj", "down_proj") else "attention_bias", False))
     layer = sum(i * o for i, o in linears.values()) + biases + 2 * hidden
-    counted = config["num_hidden_layers"] * layer + hidden + vocab * hidden
-    return counted, counted + (0 if config.get("tie_word_embeddings", False) else vocab * hidden)
+    counted = config["num_hidden_layers"] * layer + hidden + lm_head_params(config, vocab)
+    return counted, counted + (0 if config.get("tie_word_embeddings", False) else lm_head_params(config, vocab))
 
 
 def lm_head_params(config: dict, vocab: int) -> int:
+    """The lm_head (and the input embedding table: the same shape)."""
     return vocab * config["hidden_size"]
 
 
@@ -156,11 +157,10 @@ def model_size(workflow) -> ModelSize:
     vision = vision_params(tower, layers)
     # One projected feature per patch and view (the "default" strategy drops CLIP's CLS: 576 for CLIP-L/336).
     clip = tower.get("model_type", "clip_vision_model").startswith("clip")
-    head_size = llm.get("head_dim") or hidden // llm["num_attention_heads"]
     parts = PartSizes(vision=vision, projector=projector, llm=llm_counted - lm_head_params(llm, vocab),
                       lm_head=lm_head_params(llm, vocab), lora=0,
                       vision_positions=patches + int(clip), image_tokens=patches,
-                      llm_layers=llm["num_hidden_layers"], llm_attention_width=llm["num_attention_heads"] * head_size,
+                      llm_layers=llm["num_hidden_layers"], llm_attention_width=llama_linears(llm)["q_proj"][1],
                       vision_layers=layers, vision_width=tower["hidden_size"])
     typical = TYPICAL_IMAGE[workflow.model.family] or (patches, 1)
     return ModelSize(parts, {"llm": llm_all, "vision": vision, "projector": projector}, llama_linears(llm),
