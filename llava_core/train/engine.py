@@ -23,7 +23,7 @@ import torch
 from llava_core.data.templates import IGNORE_INDEX
 from llava_core.model.lora import llava_of
 from llava_core.schema import TrainStageSettings
-from llava_core.train.freeze import apply_stage_training, parameter_groups
+from llava_core.train.freeze import apply_stage_training, numel, parameter_groups
 from llava_core.train.loss import next_token_loss
 
 # transformers keeps a weak reference to the active HfDeepSpeedConfig: this keeps it alive for the worker's life, so
@@ -142,8 +142,6 @@ def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps:
 
 def decoder_layer_params(llava) -> int:
     """One LLM decoder layer's parameters, counted whole under ZeRO-3 (LoRA's adapters included)."""
-    from llava_core.train.freeze import numel
-
     return sum(numel(p) for p in llava.model.language_model.layers[0].parameters())
 
 
