@@ -30,7 +30,7 @@ def free_port() -> int:
 def tiny_export(root: str, questions: int) -> tuple[str, str]:
     from llava_core.data import synthetic
     from llava_core.model import standins
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
 
     paths = synthetic.generate(root, align_rows=32, instruct_rows=32, eval_questions=questions, text_only_rows=2,
                                seed=3)
@@ -38,7 +38,7 @@ def tiny_export(root: str, questions: int) -> tuple[str, str]:
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     vision, llm = os.path.join(root, "models", "vision"), os.path.join(root, "models", "llm")
     standins.save_tiny_models(vision, llm, corpus, standins.TinyModelConfig())
-    model, processor = assemble_llava(vision, llm)
+    model, processor = assemble("llava", vision, llm)
     export = os.path.join(root, "export")
     model.save_pretrained(export)
     processor.save_pretrained(export)

@@ -34,7 +34,7 @@ def build_tiny_llava(root: str) -> str:
 
     from llava_core.data import synthetic
     from llava_core.model import standins
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
     from llava_core.train.save import save_hf_model
 
     paths = synthetic.generate(os.path.join(root, "data"), align_rows=64, instruct_rows=64, eval_questions=16,
@@ -43,7 +43,7 @@ def build_tiny_llava(root: str) -> str:
     corpus = [turn["value"] for row in rows for turn in row["conversations"]]
     vision, llm = os.path.join(root, "vision"), os.path.join(root, "llm")
     standins.save_tiny_models(vision, llm, corpus, standins.TinyModelConfig())
-    model, processor = assemble_llava(vision, llm)
+    model, processor = assemble("llava", vision, llm)
     out = os.path.join(root, "tiny_llava")
     save_hf_model(model, processor, out, torch.float32)  # as the stages export it: the layout vLLM reads
     return out

@@ -36,7 +36,7 @@ def measure(name: str, root: str, repeats: int = 10) -> dict:
     standins.save_standin(tower, vision_path, CORPUS, cfg)
     standins.save_standin(llm, llm_path, CORPUS, cfg)
     fam = families.family(name)
-    processor = families.load_anyres_processor(fam, vision_path, llm_path, fam.template, fam.image_layout)
+    processor = families.base_processor(fam, vision_path, llm_path, fam.template, fam.image_layout)
     pixels, data = TilePixels(processor, name), photo_jpeg()
     pixels([[data]])  # warm-up
     start = time.perf_counter()

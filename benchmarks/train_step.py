@@ -55,14 +55,14 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup, zero_stage) ->
 
 
 def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
     from llava_core.train.batching import BatchPlan, collate
     from llava_core.train.freeze import apply_stage_training
     from llava_core.train.streaming import RowReader, TrainingRows
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model, processor = assemble_llava(vision, llm)
+    model, processor = assemble("llava", vision, llm)
     model = apply_stage_training(model, ["projector", "llm"], None)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     rows = TrainingRows.open([shard])

@@ -8,27 +8,10 @@ then read off one file, and is answered on the same data, budget and seed.
 """
 from __future__ import annotations
 
-import dataclasses
-
-from llava_core.config import Workflow, WorkflowError, workflow_from_dict
+from llava_core.config import Workflow, ablated
 
 # What an ablation compares: the primary eval set's headline numbers, as the evaluate stage reports them.
 COMPARED = ("accuracy", "blind_accuracy")
-
-
-def ablated(w: Workflow, name: str) -> Workflow:
-    """The workflow with ablation `name`'s settings and its own run name; no ablations of its own."""
-    data = dataclasses.asdict(w)
-    data.update(name=f"{w.name}-{name}", ablations={})
-    for dotted, value in w.ablations[name].items():
-        *sections, key = str(dotted).split(".")
-        node = data
-        for section in sections:
-            if not isinstance(node.get(section), dict):
-                raise WorkflowError(f"{dotted}: {section} is not a section of the workflow")
-            node = node[section]
-        node[key] = value
-    return workflow_from_dict(data)
 
 
 def comparison(own: dict, sibling: dict) -> dict:

@@ -81,23 +81,46 @@ def read_yaml(text_or_file) -> Any:
     return yaml.load(text_or_file, Loader=_YamlLoader)
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
+def parse_override(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise WorkflowError(f"--set {text!r}: expected key.path=value")
     key, raw = text.split("=", 1)
-    return key.strip().split("."), read_yaml(raw)
+    return key.strip(), read_yaml(raw)
+
+
+def set_dotted(data: dict, dotted: str, value: Any, create_sections: bool) -> None:
+    """`data[a][b][c] = value` for `a.b.c`: the one setter of `--set` and ablations. `--set` may open a section the
+    file leaves out (`--set synthetic.seed=1`); an ablation changes a complete workflow, where a missing section is a
+    misspelt one."""
+    *sections, key = str(dotted).split(".")
+    node = data
+    for section in sections:
+        node = node.setdefault(section, {}) if create_sections else node.get(section)
+        if not isinstance(node, dict):
+            raise WorkflowError(f"{section} is not a section of the workflow")
+    node[key] = value
 
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     for text in overrides:
-        keys, value = parse_override(text)
-        node = data
-        for key in keys[:-1]:
-            node = node.setdefault(key, {})
-            if not isinstance(node, dict):
-                raise WorkflowError(f"--set {text!r}: {key} is not a section")
-        node[keys[-1]] = value
+        try:
+            set_dotted(data, *parse_override(text), create_sections=True)
+        except WorkflowError as error:
+            raise WorkflowError(f"--set {text!r}: {error}") from None
     return data
+
+
+def ablated(w: Workflow, name: str) -> Workflow:
+    """The workflow with ablation `name`'s settings (`ablations: {name: {dotted.key: value}}`) and its own run name;
+    no ablations of its own."""
+    data = dataclasses.asdict(w)
+    data.update(name=f"{w.name}-{name}", ablations={})
+    for dotted, value in w.ablations[name].items():
+        try:
+            set_dotted(data, dotted, value, create_sections=False)
+        except WorkflowError as error:
+            raise WorkflowError(f"{dotted}: {error}") from None
+    return workflow_from_dict(data)
 
 
 # --- schema errors, each with its YAML path ---------------------------------------------------------------------
@@ -266,8 +289,6 @@ def with_family_layout(w: Workflow) -> Workflow:
 
 def ablation_problems(w: Workflow) -> list[str]:
     """Each ablation is a mapping of dotted keys to values that makes a valid workflow of its own."""
-    from llava_core.ablations import ablated
-
     problems = []
     for name, changes in w.ablations.items():
         if not changes:

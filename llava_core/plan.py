@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from llava_core import storage
 from llava_core.config import WorkflowError, dataset_sources
 from llava_core.flops import GPUS, PartSizes, training_flops
+from llava_core.schema import parse_sampling
 
 # Architectures of the recipe's models, so a plan needs no download: the config.json keys the plan reads.
 KNOWN_LLMS = {
@@ -35,7 +36,7 @@ KNOWN_LLMS = {
                                "attention_bias": True, "tokenizer_tokens": 151646},
 }
 # The LLaMA-family tokenizers here have neither `<image>` nor `<pad>`; building LLaVA adds both and grows the
-# embeddings (llava_core.model.build.load_tokenizer_with_image_token). Qwen2's 151,646 tokens already fit its
+# embeddings (llava_core.model.processors.load_tokenizer). Qwen2's 151,646 tokens already fit its
 # 152,064 rows, `<image>` and `<video>` included.
 KNOWN_LLM_ADDED_TOKENS = 2
 KNOWN_TOWERS = {"openai/clip-vit-large-patch14-336": {"model_type": "clip_vision_model", "hidden_size": 1024,
@@ -82,9 +83,9 @@ def llm_config(llm: str) -> tuple[dict, int, str]:
 
     config = local_config(llm)
     if config:
-        from llava_core.model.build import load_tokenizer_with_image_token  # the tokens building LLaVA adds
+        from llava_core.model.processors import load_tokenizer  # the tokens building LLaVA adds
 
-        tokens = len(load_tokenizer_with_image_token(llm))
+        tokens = len(load_tokenizer(llm))
         return config, embedding_rows(config["vocab_size"], tokens), "config.json"
     if llm in KNOWN_LLMS:
         config = KNOWN_LLMS[llm]
@@ -207,8 +208,6 @@ def source_rows(path: str) -> tuple[int | None, str]:
 
 def sampled_rows(rows: int, sampling: str) -> int:
     """Rows a source contributes under its sampling strategy (`all`, `first:N`, `random:N`, `25%`, ...)."""
-    from llava_core.data.sources import parse_sampling
-
     parsed = parse_sampling(sampling)
     if parsed is None:
         return rows

@@ -10,13 +10,12 @@ the whole workflow is known. The descriptions are the README's reference tables 
 """
 import copy
 import functools
+import re
 from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, Strict, model_validator
 from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
-
-from llava_core.data.templates import TEMPLATES
 
 TRAINABLE_PARTS = ("projector", "llm", "vision")
 TRAINING_STAGES = ("align", "knowledge", "instruct")  # stage 1, OneVision's optional stage 1.5, stage 2
@@ -55,9 +54,24 @@ def OneOf(values: tuple) -> Any:
     return Annotated[Literal[values], BeforeValidator(_not_a_bool)]
 
 
-def _check_sampling(spec: str) -> str:
-    from llava_core.data.sources import parse_sampling  # imported late: it brings the readers (pyarrow)
+# The conversation templates prepare renders (llava_core/data/templates.py).
+TEMPLATES = ("plain", "vicuna_v1", "chat_template")
+SOURCE_SAMPLING = re.compile(r"^(?:(first|last|end|random):)?(\d+)(%?)$")
 
+
+def parse_sampling(spec: str) -> tuple[str, int, bool] | None:
+    """`all` -> None; else (kind, number, is_percent). A bare `25%` samples 25% at random (seeded)."""
+    if spec == "all":
+        return None
+    match = SOURCE_SAMPLING.match(spec.strip())
+    if not match or (match.group(1) is None and not match.group(3)):
+        raise ValueError(f"sampling {spec!r}: expected all, first:N, last:N, random:N, N% or first:N% / last:N% / "
+                         f"random:N%")
+    kind = {"end": "last", None: "random"}.get(match.group(1), match.group(1))
+    return kind, int(match.group(2)), bool(match.group(3))
+
+
+def _check_sampling(spec: str) -> str:
     parse_sampling(spec)  # its ValueError names the spec and the forms it takes
     return spec
 

@@ -73,13 +73,13 @@ def tiny_llava_dir(tiny_dataset, tmp_path_factory):
     tests."""
     import torch
 
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
     from llava_core.train.save import save_hf_model
 
     out = str(tmp_path_factory.mktemp("tiny_llava"))
     # The new projector draws from torch's global generator: seeded, the model (and every answer the tests compare)
     # is the same whichever tests ran first.
     torch.manual_seed(0)
-    model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, processor = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     save_hf_model(model, processor, out, torch.float32)
     return out

@@ -23,7 +23,7 @@ CORPUS = ["a red circle on the left", "the answer is 42", "How many shapes are t
 
 
 def with_image_and_chat_tokens(tokenizer):
-    from llava_core.model.build import IMAGE_TOKEN, PAD_TOKEN
+    from llava_core.model.tokens import IMAGE_TOKEN, PAD_TOKEN
 
     tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN, "<|im_start|>", "<|im_end|>"],
                                   "pad_token": PAD_TOKEN})
@@ -115,9 +115,9 @@ def test_vicuna_v1_labels_are_the_chat_templates_assistant_mask(tokenizer):
 def test_the_first_generated_token_of_a_numeric_answer_is_learned(tiny_dataset):
     """With the LLaMA-style tokenizer, ` 4` is `▁` then `4`: both must be supervised (a mask from the answer's
     characters would leave `▁` unlearned, and the model would never emit it after `ASSISTANT:`)."""
-    from llava_core.model.build import load_tokenizer_with_image_token
+    from llava_core.model.processors import load_tokenizer
 
-    tok = load_tokenizer_with_image_token(tiny_dataset["llm"])
+    tok = load_tokenizer(tiny_dataset["llm"])
     turns = formats.normalise_conversation(multi_turn_row(["4"]), 1)
     ids, labels = templates.tokenize_with_labels(templates.render("vicuna_v1", turns, tok), tok)
     learned = tok.convert_ids_to_tokens(ids[labels != templates.IGNORE_INDEX].tolist())
@@ -126,9 +126,9 @@ def test_the_first_generated_token_of_a_numeric_answer_is_learned(tiny_dataset):
 
 def test_a_prompt_that_does_not_tokenize_as_a_prefix_is_rejected(tiny_dataset):
     """A template whose answer span starts inside a token cannot be masked truthfully: a counted reject."""
-    from llava_core.model.build import load_tokenizer_with_image_token
+    from llava_core.model.processors import load_tokenizer
 
-    tok = load_tokenizer_with_image_token(tiny_dataset["llm"])
+    tok = load_tokenizer(tiny_dataset["llm"])
     text = "<image>red circle\n"
     split_inside_a_word = templates.Rendered(text, [(len("<image>re"), len(text))])
     with pytest.raises(formats.RowError) as error:

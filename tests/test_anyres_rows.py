@@ -14,7 +14,7 @@ from PIL import Image
 
 from llava_core.data.image_layouts import TilePixels, tile_side
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
-from llava_core.model import families, standins
+from llava_core.model import build, families, standins
 from llava_core.train.batching import collate, collate_packed
 from llava_core.train.engine import with_blank_image_row
 
@@ -71,7 +71,7 @@ def family_setup(request, base_models):
     vision, llm = base_models[name]
     template = HUB[name][2]
     torch.manual_seed(0)
-    model, processor = families.assemble(name, vision, llm, template=template)
+    model, processor = build.assemble(name, vision, llm, template=template)
     settings = {"template": template, "max_length": 4096, "family": name,
                 "image_aspect_ratio": families.family(name).image_layout}
     return name, model.eval(), processor, RowPreparer(vision, llm, settings)

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.model import families, standins
+from llava_core.model import build, standins
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,7 @@ def assembled(tmp_path_factory):
         for hub_id, path in zip((TOWERS[name], LLMS[name]), paths):
             standins.save_standin(hub_id, path, corpus, cfg)
         torch.manual_seed(0)
-        model, processor = families.assemble(name, *paths)
+        model, processor = build.assemble(name, *paths)
         models[name] = (model.eval(), processor)
     return models
 

@@ -65,7 +65,7 @@ def held_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(held_out):
     """family -> its export directory, written as the instruct stage writes its model."""
-    from llava_core.model import families, standins
+    from llava_core.model import build, standins
     from llava_core.train.save import save_hf_model
 
     cfg = standins.TinyModelConfig(tower_pretraining_steps=0)
@@ -76,7 +76,7 @@ def exports(held_out):
         for hub_id, path in zip(BASE_MODELS[name], (vision, llm)):
             standins.save_standin(hub_id, path, held_out["corpus"], cfg)
         torch.manual_seed(0)
-        model, processor = families.assemble(name, vision, llm)
+        model, processor = build.assemble(name, vision, llm)
         out[name] = os.path.join(base, "export")
         save_hf_model(model, processor, out[name], torch.float32)
     return out
@@ -93,8 +93,9 @@ def engine_answers(exports, held_out):
 
 def transformers_answers(export: str, texts: list[str], images: list, processor=None) -> list[str]:
     """Greedy answers from transformers alone, one question at a time: the family's class and the export's processor
-    (OneVision's without its video half where torchvision is missing, as `families.load_processor` loads it)."""
-    from llava_core.model.families import FAMILIES as CLASSES, load_processor
+    (OneVision's without its video half where torchvision is missing, as `processors.load_processor` loads it)."""
+    from llava_core.model.families import FAMILIES as CLASSES
+    from llava_core.model.processors import load_processor
 
     family = json.load(open(os.path.join(export, "config.json")))["model_type"]
     model = CLASSES[family].model_class.from_pretrained(export).eval()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.model import families, standins
+from llava_core.model import build, families, standins
 
 pytestmark = pytest.mark.unit
 
@@ -65,7 +65,7 @@ def test_llava_next_assembles_with_anyres_and_a_fresh_image_newline(hub):
     from transformers.models.llava_next.modeling_llava_next import LlavaNextMultiModalProjector
 
     torch.manual_seed(0)
-    model, processor = families.assemble("llava_next", hub(CLIP), hub(VICUNA))
+    model, processor = build.assemble("llava_next", hub(CLIP), hub(VICUNA))
     assert isinstance(model, LlavaNextForConditionalGeneration) and isinstance(processor, LlavaNextProcessor)
     assert model.config.image_grid_pinpoints == processor.image_processor.image_grid_pinpoints == \
         [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
@@ -90,7 +90,7 @@ def test_llava_onevision_assembles_with_siglip_cut_qwen2_and_media_tokens(hub):
     from transformers.utils import is_torchvision_available
 
     torch.manual_seed(0)
-    model, processor = families.assemble("llava_onevision", hub(SIGLIP), hub(QWEN2))
+    model, processor = build.assemble("llava_onevision", hub(SIGLIP), hub(QWEN2))
     assert isinstance(model, LlavaOnevisionForConditionalGeneration)
     assert isinstance(processor, LlavaOnevisionProcessor)  # image-only without torchvision, same counting
     config = model.config
@@ -138,5 +138,5 @@ def test_llava_onevision_assembles_with_siglip_cut_qwen2_and_media_tokens(hub):
 def test_llava_assembles_as_before(hub):
     from transformers import LlavaForConditionalGeneration
 
-    model, processor = families.assemble("llava", hub(CLIP), hub(VICUNA))
+    model, processor = build.assemble("llava", hub(CLIP), hub(VICUNA))
     assert isinstance(model, LlavaForConditionalGeneration) and type(processor).__name__ == "LlavaProcessor"

@@ -28,14 +28,14 @@ def test_6n_trained_4n_gradients_through_2n_forward_only():
     ("instruct", ["instruct.lora={r: 8, target_modules: [q_proj, v_proj, down_proj]}"]),  # projector + LoRA
 ])
 def test_plan_and_runtime_count_the_same_flops(tiny_dataset, stage_name, overrides):
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
     from llava_core.model.lora import is_kept_original
     from llava_core.train.freeze import apply_stage_training
 
     workflow = load_workflow(os.path.join(ROOT, "workflows", "quickstart.yaml"), [
         f"model.vision_tower={tiny_dataset['vision']}", f"model.llm={tiny_dataset['llm']}", *overrides])
     stage = getattr(workflow, stage_name)
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     model = apply_stage_training(model, stage.trainable, stage.lora)  # the loop's own steps, as it counts them
     runtime = flops_counter(model, stage.trainable, stage.lora is not None)
     size = plan.model_size(workflow)

@@ -146,7 +146,7 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
                    "llava_onevision": LlavaOnevisionForConditionalGeneration}[config["model_type"]]
     model = model_class.from_pretrained(export_dir).eval()
     if config["model_type"] == "llava_onevision":
-        from llava_core.model.families import ImageOnlyOnevisionProcessor
+        from llava_core.model.processors import ImageOnlyOnevisionProcessor
 
         processor = ImageOnlyOnevisionProcessor.from_pretrained(export_dir)
     else:

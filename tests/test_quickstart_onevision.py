@@ -92,7 +92,7 @@ def test_the_export_is_transformers_onevision_and_answers_as_the_endpoint_did(fi
     from PIL import Image
     from transformers import LlavaOnevisionForConditionalGeneration
 
-    from llava_core.model.families import ImageOnlyOnevisionProcessor  # transformers' own, minus torchvision's video
+    from llava_core.model.processors import ImageOnlyOnevisionProcessor  # transformers' own, minus torchvision's video
 
     workflow, summary = first_run
     export = os.path.join(workflow.run_dir, "export")

@@ -48,7 +48,7 @@ def hub(tmp_path_factory):
 def test_clip_is_a_full_clip_repo_whose_vision_tower_loads(hub):
     from transformers import AutoImageProcessor, CLIPVisionModel
 
-    from llava_core.model.build import image_seq_length, vision_config
+    from llava_core.model.families import features_per_view, vision_config
 
     path = os.path.join(hub, "openai/clip-vit-large-patch14-336")
     assert set(os.listdir(path)) == {"config.json", "preprocessor_config.json", "pytorch_model.bin"}
@@ -57,7 +57,7 @@ def test_clip_is_a_full_clip_repo_whose_vision_tower_loads(hub):
     assert config["vision_config"]["image_size"] == 32 and "text_config" in config
     preprocessor = json.load(open(os.path.join(path, "preprocessor_config.json")))
     assert preprocessor["feature_extractor_type"] == "CLIPFeatureExtractor" and preprocessor["crop_size"] == 32
-    assert image_seq_length(vision_config(path)) == 16
+    assert features_per_view(vision_config(path)) == 16
     processor = AutoImageProcessor.from_pretrained(path)  # the legacy integer sizes load as the processor's dicts
     assert processor.crop_size["height"] == 32 and processor.size["shortest_edge"] == 32
     # LLaVA loads only the vision half of the full CLIP checkpoint: its weights, not a fresh random init.
@@ -93,18 +93,18 @@ def test_vicuna_is_sharded_bin_with_a_sentencepiece_tokenizer_only(hub, hub_id, 
 
 
 def test_the_processor_carries_the_template_the_llm_trains_with(hub):
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
     from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
 
     vision, llm = (os.path.join(hub, h) for h in ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"))
-    _, vicuna = assemble_llava(vision, llm)
+    _, vicuna = assemble("llava", vision, llm)
     assert vicuna.chat_template == VICUNA_V1_CHAT_TEMPLATE
     config = json.load(open(os.path.join(llm, "tokenizer_config.json")))
     chatml = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     with open(os.path.join(llm, "tokenizer_config.json"), "w") as f:
         json.dump({**config, "chat_template": chatml}, f)
     try:
-        _, own = assemble_llava(vision, llm, template="chat_template")
+        _, own = assemble("llava", vision, llm, template="chat_template")
     finally:
         with open(os.path.join(llm, "tokenizer_config.json"), "w") as f:
             json.dump(config, f)

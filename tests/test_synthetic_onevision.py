@@ -15,7 +15,7 @@ from PIL import Image
 from llava_core.data import formats, synthetic, synthetic_onevision as ov
 from llava_core.data.bootstrap import labelled_view_batches
 from llava_core.data.synthetic import COLOURS
-from llava_core.model import families, standins
+from llava_core.model import build, families, standins
 
 pytestmark = pytest.mark.unit
 
@@ -221,7 +221,7 @@ def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, cap
     assert json.load(open(tmp_path / "instruct.json"))[0]["id"]  # the OneVision dataset, not the shapes one
     assert Image.open(tmp_path / "images/eval_000000.png").size in ov.CANVASES
 
-    model, processor = families.assemble("llava_onevision", w.model.vision_tower, w.model.llm)
+    model, processor = build.assemble("llava_onevision", w.model.vision_tower, w.model.llm)
     assert processor._get_num_multimodal_tokens(image_sizes=[(96, 96)])["num_image_tokens"] == [172]
     image = Image.open(tmp_path / "images/eval_000000.png")
     inputs = processor(images=[image], text=["<image>\nWhat colour is the small dot?"], return_tensors="pt")

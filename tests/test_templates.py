@@ -18,9 +18,9 @@ ROW = {"id": "r1", "image": "a.png", "conversations": [
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_dataset):
-    from llava_core.model.build import load_tokenizer_with_image_token
+    from llava_core.model.processors import load_tokenizer
 
-    return load_tokenizer_with_image_token(tiny_dataset["llm"])
+    return load_tokenizer(tiny_dataset["llm"])
 
 
 def supervised_text(tokenizer, ids, labels):
@@ -143,9 +143,9 @@ CHATML = ("{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{
 
 @pytest.fixture(scope="module")
 def chatml_tokenizer(tiny_dataset):
-    from llava_core.model.build import load_tokenizer_with_image_token
+    from llava_core.model.processors import load_tokenizer
 
-    tokenizer = load_tokenizer_with_image_token(tiny_dataset["llm"])
+    tokenizer = load_tokenizer(tiny_dataset["llm"])
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
     tokenizer.chat_template = CHATML
     return tokenizer

@@ -17,7 +17,7 @@ from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
 
 from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
 from llava_core.data.rows import ROW_GROUP_ROWS
-from llava_core.model.build import load_tokenizer_with_image_token
+from llava_core.model.processors import load_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ ROWS, GLOBAL_BATCH, STEPS = 96, 8, 12
 def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
     """Token rows shaped like the prepare stage's: image tokens + text, a quarter of them text-only."""
     rng = np.random.default_rng(seed)
-    image_id = load_tokenizer_with_image_token(tiny_dataset["llm"]).convert_tokens_to_ids("<image>")
+    image_id = load_tokenizer(tiny_dataset["llm"]).convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig.from_pretrained(tiny_dataset["vision"])
     n_image = (vision.image_size // vision.patch_size) ** 2
     table = {"input_ids": [], "labels": [], "pixel_values": [], "num_images": [], "length": []}
@@ -104,11 +104,11 @@ def assert_merged_output_matches_adapter(stage_dir, tiny_dataset, seed):
     """ZeRO-3 stage output: full weights gathered, LoRA merged; base + adapter gives the same logits."""
     from peft import PeftModel
 
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
 
     merged = LlavaForConditionalGeneration.from_pretrained(os.path.join(stage_dir, "model")).eval()
     torch.manual_seed(seed)  # the loop's fresh projector, rebuilt: the adapter's base model
-    base, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    base, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     adapter = os.path.join(stage_dir, "adapter")
     with_adapter = PeftModel.from_pretrained(base, adapter).eval()  # the projector too: peft's modules_to_save
     ids = torch.randint(5, 60, (1, 20))

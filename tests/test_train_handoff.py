@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 
 def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session, tiny_dataset, tmp_path):
-    from llava_core.model.build import assemble_llava, load_official_projector
+    from llava_core.model.build import assemble, load_official_projector
     from llava_core.train.trainer import run_training_stage
 
     shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"), rows=32)
@@ -30,7 +30,7 @@ def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session,
     assert set(saved) == {
         f"model.mm_projector.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
     torch.manual_seed(stage.seed)  # the projector every rank started from
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     initial = model.model.multi_modal_projector.linear_1.weight.detach().clone()
     assert saved["model.mm_projector.0.weight"].numel() > 0  # gathered, not a ZeRO-3 shard placeholder
     assert not torch.equal(saved["model.mm_projector.0.weight"], initial)  # trained

@@ -7,7 +7,7 @@ import torch
 from transformers import LlavaForConditionalGeneration
 
 from llava_core.config import LoraSettings
-from llava_core.model.build import assemble_llava, load_official_projector
+from llava_core.model.build import assemble, load_official_projector
 from llava_core.train.freeze import apply_stage_training, describe_training, parameter_groups
 
 pytestmark = pytest.mark.unit
@@ -29,7 +29,7 @@ def tiny_batch(model, processor, seed=0):
 
 
 def test_lora_wraps_only_llm_linears_and_groups_report_what_trains(tiny_dataset):
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     model = apply_stage_training(model, ["projector", "llm"], LORA)
     trained = [n for n, p in model.named_parameters() if p.requires_grad]
     lora_modules = {n.split(".lora_")[0] for n in trained if "lora_" in n}
@@ -62,7 +62,7 @@ def test_lora_train_merge_export_load_gives_the_peft_logits(tiny_dataset, tmp_pa
     from llava_core.train.save import save_hf_model
 
     torch.manual_seed(0)
-    model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, processor = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     base_dir = str(tmp_path / "base")
     model.save_pretrained(base_dir)  # what the instruct stage starts from (the align output)
     processor.save_pretrained(base_dir)
@@ -108,11 +108,11 @@ def test_the_adapter_alone_restores_the_trained_projector_and_logits(tiny_datase
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    from llava_core.model import families
+    from llava_core.model import build
     from llava_core.model.lora import save_adapter
 
     torch.manual_seed(0)
-    model, processor = families.assemble(family, tiny_dataset["vision"], tiny_dataset["llm"])
+    model, processor = build.assemble(family, tiny_dataset["vision"], tiny_dataset["llm"])
     base_dir = str(tmp_path / "base")
     model.save_pretrained(base_dir)
     model = apply_stage_training(model, ["projector", "llm"], LORA)
@@ -166,16 +166,16 @@ def family_batch(model, processor, family):
 def test_a_bare_parameter_cannot_be_a_modules_to_save(tiny_dataset):
     """peft saves whole modules only: a part that is a bare nn.Parameter (`image_newline`) fails loudly instead of
     training without being saved in the adapter."""
-    from llava_core.model import families
+    from llava_core.model import build
     from llava_core.model.lora import apply_lora
 
-    model, _ = families.assemble("llava_next", tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = build.assemble("llava_next", tiny_dataset["vision"], tiny_dataset["llm"])
     with pytest.raises(ValueError, match="not modules"):
         apply_lora(model, LORA, [model.model.multi_modal_projector, model.model.image_newline])
 
 
 def test_official_projector_is_imported_with_its_weights(tiny_dataset, tmp_path):
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     projector = model.model.multi_modal_projector
     g = torch.Generator().manual_seed(3)
     official = {

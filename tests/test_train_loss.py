@@ -42,10 +42,10 @@ def loss_and_gradients(model, compute) -> tuple[float, dict]:
 
 @pytest.mark.parametrize("num_items", [None, 11.0])  # sample normalisation (a mean), token normalisation (a sum / n)
 def test_same_loss_and_gradients_as_transformers_own_loss(tiny_dataset, num_items):
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
 
     torch.manual_seed(0)
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     model.train()
     batch = image_batch(model.config)
     items = None if num_items is None else torch.tensor(num_items)

@@ -18,9 +18,9 @@ STAGE = TrainStageSettings(tracking="", metrics_sync_every=5)
 
 
 def test_the_runtime_counts_flops_from_the_model_parameters(tiny_dataset):
-    from llava_core.model.build import assemble_llava
+    from llava_core.model.build import assemble
 
-    model, _ = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     flops = flops_counter(model, ["projector", "llm"], lora=False)
     llm = sum(p.numel() for p in model.model.language_model.parameters())
     llm -= model.get_input_embeddings().weight.numel()  # a lookup, not a matmul

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from llava_core.data.image_layouts import CropPixels
-from llava_core.model.build import assemble_llava
+from llava_core.model.build import assemble
 from llava_core.train.batching import collate_packed
 
 pytestmark = pytest.mark.unit
@@ -46,7 +46,7 @@ def per_sample_losses(logits, labels, sizes):
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
 def test_packed_samples_match_running_alone(tiny_dataset, attention):
     torch.manual_seed(0)
-    model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, processor = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     model.set_attn_implementation(attention)
     model.eval()
     table, pixels = sample_table(model, processor)
@@ -79,7 +79,7 @@ def test_text_only_batch_runs_the_vision_path_without_changing_the_loss(tiny_dat
     from llava_core.train.engine import with_blank_image_row
 
     torch.manual_seed(0)
-    model, processor = assemble_llava(tiny_dataset["vision"], tiny_dataset["llm"])
+    model, processor = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
     table, pixels = sample_table(model, processor)
     for make in (lambda: collate(table, np.array([1]), 0, pixels),
                  lambda: collate_packed(table, [np.array([1])], 0, pixels)):

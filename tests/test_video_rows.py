@@ -23,7 +23,7 @@ from llava_core.data import video
 from llava_core.data.image_layouts import TilePixels, stored_pixels
 from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
-from llava_core.model import families, standins
+from llava_core.model import build, families, processors, standins
 from llava_core.serve import protocol
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.engine import GenerationEngine, GenerationRequest
@@ -163,7 +163,7 @@ def preparer_for(base_models, name="llava_onevision", **settings) -> RowPreparer
 def onevision(base_models):
     vision, llm = base_models["llava_onevision"]
     torch.manual_seed(0)
-    model, processor = families.assemble("llava_onevision", vision, llm)
+    model, processor = build.assemble("llava_onevision", vision, llm)
     return model.eval(), processor, preparer_for(base_models)
 
 
@@ -200,7 +200,7 @@ def test_a_video_row_stores_the_processors_token_count_and_its_frames(onevision,
         example = preparer.prepare(raw, media)
         assert example["reason"] == "", example["detail"]
         ids = np.asarray(example["input_ids"])
-        assert example["video_tokens"] == FRAMES * 4 + 1 == families.video_token_count(processor, FRAMES, TILE, TILE)
+        assert example["video_tokens"] == FRAMES * 4 + 1 == processors.video_token_count(processor, FRAMES, TILE, TILE)
         assert (ids == video_id).sum() == example["video_tokens"] and example["length"] == len(ids)
         assert example["modality"] == "video" and example["num_images"] == 1 and example["image_tokens"] == []
         assert len(example["video"]["uint8"]) == FRAMES * 3 * TILE * TILE  # 24,576 bytes at this size
@@ -376,7 +376,7 @@ def test_the_engine_answers_a_video_as_generate_does_on_the_same_inputs(exported
 
     # Plain transformers: the model as saved, the prompt and pixel_values_videos built directly from the frames.
     model = LlavaOnevisionForConditionalGeneration.from_pretrained(exported).eval()
-    processor = families.load_processor(exported, "llava_onevision")
+    processor = processors.load_processor(exported, "llava_onevision")
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(text=[prompt], videos=[np.stack(videos[0])], return_tensors="pt")
     assert inputs["input_ids"].shape[1] == prompt_tokens

@@ -12,8 +12,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-IMAGE_TAG = "<image>"
-VIDEO_TAG = "<video>"
+from llava_core.model.tokens import IMAGE_TOKEN as IMAGE_TAG, VIDEO_TOKEN as VIDEO_TAG
+
 USER, ASSISTANT = "user", "assistant"
 ROLE_ALIASES = {"human": USER, "user": USER, "gpt": ASSISTANT, "assistant": ASSISTANT}
 

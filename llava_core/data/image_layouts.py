@@ -7,12 +7,12 @@ the model's pixel inputs again. Both directions of one shard format live here, s
   float32, ~0.2 ms per 336 px image in the trainer. Every image is `image_seq_length` tokens (576 for CLIP-336).
 - **Tiles** (`llava_next` / `llava_onevision`, layouts `anyres`, `anyres_max_N`, `pad` = one 1x1 grid): the image's
   encoded bytes as read (checked by decoding them), its (height, width) and its exact `<image>` token count from the
-  processor (`families.image_token_counts`: base view + unpadded tiles + row newlines, OneVision's shrink past N
+  processor (`processors.image_token_counts`: base view + unpadded tiles + row newlines, OneVision's shrink past N
   tiles). The trainer runs the family's own image processor on the decoded bytes, so the tiles it sees are the
   ones serving computes. Storing the tiles instead would be 10 views x 384 x 384 x 3 = 4.4 MB a OneVision image,
   14 TB for its 3.2M single-image rows, against ~0.1-0.3 MB of JPEG.
 - **Video** (`llava_onevision` only, column `video`): the sampled frames (`data.video`: exactly
-  `prepare.video_frames` of them) squashed to the tower's tile by the frame processor (`families.frame_processor`,
+  `prepare.video_frames` of them) squashed to the tower's tile by the frame processor (`processors.frame_processor`,
   what LlavaOnevisionVideoProcessor does), as uint8 (frames, 3, tile, tile) with the same per-channel affine as the
   crops, and the `<video>` token count (`video_tokens`: frames x 196 + 1 = 6,273 at SigLIP-384). At real size that is
   32 x 3 x 384 x 384 = 14.2 MB a video row (56.6 MB as float32), against a few MB for a typical 10-60 s source
@@ -48,18 +48,14 @@ class CropImages:
     pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
 
     def __init__(self, vision_path: str, llm_path: str, layout: str, limits: images.ImageLimits):
-        from llava_core.model.build import (
-            IMAGE_TOKEN,
-            image_seq_length,
-            llava_image_processor,
-            load_tokenizer_with_image_token,
-            vision_config,
-        )
+        from llava_core.model.families import features_per_view, vision_config
+        from llava_core.model.processors import llava_image_processor, load_tokenizer
+        from llava_core.model.tokens import IMAGE_TOKEN
 
-        self.tokenizer = load_tokenizer_with_image_token(llm_path)
+        self.tokenizer = load_tokenizer(llm_path)
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.image_processor = llava_image_processor(vision_path, layout)
-        self.tokens_per_image = image_seq_length(vision_config(vision_path))
+        self.tokens_per_image = features_per_view(vision_config(vision_path))
         self.limits = limits
         self.scale, self.offset = images.normalisation(self.image_processor)
 
@@ -83,17 +79,18 @@ class TiledImages:
 
     def __init__(self, vision_path: str, llm_path: str, family_name: str, layout: str, template: str,
                  limits: images.ImageLimits):
-        from llava_core.model.build import IMAGE_TOKEN
-        from llava_core.model.families import family, load_anyres_processor
+        from llava_core.model.families import family
+        from llava_core.model.processors import base_processor
+        from llava_core.model.tokens import IMAGE_TOKEN
 
         self.family = family(family_name)
-        self.processor = load_anyres_processor(self.family, vision_path, llm_path, template, layout)
+        self.processor = base_processor(self.family, vision_path, llm_path, template, layout)
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.limits = limits
 
     def prepare(self, encoded: list[bytes]) -> PreparedImages:
-        from llava_core.model.families import image_token_counts
+        from llava_core.model.processors import image_token_counts
 
         sizes = [_height_width(images.decode_image(data, self.limits)) for data in encoded]
         counts = image_token_counts(self.processor, sizes, self.family) if sizes else []
@@ -122,7 +119,7 @@ class VideoFrames:
     """Prepare side of the video format (LLaVA-OneVision): sampled frames, squashed and stored as uint8."""
 
     def __init__(self, processor, sampling, limits: images.ImageLimits):
-        from llava_core.model.families import frame_processor
+        from llava_core.model.processors import frame_processor
 
         self.processor, self.frames = processor, frame_processor(processor)
         self.video_token_id = processor.video_token_id
@@ -131,7 +128,7 @@ class VideoFrames:
 
     def prepare(self, image_folder: str, spec, allow_outside: bool = False) -> PreparedVideo:
         from llava_core.data import video
-        from llava_core.model.families import video_token_count
+        from llava_core.model.processors import video_token_count
 
         squashed = self.frames.squash(video.read_video(image_folder, spec, self.sampling, self.limits, allow_outside))
         frames, _, height, width = squashed.shape
@@ -244,7 +241,7 @@ class TilePixels:
     def blank(self) -> tuple[dict, int]:
         """Made once: every text-only micro-batch of the run gets the same blank image (the model never writes into
         its inputs). Kept on the instance: a `functools.cache` on the method would keep every instance alive."""
-        from llava_core.model.families import image_token_counts
+        from llava_core.model.processors import image_token_counts
 
         if self._blank is None:
             tile = tile_side(self.processor.image_processor)

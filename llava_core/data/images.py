@@ -110,7 +110,7 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
 
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] | int) -> Image.Image:
     """LLaVA-1.5's `pad` aspect-ratio mode: centre the image on a square canvas of `fill`. Models pad through their
-    processor (`build.llava_image_processor`); this serves the stand-in tower's pretraining, whose label masks are
+    processor (`processors.llava_image_processor`); this serves the stand-in tower's pretraining, whose label masks are
     padded alongside their scenes."""
     width, height = image.size
     if width == height:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from llava_core import storage
-from llava_core.schema import SourceSettings
+from llava_core.schema import SourceSettings, parse_sampling
 
 STAGED_SCHEMA = pa.schema([
     ("source", pa.string()),  # the annotation file the row came from
@@ -457,21 +457,6 @@ def staged_blocks(source: SourceSettings, rows_per_block: int = ROWS_PER_BLOCK) 
             buffer, size = [], 0
     if buffer:
         yield block()
-
-
-SAMPLING = re.compile(r"^(?:(first|last|end|random):)?(\d+)(%?)$")
-
-
-def parse_sampling(spec: str) -> tuple[str, int, bool] | None:
-    """`all` -> None; else (kind, number, is_percent). A bare `25%` samples 25% at random (seeded)."""
-    if spec == "all":
-        return None
-    match = SAMPLING.match(spec.strip())
-    if not match or (match.group(1) is None and not match.group(3)):
-        raise ValueError(f"sampling {spec!r}: expected all, first:N, last:N, random:N, N% or first:N% / last:N% / "
-                         f"random:N%")
-    kind = {"end": "last", None: "random"}.get(match.group(1), match.group(1))
-    return kind, int(match.group(2)), bool(match.group(3))
 
 
 def select_indices(spec: str, total: int, seed: int) -> np.ndarray:

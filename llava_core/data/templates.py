@@ -18,9 +18,9 @@ import numpy as np
 
 from llava_core.data.formats import ASSISTANT, IMAGE_TAG, VIDEO_TAG, RowError, Turn
 from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from llava_core.schema import TEMPLATES
 
 IGNORE_INDEX = -100
-TEMPLATES = ("plain", "vicuna_v1", "chat_template")
 
 
 @dataclass

@@ -1,9 +1,11 @@
-"""Build a LLaVA model from a vision encoder and a language model, the same way for a 7B run and for a test.
+"""Build a LLaVA model of any family from a vision encoder and a language model, the same way for a 7B run and for a
+test, and load a saved one back.
 
-`assemble_llava` takes two directories (or hub ids) in Hugging Face format, e.g. `openai/clip-vit-large-patch14-336`
-and `lmsys/vicuna-7b-v1.5`, and returns transformers' own `LlavaForConditionalGeneration` with a fresh LLaVA-1.5
-projector (Linear, GELU, Linear) plus a matching `LlavaProcessor`. The quickstart calls it on tiny models that
-`llava_core.model.standins` saves to disk first, so the code path is the one a real cluster runs.
+`assemble` takes two directories (or hub ids) in Hugging Face format, e.g. `openai/clip-vit-large-patch14-336` and
+`lmsys/vicuna-7b-v1.5`, and returns transformers' own model class of the family (`LlavaForConditionalGeneration`,
+`LlavaNext...`, `LlavaOnevision...`) with a fresh projector (Linear, GELU, Linear) and, for the AnyRes families, a
+fresh `image_newline`, plus the family's processor (`processors.base_processor`). The quickstart calls it on tiny
+models that `llava_core.model.standins` saves to disk first, so the code path is the one a real cluster runs.
 """
 from __future__ import annotations
 
@@ -11,129 +13,96 @@ import contextlib
 import logging
 
 import torch
-from transformers import (
-    AutoImageProcessor,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    CLIPVisionModel,
-    LlavaConfig,
-    LlavaForConditionalGeneration,
-    LlavaImageProcessor,
-    LlavaProcessor,
-)
+from transformers import AutoModelForCausalLM, CLIPVisionModel, SiglipVisionModel
 from transformers.initialization import no_init_weights
-from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from llava_core import storage
-from llava_core.model.chat_template import VICUNA_V1_CHAT_TEMPLATE
+from llava_core.model.families import (
+    Family,
+    family,
+    feature_select_strategy,
+    features_per_view,
+    model_class_of,
+    tower_cut,
+    vision_aspect_ratio,
+    vision_config,
+)
+from llava_core.model.processors import base_processor, load_processor
+from llava_core.model.tokens import IMAGE_TOKEN, VIDEO_TOKEN
 from llava_core.model.zero3 import gathered, zero3_paused
 
 log = logging.getLogger(__name__)
 
-IMAGE_TOKEN = "<image>"
-PAD_TOKEN = "<pad>"
 
-
-def load_tokenizer_with_image_token(llm_path: str):
-    """The LLM's tokenizer with `<image>` and `<pad>` added where missing (Vicuna has neither), as the HF
-    conversion of LLaVA does."""
-    tokenizer = AutoTokenizer.from_pretrained(storage.local_copy(llm_path, without_weights=True))
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
-    if tokenizer.pad_token is None:
-        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
-    return tokenizer
-
-
-def load_image_processor(vision_path: str):
-    """The vision tower's image processor (a legacy CLIPFeatureExtractor config loads too); reads no weights."""
-    return AutoImageProcessor.from_pretrained(storage.local_copy(vision_path, without_weights=True))
-
-
-LLAVA_IMAGE_SETTINGS = ("do_resize", "size", "resample", "do_center_crop", "crop_size", "do_rescale", "rescale_factor",
-                        "do_normalize", "image_mean", "image_std", "do_convert_rgb")
-
-
-def llava_image_processor(vision_path: str, layout: str = "pad") -> LlavaImageProcessor:
-    """LLaVA-1.5's image steps as transformers' `LlavaImageProcessor`: the tower's resize, crop and normalisation,
-    after a pad to a square of `int(mean x 255)` when `layout` is `pad` (the official `expand2square`). Prepare,
-    training and serving use it, and the export saves it, so any reader of the export sees the trained pixels."""
-    tower = load_image_processor(vision_path).to_dict()
-    return LlavaImageProcessor(**{key: tower[key] for key in LLAVA_IMAGE_SETTINGS if key in tower},
-                               do_pad=layout == "pad")
-
-
-def build_processor(vision_path: str, tokenizer, patch_size: int, chat_template: str = VICUNA_V1_CHAT_TEMPLATE,
-                    layout: str = "pad"):
-    return LlavaProcessor(
-        image_processor=llava_image_processor(vision_path, layout),
-        tokenizer=tokenizer,
-        patch_size=patch_size,
-        vision_feature_select_strategy="default",
-        chat_template=chat_template,
-        image_token=IMAGE_TOKEN,
-        num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
-    )
-
-
-def vision_config(vision_path: str):
-    """The vision tower's own config: the nested `vision_config` of a full CLIP repo (`CLIPConfig`, as
-    `openai/clip-vit-large-patch14-336` ships), or the config itself for a bare vision model."""
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(storage.local_copy(vision_path, without_weights=True))
-    return getattr(config, "vision_config", None) or config
-
-
-def image_seq_length(vision_config) -> int:
-    """Image tokens per image: one per patch (the CLS token is dropped). 576 for CLIP ViT-L/14 at 336 px."""
-    return (vision_config.image_size // vision_config.patch_size) ** 2
-
-
-def assemble_llava(vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32, template: str = "vicuna_v1",
-                   attn_implementation: str = "sdpa", device: torch.device | None = None, layout: str = "pad"):
-    """A fresh LLaVA-1.5 model (pretrained vision tower and LLM, new projector) and its processor, whose chat template
-    renders `template`'s inference prompt (the LLM tokenizer's own for `chat_template`) and whose image processor
-    pads to a square when `layout` (`prepare.image_aspect_ratio`) is `pad`.
+def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = torch.float32,
+             template: str | None = None, attn_implementation: str = "sdpa", device: torch.device | None = None,
+             layout: str | None = None):
+    """A fresh model of family `name` (pretrained vision tower and LLM, new projector and, for the AnyRes families,
+    a new `image_newline`) and its processor, whose chat template renders `template`'s inference prompt (the LLM
+    tokenizer's own for `chat_template`) and whose image processor lays images out as `layout`
+    (`prepare.image_aspect_ratio`; `pad`: padded to a square). Both default to the family's own.
 
     The paths are local directories, hub ids or storage URIs (`s3://`, mirrored to this process's own disk). Weights
     load in `dtype`, straight onto `device` when given; under an active ZeRO-3 config (training) every part loads
     partitioned across the ranks instead."""
+    fam = family(name)
+    layout = layout or fam.image_layout
     vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
-    tokenizer = load_tokenizer_with_image_token(llm_path)
+    processor = base_processor(fam, vision_path, llm_path, template, layout)
+    tokenizer = processor.tokenizer
     placement = {"device_map": {"": device}} if device is not None else {}
-    vision = CLIPVisionModel.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation,
-                                             **placement)
+    vision = load_vision_tower(fam, vision_path, dtype, attn_implementation, placement)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
                                                **placement)
     padded_vocab = pad_embeddings(llm, len(tokenizer))
 
-    config = LlavaConfig(
-        vision_config=vision.config,
-        text_config=llm.config,
-        image_token_index=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
-        image_seq_length=image_seq_length(vision.config),
-        projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        tie_word_embeddings=bool(getattr(llm.config, "tie_word_embeddings", False)),
-    )
-    config.pad_token_id = tokenizer.pad_token_id
+    config = model_config(fam, vision.config, llm.config, tokenizer, layout)
     # Build the shell on the meta device, uninitialised, then move the loaded parts in: no second copy of a 7B LLM.
     with torch.device("meta"), no_init_weights(), zero3_paused():
-        model = LlavaForConditionalGeneration(config)
+        model = fam.model_class(config)
+    projector_class = type(model.model.multi_modal_projector)
     model.model.vision_tower = vision
     model.model.language_model = llm.model
     model.lm_head = llm.lm_head
-    model.model.multi_modal_projector = new_projector(config, dtype, device)
+    model.model.multi_modal_projector = new_projector(config, dtype, device, projector_class)
+    if fam.takes_image_sizes():
+        model.model.image_newline = new_image_newline(llm.config.hidden_size, dtype, device)
     model.config.text_config = llm.config
     model.set_attn_implementation(attn_implementation)
     set_generation_defaults(model, tokenizer, padded_vocab)
-
-    chat_template = tokenizer.chat_template if template == "chat_template" else VICUNA_V1_CHAT_TEMPLATE
-    processor = build_processor(vision_path, tokenizer, patch_size=vision.config.patch_size,
-                                chat_template=chat_template, layout=layout)
     return model, processor
+
+
+TOWER_CLASSES = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+
+
+def load_vision_tower(fam: Family, vision_path: str, dtype: torch.dtype, attn_implementation: str, placement: dict):
+    """The vision half of a full CLIP / SigLIP repo; for OneVision without its last layer and its pooling head,
+    which LLaVA never runs (their weights are left unread)."""
+    tower_config = vision_config(vision_path)
+    tower_class = TOWER_CLASSES[tower_config.model_type]
+    return tower_class.from_pretrained(vision_path, dtype=dtype, attn_implementation=attn_implementation,
+                                       **tower_cut(fam, tower_config), **placement)
+
+
+def model_config(fam: Family, tower_config, text_config, tokenizer, layout: str):
+    """The family's config class, as transformers' conversion scripts fill it: the media token ids, the tower's
+    feature layer and selection, and the tile grids and feature budget of the AnyRes families."""
+    media = {"image_token_index": tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)}
+    if VIDEO_TOKEN in fam.media_tokens:
+        media["video_token_index"] = tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    budget = {"vision_aspect_ratio": vision_aspect_ratio(layout)} if fam.image_layout.startswith("anyres_max") else \
+        {"image_seq_length": features_per_view(tower_config)}
+    grids = {"image_grid_pinpoints": fam.pinpoints(tower_config.image_size, layout)} if fam.grids else {}
+    config = fam.config_class(
+        vision_config=tower_config, text_config=text_config, **media, **budget, **grids,
+        projector_hidden_act="gelu",
+        vision_feature_layer=fam.vision_feature_layer,
+        vision_feature_select_strategy=feature_select_strategy(tower_config),
+        tie_word_embeddings=bool(getattr(text_config, "tie_word_embeddings", False)),
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    return config
 
 
 EMBEDDING_MULTIPLE = 64  # tensor-core friendly vocabulary sizes: 32002 tokens -> 32064 rows, as llava-hf's models
@@ -161,9 +130,16 @@ def set_generation_defaults(model, tokenizer, padded_vocab: int) -> None:
         model.generation_config.suppress_tokens = list(range(len(tokenizer), padded_vocab))
 
 
-def new_projector(config, dtype: torch.dtype, device: torch.device | None,
-                  projector_class: type = LlavaMultiModalProjector):
-    """A freshly initialised projector (LLaVA-1.5's unless `projector_class` says otherwise): partitioned under
+def new_image_newline(hidden_size: int, dtype: torch.dtype, device: torch.device | None) -> torch.nn.Parameter:
+    """The learned embedding that ends each row of tile features, initialised as transformers does (std
+    1/sqrt(hidden)). Under ZeRO-3 it is made whole on every rank and the engine converts it when it wraps the model
+    (DeepSpeedZeRoOffload._convert_to_zero_parameters broadcasts rank 0's copy, then partitions it); no test runs
+    that path yet."""
+    return torch.nn.Parameter(torch.randn(hidden_size, dtype=dtype, device=device) / hidden_size ** 0.5)
+
+
+def new_projector(config, dtype: torch.dtype, device: torch.device | None, projector_class: type):
+    """A freshly initialised projector of the family's class (LLaVA-1.5's Linear, GELU, Linear): partitioned under
     ZeRO-3 (in the config's dtype, which is `dtype`), as transformers builds models there; else on `device` (the host
     when None)."""
     from transformers.integrations import deepspeed_config, is_deepspeed_zero3_enabled
@@ -183,8 +159,6 @@ def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementatio
     models) as its family's transformers class, local or a storage URI; partitioned as it loads under an active
     ZeRO-3 config."""
     from transformers import AutoConfig
-
-    from llava_core.model.families import load_processor, model_class_of
 
     path = storage.local_copy(path)
     model_type = AutoConfig.from_pretrained(path).model_type

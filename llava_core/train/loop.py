@@ -74,8 +74,7 @@ class LoopConfig:
 
 def build_model(config: LoopConfig, device: torch.device):
     """The stage's starting model in the training dtype with the chosen attention, and its processor."""
-    from llava_core.model.build import load_llava, load_official_projector
-    from llava_core.model.families import assemble
+    from llava_core.model.build import assemble, load_llava, load_official_projector
 
     stage, use_gpu = config.stage, config.scaling.use_gpu
     dtype = training_dtype(stage, use_gpu)
