@@ -22,6 +22,7 @@ from pydantic.dataclasses import is_pydantic_dataclass
 
 from llava_core.schema import (  # noqa: F401  (re-exported: callers import the sections from here)
     EVAL_LAYOUTS,
+    FAMILY_LAYOUTS,
     IMAGE_LAYOUTS,
     LORA_TARGETS,
     MAIN_EVAL_SET,
@@ -281,9 +282,7 @@ def with_family_layout(w: Workflow) -> Workflow:
     """An empty `prepare.image_aspect_ratio` becomes the family's own layout."""
     if w.prepare.image_aspect_ratio:
         return w
-    from llava_core.model.families import family  # imported late: it brings transformers
-
-    layout = family(w.model.family).image_layout
+    layout = FAMILY_LAYOUTS[w.model.family]
     return dataclasses.replace(w, prepare=dataclasses.replace(w.prepare, image_aspect_ratio=layout))
 
 

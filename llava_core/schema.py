@@ -33,6 +33,9 @@ SERVE_ENGINES = ("transformers", "vllm")
 OVERLOAD_STATUSES = (429, 503)
 # The `prepare.image_aspect_ratio` values each family's model takes; N: the tiles' worth of features past which
 # OneVision shrinks the feature map (anyres_max_9 in its recipe).
+# Each family's own layout, what an empty `prepare.image_aspect_ratio` means (the official recipes' choice), and the
+# layouts its model can take.
+FAMILY_LAYOUTS = {"llava": "pad", "llava_next": "anyres", "llava_onevision": "anyres_max_9"}
 IMAGE_LAYOUTS = {"llava": ("pad", "square"), "llava_next": ("anyres", "pad"),
                  "llava_onevision": ("anyres_max_N", "pad")}
 

@@ -139,7 +139,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
 
 
 def stage_serve(ctx: RunContext) -> dict:
-    from llava_core.serve.stage import serve_and_demo
+    from llava_core.demo import serve_and_demo
 
     return serve_and_demo(ctx)
 

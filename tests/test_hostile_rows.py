@@ -314,7 +314,7 @@ def test_the_setting_is_a_workflow_setting_off_by_default():
 
 def test_the_serve_demo_skips_defective_rows_and_outside_paths(image_tree, tmp_path):
     from llava_core.config import DatasetSettings
-    from llava_core.serve.stage import instruct_question
+    from llava_core.demo import instruct_question
 
     path = tmp_path / "instruct.json"
     path.write_bytes(b"[" + json.dumps(image_row("nan", "red.png")).replace('"red"', "NaN").encode() + b", "

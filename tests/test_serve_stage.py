@@ -14,9 +14,9 @@ import requests
 from PIL import Image
 
 from llava_core.config import DatasetSettings, ServeSettings, Workflow
+from llava_core.demo import instruct_question
 from llava_core.serve import readiness
 from llava_core.serve.client import chat_request, image_mime
-from llava_core.serve.stage import instruct_question
 from tests.conftest import TEST_API_KEY_ENV
 from tests.ports import free_port
 
@@ -64,8 +64,8 @@ def test_the_demo_question_is_the_first_image_rows_first_turn(instruct_data, tmp
 
 def test_with_an_eval_set_the_demo_asks_its_first_question(instruct_data, tmp_path):
     from llava_core.config import EvalSetSettings, EvaluateSettings
+    from llava_core.demo import demo_question
     from llava_core.eval.layouts import SHORT_ANSWER
-    from llava_core.serve.stage import demo_question
 
     questions = tmp_path / "pope.jsonl"
     questions.write_text("".join(json.dumps({"question_id": i, "image": "blue.jpg", "text": f"Is there a cat {i}?",

@@ -16,7 +16,7 @@ import pyarrow as pa
 from llava_core.data import formats, images, templates, video
 from llava_core.data.formats import RowError
 from llava_core.data.image_layouts import NO_VIDEO, shard_images, shard_videos
-from llava_core.schema import PrepareSettings, section
+from llava_core.schema import FAMILY_LAYOUTS, PrepareSettings, section
 
 
 @section(kw_only=True)
@@ -29,9 +29,7 @@ class RowSettings(PrepareSettings):
 
     @property
     def layout(self) -> str:
-        from llava_core.model.families import family
-
-        return self.image_aspect_ratio or family(self.family).image_layout
+        return self.image_aspect_ratio or FAMILY_LAYOUTS[self.family]
 
     @property
     def image_limits(self) -> images.ImageLimits:

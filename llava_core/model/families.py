@@ -41,6 +41,7 @@ from transformers import (
 
 from llava_core import storage
 from llava_core.model.tokens import IMAGE_TOKEN, VIDEO_TOKEN
+from llava_core.schema import FAMILY_LAYOUTS
 
 # Tile grids as (rows, columns) of tower-sized tiles; pinpoints are these times the tower's image size.
 NEXT_GRIDS = ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))
@@ -54,7 +55,6 @@ class Family:
     config_class: type
     processor_class: type
     image_processor_class: type
-    image_layout: str  # LLaVA's `image_aspect_ratio`: "pad", "anyres" or "anyres_max_<tiles>"
     grids: tuple[tuple[int, int], ...]  # () for a single view
     vision_feature_layer: int
     vision_feature_select_strategy: str  # of the family's own tower: "default" drops CLIP's CLS, "full" keeps all
@@ -64,6 +64,11 @@ class Family:
     template: str  # the workflow `template` its checkpoints train with
     vision_tower: str  # the hub repos of its reference checkpoints
     llm: str
+
+    @property
+    def image_layout(self) -> str:
+        """LLaVA's `image_aspect_ratio` its recipes use: "pad", "anyres" or "anyres_max_<tiles>" (schema.py)."""
+        return FAMILY_LAYOUTS[self.name]
 
     def pinpoints(self, tile: int, layout: str | None = None) -> list[list[int]]:
         """The (height, width) resolutions an image may be tiled into, for a tower of `tile` px. Layout `pad` is one
@@ -81,19 +86,19 @@ class Family:
 
 FAMILIES = {
     "llava": Family(
-        "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, LlavaImageProcessor, "pad", (),
+        "llava", LlavaForConditionalGeneration, LlavaConfig, LlavaProcessor, LlavaImageProcessor, (),
         vision_feature_layer=-2, vision_feature_select_strategy="default", drops_last_tower_layer=False,
         media_tokens=(IMAGE_TOKEN,), base_view_for_several_images=False, template="vicuna_v1",
         vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
     "llava_next": Family(
         "llava_next", LlavaNextForConditionalGeneration, LlavaNextConfig, LlavaNextProcessor, LlavaNextImageProcessor,
-        "anyres", NEXT_GRIDS, vision_feature_layer=-2, vision_feature_select_strategy="default",
+        NEXT_GRIDS, vision_feature_layer=-2, vision_feature_select_strategy="default",
         drops_last_tower_layer=False, media_tokens=(IMAGE_TOKEN,), base_view_for_several_images=False,
         template="vicuna_v1",
         vision_tower="openai/clip-vit-large-patch14-336", llm="lmsys/vicuna-7b-v1.5"),
     "llava_onevision": Family(
         "llava_onevision", LlavaOnevisionForConditionalGeneration, LlavaOnevisionConfig, LlavaOnevisionProcessor,
-        LlavaOnevisionImageProcessor, "anyres_max_9", ONEVISION_GRIDS, vision_feature_layer=-1,
+        LlavaOnevisionImageProcessor, ONEVISION_GRIDS, vision_feature_layer=-1,
         vision_feature_select_strategy="full", drops_last_tower_layer=True, media_tokens=(IMAGE_TOKEN, VIDEO_TOKEN),
         base_view_for_several_images=True, template="chat_template", vision_tower="google/siglip-so400m-patch14-384",
         llm="Qwen/Qwen2-7B-Instruct"),

@@ -1,5 +1,7 @@
 """The serve stage of a workflow: deploy the export, prove it answers with one real request, and say how to call it.
 
+It stands beside the stage runner (workflow.py), above `serve/` and `eval/`: it asks the question evaluate would ask.
+
 The demo asks the first question of the workflow's primary eval set; a workflow without one (the full-size ones)
 asks the first image row of its instruct data instead, read from the start of the file without loading the rest.
 """
