@@ -224,7 +224,27 @@ def dataset_sources(ds: DatasetSettings) -> list[SourceSettings]:
 
 
 @section
-class PrepareSettings:
+class MediaLimits:
+    """The image and video limits of prepare and serve, defined once: a data row is rejected (counted, with its
+    reason) and a request gets a 400 on the same grounds, so the endpoint takes what the model trained on. Each is
+    checked from the file's header or size before anything is decoded."""
+    max_image_pixels: Int = setting(
+        64_000_000, "pixels per image: a larger one is rejected as `image_too_large` (a request: 400); above any real "
+                    "training image, far below a decompression bomb", ge=1)
+    # A 1 x 100,000 image has few pixels but pads to a 100,000 x 100,000 square (30 GB): sides and shapes are limited.
+    max_image_side: Int = setting(8192, "an image with a longer side is rejected as `image_too_large`", ge=1)
+    max_image_aspect_ratio: Float = setting(
+        20.0, "longest side / shortest side; thinner images are rejected as `image_aspect_ratio` (`pad` makes a "
+              "square of the longest side, so one would cost its longest side squared)", ge=1)
+    # A batch's videos must have equal frame counts; OneVision uses 32 = 6,273 tokens at SigLIP-384.
+    video_frames: Int = setting(32, "OneVision: every video becomes exactly this many frames, each checked against "
+                                    "the image limits (serving samples what training sampled)", ge=1)
+    max_video_bytes: Int = setting(500_000_000, "a larger video file is rejected from its size, before it is read (a "
+                                                "request's body is capped first by `serve.max_body_bytes`)", ge=1)
+
+
+@section
+class PrepareSettings(MediaLimits):
     max_length: Int = setting(2048, "tokens per sample, image tokens included", ge=1)
     too_long: OneOf(TOO_LONG) = setting(
         "reject", "`reject` or `truncate` a longer sample (text only, never through image tokens)")
@@ -232,23 +252,12 @@ class PrepareSettings:
         "", "`\"\"`: the family's own (`llava`: `pad`, `llava_next`: `anyres`, `llava_onevision`: `anyres_max_9`). "
             "`llava`: `pad` (LLaVA-1.5) or `square` (resize + centre crop); `llava_next`: `anyres` or `pad` (one "
             "tile: the tower's base size); `llava_onevision`: `anyres_max_N` (the recipe's N is 9) or `pad`")
-    max_image_pixels: Int = setting(64_000_000, "larger images are rejected as `image_too_large`", ge=1)
-    max_image_side: Int = setting(8192, "images with a longer side are rejected as `image_too_large` (from the "
-                                        "header, before decoding)", ge=1)
-    max_image_aspect_ratio: Float = setting(
-        20.0, "longest side / shortest side; thinner images are rejected as `image_aspect_ratio` (`pad` makes a "
-              "square of the longest side, so one would cost its longest side squared)", ge=1)
     allow_paths_outside_image_folder: Bool = setting(
         False, "a row's image names a file inside its `image_folder`: one that leads out (`..`, an absolute path, a "
                "URI such as `file://` or `s3://`, a symlink out of a local folder) is rejected as "
                "`image_path_outside_folder`; `true` reads absolute paths and URIs as given")
-    # A batch's videos must have equal frame counts; OneVision uses 32 = 6,273 tokens at SigLIP-384.
-    video_frames: Int = setting(32, "OneVision video rows: every video becomes exactly this many frames, checked "
-                                    "against the image limits", ge=1)
     video_fps: Float = setting(0.0, "0: the frames are spread over the whole clip; F: taken every 1/F seconds, then "
                                     "resampled to `video_frames`", ge=0)
-    max_video_bytes: Int = setting(500_000_000, "a larger video file is rejected from its size, before it is read",
-                                   ge=1)
     max_reject_fraction: Float = setting(0.01, "the stage fails above this rejected fraction", ge=0, le=1)
     rows_per_shard: Int = setting(2000, "rows per parquet shard", ge=1)
     num_actors: Int = setting(2, "Ray Data actors doing the work", ge=1)
@@ -514,7 +523,7 @@ SECRET_IN_WORKFLOW = ("a key written in the workflow would be copied into Serve 
 
 
 @section
-class ServeSettings:
+class ServeSettings(MediaLimits):
     host: Str = setting("127.0.0.1", "where the endpoint listens (`--config-out` defaults it to `0.0.0.0`)")
     port: Int = setting(8000, "the endpoint's port", ge=1, le=65535)
     model_name: Str = setting("", "the model id the endpoint answers to; `\"\"`: the workflow's name")
@@ -554,12 +563,6 @@ class ServeSettings:
            "`data:video/...;base64,` URL, or an http(s) URL of a host in `image_url_hosts`, with the images' "
            "private-address rules); 400 for undecodable, oversized or too many videos and for families without video",
         gt=0)
-    max_video_bytes: Int = setting(100_000_000, "bytes per video", gt=0)
-    video_frames: Int = setting(32, "frames each video is sampled to (as `prepare.video_frames`: 32 is what OneVision "
-                                    "trains with)", gt=0)
-    max_image_pixels: Int = setting(40_000_000, "pixels per image (400 above it)", gt=0)
-    max_image_side: Int = setting(8192, "checked from the image header, before decoding or padding to a square", gt=0)
-    max_image_aspect_ratio: Float = setting(20.0, "longest side / shortest side, checked from the image header", ge=1)
     image_url_hosts: list[Str] = setting(list, "hosts that http(s) image URLs may point at; empty: none")
     allow_private_image_hosts: Bool = setting(
         False, "allow hosts that resolve to private, loopback or link-local addresses")

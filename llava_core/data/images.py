@@ -12,19 +12,21 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from llava_core import storage
 from llava_core.data.formats import RowError
+from llava_core.schema import MediaLimits
 
-DEFAULT_MAX_PIXELS = 64_000_000  # well above any real training image, far below a decompression bomb
-# A 1 x 100,000 image has few pixels but pads to a 100,000 x 100,000 square (30 GB): sides and shapes are limited too,
-# from the header, before anything is decoded or padded.
-DEFAULT_MAX_SIDE = 8192
-DEFAULT_MAX_ASPECT_RATIO = 20.0  # longest side / shortest side; a 1200 x 60 banner is at the limit
+DEFAULTS = MediaLimits()  # the schema's defaults: what a workflow that sets no limit gets
 
 
 @dataclass(frozen=True)
 class ImageLimits:
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    max_side: int = DEFAULT_MAX_SIDE
-    max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO
+    """An image's limits as prepare and serve check them (`prepare.*` / `serve.*`, one `MediaLimits` section)."""
+    max_pixels: int = DEFAULTS.max_image_pixels
+    max_side: int = DEFAULTS.max_image_side
+    max_aspect_ratio: float = DEFAULTS.max_image_aspect_ratio
+
+    @classmethod
+    def of(cls, media: MediaLimits) -> ImageLimits:
+        return cls(media.max_image_pixels, media.max_image_side, media.max_image_aspect_ratio)
 
     def check(self, width: int, height: int) -> None:
         """Raise the `RowError` an image of this size gets; nothing when it is within every limit."""

@@ -33,11 +33,11 @@ class RowSettings(PrepareSettings):
 
     @property
     def image_limits(self) -> images.ImageLimits:
-        return images.ImageLimits(self.max_image_pixels, self.max_image_side, self.max_image_aspect_ratio)
+        return images.ImageLimits.of(self)
 
     @property
     def video_sampling(self) -> video.VideoSampling:
-        return video.VideoSampling(self.video_frames, self.video_fps, self.max_video_bytes)
+        return video.VideoSampling.of(self, self.video_fps)
 
 
 PIXELS_TYPE = pa.struct([

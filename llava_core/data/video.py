@@ -23,17 +23,20 @@ import numpy as np
 
 from llava_core.data import images
 from llava_core.data.formats import RowError
+from llava_core.schema import MediaLimits
 
-DEFAULT_FRAMES = 32  # LLaVA-OneVision's video frames (32 x 196 tokens at SigLIP-384)
-DEFAULT_MAX_BYTES = 500_000_000
 SEEK_GAP_S = 2.0  # decode forward rather than seek when the next wanted frame is this close (about one GOP)
 
 
 @dataclass(frozen=True)
 class VideoSampling:
-    frames: int = DEFAULT_FRAMES  # every video yields exactly this many frames
+    frames: int = images.DEFAULTS.video_frames  # every video yields exactly this many frames
     fps: float = 0.0  # 0: spread over the whole clip; > 0: candidates every 1/fps s, then resampled to `frames`
-    max_bytes: int = DEFAULT_MAX_BYTES
+    max_bytes: int = images.DEFAULTS.max_video_bytes
+
+    @classmethod
+    def of(cls, media: MediaLimits, fps: float = 0.0) -> VideoSampling:
+        return cls(media.video_frames, fps, media.max_video_bytes)
 
 
 def uniform_indices(count: int, frames: int) -> np.ndarray:

@@ -58,8 +58,7 @@ def image_from_url(url: str, settings: ServeSettings, param: str) -> Image.Image
         data = fetch_image_bytes(url.strip(), settings, param)
     else:
         data = data_url_bytes(url, settings.max_image_bytes, param)
-    limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect_ratio)
-    return checked_image(data, limits, param)
+    return checked_image(data, ImageLimits.of(settings), param)
 
 
 def video_from_url(url: str, settings: ServeSettings, param: str) -> list[np.ndarray]:
@@ -68,8 +67,7 @@ def video_from_url(url: str, settings: ServeSettings, param: str) -> list[np.nda
         data = fetch_media_bytes(url.strip(), settings, param, "video", settings.max_video_bytes)
     else:
         data = data_url_bytes(url, settings.max_video_bytes, param, "video")
-    limits = ImageLimits(settings.max_image_pixels, settings.max_image_side, settings.max_image_aspect_ratio)
-    return checked_video(data, VideoSampling(settings.video_frames, 0.0, settings.max_video_bytes), limits, param)
+    return checked_video(data, VideoSampling.of(settings), ImageLimits.of(settings), param)
 
 
 def data_url_bytes(url: str, max_bytes: int, param: str, medium: str = "image") -> bytes:
