@@ -121,11 +121,11 @@ def _job_command(args) -> int:
     return 0
 
 
-def _validate(args, workflow) -> int:
+def _validate(args) -> int:
     from llava_core import preflight
 
     try:
-        preflight.check(workflow, check_remote=args.check_remote)
+        workflow = preflight.check_file(args.workflow, args.overrides, check_remote=args.check_remote)
     except WorkflowError as error:
         print(f"error: {args.workflow}: {error}", file=sys.stderr)
         return 2
@@ -212,12 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "validate":
+            return _validate(args)
         workflow = load_workflow(args.workflow, args.overrides)
     except WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.command == "validate":
-        return _validate(args, workflow)
     from llava_core.workflow import run_workflow
 
     try:
