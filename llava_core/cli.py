@@ -61,9 +61,18 @@ def _parser() -> argparse.ArgumentParser:
                        help="require `Authorization: Bearer <key>`, the key read from this environment variable")
     serve.add_argument("--api-key-file", metavar="FILE",
                        help="require `Authorization: Bearer <key>`, the key read from this file")
+    serve.add_argument("--api-key", action=_KeyRefused, help=argparse.SUPPRESS)
     serve.add_argument("--config-out", metavar="FILE",
                        help="write a Ray Serve config YAML for this export and exit, without serving")
     return parser
+
+
+class _KeyRefused(argparse.Action):
+    """`--api-key KEY` says where the key belongs instead of argparse's "ambiguous option" (a prefix of two)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error("--api-key: the key is never an argument (arguments show in `ps` and shell history); put it in "
+                     "an environment variable or a file and name that: --api-key-env VAR or --api-key-file FILE")
 
 
 def _add_job_commands(sub) -> None:
@@ -121,11 +130,11 @@ def _job_command(args) -> int:
     return 0
 
 
-def _validate(args, workflow) -> int:
+def _validate(args) -> int:
     from llava_core import preflight
 
     try:
-        preflight.check(workflow, check_remote=args.check_remote)
+        workflow = preflight.check_file(args.workflow, args.overrides, check_remote=args.check_remote)
     except WorkflowError as error:
         print(f"error: {args.workflow}: {error}", file=sys.stderr)
         return 2
@@ -192,8 +201,9 @@ def _serve(args) -> int:
     from llava_core.serve.client import deploy
 
     url = deploy(model_dir, settings, name)
-    print(f"serving '{name}' at {url}/v1/chat/completions", flush=True)
-    from llava_core.serve.client import serve_until_interrupted
+    from llava_core.serve.client import auth_line, serve_until_interrupted
+
+    print(f"serving '{name}' at {url}/v1/chat/completions\n{auth_line(settings)}", flush=True)
 
     serve_until_interrupted()
     return 0
@@ -212,12 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             return _submit(args)
         if args.command == "schema":
             return _schema(args)
+        if args.command == "validate":
+            return _validate(args)
         workflow = load_workflow(args.workflow, args.overrides)
     except WorkflowError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.command == "validate":
-        return _validate(args, workflow)
     from llava_core.workflow import run_workflow
 
     try:

@@ -311,7 +311,8 @@ def workflow_from_dict(data: Any) -> Workflow:
     return with_local_paths(workflow)
 
 
-def load_workflow(path: str, overrides: list[str] = ()) -> Workflow:
+def read_workflow_file(path: str, overrides: list[str] = ()) -> Any:
+    """The mapping a workflow file holds, `--set` overrides applied; not yet checked."""
     try:
         with open(path) as f:
             data = read_yaml(f)
@@ -322,7 +323,37 @@ def load_workflow(path: str, overrides: list[str] = ()) -> Workflow:
     data = data if data is not None else {}
     if isinstance(data, dict):
         data = apply_overrides(data, list(overrides))
-    return workflow_from_dict(data)
+    return data
+
+
+def load_workflow(path: str, overrides: list[str] = ()) -> Workflow:
+    return workflow_from_dict(read_workflow_file(path, overrides))
+
+
+def readable_sections(data: Any) -> Workflow:
+    """The workflow as far as it can be read while it has schema errors: each top-level section that is valid on its
+    own, and each valid dataset of `datasets`; the rest at their defaults. `validate` checks the paths of this beside
+    the schema's errors, so one run reports both."""
+    if not isinstance(data, dict):
+        return Workflow()
+    readable = {}
+    for name, value in data.items():
+        if name == "datasets" and isinstance(value, dict):
+            value = {key: ds for key, ds in value.items() if _reads({"datasets": {key: ds}})}
+        if name == "synthetic" and not _reads({name: value}):
+            # Its root still tells which missing paths the first run creates.
+            value = {"root": value["root"]} if isinstance(value, dict) and "root" in value else {}
+        if _reads({name: value}):
+            readable[name] = value
+    return parse(Workflow, readable)
+
+
+def _reads(data: dict) -> bool:
+    try:
+        parse(Workflow, data)
+    except WorkflowError:
+        return False
+    return True
 
 
 def serve_settings_from_dict(data: Any, where: str = "serve") -> ServeSettings:

@@ -19,7 +19,7 @@ from llava_core.data import formats
 from llava_core.data.images import read_image_bytes
 from llava_core.data.sources import iter_rows
 from llava_core.secrets import shell_reference
-from llava_core.serve.client import chat_request, deploy, image_mime, post_chat
+from llava_core.serve.client import auth_line, chat_request, deploy, image_mime, post_chat
 
 
 @dataclass
@@ -121,7 +121,7 @@ def serve_and_demo(ctx) -> dict:
                            f"{response.text[:1000]}")
     body = response.json()
     answer = body["choices"][0]["message"]["content"]
-    print(f"\nendpoint  {url}/v1/chat/completions  (model '{model_name}', OpenAI-compatible)")
+    print(f"\nendpoint  {url}/v1/chat/completions  (model '{model_name}', OpenAI-compatible)\n{auth_line(w.serve)}")
     print(f"asked     {question.text!r} about {question.origin}")
     print(f"answered  {answer!r} in {time.time() - started:.2f}s")
     key_reference = shell_reference(w.serve.api_key_env, w.serve.api_key_file)

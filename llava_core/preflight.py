@@ -10,7 +10,14 @@ from __future__ import annotations
 import os
 
 from llava_core import storage
-from llava_core.config import Workflow, WorkflowError, dataset_sources
+from llava_core.config import (
+    Workflow,
+    WorkflowError,
+    dataset_sources,
+    read_workflow_file,
+    readable_sections,
+    workflow_from_dict,
+)
 
 # No node type of the clouds or of KubeRay's GPU operators has more: a worker is one process on one node.
 MAX_GPUS_PER_NODE = 8
@@ -21,9 +28,20 @@ def looks_local(model: str) -> bool:
     return model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model)
 
 
+def created_on_first_run(w: Workflow) -> set[str]:
+    """A quickstart's paths that need not exist yet: its synthetic dataset's files under `synthetic.root`, and the
+    stand-in base models, which `data/bootstrap.py` writes wherever `model.vision_tower` and `model.llm` point."""
+    if w.synthetic is None:
+        return set()
+    from llava_core.data.synthetic import dataset_paths  # imported late: it brings PIL
+
+    paths = [*dataset_paths(w.synthetic.root).values(), w.model.vision_tower, w.model.llm]
+    return {os.path.abspath(path) for path in paths}
+
+
 def path_problems(w: Workflow, check_remote: bool = False) -> list[str]:
-    if w.synthetic is not None:
-        return []  # the quickstart creates its data and models on the first run
+    """Every path the workflow reads that does not exist, with its YAML path; a quickstart's paths that its first run
+    creates are fine while missing, any other missing path (a typo in a copy of the quickstart) is not."""
     wanted = []
     for name, ds in w.datasets.items():
         for i, source in enumerate(dataset_sources(ds)):
@@ -36,14 +54,15 @@ def path_problems(w: Workflow, check_remote: bool = False) -> list[str]:
                    if getattr(s, key)]
     wanted += [(f"model.{attr}", getattr(w.model, attr)) for attr in ("vision_tower", "llm")
                if looks_local(getattr(w.model, attr))]
+    created = created_on_first_run(w)
     problems = []
     for where, path in wanted:
-        if storage.is_remote(path) and not check_remote:
+        remote = storage.is_remote(path)
+        if (remote and not check_remote) or (not remote and os.path.abspath(path) in created):
             continue
         if not storage.exists(path):
-            hint = ("check the bucket, prefix and credentials (AWS_* variables, AWS_ENDPOINT_URL)"
-                    if storage.is_remote(path) else f"no such file or directory (relative paths are resolved "
-                                                    f"against {os.getcwd()})")
+            hint = ("check the bucket, prefix and credentials (AWS_* variables, AWS_ENDPOINT_URL)" if remote
+                    else f"no such file or directory (relative paths are resolved against {os.getcwd()})")
             problems.append(f"{where}: {path} does not exist; {hint}")
     return problems
 
@@ -69,7 +88,23 @@ def resource_problems(w: Workflow, nodes: list[dict] | None = None) -> list[str]
     return problems
 
 
+def world_problems(w: Workflow, check_remote: bool = False, nodes: list[dict] | None = None) -> list[str]:
+    return path_problems(w, check_remote) + resource_problems(w, nodes)
+
+
 def check(w: Workflow, check_remote: bool = False, nodes: list[dict] | None = None) -> None:
-    problems = path_problems(w, check_remote) + resource_problems(w, nodes)
+    problems = world_problems(w, check_remote, nodes)
     if problems:
-        raise WorkflowError("\n  ".join([f"{len(problems)} problem(s):", *problems]))
+        raise WorkflowError.of(problems)
+
+
+def check_file(path: str, overrides: list[str] = (), check_remote: bool = False) -> Workflow:
+    """The workflow of a file, or a WorkflowError with every problem at once: the schema's and the rules across
+    sections, then what the file points at (the paths of the sections that could be read)."""
+    data = read_workflow_file(path, overrides)
+    try:
+        workflow = workflow_from_dict(data)
+    except WorkflowError as error:
+        raise WorkflowError.of([*error.problems, *world_problems(readable_sections(data), check_remote)]) from None
+    check(workflow, check_remote)
+    return workflow

@@ -441,7 +441,8 @@ class EvaluateSettings:
                                  "cluster; fewer when fewer CPUs are free)", ge=1)
     blind_baseline: Bool = setting(True, "also answer every question with its image blanked: the processor's mean "
                                          "colour at the image's own size (so AnyRes tiles it as the real one)")
-    report_examples: Int = setting(6, "examples per set shown in evaluate/report.html", ge=0)
+    report_examples: Int = setting(30, "answers per set shown in evaluate/report.html: the wrong ones first, then "
+                                       "right ones while there is room (the page counts the rest)", ge=0)
     endpoint: Optional[EvalEndpointSettings] = setting(
         None, "set: ask this live endpoint instead of the export; its key is read from the named variable or file "
               "(never written in the workflow)")

@@ -10,6 +10,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+# The variable the shipped cluster files (cluster/rayservice.yaml) give the endpoint's key. Nothing reads it unless
+# `serve.api_key_env` names it; a server started without that while it is set says so (`serve.client.auth_line`).
+ENDPOINT_KEY_VARIABLE = "LLAVA_RAY_API_KEY"
+
 
 class SecretMissing(RuntimeError):
     """The workflow names a secret this process cannot find: refuse to go on rather than run without it."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -80,9 +79,7 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
 
 def plot_training(ctx: RunContext) -> str:
     """Every training stage's loss curve in one PNG beside the instruct output."""
-    import tempfile
-
-    from llava_core.train.metrics import plot_loss_curves
+    from llava_core import plots
 
     histories = {}
     for stage in ctx.workflow.training_stages():
@@ -90,9 +87,7 @@ def plot_training(ctx: RunContext) -> str:
         if storage.exists(path):
             histories[stage] = read_history(storage.read_text(path))
     target = storage.join(ctx.stage_dir("instruct"), "loss_curves.png")
-    with tempfile.TemporaryDirectory() as local:
-        plot_loss_curves(histories, os.path.join(local, "loss.png"))
-        storage.write_bytes(target, open(os.path.join(local, "loss.png"), "rb").read())
+    storage.write_bytes(target, plots.png(plots.loss_figure(histories)))
     return target
 
 

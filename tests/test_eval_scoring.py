@@ -507,7 +507,11 @@ def test_evaluate_sets_writes_predictions_metrics_and_an_escaped_report(tmp_path
     assert len((out / "pope" / "predictions.jsonl").read_text().splitlines()) == 20
     html = (out / "report.html").read_text()
     assert "0.7500" in html and "0.5000" in html and "1.0000" in html
-    assert "Colour of &lt;b&gt;0&lt;/b&gt;?" in html and "<b>0</b>" not in html and "t&lt;1&gt;" in html
+    # The wrong answers come first (i % 4 == 2: 2, 6, 10 of 6 wrong), escaped.
+    assert "Colour of &lt;b&gt;2&lt;/b&gt;?" in html and "<b>2</b>" not in html and "t&lt;1&gt;" in html
+    assert "Colour of &lt;b&gt;0&lt;/b&gt;?" not in html  # right, and no room left
+    assert "6 of 24 questions answered wrong; not shown: 3 wrong and 18 right" in html
+    assert "10 of 20 questions answered wrong; not shown: 7 wrong and 10 right" in html  # POPE: "yes" to every "no"
     assert html.count("data:image/png;base64,") == 6  # 3 examples for each of the two sets
 
 

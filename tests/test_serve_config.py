@@ -94,9 +94,27 @@ def test_a_key_written_in_the_workflow_is_refused_with_where_to_put_it(section, 
         load_workflow(str(path))
 
 
-def test_the_cli_takes_no_key_on_its_command_line(tmp_path, run_dir):
+def test_the_cli_takes_no_key_on_its_command_line(tmp_path, run_dir, capsys):
     with pytest.raises(SystemExit):
         main(["serve", run_dir, "--api-key", "s3cr3t", "--config-out", str(tmp_path / "x.yaml")])
+    assert "name that: --api-key-env VAR or --api-key-file FILE" in capsys.readouterr().err
+    assert not (tmp_path / "x.yaml").exists()
+
+
+def test_the_endpoint_says_how_it_checks_callers(monkeypatch):
+    """The key is named in the serve settings only: a key variable set on the server alone is reported unread."""
+    from llava_core.serve.client import auth_line
+
+    monkeypatch.delenv("LLAVA_RAY_API_KEY", raising=False)
+    assert auth_line(serve_settings_from_dict({"api_key_env": "SHAPES_KEY"})) == \
+        "auth      every request needs `Authorization: Bearer $SHAPES_KEY`"
+    assert auth_line(serve_settings_from_dict({"api_key_file": "/run/key"})).endswith("Bearer $(cat /run/key)`")
+    assert auth_line(serve_settings_from_dict({})).startswith("auth      none: anyone who reaches the endpoint")
+    assert "warning" not in auth_line(serve_settings_from_dict({}))
+    monkeypatch.setenv("LLAVA_RAY_API_KEY", "s3cr3t")
+    unread = auth_line(serve_settings_from_dict({}))
+    assert "warning: LLAVA_RAY_API_KEY is set here, but the endpoint reads a key only from where serve.api_key_env " \
+           "names it" in unread and "s3cr3t" not in unread
 
 
 def test_config_with_fixed_replicas_and_automatic_gpus(tmp_path, run_dir):

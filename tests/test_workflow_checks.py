@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from llava_core import preflight
-from llava_core.config import WorkflowError, load_workflow
+from llava_core.config import WorkflowError, load_workflow, readable_sections
 
 pytestmark = pytest.mark.unit
 
@@ -40,6 +40,60 @@ def test_missing_local_paths_are_all_reported_with_their_yaml_path(tmp_path):
     assert "model.llm:" in message and "my-llm does not exist" in message
     assert "datasets.align.path" not in message  # it exists
     preflight.check(cluster_workflow(tmp_path))  # hub ids and s3:// paths are not looked up by default
+
+
+def quickstart_copy(tmp_path, monkeypatch, old: str = "", new: str = "") -> str:
+    """The quickstart in an empty working directory: its synthetic data and models do not exist yet."""
+    monkeypatch.chdir(tmp_path)
+    with open(os.path.join(ROOT, "workflows", "quickstart.yaml")) as f:
+        text = f.read()
+    assert old in text
+    (tmp_path / "quickstart.yaml").write_text(text.replace(old, new, 1))
+    return str(tmp_path / "quickstart.yaml")
+
+
+def test_a_mistyped_path_in_a_quickstart_copy_is_reported(tmp_path, monkeypatch):
+    path = quickstart_copy(tmp_path, monkeypatch, "path: data/quickstart/instruct.json",
+                           "path: data/quickstart/instruc.json")
+    with pytest.raises(WorkflowError) as error:
+        preflight.check_file(path)
+    assert error.value.problems == [
+        f"datasets.instruct.path: {tmp_path}/data/quickstart/instruc.json does not exist; no such file or directory "
+        f"(relative paths are resolved against {tmp_path})"]
+    # The files its first run creates are fine while missing: the dataset under synthetic.root, the models.
+    workflow = preflight.check_file(quickstart_copy(tmp_path, monkeypatch))
+    assert not os.path.exists(workflow.datasets["instruct"].path) and not os.path.exists(workflow.model.llm)
+
+
+def test_key_errors_and_path_errors_are_reported_at_once(tmp_path, monkeypatch):
+    path = quickstart_copy(tmp_path, monkeypatch, "image_folder: data/quickstart/images\n    template: plain",
+                           "image_folder: data/quickstart/imgs\n    template: plain")
+    with pytest.raises(WorkflowError) as error:  # the synthetic section has a bad key: its root is still read
+        preflight.check_file(path, ["synthetic.seeds=1", "instruct.lrr=1", "evaluate.answers=answers.jsonl"])
+    problems = error.value.problems
+    assert problems[:2] == ["synthetic.seeds: unknown key (did you mean 'seed'?)",
+                            "instruct.lrr: unknown key (did you mean 'lr'?)"]
+    assert [p.split(" does not exist")[0] for p in problems[2:]] == [
+        "datasets.align.image_folder: data/quickstart/imgs", "evaluate.answers: answers.jsonl"]
+    result = validate(path, "--set", "instruct.lrr=1")  # the CLI prints them all and exits non-zero
+    assert result.returncode == 2 and "2 problem(s):" in result.stderr, result.stderr
+    assert "instruct.lrr: unknown key" in result.stderr and "datasets.align.image_folder:" in result.stderr
+
+
+def test_a_section_with_a_schema_error_has_its_paths_unchecked_the_others_checked(tmp_path):
+    data = {"datasets": {"bad": {"path": str(tmp_path / "a.json"), "templat": "plain"},
+                         "good": {"path": str(tmp_path / "b.json")}},
+            "model": {"llm": str(tmp_path / "llm")}, "evaluate": {"questions": 3}}
+    readable = readable_sections(data)
+    assert list(readable.datasets) == ["good"] and readable.model.llm == str(tmp_path / "llm")
+    assert readable.evaluate.questions == ""
+    assert [p.split(":")[0] for p in preflight.path_problems(readable)] == ["datasets.good.path", "model.llm"]
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "workflows")) if n.endswith(".yaml")))
+def test_the_shipped_workflows_validate_with_no_data_created_yet(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the quickstarts' relative data paths point at nothing here
+    preflight.check_file(os.path.join(ROOT, "workflows", name))
 
 
 def test_a_worker_bigger_than_any_node_is_refused(tmp_path):

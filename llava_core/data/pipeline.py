@@ -20,7 +20,7 @@ import numpy as np
 import ray
 from ray.data import ActorPoolStrategy
 
-from llava_core import storage
+from llava_core import plots, storage
 from llava_core.config import SourceSettings, dataset_sources
 from llava_core.data.plan_index import INDEX_NAME, write_plan_index
 from llava_core.data.rows import ROW_GROUP_ROWS, RowPreparer, RowSettings
@@ -203,28 +203,8 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
     storage.write_json(storage.join(out_dir, "stats.json"),
                        {name: length_stats(lengths) for name, lengths in all_lengths.items()})
-    storage.write_bytes(storage.join(out_dir, "lengths.png"), plot_lengths(all_lengths))
+    lengths_plot = plots.png(plots.lengths_figure(all_lengths, p.max_length))
+    storage.write_bytes(storage.join(out_dir, "lengths.png"), lengths_plot)
     check_reject_fraction(manifest, p.max_reject_fraction)
     return {name: {k: e[k] for k in ("rows_in", "rows_written", "rows_rejected", "tokens")}
             for name, e in manifest["datasets"].items()}
-
-
-def plot_lengths(all_lengths: dict) -> bytes:
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for name, lengths in all_lengths.items():
-        ax.hist(lengths, bins=40, alpha=0.6, label=f"{name} ({len(lengths)} rows)")
-    ax.set_xlabel("tokens per sample (image tokens included)")
-    ax.set_ylabel("rows")
-    ax.legend()
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
-    plt.close(fig)
-    return buffer.getvalue()

@@ -185,7 +185,7 @@ def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int
     """Write the dataset under `root`; returns the paths. Two deliberately broken rows go into the instruct set
     (a missing image and a corrupt file) because real data has them and preparation must reject them visibly."""
     rng = random.Random(seed)
-    images_dir = os.path.join(root, "images")
+    images_dir = dataset_paths(root)["image_folder"]
     os.makedirs(images_dir, exist_ok=True)
 
     def new_image(name: str) -> tuple[str, list[Shape]]:
@@ -209,15 +209,21 @@ def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int
     return write_dataset(root, align, instruct, eval_q, eval_a)
 
 
-def write_dataset(root: str, align: list[dict], instruct: list[dict], eval_q: list[dict], eval_a: list[dict]) -> dict:
-    """The annotation files of a dataset whose images are already in `root`/images; returns their paths."""
-    paths = {
+def dataset_paths(root: str) -> dict:
+    """Where a synthetic dataset's files are under `root` (both generators write this layout); `validate` accepts
+    these as missing, since the first run creates them."""
+    return {
         "align": os.path.join(root, "align.json"),
         "instruct": os.path.join(root, "instruct.json"),
         "eval_questions": os.path.join(root, "eval", "questions.jsonl"),
         "eval_answers": os.path.join(root, "eval", "answers.jsonl"),
         "image_folder": os.path.join(root, "images"),
     }
+
+
+def write_dataset(root: str, align: list[dict], instruct: list[dict], eval_q: list[dict], eval_a: list[dict]) -> dict:
+    """The annotation files of a dataset whose images are already in `root`/images; returns their paths."""
+    paths = dataset_paths(root)
     write_json(paths["align"], align)
     write_json(paths["instruct"], instruct)
     write_jsonl(paths["eval_questions"], eval_q)

@@ -260,7 +260,7 @@ def generate_onevision(root: str, align_rows: int, instruct_rows: int, eval_ques
     """Write the dataset under `root` in `synthetic.generate`'s layout; returns the same paths. `instruct_rows`
     counts image rows, MULTI_IMAGE_SHARE of them with two images."""
     rng = random.Random(seed)
-    images_dir = os.path.join(root, "images")
+    images_dir = synthetic.dataset_paths(root)["image_folder"]
     os.makedirs(images_dir, exist_ok=True)
 
     def new_image(name: str) -> tuple[str, Scene]:

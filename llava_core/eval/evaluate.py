@@ -107,11 +107,17 @@ def prediction_rows(items: list[EvalItem], predictions: list[str], score: SetSco
     return rows
 
 
-def examples_for_report(items: list[EvalItem], rows: list[dict], count: int) -> list[dict]:
-    chosen = [i for i, item in enumerate(items) if item.rotation == 0][:count]
-    return [{**rows[i], "thumbnail": thumbnail_b64(image_bytes(Query("", "", items[i].image_path,
-                                                                     items[i].image_b64)))}
-            for i in chosen]
+def examples_for_report(items: list[EvalItem], rows: list[dict], count: int) -> dict:
+    """The answers the report shows, `count` at most: the wrong ones first, then right ones; each question once (a
+    circular one by its first rotation, wrong if any rotation is). With how many questions were wrong and right."""
+    wrong_ids = {row["question_id"] for row in rows if not row["correct"]}
+    first = [i for i, item in enumerate(items) if item.rotation == 0]
+    wrong = [i for i in first if items[i].question_id in wrong_ids]
+    right = [i for i in first if items[i].question_id not in wrong_ids]
+    shown = [{**rows[i], "correct": i in right,
+              "thumbnail": thumbnail_b64(image_bytes(Query("", "", items[i].image_path, items[i].image_b64)))}
+             for i in (wrong + right)[:count]]
+    return {"examples": shown, "wrong": len(wrong), "right": len(right)}
 
 
 def evaluate_sets(settings: EvaluateSettings, answer, blank: str | None, out_dir: str, title: str) -> dict:

@@ -1,4 +1,5 @@
-"""`evaluate/report.html`: one self-contained page with the metrics table and a few examples per set.
+"""`evaluate/report.html`: one self-contained page with the metrics table and, per set, the accuracy and the
+image-blind accuracy of each category side by side, then its wrong answers (and, while there is room, right ones).
 
 Images are embedded as base64 PNG thumbnails, so the page can be mailed or opened from a bucket; every piece of text
 (questions, answers, set names) is escaped, because predictions are model output and questions are user data.
@@ -55,11 +56,16 @@ def metrics_table(sets: dict) -> str:
 
 
 def category_table(metrics: dict) -> str:
+    """Accuracy and blind accuracy of each category: where the model looks, and where answer priors alone score."""
     categories = metrics.get("by_category", {})
     if len(categories) < 2:
         return ""
-    rows = "".join(f"<tr><td>{escape(str(c))}</td><td class='num'>{number(v)}</td></tr>" for c, v in categories.items())
-    return f"<table><tr><th>category</th><th>accuracy</th></tr>{rows}</table>"
+    blind = metrics.get("blind", {}).get("by_category", {})
+    head = "<tr><th>category</th><th>accuracy</th>" + ("<th>blind accuracy</th>" if blind else "") + "</tr>"
+    rows = "".join(f"<tr><td>{escape(str(c))}</td><td class='num'>{number(v)}</td>"
+                   + (f"<td class='num'>{number(blind[c]) if c in blind else ''}</td>" if blind else "") + "</tr>"
+                   for c, v in categories.items())
+    return f"<table>{head}{rows}</table>"
 
 
 def reference_text(example: dict) -> str:
@@ -74,16 +80,33 @@ def example_rows(examples: list[dict]) -> str:
         blind = f"<br><small>blind: {escape(e['blind_prediction'])}</small>" if "blind_prediction" in e else ""
         rows.append(
             f'<tr><td><img src="data:image/png;base64,{e["thumbnail"]}" alt="{escape(str(e["question_id"]))}"></td>'
-            f"<td><pre>{escape(e['question'])}</pre></td><td>{escape(reference_text(e))}</td>"
-            f"<td>{mark} {escape(e['prediction'])}{blind}</td></tr>")
-    return ("<table><tr><th>image</th><th>question</th><th>reference</th><th>prediction</th></tr>"
+            f"<td>{escape(str(e.get('category') or ''))}</td><td><pre>{escape(e['question'])}</pre></td>"
+            f"<td>{escape(reference_text(e))}</td><td>{mark} {escape(e['prediction'])}{blind}</td></tr>")
+    return ("<table><tr><th>image</th><th>category</th><th>question</th><th>expected</th><th>predicted</th></tr>"
             + "".join(rows) + "</table>")
 
 
-def render_report(title: str, sets: dict, examples: dict) -> str:
-    """sets: name -> metrics (with `layout`, `count`, optionally `blind`); examples: name -> list of example dicts."""
-    sections = [f"<h2>{escape(name)} <small>({escape(sets[name]['layout'])})</small></h2>"
-                + category_table(sets[name]) + example_rows(examples.get(name, [])) for name in sets]
+def answers_summary(name: str, shown: dict) -> str:
+    """How many questions were answered wrong, and how many of each kind the table leaves out."""
+    examples, wrong, right = shown["examples"], shown["wrong"], shown["right"]
+    shown_wrong = sum(not e["correct"] for e in examples)
+    left_wrong, left_right = wrong - shown_wrong, right - (len(examples) - shown_wrong)
+    text = f"{wrong} of {wrong + right} questions answered wrong"
+    if left_wrong or left_right:
+        text += (f"; not shown: {left_wrong} wrong and {left_right} right "
+                 f"(every answer is in {escape(name)}/predictions.jsonl)")
+    return f"<p>{text}.</p>"
+
+
+def set_section(name: str, metrics: dict, shown: dict) -> str:
+    return (f"<h2>{escape(name)} <small>({escape(metrics['layout'])})</small></h2>" + category_table(metrics)
+            + answers_summary(name, shown) + example_rows(shown["examples"]))
+
+
+def render_report(title: str, sets: dict, shown: dict) -> str:
+    """sets: name -> metrics (with `layout`, `count`, optionally `blind`); shown: name -> `{examples, wrong, right}`
+    (`evaluate.examples_for_report`)."""
+    sections = [set_section(name, sets[name], shown[name]) for name in sets]
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
             f"<style>{STYLE}</style></head><body><h1>{escape(title)}</h1>{metrics_table(sets)}"
             + "".join(sections) + "</body></html>")

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import base64
 import io
+import os
 import time
 
 import requests
 from PIL import Image, UnidentifiedImageError
 
 from llava_core.config import ServeSettings
+from llava_core.secrets import ENDPOINT_KEY_VARIABLE, shell_reference
 from llava_core.serve.deploy_config import APP_NAME
 from llava_core.serve.readiness import ready_timeout_s, wait_until_ready
 
@@ -75,6 +77,20 @@ def serve_until_interrupted() -> None:
         print("shutting down the endpoint", flush=True)
     finally:
         shutdown()
+
+
+def auth_line(settings: ServeSettings) -> str:
+    """How the endpoint checks its callers, printed beside its URL. The key has one place: the serve settings'
+    `api_key_env` / `api_key_file` (a workflow's `serve:` section, or `llava-ray serve --api-key-env/-file`)."""
+    reference = shell_reference(settings.api_key_env, settings.api_key_file)
+    if reference:
+        return f"auth      every request needs `Authorization: Bearer {reference}`"
+    line = ("auth      none: anyone who reaches the endpoint may call it (to require a key, name where it is: "
+            "serve.api_key_env or serve.api_key_file)")
+    if os.environ.get(ENDPOINT_KEY_VARIABLE):
+        line += (f"\nwarning: {ENDPOINT_KEY_VARIABLE} is set here, but the endpoint reads a key only from where "
+                 f"serve.api_key_env names it (llava-ray serve --api-key-env {ENDPOINT_KEY_VARIABLE})")
+    return line
 
 
 def client_host(host: str) -> str:

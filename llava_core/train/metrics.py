@@ -200,22 +200,5 @@ class MetricsSync:
         self.thread.join()
 
 
-def plot_loss_curves(histories: dict[str, list[dict]], path: str) -> None:
-    """One PNG with each stage's loss per step, side by side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(histories), figsize=(5 * len(histories), 3.5), squeeze=False)
-    for ax, (stage, history) in zip(axes[0], histories.items()):
-        ax.plot([r["step"] for r in history], [r["loss"] for r in history])
-        ax.set(title=f"{stage} loss", xlabel="optimizer step", ylabel="loss")
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def read_history(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
