@@ -37,10 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("--check-remote", action="store_true", help="also check that s3:// paths exist")
     validate.add_argument("--json", action="store_true", help="print the plan as JSON")
 
-    schema = sub.add_parser("schema", help="print the workflow's JSON Schema (or the README's reference tables)",
+    schema = sub.add_parser("schema", help="print the workflow's JSON Schema (or the docs' reference tables)",
                             description="Print the JSON Schema of a workflow file, which editors use to complete and "
                                         "check keys (the shipped workflows name workflows/schema.json in their first "
-                                        "line), or with --markdown the reference tables of the README.")
+                                        "line), or with --markdown the reference tables of docs/reference/.")
     schema.add_argument("--markdown", action="store_true", help="print the reference tables instead")
 
     _add_job_commands(sub)

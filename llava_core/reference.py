@@ -1,14 +1,17 @@
-"""The schema's two documents: its JSON Schema (editors complete and check workflow keys) and the README's tables.
+"""The schema's two documents: its JSON Schema (editors complete and check workflow keys) and the docs' tables.
+
+The tables stand in the docs site's reference pages (docs/reference/), between their markers.
 
 Both are generated from `llava_core/schema.py`, the one definition of every setting; tests fail when the committed
-`workflows/schema.json` or README tables differ from what this module generates. After changing a setting:
+`workflows/schema.json` or the docs' tables differ from what this module generates. After changing a setting:
 
-    python -m llava_core.reference --write      # rewrites workflows/schema.json and the README's tables
+    python -m llava_core.reference --write      # rewrites workflows/schema.json and the tables in docs/reference/
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -23,7 +26,10 @@ from llava_core.schema import ServeSettings, TrainStageSettings, Workflow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_FILE = os.path.join("workflows", "schema.json")  # what the workflows' yaml-language-server line names
-README = "README.md"
+# Each table stands between its markers in one page of the docs site (mkdocs.yml).
+TABLE_PAGES = {"workflow": os.path.join("docs", "reference", "workflow.md"),
+               "stages": os.path.join("docs", "reference", "workflow.md"),
+               "serve": os.path.join("docs", "reference", "serve.md")}
 STAGE_SECTIONS = ("align", "knowledge", "instruct")  # their keys get a table of their own
 
 
@@ -157,25 +163,30 @@ def _marker(name: str) -> tuple[str, str]:
 
 
 def markdown() -> str:
-    """Every table with its markers, as they stand in the README."""
+    """Every table with its markers, as they stand in the docs' pages."""
     return "\n\n".join(f"{begin}\n{TABLES[name]()}\n{end}" for name in TABLES for begin, end in [_marker(name)])
 
 
-def readme_with_tables(text: str) -> str:
-    """`text` (the README) with each generated table replaced by what the schema says now."""
+def page_with_tables(path: str, text: str) -> str:
+    """`text` (the page at `path`, relative to the repository) with each of its generated tables replaced by what the
+    schema says now."""
     for name, table in TABLES.items():
+        if TABLE_PAGES[name] != path:
+            continue
         begin, end = _marker(name)
         pattern = re.compile(re.escape(begin) + r"\n.*?\n" + re.escape(end), re.S)
         if not pattern.search(text):
-            raise ValueError(f"{README}: no {begin} ... {end} block")
+            raise ValueError(f"{path}: no {begin} ... {end} block")
         text = pattern.sub(lambda _: f"{begin}\n{table()}\n{end}", text)  # noqa: B023 - called here, not later
     return text
 
 
 def write(root: str = ROOT) -> list[str]:
-    """Rewrite the schema file and the README's tables; returns the files that changed."""
+    """Rewrite the schema file and the docs' tables; returns the files that changed."""
     changed = []
-    for path, make in ((SCHEMA_FILE, lambda old: json_schema_text()), (README, readme_with_tables)):
+    makers = [(SCHEMA_FILE, lambda old: json_schema_text())]
+    makers += [(page, functools.partial(page_with_tables, page)) for page in sorted(set(TABLE_PAGES.values()))]
+    for path, make in makers:
         full = os.path.join(root, path)
         old = open(full).read() if os.path.exists(full) else ""
         new = make(old)
@@ -188,7 +199,7 @@ def write(root: str = ROOT) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_core.reference", description=__doc__.split("\n")[0])
-    parser.add_argument("--write", action="store_true", help=f"rewrite {SCHEMA_FILE} and the tables in {README}")
+    parser.add_argument("--write", action="store_true", help=f"rewrite {SCHEMA_FILE} and the tables in docs/reference/")
     args = parser.parse_args(argv)
     if args.write:
         print("\n".join(write()) or "up to date")

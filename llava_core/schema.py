@@ -5,7 +5,7 @@ work as on plain dataclasses, while unknown keys (`extra="forbid"`), wrong types
 `true` for a number), values outside an enumeration (`Literal`) or a range (`Field(ge=...)`) are refused, all of them
 at once. A section's `model_validator` checks the keys of that section against each other; what spans sections (a
 stage's dataset is a key of `datasets`, the global batch divides by the workers) is checked by `config.validate` once
-the whole workflow is known. The descriptions are the README's reference tables and the editors' hover text
+the whole workflow is known. The descriptions are the docs' reference tables and the editors' hover text
 (`llava_core/reference.py` generates both).
 """
 import copy
@@ -98,7 +98,7 @@ def section(cls=None, **options):
 
 def setting(default: Any = ..., doc: str = "", **constraints) -> Any:
     """A setting's default (a callable one makes each section's own list, dict or subsection; `...`: required), its
-    description (README tables, editor hover) and its constraints (ge, gt, le, lt, min_length)."""
+    description (docs' reference tables, editor hover) and its constraints (ge, gt, le, lt, min_length)."""
     if callable(default):
         return Field(default_factory=default, description=doc, **constraints)
     return Field(default, description=doc, **constraints)

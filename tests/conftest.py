@@ -17,7 +17,7 @@ for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY"
     os.environ.setdefault(_name, _value)
 
 
-# The test tiers (pyproject's markers; the README's Tests section defines them). A test is in exactly one: its closest
+# The test tiers (pyproject's markers; docs/development.md defines them). A test is in exactly one: its closest
 # tier mark (its own, else its module's `pytestmark`); without one, integration if it starts Ray, else unit.
 TIERS = ("unit", "integration", "slow")
 STARTS_RAY = "ray_session"

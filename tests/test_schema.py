@@ -1,4 +1,4 @@
-"""The workflow schema: every problem of a file at once, its JSON Schema for editors, the README tables it generates."""
+"""The workflow schema: every problem of a file at once, its JSON Schema for editors, the docs' tables it generates."""
 import glob
 import json
 import os
@@ -121,12 +121,18 @@ def test_the_committed_schema_file_is_the_printed_one(printed_schema):
         "run: python -m llava_core.reference --write"
 
 
-def test_the_readme_tables_are_the_generated_ones():
-    with open(os.path.join(ROOT, reference.README)) as f:
+@pytest.mark.parametrize("page", sorted(set(reference.TABLE_PAGES.values())))
+def test_the_docs_tables_are_the_generated_ones(page):
+    with open(os.path.join(ROOT, page)) as f:
         text = f.read()
-    assert reference.readme_with_tables(text) == text, "run: python -m llava_core.reference --write"
-    for key in ("`evaluate.endpoint.timeout_s`", "`serve.autoscaling.min_replicas`", "`lora.target_modules`"):
-        assert key in text  # every setting has its row, nested ones too
+    assert reference.page_with_tables(page, text) == text, "run: python -m llava_core.reference --write"
+
+
+def test_every_setting_has_its_row_nested_ones_too():
+    text = "".join(open(os.path.join(ROOT, page)).read() for page in set(reference.TABLE_PAGES.values()))
+    for key in ("`evaluate.endpoint.timeout_s`", "`serve.autoscaling.min_replicas`", "`lora.target_modules`",
+                "`serve.vllm.direct_streaming`", "`max_failures`"):
+        assert key in text
 
 
 def test_every_setting_has_a_description():

@@ -3,8 +3,8 @@
 `RowPreparer` is the per-row work of the prepare stage; Ray Data runs it in a pool of actors (it holds a tokenizer and
 an image processor), and benchmarks and tests call it directly. How the images are stored depends on the model
 family (`image_layouts`: uint8 crops for LLaVA-1.5, encoded images with their exact token counts for the AnyRes
-families, and for OneVision's video rows the sampled frames as uint8); the README's "What a shard holds" has the
-measurements behind them.
+families, and for OneVision's video rows the sampled frames as uint8); docs/data.md's "What a shard holds" explains them
+(the measurements: docs/results.md).
 """
 from __future__ import annotations
 
