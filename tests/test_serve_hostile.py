@@ -15,7 +15,7 @@ from PIL import Image
 from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
 from llava_core.data.images import ImageLimits, decode_image
-from llava_core.serve import protocol, token_sampler
+from llava_core.serve import json_body, protocol, token_sampler
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
 from llava_core.serve.media import decode_media
@@ -82,7 +82,7 @@ HOSTILE_BODIES = {
 @pytest.mark.parametrize("case", list(HOSTILE_BODIES))
 def test_hostile_body_is_a_400(case):
     data, fragment = HOSTILE_BODIES[case]
-    error = refusal(lambda: protocol.parse_json_body(data))
+    error = refusal(lambda: json_body.parse_json_body(data))
     assert error.status == 400 and fragment in error.message, error.message
     assert set(error.body()["error"]) == {"message", "type", "param", "code"}
 
@@ -90,10 +90,10 @@ def test_hostile_body_is_a_400(case):
 def test_valid_unicode_survives_the_body_checks():
     text = "caf\u00e9 \U0001F600 \u4e2d\u6587 \u0000"  # an escaped surrogate pair is one valid character
     data = json.dumps({"t": text, "pair": "\\ud83d\\ude00"}).encode().replace(b"\\\\ud83d\\\\ude00", b"\\ud83d\\ude00")
-    parsed = protocol.parse_json_body(data)
+    parsed = json_body.parse_json_body(data)
     assert parsed == {"t": text, "pair": "\U0001F600"}
     # UTF-16 bodies are JSON too (RFC 8259 readers may accept them); the content is what counts.
-    assert protocol.parse_json_body(json.dumps({"a": [1, 2.5]}).encode("utf-16")) == {"a": [1, 2.5]}
+    assert json_body.parse_json_body(json.dumps({"a": [1, 2.5]}).encode("utf-16")) == {"a": [1, 2.5]}
 
 
 def long_and_thin(width: int, height: int) -> bytes:

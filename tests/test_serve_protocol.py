@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from llava_core.config import ServeSettings
-from llava_core.serve import protocol
+from llava_core.serve import json_body, protocol, responses
 from llava_core.serve.answer_stream import StreamEvent
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
@@ -31,7 +31,7 @@ def refusal(body) -> ApiError:
     """The error the endpoint answers `body` (bytes as sent, or JSON data) with, short of counting tokens."""
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     with pytest.raises(ApiError) as caught:
-        chat = protocol.parse_chat_request(protocol.parse_json_body(data), SETTINGS, MODEL)
+        chat = protocol.parse_chat_request(json_body.parse_json_body(data), SETTINGS, MODEL)
         decode_media(chat, SETTINGS)
     return caught.value
 
@@ -137,7 +137,7 @@ def test_the_answer_length_fits_the_context():
 
 
 def test_a_plain_answer_body():
-    body = protocol.ChatCompletion.answer(MODEL, "Red.", "stop", 12, 3).model_dump()
+    body = responses.ChatCompletion.answer(MODEL, "Red.", "stop", 12, 3).model_dump()
     assert body["id"].startswith("chatcmpl-") and isinstance(body["created"], int)
     assert {k: v for k, v in body.items() if k not in ("id", "created")} == {
         "object": "chat.completion", "model": MODEL,
@@ -145,7 +145,7 @@ def test_a_plain_answer_body():
                      "logprobs": None}],
         "usage": {"prompt_tokens": 12, "completion_tokens": 3, "total_tokens": 15}}
     card = {"id": MODEL, "object": "model", "created": 5, "owned_by": "llava-ray"}
-    assert protocol.ModelList(data=[protocol.ModelCard(id=MODEL, created=5)]).model_dump() == {
+    assert responses.ModelList(data=[responses.ModelCard(id=MODEL, created=5)]).model_dump() == {
         "object": "list", "data": [card]}
 
 

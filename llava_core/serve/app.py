@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from llava_core import storage
 from llava_core.config import ServeSettings, serve_settings_from_dict
 from llava_core.secrets import read_secret
-from llava_core.serve import protocol
+from llava_core.serve import json_body, protocol, responses
 from llava_core.serve.answer_stream import StreamEvent, completion_from_events
 from llava_core.serve.deploy_config import DEPLOYMENT_NAME, default_model_name, replica_options
 from llava_core.serve.engine import GenerationEngine, GenerationRequest
@@ -94,7 +94,7 @@ async def read_json(request: Request, max_bytes: int, timeout_s: float):
     except asyncio.TimeoutError:
         raise body_timeout(timeout_s) from None
     # Parsing a large body is CPU work: off the event loop.
-    return await asyncio.to_thread(protocol.parse_json_body, data)
+    return await asyncio.to_thread(json_body.parse_json_body, data)
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
@@ -170,7 +170,7 @@ class LlavaServer:
     @api.get("/v1/models")
     async def list_models(self, request: Request) -> dict:
         self.authorize(request)
-        return protocol.ModelList(data=[self.model_card()]).model_dump()
+        return responses.ModelList(data=[self.model_card()]).model_dump()
 
     @api.get("/v1/models/{model}")
     async def get_model(self, model: str, request: Request) -> dict:
@@ -178,8 +178,8 @@ class LlavaServer:
         protocol.check_model(model, self.model_name)
         return self.model_card().model_dump()
 
-    def model_card(self) -> protocol.ModelCard:
-        return protocol.ModelCard(id=self.model_name, created=self.created)
+    def model_card(self) -> responses.ModelCard:
+        return responses.ModelCard(id=self.model_name, created=self.created)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -204,7 +204,7 @@ class LlavaServer:
         finally:
             generation_request.cancelled.set()
         answer = completion_from_events(collected)
-        body = protocol.ChatCompletion.answer(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
+        body = responses.ChatCompletion.answer(self.model_name, answer.text, answer.finish_reason, answer.prompt_tokens,
                                               answer.completion_tokens)
         return JSONResponse(body.model_dump(), headers=headers)
 

@@ -1,5 +1,5 @@
-"""The OpenAI Chat Completions wire format: the request a client may send, as pydantic models that check it
-completely, and the bodies the server answers with.
+"""The OpenAI Chat Completions request a client may send, as pydantic models that check it completely (the body's
+JSON is `json_body`'s, the answers the server sends `responses`').
 
 Pure data: no torch, no network, no image decoding, no HTTP. Everything a client can get wrong in the body is found
 here, before the request costs anything, and reported as a 400 naming the field (`messages[0].content[1].image_url`):
@@ -10,10 +10,6 @@ counts by the replica with `check_image_tokens` and `answer_length`.
 """
 from __future__ import annotations
 
-import json
-import math
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal, Optional, Union
 
@@ -28,7 +24,6 @@ from pydantic import (
     Tag,
     ValidationError,
     ValidationInfo,
-    model_serializer,
     model_validator,
 )
 
@@ -43,79 +38,11 @@ ONLY_N_1 = "only n=1 is supported"
 SEED_RANGE = (-2**63, 2**64 - 1)  # what torch.manual_seed accepts
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_P_RANGE = (0.0, 1.0)
-# A chat request nests about 6 deep (messages[0].content[1].image_url.url); thousands deep exhausts the parser's stack.
-MAX_JSON_DEPTH = 32
-# A 64-bit seed has 20 digits; a 5,000-digit literal costs quadratic time to convert and Python refuses it anyway.
-MAX_NUMBER_CHARS = 40
 # Features a client would silently not get are refused, not ignored (null, false and [] mean "not asked").
 UNSUPPORTED = {
     "tools": "tool calling", "functions": "function calling", "logprobs": "logprobs", "top_logprobs": "logprobs",
     "audio": "audio output",
 }
-
-
-# ---- the body: plain, finite, shallow, encodable JSON ------------------------------------------------------------
-
-def parse_json_body(data: bytes) -> Any:
-    """A request body as JSON, or a 400 for anything that is not plain, finite, shallow, encodable JSON."""
-    try:
-        body = json.loads(data, parse_int=bounded_int, parse_float=bounded_float, parse_constant=no_constant)
-    except RecursionError:
-        raise bad_request(f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise bad_request(f"the request body is not valid JSON: {error}") from None
-    check_shape(body)
-    return body
-
-
-def bounded_int(literal: str) -> int:
-    if len(literal) > MAX_NUMBER_CHARS:
-        raise bad_request(f"the request body has a number of {len(literal)} digits; numbers are limited to "
-                          f"{MAX_NUMBER_CHARS} characters")
-    return int(literal)
-
-
-def bounded_float(literal: str) -> float:
-    if len(literal) > MAX_NUMBER_CHARS:
-        raise bad_request(f"the request body has a number of {len(literal)} characters; numbers are limited to "
-                          f"{MAX_NUMBER_CHARS}")
-    value = float(literal)
-    if not math.isfinite(value):
-        raise bad_request(f"the request body has the number {literal}, which is out of range")
-    return value
-
-
-def no_constant(name: str):
-    raise bad_request(f"the request body has {name}, which is not JSON; numbers must be finite")
-
-
-def children(value: Any) -> list:
-    if isinstance(value, dict):
-        return [*value.keys(), *value.values()]
-    return value if isinstance(value, list) else []
-
-
-def check_shape(body: Any) -> None:
-    """Depth and strings, level by level: iterative, so a deep body cannot exhaust the stack as recursion would."""
-    level, depth = [body], 0
-    while level:
-        depth += 1
-        if depth > MAX_JSON_DEPTH:
-            raise bad_request(f"the request body is nested too deeply (the limit is {MAX_JSON_DEPTH} levels)")
-        for value in level:
-            if isinstance(value, str):
-                check_encodable(value)
-        level = [child for value in level for child in children(value)]
-
-
-def check_encodable(text: str) -> None:
-    # JSON's `\ud800` escape of half a UTF-16 pair parses to a lone surrogate, which no UTF-8 encoder (the
-    # tokenizer's, the response's) takes.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise bad_request("the request body has a lone UTF-16 surrogate (such as the escape \\ud800) in a string; "
-                          "send text as valid Unicode") from None
 
 
 # ---- what the checks know of the server, and how a refusal leaves pydantic ----------------------------------------
@@ -542,91 +469,3 @@ def answer_length(request: ChatCompletionRequest, prompt_tokens: int, context_le
         raise bad_request(f"the prompt is {prompt_tokens} tokens and max_tokens is {wanted}; together they exceed the "
                           f"model's context of {context_length} tokens", "max_tokens", "context_length_exceeded")
     return wanted if wanted is not None else min(default_max_tokens, room)
-
-
-# ---- the responses -----------------------------------------------------------------------------------------------
-
-def completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
-
-
-def now() -> int:
-    return int(time.time())
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-
-    @classmethod
-    def counted(cls, prompt_tokens: int, completion_tokens: int) -> Usage:
-        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
-                   total_tokens=prompt_tokens + completion_tokens)
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: AssistantMessage
-    finish_reason: str  # "stop" (end of sequence or a stop string) or "length"
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str = Field(default_factory=completion_id)
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int = Field(default_factory=now)
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-    @classmethod
-    def answer(cls, model: str, text: str, finish_reason: str, prompt_tokens: int,
-               completion_tokens: int) -> ChatCompletion:
-        choice = Choice(message=AssistantMessage(content=text), finish_reason=finish_reason)
-        return cls(model=model, choices=[choice], usage=Usage.counted(prompt_tokens, completion_tokens))
-
-
-class Delta(BaseModel):
-    """What one chunk adds: the role in the first, text in the following ones, nothing in the one that finishes."""
-    role: Optional[Literal["assistant"]] = None
-    content: Optional[str] = None
-
-    @model_serializer
-    def given_fields(self) -> dict:
-        return {name: getattr(self, name) for name in type(self).model_fields if name in self.model_fields_set}
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    logprobs: None = None
-    finish_reason: Optional[str] = None
-
-
-class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed answer. `usage` is only sent when the client asked for it
-    (`stream_options.include_usage`): null until the last chunk, which has it and no choices."""
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Optional[Usage] = None
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "llava-ray"
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

@@ -1,4 +1,4 @@
-"""One streamed answer as server-sent events: OpenAI's `chat.completion.chunk` objects (`protocol.ChatCompletionChunk`)
+"""One streamed answer as server-sent events: OpenAI's `chat.completion.chunk` objects (`responses.ChatCompletionChunk`)
 as `data:` lines. A first chunk with the role, one chunk per text delta, a chunk with `finish_reason`, a `usage` chunk
 with no choices when the client asked for it (`stream_options.include_usage`, as OpenAI does), then `data: [DONE]`.
 """
@@ -9,7 +9,7 @@ import time
 from typing import Optional
 
 from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.protocol import ChatCompletionChunk, ChunkChoice, Delta, Usage, completion_id
+from llava_core.serve.responses import ChatCompletionChunk, ChunkChoice, Delta, Usage, completion_id
 
 DONE = "data: [DONE]\n\n"
 
