@@ -49,3 +49,26 @@ def progress_text(label: str, unit: str, done: int, total: int, window: RateWind
     percent = done / total if total else 1.0
     return (f"[{label}] {unit} {done}/{total} ({percent:.0%}) {rate_text(per_unit, unit)} "
             f"elapsed {duration(elapsed)} ETA {eta}")
+
+
+REPORT_EVERY_S = 30.0  # one line per half minute: a long prepare or evaluate shows it moves, a short one stays quiet
+# The ETA of rows follows the last REPORT_WINDOW reports (5 minutes at one each REPORT_EVERY_S): rows come in bursts
+# of a batch per actor, which one report's interval alone would show as a rate jumping by the actor count.
+REPORT_WINDOW = 10
+
+
+class RowProgress:
+    """Progress through a known number of rows (prepare's rows, evaluate's prompts), counted by the caller as the
+    work completes: `report` gives a line every `every_s` seconds and one when the last row is done."""
+
+    def __init__(self, label: str, unit: str, total: int, now: float, every_s: float = REPORT_EVERY_S):
+        self.label, self.unit, self.total, self.every_s = label, unit, total, every_s
+        self.start = self.last_report = now
+        self.window = RateWindow(REPORT_WINDOW, now, 0)
+
+    def report(self, done: int, now: float) -> str | None:
+        if done < self.total and now - self.last_report < self.every_s:
+            return None
+        self.last_report = now
+        self.window.add(now, done)
+        return progress_text(self.label, self.unit, done, self.total, self.window, now - self.start)
