@@ -261,3 +261,15 @@ def test_fast_units_show_as_a_rate_per_second_and_nothing_is_timed_before_the_fi
     window.add(130.0, 1200)
     assert progress_text("prepare align", "row", 1200, 5000, window, 35.0) == (
         "[prepare align] row 1200/5000 (24%) 40.0 rows/s elapsed 0:00:35 ETA 0:01:35")
+
+
+def test_row_progress_reports_every_interval_and_at_the_last_row_with_the_recent_rate():
+    from llava_core.progress import RowProgress
+
+    progress = RowProgress("evaluate", "prompt", 1000, now=0.0, every_s=30.0)
+    assert progress.report(10, 29.0) is None  # not yet half a minute
+    assert progress.report(300, 30.0) == "[evaluate] prompt 300/1000 (30%) 10.0 prompts/s elapsed 0:00:30 ETA 0:01:10"
+    assert progress.report(310, 31.0) is None
+    # the window holds the start and both reports (fewer than REPORT_WINDOW): 500 in 90 s, so 90 s for the last 500
+    assert progress.report(500, 90.0) == "[evaluate] prompt 500/1000 (50%) 5.6 prompts/s elapsed 0:01:30 ETA 0:01:30"
+    assert progress.report(1000, 95.0).startswith("[evaluate] prompt 1000/1000 (100%) ")  # the last one, at once
