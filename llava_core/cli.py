@@ -9,7 +9,7 @@ import sys
 
 from llava_core.config import WorkflowError, load_workflow
 from llava_core.flops import GPUS
-from llava_core.logs import configure_logging, init_ray
+from llava_core.logs import VERBOSE_ENV, configure_logging, init_ray
 from llava_core.workflow import STAGES
 
 
@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("--from", dest="start", choices=STAGES, help="rerun this stage and every stage after it")
     run.add_argument("--exit-after-serve", action="store_true",
                      help="stop the endpoint and exit after the serve stage's demo request")
+    _add_verbose(run)
 
     validate = sub.add_parser("validate", help="check a workflow file without running anything")
     validate.add_argument("workflow")
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", action=_KeyRefused, help=argparse.SUPPRESS)
     serve.add_argument("--config-out", metavar="FILE",
                        help="write a Ray Serve config YAML for this export and exit, without serving")
+    _add_verbose(serve)
     return parser
 
 
@@ -73,6 +75,11 @@ class _KeyRefused(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None):
         parser.error("--api-key: the key is never an argument (arguments show in `ps` and shell history); put it in "
                      "an environment variable or a file and name that: --api-key-env VAR or --api-key-file FILE")
+
+
+def _add_verbose(command) -> None:
+    command.add_argument("--verbose", action="store_true",
+                         help="show every library warning and Ray Data's own progress (filtered by default)")
 
 
 def _add_job_commands(sub) -> None:
@@ -88,6 +95,7 @@ def _add_job_commands(sub) -> None:
     submit.add_argument("--pip", action="append", default=[], help="extra pip requirement for the job (repeatable)")
     submit.add_argument("--job-id", help="submission id (default: generated)")
     submit.add_argument("--wait", action="store_true", help="follow the job's logs until it ends")
+    _add_verbose(submit)
 
     status = sub.add_parser("status", help="status of a submitted job, or of every job on the cluster")
     status.add_argument("job_id", nargs="?")
@@ -108,6 +116,8 @@ def _submit(args) -> int:
         env = submit.job_env(args.env)
     except ValueError as error:
         raise WorkflowError(str(error)) from None
+    if args.verbose:  # the job's environment reaches every process of the run
+        env[VERBOSE_ENV] = "1"
     job_id = submit.submit(args.workflow, args.address, args.overrides, stage_args, env, args.pip, args.job_id)
     address = submit.dashboard_address(args.address)
     print(f"submitted {job_id} to {address}\n  follow: llava-ray logs {job_id} --follow --address {address}"
@@ -211,6 +221,8 @@ def _serve(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"  # read by configure_logging here and, through init_ray, in every Ray process
     configure_logging()
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     try:

@@ -7,6 +7,7 @@ recomputed from the written predictions through the scoring entry point, and the
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import torch
@@ -159,3 +160,14 @@ def test_actor_pool_shrinks_to_what_the_cluster_can_hold(ray_session):
     size, resources = actor_pool_size(64)
     assert resources == {"num_cpus": 1}  # no GPU here
     assert 1 <= size <= max(1, int(ray_session.available_resources().get("CPU", 0))) <= 2
+
+
+@pytest.mark.unit
+def test_answers_are_collected_by_key_with_a_progress_line_at_the_end(caplog):
+    from llava_core.eval.backends import collect_answers
+
+    caplog.set_level(logging.INFO, logger="llava_core")
+    answers = collect_answers(iter([("1", "cat"), ("0", "dog"), ("2", "two")]), total=3)
+    assert answers == {"0": "dog", "1": "cat", "2": "two"}
+    lines = [r.getMessage() for r in caplog.records if r.name == "llava_core.eval.backends"]
+    assert len(lines) == 1 and lines[0].startswith("[evaluate] prompt 3/3 (100%) "), lines

@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 
@@ -29,20 +30,72 @@ def test_main_configures_logging():
     assert out.stderr.split() == [str(logging.INFO)]
 
 
-def _logging_here() -> tuple[list[str], int]:
+# The noise of a run, made on purpose after the CLI has set up logging: torch's deprecation of the collective
+# DeepSpeed calls each step (with the once-per-place memory reset between, as libraries' catch_warnings do),
+# transformers' torchvision fallback, Ray Serve's lost end-of-stream future; and a deprecation in our own code.
+NOISE = """
+import asyncio, gc, sys, warnings
+from llava_core.cli import main
+main(sys.argv[1:])
+import torch, torch.distributed as dist
+for _ in range(3):
+    with warnings.catch_warnings():
+        pass
+    try:
+        dist.all_gather_into_tensor(torch.zeros(2), torch.zeros(1))
+    except Exception:
+        pass
+import transformers
+transformers.LlavaImageProcessor
+async def lost_end_of_stream():
+    future = asyncio.get_running_loop().create_future()
+    future.set_exception(StopAsyncIteration())
+    del future
+    gc.collect()
+asyncio.run(lost_end_of_stream())
+warnings.warn_explicit("our own deprecated call", FutureWarning, "llava_core/x.py", 1, module="llava_core.x")
+"""
+
+
+def _stderr_of_cli(*args: str) -> str:
+    env = {**os.environ, "PYTHONPATH": REPO}
+    env.pop("LLAVA_RAY_VERBOSE", None)
+    out = subprocess.run([sys.executable, "-c", NOISE, *args], cwd=REPO, capture_output=True, text=True, env=env,
+                         timeout=300)
+    return out.stderr
+
+
+def test_library_noise_is_filtered_by_default_and_shown_with_verbose():
+    quiet = _stderr_of_cli("schema")
+    assert quiet.splitlines() == ["llava_core/x.py:1: FutureWarning: our own deprecated call"], quiet
+    loud = _stderr_of_cli("serve", "--verbose", "/nowhere")  # the flag is read before the missing export fails
+    assert loud.count("`torch.distributed.all_gather_into_tensor` is deprecated") == 3
+    assert loud.count("`LlavaImageProcessor` requires torchvision (not installed)") == 1
+    assert "Future exception was never retrieved\nfuture: <Future finished exception=StopAsyncIteration()>" in loud
+    assert loud.count("our own deprecated call") == 1
+
+
+def _logging_here() -> tuple[list[str], int, list[str]]:
     logger = logging.getLogger("llava_core")
-    return [type(handler).__name__ for handler in logger.handlers], logger.getEffectiveLevel()
+    with warnings.catch_warnings(record=True) as shown:  # the process's filters as they are, warnings recorded
+        warnings.warn_explicit("a library's deprecation", FutureWarning, "c10d_logger.py", 83,
+                               module="torch.distributed.c10d_logger")
+        warnings.warn_explicit("our deprecation", FutureWarning, "loop.py", 1, module="llava_core.train.loop")
+    return [type(handler).__name__ for handler in logger.handlers], logger.getEffectiveLevel(), [
+        str(w.message) for w in shown]
 
 
 class LoggingProbe:
-    def logging_here(self) -> tuple[list[str], int]:
+    def logging_here(self) -> tuple[list[str], int, list[str]]:
         return _logging_here()
 
 
 @pytest.mark.integration
-def test_ray_workers_show_the_projects_info_lines(ray_session):
+def test_ray_workers_show_the_projects_info_lines_and_filter_the_libraries_noise(ray_session):
     # Ray Data, Train and Serve run their code in worker processes: without the setup hook their log.info is lost.
     task = ray_session.remote(num_cpus=0)(_logging_here)
     actor = ray_session.remote(num_cpus=0)(LoggingProbe)
-    assert ray_session.get(task.remote()) == (["StderrHandler"], logging.INFO)
-    assert ray_session.get(actor.remote().logging_here.remote()) == (["StderrHandler"], logging.INFO)
+    # ... and the libraries' deprecations are filtered there too, ours not
+    expected = (["StderrHandler"], logging.INFO, ["our deprecation"])
+    assert ray_session.get(task.remote()) == expected
+    assert ray_session.get(actor.remote().logging_here.remote()) == expected

@@ -1,6 +1,7 @@
 """The prepare stage on Ray Data: every good row written once, every bad row rejected with its reason."""
 import io
 import json
+import logging
 import os
 
 import numpy as np
@@ -90,9 +91,14 @@ def _expected_rejects(dataset):
     return {(f"bad-{k}" if k != "malformed_row" else ""): k for k in dataset["bad"]}
 
 
-def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path, monkeypatch):
+def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, dirty_dataset, tmp_path, monkeypatch,
+                                                    caplog):
     monkeypatch.setattr(pipeline, "ROW_GROUP_ROWS", 2)  # 7 rows: several row groups, as a real dataset has
+    caplog.set_level(logging.INFO, logger="llava_core")
     entry, lengths = _prepare(dirty_dataset, tiny_dataset, tmp_path)
+    # the driver's progress line: every row, prepared and written, of every row the sources hold
+    finished = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[prepare mix] row 18/18 (100%)")]
+    assert len(finished) == 1 and " elapsed " in finished[0] and finished[0].endswith(" ETA 0:00:00"), finished
     footers = [pq.ParquetFile(p).metadata for p in entry["shards"]]
     group_rows = [f.row_group(g).num_rows for f in footers for g in range(f.num_row_groups)]
     assert max(group_rows) <= 2 and sum(group_rows) == 7  # small row groups: a random row reads little

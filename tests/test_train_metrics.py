@@ -179,13 +179,93 @@ def test_a_resumed_stage_file_starts_with_the_history_restored_from_its_checkpoi
     assert [9] in starts
 
 
-def test_the_progress_line_times_steps_from_this_attempts_first_and_never_wraps_at_a_day():
+RECORD = {"loss": 1.5, "lr": 2e-5, "samples_per_s": 64.0, "tokens_per_s": 50000.0, "mfu": 0.412}
+
+
+def timed_steps(first_step: int, start: float, step_seconds: list[float]):
+    """A window as the loop fills it with a fake clock: its first point where this attempt starts, then one per step."""
+    from llava_core.progress import RateWindow
+    from llava_core.train.loop import STEP_WINDOW
+
+    window, now, step = RateWindow(STEP_WINDOW, start, first_step), start, first_step
+    for seconds in step_seconds:
+        now, step = now + seconds, step + 1
+        window.add(now, step)
+    return window, step, now
+
+
+def test_the_progress_line_gives_elapsed_rate_mfu_and_an_eta_in_days_beyond_a_day():
     from llava_core.train.loop import progress_line
 
-    record = {"step": 11, "loss": 1.5, "lr": 2e-5, "samples_per_s": 64.0, "tokens_per_s": 50000.0, "mfu": 0.412}
-    # resumed at step 9: its first step ended at t=1000 after 5 minutes of start-up; 2 more steps took 60 s each
-    line = progress_line("instruct", record, 5011, start_time=700.0, timed_from=(1000.0, 9), now=1120.0)
-    assert line == ("[instruct] step 11/5011 (0%) loss 1.5000 lr 2.00e-05 60.00 s/step samples/s 64.0 tokens/s 50000 "
-                    "MFU 41.2% elapsed 0:07:00 ETA 83:20:00")  # 5000 steps x 60 s: 83 h 20 min, not 11:20:00
-    first = progress_line("instruct", {**record, "step": 9, "mfu": None}, 5011, 700.0, (1000.0, 9), 1000.0)
-    assert first.endswith("tokens/s 50000 elapsed 0:05:00 ETA --")  # no rate from one step
+    # resumed at step 8: the loop started at t=1000, 5 minutes after the driver started the stage; 3 steps of 60 s
+    window, step, now = timed_steps(8, 1000.0, [60.0] * 3)
+    line = progress_line("instruct", {**RECORD, "step": step, "time": now}, 5011, 700.0, window)
+    assert line == ("[instruct] step 11/5011 (0%) 60.00 s/step elapsed 0:08:00 ETA 3d 11:20:00 | loss 1.5000 "
+                    "lr 2.00e-05 samples/s 64.0 tokens/s 50000 MFU 41.2%")  # 5000 steps x 60 s: 83 h 20 min
+
+
+def test_fifty_hours_left_show_as_days_and_no_duration_wraps():
+    from llava_core.progress import duration
+
+    window, step, now = timed_steps(0, 0.0, [18.0] * 10)
+    from llava_core.progress import progress_text
+
+    assert progress_text("instruct", "step", step, 10_010, window, now).endswith("ETA 2d 02:00:00")  # 10,000 x 18 s
+    assert [duration(s) for s in (0, 59.6, 3599, 86_399, 86_400, 90_061, 50 * 3600, 400 * 86_400 + 5)] == [
+        "0:00:00", "0:01:00", "0:59:59", "23:59:59", "1d 00:00:00", "1d 01:01:01", "2d 02:00:00", "400d 00:00:05"]
+
+
+def test_the_first_step_after_five_minutes_of_start_up_is_timed_from_the_step_alone():
+    from llava_core.train.loop import progress_line
+
+    # the driver started the stage at t=0; loading took 300 s; step 1 took 4 s
+    window, step, now = timed_steps(0, 300.0, [4.0])
+    line = progress_line("align", {**RECORD, "step": step, "time": now, "mfu": None}, 1001, 0.0, window)
+    assert line.startswith("[align] step 1/1001 (0%) 4.00 s/step elapsed 0:05:04 ETA 1:06:40 | ")  # 1000 x 4 s
+    assert "MFU" not in line
+
+
+def test_after_a_resume_only_this_attempts_steps_set_the_rate():
+    from llava_core.train.loop import progress_line
+
+    # resumed at step 9000 of 10000, started 10 minutes after the stage; 2 s per step since
+    window, step, now = timed_steps(9000, 600.0, [2.0] * 20)
+    line = progress_line("instruct", {**RECORD, "step": step, "time": now}, 10_000, 0.0, window)
+    assert " step 9020/10000 (90%) 2.00 s/step elapsed 0:10:40 ETA 0:32:40 " in line  # 980 x 2 s = 1960 s
+
+
+def test_the_eta_follows_a_change_of_rate_within_the_window():
+    from llava_core.progress import progress_text
+    from llava_core.train.loop import STEP_WINDOW
+
+    window, step, now = timed_steps(0, 0.0, [10.0] * 500)  # 10 s/step for 500 steps, then 2 s/step
+    assert " 10.00 s/step " in progress_text("instruct", "step", step, 1500, window, now)
+    for _ in range(STEP_WINDOW):
+        now, step = now + 2.0, step + 1
+        window.add(now, step)
+    line = progress_text("instruct", "step", step, 1500, window, now)
+    # the mean since the start (5100 s / 550 steps = 9.27 s/step) would give 8,809 s left
+    assert line.endswith("(37%) 2.00 s/step elapsed 1:25:00 ETA 0:31:40")  # 950 steps x 2 s
+
+
+def test_fast_units_show_as_a_rate_per_second_and_nothing_is_timed_before_the_first_unit():
+    from llava_core.progress import RateWindow, progress_text
+
+    window = RateWindow(10, 100.0, 0)
+    assert progress_text("prepare align", "row", 0, 5000, window, 5.0) == (
+        "[prepare align] row 0/5000 (0%) -- rows/s elapsed 0:00:05 ETA --")
+    window.add(130.0, 1200)
+    assert progress_text("prepare align", "row", 1200, 5000, window, 35.0) == (
+        "[prepare align] row 1200/5000 (24%) 40.0 rows/s elapsed 0:00:35 ETA 0:01:35")
+
+
+def test_row_progress_reports_every_interval_and_at_the_last_row_with_the_recent_rate():
+    from llava_core.progress import RowProgress
+
+    progress = RowProgress("evaluate", "prompt", 1000, now=0.0, every_s=30.0)
+    assert progress.report(10, 29.0) is None  # not yet half a minute
+    assert progress.report(300, 30.0) == "[evaluate] prompt 300/1000 (30%) 10.0 prompts/s elapsed 0:00:30 ETA 0:01:10"
+    assert progress.report(310, 31.0) is None
+    # the window holds the start and both reports (fewer than REPORT_WINDOW): 500 in 90 s, so 90 s for the last 500
+    assert progress.report(500, 90.0) == "[evaluate] prompt 500/1000 (50%) 5.6 prompts/s elapsed 0:01:30 ETA 0:01:30"
+    assert progress.report(1000, 95.0).startswith("[evaluate] prompt 1000/1000 (100%) ")  # the last one, at once

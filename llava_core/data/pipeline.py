@@ -10,9 +10,11 @@ in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import threading
 import time
 from collections import Counter
 
@@ -25,6 +27,7 @@ from llava_core.config import SourceSettings, dataset_sources
 from llava_core.data.plan_index import INDEX_NAME, write_plan_index
 from llava_core.data.rows import ROW_GROUP_ROWS, RowPreparer, RowSettings
 from llava_core.data.sources import keep_indices, select_indices, staged_blocks
+from llava_core.progress import REPORT_EVERY_S, RowProgress
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +53,15 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
         log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total,
                  len(selected[source.path]), source.sampling)
     row_settings = RowSettings(template=template, **settings)
-    if sum(len(s) for s in selected.values()) == 0:
+    rows_total = sum(len(s) for s in selected.values())
+    if rows_total == 0:
         raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
 
+    counter = RowCounter.remote()
     prepared = ray.data.from_arrow_refs(blocks).map_batches(
-        RowPreparer,
-        fn_constructor_kwargs={"vision_path": vision_path, "llm_path": llm_path, "settings": row_settings},
+        CountedRowPreparer,
+        fn_constructor_kwargs={"counter": counter, "vision_path": vision_path, "llm_path": llm_path,
+                               "settings": row_settings},
         batch_format="pyarrow",
         batch_size=32,
         compute=ActorPoolStrategy(size=num_actors),
@@ -67,7 +73,8 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
     # holds a finished batch back until the ones before it are written (a few batches per actor in the object store).
     prepared.context.execution_options.preserve_order = True
     rows_dir = storage.join(dataset_dir, "rows")
-    _write_streaming(prepared, rows_dir, rows_per_shard)
+    with reporting_rows(f"prepare {name}", rows_total, counter):
+        _write_streaming(prepared, rows_dir, rows_per_shard)
     shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
     index_path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
     # On a worker, while the driver reads the summary below: the scan is ~one request per row group on S3.
@@ -88,6 +95,59 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
                            f"{len(written)}")
     entry = _manifest_entry(sources, template, selected, written, rejects, shards, index_path)
     return entry, np.asarray(written["length"], dtype=np.int64)
+
+
+@ray.remote(num_cpus=0)
+class RowCounter:
+    """How many rows the preparing actors have finished: the driver's progress line reads it (the write itself runs
+    in Ray Data's tasks, out of the driver's sight)."""
+
+    def __init__(self):
+        self.rows = 0
+
+    def add(self, rows: int) -> None:
+        self.rows += rows
+
+    def count(self) -> int:
+        return self.rows
+
+
+class CountedRowPreparer(RowPreparer):
+    """A RowPreparer that tells the RowCounter each finished batch's size (one small message per batch of 32,
+    sent without waiting)."""
+
+    def __init__(self, counter, **kwargs):
+        super().__init__(**kwargs)
+        self.counter = counter
+
+    def __call__(self, batch):
+        out = super().__call__(batch)
+        self.counter.add.remote(batch.num_rows)
+        return out
+
+
+@contextlib.contextmanager
+def reporting_rows(label: str, total: int, counter, every_s: float = REPORT_EVERY_S):
+    """A progress line (`llava_core.progress`) every `every_s` seconds while the body runs, read from `counter`, and
+    a last one when it has finished; the driver only asks for a number."""
+    progress, stop = RowProgress(label, "row", total, time.time(), every_s), threading.Event()
+
+    def report() -> None:
+        while not stop.wait(every_s):
+            # a retried batch (an actor lost mid-way) is counted twice: never more than every row
+            line = progress.report(min(ray.get(counter.count.remote()), total), time.time())
+            if line:
+                log.info(line)
+
+    thread = threading.Thread(target=report, name="prepare-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        ray.kill(counter)
+    log.info(progress.report(total, time.time()))  # the write has finished: every row is prepared and written
 
 
 def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -21,6 +22,7 @@ from PIL import Image
 from llava_core import storage
 from llava_core.config import EvalEndpointSettings
 from llava_core.data import images
+from llava_core.progress import RowProgress
 from llava_core.secrets import read_secret
 from llava_core.serve.client import chat_request
 
@@ -131,9 +133,21 @@ def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int
                             override_num_blocks=max(1, min(len(queries) // batch_size + 1, 4 * size)))
         .map_batches(ExportAnswerer, fn_constructor_args=(export_dir, max_new_tokens, batch_size),
                      batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=size), **resources)
-        .take_all()
+        .iter_rows()
     )
-    return {row["key"]: row["prediction"] for row in answered}
+    return collect_answers(((row["key"], row["prediction"]) for row in answered), len(queries))
+
+
+def collect_answers(answered, total: int) -> dict[str, str]:
+    """`{key: answer}` from `(key, answer)` pairs as they arrive, with a progress line every half minute: the driver
+    only counts (the answers are a few words each)."""
+    progress, answers = RowProgress("evaluate", "prompt", total, time.time()), {}
+    for key, answer in answered:
+        answers[key] = answer
+        line = progress.report(len(answers), time.time())
+        if line:
+            log.info(line)
+    return answers
 
 
 # --- a live endpoint (OpenAI protocol) --------------------------------------------------------------------------
@@ -161,4 +175,4 @@ def answer_by_endpoint(queries: list[Query], endpoint: EvalEndpointSettings, max
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
         answers = pool.map(lambda q: ask_endpoint(session, q, endpoint, max_new_tokens), queries)
-        return {q.key: a for q, a in zip(queries, answers)}
+        return collect_answers(((q.key, a) for q, a in zip(queries, answers)), len(queries))

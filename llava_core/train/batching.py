@@ -188,7 +188,8 @@ def _flat_lists(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
     """A list<int> column as one flat tensor and its row offsets: no Python int per token (collation runs in the
     prefetch thread, and every Python object it makes holds the GIL the training thread needs)."""
     lists = column.combine_chunks()
-    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64, copy=False)
+    # A copy (one micro-batch of token ids): arrow's zero-copy view is read-only, which torch warns about per batch.
+    values = lists.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
     start = lists.offsets[0].as_py() if len(lists) else 0
     return torch.from_numpy(values), (lists.offsets.to_numpy() - start)
 

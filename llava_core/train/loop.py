@@ -25,6 +25,7 @@ from llava_core.data.image_layouts import pixel_inputs
 from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
+from llava_core.progress import RateWindow, progress_text
 from llava_core.schema import ScalingSettings, TrainStageSettings
 from llava_core.train import checkpoints
 from llava_core.train.batching import BatchPlan, capped_steps
@@ -50,6 +51,10 @@ from llava_core.train.metrics import (
 from llava_core.train.save import save_hf_model
 from llava_core.train.streaming import BatchPrefetcher, TrainingRows
 
+# The ETA's rate is the mean of the last STEP_WINDOW steps: enough to smooth one slow step (a data stall, a
+# checkpoint save) to a few percent of the ETA, few enough that a change of rate shows within ~50 steps (minutes).
+STEP_WINDOW = 50
+
 
 @dataclasses.dataclass(frozen=True)
 class LoopConfig:
@@ -69,7 +74,7 @@ class LoopConfig:
     image_layout: str  # `prepare.image_aspect_ratio` ("": the family's own)
     template: str  # the dataset's; the processor's chat template follows it
     save_model: bool  # False: hand off the projector alone (`mm_projector.bin`)
-    start_time: float  # when the driver started the stage, for the progress lines' ETA
+    start_time: float  # when the driver started the stage: the progress lines' elapsed time
 
 
 def build_model(config: LoopConfig, device: torch.device):
@@ -130,6 +135,8 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     flatten = stage.packing and stage.attn_implementation == "flash_attention_2"
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
+    # Timed from here: start-up, model loading and the steps a resume skipped are never in the rate.
+    step_times = RateWindow(STEP_WINDOW, window["t"], start_step)
     for step in range(start_step, total_steps):
         step_batches = []
         for _ in range(grad_accum):  # this rank's micro-batches of the step, read ahead in plan order
@@ -147,10 +154,9 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         is_last = step + 1 == total_steps
         if rank == 0:
             writer.write(record)
-            if step == start_step:  # the rate is timed from here: start-up, loading and a resume's skip left out
-                timed_from = (time.time(), step + 1)
+            step_times.add(record["time"], step + 1)
             if (step + 1) % stage.log_every == 0 or is_last or step == start_step:
-                say(progress_line(config.stage_name, record, total_steps, config.start_time, timed_from, time.time()))
+                say(progress_line(config.stage_name, record, total_steps, config.start_time, step_times))
         if is_last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
             save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
     batches.close()
@@ -205,26 +211,13 @@ def say(line: str) -> None:
     sys.stdout.flush()
 
 
-def duration(seconds: float) -> str:
-    """H:MM:SS, hours unbounded (a clock format would wrap at 24 h)."""
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
-
-
-def progress_line(stage_name: str, record: dict, total_steps: int, start_time: float,
-                  timed_from: tuple[float, int], now: float) -> str:
-    """The stage's progress: the step rate (and so the ETA) since this attempt's first step (`timed_from`: when it
-    ended, its step number), so neither start-up nor the steps a resume skipped count; elapsed since the driver
-    started the stage."""
-    done = record["step"]
-    timed_steps = done - timed_from[1]
-    per_step = (now - timed_from[0]) / timed_steps if timed_steps > 0 else None
-    rate = "" if per_step is None else f" {per_step:.2f} s/step"
+def progress_line(stage_name: str, record: dict, total_steps: int, start_time: float, step_times: RateWindow) -> str:
+    """The stage's progress (`progress.progress_text`: steps, %, s/step, elapsed since the driver started the stage,
+    the ETA from the recent steps' rate), then the step's numbers."""
+    head = progress_text(stage_name, "step", record["step"], total_steps, step_times, record["time"] - start_time)
     mfu = "" if record.get("mfu") is None else f" MFU {record['mfu']:.1%}"
-    eta = "--" if per_step is None else duration(per_step * (total_steps - done))
-    return (f"[{stage_name}] step {done}/{total_steps} ({done / total_steps:.0%}) loss {record['loss']:.4f} "
-            f"lr {record['lr']:.2e}{rate} samples/s {record['samples_per_s']:.1f} tokens/s "
-            f"{record['tokens_per_s']:.0f}{mfu} elapsed {duration(now - start_time)} ETA {eta}")
+    return (f"{head} | loss {record['loss']:.4f} lr {record['lr']:.2e} samples/s {record['samples_per_s']:.1f} "
+            f"tokens/s {record['tokens_per_s']:.0f}{mfu}")
 
 
 def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
