@@ -339,7 +339,8 @@ class TrainStageSettings:
     keep_checkpoints: Int = setting(2, "how many checkpoints to keep", ge=1)
     max_failures: Int = setting(0, "worker-group restarts from the last checkpoint before the stage fails (the step "
                                    "counter continues)", ge=0)
-    log_every: Int = setting(10, "optimizer steps between progress lines (step/total, %, s/step, elapsed, ETA, loss, lr, samples/s, tokens/s, MFU)", ge=1)
+    log_every: Int = setting(10, "optimizer steps between progress lines (step/total, %, s/step, elapsed, ETA, "
+                                 "loss, lr, samples/s, tokens/s, MFU)", ge=1)
     metrics_sync_every: Int = setting(
         50, "optimizer steps between copies of `metrics.jsonl` and `tensorboard/` to the stage directory while the "
             "stage runs (an `s3://` run is visible live); in a background thread, one copy at a time, a failed copy "
