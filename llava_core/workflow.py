@@ -55,6 +55,7 @@ def saves_full_model(stage_name: str, stage) -> bool:
 
 
 def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None) -> dict:
+    from llava_core.train.loop import LoopConfig
     from llava_core.train.trainer import run_training_stage
 
     if stage.init_projector:  # workers run elsewhere: relative paths must be absolute
@@ -62,12 +63,13 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     prepared = manifest["datasets"][stage.dataset]
     # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
-    run_training_stage(stage_name, stage, ctx.workflow.scaling, prepared["shards"], ctx.stage_dir(stage_name),
-                       ctx.vision_path, ctx.llm_path, init_from, run_name=f"{stage_name}-{ctx.hashes[stage_name]}",
-                       template=ctx.workflow.datasets[stage.dataset].template,
-                       save_model=saves_full_model(stage_name, stage),
-                       plan_index=prepared.get("plan_index"),  # absent from runs prepared before the index
-                       family=ctx.workflow.model.family, image_layout=ctx.workflow.prepare.image_aspect_ratio)
+    config = LoopConfig(
+        stage_name=stage_name, stage=stage, scaling=ctx.workflow.scaling, shards=tuple(prepared["shards"]),
+        plan_index=prepared.get("plan_index"),  # absent from runs prepared before the index
+        output_dir=ctx.stage_dir(stage_name), init_from=init_from, vision_path=ctx.vision_path,
+        llm_path=ctx.llm_path, family=ctx.workflow.model.family, image_layout=ctx.workflow.prepare.image_aspect_ratio,
+        template=ctx.workflow.datasets[stage.dataset].template, save_model=saves_full_model(stage_name, stage))
+    run_training_stage(config, run_name=f"{stage_name}-{ctx.hashes[stage_name]}")
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
     for key in ("samples_per_s", "tokens_per_s", "mfu"):

@@ -5,6 +5,7 @@ text-only micro-batches, on a tiny model and token rows written straight to a pa
 its own tests). The failures come from outside the loop: a Ray Train callback kills a worker process
 (tests/worker_faults.py); what happened is read from the callback's log and the stage's own metrics.jsonl.
 """
+import dataclasses
 import json
 import os
 
@@ -59,8 +60,13 @@ def test_worker_killed_resumes_from_checkpoint_then_rerun_resumes_after_a_failed
         ray_session, tiny_dataset, tmp_path):
     from ray.train import WorkerGroupError
 
-    from llava_core.train.trainer import run_training_stage
+    from llava_core.train.loop import LoopConfig
+    from llava_core.train.trainer import fit, stage_run_config, stage_trainer
     from tests.worker_faults import KillWorkerAfterCheckpoint, read_log
+
+    def run_with(callback):  # the stage as the workflow runs it, plus a Ray Train callback that kills a worker
+        run_config = dataclasses.replace(stage_run_config(config, "instruct"), callbacks=[callback])
+        return fit(stage_trainer(config, run_config))
 
     shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"))
     assert text_only_micro_batches(shard, GLOBAL_BATCH // 4) > 0  # ZeRO-3 hangs on these unless handled
@@ -70,19 +76,18 @@ def test_worker_killed_resumes_from_checkpoint_then_rerun_resumes_after_a_failed
         packing=False, checkpoint_every=4, keep_checkpoints=2, max_failures=1, log_every=4)
     scaling = ScalingSettings(num_workers=2, cpus_per_worker=1)
     stage_dir, log = str(tmp_path / "instruct"), str(tmp_path / "faults.jsonl")
+    config = LoopConfig("instruct", stage, scaling, (shard,), stage_dir, tiny_dataset["vision"], tiny_dataset["llm"])
 
     # A worker dies after checkpoint 4 (the group restarts from it), and again after checkpoint 8: the restart
     # budget (max_failures 1) is spent, so the run fails like a dead driver would.
     with pytest.raises(WorkerGroupError) as failed:
-        run_training_stage("instruct", stage, scaling, [shard], stage_dir, tiny_dataset["vision"],
-                           tiny_dataset["llm"], None, callbacks=[KillWorkerAfterCheckpoint(log, kill_at=(4, 8))])
+        run_with(KillWorkerAfterCheckpoint(log, kill_at=(4, 8)))
     reports = [e for e in read_log(log) if e["event"] == "report"]
     kills = [e for e in reports if e["killed"]]
     assert [(e["step"], bool(e["killed"])) for e in reports] == [(4, True), (8, True)]  # no checkpoint 4 again
     assert str(kills[1]["killed"]) in str(failed.value)  # the run failed because that worker died
     # Running the same stage again (same storage and name) resumes from the last checkpoint, step 8.
-    run_training_stage("instruct", stage, scaling, [shard], stage_dir, tiny_dataset["vision"], tiny_dataset["llm"],
-                       None, callbacks=[KillWorkerAfterCheckpoint(log)])
+    run_with(KillWorkerAfterCheckpoint(log))
     assert [e["step"] for e in read_log(log) if e["event"] == "report"] == [4, 8, 12]
 
     history = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]

@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session, tiny_dataset, tmp_path):
     from llava_core.model.build import assemble, load_official_projector
+    from llava_core.train.loop import LoopConfig
     from llava_core.train.trainer import run_training_stage
 
     shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"), rows=32)
@@ -22,9 +23,9 @@ def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session,
     stage = TrainStageSettings(dataset="align", trainable=["projector"], global_batch_size=8, micro_batch_size=2,
                                lr=1e-2, zero_stage=3, log_every=4)
     stage_dir = str(tmp_path / "align")
-    run_training_stage("align", stage, ScalingSettings(num_workers=2, cpus_per_worker=1), [shard], stage_dir,
-                       tiny_dataset["vision"], tiny_dataset["llm"], None, template="plain", save_model=False,
-                       plan_index=index)
+    run_training_stage(LoopConfig("align", stage, ScalingSettings(num_workers=2, cpus_per_worker=1), (shard,),
+                                  stage_dir, tiny_dataset["vision"], tiny_dataset["llm"], template="plain",
+                                  save_model=False, plan_index=index), "align")
     assert not os.path.exists(os.path.join(stage_dir, "model"))
     saved = torch.load(os.path.join(stage_dir, "mm_projector.bin"))
     assert set(saved) == {

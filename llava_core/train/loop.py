@@ -65,16 +65,16 @@ class LoopConfig:
     stage: TrainStageSettings
     scaling: ScalingSettings
     shards: tuple[str, ...]  # prepare's parquet shards of the stage's dataset
-    plan_index: str | None  # prepare's index of the shards' rows; None: each rank scans the shards' footers
     output_dir: str  # the stage directory: the hand-off, metrics.jsonl, trainable.json
-    init_from: str | None  # the previous stage's full HF model; None: assemble a fresh one from the towers below
-    vision_path: str
+    vision_path: str  # the base models' storage URIs or hub ids, which a fresh model is assembled from
     llm_path: str
-    family: str  # `model.family`
-    image_layout: str  # `prepare.image_aspect_ratio` ("": the family's own)
-    template: str  # the dataset's; the processor's chat template follows it
-    save_model: bool  # False: hand off the projector alone (`mm_projector.bin`)
-    start_time: float  # when the driver started the stage: the progress lines' elapsed time
+    init_from: str | None = None  # the previous stage's full HF model; None: assemble a fresh one from the above
+    plan_index: str | None = None  # prepare's index of the shards' rows; None: each rank scans the shards' footers
+    family: str = "llava"  # `model.family`
+    image_layout: str = ""  # `prepare.image_aspect_ratio` ("": the family's own)
+    template: str = "vicuna_v1"  # the dataset's; the processor's chat template follows it
+    save_model: bool = True  # False: hand off the projector alone (`mm_projector.bin`)
+    start_time: float = 0.0  # when the driver started the stage (set as it starts): the progress lines' elapsed
 
 
 def build_model(config: LoopConfig, device: torch.device):
