@@ -5,9 +5,9 @@ figures check that the script works, they measure nothing. Options given on the 
 smoke sizes.
 
 The summary is one JSON object on the last line of stdout, nothing after it. Native libraries write to the process's
-stdout behind Python's back (the tokenizers library prints `Ignored unknown kwarg option __type` for the `__type` keys
-of Vicuna's tokenizer_config.json, at interpreter exit too), so `parse_args` points file descriptor 1 at stderr for
-the whole run and `print_summary` alone writes to the real stdout.
+stdout behind Python's back, out of order with Python's buffered output (the tokenizers library prints `Ignored
+unknown kwarg option __type` for the `__type` keys of Vicuna's tokenizer_config.json), so `parse_args` points file
+descriptor 1 at stderr for the whole run and `print_summary` alone writes to the real stdout.
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ line on stdout, its JSON summary, whose figures match the smoke sizes: benchmark
 
 Each runs as a user runs it, in its own process (`PYTHONPATH` the repo root, a temporary working directory); those
 that need Ray start their own small local one. Figures are checked for shape and sanity, not speed: at smoke sizes
-they measure nothing."""
+they measure nothing. gpu_step.py's smoke run (with --save) is tests/test_gpu_step_benchmark.py."""
 import json
 import math
 import os
@@ -71,14 +71,6 @@ def test_onevision_tower_probe(tmp_path):
                   *(v for k, v in summary["tile_position"].items() if k != "tile_shape_patches")]
     assert len(accuracies) == 9 and all(fraction(a) for a in accuracies), summary
     assert summary["tile_position"]["tile_shape_patches"] > 0
-
-
-def test_gpu_step_on_cpu(tmp_path):
-    summary = smoke("gpu_step", tmp_path)
-    assert summary["device"] == "cpu (--tiny)" and summary["llm_layers"] == 2 and summary["attn"] == "sdpa"
-    assert summary["steps"] == 3 and summary["warmup"] == 1
-    assert positive(summary["step_s"]) and positive(summary["tokens_per_s"])
-    assert summary["mfu"] is None and summary["peak_mem_gib"] is None  # no peak FLOPs or CUDA memory on CPU
 
 
 def test_prepare_throughput(tmp_path):
