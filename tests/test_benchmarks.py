@@ -110,7 +110,7 @@ def test_train_step(tmp_path):
     assert positive(summary["ratio"])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~3 min 50 s measured with the machine's load at ~13: two training stages
 def test_train_memory(tmp_path):
     summary = smoke("train_memory", tmp_path)
     assert summary["rows"] == 32 and summary["steps"] == 4
@@ -118,7 +118,7 @@ def test_train_memory(tmp_path):
     assert fraction(summary["data_wait_fraction"])
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~5 min measured with the machine's load at ~13: vLLM's CPU start-up
 def test_serve_vllm_load(tmp_path):
     if not os.path.exists(VLLM_PYTHON):
         pytest.fail(f"{VLLM_PYTHON} is missing: `make readers` (part of `make test`) builds it")
