@@ -1,12 +1,14 @@
 """Evaluation throughput: prompts per second in-process (Ray Data actors) and through the served endpoint.
 
-    python benchmarks/eval_throughput.py [--questions 200] [--actors 2] [--batch-size 32] [--max-new-tokens 8]
-        [--export runs/quickstart/export --eval-dir data/quickstart]
+    PYTHONPATH=. python benchmarks/eval_throughput.py [--questions 200] [--actors 2] [--batch-size 32]
+        [--max-new-tokens 8] [--export runs/quickstart/export --eval-dir data/quickstart] [--smoke]
 
 Without --export it builds an untrained tiny LLaVA and a synthetic eval set in a temporary directory (an untrained
 model always decodes the full --max-new-tokens, the worst case). Each prompt is answered twice (with the image and
 with the blind baseline's blank image). The last line is one JSON object: timings, prompts/s and the fraction of
 answers on which the two backends agree (1.0 expected).
+
+--smoke: 4 questions, 1 actor, 2 new tokens, 2 concurrent requests (benchmarks/harness.py).
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import socket
 import sys
 import tempfile
 import time
+
+import harness
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -54,7 +58,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--export")
     parser.add_argument("--eval-dir", help="a folder with eval/questions.jsonl, eval/answers.jsonl and images/")
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"questions": 4, "actors": 1, "batch_size": 4, "max_new_tokens": 2,
+                                             "concurrency": 2})
 
     import ray
 
@@ -92,14 +97,14 @@ def main() -> None:
 
     mine, theirs = answers("in_process"), answers("endpoint")
     prompts = len(mine)
-    print(json.dumps({
+    harness.print_summary({
         "benchmark": "eval_throughput", "prompts": prompts, "cpus": os.cpu_count(), "actors": args.actors,
         "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens, "concurrency": args.concurrency,
         "in_process_s": round(in_process_s, 1), "in_process_prompts_per_s": round(prompts / in_process_s, 2),
         "endpoint_s": round(endpoint_s, 1), "endpoint_prompts_per_s": round(prompts / endpoint_s, 2),
         "agreement": sum(a == b for a, b in zip(mine, theirs)) / prompts,
         "accuracy": [local["accuracy"], remote["accuracy"]],
-    }))
+    })
 
 
 if __name__ == "__main__":

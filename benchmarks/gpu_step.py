@@ -19,18 +19,20 @@ depth; MFU per layer is what the full model runs at); the output names the layer
 
     python benchmarks/gpu_step.py [--attn sdpa] [--layers 32] [--save]   # on a GPU (flash attention when installed)
     python benchmarks/gpu_step.py --tiny                                  # the same code on CPU with tiny shapes
-Last line: {"device", "llm_layers", "attn", "step_s", "tokens_per_s", "mfu", "peak_mem_gib"} (a further line with
-"checkpoint_s" after it with --save)
+    python benchmarks/gpu_step.py --smoke                     # --tiny, 3 steps after 1 of warm-up: seconds
+Last line: {"device", "llm_layers", "attn", "steps", "warmup", "step_s", "tokens_per_s", "mfu", "peak_mem_gib"} (a
+further line with "checkpoint_s" after it with --save). --smoke (benchmarks/harness.py) checks the script on CPU;
+the GPU run is the one without --tiny or --smoke.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
 import time
 
+import harness
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -129,7 +131,7 @@ def main() -> None:
                         help="default: flash_attention_2 on a GPU where flash-attn is installed, else sdpa")
     parser.add_argument("--layers", type=int, default=0, help="LLM layers (default: what the GPU's memory holds)")
     parser.add_argument("--save", action="store_true", help="also time a DeepSpeed checkpoint (~49 GB at 16 layers)")
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"tiny": True, "steps": 3, "warmup": 1})
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     use_gpu = device.type == "cuda"
     pack_length = args.pack_length or (512 if args.tiny else 4096)
@@ -188,17 +190,18 @@ def main() -> None:
         measured = slice(args.warmup, None)
         peak = peak_flops(None, use_gpu)
         mfu = None if peak is None else float(np.sum(step_flops[measured]) / np.sum(times[measured]) / peak)
-        print(json.dumps({
+        harness.print_summary({
             "device": torch.cuda.get_device_name() if use_gpu else "cpu (--tiny)",
-            "llm_layers": config.text_config.num_hidden_layers, "attn": args.attn,
+            "llm_layers": config.text_config.num_hidden_layers, "attn": args.attn, "steps": args.steps,
+            "warmup": args.warmup,
             "step_s": round(float(np.mean(times[measured])), 4),
             "tokens_per_s": round(float(np.sum(tokens[measured]) / np.sum(times[measured])), 1),
             "mfu": None if mfu is None else round(mfu, 4),
-            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None}), flush=True)
+            "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if use_gpu else None})
         if args.save:
             started = time.time()
             engine.save_checkpoint(os.path.join(root, "checkpoint"), tag="deepspeed", exclude_frozen_parameters=True)
-            print(json.dumps({"checkpoint_s": round(time.time() - started, 2)}))
+            harness.print_summary({"checkpoint_s": round(time.time() - started, 2)})
 
 if __name__ == "__main__":
     main()

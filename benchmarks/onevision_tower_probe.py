@@ -14,16 +14,20 @@ dataset's), cut into every tile as the processor crops them:
 - tile_position: a probe trained on the base views' position labels, applied to the tiles' shape patches: how often
   it reads a confident (> 0.8) place there. A tile cannot know its place; what the tower says there, the LLM reads.
 
-Last line: {"tower", "dot": {...}, "layout": {...}, "tile_position": {...}}.
+Last line: {"tower", "scenes", "dot": {...}, "layout": {...}, "tile_position": {...}}.
 
     PYTHONPATH=. python benchmarks/onevision_tower_probe.py data/quickstart-onevision/models/vision [--scenes 800]
+    PYTHONPATH=. python benchmarks/onevision_tower_probe.py --smoke
+
+--smoke (benchmarks/harness.py): 40 scenes, 50 probe steps, and without a tower argument an untrained tower of the
+quickstart's shape: checks the script in seconds; its accuracies mean nothing.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import random
 
+import harness
 import numpy as np
 import torch
 
@@ -63,11 +67,14 @@ def features(tower, processor, views) -> torch.Tensor:
                           for i in range(0, len(pixels), 256)]).flatten(0, 1)
 
 
-def fit_probe(x, y, classes: int, weight=None, steps: int = 1500) -> torch.nn.Linear:
+PROBE_STEPS = [1500]  # Adam steps per probe; --probe-steps sets it
+
+
+def fit_probe(x, y, classes: int, weight=None) -> torch.nn.Linear:
     torch.manual_seed(0)
     head = torch.nn.Linear(x.shape[1], classes)
     optimizer = torch.optim.Adam(head.parameters(), 1e-2)
-    for _ in range(steps):
+    for _ in range(PROBE_STEPS[0]):
         batch = torch.randint(0, len(x), (4096,))
         loss = torch.nn.functional.cross_entropy(head(x[batch]), y[batch], weight=weight)
         optimizer.zero_grad()
@@ -133,14 +140,29 @@ def tile_position_probe(tower, processor, scenes, x, labels) -> dict:
                                                   .float().mean().item(), 3)}
 
 
+def untrained_tower():
+    """A SigLIP tower of the quickstart's view and patch sizes with random weights (for --smoke)."""
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    torch.manual_seed(0)
+    return SiglipVisionModel(SiglipVisionConfig(image_size=TILE, patch_size=PATCH, hidden_size=32,
+                                                intermediate_size=64, num_hidden_layers=2, num_attention_heads=2))
+
+
 def main() -> None:
     from transformers import SiglipVisionModel
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("tower", help="the saved tiny SigLIP tower (data/quickstart-onevision/models/vision)")
+    parser.add_argument("tower", nargs="?",
+                        help="the saved tiny SigLIP tower (data/quickstart-onevision/models/vision); only --smoke "
+                        "may leave it out")
     parser.add_argument("--scenes", type=int, default=800)
-    args = parser.parse_args()
-    tower = SiglipVisionModel.from_pretrained(args.tower).eval()
+    parser.add_argument("--probe-steps", type=int, default=PROBE_STEPS[0])
+    args = harness.parse_args(parser, smoke={"scenes": 40, "probe_steps": 50})
+    if args.tower is None and not args.smoke:
+        parser.error("the tower is required (only --smoke builds an untrained one)")
+    PROBE_STEPS[0] = args.probe_steps
+    tower = (SiglipVisionModel.from_pretrained(args.tower) if args.tower else untrained_tower()).eval()
     processor = standins.tiny_siglip_image_processor(standins.TinyModelConfig(image_size=TILE, patch_size=PATCH))
     rng = random.Random(123)
     scenes = [ov.draw_highres_scene(rng) for _ in range(args.scenes)]
@@ -150,9 +172,9 @@ def main() -> None:
     kind = torch.from_numpy(np.stack([k for _, _, k, _ in tiles])).flatten()
     half = scenes[: args.scenes // 2]
     base_x, base_labels = base_views(tower, processor, half)
-    print(json.dumps({"tower": args.tower, "dot": dot_probe(x, dot, kind),
-                      "layout": layout_probe(base_x, base_labels, half),
-                      "tile_position": tile_position_probe(tower, processor, half, base_x, base_labels)}))
+    harness.print_summary({"tower": args.tower or "untrained", "scenes": args.scenes, "dot": dot_probe(x, dot, kind),
+                           "layout": layout_probe(base_x, base_labels, half),
+                           "tile_position": tile_position_probe(tower, processor, half, base_x, base_labels)})
 
 
 if __name__ == "__main__":

@@ -7,17 +7,20 @@ published composition of llava_v1_5_mix665k.json:
    40K ShareGPT                       text only, long, ~600 tokens, capped at 2048
 The strategies use the project's own BatchPlan: `naive` (random order, micro-batch 16, padded to its longest row),
 `length_grouped`, and `packed` (rows of up to 4096 tokens, 2 rows per micro-batch: about the tokens of a naive
-micro-batch). Rows of 2048 pack worse (printed too, not in the JSON): image samples are >= 584 tokens, so the gaps
-they leave can only be filled by the few text-only rows. Prints one JSON line last.
+micro-batch). Rows of 2048 pack worse (printed to stderr, not in the JSON): image samples are >= 584 tokens, so the
+gaps they leave can only be filled by the few text-only rows. Last line: {"naive", "length_grouped", "packed",
+"rows"}, the first three padded fractions.
 
-    python benchmarks/padding.py [--rows 665000]
+    PYTHONPATH=. python benchmarks/padding.py [--rows 665000] [--smoke]
+
+--smoke: 2,000 rows on 2 workers (benchmarks/harness.py), a second.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
+import harness
 import numpy as np
 
 from llava_core.train.batching import BatchPlan, padding_fraction
@@ -39,7 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=665_000)
     parser.add_argument("--workers", type=int, default=8)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"rows": 2000, "workers": 2})
     lengths, num_images = llava_mix_lengths(args.rows)
     plans = {
         "naive": BatchPlan(args.workers, 16, 1, seed=0),
@@ -56,7 +59,7 @@ def main() -> None:
               f"{time.time() - started:.1f}s")
     print(f"rows {args.rows}, mean length {lengths.mean():.0f}, text-only {int((num_images == 0).sum())}")
     result.pop("packed_2048x4")
-    print(json.dumps(result))
+    harness.print_summary({**result, "rows": args.rows})
 
 
 if __name__ == "__main__":

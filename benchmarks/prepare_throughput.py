@@ -10,10 +10,12 @@ image) and a byte-level BPE tokenizer trained on the spot; nothing is downloaded
 - floor: the same `RowPreparer` work and a parquet write in a child process pinned to one core with one thread,
   timed on --floor-rows rows before and after the pipeline (averaged: on a shared machine the load drifts).
 
-Last line: {"samples_per_s", "floor_samples_per_s_single_core", "cores", "efficiency"} with
+Last line: {"samples_per_s", "floor_samples_per_s_single_core", "cores", "efficiency", "rows", "floor_rows"} with
 efficiency = samples_per_s / (cores * floor). Run it on a quiet machine: other load shows up as lost efficiency.
 
-    PYTHONPATH=. python benchmarks/prepare_throughput.py [--rows 2000] [--cores 2]
+    PYTHONPATH=. python benchmarks/prepare_throughput.py [--rows 2000] [--cores 2] [--smoke]
+
+--smoke (benchmarks/harness.py): 16 rows, a floor of 8, 1 core.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import sys
 import tempfile
 import time
 
+import harness
 import numpy as np
 
 QUESTIONS = ["What is in the picture?", "Describe the colours you see.", "Where is the brightest area?",
@@ -33,11 +36,13 @@ WORDS = ("the a red green blue large small bright dark shape circle square left 
          "there is are of in on with and near far light shadow texture pattern edge corner").split()
 
 
-def build_dataset(root: str, rows: int, seed: int = 0) -> dict:
-    """Images, annotations and models under `root`; reused when `root/.complete` says they are there."""
+def build_dataset(cache_dir: str, rows: int, seed: int = 0) -> dict:
+    """Images, annotations and models under `cache_dir/rows-<rows>` (one folder per size: the annotations file of
+    one size must not replace another's); reused when its `.complete` says they are there."""
+    root = os.path.join(cache_dir, f"rows-{rows}")
     paths = {"annotations": os.path.join(root, "llava.json"), "images": os.path.join(root, "images"),
              "vision": os.path.join(root, "vision"), "llm": os.path.join(root, "llm")}
-    marker = os.path.join(root, f".complete-{rows}")
+    marker = os.path.join(root, ".complete")
     if os.path.exists(marker):
         return paths
     from PIL import Image
@@ -137,13 +142,13 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/llava-ray/prepare-bench"))
     parser.add_argument("--floor-only", action="store_true", help=argparse.SUPPRESS)  # the pinned child process
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"rows": 16, "floor_rows": 8, "cores": 1})
 
     paths = build_dataset(args.cache_dir, args.rows)
     with tempfile.TemporaryDirectory() as out_dir:
         if args.floor_only:
             os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
-            print(json.dumps({"floor_s": run_floor(paths, args.floor_rows, out_dir)}))
+            harness.print_summary({"floor_s": run_floor(paths, args.floor_rows, out_dir)})
             return
         # The floor runs before and after the pipeline and the two are averaged: on a shared machine the load drifts.
         loads = [os.getloadavg()[0]]
@@ -159,8 +164,9 @@ def main() -> None:
     print(f"pipeline: {args.rows} rows in {seconds:.1f} s on {args.cores} cores; floor: {args.floor_rows} rows in "
           f"{floor_before:.1f} s before, {floor_after:.1f} s after, on one core; 1-min load average at start, after "
           f"the pipeline, at the end: {', '.join(f'{x:.2f}' for x in loads)}", file=sys.stderr)
-    print(json.dumps({"samples_per_s": round(samples_per_s, 2), "floor_samples_per_s_single_core": round(floor, 2),
-                      "cores": args.cores, "efficiency": round(samples_per_s / (args.cores * floor), 3)}))
+    harness.print_summary({"samples_per_s": round(samples_per_s, 2), "floor_samples_per_s_single_core": round(floor, 2),
+                           "cores": args.cores, "efficiency": round(samples_per_s / (args.cores * floor), 3),
+                           "rows": args.rows, "floor_rows": args.floor_rows})
 
 
 if __name__ == "__main__":

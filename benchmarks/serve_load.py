@@ -1,9 +1,11 @@
 """Load on the serving endpoint: N concurrent clients against one replica of a tiny model, then the same requests one at
 a time. Dynamic batching is what makes the first phase faster; the last line printed is one JSON object:
 
-    {"concurrent": {"rps", "p50_s", "p99_s", "errors"}, "sequential": {...}, "speedup": concurrent rps / sequential rps}
+    {"concurrent": {"rps", "p50_s", "p99_s", "errors", "requests", "wall_s"}, "sequential": {...},
+     "speedup": concurrent rps / sequential rps, "clients", "max_tokens"}
 
-Usage: python benchmarks/serve_load.py [--clients 16] [--requests 96] [--max-tokens 16]
+Usage: PYTHONPATH=. python benchmarks/serve_load.py [--clients 16] [--requests 96] [--max-tokens 16] [--smoke]
+--smoke: 2 clients, 4 requests of 2 tokens (benchmarks/harness.py).
 The tiny model is built from configs in a temporary directory (as the tests' `tiny_llava_dir`), nothing is downloaded.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import harness
 import requests
 from PIL import Image
 
@@ -108,7 +111,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--batch-wait-s", type=float, default=0.05)
     parser.add_argument("--timeout-s", type=float, default=120)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"clients": 2, "requests": 4, "max_tokens": 2})
 
     import ray
 
@@ -133,7 +136,7 @@ def main() -> None:
     result = {"concurrent": concurrent, "sequential": sequential,
               "speedup": round(concurrent["rps"] / sequential["rps"], 2),
               "clients": args.clients, "max_tokens": args.max_tokens}
-    print(json.dumps(result))
+    harness.print_summary(result)
 
 
 if __name__ == "__main__":

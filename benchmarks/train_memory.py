@@ -11,9 +11,12 @@ pixels that do not compress), 800 rows each. Both runs sample at random over the
 Reports the largest worker's peak RSS (`rss_gib` of the last step: ru_maxrss, max over ranks) per size, their
 ratio, and the fraction of step time spent blocked waiting for a batch (sum of `data_wait_s` over sum of step
 times, both runs, the first `--warmup` steps left out: the first batch of a run is read cold while nothing else
-runs). Last line: one JSON object.
+runs). Last line: {"rss_gib_small", "rss_gib_large", "ratio", "data_wait_fraction", "rows", "steps"}.
 
-    PYTHONPATH=. python benchmarks/train_memory.py [--rows 1600] [--steps 40] [--warmup 3]
+    PYTHONPATH=. python benchmarks/train_memory.py [--rows 1600] [--steps 40] [--warmup 3] [--smoke]
+
+--smoke (benchmarks/harness.py): 32 and 128 rows in shards of 16, 4 steps after 1 of warm-up: two training stages
+of a few steps, its ratio means nothing at that size.
 """
 from __future__ import annotations
 
@@ -24,9 +27,11 @@ import sys
 import tempfile
 import time
 
+import harness
+
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
 
-WORKERS, MICRO, SHARD_ROWS = 2, 4, 800
+WORKERS, MICRO = 2, 4
 
 
 def build_models(root: str) -> dict:
@@ -38,11 +43,11 @@ def build_models(root: str) -> dict:
     return paths
 
 
-def write_shards(models: dict, root: str, rows: int) -> list[str]:
+def write_shards(models: dict, root: str, rows: int, shard_rows: int) -> list[str]:
     from test_train_failures import write_shard
 
-    return [write_shard(models, os.path.join(root, f"rows-{k:03d}.parquet"), rows=SHARD_ROWS, seed=k)
-            for k in range(rows // SHARD_ROWS)]
+    return [write_shard(models, os.path.join(root, f"rows-{k:03d}.parquet"), rows=shard_rows, seed=k)
+            for k in range(rows // shard_rows)]
 
 
 def train(models: dict, shards: list[str], stage_dir: str, steps: int) -> list[dict]:
@@ -75,11 +80,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1600, help="N: the small run's rows (the large one has 4N)")
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--shard-rows", type=int, default=800, help="rows per shard; N must be a multiple")
+    args = harness.parse_args(parser, smoke={"rows": 32, "steps": 4, "warmup": 1, "shard_rows": 16})
     started = time.time()
     with tempfile.TemporaryDirectory() as root:
         models = build_models(root)
-        shards = write_shards(models, root, 4 * args.rows)
+        shards = write_shards(models, root, 4 * args.rows, args.shard_rows)
         small = train(models, shards[: len(shards) // 4], os.path.join(root, "small"), args.steps)
         large = train(models, shards, os.path.join(root, "large"), args.steps)
     assert len(small) == len(large) == args.steps
@@ -88,9 +94,10 @@ def main() -> None:
     print(f"{args.rows} and {4 * args.rows} rows, {args.steps} steps each, {time.time() - started:.0f} s; "
           f"step time {waits[0][1]:.1f} s and {waits[1][1]:.1f} s after warm-up; load average "
           f"{os.getloadavg()[0]:.1f}")
-    print(json.dumps({"rss_gib_small": rss_small, "rss_gib_large": rss_large,
-                      "ratio": round(rss_large / rss_small, 3),
-                      "data_wait_fraction": round(sum(w for w, _ in waits) / sum(s for _, s in waits), 4)}))
+    harness.print_summary({"rss_gib_small": rss_small, "rss_gib_large": rss_large,
+                           "ratio": round(rss_large / rss_small, 3),
+                           "data_wait_fraction": round(sum(w for w, _ in waits) / sum(s for _, s in waits), 4),
+                           "rows": args.rows, "steps": args.steps})
 
 
 if __name__ == "__main__":

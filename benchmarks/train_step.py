@@ -6,9 +6,12 @@ parts), the same micro-batches (the project's BatchPlan and collate), AdamW with
 no DeepSpeed. Throughput counts real (unpadded) tokens over the steps after a warm-up. Ray runs its workers at
 niceness 15 (`RAY_worker_niceness`): on a shared, busy machine they get less CPU than a normal process, so the bare
 loop runs at the same niceness (after the project's run) to compare like with like. Both still see the machine's
-current load: run it on a quiet machine and report the load you saw. Last line: one JSON object.
+current load: run it on a quiet machine and report the load you saw. Last line:
+{"project_tokens_per_s", "bare_tokens_per_s", "ratio", "steps", "warmup"}.
 
-    python benchmarks/train_step.py [--steps 30] [--warmup 5]
+    PYTHONPATH=. python benchmarks/train_step.py [--steps 30] [--warmup 5] [--smoke]
+
+--smoke: 4 steps after 1 of warm-up (benchmarks/harness.py), ~1 minute.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import sys
 import tempfile
 import time
 
+import harness
 import numpy as np
 import torch
 
@@ -55,8 +59,9 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup, zero_stage) ->
 
 
 def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
+    from llava_core.data.image_layouts import pixel_inputs
     from llava_core.model.build import assemble
-    from llava_core.train.batching import BatchPlan, collate
+    from llava_core.train.batching import BatchPlan, collate_micro_batch
     from llava_core.train.freeze import apply_stage_training
     from llava_core.train.streaming import RowReader, TrainingRows
 
@@ -69,7 +74,7 @@ def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
     reader = RowReader(rows)
     lengths, images = rows.lengths, rows.num_images
     plan = BatchPlan(WORKERS, MICRO, ACCUM, seed=0)
-    size = processor.image_processor.crop_size["height"]
+    pixels = pixel_inputs(processor, "llava", model.config)
     tokens, started = 0, None
     for step in range(steps):
         if step == warmup:
@@ -77,9 +82,9 @@ def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
         for rank in range(WORKERS):  # one process does every rank's share: the same work as the 2 workers
             for micro in plan.micro_batches(lengths, images, 0, step, rank):
                 picked = np.concatenate(micro)
-                batch = {k: v for k, v in collate(reader.take(picked), np.arange(len(picked)),
-                                                  processor.tokenizer.pad_token_id, (3, size, size)).items()
-                         if v is not None}
+                collated = collate_micro_batch(reader.take(picked), micro, False, processor.tokenizer.pad_token_id,
+                                               pixels)
+                batch = {k: v for k, v in collated.items() if v is not None}
                 (model(**batch, use_cache=False).loss / (WORKERS * ACCUM)).backward()
                 tokens += int(lengths[picked].sum())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -95,7 +100,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--zero-stage", type=int, default=2, help="the quickstart's is 2")
-    args = parser.parse_args()
+    args = harness.parse_args(parser, smoke={"steps": 4, "warmup": 1})
     with tempfile.TemporaryDirectory() as root:
         vision, llm = build_models(root)
         rows = args.steps * MICRO * WORKERS * ACCUM
@@ -106,8 +111,8 @@ def main() -> None:
         os.nice(int(os.environ.get("RAY_worker_niceness", 15)) - os.nice(0))  # as niced as Ray's workers
         bare = bare_tokens_per_s(vision, llm, shard, args.steps, args.warmup)
         print(f"load average before: {load_before:.1f}, after: {os.getloadavg()[0]:.1f} (2 cores)")
-    print(json.dumps({"project_tokens_per_s": round(project, 1), "bare_tokens_per_s": round(bare, 1),
-                      "ratio": round(project / bare, 3)}))
+    harness.print_summary({"project_tokens_per_s": round(project, 1), "bare_tokens_per_s": round(bare, 1),
+                           "ratio": round(project / bare, 3), "steps": args.steps, "warmup": args.warmup})
 
 
 if __name__ == "__main__":
