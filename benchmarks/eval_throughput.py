@@ -32,9 +32,8 @@ def free_port() -> int:
 
 
 def tiny_export(root: str, questions: int) -> tuple[str, str]:
-    from llava_core.data import synthetic
-    from llava_core.model import standins
     from llava_core.model.build import assemble
+    from llava_core.quickstart import standins, synthetic
 
     paths = synthetic.generate(root, align_rows=32, instruct_rows=32, eval_questions=questions, text_only_rows=2,
                                seed=3)

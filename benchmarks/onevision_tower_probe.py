@@ -31,8 +31,7 @@ import harness
 import numpy as np
 import torch
 
-from llava_core.data import synthetic, synthetic_onevision as ov
-from llava_core.model import standins
+from llava_core.quickstart import standins, synthetic, synthetic_onevision as ov
 
 TILE, PATCH = 32, 8  # the quickstart's tower: 32 px views, 8 px patches (4 x 4 features a view)
 GRID = TILE // PATCH

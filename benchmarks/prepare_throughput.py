@@ -73,7 +73,7 @@ def build_dataset(cache_dir: str, rows: int, seed: int = 0) -> dict:
 
 def save_models(vision_path: str, llm_path: str, corpus: list[str]) -> None:
     """Stand-ins of CLIP ViT-L/14-336 (its geometry and legacy processor config) and Vicuna's tokenizer."""
-    from llava_core.model.standins import TinyModelConfig, save_clip, save_vicuna
+    from llava_core.quickstart.standins import TinyModelConfig, save_clip, save_vicuna
 
     geometry = TinyModelConfig(image_size=336, patch_size=14, vision_layers=1, vocab_size=2000)
     save_clip(vision_path, geometry)

@@ -35,9 +35,8 @@ MODEL = "tiny-llava"
 def build_tiny_llava(root: str) -> str:
     import torch
 
-    from llava_core.data import synthetic
-    from llava_core.model import standins
     from llava_core.model.build import assemble
+    from llava_core.quickstart import standins, synthetic
     from llava_core.train.save import save_hf_model
 
     paths = synthetic.generate(os.path.join(root, "data"), align_rows=64, instruct_rows=64, eval_questions=16,

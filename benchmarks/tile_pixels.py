@@ -19,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from llava_core.data.image_layouts import TilePixels
-from llava_core.model import families, standins
+from llava_core.model import families
+from llava_core.quickstart import standins
 
 BASES = {"llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct", 384),
          "llava_next": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5", 336)}

@@ -35,7 +35,7 @@ WORKERS, MICRO = 2, 4
 
 
 def build_models(root: str) -> dict:
-    from llava_core.model.standins import TinyModelConfig, save_tiny_models
+    from llava_core.quickstart.standins import TinyModelConfig, save_tiny_models
 
     corpus = [f"what colour is the shape {i} it is red blue green" for i in range(200)]
     paths = {"vision": os.path.join(root, "vision"), "llm": os.path.join(root, "llm")}

@@ -32,7 +32,7 @@ MICRO, WORKERS, ACCUM = 8, 2, 2
 
 
 def build_models(root: str) -> tuple[str, str]:
-    from llava_core.model.standins import TinyModelConfig, save_tiny_models
+    from llava_core.quickstart.standins import TinyModelConfig, save_tiny_models
 
     corpus = [f"what colour is the shape {i} it is red blue green" for i in range(200)]
     vision, llm = os.path.join(root, "vision"), os.path.join(root, "llm")

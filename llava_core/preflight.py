@@ -18,22 +18,18 @@ from llava_core.config import (
     readable_sections,
     workflow_from_dict,
 )
+from llava_core.model.base_models import looks_local
 
 # No node type of the clouds or of KubeRay's GPU operators has more: a worker is one process on one node.
 MAX_GPUS_PER_NODE = 8
 
 
-def looks_local(model: str) -> bool:
-    """Hub ids are `org/name`; anything else (absolute, relative with more parts, existing) is a path."""
-    return model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model)
-
-
 def created_on_first_run(w: Workflow) -> set[str]:
     """A quickstart's paths that need not exist yet: its synthetic dataset's files under `synthetic.root`, and the
-    stand-in base models, which `data/bootstrap.py` writes wherever `model.vision_tower` and `model.llm` point."""
+    stand-in base models, which `quickstart/bootstrap.py` writes wherever `model.vision_tower` and `model.llm` point."""
     if w.synthetic is None:
         return set()
-    from llava_core.data.synthetic import dataset_paths  # imported late: it brings PIL
+    from llava_core.quickstart.synthetic import dataset_paths  # imported late: it brings PIL
 
     paths = [*dataset_paths(w.synthetic.root).values(), w.model.vision_tower, w.model.llm]
     return {os.path.abspath(path) for path in paths}

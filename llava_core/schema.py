@@ -135,7 +135,7 @@ class ScalingSettings:
 
 @section
 class TinyModelSettings:
-    """The quickstart's stand-in towers and LLM (`llava_core/model/standins.py` builds them from these sizes)."""
+    """The quickstart's stand-in towers and LLM (`llava_core/quickstart/standins.py` builds them from these sizes)."""
     image_size: Int = setting(64, "the stand-in vision tower's input side in pixels", ge=1)
     patch_size: Int = setting(8, "its patch side: (image_size / patch_size)^2 image tokens per image", ge=1)
     vision_hidden: Int = setting(64, "the tower's hidden size", ge=1)

@@ -241,7 +241,7 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
     from llava_core.model.base_models import base_model_location
 
     if w.synthetic is not None:
-        from llava_core.data.bootstrap import ensure_synthetic
+        from llava_core.quickstart.bootstrap import ensure_synthetic
 
         ensure_synthetic(w)
     return (base_model_location(w.model.vision_tower, w.model.mirror, w.run_dir),

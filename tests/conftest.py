@@ -54,8 +54,7 @@ def ray_session():
 @pytest.fixture(scope="session")
 def tiny_dataset(tmp_path_factory):
     """A small synthetic dataset in the official LLaVA layout plus tiny base models saved in HF format."""
-    from llava_core.data import synthetic
-    from llava_core.model import standins
+    from llava_core.quickstart import standins, synthetic
 
     root = str(tmp_path_factory.mktemp("tiny_dataset"))
     paths = synthetic.generate(root, align_rows=64, instruct_rows=64, eval_questions=16, text_only_rows=4, seed=1)

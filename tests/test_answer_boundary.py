@@ -38,7 +38,7 @@ def tokenizer(request, tiny_dataset):
         tok = AutoTokenizer.from_pretrained(tiny_dataset["llm"])
         assert tok.convert_ids_to_tokens(tok(" 4", add_special_tokens=False)["input_ids"]) == ["▁", "4"]
     else:
-        from llava_core.model.standins import byte_level_bpe_tokenizer
+        from llava_core.quickstart.standins import byte_level_bpe_tokenizer
 
         tok = byte_level_bpe_tokenizer(CORPUS * 20, vocab_size=400)
     return with_image_and_chat_tokens(tok)

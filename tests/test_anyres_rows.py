@@ -14,7 +14,8 @@ from PIL import Image
 
 from llava_core.data.image_layouts import TilePixels, tile_side
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
-from llava_core.model import build, families, standins
+from llava_core.model import build, families
+from llava_core.quickstart import standins
 from llava_core.train.batching import collate, collate_packed
 from llava_core.train.engine import with_blank_image_row
 

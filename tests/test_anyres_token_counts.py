@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.model import build, standins
+from llava_core.model import build
+from llava_core.quickstart import standins
 
 pytestmark = pytest.mark.unit
 

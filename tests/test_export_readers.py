@@ -48,7 +48,7 @@ MAX_NEW_TOKENS = 16
 @pytest.fixture(scope="module")
 def held_out(tmp_path_factory):
     """100 held-out questions on the quickstart's synthetic scenes (96 x 72: padded or tiled, never square)."""
-    from llava_core.data import synthetic
+    from llava_core.quickstart import synthetic
 
     root = str(tmp_path_factory.mktemp("readers"))
     paths = synthetic.generate(root, align_rows=8, instruct_rows=64, eval_questions=QUESTIONS, text_only_rows=0,
@@ -65,7 +65,8 @@ def held_out(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exports(held_out):
     """family -> its export directory, written as the instruct stage writes its model."""
-    from llava_core.model import build, standins
+    from llava_core.model import build
+    from llava_core.quickstart import standins
     from llava_core.train.save import save_hf_model
 
     cfg = standins.TinyModelConfig(tower_pretraining_steps=0)

@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.model import build, families, standins
+from llava_core.model import build, families
+from llava_core.quickstart import standins
 
 pytestmark = pytest.mark.unit
 

@@ -5,7 +5,7 @@ workers run, through every stage including `serve` (with the transformers engine
 image's GPU environment; tests/test_serve_vllm.py runs that path with vLLM's CPU build), on a two-node Ray cluster
 whose nodes share no disk:
 
-- the base models are the faithful stand-ins of their hub repos (`llava_core.model.standins`), in a mirror bucket
+- the base models are the faithful stand-ins of their hub repos (`llava_core.quickstart.standins`), in a mirror bucket
   under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends;
 - the data is a small dataset in the official layout (one JSON array per stage, images in a folder) in S3, and the run
   directory is in S3 too, all on a real S3 protocol server (moto);
@@ -56,8 +56,7 @@ def upload(local: str, remote: str) -> None:
 @pytest.fixture(scope="module")
 def s3_world(tmp_path_factory):
     """The bucket with the stand-ins under their hub ids and the two stages' data; nothing of it left on disk."""
-    from llava_core.data import synthetic
-    from llava_core.model import standins
+    from llava_core.quickstart import standins, synthetic
 
     local = str(tmp_path_factory.mktemp("full_size_sources"))
     with s3_server("llava-test") as env, environment(env):

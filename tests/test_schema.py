@@ -145,7 +145,7 @@ def test_every_setting_has_a_description():
 
 def test_the_stand_in_models_take_the_workflows_sizes():
     """One definition: the stand-ins' config is the workflow section plus what a workflow does not set."""
-    from llava_core.model.standins import TinyModelConfig
+    from llava_core.quickstart.standins import TinyModelConfig
 
     assert issubclass(TinyModelConfig, TinyModelSettings)
     assert TinyModelConfig().tower_pretraining_steps == TinyModelSettings().tower_pretraining_steps

@@ -6,11 +6,11 @@ import os
 import pytest
 import torch
 
-from llava_core.model import standins
+from llava_core.quickstart import standins
 
 pytestmark = pytest.mark.unit
 
-# The real repos' files and config keys (sources cited in llava_core/model/standins.py).
+# The real repos' files and config keys (sources cited in llava_core/quickstart/standins.py).
 SIGLIP_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
                 "spiece.model", "tokenizer_config.json"}
 SIGLIP_CONFIG_KEYS = {"architectures", "initializer_factor", "model_type", "text_config", "torch_dtype",

@@ -6,9 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.data import synthetic
-from llava_core.data.bootstrap import labelled_scene_batches
-from llava_core.model import standins
+from llava_core.quickstart import standins, synthetic
+from llava_core.quickstart.bootstrap import labelled_scene_batches
 
 pytestmark = pytest.mark.unit
 

@@ -12,10 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from llava_core.data import formats, synthetic, synthetic_onevision as ov
-from llava_core.data.bootstrap import labelled_view_batches
-from llava_core.data.synthetic import COLOURS
-from llava_core.model import build, families, standins
+from llava_core.data import formats
+from llava_core.model import build, families
+from llava_core.quickstart import standins, synthetic, synthetic_onevision as ov
+from llava_core.quickstart.bootstrap import labelled_view_batches
+from llava_core.quickstart.synthetic import COLOURS
 
 pytestmark = pytest.mark.unit
 
@@ -206,7 +207,7 @@ def test_pretraining_teaches_the_siglip_tower_what_each_patch_shows():
 @pytest.mark.integration
 def test_ensure_synthetic_writes_onevision_stand_ins_that_assemble(tmp_path, capsys):
     from llava_core.config import ModelSettings, SyntheticSettings, TinyModelSettings, Workflow
-    from llava_core.data.bootstrap import ensure_synthetic
+    from llava_core.quickstart.bootstrap import ensure_synthetic
 
     model = ModelSettings(family="llava_onevision", vision_tower=str(tmp_path / "models/vision"),
                           llm=str(tmp_path / "models/llm"))

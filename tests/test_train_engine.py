@@ -268,7 +268,7 @@ def zero3_rank(rank: int, world: int, port: int, models: dict, out_dir: str):
 def wide_models(tiny_dataset, tmp_path_factory):
     """The tiny tower with a 336M-parameter Vicuna stand-in (1.34 GB in fp32, the CPU training dtype): big enough
     that a whole copy stands out against a worker's own memory."""
-    from llava_core.model import standins
+    from llava_core.quickstart import standins
 
     root = tmp_path_factory.mktemp("wide")
     corpus = [f"the shape {i} is red blue green" for i in range(100)]

@@ -23,7 +23,8 @@ from llava_core.data import video
 from llava_core.data.image_layouts import TilePixels, stored_pixels
 from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
-from llava_core.model import build, families, processors, standins
+from llava_core.model import build, families, processors
+from llava_core.quickstart import standins
 from llava_core.serve import protocol
 from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.engine import GenerationEngine, GenerationRequest

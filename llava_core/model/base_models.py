@@ -16,10 +16,13 @@ from llava_core import storage
 FETCHED_MARKER = "_fetched.json"
 
 
+def looks_local(model: str) -> bool:
+    """Hub ids are `org/name`; anything else (absolute, relative with more parts, existing) is a path."""
+    return model.startswith(("/", ".", "~")) or model.count("/") != 1 or os.path.exists(model)
+
+
 def is_hub_id(name: str) -> bool:
     """`org/name` that is neither a URI nor a path on this machine."""
-    from llava_core.preflight import looks_local
-
     return not storage.is_remote(name) and not looks_local(name)
 
 

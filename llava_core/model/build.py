@@ -5,7 +5,7 @@ test, and load a saved one back.
 `lmsys/vicuna-7b-v1.5`, and returns transformers' own model class of the family (`LlavaForConditionalGeneration`,
 `LlavaNext...`, `LlavaOnevision...`) with a fresh projector (Linear, GELU, Linear) and, for the AnyRes families, a
 fresh `image_newline`, plus the family's processor (`processors.base_processor`). The quickstart calls it on tiny
-models that `llava_core.model.standins` saves to disk first, so the code path is the one a real cluster runs.
+models that `llava_core.quickstart.standins` saves to disk first, so the code path is the one a real cluster runs.
 """
 from __future__ import annotations
 

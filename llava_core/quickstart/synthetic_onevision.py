@@ -28,8 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from llava_core.data import synthetic
-from llava_core.data.synthetic import COLOURS, Shape
+from llava_core.quickstart import synthetic
+from llava_core.quickstart.synthetic import COLOURS, Shape
 
 TILE = 32  # the tiny SigLIP tower's image size: one view
 # (width, height): squares twice as often, and both orientations of 2:3, so three tile grids get used.

@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 
 from llava_core.config import settings_hash
-from llava_core.data import synthetic, synthetic_onevision
 from llava_core.data.images import mean_colour, pad_to_square
-from llava_core.model import families, standins
+from llava_core.model import families
+from llava_core.quickstart import standins, synthetic, synthetic_onevision
 
 
 def ensure_synthetic(workflow) -> None:
