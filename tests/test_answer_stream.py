@@ -2,9 +2,9 @@
 a run: `<0x39>` alone is "9", but followed by `<0xB9>` both bytes become U+FFFD."""
 import pytest
 
-from llava_core.serve.answer_stream import AnswerStream
-from llava_core.serve.decoding import DecodingParams
-from llava_core.serve.engine import BYTE_FALLBACK_TOKEN
+from llava_core.inference.answer_stream import AnswerStream
+from llava_core.inference.decoding import DecodingParams
+from llava_core.inference.engine import BYTE_FALLBACK_TOKEN
 
 pytestmark = pytest.mark.unit
 

@@ -112,8 +112,8 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     """One question answered alone through the actors' path (the serving engine), outside Ray, and by plain
     transformers greedy decoding: batching changes nothing and the engine adds nothing to the model's answer."""
     from llava_core.data.images import decode_image
+    from llava_core.inference.engine import GenerationEngine
     from llava_core.model.build import load_llava
-    from llava_core.serve.engine import GenerationEngine
 
     _, out = in_process
     item = load_eval_set(eval_sets.sets["mc"])[1]

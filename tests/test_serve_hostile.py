@@ -15,8 +15,9 @@ from PIL import Image
 from llava_core.config import ServeSettings
 from llava_core.data.formats import RowError
 from llava_core.data.images import ImageLimits, decode_image
-from llava_core.serve import json_body, protocol, token_sampler
-from llava_core.serve.decoding import DecodingParams
+from llava_core.inference import token_sampler
+from llava_core.inference.decoding import DecodingParams
+from llava_core.serve import json_body, protocol
 from llava_core.serve.errors import ApiError
 from llava_core.serve.media import decode_media
 
@@ -219,13 +220,13 @@ def test_a_row_whose_draw_fails_is_recorded_and_the_others_are_drawn():
 
 @pytest.fixture(scope="module")
 def engine(tiny_llava_dir):
-    from llava_core.serve.engine import GenerationEngine
+    from llava_core.inference.engine import GenerationEngine
 
     return GenerationEngine(tiny_llava_dir, device="cpu")
 
 
 def requests_for(texts: list[str], temperature: float = 0.0):
-    from llava_core.serve.engine import GenerationRequest
+    from llava_core.inference.engine import GenerationRequest
 
     return [GenerationRequest([{"role": "user", "content": text}], [], DecodingParams(5, temperature=temperature))
             for text in texts]

@@ -12,9 +12,9 @@ import sys
 import pytest
 
 from llava_core.config import ServeSettings
+from llava_core.inference.answer_stream import StreamEvent
+from llava_core.inference.decoding import DecodingParams
 from llava_core.serve import json_body, protocol, responses
-from llava_core.serve.answer_stream import StreamEvent
-from llava_core.serve.decoding import DecodingParams
 from llava_core.serve.errors import ApiError
 from llava_core.serve.media import decode_media
 from llava_core.serve.sse import ChunkWriter
@@ -178,7 +178,7 @@ def test_the_event_stream(include_usage):
 def test_the_protocol_imports_no_torch_and_no_network_client():
     """The request models are pure data: importing them loads no model code and nothing that fetches."""
     absent = ["torch", "transformers", "requests", "httpx", "urllib3", "aiohttp", "http.client", "ssl", "PIL", "ray",
-              "fastapi", "llava_core.serve.image_fetch", "llava_core.serve.media", "llava_core.serve.engine"]
+              "fastapi", "llava_core.serve.image_fetch", "llava_core.serve.media", "llava_core.inference.engine"]
     code = f"import sys, llava_core.serve.protocol; print([m for m in {absent!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

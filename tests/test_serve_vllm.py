@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from llava_core.config import DatasetSettings, Workflow
-from llava_core.serve.decoding import DecodingParams
+from llava_core.inference.decoding import DecodingParams
 from tests.other_readers import VLLM_PYTHON
 from tests.ports import free_port
 from tests.serve_requests import image_part, png_bytes
@@ -56,14 +56,14 @@ def client(server):
 @pytest.fixture(scope="module")
 def engine(tiny_llava_dir):
     """Our engine on the same export (the endpoint's and the evaluation's generation path), loaded once."""
-    from llava_core.serve.engine import GenerationEngine
+    from llava_core.inference.engine import GenerationEngine
 
     return GenerationEngine(tiny_llava_dir)
 
 
 def our_completion(engine, question: str, images: list, max_tokens: int):
     """Our engine's greedy completion of the same question."""
-    from llava_core.serve.engine import GenerationRequest
+    from llava_core.inference.engine import GenerationRequest
 
     parts = [{"type": "image"}] * len(images) + [{"type": "text", "text": question}]
     decoding = DecodingParams(max_tokens=max_tokens, temperature=0)

@@ -23,11 +23,11 @@ from llava_core.data import video
 from llava_core.data.image_layouts import TilePixels, stored_pixels
 from llava_core.data.images import ImageLimits
 from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
+from llava_core.inference.decoding import DecodingParams
+from llava_core.inference.engine import GenerationEngine, GenerationRequest
 from llava_core.model import build, families, processors
 from llava_core.quickstart import standins
 from llava_core.serve import protocol
-from llava_core.serve.decoding import DecodingParams
-from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import ApiError
 from llava_core.serve.media import decode_media
 from llava_core.train.batching import collate, collate_packed

@@ -75,8 +75,8 @@ def query_picture(query: dict) -> Image.Image:
 
 def question_request(question: str, picture, max_new_tokens: int):
     """An eval question as the engine takes a chat request: one user turn with the image and the question, greedy."""
-    from llava_core.serve.decoding import DecodingParams
-    from llava_core.serve.engine import GenerationRequest
+    from llava_core.inference.decoding import DecodingParams
+    from llava_core.inference.engine import GenerationRequest
 
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     return GenerationRequest(messages, [picture], DecodingParams(max_tokens=max_new_tokens, temperature=0))
@@ -96,7 +96,7 @@ class ExportAnswerer:
     """A Ray Data actor holding one serving engine (one copy of the exported model)."""
 
     def __init__(self, export_dir: str, max_new_tokens: int, batch_size: int):
-        from llava_core.serve.engine import GenerationEngine
+        from llava_core.inference.engine import GenerationEngine
 
         # The engine loads through load_llava, which mirrors an s3:// export to the actor's own node (on a cluster
         # the driver's disk is not its disk); bf16 on a GPU, fp32 on CPU.

@@ -31,11 +31,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from llava_core import storage
 from llava_core.config import ServeSettings, serve_settings_from_dict
+from llava_core.inference.answer_stream import StreamEvent, completion_from_events
+from llava_core.inference.engine import GenerationEngine, GenerationRequest
 from llava_core.secrets import read_secret
 from llava_core.serve import json_body, protocol, responses
-from llava_core.serve.answer_stream import StreamEvent, completion_from_events
 from llava_core.serve.deploy_config import DEPLOYMENT_NAME, default_model_name, replica_options
-from llava_core.serve.engine import GenerationEngine, GenerationRequest
 from llava_core.serve.errors import ApiError, body_timeout, error_body, payload_too_large, unauthorized, unavailable
 from llava_core.serve.media import decode_media
 from llava_core.serve.sse import ChunkWriter, data_line

@@ -29,7 +29,7 @@ from pydantic import (
 
 from llava_core.config import ServeSettings
 from llava_core.data.formats import IMAGE_TAG, VIDEO_TAG
-from llava_core.serve.decoding import DecodingParams
+from llava_core.inference.decoding import DecodingParams
 from llava_core.serve.errors import ApiError, bad_request, model_not_found
 
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}

@@ -8,7 +8,7 @@ import json
 import time
 from typing import Optional
 
-from llava_core.serve.answer_stream import StreamEvent
+from llava_core.inference.answer_stream import StreamEvent
 from llava_core.serve.responses import ChatCompletionChunk, ChunkChoice, Delta, Usage, completion_id
 
 DONE = "data: [DONE]\n\n"

@@ -26,13 +26,13 @@ from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteria
 
 from llava_core.data import images as image_ops
 from llava_core.data.image_layouts import processor_images
+from llava_core.inference.answer_stream import AnswerStream, Completion, StreamEvent, completion_from_events
+from llava_core.inference.decoding import DecodingParams
+from llava_core.inference.token_sampler import PerRequestSampler
 from llava_core.model.build import load_llava
 from llava_core.model.families import family
 from llava_core.model.processors import frame_processor, image_token_counts, video_token_count
 from llava_core.model.tokens import IMAGE_TOKEN
-from llava_core.serve.answer_stream import AnswerStream, Completion, StreamEvent, completion_from_events
-from llava_core.serve.decoding import DecodingParams
-from llava_core.serve.token_sampler import PerRequestSampler
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 from transformers import LogitsProcessor
 
-from llava_core.serve.decoding import DecodingParams
+from llava_core.inference.decoding import DecodingParams
 
 
 class PerRequestSampler(LogitsProcessor):

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from llava_core.serve.decoding import DecodingParams
+from llava_core.inference.decoding import DecodingParams
 
 # What decoding shows for the first bytes of a character split over tokens; at the end of the text it may still
 # become a real character with the next token.
