@@ -88,13 +88,14 @@ def run_pipeline(paths: dict, cores: int, out_dir: str) -> tuple[float, dict]:
 
     from llava_core.config import SourceSettings
     from llava_core.data.pipeline import prepare_dataset
+    from llava_core.data.rows import RowSettings
 
     ray.init(num_cpus=cores, include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         start = time.perf_counter()
-        entry, _ = prepare_dataset("bench", [SourceSettings(paths["annotations"], paths["images"])], "vicuna_v1",
-                                   paths["vision"], paths["llm"], SETTINGS, out_dir, num_actors=cores,
-                                   rows_per_shard=1000)
+        settings = RowSettings(template="vicuna_v1", num_actors=cores, rows_per_shard=1000, **SETTINGS)
+        entry, _ = prepare_dataset("bench", [SourceSettings(paths["annotations"], paths["images"])], paths["vision"],
+                                   paths["llm"], settings, out_dir)
         return time.perf_counter() - start, entry
     finally:
         ray.shutdown()

@@ -16,6 +16,7 @@ from PIL import Image
 from llava_core.config import SourceSettings
 from llava_core.data import images, sources
 from llava_core.data.formats import RowError
+from llava_core.data.rows import RowSettings
 from llava_core.data.sources import ArrayReader, SourceError
 
 pytestmark = pytest.mark.unit
@@ -342,9 +343,9 @@ def test_the_prepare_stage_rejects_each_hostile_row_and_writes_the_rest(ray_sess
                 b"]" * 100_000, json.dumps(image_row("abs", str(image_tree / "red.png"))).encode(), good[3]]
     array = write(tmp_path, "rows.json", BOM + b"[\n" + b",\n".join(elements) + b"\n]\n")
     entry, _ = pipeline.prepare_dataset(
-        "mix", [SourceSettings(jsonl, str(image_tree)), SourceSettings(array, str(image_tree))], "vicuna_v1",
-        tiny_dataset["vision"], tiny_dataset["llm"], {"max_length": 512}, str(tmp_path / "out"), num_actors=1,
-        rows_per_shard=100)
+        "mix", [SourceSettings(jsonl, str(image_tree)), SourceSettings(array, str(image_tree))],
+        tiny_dataset["vision"], tiny_dataset["llm"],
+        RowSettings(template="vicuna_v1", max_length=512, num_actors=1, rows_per_shard=100), str(tmp_path / "out"))
     rejects = [json.loads(line) for line in open(tmp_path / "out" / "mix" / "rejects.jsonl")]
     got = [(os.path.basename(r["source"]), r["index"], r["reason"], r["detail"].split(": ", 1)[0]) for r in rejects]
 

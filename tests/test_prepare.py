@@ -13,10 +13,12 @@ from PIL import Image
 from llava_core.config import SourceSettings
 from llava_core.data import pipeline
 from llava_core.data.image_layouts import CropPixels
+from llava_core.data.rows import RowSettings
 
 pytestmark = pytest.mark.integration
 
 SETTINGS = {"max_length": 260, "too_long": "reject", "image_aspect_ratio": "pad", "max_image_pixels": 1_000_000}
+ROW_SETTINGS = RowSettings(template="vicuna_v1", num_actors=2, rows_per_shard=100, **SETTINGS)
 
 
 def _turns(question="<image>\nWhat colour is the shape?", answer="red"):
@@ -83,8 +85,8 @@ def dirty_dataset(tmp_path_factory):
 
 def _prepare(dataset, tiny_dataset, out_dir, path=None, image_folder=None):
     source = SourceSettings(path or dataset["path"], image_folder or dataset["image_folder"])
-    return pipeline.prepare_dataset("mix", [source], "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
-                                    SETTINGS, str(out_dir), num_actors=2, rows_per_shard=100)
+    return pipeline.prepare_dataset("mix", [source], tiny_dataset["vision"], tiny_dataset["llm"], ROW_SETTINGS,
+                                    str(out_dir))
 
 
 def _expected_rejects(dataset):
@@ -260,8 +262,8 @@ def test_mixture_of_jsonl_and_hub_parquet_with_sampling(ray_session, tiny_datase
     pq.write_table(hub, tmp_path / "hub.parquet")
     sources = [SourceSettings(str(jsonl), folder, "last:3"),
                SourceSettings(str(tmp_path / "hub.parquet"), "", "50%", seed=3)]
-    entry, _ = pipeline.prepare_dataset("mix", sources, "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
-                                        SETTINGS, str(tmp_path / "out"), num_actors=2, rows_per_shard=100)
+    entry, _ = pipeline.prepare_dataset("mix", sources, tiny_dataset["vision"], tiny_dataset["llm"], ROW_SETTINGS,
+                                        str(tmp_path / "out"))
     per_source = entry["sources"]
     assert per_source[str(jsonl)]["rows_in"] == 3 and per_source[str(jsonl)]["rows_rejected"] == 1
     assert per_source[str(jsonl)]["rejected_by_reason"] == {"malformed_row": 1}  # the "{not json" line
@@ -287,7 +289,7 @@ def test_shards_hold_the_rows_in_source_order_whatever_actor_finishes_first(ray_
     path = tmp_path / "instruct.json"
     path.write_text(json.dumps(copies))
     source = SourceSettings(str(path), tiny_dataset["image_folder"])
-    entry, _ = pipeline.prepare_dataset("ordered", [source], "vicuna_v1", tiny_dataset["vision"], tiny_dataset["llm"],
-                                        SETTINGS, str(tmp_path / "out"), num_actors=2, rows_per_shard=100)
+    entry, _ = pipeline.prepare_dataset("ordered", [source], tiny_dataset["vision"], tiny_dataset["llm"],
+                                        ROW_SETTINGS, str(tmp_path / "out"))
     written = pq.read_table(entry["shards"], columns=["index"]).column("index").to_pylist()
     assert len(written) == entry["rows_written"] > 300 and written == sorted(written)

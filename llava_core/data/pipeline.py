@@ -37,9 +37,10 @@ class TooManyRejects(RuntimeError):
     pass
 
 
-def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vision_path: str, llm_path: str,
-                    settings: dict, out_dir: str, num_actors: int, rows_per_shard: int) -> tuple[dict, np.ndarray]:
-    """Prepare one dataset (a mixture of sources); returns its manifest entry and the token length of every row."""
+def prepare_dataset(name: str, sources: list[SourceSettings], vision_path: str, llm_path: str, settings: RowSettings,
+                    out_dir: str) -> tuple[dict, np.ndarray]:
+    """Prepare one dataset (a mixture of sources) with its settings (the workflow's `prepare` section, the dataset's
+    template, the model's family): its manifest entry and the token length of every row."""
     dataset_dir = storage.join(out_dir, name)
     storage.delete_dir(dataset_dir)  # a re-run replaces, never appends to, an earlier attempt
     start = time.perf_counter()
@@ -52,7 +53,6 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
         blocks += source_blocks
         log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total,
                  len(selected[source.path]), source.sampling)
-    row_settings = RowSettings(template=template, **settings)
     rows_total = sum(len(s) for s in selected.values())
     if rows_total == 0:
         raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
@@ -61,10 +61,10 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
     prepared = ray.data.from_arrow_refs(blocks).map_batches(
         CountedRowPreparer,
         fn_constructor_kwargs={"counter": counter, "vision_path": vision_path, "llm_path": llm_path,
-                               "settings": row_settings},
+                               "settings": settings},
         batch_format="pyarrow",
         batch_size=32,
-        compute=ActorPoolStrategy(size=num_actors),
+        compute=ActorPoolStrategy(size=settings.num_actors),
         num_cpus=1,
         **_worker_env(),
     )
@@ -74,7 +74,7 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
     prepared.context.execution_options.preserve_order = True
     rows_dir = storage.join(dataset_dir, "rows")
     with reporting_rows(f"prepare {name}", rows_total, counter):
-        _write_streaming(prepared, rows_dir, rows_per_shard)
+        _write_streaming(prepared, rows_dir, settings.rows_per_shard)
     shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
     index_path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
     # On a worker, while the driver reads the summary below: the scan is ~one request per row group on S3.
@@ -93,7 +93,7 @@ def prepare_dataset(name: str, sources: list[SourceSettings], template: str, vis
     if indexed != len(written):
         raise RuntimeError(f"dataset {name!r}: the plan index {index_path} holds {indexed} rows, the shards "
                            f"{len(written)}")
-    entry = _manifest_entry(sources, template, selected, written, rejects, shards, index_path)
+    entry = _manifest_entry(sources, settings.template, selected, written, rejects, shards, index_path)
     return entry, np.asarray(written["length"], dtype=np.int64)
 
 
@@ -252,12 +252,12 @@ def length_stats(lengths: np.ndarray) -> dict:
 def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict:
     """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot."""
     p = workflow.prepare
-    settings = {**dataclasses.asdict(p), "family": workflow.model.family}  # every prepare setting reaches the rows
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
         sources = dataset_sources(dataset)
-        entry, lengths = prepare_dataset(name, sources, dataset.template, vision_path, llm_path, settings, out_dir,
-                                         p.num_actors, p.rows_per_shard)
+        # Every prepare setting reaches the rows, with the dataset's template and the model's family.
+        settings = RowSettings(**dataclasses.asdict(p), template=dataset.template, family=workflow.model.family)
+        entry, lengths = prepare_dataset(name, sources, vision_path, llm_path, settings, out_dir)
         manifest["datasets"][name] = entry
         all_lengths[name] = lengths
     storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
