@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from llava_core.data.image_layouts import TilePixels
-from llava_core.model import families
+from llava_core.model import families, processors
 from llava_core.quickstart import standins
 
 BASES = {"llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct", 384),
@@ -42,7 +42,7 @@ def measure(name: str, root: str, repeats: int) -> dict:
     standins.save_standin(tower, vision_path, CORPUS, cfg)
     standins.save_standin(llm, llm_path, CORPUS, cfg)
     fam = families.family(name)
-    processor = families.base_processor(fam, vision_path, llm_path, fam.template, fam.image_layout)
+    processor = processors.base_processor(fam, vision_path, llm_path, fam.template, fam.image_layout)
     pixels, data = TilePixels(processor, name), photo_jpeg()
     pixels([[data]])  # warm-up
     start = time.perf_counter()
