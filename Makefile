@@ -1,5 +1,5 @@
 # The two commands of the README's quickstart: `make run` and `make test`. Both install what is missing first.
-# `make test ARGS="-m 'not slow'"` is the quick loop (docs/development.md); `make lint` runs ruff.
+# `make test ARGS="-m 'not end_to_end'"` is the quick loop (docs/development.md); `make lint` runs ruff.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

@@ -1,8 +1,8 @@
 """What every benchmark shares: the `--smoke` flag and the summary line.
 
-`--smoke` runs a benchmark's own code path at tiny sizes in seconds (tests/test_benchmarks.py runs each one so); its
-figures check that the script works, they measure nothing. Options given on the command line still win over the
-smoke sizes.
+`--smoke` runs a benchmark's own code path at tiny sizes in seconds (tests/integration/test_benchmarks.py and
+tests/end_to_end/test_benchmarks.py run each one so); its figures check that the script works, they measure nothing.
+Options given on the command line still win over the smoke sizes.
 
 The summary is one JSON object on the last line of stdout, nothing after it. Native libraries write to the process's
 stdout behind Python's back, out of order with Python's buffered output (the tokenizers library prints `Ignored

@@ -17,25 +17,49 @@ for _name, _value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY"
     os.environ.setdefault(_name, _value)
 
 
-# The test tiers (pyproject's markers; docs/development.md defines them). A test is in exactly one: its closest
-# tier mark (its own, else its module's `pytestmark`); without one, integration if it starts Ray, else unit.
-TIERS = ("unit", "integration", "slow")
+# The test tiers (pyproject's markers; docs/development.md defines them). A test's tier is the folder its file is in,
+# tests/<tier>/, and this hook marks it so: a test file outside those folders is a collection error, and a tier mark
+# written in a test file is refused (the folder alone says it, so a test cannot be in two tiers).
+TIERS = ("unit", "integration", "end_to_end")
 STARTS_RAY = "ray_session"
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+# Fixtures that the tiers of one subject share (tests/unit/test_x.py and tests/integration/test_x.py) live beside that
+# subject's helpers in tests/<x>_helpers.py; loaded here, a test finds them by name as it finds this file's.
+pytest_plugins = ["tests.hostile_rows_helpers", "tests.prepare_helpers", "tests.serve_stage_helpers",
+                  "tests.storage_helpers", "tests.streaming_helpers", "tests.video_rows_helpers"]
 
 
-@pytest.hookimpl(tryfirst=True)  # before `-m` deselects, which reads every mark of a test and of its module
+def tier_of(path) -> str | None:
+    """The tier of a file under tests/ (`unit` for tests/unit/...); None outside the tier folders."""
+    parts = os.path.relpath(path, TESTS).split(os.sep)
+    return parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+
+
+class OutsideTheTiers(pytest.File):
+    def collect(self):
+        raise self.CollectError("a test file goes in the folder of its tier: tests/unit, tests/integration or "
+                                "tests/end_to_end")
+
+
+def pytest_pycollect_makemodule(module_path, parent):
+    """A test file outside the tier folders is collected as an error instead of a module."""
+    if tier_of(module_path) is None:
+        return OutsideTheTiers.from_parent(parent, path=module_path)
+    return None
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
-    tiers = {}
     for item in items:
-        closest = next((mark.name for mark in item.iter_markers() if mark.name in TIERS), None)
-        tiers[item] = closest or ("integration" if STARTS_RAY in item.fixturenames else "unit")
-        if tiers[item] == "unit" and STARTS_RAY in item.fixturenames:
-            raise pytest.UsageError(f"{item.nodeid} is marked unit but starts Ray ({STARTS_RAY}): mark it "
-                                    "integration or slow")
-    # Leave each test its one tier mark only, so that `-m integration` does not take a module's slow exceptions.
-    for node in {parent for item in items for parent in item.listchain()}:
-        node.own_markers[:] = [mark for mark in node.own_markers if mark.name not in TIERS]
-    for item, tier in tiers.items():
+        written = [mark.name for mark in item.iter_markers() if mark.name in TIERS]
+        if written:
+            raise pytest.UsageError(f"{item.nodeid} is marked {', '.join(written)}: the folder a test is in is its "
+                                    "tier, remove the mark")
+        tier = tier_of(item.path)
+        if tier == "unit" and STARTS_RAY in item.fixturenames:
+            raise pytest.UsageError(f"{item.nodeid} is in tests/unit but starts Ray ({STARTS_RAY}): move it to "
+                                    "tests/integration or tests/end_to_end")
         item.add_marker(tier)
 
 

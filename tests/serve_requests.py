@@ -1,6 +1,7 @@
 """The bad requests the endpoint must refuse, with the status and a fragment of the message that proves which check
-refused each, shared by the live test (tests/test_serve.py sends them to a deployed server) and the in-process one
-(tests/test_serve_protocol.py checks them without a server). Plain data and PIL only: no torch, no Ray."""
+refused each, shared by the live test (tests/integration/test_serve.py sends them to a deployed server) and the
+in-process one (tests/unit/test_serve_protocol.py checks them without a server). Plain data and PIL only: no torch, no
+Ray."""
 from __future__ import annotations
 
 import base64

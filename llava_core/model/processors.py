@@ -134,7 +134,7 @@ def square_tiles(fam: Family, tile: int) -> dict:
 
 def image_token_counts(processor, sizes: list[tuple[int, int]], fam: Family) -> list[int]:
     """The `<image>` tokens each image of one sample expands to, from its (height, width) alone: what the processor
-    puts in the prompt and the model fills with features (tests/test_anyres_token_counts.py holds them equal).
+    puts in the prompt and the model fills with features (tests/unit/test_anyres_token_counts.py holds them equal).
     OneVision gives each image of a several-image sample its base view and one newline only."""
     if fam.base_view_for_several_images and len(sizes) > 1:
         per_image = processor.num_image_tokens + 1 - int(processor.vision_feature_select_strategy == "default")

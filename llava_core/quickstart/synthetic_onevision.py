@@ -10,7 +10,7 @@ are answerable at the tower's base size too) plus one **small mark**: a 1 px opa
 ("highres" questions). Squashed to the base view (32 px) the dot is a faint tint of its colour, and the scene also
 holds 2-4 **decoys**: larger, translucent spots of random palette colours that look just as faint there. So the base
 view cannot tell which faint spot is the dot; in the tiles the dot is full-strength and the decoys stay faint.
-tests/test_synthetic_onevision.py measures both.
+tests/unit/test_synthetic_onevision.py measures both.
 
 Multi-image rows (`"image": [a, b]`, two `<image>` tags) ask which of two scenes shows a given shape; OneVision sees
 each image of a multi-image row at base size only, and the question needs no more. The eval split stays one image

@@ -49,7 +49,7 @@ def deploy_vllm(model_dir: str, settings: ServeSettings, model_name: str) -> Non
     """Deploy Ray's vLLM app as a Serve config, by import path, as `serve deploy` does with `--config-out`'s file:
     the driver imports nothing of vLLM (which may not be installed beside it), Serve's controller builds the app in
     its runtime environment (`serve.vllm.python`). Serve's config API is `ray.serve._private.api`'s client (what
-    `serve run CONFIG` uses): Ray is pinned below 2.61, and tests/test_serve_vllm.py runs this path."""
+    `serve run CONFIG` uses): Ray is pinned below 2.61, and tests/end_to_end/test_serve_vllm.py runs this path."""
     from ray.serve._private.api import serve_start
     from ray.serve.schema import ServeDeploySchema
 

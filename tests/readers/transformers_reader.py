@@ -1,5 +1,5 @@
-"""Run by another environment's Python (transformers 4.x: tests/test_export_readers.py) on exports. Imports nothing
-of llava-ray: the reader has only the export's files. Prints one JSON line.
+"""Run by another environment's Python (transformers 4.x: tests/end_to_end/test_export_readers.py) on exports. Imports
+nothing of llava-ray: the reader has only the export's files. Prints one JSON line.
 
     python transformers_reader.py weights EXPORT [EXPORT ...]
         per export: its family, the keys missing, unexpected or mismatched at load, and a fingerprint of every

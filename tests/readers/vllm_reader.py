@@ -1,5 +1,5 @@
-"""Run by the vLLM environment's Python (`.venv-vllm`: vLLM's CPU build; tests/test_export_vllm.py) on one export.
-Imports nothing of llava-ray: vLLM reads the export's own files (weights, config, processor, chat template).
+"""Run by the vLLM environment's Python (`.venv-vllm`: vLLM's CPU build; tests/end_to_end/test_export_readers.py) on one
+export. Imports nothing of llava-ray: vLLM reads the export's own files (weights, config, processor, chat template).
 Prints one JSON line.
 
     python vllm_reader.py EXPORT QUESTIONS_JSON MAX_TOKENS

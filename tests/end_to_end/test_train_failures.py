@@ -1,0 +1,122 @@
+"""A training stage survives failures: a worker killed (SIGKILL) after checkpoint k restarts the worker group from
+checkpoint k (step counter continued, not restarted); a run that fails outright resumes from its last checkpoint
+when run again (what a restarted driver does). Real Ray Train + DeepSpeed ZeRO-3 on 2 CPU workers, with LoRA and
+text-only micro-batches, on a tiny model and token rows written straight to a parquet shard (the prepare stage has
+its own tests). The failures come from outside the loop: a Ray Train callback kills a worker process
+(tests/worker_faults.py); what happened is read from the callback's log and the stage's own metrics.jsonl.
+"""
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+
+from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
+from llava_core.data.rows import ROW_GROUP_ROWS
+from llava_core.model.processors import load_tokenizer
+
+ROWS, GLOBAL_BATCH, STEPS = 96, 8, 12
+
+
+def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
+    """Token rows shaped like the prepare stage's: image tokens + text, a quarter of them text-only."""
+    rng = np.random.default_rng(seed)
+    image_id = load_tokenizer(tiny_dataset["llm"]).convert_tokens_to_ids("<image>")
+    vision = CLIPVisionConfig.from_pretrained(tiny_dataset["vision"])
+    n_image = (vision.image_size // vision.patch_size) ** 2
+    table = {"input_ids": [], "labels": [], "pixel_values": [], "num_images": [], "length": []}
+    for i in range(rows):
+        text = rng.integers(5, 60, size=int(rng.integers(6, 30))).tolist()
+        has_image = i % 4 != 0
+        ids = text[:2] + [image_id] * n_image + text[2:] if has_image else text
+        labels = [-100] * (len(ids) - 4) + ids[-4:]
+        crop = rng.integers(0, 256, (3, vision.image_size, vision.image_size), dtype=np.uint8).tobytes()
+        pixels = {"uint8": crop if has_image else b"", "scale": [2 / 255] * 3, "offset": [-1.0] * 3}  # shard layout
+        for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
+                           ("num_images", int(has_image)), ("length", len(ids))):
+            table[key].append(value)
+    pq.write_table(pa.table(table), path, row_group_size=ROW_GROUP_ROWS)  # several groups, as prepare writes
+    return path
+
+
+def text_only_micro_batches(shard, accum, world=2, micro=2):
+    """How many micro-batches of the stage's (deterministic) plan hold no image at all."""
+    from llava_core.train.batching import BatchPlan
+
+    table = pq.read_table(shard, columns=["length", "num_images"])
+    lengths, images = table.column("length").to_numpy(), table.column("num_images").to_numpy()
+    plan = BatchPlan(world, micro, accum, seed=0).epoch_plan(lengths, images, 0)
+    return sum(int(images[np.concatenate(m)].sum()) == 0 for m in plan)
+
+
+def test_worker_killed_resumes_from_checkpoint_then_rerun_resumes_after_a_failed_run(
+        ray_session, tiny_dataset, tmp_path):
+    from ray.train import WorkerGroupError
+
+    from llava_core.train.loop import LoopConfig
+    from llava_core.train.trainer import fit, stage_run_config, stage_trainer
+    from tests.worker_faults import KillWorkerAfterCheckpoint, read_log
+
+    def run_with(callback):  # the stage as the workflow runs it, plus a Ray Train callback that kills a worker
+        run_config = dataclasses.replace(stage_run_config(config, "instruct"), callbacks=[callback])
+        return fit(stage_trainer(config, run_config))
+
+    shard = write_shard(tiny_dataset, str(tmp_path / "rows.parquet"))
+    assert text_only_micro_batches(shard, GLOBAL_BATCH // 4) > 0  # ZeRO-3 hangs on these unless handled
+    stage = TrainStageSettings(
+        dataset="instruct", trainable=["projector", "llm"], lora=LoraSettings(r=4, alpha=8, dropout=0.0),
+        global_batch_size=GLOBAL_BATCH, micro_batch_size=2, lr=1e-3, projector_lr=1e-4, zero_stage=3,
+        packing=False, checkpoint_every=4, keep_checkpoints=2, max_failures=1, log_every=4)
+    scaling = ScalingSettings(num_workers=2, cpus_per_worker=1)
+    stage_dir, log = str(tmp_path / "instruct"), str(tmp_path / "faults.jsonl")
+    config = LoopConfig("instruct", stage, scaling, (shard,), stage_dir, tiny_dataset["vision"], tiny_dataset["llm"])
+
+    # A worker dies after checkpoint 4 (the group restarts from it), and again after checkpoint 8: the restart
+    # budget (max_failures 1) is spent, so the run fails like a dead driver would.
+    with pytest.raises(WorkerGroupError) as failed:
+        run_with(KillWorkerAfterCheckpoint(log, kill_at=(4, 8)))
+    reports = [e for e in read_log(log) if e["event"] == "report"]
+    kills = [e for e in reports if e["killed"]]
+    assert [(e["step"], bool(e["killed"])) for e in reports] == [(4, True), (8, True)]  # no checkpoint 4 again
+    assert str(kills[1]["killed"]) in str(failed.value)  # the run failed because that worker died
+    # Running the same stage again (same storage and name) resumes from the last checkpoint, step 8.
+    run_with(KillWorkerAfterCheckpoint(log))
+    assert [e["step"] for e in read_log(log) if e["event"] == "report"] == [4, 8, 12]
+
+    history = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in history] == list(range(1, STEPS + 1))  # the planned steps, each once
+    # Each step was trained by the attempt that was live then: steps 1-4 before the first kill, kept from checkpoint
+    # 4 (not trained again); 5-8 by the restarted group; 9-12 by the rerun, which started at checkpoint 8.
+    first_kill, second_kill = kills[0]["time"], kills[1]["time"]
+    assert all(r["time"] < first_kill for r in history[:4])
+    assert all(first_kill < r["time"] < second_kill for r in history[4:8])
+    assert all(second_kill < r["time"] for r in history[8:])
+    assert all(r["grad_norm"] is not None and r["tokens_per_s"] > 0 for r in history)
+    trainable = json.load(open(os.path.join(stage_dir, "trainable.json")))
+    assert set(trainable["trained"]) == {"lora", "projector"} and trainable["trained"]["projector"]["lr"] == 1e-4
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(stage_dir, "tensorboard")))
+    assert_merged_output_matches_adapter(stage_dir, tiny_dataset, seed=stage.seed)
+
+
+def assert_merged_output_matches_adapter(stage_dir, tiny_dataset, seed):
+    """ZeRO-3 stage output: full weights gathered, LoRA merged; base + adapter gives the same logits."""
+    from peft import PeftModel
+
+    from llava_core.model.build import assemble
+
+    merged = LlavaForConditionalGeneration.from_pretrained(os.path.join(stage_dir, "model")).eval()
+    torch.manual_seed(seed)  # the loop's fresh projector, rebuilt: the adapter's base model
+    base, _ = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
+    adapter = os.path.join(stage_dir, "adapter")
+    with_adapter = PeftModel.from_pretrained(base, adapter).eval()  # the projector too: peft's modules_to_save
+    ids = torch.randint(5, 60, (1, 20))
+    with torch.no_grad():
+        expected = with_adapter(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+        with_adapter.disable_adapter_layers()
+        assert not torch.allclose(with_adapter(input_ids=ids).logits, expected, atol=1e-4)  # LoRA changed it
