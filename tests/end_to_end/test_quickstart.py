@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from llava_core.config import load_workflow
 from llava_core.workflow import run_workflow
+from tests.docs_helpers import SERVED_NAME, at, serve_line, the_block
 from tests.other_readers import (
     HF4_PYTHON,
     TRANSFORMERS_READER,
@@ -188,6 +189,32 @@ def test_the_endpoint_answers_the_held_out_questions_exactly_as_in_process_evalu
     assert len(in_process) == 200
     assert predictions(tmp_path / "through-endpoint") == in_process
     assert metrics["accuracy"] == json.load(open(run_file(workflow, "evaluate", "metrics.json")))["accuracy"]
+
+
+def test_the_readme_serve_command_serves_the_run_to_the_readme_curl_example(first_run, workdir, monkeypatch, capsys):
+    """The README's `llava-ray serve runs/quickstart --set model_name=llava-quickstart` as written (on a free port,
+    on this session's Ray, without blocking until Ctrl-C) serves this run's export, and the README's curl example,
+    run in the quickstart's directory, gets the trained model's answer about the quickstart's own image."""
+    from llava_core import cli
+    from llava_core.serve.client import shutdown
+
+    monkeypatch.setattr(cli, "init_ray", lambda: None)
+    monkeypatch.setattr("llava_core.serve.client.serve_until_interrupted", lambda: None)
+    port = free_port()
+    try:
+        assert cli.main([*serve_line(), "--port", str(port)]) == 0
+        assert f"serving '{SERVED_NAME}' at http://127.0.0.1:{port}/v1/chat/completions" in capsys.readouterr().out
+        script = at(the_block("bash", "curl "), f"http://127.0.0.1:{port}")
+        done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=workdir, capture_output=True,
+                              text=True, timeout=120)
+    finally:
+        shutdown()
+    assert done.returncode == 0, done.stderr
+    reply = json.loads(done.stdout)
+    assert reply["model"] == SERVED_NAME and reply["choices"][0]["message"]["content"].strip()
+    assert 1 <= reply["usage"]["completion_tokens"] <= 16  # the example's max_tokens
+    tiny = first_run[0].synthetic.tiny_model
+    assert reply["usage"]["prompt_tokens"] > (tiny.image_size // tiny.patch_size) ** 2  # the image's tokens and more
 
 
 def test_vllm_and_transformers_4_answer_the_held_out_questions_as_the_evaluation_did(first_run, tmp_path):

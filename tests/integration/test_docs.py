@@ -13,21 +13,10 @@ import sys
 import pytest
 import yaml
 
-from tests.docs_helpers import ROOT, fenced_blocks, readme, validate_lines
+from tests.docs_helpers import EXAMPLE_IMAGE, ROOT, SERVED_NAME, at, fenced_blocks, readme, the_block, validate_lines
 from tests.ports import free_port
 
 SEVEN_B = os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml")
-# What the README's endpoint examples ask for: the quickstart's served name (workflows/quickstart.yaml's
-# serve.model_name), its address and an image of the quickstart's data.
-SERVED_NAME = "llava-quickstart"
-WRITTEN_URL = "http://127.0.0.1:8000"
-EXAMPLE_IMAGE = os.path.join("data", "quickstart", "images", "eval_000000.png")
-
-
-def the_block(language: str, containing: str) -> str:
-    found = [body for lang, body in fenced_blocks(readme()) if lang == language and containing in body]
-    assert len(found) == 1, f"the README has {len(found)} {language} blocks with {containing!r}"
-    return found[0]
 
 
 def cli_env() -> dict:
@@ -89,11 +78,6 @@ def example_dir(tiny_dataset, tmp_path_factory):
     os.makedirs(root / os.path.dirname(EXAMPLE_IMAGE))
     shutil.copy(os.path.join(tiny_dataset["root"], "images", "eval_000000.png"), root / EXAMPLE_IMAGE)
     return str(root)
-
-
-def at(example: str, url: str) -> str:
-    assert WRITTEN_URL in example
-    return example.replace(WRITTEN_URL, url)
 
 
 def test_the_readme_curl_example_answers(endpoint, example_dir):
