@@ -29,7 +29,7 @@ import time
 
 import harness
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 WORKERS, MICRO = 2, 4
 
@@ -44,7 +44,7 @@ def build_models(root: str) -> dict:
 
 
 def write_shards(models: dict, root: str, rows: int, shard_rows: int) -> list[str]:
-    from test_train_failures import write_shard
+    from tests.training_rows import write_shard
 
     return [write_shard(models, os.path.join(root, f"rows-{k:03d}.parquet"), rows=shard_rows, seed=k)
             for k in range(rows // shard_rows)]

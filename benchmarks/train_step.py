@@ -26,7 +26,7 @@ import harness
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 MICRO, WORKERS, ACCUM = 8, 2, 2
 
@@ -94,7 +94,7 @@ def bare_tokens_per_s(vision, llm, shard, steps, warmup) -> float:
 
 
 def main() -> None:
-    from test_train_failures import write_shard  # the failure test's token rows: image tokens + text
+    from tests.training_rows import write_shard  # the failure test's token rows: image tokens + text
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=30)

@@ -10,38 +10,15 @@ import json
 import os
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from transformers import CLIPVisionConfig, LlavaForConditionalGeneration
+from transformers import LlavaForConditionalGeneration
 
 from llava_core.config import LoraSettings, ScalingSettings, TrainStageSettings
-from llava_core.data.rows import ROW_GROUP_ROWS
-from llava_core.model.processors import load_tokenizer
+from tests.training_rows import write_shard
 
-ROWS, GLOBAL_BATCH, STEPS = 96, 8, 12
-
-
-def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
-    """Token rows shaped like the prepare stage's: image tokens + text, a quarter of them text-only."""
-    rng = np.random.default_rng(seed)
-    image_id = load_tokenizer(tiny_dataset["llm"]).convert_tokens_to_ids("<image>")
-    vision = CLIPVisionConfig.from_pretrained(tiny_dataset["vision"])
-    n_image = (vision.image_size // vision.patch_size) ** 2
-    table = {"input_ids": [], "labels": [], "pixel_values": [], "num_images": [], "length": []}
-    for i in range(rows):
-        text = rng.integers(5, 60, size=int(rng.integers(6, 30))).tolist()
-        has_image = i % 4 != 0
-        ids = text[:2] + [image_id] * n_image + text[2:] if has_image else text
-        labels = [-100] * (len(ids) - 4) + ids[-4:]
-        crop = rng.integers(0, 256, (3, vision.image_size, vision.image_size), dtype=np.uint8).tobytes()
-        pixels = {"uint8": crop if has_image else b"", "scale": [2 / 255] * 3, "offset": [-1.0] * 3}  # shard layout
-        for key, value in (("input_ids", ids), ("labels", labels), ("pixel_values", pixels),
-                           ("num_images", int(has_image)), ("length", len(ids))):
-            table[key].append(value)
-    pq.write_table(pa.table(table), path, row_group_size=ROW_GROUP_ROWS)  # several groups, as prepare writes
-    return path
+GLOBAL_BATCH, STEPS = 8, 12  # over training_rows.ROWS rows
 
 
 def text_only_micro_batches(shard, accum, world=2, micro=2):

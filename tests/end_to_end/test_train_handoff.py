@@ -6,7 +6,7 @@ import torch
 
 from llava_core.config import ScalingSettings, TrainStageSettings
 from llava_core.data.plan_index import write_plan_index
-from tests.end_to_end.test_train_failures import write_shard
+from tests.training_rows import write_shard
 
 
 def test_a_projector_only_stage_under_zero3_writes_mm_projector_bin(ray_session, tiny_dataset, tmp_path):
