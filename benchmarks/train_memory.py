@@ -55,6 +55,7 @@ def train(models: dict, shards: list[str], stage_dir: str, steps: int) -> list[d
     import ray
 
     from llava_core.config import ScalingSettings, TrainStageSettings
+    from llava_core.train.loop import LoopConfig
     from llava_core.train.trainer import run_training_stage
 
     ray.init(num_cpus=WORKERS, configure_logging=False, log_to_driver=False)
@@ -62,8 +63,8 @@ def train(models: dict, shards: list[str], stage_dir: str, steps: int) -> list[d
         stage = TrainStageSettings(dataset="bench", trainable=["projector", "llm"], max_steps=steps,
                                    global_batch_size=MICRO * WORKERS, micro_batch_size=MICRO, lr=1e-4,
                                    zero_stage=2, log_every=10)
-        run_training_stage("bench", stage, ScalingSettings(num_workers=WORKERS), shards, stage_dir,
-                           models["vision"], models["llm"], None, save_model=False)
+        run_training_stage(LoopConfig("bench", stage, ScalingSettings(num_workers=WORKERS), tuple(shards), stage_dir,
+                                      models["vision"], models["llm"], save_model=False), "bench")
     finally:
         ray.shutdown()
     return [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))]

@@ -45,6 +45,7 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup, zero_stage) ->
     import ray
 
     from llava_core.config import ScalingSettings, TrainStageSettings
+    from llava_core.train.loop import LoopConfig
     from llava_core.train.trainer import run_training_stage
 
     ray.init(num_cpus=WORKERS, configure_logging=False, log_to_driver=False)
@@ -52,7 +53,8 @@ def project_tokens_per_s(vision, llm, shard, root, steps, warmup, zero_stage) ->
                                global_batch_size=MICRO * WORKERS * ACCUM, micro_batch_size=MICRO, lr=1e-4,
                                zero_stage=zero_stage, log_every=10)
     stage_dir = os.path.join(root, "stage")
-    run_training_stage("bench", stage, ScalingSettings(num_workers=WORKERS), [shard], stage_dir, vision, llm, None)
+    config = LoopConfig("bench", stage, ScalingSettings(num_workers=WORKERS), (shard,), stage_dir, vision, llm)
+    run_training_stage(config, "bench")
     ray.shutdown()
     history = [json.loads(line) for line in open(os.path.join(stage_dir, "metrics.jsonl"))][warmup:steps]
     return sum(r["tokens_per_s"] for r in history) / len(history)
