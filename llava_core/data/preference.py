@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from llava_core.data import formats
+import numpy as np
+
+from llava_core.data import formats, templates
 from llava_core.data.formats import ASSISTANT, IMAGE_TAG, VIDEO_TAG, RowError, Turn
 
 PROMPT_FIELDS = ("prompt", "question")  # LLaVA-NeXT and TRL; openbmb/RLAIF-V-Dataset's raw rows
@@ -45,6 +47,54 @@ class PreferencePair:
     def conversation(self, answer: str) -> list[Turn]:
         """The prompt followed by `answer` (the chosen or the rejected one), as fresh turns to render."""
         return [Turn(t.role, t.text) for t in self.prompt] + [Turn(ASSISTANT, answer)]
+
+
+@dataclass
+class PairTokens:
+    """Both answers tokenized after the same prompt: labels only on the final answer (and its end-of-turn token)."""
+    prompt_length: int  # the shared prompt's tokens, media placeholders included: the same ids in both sequences
+    chosen_ids: np.ndarray
+    chosen_labels: np.ndarray
+    rejected_ids: np.ndarray
+    rejected_labels: np.ndarray
+
+
+def tokenize_pair(pair: PreferencePair, template: str, tokenizer, media_token_id: int, media_counts: list[int],
+                  max_length: int, medium: str = "image") -> PairTokens:
+    """The pair as the preference stage trains on it: each answer rendered after the prompt by the template the other
+    stages use and masked by its answer-boundary rule (`templates.tokenize_with_labels`: the answer's tokens start
+    where the inference prompt's end), then only the final answer kept supervised (earlier assistant turns of a
+    multi-turn prompt are context), the media placeholders expanded to `media_counts` and `max_length` enforced
+    (a pair is never truncated: a cut answer is not the answer that was judged). Raises `RowError`:
+    `identical_answers` when both answers tokenize alike, `answer_boundary` when the two prompts' tokens differ (a
+    template or tokenizer that merges the answer's first token into the prompt), `too_long`, and the template's own
+    reasons."""
+    chosen = _answer_tokens(pair, pair.chosen, template, tokenizer)
+    rejected = _answer_tokens(pair, pair.rejected, template, tokenizer)
+    (chosen_ids, chosen_labels, start), (rejected_ids, rejected_labels, rejected_start) = chosen, rejected
+    if start != rejected_start or not np.array_equal(chosen_ids[:start], rejected_ids[:start]):
+        raise RowError("answer_boundary", "the prompt's tokens differ between the two answers, so the answers do not "
+                                          "start where generation starts")
+    if np.array_equal(chosen_ids, rejected_ids):
+        raise RowError("identical_answers", "the chosen and rejected answers tokenize alike")
+    placeholders = int(np.sum(media_counts)) - len(media_counts)  # each tag becomes its count of placeholders
+    expanded = [templates.expand_image_tokens(ids, labels, media_token_id, media_counts, medium)
+                for ids, labels in ((chosen_ids, chosen_labels), (rejected_ids, rejected_labels))]
+    for ids, _ in expanded:
+        if len(ids) > max_length:
+            raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length} (the longer answer's sequence)")
+    (chosen_ids, chosen_labels), (rejected_ids, rejected_labels) = expanded
+    return PairTokens(start + placeholders, chosen_ids, chosen_labels, rejected_ids, rejected_labels)
+
+
+def _answer_tokens(pair: PreferencePair, answer: str, template: str, tokenizer) -> tuple[np.ndarray, np.ndarray, int]:
+    """(ids, labels on the final answer only, where the final answer's tokens start)."""
+    rendered = templates.render(template, pair.conversation(answer), tokenizer)
+    ids, labels = templates.tokenize_with_labels(rendered, tokenizer)
+    start = len(tokenizer(rendered.text[:rendered.supervised[-1][0]],
+                          add_special_tokens=rendered.add_special_tokens)["input_ids"])
+    labels[:start] = templates.IGNORE_INDEX  # earlier answers of a multi-turn prompt are context here
+    return ids, labels, start
 
 
 def read_preference_row(row: dict) -> PreferencePair:
