@@ -30,20 +30,25 @@ def supervised_positions(labels: torch.Tensor) -> torch.Tensor:
     return keep
 
 
-def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """The fp32 cross-entropy of `logits` rows (any dtype) against `targets`, summed, one chunk of rows at a time."""
+def token_log_probs(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """Each row's log-prob of its target token, in fp32 (or finer), from `logits` rows (any dtype), one chunk of rows
+    at a time, each chunk recomputed in backward: one chunk's fp32 logits, softmax and gradient alive at most."""
+    if logits.shape[0] == 0:  # nothing supervised: empty, with a graph, since backward must still run on every rank
+        return logits.float().sum(-1)
     rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
-    if logits.shape[0] == 0:  # nothing supervised: 0, with a graph, since backward must still run on every rank
-        return logits.float().sum()
-    total = 0.0
-    for start in range(0, logits.shape[0], rows):
-        total = total + checkpoint(_summed_chunk, logits[start:start + rows], targets[start:start + rows],
-                                   use_reentrant=False)
-    return total
+    return torch.cat([checkpoint(_chunk_log_probs, logits[start:start + rows], targets[start:start + rows],
+                                 use_reentrant=False)
+                      for start in range(0, logits.shape[0], rows)])
 
 
-def _summed_chunk(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+def _chunk_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16's softmax is too coarse
+    return -F.cross_entropy(logits, targets, reduction="none")
+
+
+def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
+    """The fp32 cross-entropy of `logits` rows (any dtype) against `targets`, summed (`token_log_probs`' chunks)."""
+    return -token_log_probs(logits, targets, chunk_bytes).sum()
 
 
 def next_token_loss(model, batch: dict, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:

@@ -48,9 +48,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from llava_core.train.loss import CHUNK_BYTES, supervised_positions
+from llava_core.train.loss import CHUNK_BYTES, supervised_positions, token_log_probs
 
 LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 
@@ -72,22 +71,6 @@ class PreferenceLoss(NamedTuple):
     metrics: dict[str, torch.Tensor]  # detached batch means, TRL's names
 
 
-def label_logps(logits: torch.Tensor, targets: torch.Tensor, chunk_bytes: int = CHUNK_BYTES) -> torch.Tensor:
-    """Each row's log-prob of its target token, in fp32 (or finer): logit[target] - logsumexp(logits), one chunk of
-    rows at a time, each recomputed in backward (as loss.summed_cross_entropy does): one chunk's fp32 logits at most."""
-    rows = max(1, chunk_bytes // (4 * logits.shape[-1]))
-    if logits.shape[0] == 0:  # nothing supervised: empty, with a graph, since backward must still run on every rank
-        return logits.float().sum(-1)
-    return torch.cat([checkpoint(_chunk_logps, logits[start:start + rows], targets[start:start + rows],
-                                 use_reentrant=False)
-                      for start in range(0, logits.shape[0], rows)])
-
-
-def _chunk_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16's logsumexp is too coarse
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-
-
 def supervised_sequence_logps(kept_logits: torch.Tensor, labels: torch.Tensor,
                               chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
     """Per batch row: the summed log-prob of its supervised tokens and their count, from `kept_logits`, the logits at
@@ -97,7 +80,7 @@ def supervised_sequence_logps(kept_logits: torch.Tensor, labels: torch.Tensor,
     targets = labels[:, 1:][keep[:, :-1]]  # the position t predicts the label at t + 1
     if kept_logits.shape[0] != targets.shape[0]:
         raise ValueError(f"{kept_logits.shape[0]} logit rows for {targets.shape[0]} supervised positions")
-    token_logps = label_logps(kept_logits, targets, chunk_bytes)
+    token_logps = token_log_probs(kept_logits, targets, chunk_bytes)
     row_of_token = keep.nonzero()[:, 0]
     sums = token_logps.new_zeros(labels.shape[0]).index_add(0, row_of_token, token_logps)
     return sums, keep.sum(dim=1)

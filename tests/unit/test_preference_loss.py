@@ -9,10 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from llava_core.train.loss import supervised_positions
+from llava_core.train.loss import supervised_positions, token_log_probs
 from llava_core.train.preference import (
     PairLogps,
-    label_logps,
     pair_losses,
     preference_loss,
     sequence_logps,
@@ -182,7 +181,7 @@ def test_sequence_logps_from_kept_logits_only():
 
 def test_nothing_supervised_still_has_a_graph():
     logits = torch.randn(0, 5, requires_grad=True)
-    out = label_logps(logits, torch.zeros(0, dtype=torch.long))
+    out = token_log_probs(logits, torch.zeros(0, dtype=torch.long))
     assert out.shape == (0,) and out.requires_grad
 
 
