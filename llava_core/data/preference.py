@@ -91,8 +91,10 @@ def _answer_tokens(pair: PreferencePair, answer: str, template: str, tokenizer) 
     """(ids, labels on the final answer only, where the final answer's tokens start)."""
     rendered = templates.render(template, pair.conversation(answer), tokenizer)
     ids, labels = templates.tokenize_with_labels(rendered, tokenizer)
-    start = len(tokenizer(rendered.text[:rendered.supervised[-1][0]],
-                          add_special_tokens=rendered.add_special_tokens)["input_ids"])
+    supervised = np.flatnonzero(labels != templates.IGNORE_INDEX)
+    # The final answer is the last unbroken run of supervised tokens: a user turn separates two answers.
+    breaks = np.flatnonzero(np.diff(supervised) > 1)
+    start = int(supervised[breaks[-1] + 1] if len(breaks) else supervised[0])
     labels[:start] = templates.IGNORE_INDEX  # earlier answers of a multi-turn prompt are context here
     return ids, labels, start
 
