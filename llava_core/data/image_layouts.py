@@ -44,17 +44,17 @@ class PreparedImages:
 
 
 class CropImages:
-    """Prepare side of the crop format (LLaVA-1.5): the export's own image processor (`llava_image_processor`, which
-    pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
+    """Prepare side of the crop format (LLaVA-1.5): the export's own processor (`processors.base_processor`, whose
+    image processor pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
 
-    def __init__(self, vision_path: str, llm_path: str, layout: str, limits: images.ImageLimits):
-        from llava_core.model.families import features_per_view, vision_config
-        from llava_core.model.processors import llava_image_processor, load_tokenizer
+    def __init__(self, vision_path: str, llm_path: str, layout: str, template: str, limits: images.ImageLimits):
+        from llava_core.model.families import family, features_per_view, vision_config
+        from llava_core.model.processors import base_processor
         from llava_core.model.tokens import IMAGE_TOKEN
 
-        self.tokenizer = load_tokenizer(llm_path)
+        processor = base_processor(family("llava"), vision_path, llm_path, template, layout)
+        self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.image_processor = llava_image_processor(vision_path, layout)
         self.tokens_per_image = features_per_view(vision_config(vision_path))
         self.limits = limits
         self.scale, self.offset = images.normalisation(self.image_processor)
@@ -105,7 +105,7 @@ def shard_images(vision_path: str, llm_path: str, family_name: str, layout: str,
                  limits: images.ImageLimits):
     """The prepare side of `family_name`'s shard format."""
     if family_name == "llava":
-        return CropImages(vision_path, llm_path, layout, limits)
+        return CropImages(vision_path, llm_path, layout, template, limits)
     return TiledImages(vision_path, llm_path, family_name, layout, template, limits)
 
 

@@ -46,7 +46,7 @@ def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = to
     load in `dtype`, straight onto `device` when given; under an active ZeRO-3 config (training) every part loads
     partitioned across the ranks instead."""
     fam = family(name)
-    layout = layout or fam.image_layout
+    template, layout = template or fam.template, layout or fam.image_layout
     vision_path, llm_path = storage.local_copy(vision_path), storage.local_copy(llm_path)
     processor = base_processor(fam, vision_path, llm_path, template, layout)
     tokenizer = processor.tokenizer

@@ -70,15 +70,13 @@ def llava_image_processor(vision_path: str, layout: str = "pad") -> LlavaImagePr
                                do_pad=layout == "pad")
 
 
-def base_processor(fam: Family, vision_path: str, llm_path: str, template: str | None = None,
-                   layout: str | None = None):
-    """The processor a model of `fam` with `layout` is trained and served with, from the base models' files alone
-    (no weights): what prepare counts image tokens with and what `build.assemble` puts beside a fresh model.
-    `template` and `layout` (`prepare.image_aspect_ratio`) default to the family's own."""
+def base_processor(fam: Family, vision_path: str, llm_path: str, template: str, layout: str):
+    """The processor a model of `fam` with `layout` (`prepare.image_aspect_ratio`) is trained and served with, from
+    the base models' files alone (no weights): what prepare tokenizes, crops or tiles and counts image tokens with,
+    and what `build.assemble` puts beside a fresh model (and so what the export saves)."""
     tokenizer = load_tokenizer(llm_path, fam.media_tokens)
-    chat_template = processor_chat_template(fam, template or fam.template, tokenizer)
-    return build_processor(fam, vision_path, tokenizer, tower_config_of(fam, vision_path), chat_template,
-                           layout or fam.image_layout)
+    chat_template = processor_chat_template(fam, template, tokenizer)
+    return build_processor(fam, vision_path, tokenizer, tower_config_of(fam, vision_path), chat_template, layout)
 
 
 def processor_chat_template(fam: Family, template: str, tokenizer) -> str:
