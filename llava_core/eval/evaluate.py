@@ -114,7 +114,7 @@ def examples_for_report(items: list[EvalItem], rows: list[dict], count: int) -> 
     first = [i for i, item in enumerate(items) if item.rotation == 0]
     wrong = [i for i in first if items[i].question_id in wrong_ids]
     right = [i for i in first if items[i].question_id not in wrong_ids]
-    shown = [{**rows[i], "correct": i in right,
+    shown = [{**rows[i], "correct": items[i].question_id not in wrong_ids,
               "thumbnail": thumbnail_b64(image_bytes(Query("", "", items[i].image_path, items[i].image_b64)))}
              for i in (wrong + right)[:count]]
     return {"examples": shown, "wrong": len(wrong), "right": len(right)}
