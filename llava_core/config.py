@@ -40,6 +40,7 @@ from llava_core.schema import (  # noqa: F401  (re-exported: callers import the 
     LoraSettings,
     ModelSettings,
     PrepareSettings,
+    PreferenceSettings,
     ScalingSettings,
     ServeSettings,
     SourceSettings,
@@ -253,9 +254,7 @@ def stage_problems(w: Workflow) -> list[str]:
     problems = []
     for name in w.training_stages():
         stage: TrainStageSettings = getattr(w, name)
-        if stage.dataset not in w.datasets:
-            problems.append(f"{name}.dataset: {stage.dataset!r} is not a key of datasets "
-                            f"({', '.join(w.datasets) or 'none defined'})")
+        problems += dataset_problems(w, f"{name}.dataset", stage.dataset, wanted_kind(name))
         per_step = w.scaling.num_workers * stage.micro_batch_size
         if stage.global_batch_size % per_step:
             problems.append(
@@ -267,7 +266,23 @@ def stage_problems(w: Workflow) -> list[str]:
         if stage.init_projector and name == "align":
             problems.append(f"{name}.init_projector: align trains the projector from scratch; an official projector "
                             f"is where the stage after it (knowledge or instruct) starts")
+    if w.preference is not None and w.preference.eval_dataset:
+        problems += dataset_problems(w, "preference.eval_dataset", w.preference.eval_dataset, "preference")
     return problems
+
+
+def wanted_kind(stage_name: str) -> str:
+    return "preference" if stage_name == "preference" else "conversations"
+
+
+def dataset_problems(w: Workflow, key: str, dataset: str, kind: str) -> list[str]:
+    """The dataset a stage names exists and holds the rows that stage trains on."""
+    if dataset not in w.datasets:
+        return [f"{key}: {dataset!r} is not a key of datasets ({', '.join(w.datasets) or 'none defined'})"]
+    if w.datasets[dataset].kind != kind:
+        return [f"{key}: dataset {dataset!r} is of kind {w.datasets[dataset].kind}; this stage trains on "
+                f"{kind} rows (datasets.{dataset}.kind)"]
+    return []
 
 
 def model_problems(w: Workflow) -> list[str]:

@@ -18,7 +18,10 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import PydanticCustomError
 
 TRAINABLE_PARTS = ("projector", "llm", "vision")
-TRAINING_STAGES = ("align", "knowledge", "instruct")  # stage 1, OneVision's optional stage 1.5, stage 2
+# stage 1, OneVision's optional stage 1.5, stage 2, and the optional preference tuning after it
+TRAINING_STAGES = ("align", "knowledge", "instruct", "preference")
+DATASET_KINDS = ("conversations", "preference")
+PREFERENCE_LOSSES = ("sigmoid", "ipo", "sigmoid_norm")  # train/preference.py defines each
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every LLaMA Linear
 SAMPLING = ("random", "length_grouped", "modality_grouped")
 ATTN_IMPLEMENTATIONS = ("sdpa", "flash_attention_2", "eager")
@@ -207,6 +210,10 @@ class DatasetSettings:
     seed: Int = setting(0, "seed of random sampling of `path`")
     sources: list[SourceSettings] = setting(list, "instead of `path`: a mixture, a list of `{path, image_folder, "
                                                   "sampling, seed}`")
+    kind: OneOf(DATASET_KINDS) = setting(
+        "conversations", "`conversations` (LLaVA rows) or `preference`: rows of a prompt with a `chosen` and a "
+                         "`rejected` answer (LLaVA-NeXT's DPO rows or TRL's hub layout, see Data), for the "
+                         "preference stage")
 
     @model_validator(mode="after")
     def _path_or_sources(self):
@@ -373,6 +380,40 @@ ALIGN_DEFAULTS = {"dataset": "align", "lr": 1e-3}  # stage 1: the projector alon
 INSTRUCT_DEFAULTS = {"dataset": "instruct", "trainable": ["projector", "llm"]}  # stage 2: projector + LLM
 AlignStage = Annotated[TrainStageSettings, BeforeValidator(functools.partial(_with_defaults, ALIGN_DEFAULTS))]
 InstructStage = Annotated[TrainStageSettings, BeforeValidator(functools.partial(_with_defaults, INSTRUCT_DEFAULTS))]
+
+
+@section
+class PreferenceSettings(TrainStageSettings):
+    """Preference tuning (DPO and its named variants, `train/preference.py`) after instruct, as LLaVA-NeXT's
+    `train_dpo.py`: on pairs of a chosen and a rejected answer, against the starting model's log-probabilities,
+    computed in one pass before training (the reference: no second model is held)."""
+    loss_type: OneOf(PREFERENCE_LOSSES) = setting(
+        "sigmoid", "`sigmoid` (DPO), `ipo`, or `sigmoid_norm` (DPO on per-token log-ratios), as TRL names them")
+    beta: Float = setting(0.1, "how far the policy may move from the reference: DPO's inverse temperature", gt=0)
+    label_smoothing: Float = setting(0.0, "`sigmoid` only: the assumed share of flipped labels (conservative DPO)",
+                                     ge=0, lt=0.5)
+    dpo_alpha: Float = setting(1.0, "the preference term's weight (LLaVA-NeXT's `--dpo_alpha`)", ge=0)
+    gamma: Float = setting(0.0, "the weight of an SFT term on the chosen answers, their mean token NLL (LLaVA-NeXT's "
+                                "`--gamma`; its DPO scripts pass 0)", ge=0)
+    init_from: Str = setting("", "the model to tune and the reference: an HF LLaVA directory (an export, local or "
+                                 "`s3://`) or hub id; \"\": this run's instruct model")
+    eval_dataset: Str = setting("", "a `preference` dataset of held-out pairs: after the last step, the implicit "
+                                    "reward's accuracy on them, and with their images blanked (`preference_eval` in "
+                                    "the stage's metrics)")
+
+    @model_validator(mode="after")
+    def _pairs_whole(self):
+        refuse(("packing", "a pair's two answers share one prompt and one row each; the preference stage does not "
+                           "pack") if self.packing else None,
+               ("init_projector", "the preference stage starts from a whole model; use init_from")
+               if self.init_projector else None)
+        return self
+
+
+# LLaVA-NeXT's scripts/train/dpo_ov7b.sh: lr 5e-7, warmup 0.1, one epoch, the projector and LLM trained
+PREFERENCE_DEFAULTS = {"dataset": "preference", "trainable": ["projector", "llm"], "lr": 5e-7, "warmup_ratio": 0.1}
+PreferenceStage = Annotated[PreferenceSettings,
+                            BeforeValidator(functools.partial(_with_defaults, PREFERENCE_DEFAULTS))]
 
 
 # --- evaluation ---------------------------------------------------------------------------------------------------
@@ -628,6 +669,11 @@ class Workflow:
         lambda: TrainStageSettings(**copy.deepcopy(INSTRUCT_DEFAULTS)),
         "LLaVA stage 2: projector + LLM (full or LoRA), from the aligned (or an official) projector (defaults: "
         "dataset `instruct`, trainable [projector, llm]); a section overrides only the keys it sets")
+    preference: Optional[PreferenceStage] = setting(
+        None, "preference tuning after instruct (DPO, as LLaVA-NeXT's `train_dpo.py`; see Training): from the "
+              "instruct model (or `init_from`), on a `preference` dataset (defaults: dataset `preference`, trainable "
+              "[projector, llm], lr 5e-7, warmup_ratio 0.1); the export is then its model, and evaluate scores the "
+              "instruct model beside it")
     evaluate: EvaluateSettings = setting(EvaluateSettings, "the eval sets and how they are answered")
     serve: ServeSettings = setting(ServeSettings, "the endpoint; see Serving reference")
     ablations: dict[str, dict[str, Any]] = setting(

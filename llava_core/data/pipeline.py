@@ -256,7 +256,8 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict
     for name, dataset in workflow.datasets.items():
         sources = dataset_sources(dataset)
         # Every prepare setting reaches the rows, with the dataset's template and the model's family.
-        settings = RowSettings(**dataclasses.asdict(p), template=dataset.template, family=workflow.model.family)
+        settings = RowSettings(**dataclasses.asdict(p), template=dataset.template, family=workflow.model.family,
+                               kind=dataset.kind)
         entry, lengths = prepare_dataset(name, sources, vision_path, llm_path, settings, out_dir)
         manifest["datasets"][name] = entry
         all_lengths[name] = lengths

@@ -13,7 +13,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from llava_core.data import formats, images, templates, video
+from llava_core.data import formats, images, preference, templates, video
 from llava_core.data.formats import RowError
 from llava_core.data.image_layouts import NO_VIDEO, shard_images, shard_videos
 from llava_core.schema import FAMILY_LAYOUTS, PrepareSettings, section
@@ -26,6 +26,7 @@ class RowSettings(PrepareSettings):
     template: str
     family: str = "llava"  # the model family: which processor, image layout and shard format
     image_folder: str = ""  # the default for rows whose staged `image_folder` is empty
+    kind: str = "conversations"  # the dataset's: `preference` rows become pairs (`data/preference.py`)
 
     @property
     def layout(self) -> str:
@@ -54,7 +55,11 @@ OUTPUT_SCHEMA = pa.schema([
     ("image_tokens", pa.list_(pa.int32())),  # the exact <image> tokens each image expands to, in `input_ids`
     ("video", PIXELS_TYPE),  # OneVision video rows: the sampled frames (frames, 3, tile, tile) uint8; else empty
     ("video_tokens", pa.int32()),  # the <video> tokens the video expands to, in `input_ids`; 0 without one
+    # preference pairs: `input_ids` / `labels` hold the chosen answer after the prompt, these the rejected one after
+    # the same prompt (and media); empty for conversation rows
+    ("rejected_input_ids", pa.list_(pa.int32())), ("rejected_labels", pa.list_(pa.int32())),
     # the images, or 1 for a video row: the plan groups rows with pixels by it (modality_grouped, text_only_rows)
+    # `length`: the row's tokens; a pair's two sequences together (what it costs a step)
     ("num_images", pa.int32()), ("length", pa.int32()),
     ("num_supervised", pa.int32()), ("modality", pa.string()),
     ("status", pa.string()),  # written | rejected: the pipeline partitions its one streaming write by it
@@ -109,35 +114,77 @@ class RowPreparer:
             if not isinstance(error, RowError):
                 error = RowError("unexpected_error", f"{type(error).__name__}: {error}")
             return {"id": row_id, "reason": error.reason, "detail": error.detail[:500], "input_ids": [],
-                    "labels": [], **self.images.columns(), **NO_VIDEO, "image_tokens": [], "num_images": 0,
+                    "labels": [], **NO_PAIR, **self.images.columns(), **NO_VIDEO, "image_tokens": [], "num_images": 0,
                     "length": 0, "num_supervised": 0, "modality": ""}
 
     def _example(self, row: dict, image_folder: str, inline: list) -> dict:
+        if self.settings.kind == "preference":
+            return self._pair(row, image_folder, inline)
         s = self.settings
         names, clip = formats.image_list(row), formats.video_of(row)
-        if clip is not None and self.videos is None:
-            raise RowError("video_unsupported", f"model family {s.family} takes no videos (llava_onevision does)")
+        self._check_video(clip)
         turns = formats.normalise_conversation(row, len(names), video=clip is not None)
         rendered = templates.render(s.template, turns, self.tokenizer)
         ids, labels = templates.tokenize_with_labels(rendered, self.tokenizer)
-        encoded = [inline[i] if i < len(inline) and inline[i] is not None
-                   else images.read_image_bytes(image_folder, name, s.allow_paths_outside_image_folder)
-                   for i, name in enumerate(names)]
-        prepared = self.images.prepare(encoded)  # decodes every image: a bad one is this row's reject
+        prepared = self._images(names, image_folder, inline)
         ids, labels = templates.expand_image_tokens(ids, labels, self.image_token_id, prepared.token_counts)
         if self.videos is not None:  # also where a `<video>` typed into a row without one is found
-            # decodes and samples the video, after the cheap checks: a bad one is this row's reject
-            clip = self.videos.prepare(image_folder, clip, s.allow_paths_outside_image_folder) if clip else None
+            clip = self._video(clip, image_folder)
             ids, labels = templates.expand_image_tokens(ids, labels, self.videos.video_token_id,
                                                         [clip.token_count] if clip else [], "video")
         ids, labels = templates.fit_to_length(ids, labels, s.max_length, self.media_token_ids, s.too_long)
         num_supervised = int((labels != templates.IGNORE_INDEX).sum())
         if num_supervised == 0:
             raise RowError("nothing_supervised", "no assistant tokens to learn")
-        return {"input_ids": ids.astype(np.int32).tolist(), "labels": labels.astype(np.int32).tolist(),
-                **prepared.columns, **(clip.columns if clip else NO_VIDEO), "image_tokens": prepared.token_counts,
-                "num_images": len(names) or int(clip is not None), "length": len(ids),
-                "num_supervised": num_supervised, "modality": "video" if clip else "image" if names else "text"}
+        return {"input_ids": ids.astype(np.int32).tolist(), "labels": labels.astype(np.int32).tolist(), **NO_PAIR,
+                **_media_columns(prepared, clip), "num_images": len(names) or int(clip is not None),
+                "length": len(ids), "num_supervised": num_supervised,
+                "modality": "video" if clip else "image" if names else "text"}
+
+    def _pair(self, row: dict, image_folder: str, inline: list) -> dict:
+        """A preference row: both answers after the same prompt and media (`preference.tokenize_pair`); never
+        truncated, whatever `too_long` says (a cut answer is not the answer that was judged)."""
+        s = self.settings
+        pair = preference.read_preference_row(row)
+        self._check_video(pair.video)
+        prepared = self._images(pair.images, image_folder, inline)
+        clip = self._video(pair.video, image_folder) if pair.video is not None else None
+        media = ((self.videos.video_token_id, [clip.token_count], "video") if clip
+                 else (self.image_token_id, prepared.token_counts, "image"))
+        tokens = preference.tokenize_pair(pair, s.template, self.tokenizer, media[0], media[1], s.max_length,
+                                          media[2])
+        supervised = sum(int((labels != templates.IGNORE_INDEX).sum())
+                         for labels in (tokens.chosen_labels, tokens.rejected_labels))
+        return {"input_ids": tokens.chosen_ids.astype(np.int32).tolist(),
+                "labels": tokens.chosen_labels.astype(np.int32).tolist(),
+                "rejected_input_ids": tokens.rejected_ids.astype(np.int32).tolist(),
+                "rejected_labels": tokens.rejected_labels.astype(np.int32).tolist(),
+                **_media_columns(prepared, clip), "num_images": len(pair.images) or int(clip is not None),
+                "length": len(tokens.chosen_ids) + len(tokens.rejected_ids), "num_supervised": supervised,
+                "modality": "video" if clip else "image" if pair.images else "text"}
+
+    def _check_video(self, clip) -> None:
+        if clip is not None and self.videos is None:
+            raise RowError("video_unsupported",
+                           f"model family {self.settings.family} takes no videos (llava_onevision does)")
+
+    def _images(self, names: list[str], image_folder: str, inline: list):
+        """The row's images read (inline bytes first) and decoded: a bad one is this row's reject."""
+        encoded = [inline[i] if i < len(inline) and inline[i] is not None
+                   else images.read_image_bytes(image_folder, name, self.settings.allow_paths_outside_image_folder)
+                   for i, name in enumerate(names)]
+        return self.images.prepare(encoded)
+
+    def _video(self, clip, image_folder: str):
+        """The row's video decoded and sampled, after the cheap checks: a bad one is this row's reject."""
+        return self.videos.prepare(image_folder, clip, self.settings.allow_paths_outside_image_folder) if clip else None
+
+
+NO_PAIR = {"rejected_input_ids": [], "rejected_labels": []}
+
+
+def _media_columns(prepared, clip) -> dict:
+    return {**prepared.columns, **(clip.columns if clip else NO_VIDEO), "image_tokens": prepared.token_counts}
 
 
 def _parse_row(raw) -> dict:

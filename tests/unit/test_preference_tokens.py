@@ -24,10 +24,10 @@ def tokenizer(tiny_dataset):
     return load_tokenizer(tiny_dataset["llm"])
 
 
-def tokens(tokenizer, row=ROW, max_length=512):
+def tokens(tokenizer, row=ROW, max_length=512, placeholders=PLACEHOLDERS):
     pair = read_preference_row(row)
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    return tokenize_pair(pair, "vicuna_v1", tokenizer, image_id, [PLACEHOLDERS], max_length), image_id
+    return tokenize_pair(pair, "vicuna_v1", tokenizer, image_id, [placeholders], max_length), image_id
 
 
 def supervised(tokenizer, ids, labels) -> str:
@@ -70,3 +70,32 @@ def test_a_pair_whose_longer_sequence_passes_max_length_is_too_long_never_cut(to
     with pytest.raises(RowError) as caught:
         tokens(tokenizer, max_length=longest - 1)
     assert caught.value.reason == "too_long"
+
+
+def test_prepare_writes_a_pair_as_one_row_with_both_sequences_and_counts_its_rejects(tiny_dataset):
+    """A `preference` dataset's row through RowPreparer: the chosen sequence in `input_ids`/`labels`, the rejected
+    one in `rejected_*`, the image once, `length` both sequences; a pair with identical answers and one with a
+    missing image are rejects with their reasons, as any row's problems are."""
+    import json
+
+    from llava_core.data.rows import RowPreparer
+
+    preparer = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"],
+                           {"template": "vicuna_v1", "max_length": 512, "kind": "preference"})
+    image = json.load(open(tiny_dataset["instruct"]))[0]["image"]
+    row = {**ROW, "image": image}
+    out = preparer.prepare(json.dumps(row), tiny_dataset["image_folder"])
+    assert out["reason"] == "", out["detail"]
+    views = preparer.images.prepare([open(f"{tiny_dataset['image_folder']}/{image}", "rb").read()]).token_counts
+    expected, image_id = tokens(preparer.tokenizer, row, placeholders=views[0])
+    assert out["input_ids"] == expected.chosen_ids.tolist() and out["labels"] == expected.chosen_labels.tolist()
+    assert out["rejected_input_ids"] == expected.rejected_ids.tolist()
+    assert out["rejected_labels"] == expected.rejected_labels.tolist()
+    assert out["input_ids"].count(image_id) == views[0] == out["image_tokens"][0] > 0
+    assert out["length"] == len(expected.chosen_ids) + len(expected.rejected_ids)
+    assert out["num_images"] == 1 and out["pixel_values"]["uint8"]  # one image, stored once for both answers
+
+    same = preparer.prepare(json.dumps({**row, "rejected": row["chosen"]}), tiny_dataset["image_folder"])
+    missing = preparer.prepare(json.dumps({**row, "image": "nowhere.png"}), tiny_dataset["image_folder"])
+    assert same["reason"] == "identical_answers" and missing["reason"] == "image_missing"
+    assert same["rejected_input_ids"] == [] and same["length"] == 0
