@@ -39,8 +39,8 @@ from llava_core.schema import (  # noqa: F401  (re-exported: callers import the 
     EvaluateSettings,
     LoraSettings,
     ModelSettings,
-    PrepareSettings,
     PreferenceSettings,
+    PrepareSettings,
     ScalingSettings,
     ServeSettings,
     SourceSettings,
@@ -399,8 +399,11 @@ def with_local_paths(w: Workflow) -> Workflow:
     models = [attr for attr in ("vision_tower", "llm")
               if w.synthetic is not None or os.path.exists(getattr(w.model, attr))]
     synthetic = w.synthetic and absolute(w.synthetic, "root")
+    preference = w.preference  # the model it starts from: a path where one exists, else a hub id
+    if preference is not None and preference.init_from and os.path.exists(preference.init_from):
+        preference = absolute(preference, "init_from")
     return dataclasses.replace(w, datasets=datasets, evaluate=evaluate, model=absolute(w.model, *models),
-                               synthetic=synthetic)
+                               synthetic=synthetic, preference=preference)
 
 
 def settings_hash(*parts: Any) -> str:

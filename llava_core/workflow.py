@@ -1,4 +1,5 @@
-"""The stage runner: prepare -> align -> [knowledge] -> instruct -> export -> evaluate -> serve, in one Ray job.
+"""The stage runner: prepare -> align -> [knowledge] -> instruct -> [preference] -> export -> evaluate -> serve, in one
+Ray job.
 
 Each stage reads the previous stage's output from the run directory and ends by writing `_stage.json` with the hash of
 the settings (and upstream hashes) that produced it. A stage whose marker matches is skipped, so running a workflow
@@ -21,7 +22,8 @@ from llava_core.train.metrics import read_history
 
 log = logging.getLogger(__name__)
 
-STAGES = ("prepare", "align", "knowledge", "instruct", "export", "evaluate", "serve")  # knowledge: when configured
+STAGES = ("prepare", "align", "knowledge", "instruct", "preference", "export", "evaluate", "serve")
+OPTIONAL_STAGES = ("knowledge", "preference")  # run when the workflow configures them
 
 
 @dataclass
@@ -50,8 +52,15 @@ def stage_prepare(ctx: RunContext) -> dict:
 
 
 def saves_full_model(stage_name: str, stage) -> bool:
-    """Instruct's output is the export; an earlier stage hands on the projector alone unless it trained more."""
-    return stage_name == "instruct" or set(stage.trainable) != {"projector"} or bool(stage.lora)
+    """Instruct's (or preference's) output is the export; an earlier stage hands on the projector alone unless it
+    trained more."""
+    return (stage_name in ("instruct", "preference") or set(stage.trainable) != {"projector"}
+            or bool(stage.lora))
+
+
+def final_model_stage(w: Workflow) -> str:
+    """The training stage whose model is exported: preference tuning when configured, else instruct."""
+    return "preference" if w.preference is not None else "instruct"
 
 
 def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None) -> dict:
@@ -62,13 +71,15 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
         stage = dataclasses.replace(stage, init_projector=storage.absolute(stage.init_projector))
     manifest = storage.read_json(storage.join(ctx.stage_dir("prepare"), "manifest.json"))
     prepared = manifest["datasets"][stage.dataset]
+    held_out = manifest["datasets"][stage.eval_dataset] if getattr(stage, "eval_dataset", "") else {}
     # The run name carries the settings hash: a crashed run resumes from its checkpoint, changed settings do not.
     config = LoopConfig(
         stage_name=stage_name, stage=stage, scaling=ctx.workflow.scaling, shards=tuple(prepared["shards"]),
         plan_index=prepared.get("plan_index"),  # absent from runs prepared before the index
         output_dir=ctx.stage_dir(stage_name), init_from=init_from, vision_path=ctx.vision_path,
         llm_path=ctx.llm_path, family=ctx.workflow.model.family, image_layout=ctx.workflow.prepare.image_aspect_ratio,
-        template=ctx.workflow.datasets[stage.dataset].template, save_model=saves_full_model(stage_name, stage))
+        template=ctx.workflow.datasets[stage.dataset].template, save_model=saves_full_model(stage_name, stage),
+        eval_shards=tuple(held_out.get("shards", ())), eval_plan_index=held_out.get("plan_index"))
     run_training_stage(config, run_name=f"{stage_name}-{ctx.hashes[stage_name]}")
     history = read_history(storage.read_text(storage.join(ctx.stage_dir(stage_name), "metrics.jsonl")))
     metrics = {"steps": len(history), "first_loss": history[0]["loss"], "final_loss": history[-1]["loss"]}
@@ -76,11 +87,14 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
         values = [r[key] for r in history if r.get(key) is not None]
         if values:
             metrics[key] = round(sum(values) / len(values), 4)
+    heldout = storage.join(ctx.stage_dir(stage_name), "preference_eval.json")
+    if held_out and storage.exists(heldout):
+        metrics["preference_eval"] = storage.read_json(heldout)
     return metrics
 
 
-def plot_training(ctx: RunContext) -> str:
-    """Every training stage's loss curve in one PNG beside the instruct output."""
+def plot_training(ctx: RunContext, stage_name: str) -> str:
+    """Every training stage's loss curve so far in one PNG beside `stage_name`'s output."""
     from llava_core import plots
 
     histories = {}
@@ -88,7 +102,7 @@ def plot_training(ctx: RunContext) -> str:
         path = storage.join(ctx.stage_dir(stage), "metrics.jsonl")
         if storage.exists(path):
             histories[stage] = read_history(storage.read_text(path))
-    target = storage.join(ctx.stage_dir("instruct"), "loss_curves.png")
+    target = storage.join(ctx.stage_dir(stage_name), "loss_curves.png")
     storage.write_bytes(target, plots.png(plots.loss_figure(histories)))
     return target
 
@@ -118,21 +132,34 @@ def stage_knowledge(ctx: RunContext) -> dict:
 
 def stage_instruct(ctx: RunContext) -> dict:
     metrics = _train(ctx, "instruct", *starting_point(ctx, "instruct"))
-    metrics["loss_curves"] = plot_training(ctx)
+    metrics["loss_curves"] = plot_training(ctx, "instruct")
+    return metrics
+
+
+def stage_preference(ctx: RunContext) -> dict:
+    """Preference tuning from the instruct model (or the model `init_from` names), which is also its reference."""
+    stage = ctx.workflow.preference
+    metrics = _train(ctx, "preference", stage, stage.init_from or storage.join(ctx.stage_dir("instruct"), "model"))
+    metrics["loss_curves"] = plot_training(ctx, "preference")
     return metrics
 
 
 def stage_export(ctx: RunContext) -> dict:
     from llava_core.model.export import export_hf
 
-    return export_hf(ctx.stage_dir("instruct"), ctx.stage_dir("export"))
+    return export_hf(ctx.stage_dir(final_model_stage(ctx.workflow)), ctx.stage_dir("export"))
 
 
 def stage_evaluate(ctx: RunContext) -> dict:
+    """The export's scores; after preference tuning, the instruct model's beside them (`instruct`), scored alike."""
     from llava_core.eval.evaluate import run_evaluate
 
-    return run_evaluate(ctx.stage_dir("export"), ctx.workflow.evaluate, ctx.stage_dir("evaluate"),
-                        title=f"{ctx.workflow.name}: evaluation")
+    w, out = ctx.workflow, ctx.stage_dir("evaluate")
+    metrics = run_evaluate(ctx.stage_dir("export"), w.evaluate, out, title=f"{w.name}: evaluation")
+    if w.preference is not None and not w.preference.init_from:
+        metrics["instruct"] = run_evaluate(storage.join(ctx.stage_dir("instruct"), "model"), w.evaluate,
+                                           storage.join(out, "instruct"), title=f"{w.name}: the instruct model")
+    return metrics
 
 
 def stage_serve(ctx: RunContext) -> dict:
@@ -143,7 +170,7 @@ def stage_serve(ctx: RunContext) -> dict:
 
 STAGE_FUNCTIONS: dict[str, Callable[[RunContext], dict]] = {
     "prepare": stage_prepare, "align": stage_align, "knowledge": stage_knowledge, "instruct": stage_instruct,
-    "export": stage_export, "evaluate": stage_evaluate, "serve": stage_serve,
+    "preference": stage_preference, "export": stage_export, "evaluate": stage_evaluate, "serve": stage_serve,
 }
 
 
@@ -157,6 +184,7 @@ def stage_settings(w: Workflow, stage: str):
         "align": (w.align, w.scaling.num_workers),
         "knowledge": (w.knowledge, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),
+        "preference": (w.preference, w.scaling.num_workers),
         "export": (),
         "evaluate": (w.evaluate,),
         "serve": (w.serve,),
@@ -180,7 +208,7 @@ def finished(ctx: RunContext, stage: str) -> dict | None:
 
 def compute_hashes(w: Workflow) -> dict:
     """Each stage's hash chains its upstream's; a stage the workflow does not run is not in the chain (adding the
-    optional knowledge stage left every LLaVA-1.5 run's hashes as they were)."""
+    optional knowledge and preference stages left every LLaVA-1.5 run's hashes as they were)."""
     hashes, upstream = {}, ""
     for stage in workflow_stages(w):
         upstream = settings_hash(upstream, stage, *stage_settings(w, stage))
@@ -189,8 +217,8 @@ def compute_hashes(w: Workflow) -> dict:
 
 
 def workflow_stages(w: Workflow) -> list[str]:
-    """The stages of this workflow, in order: every stage but an unconfigured knowledge stage."""
-    return [s for s in STAGES if s != "knowledge" or w.knowledge is not None]
+    """The stages of this workflow, in order: every stage but the optional ones it does not configure."""
+    return [s for s in STAGES if s not in OPTIONAL_STAGES or getattr(w, s) is not None]
 
 
 def run_stages(ctx: RunContext, selected: list[str], force: set[str]) -> dict:
@@ -250,10 +278,11 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
 
 def needed_stage(w: Workflow, stage: str) -> str | None:
     """The stage whose output `stage` reads: the one before it, except that evaluate and serve read the export and
-    a stage starting from an official projector needs only prepare's shards."""
+    a stage starting from an official projector (or model) needs only prepare's shards."""
     if stage in ("evaluate", "serve"):
         return "export"
-    if stage in w.training_stages() and getattr(w, stage).init_projector:
+    starts_elsewhere = stage == "preference" and w.preference.init_from
+    if stage in w.training_stages() and (getattr(w, stage).init_projector or starts_elsewhere):
         return "prepare"
     stages = workflow_stages(w)
     return stages[stages.index(stage) - 1] if stages.index(stage) else None

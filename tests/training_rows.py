@@ -32,3 +32,31 @@ def write_shard(tiny_dataset, path, rows=ROWS, seed=0):
             table[key].append(value)
     pq.write_table(pa.table(table), path, row_group_size=ROW_GROUP_ROWS)  # several groups, as prepare writes
     return path
+
+
+COLOUR_WORDS = ("red", "green", "blue", "yellow")
+
+
+def write_pair_shard(tiny_dataset, path, rows, offset=0):
+    """Preference rows prepared by the prepare stage's own RowPreparer (kind `preference`) from the tiny dataset's
+    instruct rows with an image: the first question, its answer chosen and another colour rejected. Returns the
+    shard and the raw pairs."""
+    import json
+
+    from llava_core.data.rows import OUTPUT_SCHEMA, RowPreparer
+
+    preparer = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"],
+                           {"template": "vicuna_v1", "max_length": 512, "kind": "preference"})
+    source = [r for r in json.load(open(tiny_dataset["instruct"])) if "image" in r and "broken" not in r["id"]]
+    pairs, prepared = [], []
+    for i, row in enumerate(source[offset:offset + rows]):
+        question, answer = row["conversations"][0]["value"], row["conversations"][1]["value"]
+        wrong = next(c for c in COLOUR_WORDS[i % 4:] + COLOUR_WORDS if c != answer)
+        pair = {"id": row["id"], "image": row["image"], "prompt": question, "chosen": answer, "rejected": wrong}
+        out = preparer.prepare(pair, tiny_dataset["image_folder"])
+        assert out["reason"] == "", out
+        pairs.append(pair)
+        prepared.append({**out, "source": "pairs", "index": i, "status": "written"})
+    table = pa.Table.from_pylist(prepared, schema=OUTPUT_SCHEMA)
+    pq.write_table(table, path, row_group_size=ROW_GROUP_ROWS)
+    return path, pairs

@@ -218,9 +218,26 @@ def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int, p
     return {"input_ids": ids, "labels": labels, "position_ids": positions, **images}
 
 
-def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int, pixels) -> dict:
+PAIR_COLUMNS = ["rejected_input_ids", "rejected_labels"]  # a preference row's second sequence (data/rows.py)
+
+
+def pair_sequences(picked: pa.Table) -> pa.Table:
+    """A micro-batch of n preference pairs as its 2n sequences: the n chosen, then the n rejected, each row with its
+    pair's media (the forward runs both answers in one batch, as TRL's concatenated forward does)."""
+    chosen = picked.drop_columns(PAIR_COLUMNS)
+    rejected = picked.drop_columns(["input_ids", "labels"])
+    rejected = rejected.rename_columns([{"rejected_input_ids": "input_ids", "rejected_labels": "labels"}.get(n, n)
+                                        for n in rejected.column_names])
+    return pa.concat_tables([chosen, rejected.select(chosen.column_names)])
+
+
+def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int, pixels,
+                        pairs: bool = False) -> dict:
     """One micro-batch from a table of exactly its samples in plan order (what `streaming.RowReader.take` reads
-    for `np.concatenate(micro)`): its rows are renumbered 0..n-1, so collate sees the same samples as before."""
+    for `np.concatenate(micro)`): its rows are renumbered 0..n-1, so collate sees the same samples as before.
+    `pairs`: preference rows, collated as their chosen then their rejected sequences (`pair_sequences`)."""
+    if pairs:
+        picked = pair_sequences(picked)
     if packing:
         return collate_packed(picked, [np.arange(s.start, s.stop) for s in spans_of(micro)], pad_token_id, pixels)
     return collate(picked, np.arange(picked.num_rows), pad_token_id, pixels)

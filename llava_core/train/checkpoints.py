@@ -76,14 +76,26 @@ def fetch_for_rank(checkpoint, rank: int, local_rank: int, scratch: str) -> str:
     return into
 
 
+def read_latest(name: str) -> bytes | None:
+    """A rank-independent file of Ray Train's latest checkpoint, read straight from storage by the rank that asks
+    (small files: the step counter, the preference stage's reference sums); None without a checkpoint or file."""
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
 def restore(engine, total_steps: int, scratch: str) -> tuple[int, list]:
     """(step to start at, history so far) from Ray Train's latest checkpoint, its DeepSpeed state loaded into
     `engine`. A finished stage's checkpoint has no DeepSpeed state to load: nothing is left to train."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, []
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{STATE_FILE}") as f:
-        state = json.loads(f.read())
+    state = json.loads(read_latest(STATE_FILE))
     if state["step"] < total_steps:
         context = ray.train.get_context()
         directory = fetch_for_rank(checkpoint, context.get_world_rank(), context.get_local_rank(), scratch)

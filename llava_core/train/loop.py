@@ -15,6 +15,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import numpy as np
 import ray.train
@@ -26,8 +27,8 @@ from llava_core.model.build import official_projector_bytes
 from llava_core.model.lora import llava_of, trained_module
 from llava_core.model.zero3 import gathered
 from llava_core.progress import RateWindow, progress_text
-from llava_core.schema import ScalingSettings, TrainStageSettings
-from llava_core.train import checkpoints
+from llava_core.schema import PreferenceSettings, ScalingSettings, TrainStageSettings
+from llava_core.train import checkpoints, preference_passes
 from llava_core.train.batching import BatchPlan, capped_steps
 from llava_core.train.engine import (
     build_engine,
@@ -74,6 +75,8 @@ class LoopConfig:
     image_layout: str = ""  # `prepare.image_aspect_ratio` ("": the family's own)
     template: str = "vicuna_v1"  # the dataset's; the processor's chat template follows it
     save_model: bool = True  # False: hand off the projector alone (`mm_projector.bin`)
+    eval_shards: tuple[str, ...] = ()  # the preference stage's held-out pairs (`eval_dataset`), prepared
+    eval_plan_index: str | None = None
     start_time: float = 0.0  # when the driver started the stage (set as it starts): the progress lines' elapsed
 
 
@@ -99,6 +102,7 @@ def build_model(config: LoopConfig, device: torch.device):
 def train_loop_per_worker(train_loop_config: dict) -> None:
     config: LoopConfig = train_loop_config["config"]  # Ray Train hands the loop a dict
     stage, use_gpu = config.stage, config.scaling.use_gpu
+    pairs = isinstance(stage, PreferenceSettings)  # the preference stage: pairs, the reference, its loss
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if use_gpu else torch.device("cpu")
@@ -130,8 +134,11 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         log_start(config.stage_name, parts, total_steps, start_step, plan)
     pixels = pixel_inputs(processor, llava_of(model).config.model_type, llava_of(model).config)
     pad_id, image_token_id = processor.tokenizer.pad_token_id, llava_of(model).config.image_token_id
+    collation = preference_passes.Collation(image_token_id, pixels, pad_id)
+    reference = (preference_reference(engine, config, examples, plan, epoch_steps, start_step, collation, device)
+                 if pairs and start_step < total_steps else None)
     batches = BatchPrefetcher(examples, plan.rank_micro_batches(lengths, num_images, epoch_steps, start_step, rank),
-                              stage.packing, pad_id, pixels)
+                              stage.packing, pad_id, pixels, pairs=pairs)
     flatten = stage.packing and stage.attn_implementation == "flash_attention_2"
 
     window = {"t": time.time(), "tokens": 0, "samples": 0, "flops": 0.0, "data_wait_s": 0.0}
@@ -142,14 +149,19 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
         for _ in range(grad_accum):  # this rank's micro-batches of the step, read ahead in plan order
             micro, batch, waited = batches.get()
             window["data_wait_s"] += waited
-            step_batches.append(model_inputs(batch, image_token_id, pixels, pad_id, flatten))
             rows = np.concatenate(micro)  # counted from the collated batch, before any blank image row
+            inputs = model_inputs(batch, image_token_id, pixels, pad_id, flatten)
+            step_batches.append(preference_passes.PairBatch(inputs, len(rows)) if pairs else inputs)
             tokens = int(lengths[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
             window["flops"] += micro_batch_flops(flops, lengths[rows], pixels.views(batch), supervised_tokens(batch))
-        loss = optimizer_step(engine, step_batches, stage.loss_normalization, device)
-        record = step_metrics(engine, scheduler, loss, window, step, world, peak, device)
+        if pairs:
+            mine = reference.train[rank, step * grad_accum:(step + 1) * grad_accum]
+            loss, means = preference_passes.preference_step(engine, step_batches, mine, stage, device)
+        else:
+            loss, means = optimizer_step(engine, step_batches, stage.loss_normalization, device), {}
+        record = step_metrics(engine, scheduler, loss, window, step, world, peak, device, means)
         history.append(record)
         is_last = step + 1 == total_steps
         if rank == 0:
@@ -157,11 +169,62 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             step_times.add(record["time"], step + 1)
             if (step + 1) % stage.log_every == 0 or is_last or step == start_step:
                 say(progress_line(config.stage_name, record, total_steps, config.start_time, step_times))
+        if is_last and reference is not None and reference.heldout is not None:
+            report_heldout(engine, config, reference.heldout, collation, device, rank)
         if is_last or (stage.checkpoint_every and (step + 1) % stage.checkpoint_every == 0):
-            save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last)
+            side_files = {preference_passes.REFERENCE_FILE: reference.saved} if reference is not None else {}
+            save_and_report(engine, processor, step + 1, total_steps, history, parts, rank, config, is_last,
+                            side_files)
     batches.close()
     if writer:
         writer.close()
+
+
+class Reference(NamedTuple):
+    """The preference stage's reference sums: every rank's training micro-batches', the held-out pairs' (None
+    without `eval_dataset`), and both as the checkpoint keeps them."""
+    train: torch.Tensor  # (world, micro-batches, pairs, 2)
+    heldout: torch.Tensor | None  # (views, pairs, 2)
+    saved: bytes
+
+
+def preference_reference(engine, config: LoopConfig, examples, plan, epoch_steps, start_step, collation,
+                         device) -> Reference:
+    """The reference sums: read back from the checkpoint a resumed stage starts from (its weights are no longer the
+    reference), else computed now, before the first step, with the starting weights."""
+    saved = checkpoints.read_latest(preference_passes.REFERENCE_FILE) if start_step else None
+    if start_step and saved is None:
+        raise RuntimeError(f"resuming the preference stage at step {start_step}: its checkpoint has no "
+                           f"{preference_passes.REFERENCE_FILE}, and the reference cannot be recomputed from weights "
+                           f"that have trained; rerun the stage from its start")
+    if saved is not None:
+        return Reference(*preference_passes.read_reference(saved, device), saved)
+    rank = torch.distributed.get_rank()
+    started = time.time()
+    micro_batches = plan.rank_micro_batches(examples.lengths, examples.num_images, epoch_steps, 0, rank)
+    train = preference_passes.training_reference(engine, examples, micro_batches, collation, device)
+    heldout = (preference_passes.heldout_logps(engine, heldout_rows(config), config.stage.micro_batch_size,
+                                               collation, device) if config.eval_shards else None)
+    if rank == 0:
+        say(f"[{config.stage_name}] reference log-probs of {train.shape[0] * train.shape[1] * train.shape[2]:,} "
+            f"training pairs" + (f" and {heldout.shape[1]:,} held-out pairs" if heldout is not None else "")
+            + f" in {time.time() - started:.1f}s")
+    return Reference(train, heldout, preference_passes.reference_bytes(train, heldout))
+
+
+def heldout_rows(config: LoopConfig) -> TrainingRows:
+    return TrainingRows.open(list(config.eval_shards), config.eval_plan_index)
+
+
+def report_heldout(engine, config: LoopConfig, reference: torch.Tensor, collation, device, rank) -> None:
+    """The implicit reward on the held-out pairs after the last step (every rank computes its share), written by
+    rank 0 to `preference_eval.json` in the stage directory."""
+    policy = preference_passes.heldout_logps(engine, heldout_rows(config), config.stage.micro_batch_size, collation,
+                                             device)
+    if rank == 0:
+        report = preference_passes.heldout_rewards(policy, reference, config.stage.beta)
+        storage.write_json(storage.join(config.output_dir, "preference_eval.json"), report)
+        say(f"[{config.stage_name}] held-out pairs: {json.dumps(report)}")
 
 
 def tensorboard_dir(config: LoopConfig) -> str:
@@ -172,13 +235,17 @@ def tensorboard_dir(config: LoopConfig) -> str:
     return os.path.join(config.output_dir, "tensorboard")
 
 
-def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device) -> dict:
+def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world: int, peak, device,
+                 means: dict | None = None) -> dict:
     """The step's loss over every rank (as normalised: per token or per micro-batch), throughput summed over ranks
-    since the last step, data wait and peak memory as the worst rank's. Reduced on the training device (NCCL reduces
-    nothing on the host)."""
+    since the last step, data wait and peak memory as the worst rank's. `means`: per-micro-batch values summed over
+    this rank's micro-batches, reported as their mean over the step's micro-batches of all ranks (the preference
+    stage's rewards). Reduced on the training device (NCCL reduces nothing on the host)."""
     numerator, denominator = loss
+    means = means or {}
     counts = torch.tensor([window["tokens"], window["samples"], window["flops"]], dtype=torch.float64, device=device)
-    sums = torch.cat([numerator.to(torch.float64).reshape(1), counts])
+    sums = torch.cat([numerator.to(torch.float64).reshape(1), counts,
+                      *[torch.as_tensor(v, dtype=torch.float64, device=device).reshape(1) for v in means.values()]])
     torch.distributed.all_reduce(sums)
     # The slowest rank's data wait gates the step; the largest rank's peak memory is what a node must hold.
     worst = torch.tensor([window["data_wait_s"], peak_rss_gib(), peak_device_gib(device)], dtype=torch.float64,
@@ -202,6 +269,7 @@ def step_metrics(engine, scheduler, loss: tuple, window: dict, step: int, world:
         "rss_gib": round(worst[1], 3),  # peak resident memory of the largest rank so far
         "gpu_peak_gib": round(worst[2], 3),  # peak GPU memory allocated by the largest rank so far (0 on CPU)
         "time": round(now, 3),
+        **{key: round(value / float(denominator), 6) for key, value in zip(means, sums[4:])},
     }
 
 
@@ -216,8 +284,11 @@ def progress_line(stage_name: str, record: dict, total_steps: int, start_time: f
     the ETA from the recent steps' rate), then the step's numbers."""
     head = progress_text(stage_name, "step", record["step"], total_steps, step_times, record["time"] - start_time)
     mfu = "" if record.get("mfu") is None else f" MFU {record['mfu']:.1%}"
-    return (f"{head} | loss {record['loss']:.4f} lr {record['lr']:.2e} samples/s {record['samples_per_s']:.1f} "
-            f"tokens/s {record['tokens_per_s']:.0f}{mfu}")
+    rewards = ("" if "rewards/accuracies" not in record else
+               f" reward acc {record['rewards/accuracies']:.2f} margin {record['rewards/margins']:.3f} "
+               f"KL {record['kl']:.4f}")
+    return (f"{head} | loss {record['loss']:.4f}{rewards} lr {record['lr']:.2e} samples/s "
+            f"{record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f}{mfu}")
 
 
 def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
@@ -230,17 +301,20 @@ def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
 
 
 def save_and_report(engine, processor, step, total_steps, history, parts, rank, config: LoopConfig,
-                    is_last) -> None:
+                    is_last, side_files: dict[str, bytes]) -> None:
     """Every rank writes its DeepSpeed shard into the step's checkpoint (`train/checkpoints.py`: node-local, uploaded
-    in the background); side files come from rank 0 only. The last checkpoint skips the DeepSpeed state (optimizer
-    included: 12 bytes per trained parameter, 84 GB for 7B): the stage output written beside it holds the weights,
-    and a resumed finished stage has nothing to train."""
+    in the background); side files (the step counter and history, and `side_files`) come from rank 0 only. The last
+    checkpoint skips the DeepSpeed state (optimizer included: 12 bytes per trained parameter, 84 GB for 7B): the stage
+    output written beside it holds the weights, and a resumed finished stage has nothing to train."""
     directory = checkpoints.new_directory(checkpoints.scratch_dir(config.scaling.local_dir), step)
     if not is_last:
         engine.save_checkpoint(directory, tag=checkpoints.DS_TAG, exclude_frozen_parameters=True)
     if rank == 0:
         with open(os.path.join(directory, checkpoints.STATE_FILE), "w") as f:
             json.dump({"step": step, "total_steps": total_steps, "history": history}, f)
+        for name, data in side_files.items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
     if is_last:  # every rank: under ZeRO-3 all of them take part in gathering the full weights
         write_stage_output(engine.module, processor, parts, config, rank)
     checkpoints.report({"step": step, "loss": history[-1]["loss"]}, directory, final=is_last)

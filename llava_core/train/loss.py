@@ -51,14 +51,19 @@ def summed_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, chunk_byte
     return -token_log_probs(logits, targets, chunk_bytes).sum()
 
 
+def supervised_logits(model, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits at the supervised positions only, (positions, vocabulary), in row-major order; their mask) of the
+    model's forward over `batch` (its `labels` say which positions are supervised)."""
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    keep = supervised_positions(batch["labels"])
+    # no cache: with one, packed rows would attend across their samples
+    return model(**inputs, use_cache=False, logits_to_keep=keep).logits, keep
+
+
 def next_token_loss(model, batch: dict, num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
     """The model's causal LM loss over `batch` (its `labels` as transformers reads them): the summed token losses
     divided by `num_items_in_batch` when given (token normalisation), else their mean (transformers' two rules)."""
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    labels = batch["labels"]
-    keep = supervised_positions(labels)
-    # no cache: with one, packed rows would attend across their samples
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (supervised positions, vocabulary)
-    total = summed_cross_entropy(logits, labels[:, 1:][keep[:, :-1]])
+    logits, keep = supervised_logits(model, batch)
+    total = summed_cross_entropy(logits, batch["labels"][:, 1:][keep[:, :-1]])
     divisor = num_items_in_batch if num_items_in_batch is not None else keep.sum().clamp(min=1)
     return total / divisor

@@ -49,9 +49,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from llava_core.schema import PREFERENCE_LOSSES as LOSS_TYPES
 from llava_core.train.loss import CHUNK_BYTES, supervised_positions, token_log_probs
-
-LOSS_TYPES = ("sigmoid", "ipo", "sigmoid_norm")
 
 
 class PairLogps(NamedTuple):

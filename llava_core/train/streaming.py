@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from llava_core import storage
 from llava_core.data.plan_index import PlanIndexError, read_plan_index, scan_shards, shard_rows
-from llava_core.train.batching import collate_micro_batch
+from llava_core.train.batching import PAIR_COLUMNS, collate_micro_batch
 
 BATCH_COLUMNS = ["input_ids", "labels", "pixel_values"]  # what collate reads, with crops (else: `pixels.columns`)
 CACHE_BYTES = 64 * 2**20  # recently read row groups: rows of one group that meet in nearby micro-batches
@@ -199,13 +199,14 @@ class BatchPrefetcher:
 
     def __init__(self, rows: TrainingRows, micro_batches: Iterator[list[np.ndarray]], packing: bool,
                  pad_token_id: int, pixels, depth: int = PREFETCH_DEPTH,
-                 cache_bytes: int = CACHE_BYTES):
+                 cache_bytes: int = CACHE_BYTES, pairs: bool = False):
         if depth < 1:
             raise ValueError(f"prefetch depth must be at least 1, not {depth}")
         self.ready: queue.Queue = queue.Queue(maxsize=depth)
         self.stop = threading.Event()
-        self.reader = RowReader(rows, ["input_ids", "labels", *pixels.columns], cache_bytes=cache_bytes)
-        args = (self.reader, micro_batches, packing, pad_token_id, pixels, self.ready, self.stop)
+        columns = ["input_ids", "labels", *(PAIR_COLUMNS if pairs else []), *pixels.columns]
+        self.reader = RowReader(rows, columns, cache_bytes=cache_bytes)
+        args = (self.reader, micro_batches, packing, pad_token_id, pixels, pairs, self.ready, self.stop)
         self.thread = threading.Thread(target=_produce, args=args, name="batch-prefetcher", daemon=True)
         self.thread.start()
         weakref.finalize(self, self.stop.set)
@@ -248,13 +249,13 @@ class BatchPrefetcher:
         self.close()
 
 
-def _produce(reader: RowReader, micro_batches, packing, pad_token_id, pixels, ready: queue.Queue,
+def _produce(reader: RowReader, micro_batches, packing, pad_token_id, pixels, pairs: bool, ready: queue.Queue,
              stop: threading.Event) -> None:
     """The reader thread: read, collate, enqueue; the end or the first error is enqueued too."""
     try:
         for micro in micro_batches:
             picked = reader.take(np.concatenate(micro))
-            batch = collate_micro_batch(picked, micro, packing, pad_token_id, pixels)
+            batch = collate_micro_batch(picked, micro, packing, pad_token_id, pixels, pairs)
             if not _put(ready, (micro, batch), stop):
                 return
         _put(ready, _END, stop)
