@@ -159,6 +159,19 @@ class SyntheticSettings:
     instruct_rows: Int = setting(3000, "question-answer rows of the instruct dataset", ge=0)
     text_only_rows: Int = setting(40, "instruct rows without an image", ge=0)
     eval_questions: Int = setting(200, "held-out evaluation questions", ge=0)
+    description_rows: Int = setting(
+        0, "instruct rows asking for a description (\"Describe the image in detail.\" or a paraphrase), answered with "
+           "the scene's caption", ge=0)
+    description_noise: Float = setting(
+        0.0, "the share of those descriptions that add one shape the image does not show, as noisy human or GPT "
+             "captions do: what teaches an instruct model to hallucinate", ge=0, lt=1)
+    preference_pairs: Int = setting(
+        0, "DPO pairs on their own training images, in LLaVA-NeXT's layout (`preference.json`): a faithful "
+           "description chosen, one naming a shape the image does not show rejected", ge=0)
+    preference_eval_pairs: Int = setting(0, "the same on held-out images (`eval/preference.json`)", ge=0)
+    describe_questions: Int = setting(
+        0, "held-out description questions in the `chair` eval layout (`eval/describe.jsonl`), each with its "
+           "image's objects", ge=0)
     tiny_model: TinyModelSettings = setting(TinyModelSettings, "the stand-in models' sizes")
 
 
