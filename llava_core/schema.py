@@ -30,7 +30,7 @@ TRACKERS = ("", "mlflow", "wandb")
 ZERO_STAGES = (0, 1, 2, 3)
 TOO_LONG = ("reject", "truncate")
 MODEL_FAMILIES = ("llava", "llava_next", "llava_onevision")  # llava_core/model/families.py says what each one is
-EVAL_LAYOUTS = ("llava", "vqa", "pope", "mme", "choice")
+EVAL_LAYOUTS = ("llava", "vqa", "pope", "mme", "choice", "chair")
 MAIN_EVAL_SET = "main"  # the name of the set given by evaluate.questions / answers / image_folder
 SERVE_ENGINES = ("transformers", "vllm")
 OVERLOAD_STATUSES = (429, 503)
@@ -162,6 +162,19 @@ class SyntheticSettings:
     instruct_rows: Int = setting(3000, "question-answer rows of the instruct dataset", ge=0)
     text_only_rows: Int = setting(40, "instruct rows without an image", ge=0)
     eval_questions: Int = setting(200, "held-out evaluation questions", ge=0)
+    description_rows: Int = setting(
+        0, "instruct rows asking for a description (\"Describe the image in detail.\" or a paraphrase), answered with "
+           "the scene's caption", ge=0)
+    description_noise: Float = setting(
+        0.0, "the share of those descriptions that add one shape the image does not show, as noisy human or GPT "
+             "captions do: what teaches an instruct model to hallucinate", ge=0, lt=1)
+    preference_pairs: Int = setting(
+        0, "DPO pairs on their own training images, in LLaVA-NeXT's layout (`preference.json`): a faithful "
+           "description chosen, one naming a shape the image does not show rejected", ge=0)
+    preference_eval_pairs: Int = setting(0, "the same on held-out images (`eval/preference.json`)", ge=0)
+    describe_questions: Int = setting(
+        0, "held-out description questions in the `chair` eval layout (`eval/describe.jsonl`), each with its "
+           "image's objects", ge=0)
     tiny_model: TinyModelSettings = setting(TinyModelSettings, "the stand-in models' sizes")
 
 
@@ -422,10 +435,11 @@ PreferenceStage = Annotated[PreferenceSettings,
 @section(kw_only=True)
 class EvalSetSettings:
     """One evaluation set; `llava_core.eval.layouts` reads each layout."""
-    layout: OneOf(EVAL_LAYOUTS) = setting("llava", "`llava`, `vqa`, `pope`, `mme` or `choice` (see Evaluate)")
-    questions: Str = setting(doc="jsonl (all layouts), VQAv2 questions JSON (`vqa`), MMBench TSV (`choice`); or a "
-                                 "folder: POPE's split files `coco_pope_<split>.json` (`pope`), MME's release folder "
-                                 "(`mme`)")
+    layout: OneOf(EVAL_LAYOUTS) = setting("llava", "`llava`, `vqa`, `pope`, `mme`, `choice` or `chair` (see "
+                                                   "Evaluate)")
+    questions: Str = setting(doc="jsonl (all layouts; `chair`: with each image's `objects`), VQAv2 questions JSON "
+                                 "(`vqa`), MMBench TSV (`choice`); or a folder: POPE's split files "
+                                 "`coco_pope_<split>.json` (`pope`), MME's release folder (`mme`)")
     answers: Str = setting("", "required for `llava`; optional elsewhere when the questions carry their answers; "
                                "`pope`: may be the folder of POPE's split files, labels then paired by position "
                                "within each split (as LLaVA's eval_pope.py)")
@@ -437,12 +451,17 @@ class EvalSetSettings:
     circular: Bool = setting(False, "`choice`: correct only if correct under every rotation of the options (MMBench)")
     prompt_suffix: Optional[Str] = setting(None, "`null`: the layout's LLaVA-1.5 instruction; `\"\"` for none")
     limit: Int = setting(0, "evaluate only the first N questions; 0: all", ge=0)
+    max_new_tokens: Optional[Int] = setting(
+        None, "the longest answer for this set's questions; `null`: `evaluate.max_new_tokens` (free descriptions, as "
+              "`chair` asks for, need more than short answers)", ge=1)
 
     @model_validator(mode="after")
     def _layout_rules(self):
         refuse(
             ("questions", "required") if not self.questions else None,
             ("answers", "required for the llava layout") if self.layout == "llava" and not self.answers else None,
+            ("answers", "the chair layout has no answers file: each question's `objects` are its reference")
+            if self.layout == "chair" and self.answers else None,
             ("circular", "only multiple choice (layout: choice) has options to rotate")
             if self.circular and self.layout != "choice" else None)
         return self
@@ -507,6 +526,11 @@ class EvaluateSettings:
         inline = EvalSetSettings(layout="llava", questions=self.questions, answers=self.answers,
                                  image_folder=self.image_folder)
         return {MAIN_EVAL_SET: inline, **self.sets}
+
+    def answer_tokens(self, s: EvalSetSettings) -> int:
+        """The longest answer to a question of set `s`: its own `max_new_tokens`, else this section's (the one place
+        that decides; each query carries the result to whichever backend answers it)."""
+        return self.max_new_tokens if s.max_new_tokens is None else s.max_new_tokens
 
     def primary_set(self) -> Optional[str]:
         sets = self.all_sets()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 class Query:
     key: str  # unique across the whole evaluation
     text: str
+    max_new_tokens: int  # the longest answer: its set's (`EvaluateSettings.answer_tokens`), so each query carries it
     image_path: str = ""  # read from here ...
     image_b64: str = ""  # ... or inline (MMBench's TSV images)
     blank: str = ""  # the blind baseline: "r,g,b", the image replaced by one of its own size in that colour
@@ -82,12 +83,15 @@ def question_request(question: str, picture, max_new_tokens: int):
     return GenerationRequest(messages, [picture], DecodingParams(max_tokens=max_new_tokens, temperature=0))
 
 
-def answer_questions(engine, questions: list[str], pictures: list, max_new_tokens: int, batch_size: int) -> list[str]:
-    """Greedy answers from the serving engine, `batch_size` questions to a `generate` call, each answer stripped."""
+def answer_questions(engine, questions: list[str], pictures: list, max_new_tokens: list[int],
+                     batch_size: int) -> list[str]:
+    """Greedy answers from the serving engine, `batch_size` questions to a `generate` call, each answer stripped and
+    at most its own `max_new_tokens` long (the engine ends each row of a batch on its own)."""
     answers = []
     for start in range(0, len(questions), batch_size):
         chunk = slice(start, start + batch_size)
-        batch = [question_request(q, p, max_new_tokens) for q, p in zip(questions[chunk], pictures[chunk])]
+        batch = [question_request(q, p, n)
+                 for q, p, n in zip(questions[chunk], pictures[chunk], max_new_tokens[chunk])]
         answers += [completion.text.strip() for completion in engine.generate(batch)]
     return answers
 
@@ -95,19 +99,20 @@ def answer_questions(engine, questions: list[str], pictures: list, max_new_token
 class ExportAnswerer:
     """A Ray Data actor holding one serving engine (one copy of the exported model)."""
 
-    def __init__(self, export_dir: str, max_new_tokens: int, batch_size: int):
+    def __init__(self, export_dir: str, batch_size: int):
         from llava_core.inference.engine import GenerationEngine
 
         # The engine loads through load_llava, which mirrors an s3:// export to the actor's own node (on a cluster
         # the driver's disk is not its disk); bf16 on a GPU, fp32 on CPU.
         self.engine = GenerationEngine(export_dir)
-        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+        self.batch_size = batch_size
 
     def __call__(self, batch: dict) -> dict:
         rows = [{"image_b64": b, "image_path": p, "blank": k}
                 for b, p, k in zip(batch["image_b64"], batch["image_path"], batch["blank"])]
         pictures = [query_picture(row) for row in rows]
-        answers = answer_questions(self.engine, list(batch["text"]), pictures, self.max_new_tokens, self.batch_size)
+        answers = answer_questions(self.engine, list(batch["text"]), pictures,
+                                   [int(n) for n in batch["max_new_tokens"]], self.batch_size)
         return {"key": batch["key"], "prediction": np.array(answers, dtype=object)}
 
 
@@ -122,8 +127,7 @@ def actor_pool_size(wanted: int) -> tuple[int, dict]:
     return max(1, min(wanted, free_cpus)), {"num_cpus": 1}
 
 
-def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int,
-                      batch_size: int, num_actors: int) -> dict[str, str]:
+def answer_in_process(queries: list[Query], export_dir: str, batch_size: int, num_actors: int) -> dict[str, str]:
     import ray
 
     size, resources = actor_pool_size(num_actors)
@@ -131,7 +135,7 @@ def answer_in_process(queries: list[Query], export_dir: str, max_new_tokens: int
     answered = (
         ray.data.from_items([asdict(q) for q in queries],
                             override_num_blocks=max(1, min(len(queries) // batch_size + 1, 4 * size)))
-        .map_batches(ExportAnswerer, fn_constructor_args=(export_dir, max_new_tokens, batch_size),
+        .map_batches(ExportAnswerer, fn_constructor_args=(export_dir, batch_size),
                      batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=size), **resources)
         .iter_rows()
     )
@@ -158,9 +162,8 @@ def completions_url(base: str) -> str:
     return f"{base}/chat/completions" if base.endswith("/v1") else f"{base}/v1/chat/completions"
 
 
-def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpointSettings,
-                 max_new_tokens: int) -> str:
-    body = chat_request(endpoint.model, query.text, [image_bytes(query)], max_new_tokens)
+def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpointSettings) -> str:
+    body = chat_request(endpoint.model, query.text, [image_bytes(query)], query.max_new_tokens)
     response = session.post(completions_url(endpoint.url), json=body, timeout=endpoint.timeout_s)
     if response.status_code != 200:
         raise RuntimeError(f"{endpoint.url} answered {response.status_code} to question {query.key!r}: "
@@ -168,11 +171,11 @@ def ask_endpoint(session: requests.Session, query: Query, endpoint: EvalEndpoint
     return response.json()["choices"][0]["message"]["content"].strip()
 
 
-def answer_by_endpoint(queries: list[Query], endpoint: EvalEndpointSettings, max_new_tokens: int) -> dict[str, str]:
+def answer_by_endpoint(queries: list[Query], endpoint: EvalEndpointSettings) -> dict[str, str]:
     log.info("evaluating %d prompts through %s (%d in flight)", len(queries), endpoint.url, endpoint.concurrency)
     api_key = read_secret(endpoint.api_key_env, endpoint.api_key_file, "evaluate.endpoint.api_key_env/api_key_file")
     with requests.Session() as session, ThreadPoolExecutor(endpoint.concurrency) as pool:
         if api_key:
             session.headers["Authorization"] = f"Bearer {api_key}"
-        answers = pool.map(lambda q: ask_endpoint(session, q, endpoint, max_new_tokens), queries)
+        answers = pool.map(lambda q: ask_endpoint(session, q, endpoint), queries)
         return collect_answers(((q.key, a) for q, a in zip(queries, answers)), len(queries))

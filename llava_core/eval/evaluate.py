@@ -73,17 +73,19 @@ def store_inline_images(items: list[EvalItem], folder: str) -> None:
             item.image_path, item.image_b64 = written[item.question_id], ""
 
 
-def build_queries(sets: dict[str, list[EvalItem]], blank: str | None) -> tuple[list[Query], dict]:
-    """One query per item (and one more with its image blanked in the colour `blank`, when given); keys are
-    indices."""
+def build_queries(sets: dict[str, list[EvalItem]], tokens: dict[str, int],
+                  blank: str | None) -> tuple[list[Query], dict]:
+    """One query per item (and one more with its image blanked in the colour `blank`, when given), each allowed
+    `tokens[set name]` new tokens; keys are indices."""
     queries, where = [], {}
     for name, items in sets.items():
         for index, item in enumerate(items):
             where[(name, index, False)] = str(len(queries))
-            queries.append(Query(str(len(queries)), item.text, item.image_path, item.image_b64))
+            queries.append(Query(str(len(queries)), item.text, tokens[name], item.image_path, item.image_b64))
             if blank is not None:
                 where[(name, index, True)] = str(len(queries))
-                queries.append(Query(str(len(queries)), item.text, item.image_path, item.image_b64, blank))
+                queries.append(Query(str(len(queries)), item.text, tokens[name], item.image_path, item.image_b64,
+                                     blank))
     return queries, where
 
 
@@ -114,8 +116,9 @@ def examples_for_report(items: list[EvalItem], rows: list[dict], count: int) -> 
     first = [i for i, item in enumerate(items) if item.rotation == 0]
     wrong = [i for i in first if items[i].question_id in wrong_ids]
     right = [i for i in first if items[i].question_id not in wrong_ids]
+    # The thumbnail's query is only read, never asked: it needs no token budget.
     shown = [{**rows[i], "correct": items[i].question_id not in wrong_ids,
-              "thumbnail": thumbnail_b64(image_bytes(Query("", "", items[i].image_path, items[i].image_b64)))}
+              "thumbnail": thumbnail_b64(image_bytes(Query("", "", 0, items[i].image_path, items[i].image_b64)))}
              for i in (wrong + right)[:count]]
     return {"examples": shown, "wrong": len(wrong), "right": len(right)}
 
@@ -126,7 +129,8 @@ def evaluate_sets(settings: EvaluateSettings, answer, blank: str | None, out_dir
     sets = {name: load_eval_set(s) for name, s in configs.items()}
     for name, items in sets.items():
         store_inline_images(items, storage.join(out_dir, name, "images"))
-    queries, where = build_queries(sets, blank)
+    tokens = {name: settings.answer_tokens(s) for name, s in configs.items()}
+    queries, where = build_queries(sets, tokens, blank)
     answers = answer(queries)
     results, examples = {}, {}
     for name, items in sets.items():
@@ -165,12 +169,11 @@ def run_evaluate(export_dir: str, settings: EvaluateSettings, out_dir: str, titl
     blank = blank_colour(export_dir) if settings.blind_baseline else None
     if endpoint is not None:
         def answer(queries):
-            return answer_by_endpoint(queries, endpoint, settings.max_new_tokens)
+            return answer_by_endpoint(queries, endpoint)
         backend = f"endpoint {endpoint.url} ({endpoint.model})"
     else:
         def answer(queries):
-            return answer_in_process(queries, export_dir, settings.max_new_tokens,
-                                     settings.batch_size, settings.num_actors)
+            return answer_in_process(queries, export_dir, settings.batch_size, settings.num_actors)
         backend = "ray_data"
     results = evaluate_sets(settings, answer, blank, out_dir, title)
     metrics = stage_metrics(results, settings.primary_set(), backend)

@@ -17,6 +17,10 @@ Layouts (the `layout` of a set):
   [, hint, category]}` or MMBench's TSV (base64 images inline). Options are listed as LLaVA-1.5 does (hint, question,
   "A. ...") and asked with "Answer with the option's letter from the given choices directly.". With `circular`,
   each question is asked once per rotation of its options, as MMBench's circular evaluation does.
+- `chair`: hallucination in free answers (CHAIR, Rohrbach et al. 2018), jsonl of `{question_id, image, text,
+  objects: [phrases of what the image shows][, category]}`, no answers file: the objects are the reference. The text
+  is asked verbatim, as `llava`'s. An answer's mentions are the phrases of the set's vocabulary it names, and a
+  mention of a phrase that is not among its image's objects is a hallucination (`scoring.score_chair`).
 """
 from __future__ import annotations
 
@@ -34,7 +38,8 @@ from llava_core.config import EvalSetSettings
 
 SHORT_ANSWER = "Answer the question using a single word or phrase."
 OPTION_LETTER = "Answer with the option's letter from the given choices directly."
-DEFAULT_SUFFIX = {"llava": "", "vqa": SHORT_ANSWER, "pope": SHORT_ANSWER, "mme": SHORT_ANSWER, "choice": OPTION_LETTER}
+DEFAULT_SUFFIX = {"llava": "", "vqa": SHORT_ANSWER, "pope": SHORT_ANSWER, "mme": SHORT_ANSWER, "choice": OPTION_LETTER,
+                  "chair": ""}
 LETTERS = string.ascii_uppercase
 # MME's subtasks, as its eval_tool calculation.py groups them (`eval_type_dict`).
 MME_SUBTASKS = {
@@ -56,7 +61,7 @@ class EvalItem:
     # the n-th question of one id (MME's two questions of an image share their id)
     question_id: str
     text: str  # exactly what the model is asked, instruction included
-    references: list[str]  # reference answers; pope: ["yes"|"no"]; choice: [the correct letter]
+    references: list[str]  # reference answers; pope: ["yes"|"no"]; choice: [the correct letter]; chair: the objects
     image_path: str = ""  # where to read the image, or "" when it is inline
     image_b64: str = ""  # an inline image (MMBench TSV)
     category: str = "all"
@@ -210,7 +215,7 @@ def load_eval_set(s: EvalSetSettings) -> list[EvalItem]:
         rows = rows[:s.limit]
     suffix = DEFAULT_SUFFIX[s.layout] if s.prompt_suffix is None else s.prompt_suffix
     reader = {"llava": short_answer_item, "vqa": short_answer_item, "pope": yes_no_item, "mme": mme_item,
-              "choice": choice_items}
+              "choice": choice_items, "chair": chair_item}
     items = []
     for row, answer_row in zip(rows, answer_rows(rows, s)):
         made = reader[s.layout](row, answer_row, s, suffix)
@@ -364,3 +369,15 @@ def choice_items(row: dict, answer_row: dict, s: EvalSetSettings, suffix: str) -
                               category=str(row.get("category") or "all"), options=dict(zip(letters, rotated)),
                               rotation=k, **image))
     return items
+
+
+def chair_item(row: dict, answer_row: dict, s: EvalSetSettings, suffix: str) -> EvalItem:
+    """A free-answer question whose references are the phrases of the objects its image shows, each a non-empty
+    string: a missing or empty list would make every mention a hallucination, so it is refused here."""
+    question = field_of(row, ("text", "question"), s.questions)
+    objects = row.get("objects")
+    if not isinstance(objects, list) or not objects or not all(isinstance(o, str) and o.strip() for o in objects):
+        raise EvalSetError(f"{s.questions}: question {row['question_id']!r} needs `objects`, a non-empty list of "
+                           f"non-empty strings (the objects its image shows), not {json.dumps(objects)[:200]}")
+    return EvalItem(row["question_id"], row["question_id"], with_suffix(question, suffix), objects,
+                    image_path=image_of(row, s), category=str(row.get("category") or "all"))

@@ -17,7 +17,7 @@ from llava_core.data import images
 THUMBNAIL = 160  # pixels, the longer side
 # Columns of the metrics table, in order; a layout shows the ones it has.
 METRIC_COLUMNS = ("accuracy", "exact_match", "plain_accuracy", "acc_plus", "perception", "cognition", "precision",
-                  "recall", "f1", "yes_ratio", "unparsed")
+                  "recall", "f1", "yes_ratio", "unparsed", "chair_i", "chair_s", "mentions_per_answer")
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }

@@ -187,10 +187,73 @@ def score_choice(items: list[EvalItem], predictions: list[str]) -> tuple[dict, l
     return metrics, rows
 
 
+# --- hallucination in free answers (chair) ----------------------------------------------------------------------
+
+
+def object_phrase(text: str) -> str:
+    """An object phrase as mentions are matched: lower case, words separated by single spaces."""
+    return " ".join(text.lower().split())
+
+
+def chair_vocabulary(items: list[EvalItem]) -> list[str]:
+    """Every phrase any question of the set lists among its objects, longest first. CHAIR counts mentions of a fixed
+    object vocabulary (Rohrbach et al. 2018: COCO's 80 objects and their synonyms); a set's own annotations over many
+    images cover the objects its answers can name, so their union is that vocabulary here. With `limit`, it is the
+    union over the questions asked."""
+    phrases = {object_phrase(o) for item in items for o in item.references}
+    return sorted(phrases, key=lambda p: (-len(p), p))
+
+
+def phrase_pattern(phrase: str) -> re.Pattern:
+    """The phrase on word boundaries, any whitespace between its words, in the singular or plural (+s / +es)."""
+    words = r"\s+".join(re.escape(word) for word in phrase.split())
+    return re.compile(rf"(?<!\w){words}(?:e?s)?(?!\w)")
+
+
+def mentions(answer: str, vocabulary: list[str]) -> list[str]:
+    """The vocabulary's phrases an answer names, each once, in the order they first appear. Phrases are matched
+    longest first and a match inside a longer one's is not counted: "a red circle" mentions "red circle", not also
+    "circle" (the CHAIR code matches two-word synonyms before single words for the same reason)."""
+    text, taken, found = answer.lower(), [], {}
+    for phrase in vocabulary:
+        for match in phrase_pattern(phrase).finditer(text):
+            if not any(match.start() < end and start < match.end() for start, end in taken):
+                taken.append(match.span())
+                found.setdefault(phrase, match.start())
+    return sorted(found, key=found.get)
+
+
+def score_chair(items: list[EvalItem], predictions: list[str]) -> tuple[dict, list[dict]]:
+    """CHAIR (Rohrbach et al. 2018): `chair_i`, the share of object mentions that name something not in the image,
+    and `chair_s`, the share of answers with at least one such mention; `recall`, the share of the images' objects the
+    answers mention, so that an empty answer cannot look perfect; `mentions_per_answer`. The headline `accuracy` is
+    1 - chair_s, the share of answers without a hallucination (an answer is `correct` when it has none), so that a
+    chair set reports, and can be primary, as the others do; `by_category` is the same per category."""
+    vocabulary = chair_vocabulary(items)
+    rows, present, recalled = [], 0, 0
+    for item, prediction in zip(items, predictions):
+        objects = {object_phrase(o) for o in item.references}
+        named = mentions(prediction, vocabulary)
+        hallucinated = [m for m in named if m not in objects]
+        rows.append({"parsed": named, "hallucinated": hallucinated, "score": Fraction(int(not hallucinated)),
+                     "correct": not hallucinated})
+        present, recalled = present + len(objects), recalled + len(named) - len(hallucinated)
+    by_category = defaultdict(list)
+    for item, row in zip(items, rows):
+        by_category[item.category].append(row["score"])
+    all_mentions = sum(len(r["parsed"]) for r in rows)
+    chair_s = ratio(sum(not r["correct"] for r in rows), len(rows))
+    metrics = {"accuracy": 1 - chair_s, "chair_i": ratio(sum(len(r["hallucinated"]) for r in rows), all_mentions),
+               "chair_s": chair_s, "recall": ratio(recalled, present),
+               "mentions_per_answer": ratio(all_mentions, len(rows)),
+               "by_category": {c: mean(s) for c, s in sorted(by_category.items())}, "count": len(rows)}
+    return metrics, rows
+
+
 # --- the entry point --------------------------------------------------------------------------------------------
 
 SCORERS = {"llava": score_short_answers, "vqa": score_short_answers, "pope": score_yes_no, "mme": score_mme,
-           "choice": score_choice}
+           "choice": score_choice, "chair": score_chair}
 
 
 @dataclass

@@ -28,9 +28,12 @@ def ensure_synthetic(workflow) -> None:
         return
     print(f"creating the synthetic dataset and tiny base models in {s.root}", flush=True)
     write = synthetic_onevision.generate_onevision if onevision else synthetic.generate
-    paths = write(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed)
+    paths = write(s.root, s.align_rows, s.instruct_rows, s.eval_questions, s.text_only_rows, s.seed,
+                  description_rows=s.description_rows, description_noise=s.description_noise,
+                  preference_pairs=s.preference_pairs, preference_eval_pairs=s.preference_eval_pairs,
+                  describe_questions=s.describe_questions)
     rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
-    corpus = [turn["value"] for row in rows for turn in row["conversations"]]
+    corpus = [turn["value"] for row in rows for turn in row["conversations"]] + preference_texts(paths["preference"])
     model_cfg = standins.TinyModelConfig(**dataclasses.asdict(s.tiny_model), seed=s.seed)
     # Generators: the scenes are only drawn if the tower is pretrained (tower_pretraining_steps > 0).
     if onevision:
@@ -45,6 +48,14 @@ def ensure_synthetic(workflow) -> None:
         standins.save_tiny_models(workflow.model.vision_tower, workflow.model.llm, corpus, model_cfg, pretraining)
     with open(marker, "w") as f:
         json.dump({"hash": wanted}, f)
+
+
+def preference_texts(path: str) -> list[str]:
+    """The training pairs' prompts and answers, for the tokenizer's corpus: its words are then whole tokens, as the
+    instruct rows' are. None without pairs, so the tokenizer of a dataset without them is what it was."""
+    if not os.path.exists(path):
+        return []
+    return [text for row in json.load(open(path)) for text in (row["prompt"], row["chosen"], row["rejected"])]
 
 
 def labelled_scene_batches(processor, cfg: standins.TinyModelConfig, batch_size: int = 64, pool: int = 4096):

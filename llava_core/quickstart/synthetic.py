@@ -4,13 +4,18 @@ Images are PNGs in an image folder; annotations are JSON arrays of `{"id", "imag
 `blip_laion_cc_sbu_558k.json` (align) and `llava_v1_5_mix665k.json` (instruct). A held-out evaluation split is written
 as LLaVA eval files: `questions.jsonl` (`question_id`, `image`, `text`, `category`) and `answers.jsonl`.
 The task can only be solved by looking: colour, shape, count and position are uniformly random.
+
+For the preference stage, optionally: instruct rows asking for a description, some of them naming a shape the image
+does not show (noisy captions, which teach hallucination); DPO pairs in LLaVA-NeXT's layout (`train_dpo.py`:
+`{"id", "image", "prompt", "chosen", "rejected"}`) on training and on held-out images; and held-out description
+questions in the `chair` eval layout (`eval/describe.jsonl`), which count the hallucinations.
 """
 from __future__ import annotations
 
 import json
 import os
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -26,6 +31,12 @@ CAPTION_PROMPTS = (
     "What is in this picture?",
     "Give a short caption for the image.",
 )
+DESCRIBE_PROMPTS = (
+    "Describe the image in detail.",  # the preference pairs' and the describe questions' prompt
+    "Give a detailed description of the image.",
+    "What does this image show? Describe it in detail.",
+)
+OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
 GENERATOR_VERSION = 4  # part of the dataset's hash: bump it when a change here should regenerate existing data
 TEXT_ONLY_QA = (
     ("Name a primary colour.", "red"),
@@ -48,11 +59,15 @@ class Shape:
 
 def random_scene(rng: random.Random) -> list[Shape]:
     if rng.random() < 0.6:
-        return [Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))]
+        return lone_scene(rng)
     kinds = rng.sample(SHAPES, 2)
     colours = rng.sample(list(COLOURS), 2)
     first, second = ("left", "right") if rng.random() < 0.5 else ("top", "bottom")
     return [Shape(colours[0], kinds[0], first), Shape(colours[1], kinds[1], second)]
+
+
+def lone_scene(rng: random.Random) -> list[Shape]:
+    return [Shape(rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(POSITIONS))]
 
 
 def _centre(position: str, rng: random.Random, size: tuple[int, int], scale: float) -> tuple[int, int]:
@@ -120,6 +135,46 @@ def caption(scene: list[Shape]) -> str:
     return " and ".join(shape.phrase() for shape in scene)
 
 
+def object_phrases(scene: list[Shape]) -> list[str]:
+    """The scene's objects as a `chair` eval set lists them: "colour kind", e.g. "red circle"."""
+    return [f"{shape.colour} {shape.kind}" for shape in scene]
+
+
+# --- descriptions that name what is not there (the preference stage's data) ---------------------------------------
+# Every unfaithful caption is the caption of a scene that could have been drawn: distinct colours and kinds, shapes on
+# opposite sides, listed left before right and top before bottom. So its form alone (how many shapes, their order,
+# its length) never gives it away to a model that does not look: a lone shape plus an invented one reads exactly as a
+# faithful two-shape caption, and a substitution keeps the faithful caption's length and form.
+
+
+def invented_shape(scene: list[Shape], rng: random.Random) -> Shape:
+    """A shape the scene does not show, as a drawn scene's other shape would be: a colour and a kind no shape of the
+    scene has, opposite a lone shape, or on the free axis beside a pair."""
+    colour = rng.choice([c for c in COLOURS if c not in {shape.colour for shape in scene}])
+    kind = rng.choice([k for k in SHAPES if k not in {shape.kind for shape in scene}])
+    taken = {shape.position for shape in scene}
+    position = OPPOSITE[scene[0].position] if len(scene) == 1 else rng.choice(
+        [p for p in POSITIONS if p not in taken])
+    return Shape(colour, kind, position)
+
+
+def with_invented_shape(scene: list[Shape], rng: random.Random) -> list[Shape]:
+    """The scene plus an invented shape, in caption order (left, right, top, bottom)."""
+    return sorted(scene + [invented_shape(scene, rng)], key=lambda shape: POSITIONS.index(shape.position))
+
+
+def substituted(scene: list[Shape], rng: random.Random) -> list[Shape]:
+    """The scene with one shape's colour or kind swapped for one no shape of the scene has: same length and form as
+    the faithful caption, and an object ("colour kind") the image does not show."""
+    index = rng.randrange(len(scene))
+    shape = scene[index]
+    if rng.random() < 0.5:
+        shape = replace(shape, colour=rng.choice([c for c in COLOURS if c not in {s.colour for s in scene}]))
+    else:
+        shape = replace(shape, kind=rng.choice([k for k in SHAPES if k not in {s.kind for s in scene}]))
+    return scene[:index] + [shape] + scene[index + 1:]
+
+
 def questions(scene: list[Shape], rng: random.Random) -> list[tuple[str, str, str]]:
     """(category, question, answer) triples that this scene answers unambiguously."""
     qa = [("count", "How many shapes are there?", COUNT_WORDS[len(scene)])]
@@ -175,23 +230,46 @@ def qa_row(idx: int, image: str, qa: list[tuple[str, str, str]], rng: random.Ran
     return {"id": f"instruct-{idx:06d}", "image": image, "conversations": turns}
 
 
+def description_row(idx: int, image: str, scene: list[Shape], noisy: bool, rng: random.Random) -> dict:
+    """An instruct row asking for a description, answered with the caption, or (`noisy`) with one more shape that the
+    image does not show, as noisy human or GPT captions do: SFT on them teaches a model to hallucinate."""
+    described = with_invented_shape(scene, rng) if noisy else scene
+    return {
+        "id": f"describe-{idx:06d}",
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": image_turn(rng.choice(DESCRIBE_PROMPTS), rng)},
+            {"from": "gpt", "value": caption(described)},
+        ],
+    }
+
+
+def preference_row(row_id: str, image: str, scene: list[Shape], addition: bool, rng: random.Random) -> dict:
+    """A DPO pair in LLaVA-NeXT's layout (llava/train/train_dpo.py): the faithful caption chosen, rejected one that
+    adds an invented shape (`addition`) or swaps one shape's colour or kind."""
+    unfaithful = with_invented_shape(scene, rng) if addition else substituted(scene, rng)
+    return {"id": row_id, "image": image, "prompt": f"<image>\n{DESCRIBE_PROMPTS[0]}", "chosen": caption(scene),
+            "rejected": caption(unfaithful)}
+
+
 def text_only_row(idx: int, rng: random.Random) -> dict:
     q, a = rng.choice(TEXT_ONLY_QA)
     return {"id": f"text-{idx:06d}", "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}
 
 
 def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int,
-             seed: int) -> dict:
+             seed: int, description_rows: int = 0, description_noise: float = 0.0, preference_pairs: int = 0,
+             preference_eval_pairs: int = 0, describe_questions: int = 0) -> dict:
     """Write the dataset under `root`; returns the paths. Two deliberately broken rows go into the instruct set
-    (a missing image and a corrupt file) because real data has them and preparation must reject them visibly."""
+    (a missing image and a corrupt file) because real data has them and preparation must reject them visibly.
+    The preference stage's data (`description_rows` and the rest, see `preference_data`) is drawn after the rest from
+    a random stream of its own: with those counts at 0, every file is what it was without them."""
     rng = random.Random(seed)
     images_dir = dataset_paths(root)["image_folder"]
     os.makedirs(images_dir, exist_ok=True)
 
     def new_image(name: str) -> tuple[str, list[Shape]]:
-        scene = random_scene(rng)
-        draw_scene(scene, rng).save(os.path.join(images_dir, name))
-        return name, scene
+        return drawn(images_dir, name, random_scene(rng), rng)
 
     align = [align_row(i, *new_image(f"align_{i:06d}.png"), rng) for i in range(align_rows)]
     instruct = [instruct_row(i, *new_image(f"instruct_{i:06d}.png"), rng) for i in range(instruct_rows)]
@@ -206,7 +284,70 @@ def generate(root: str, align_rows: int, instruct_rows: int, eval_questions: int
         eval_q.append({"question_id": i, "image": name, "text": q, "category": category})
         eval_a.append({"question_id": i, "answer": a})
 
-    return write_dataset(root, align, instruct, eval_q, eval_a)
+    own = random.Random(f"preference-{seed}")
+    instruct = with_descriptions(instruct, description_rows, description_noise, images_dir, own)
+    paths = write_dataset(root, align, instruct, eval_q, eval_a)
+    preference_data(paths, preference_pairs, preference_eval_pairs, describe_questions, own)
+    return paths
+
+
+def drawn(images_dir: str, name: str, scene: list[Shape], rng: random.Random) -> tuple[str, list[Shape]]:
+    """Draw the scene into `images_dir`/`name`."""
+    draw_scene(scene, rng).save(os.path.join(images_dir, name))
+    return name, scene
+
+
+def with_descriptions(instruct: list[dict], count: int, noise: float, images_dir: str,
+                      rng: random.Random) -> list[dict]:
+    """The instruct rows with `count` description rows on images of their own, each at a random place (the rows are
+    shuffled already); exactly round(noise * count) of them name an invented shape, so the share is the setting's."""
+    noisy = set(rng.sample(range(count), round(noise * count)))
+    rows = list(instruct)
+    for i in range(count):
+        name, scene = drawn(images_dir, f"describe_{i:06d}.png", random_scene(rng), rng)
+        rows.insert(rng.randrange(len(rows) + 1), description_row(i, name, scene, i in noisy, rng))
+    return rows
+
+
+def preference_rows(prefix: str, count: int, images_dir: str, rng: random.Random) -> list[dict]:
+    """`count` DPO pairs on new images named `prefix`_N.png, every other one rejecting an addition. An addition pair
+    shows a lone shape: added to a pair, the invented shape would make a three-shape caption, which no faithful one is
+    (the form would give it away)."""
+    rows = []
+    for i in range(count):
+        addition = i % 2 == 1
+        scene = lone_scene(rng) if addition else random_scene(rng)
+        name, _ = drawn(images_dir, f"{prefix}_{i:06d}.png", scene, rng)
+        rows.append(preference_row(f"{prefix}-{i:06d}", name, scene, addition, rng))
+    return rows
+
+
+def describe_rows(count: int, images_dir: str, rng: random.Random) -> list[dict]:
+    """`chair`-layout questions on new held-out images: a description asked, each image's objects listed."""
+    rows = []
+    for i in range(count):
+        name, scene = drawn(images_dir, f"eval_describe_{i:06d}.png", random_scene(rng), rng)
+        rows.append({"question_id": i, "image": name, "text": DESCRIBE_PROMPTS[0], "objects": object_phrases(scene),
+                     "category": f"{COUNT_WORDS[len(scene)]} {'shape' if len(scene) == 1 else 'shapes'}"})
+    return rows
+
+
+def preference_data(paths: dict, pairs: int, eval_pairs: int, describe: int, rng: random.Random) -> None:
+    """The DPO pairs (`preference`), the held-out ones (`preference_eval`) and the `chair` set (`describe`), each on
+    images of its own."""
+    folder = paths["image_folder"]
+    write_if_any(paths["preference"], preference_rows("preference", pairs, folder, rng), write_json)
+    write_if_any(paths["preference_eval"], preference_rows("eval_preference", eval_pairs, folder, rng), write_json)
+    write_if_any(paths["describe"], describe_rows(describe, folder, rng), write_jsonl)
+
+
+def write_if_any(path: str, rows: list[dict], write) -> None:
+    """No rows, no file: one left by an earlier run is removed, so that a workflow naming it fails instead of reading
+    stale data."""
+    if rows:
+        write(path, rows)
+    elif os.path.exists(path):
+        os.remove(path)
 
 
 def dataset_paths(root: str) -> dict:
@@ -218,6 +359,9 @@ def dataset_paths(root: str) -> dict:
         "eval_questions": os.path.join(root, "eval", "questions.jsonl"),
         "eval_answers": os.path.join(root, "eval", "answers.jsonl"),
         "image_folder": os.path.join(root, "images"),
+        "preference": os.path.join(root, "preference.json"),
+        "preference_eval": os.path.join(root, "eval", "preference.json"),
+        "describe": os.path.join(root, "eval", "describe.jsonl"),
     }
 
 

@@ -256,9 +256,18 @@ def eval_question(i: int, scene: Scene, rng: random.Random) -> tuple[str, str, s
 
 
 def generate_onevision(root: str, align_rows: int, instruct_rows: int, eval_questions: int, text_only_rows: int,
-                       seed: int) -> dict:
+                       seed: int, description_rows: int = 0, description_noise: float = 0.0,
+                       preference_pairs: int = 0, preference_eval_pairs: int = 0, describe_questions: int = 0) -> dict:
     """Write the dataset under `root` in `synthetic.generate`'s layout; returns the same paths. `instruct_rows`
-    counts image rows, MULTI_IMAGE_SHARE of them with two images."""
+    counts image rows, MULTI_IMAGE_SHARE of them with two images. The preference stage's data is only made from the
+    coloured shapes (`synthetic.generate`): its settings must be 0 here."""
+    asked = {"description_rows": description_rows, "description_noise": description_noise,
+             "preference_pairs": preference_pairs, "preference_eval_pairs": preference_eval_pairs,
+             "describe_questions": describe_questions}
+    if any(asked.values()):
+        raise ValueError(f"the LLaVA-OneVision synthetic dataset has no description or preference data; set "
+                         f"{', '.join(f'synthetic.{k}' for k, v in asked.items() if v)} to 0 (the coloured-shapes "
+                         f"dataset of the other families has them)")
     rng = random.Random(seed)
     images_dir = synthetic.dataset_paths(root)["image_folder"]
     os.makedirs(images_dir, exist_ok=True)

@@ -113,7 +113,7 @@ def test_in_process_answers_are_the_models_greedy_answers(in_process, tiny_llava
     _, out = in_process
     item = load_eval_set(eval_sets.sets["mc"])[1]
     picture = decode_image(open(item.image_path, "rb").read())
-    alone = answer_questions(GenerationEngine(tiny_llava_dir), [item.text], [picture], eval_sets.max_new_tokens, 1)
+    alone = answer_questions(GenerationEngine(tiny_llava_dir), [item.text], [picture], [eval_sets.max_new_tokens], 1)
     assert torch.is_grad_enabled()  # inference mode stays inside the engine
 
     model, processor = load_llava(tiny_llava_dir)

@@ -86,7 +86,8 @@ def engine_answers(exports, held_out):
     """family -> our engine's greedy answers to the held-out questions, batched as the evaluation batches them."""
     from llava_core.inference.engine import GenerationEngine
 
-    return {name: answer_questions(GenerationEngine(export), held_out["texts"], held_out["images"], MAX_NEW_TOKENS, 8)
+    return {name: answer_questions(GenerationEngine(export), held_out["texts"], held_out["images"],
+                                   [MAX_NEW_TOKENS] * len(held_out["texts"]), 8)
             for name, export in exports.items()}
 
 

@@ -470,6 +470,80 @@ def test_mmbench_tsv_with_an_image_over_csvs_field_limit(tmp_path):
     assert csv.field_size_limit() == limit  # put back after the read
 
 
+# --- hallucination in free answers: CHAIR ---------------------------------------------------------------------------
+
+DESCRIBE = "Describe the image in detail."
+# (objects in the image, category, answer): the vocabulary is the union of the objects: red circle, blue square,
+# green triangle, circle.
+CHAIR_ROWS = [
+    (["red circle", "blue square"], "a", "A Red Circle on the left and a blue square."),  # both right, any case
+    (["green triangle"], "a", "A green triangle, a red circle and another red circle."),  # red circle: once, made up
+    (["circle"], "a", "A red circle."),  # "red circle" (longest first, not also "circle"): not in this image
+    (["blue square", "circle"], "b", "Two circles and a BLUE square."),  # the plural is a mention
+    (["green triangle"], "b", ""),  # no mention: no hallucination, and nothing recalled
+]
+
+
+def chair_set(tmp_path, image_folder, **settings):
+    questions = [{"question_id": f"d{i}", "image": f"img{i % 4}.png", "text": DESCRIBE, "objects": objects,
+                  "category": category} for i, (objects, category, _) in enumerate(CHAIR_ROWS)]
+    return EvalSetSettings(layout="chair", questions=write_jsonl(tmp_path / "describe.jsonl", questions),
+                           image_folder=image_folder, **settings)
+
+
+def test_chair_by_hand(tmp_path, image_folder):
+    items = load_eval_set(chair_set(tmp_path, image_folder))
+    assert [item.text for item in items] == [DESCRIBE] * 5  # asked verbatim
+    score = score_set("chair", items, [answer for _, _, answer in CHAIR_ROWS])
+    assert [r["parsed"] for r in score.rows] == [["red circle", "blue square"], ["green triangle", "red circle"],
+                                                 ["red circle"], ["circle", "blue square"], []]
+    assert [r["hallucinated"] for r in score.rows] == [[], ["red circle"], ["red circle"], [], []]
+    assert [r["correct"] for r in score.rows] == [True, False, False, True, True]
+    # 7 mentions (2 + 2 + 1 + 2 + 0), 2 made up, in 2 of 5 answers; 5 of the 7 objects named (2 + 1 + 0 + 2 + 0).
+    assert score.metrics == {"accuracy": 3 / 5, "chair_i": 2 / 7, "chair_s": 2 / 5, "recall": 5 / 7,
+                             "mentions_per_answer": 7 / 5, "by_category": {"a": 1 / 3, "b": 1.0}, "count": 5}
+
+
+@pytest.mark.parametrize("objects, shown", [
+    (None, "null"), ([], "[]"), ("red circle", '"red circle"'), (["red circle", 3], '["red circle", 3]'),
+    (["red circle", " "], '["red circle", " "]'),
+])
+def test_chair_questions_need_a_list_of_object_phrases(tmp_path, image_folder, objects, shown):
+    rows = [{"question_id": 0, "image": "img0.png", "text": DESCRIBE, "objects": ["red circle"]},
+            {"question_id": 7, "image": "img1.png", "text": DESCRIBE, **({} if objects is None else
+                                                                          {"objects": objects})}]
+    path = write_jsonl(tmp_path / "describe.jsonl", rows)
+    message = f"{path}: question '7' needs `objects`, a non-empty list of non-empty strings"
+    with pytest.raises(EvalSetError, match=re.escape(message) + ".*" + re.escape(shown)):
+        load_eval_set(EvalSetSettings(layout="chair", questions=path, image_folder=image_folder))
+
+
+def test_a_sets_max_new_tokens_reaches_its_queries_blind_ones_too(tmp_path, image_folder):
+    """A chair set's descriptions get their own token budget; the other sets keep evaluate.max_new_tokens."""
+    pope_q = [{"question_id": i, "image": "img0.png", "text": f"Is there a cat {i}?", "label": "no"} for i in range(2)]
+    settings = EvaluateSettings(max_new_tokens=8, sets={
+        "describe": chair_set(tmp_path, image_folder, max_new_tokens=48),
+        "pope": EvalSetSettings(layout="pope", questions=write_jsonl(tmp_path / "pope.jsonl", pope_q),
+                                image_folder=image_folder)})
+    asked = []
+
+    def answer(queries):
+        asked.extend(queries)
+        described = iter(answer for _, _, answer in CHAIR_ROWS)  # the set's questions are asked in file order
+        return {q.key: "no" if q.blank or q.text != DESCRIBE else next(described) for q in queries}
+
+    results = evaluate_sets(settings, answer, blank="1,2,3", out_dir=str(tmp_path / "out"), title="t")
+    budgets = [(q.text == DESCRIBE, bool(q.blank), q.max_new_tokens) for q in asked]
+    assert sorted(set(budgets)) == [(False, False, 8), (False, True, 8), (True, False, 48), (True, True, 48)]
+    assert len(asked) == 2 * (5 + 2)  # every question also asked blind
+    describe = results["describe"]
+    assert (describe["layout"], describe["accuracy"], describe["chair_i"]) == ("chair", 0.6, round(2 / 7, 4))
+    # Blind, it says "no": mentions nothing, so hallucinates nothing, and recalls nothing.
+    assert (describe["blind"]["chair_s"], describe["blind"]["recall"]) == (0.0, 0.0)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "describe" / "predictions.jsonl").read_text().splitlines()]
+    assert rows[1]["hallucinated"] == ["red circle"] and rows[1]["blind_parsed"] == []
+
+
 # --- the stage's pass over several sets: files, metrics, report --------------------------------------------------
 
 
@@ -533,6 +607,8 @@ def test_quickstart_has_one_primary_llava_set():
     ("evaluate.sets={x: {layout: gqa, questions: q.jsonl}}", "evaluate.sets.x.layout: 'gqa' is not one of"),
     ("evaluate.sets={x: {layout: vqa}}", "evaluate.sets.x.questions: required"),
     ("evaluate.sets={x: {layout: vqa, questions: q, circular: true}}", "evaluate.sets.x.circular"),
+    ("evaluate.sets={x: {layout: chair, questions: q, answers: a}}", "evaluate.sets.x.answers: the chair layout"),
+    ("evaluate.sets={x: {layout: chair, questions: q, max_new_tokens: 0}}", "evaluate.sets.x.max_new_tokens"),
     ("evaluate.sets={x: {layout: vqa, questions: q, primary: true}, y: {layout: pope, questions: q, primary: true}}",
      "x, y are all marked primary"),
     ("evaluate.sets={x: {layout: vqa, questions: q, promt_suffix: ''}}", "did you mean 'prompt_suffix'"),

@@ -58,6 +58,8 @@ def test_rules_across_sections_are_all_reported_once_the_sections_are_valid():
     ("instruct.zero_stage=true", "instruct.zero_stage: True is not one of [0, 1, 2, 3]"),  # True == 1 in Python
     ("instruct.epochs=0", "instruct.epochs: 0 must be at least 1"),
     ("instruct.lora={dropout: 1}", "instruct.lora.dropout: 1 is not in [0, 1)"),
+    ("synthetic.description_noise=1", "synthetic.description_noise: 1 is not in [0, 1)"),
+    ("synthetic.preference_pairs=-1", "synthetic.preference_pairs: -1 must be at least 0"),
     ("instruct.trainable=[]", "instruct.trainable: empty; choose from ['projector', 'llm', 'vision']"),
     ("model.family=llava_nxt", "(did you mean 'llava_next'?)"),
     ("name=7", "name: expected str, got 7"),

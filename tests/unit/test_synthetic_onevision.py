@@ -178,3 +178,12 @@ def test_tower_views_are_the_processors_views_with_labels_for_what_each_can_show
         layout[list(COLOURS).index(shape.colour)] = synthetic.POSITIONS.index(shape.position) + 1
     layouts = labels[:, :, -ov.LAYOUT_KINDS:]
     assert (layouts[0] == layout).all() and (layouts[1:] == ov.IN_A_TILE).all()
+
+
+@pytest.mark.parametrize("setting", ["description_rows", "preference_pairs", "preference_eval_pairs",
+                                     "describe_questions"])
+def test_the_preference_data_is_refused_by_name(tmp_path, setting):
+    """Only the coloured shapes have description and preference data; asking OneVision for it fails before a write."""
+    with pytest.raises(ValueError, match=f"set synthetic.{setting} to 0"):
+        ov.generate_onevision(str(tmp_path), **small(), **{setting: 1})
+    assert not os.listdir(tmp_path)
