@@ -97,3 +97,49 @@ def assert_merged_output_matches_adapter(stage_dir, tiny_dataset, seed):
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
         with_adapter.disable_adapter_layers()
         assert not torch.allclose(with_adapter(input_ids=ids).logits, expected, atol=1e-4)  # LoRA changed it
+
+
+def test_a_killed_preference_stage_resumes_with_the_starting_models_reference(ray_session, tiny_dataset,
+                                                                              tiny_llava_dir, tmp_path):
+    """The preference stage's reference is the starting model's: a worker killed after checkpoint 4 restarts the
+    group from it, and the resumed steps must use the reference sums the checkpoint kept, not ones recomputed from
+    the trained weights. So the killed run's every step, and its held-out rewards, equal an uninterrupted run's."""
+    from llava_core.config import PreferenceSettings
+    from llava_core.data.plan_index import write_plan_index
+    from llava_core.train.loop import LoopConfig
+    from llava_core.train.trainer import fit, stage_run_config, stage_trainer
+    from tests.training_rows import write_pair_shard
+    from tests.worker_faults import KillWorkerAfterCheckpoint, read_log
+
+    train, _ = write_pair_shard(tiny_dataset, str(tmp_path / "train.parquet"), rows=24)
+    heldout, _ = write_pair_shard(tiny_dataset, str(tmp_path / "heldout.parquet"), rows=6, offset=24)
+    for shard in (train, heldout):
+        write_plan_index([shard], shard.replace(".parquet", "_index.parquet"))
+    stage = PreferenceSettings(dataset="pairs", trainable=["projector", "llm"], global_batch_size=4,
+                               micro_batch_size=1, lr=1e-3, zero_stage=3, checkpoint_every=2, max_failures=1,
+                               eval_dataset="heldout", log_every=2)
+    scaling = ScalingSettings(num_workers=2, cpus_per_worker=1)
+
+    def run(name, kill_at):
+        config = LoopConfig("preference", stage, scaling, (train,), str(tmp_path / name), tiny_dataset["vision"],
+                            tiny_dataset["llm"], init_from=tiny_llava_dir,
+                            plan_index=train.replace(".parquet", "_index.parquet"), eval_shards=(heldout,),
+                            eval_plan_index=heldout.replace(".parquet", "_index.parquet"))
+        log = str(tmp_path / f"{name}.jsonl")
+        run_config = dataclasses.replace(stage_run_config(config, name), callbacks=[KillWorkerAfterCheckpoint(
+            log, kill_at)])
+        fit(stage_trainer(config, run_config))
+        history = [json.loads(line) for line in open(os.path.join(config.output_dir, "metrics.jsonl"))]
+        return history, json.load(open(os.path.join(config.output_dir, "preference_eval.json"))), read_log(log)
+
+    whole, whole_eval, _ = run("whole", ())
+    resumed, resumed_eval, log = run("killed", (4,))
+    assert [e["step"] for e in log if e["event"] == "report" and e["killed"]] == [4]
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == list(range(1, 7))
+    keys = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "kl")
+    for a, b in zip(whole, resumed):
+        assert {k: a[k] for k in keys} == pytest.approx({k: b[k] for k in keys}, abs=1e-5), a["step"]
+    assert resumed_eval["pairs"] == whole_eval["pairs"] == 6
+    for view in ("seen", "blind"):
+        assert resumed_eval[view] == pytest.approx(whole_eval[view], abs=1e-4)
+    assert whole[4]["rewards/margins"] != whole[0]["rewards/margins"]  # the steps after the kill trained
