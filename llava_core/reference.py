@@ -22,15 +22,22 @@ from pydantic import TypeAdapter
 from pydantic.dataclasses import is_pydantic_dataclass
 from pydantic_core import PydanticUndefined
 
-from llava_core.schema import ServeSettings, TrainStageSettings, Workflow
+from llava_core.schema import (
+    PREFERENCE_DEFAULTS,
+    PreferenceSettings,
+    ServeSettings,
+    TrainStageSettings,
+    Workflow,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHEMA_FILE = os.path.join("workflows", "schema.json")  # what the workflows' yaml-language-server line names
 # Each table stands between its markers in one page of the docs site (mkdocs.yml).
 TABLE_PAGES = {"workflow": os.path.join("docs", "reference", "workflow.md"),
                "stages": os.path.join("docs", "reference", "workflow.md"),
+               "preference": os.path.join("docs", "reference", "workflow.md"),
                "serve": os.path.join("docs", "reference", "serve.md")}
-STAGE_SECTIONS = ("align", "knowledge", "instruct")  # their keys get a table of their own
+STAGE_SECTIONS = ("align", "knowledge", "instruct", "preference")  # their keys get a table of their own
 
 
 # --- JSON Schema --------------------------------------------------------------------------------------------------
@@ -150,11 +157,21 @@ def stage_table() -> str:
     return _table(["key", "type", "align default", "instruct default", "meaning"], body)
 
 
+def preference_table() -> str:
+    """The preference stage's own keys with its defaults (LLaVA-NeXT's DPO recipe); the training keys it shares
+    with the other stages are in their table."""
+    shared = set(TrainStageSettings.__pydantic_fields__)
+    defaults = PreferenceSettings(**PREFERENCE_DEFAULTS)
+    own = [r for r in rows(PreferenceSettings, "", defaults) if r[0].split(".")[0] not in shared]
+    changed = [r for r in rows(PreferenceSettings, "", defaults) if r[0] in PREFERENCE_DEFAULTS]
+    return _table(["key", "type", "default", "meaning"], own + changed)
+
+
 def serve_table() -> str:
     return _table(["key", "type", "default", "meaning"], rows(ServeSettings, "serve."))
 
 
-TABLES = {"workflow": workflow_table, "stages": stage_table, "serve": serve_table}
+TABLES = {"workflow": workflow_table, "stages": stage_table, "preference": preference_table, "serve": serve_table}
 
 
 def _marker(name: str) -> tuple[str, str]:
