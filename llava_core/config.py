@@ -268,6 +268,19 @@ def stage_problems(w: Workflow) -> list[str]:
                             f"is where the stage after it (knowledge or instruct) starts")
     if w.preference is not None and w.preference.eval_dataset:
         problems += dataset_problems(w, "preference.eval_dataset", w.preference.eval_dataset, "preference")
+    return problems + starting_problems(w)
+
+
+def starting_problems(w: Workflow) -> list[str]:
+    """Every training stage has something to start from, and the workflow a model to export."""
+    stages = w.training_stages()
+    problems = [f"{name}.init_projector: no stage before {name} trains a projector (align is null); name an official "
+                f"`mm_projector.bin`" for name in ("knowledge", "instruct")
+                if name in stages and stages.index(name) == 0 and not getattr(w, name).init_projector]
+    if w.preference is not None and w.instruct is None and not w.preference.init_from:
+        problems.append("preference.init_from: instruct is null, so name the model to tune (an export or hub id)")
+    if w.instruct is None and w.preference is None:
+        problems.append("instruct: null leaves no model to export; keep instruct or add a preference stage")
     return problems
 
 

@@ -17,6 +17,7 @@ from llava_core import storage
 from llava_core.config import DatasetSettings, EvalSetSettings, Workflow, dataset_sources
 from llava_core.data import formats
 from llava_core.data.images import read_image_bytes
+from llava_core.data.preference import read_preference_row
 from llava_core.data.sources import iter_rows
 from llava_core.secrets import shell_reference
 from llava_core.serve.client import auth_line, chat_request, deploy, image_mime, post_chat
@@ -33,7 +34,8 @@ def demo_question(w: Workflow) -> DemoQuestion:
     sets = w.evaluate.all_sets()
     if sets:
         return eval_question(sets[w.evaluate.primary_set() or next(iter(sets))])
-    return instruct_question(w.datasets[w.instruct.dataset], w.prepare.allow_paths_outside_image_folder)
+    last = getattr(w, w.training_stages()[-1])  # the model's last training data: instruct's, or preference's
+    return instruct_question(w.datasets[last.dataset], w.prepare.allow_paths_outside_image_folder)
 
 
 def eval_question(s: EvalSetSettings) -> DemoQuestion:
@@ -55,7 +57,7 @@ def instruct_question(ds: DatasetSettings, allow_paths_outside_image_folder: boo
         try:
             if defect:
                 raise formats.RowError("malformed_row", defect)
-            question = row_question(raw, inline, image_folder, allow_paths_outside_image_folder)
+            question = row_question(raw, inline, image_folder, allow_paths_outside_image_folder, ds.kind)
         except ValueError as error:  # RowError included
             problems.append(f"{where}: {error}")
             if len(problems) >= MAX_BAD_ROWS:  # a wrong image_folder: every row fails; do not read them all
@@ -75,16 +77,18 @@ def dataset_rows(ds: DatasetSettings):
             yield f"{source.path} row {index}", row, source.image_folder
 
 
-def row_question(raw: str, inline: list, image_folder: str,
-                 allow_outside: bool = False) -> DemoQuestion | None:
-    """The row's question and images; None for a text-only row. A row prepare would reject raises ValueError."""
+def row_question(raw: str, inline: list, image_folder: str, allow_outside: bool = False,
+                 kind: str = "conversations") -> DemoQuestion | None:
+    """The row's question (a conversation's first human turn, a preference pair's prompt) and images; None for a
+    text-only row. A row prepare would reject raises ValueError."""
     row = json.loads(raw)
     if not isinstance(row, dict):
         raise ValueError(f"a row must be a JSON object, got {type(row).__name__}")
     names = formats.image_list(row)
     if not names:
         return None
-    turns = formats.normalise_conversation(row, len(names))
+    turns = (read_preference_row(row).prompt if kind == "preference"
+             else formats.normalise_conversation(row, len(names)))
     images = [inline[i] if i < len(inline) and inline[i] is not None
               else read_image_bytes(image_folder, name, allow_outside) for i, name in enumerate(names)]
     for image in images:

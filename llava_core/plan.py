@@ -230,34 +230,38 @@ def trained_params(stage, size: ModelSize) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class RowAverages:
+    """Per sequence of a row: a preference row (a pair) is two sequences, each with the pair's images."""
     tokens: float  # image tokens included
     views: float  # tower passes
     supervised: float  # labelled tokens
     source: str
+    sequences: int = 1
 
 
 def row_averages(workflow, dataset: str, size: ModelSize, prepared: dict) -> RowAverages:
     """Tokens, tower passes and supervised tokens per row: measured by the prepare stage when it ran (passes: one
     image's typical views per image row), else the recipe's averages."""
     entry = prepared.get(dataset)
+    sequences = 2 if workflow.datasets[dataset].kind == "preference" else 1
     if entry and entry["rows_written"]:
         rows = entry["rows_written"]
         image_rows = rows - entry.get("text_only_rows", 0)
-        return RowAverages(entry["tokens"] / rows, size.views_per_image * image_rows / rows,
-                           entry["supervised_tokens"] / rows, "prepare manifest")
+        return RowAverages(entry["tokens"] / rows / sequences, size.views_per_image * image_rows / rows,
+                           entry["supervised_tokens"] / rows / sequences, "prepare manifest", sequences)
     template = workflow.datasets[dataset].template
     fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
     return RowAverages(fraction * size.tokens_per_image + DEFAULT_TEXT_TOKENS.get(template, 250),
                        fraction * size.views_per_image, DEFAULT_SUPERVISED_TOKENS.get(template, 125),
-                       "recipe averages")
+                       "recipe averages", sequences)
 
 
-def stage_flops_per_row(stage, size: ModelSize, row: RowAverages) -> float:
-    """Model FLOPs of one average row in this stage. Attention counts the average row's length squared: rows of
-    unequal lengths cost more (by their lengths' variance)."""
+def stage_flops_per_row(stage, size: ModelSize, row: RowAverages, trainable: list[str] | None = None) -> float:
+    """Model FLOPs of one average row in this stage (`trainable` []: a forward pass alone). Attention counts the
+    average sequence's length squared: sequences of unequal lengths cost more (by their lengths' variance)."""
     lora = stage.lora is not None
     parts = dataclasses.replace(size.parts, lora=lora_params(stage, size) if lora else 0)
-    return training_flops(parts, stage.trainable, lora)(row.tokens, row.views, row.tokens ** 2, row.supervised)
+    flops = training_flops(parts, stage.trainable if trainable is None else trainable, lora)
+    return row.sequences * flops(row.tokens, row.views, row.tokens ** 2, row.supervised)
 
 
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
@@ -278,7 +282,7 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     if stage.offload_params and zero >= 3:
         weights = 0.0
     per_token_layer = 2 * size.hidden
-    sequence = stage.micro_batch_size * tokens
+    sequence = stage.micro_batch_size * tokens  # a micro-batch's tokens (a pair's: both sequences)
     if stage.gradient_checkpointing:
         activations = sequence * (per_token_layer * size.layers + 34 * size.hidden)
     else:
@@ -316,8 +320,8 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         "trainable": {p: n for p, n in trained_params(stage, size).items()},
         "zero_stage": stage.zero_stage,
         "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
-        "tokens_per_row": round(tokens), "tokens_from": row.source,
-        "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens),
+        "tokens_per_row": round(tokens * row.sequences), "tokens_from": row.source,
+        "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens * row.sequences),
         "checkpoint_gb": checkpoint_gb(stage, size, workers), "checkpoint_every": stage.checkpoint_every,
     }
     if rows is None:
@@ -325,9 +329,12 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
     steps = rows // stage.global_batch_size * stage.epochs
     steps = min(steps, stage.max_steps) if stage.max_steps else steps
     flops = stage_flops_per_row(stage, size, row) * steps * stage.global_batch_size
+    if stage_name == "preference":  # the reference pass: the starting model's forward over every pair, per epoch
+        plan["reference_flops"] = stage_flops_per_row(stage, size, row, []) * steps * stage.global_batch_size
+        flops += plan["reference_flops"]
     peak = GPUS[gpu].tflops * 1e12
     gpus = workers if scaling.use_gpu else 0
-    plan.update(steps=steps, tokens=round(tokens * steps * stage.global_batch_size), flops=flops)
+    plan.update(steps=steps, tokens=round(tokens * row.sequences * steps * stage.global_batch_size), flops=flops)
     if gpus:
         hours = flops / (gpus * peak * mfu) / 3600
         plan.update(gpu_hours=round(hours * gpus, 1), wall_hours=round(hours, 2),
@@ -398,7 +405,9 @@ def format_plan(plan: dict) -> str:
         else:
             lines.append(f"            {s['rows']:,} rows ({s['rows_from']}) -> {s['steps']:,} steps, "
                          f"{human(s['tokens'])} tokens at ~{s['tokens_per_row']} per row ({s['tokens_from']}), "
-                         f"{s['flops']:.2e} FLOPs")
+                         f"{s['flops']:.2e} FLOPs"
+                         + (f" ({s['reference_flops']:.2e} of them the reference pass)" if "reference_flops" in s
+                            else ""))
         if "gpu_hours" in s:
             lines.append(f"            ~{s['gpu_hours']} GPU-hours, ~{s['wall_hours']} h wall, ~{s['step_s']} s a step "
                          f"at {a['mfu']:.0%} MFU")

@@ -681,18 +681,20 @@ class Workflow:
     datasets: dict[str, DatasetSettings] = setting(dict, "the training data by name; stages name theirs")
     scaling: ScalingSettings = setting(ScalingSettings, "the training workers")
     prepare: PrepareSettings = setting(PrepareSettings, "how rows become training examples")
-    align: AlignStage = setting(
+    align: Optional[AlignStage] = setting(
         lambda: TrainStageSettings(**copy.deepcopy(ALIGN_DEFAULTS)),
         "LLaVA stage 1: trains only the vision-to-language projector (defaults: dataset `align`, lr 1e-3, trainable "
-        "[projector]); a section overrides only the keys it sets")
+        "[projector]); a section overrides only the keys it sets; `null`: no align stage (the next stage then starts "
+        "from its `init_projector`)")
     knowledge: Optional[TrainStageSettings] = setting(
         None, "LLaVA-OneVision's stage 1.5 (\"high-quality knowledge\"): the full model on curated data between align "
               "and instruct, the same keys (no stage defaults: name its `dataset` and `trainable`); it starts from "
               "align's projector, and instruct then starts from its full model")
-    instruct: InstructStage = setting(
+    instruct: Optional[InstructStage] = setting(
         lambda: TrainStageSettings(**copy.deepcopy(INSTRUCT_DEFAULTS)),
         "LLaVA stage 2: projector + LLM (full or LoRA), from the aligned (or an official) projector (defaults: "
-        "dataset `instruct`, trainable [projector, llm]); a section overrides only the keys it sets")
+        "dataset `instruct`, trainable [projector, llm]); a section overrides only the keys it sets; `null`: no "
+        "instruct stage (a workflow that only preference-tunes a model it names in `preference.init_from`)")
     preference: Optional[PreferenceStage] = setting(
         None, "preference tuning after instruct (DPO, as LLaVA-NeXT's `train_dpo.py`; see Training): from the "
               "instruct model (or `init_from`), on a `preference` dataset (defaults: dataset `preference`, trainable "

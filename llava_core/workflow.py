@@ -23,7 +23,7 @@ from llava_core.train.metrics import read_history
 log = logging.getLogger(__name__)
 
 STAGES = ("prepare", "align", "knowledge", "instruct", "preference", "export", "evaluate", "serve")
-OPTIONAL_STAGES = ("knowledge", "preference")  # run when the workflow configures them
+OPTIONAL_STAGES = ("align", "knowledge", "instruct", "preference")  # run when the workflow configures them
 
 
 @dataclass
@@ -138,8 +138,12 @@ def stage_instruct(ctx: RunContext) -> dict:
 
 def stage_preference(ctx: RunContext) -> dict:
     """Preference tuning from the instruct model (or the model `init_from` names), which is also its reference."""
-    stage = ctx.workflow.preference
-    metrics = _train(ctx, "preference", stage, stage.init_from or storage.join(ctx.stage_dir("instruct"), "model"))
+    from llava_core.model.base_models import base_model_location
+
+    w = ctx.workflow
+    start = (base_model_location(w.preference.init_from, w.model.mirror, ctx.run_dir) if w.preference.init_from
+             else storage.join(ctx.stage_dir("instruct"), "model"))  # a hub id: from the mirror, or fetched once
+    metrics = _train(ctx, "preference", w.preference, start)
     metrics["loss_curves"] = plot_training(ctx, "preference")
     return metrics
 

@@ -155,7 +155,9 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
             tokens = int(lengths[rows].sum())
             window["tokens"] += tokens
             window["samples"] += len(rows)
-            window["flops"] += micro_batch_flops(flops, lengths[rows], pixels.views(batch), supervised_tokens(batch))
+            # a pair's two sequences each attend over their own length (the index holds only their sum)
+            sequences = batch["attention_mask"].sum(dim=1).numpy() if pairs else lengths[rows]
+            window["flops"] += micro_batch_flops(flops, sequences, pixels.views(batch), supervised_tokens(batch))
         if pairs:
             mine = reference.train[rank, step * grad_accum:(step + 1) * grad_accum]
             loss, means = preference_passes.preference_step(engine, step_batches, mine, stage, device)

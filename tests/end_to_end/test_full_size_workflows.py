@@ -1,11 +1,14 @@
 """The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-13b.yaml`, `-7b-lora.yaml`,
-`llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml`), with `--set` overrides only for where the models and data
-are, how big the batches and epochs are and how many CPU workers run, through every stage including `serve` (with the
-transformers engine: the workflows' vLLM needs the image's GPU environment; tests/end_to_end/test_serve_vllm.py runs
-that path with vLLM's CPU build), on a two-node Ray cluster whose nodes share no disk:
+`llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml` and its preference tuning, `-dpo.yaml`), with `--set`
+overrides only for where the models and data are, how big the batches and epochs are and how many CPU workers run,
+through every stage including `serve` (with the transformers engine: the workflows' vLLM needs the image's GPU
+environment; tests/end_to_end/test_serve_vllm.py runs that path with vLLM's CPU build), on a two-node Ray cluster
+whose nodes share no disk:
 
 - the base models are the faithful stand-ins of their hub repos (`llava_core.quickstart.standins`), in a mirror bucket
-  under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends;
+  under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends; the DPO
+  recipe's starting checkpoint (`llava-hf/llava-onevision-qwen2-7b-ov-hf`) is OneVision assembled from the SigLIP and
+  Qwen2 stand-ins and saved in the hub's layout;
 - the data is a small dataset in the official layout (one JSON array per stage, images in a folder) in S3, and the run
   directory is in S3 too, all on a real S3 protocol server (moto);
 - every node has a private HOME and temp directory, and the driver has its own: nothing a worker or replica opens
@@ -31,8 +34,10 @@ BUCKET = "s3://llava-test"
 # Each stand-in at its repo's tile geometry: CLIP-L/336 576 features a view, SigLIP so400m/384 729.
 HUB_IDS = {"openai/clip-vit-large-patch14-336": 336, "lmsys/vicuna-7b-v1.5": 336, "lmsys/vicuna-13b-v1.5": 336,
            "google/siglip-so400m-patch14-384": 384, "Qwen/Qwen2-7B-Instruct": 384}
+ONEVISION_CHECKPOINT = "llava-hf/llava-onevision-qwen2-7b-ov-hf"  # the DPO recipe's starting model
+PREPARE = ["prepare.num_actors=2", "prepare.rows_per_shard=100"]
 SIZES = ["align.global_batch_size=16", "align.micro_batch_size=4", "instruct.global_batch_size=16",
-         "instruct.micro_batch_size=4", "instruct.epochs=1", "prepare.num_actors=2", "prepare.rows_per_shard=100"]
+         "instruct.micro_batch_size=4", "instruct.epochs=1", *PREPARE]
 SCALING = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
            "scaling.local_dir=''"]  # the system temp directory: no /mnt/scratch here
 DATA = [f"datasets.align.path={BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
@@ -60,19 +65,37 @@ def s3_world(tmp_path_factory):
         # 200 instruct rows: the dataset's two broken rows (a missing and a corrupt image) stay under the
         # workflows' 1% reject limit, as a real dataset's few bad rows must.
         paths = synthetic.generate(local, align_rows=64, instruct_rows=200, eval_questions=0, text_only_rows=2,
-                                   seed=3)
+                                   seed=3, preference_pairs=48)
         rows = json.load(open(paths["align"])) + json.load(open(paths["instruct"]))
         corpus = [turn["value"] for row in rows for turn in row["conversations"]]
         for hub_id, side in HUB_IDS.items():
             sizes = standins.TinyModelConfig(image_size=side, patch_size=14, vision_layers=2)
             standins.save_standin(hub_id, os.path.join(local, "hub", hub_id), corpus, sizes)
+        save_onevision_checkpoint(os.path.join(local, "hub"))
         upload(os.path.join(local, "hub"), f"{BUCKET}/hub")
+        upload(paths["preference"], f"{BUCKET}/dpo/llava_ov_dpo.json")
+        upload(paths["image_folder"], f"{BUCKET}/dpo/images")
         upload(paths["align"], f"{BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json")
         upload(paths["image_folder"], f"{BUCKET}/LLaVA-Pretrain/images")
         upload(paths["instruct"], f"{BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json")
         upload(paths["image_folder"], f"{BUCKET}/LLaVA-Instruct/images")
         shutil.rmtree(local)
         yield env
+
+
+def save_onevision_checkpoint(hub: str) -> None:
+    """The stand-in of the official OneVision checkpoint: the family's model assembled from the SigLIP and Qwen2
+    stand-ins (so prepare's tokenizer, read from those, is the checkpoint's), saved as exports are, in the hub's key
+    layout with its processor and chat template."""
+    import torch
+
+    from llava_core.model.build import assemble
+    from llava_core.train.save import save_hf_model
+
+    torch.manual_seed(0)
+    model, processor = assemble("llava_onevision", os.path.join(hub, "google/siglip-so400m-patch14-384"),
+                                os.path.join(hub, "Qwen/Qwen2-7B-Instruct"), template="chat_template")
+    save_hf_model(model, processor, os.path.join(hub, ONEVISION_CHECKPOINT), torch.float32)
 
 
 @pytest.fixture(scope="module")
@@ -88,14 +111,17 @@ EXTRA = {"llava-onevision-qwen2-7b": [
     f"datasets.knowledge.sources=[{{path: {BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json, "
     f"image_folder: {BUCKET}/LLaVA-Instruct/images}}]",
     "knowledge.global_batch_size=16", "knowledge.micro_batch_size=4"]}
+# The DPO recipe has its own data (the pairs, as written) and batch: only these sizes change.
+OWN_DATA = {"llava-onevision-qwen2-7b-dpo": ["preference.global_batch_size=8", "preference.micro_batch_size=1",
+                                             "prepare.max_length=4096", *PREPARE]}
 
 
 def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.CompletedProcess:
     driver_home = os.path.join(root, f"driver-{name}", "home")
     os.makedirs(driver_home)
     overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
-                 f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers", *DATA, *SIZES,
-                 *SCALING, *EXTRA.get(name, [])]
+                 f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers",
+                 *OWN_DATA.get(name, [*DATA, *SIZES]), *SCALING, *EXTRA.get(name, [])]
     driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
                   "TMPDIR": os.path.dirname(driver_home)}
     return subprocess.run(
@@ -157,7 +183,7 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
 
 
 @pytest.mark.parametrize("name", ["llava-v1.5-7b", "llava-v1.5-13b", "llava-v1.5-7b-lora", "llava-next-vicuna-7b",
-                                  "llava-onevision-qwen2-7b"])
+                                  "llava-onevision-qwen2-7b", "llava-onevision-qwen2-7b-dpo"])
 def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, tmp_path):
     from llava_core import storage
 
@@ -174,28 +200,57 @@ def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(nam
         run_dir = f"{BUCKET}/runs/{name}"
         summary = storage.read_json(storage.join(run_dir, "summary.json"))
         print(name, {stage: summary[stage]["seconds"] for stage in summary if isinstance(summary[stage], dict)})
-        stages = ["prepare", "align", *(["knowledge"] if name in EXTRA else []), "instruct", "export", "evaluate",
-                  "serve"]
-        assert [summary[s]["status"] for s in stages] == ["done"] * len(stages)
-        manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
-        assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
-        # Every image token is counted: CLIP-L/336's 576 a view; AnyRes's base view and the unpadded tile of a
-        # 96 x 72 image (NeXT: a 1x2 grid, 576 + 24 x 32 + 24 newlines; OneVision: 1x1, 729 + 21 x 27 + 21).
-        assert manifest["datasets"]["align"]["max_length"] > {"llava": 576, "llava_next": 2 * 576,
-                                                               "llava_onevision": 729 + 729 // 2}[family_of(name)]
-        if name in EXTRA:  # stage 1.5 trained the whole model and handed it on whole
-            assert set(storage.read_json(storage.join(run_dir, "knowledge", "trainable.json"))["trained"]) == \
-                {"vision", "projector", "llm"}
-        # Align hands on the projector alone (the official mm_projector.bin), not a model copy.
-        align_files = {name for name, _, _ in storage.listing(storage.join(run_dir, "align"))}
-        assert "mm_projector.bin" in align_files and not any(f.startswith("model/") for f in align_files)
-        assert ("adapter/adapter_config.json" in set(summary["export"]["files"]) or
-                "adapter" in summary["export"]) == name.endswith("lora")
+        if name in OWN_DATA:
+            check_dpo_run(run_dir, summary)
+        else:
+            check_training_stages(name, run_dir, summary)
         export = str(tmp_path / "export")
         storage.copy_dir(storage.join(run_dir, "export"), export)
         demo = storage.read_json(storage.join(run_dir, "serve", "demo.json"))
         asked_image = re.search(r"\((.+)\)$", demo["image"]).group(1)  # "<file> row N (<image name>)"
-        image = storage.read_bytes(f"{BUCKET}/LLaVA-Instruct/images/{asked_image}")
+        folder = f"{BUCKET}/dpo/images" if name in OWN_DATA else f"{BUCKET}/LLaVA-Instruct/images"
+        image = storage.read_bytes(f"{folder}/{asked_image}")
     config = json.load(open(os.path.join(export, "config.json")))
     assert config["dtype"] == "float32"  # trained on CPU in fp32, exported as trained (bf16 on a GPU run)
     assert demo["answer"] == answer_in_plain_transformers(export, demo["question"], image, demo["max_tokens"])
+
+
+def check_dpo_run(run_dir: str, summary: dict) -> None:
+    """prepare -> preference (from the official checkpoint, everything trained) -> export -> evaluate -> serve; the
+    first step's DPO loss is log 2 (the model starts as its own reference), and the pairs all prepared."""
+    import math
+
+    from llava_core import storage
+
+    stages = ["prepare", "preference", "export", "evaluate", "serve"]
+    assert [summary[s]["status"] for s in stages] == ["done"] * len(stages)
+    assert "align" not in summary and "instruct" not in summary
+    manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
+    assert manifest["datasets"]["preference"]["rows_written"] == 48
+    assert summary["preference"]["steps"] == 48 // 8 and summary["preference"]["first_loss"] == \
+        pytest.approx(math.log(2), abs=1e-4)
+    assert set(storage.read_json(storage.join(run_dir, "preference", "trainable.json"))["trained"]) == \
+        {"vision", "projector", "llm"}
+
+
+def check_training_stages(name: str, run_dir: str, summary: dict) -> None:
+    """align -> [knowledge] -> instruct, each handing on what the next needs; the rows and image tokens counted."""
+    from llava_core import storage
+
+    stages = ["prepare", "align", *(["knowledge"] if name in EXTRA else []), "instruct", "export", "evaluate",
+              "serve"]
+    assert [summary[s]["status"] for s in stages] == ["done"] * len(stages)
+    manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
+    assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
+    # Every image token is counted: CLIP-L/336's 576 a view; AnyRes's base view and the unpadded tile of a
+    # 96 x 72 image (NeXT: a 1x2 grid, 576 + 24 x 32 + 24 newlines; OneVision: 1x1, 729 + 21 x 27 + 21).
+    assert manifest["datasets"]["align"]["max_length"] > {"llava": 576, "llava_next": 2 * 576,
+                                                           "llava_onevision": 729 + 729 // 2}[family_of(name)]
+    if name in EXTRA:  # stage 1.5 trained the whole model and handed it on whole
+        assert set(storage.read_json(storage.join(run_dir, "knowledge", "trainable.json"))["trained"]) == \
+            {"vision", "projector", "llm"}
+    # Align hands on the projector alone (the official mm_projector.bin), not a model copy.
+    align_files = {name for name, _, _ in storage.listing(storage.join(run_dir, "align"))}
+    assert "mm_projector.bin" in align_files and not any(f.startswith("model/") for f in align_files)
+    assert ("adapter/adapter_config.json" in set(summary["export"]["files"]) or
+            "adapter" in summary["export"]) == name.endswith("lora")

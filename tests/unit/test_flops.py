@@ -95,3 +95,29 @@ def test_the_runtime_peak_comes_from_the_table_unless_configured(monkeypatch):
     assert peak_flops(None, use_gpu=False) is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "Tesla T4")
     assert peak_flops(None, use_gpu=True) is None
+
+
+def test_the_dpo_recipe_prices_both_sequences_of_a_pair_and_the_reference_pass():
+    """A preference row is a pair: two sequences with the pair's images, trained forward and backward, plus the
+    reference pass's forward over both before training. Priced from a prepared manifest's counts (tokens and
+    supervised tokens of both sequences) exactly as that arithmetic, by the FLOP model's own counter."""
+    from llava_core.flops import training_flops
+
+    workflow = load_workflow(os.path.join(ROOT, "workflows", "llava-onevision-qwen2-7b-dpo.yaml"))
+    stage, size = workflow.preference, plan.model_size(workflow)
+    prepared = {"preference": {"rows_written": 1000, "text_only_rows": 0, "tokens": 1000 * 2 * 3000,
+                               "supervised_tokens": 1000 * 2 * 100}}
+    priced = plan.training_plan(workflow, "preference", size, prepared, "h100-sxm", 0.4)
+    steps = 1000 // stage.global_batch_size  # one epoch, the partial batch dropped
+    pairs = steps * stage.global_batch_size
+    views = size.views_per_image
+
+    def sequence(trainable):
+        return training_flops(size.parts, trainable, False)(3000, views, 3000 ** 2, 100)
+
+    assert priced["steps"] == steps and priced["tokens_per_row"] == 6000 and priced["tokens"] == pairs * 6000
+    assert priced["reference_flops"] == pytest.approx(pairs * 2 * sequence([]))
+    assert priced["flops"] == pytest.approx(pairs * 2 * (sequence(["vision", "projector", "llm"]) + sequence([])))
+    # full training is ~3x a forward: the reference pass adds about a third
+    assert 0.28 < priced["reference_flops"] / (priced["flops"] - priced["reference_flops"]) < 0.36
+    assert priced["memory_per_gpu_gb"]["total"] < 80  # ZeRO-3 over 8 H100s, checkpointed activations

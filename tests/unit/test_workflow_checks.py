@@ -107,6 +107,37 @@ def test_validate_exits_non_zero_with_the_yaml_path(override, fragment):
     assert result.returncode == 2 and fragment in result.stderr, result.stderr
 
 
+def test_each_stage_needs_its_kind_of_rows_and_something_to_start_from():
+    """A stage's dataset is of the kind it trains on; with align or instruct null, what a stage starts from (an
+    official projector, the model preference.init_from names) must be named, and something must be exported."""
+    from llava_core.config import read_workflow_file, workflow_from_dict
+
+    def problems(*overrides) -> list[str]:
+        try:
+            workflow_from_dict(read_workflow_file(os.path.join(ROOT, "workflows", "quickstart.yaml"), overrides))
+        except WorkflowError as error:
+            return error.problems
+        return []
+
+    assert problems("preference.dataset=instruct", "preference.eval_dataset=align") == [
+        "preference.dataset: dataset 'instruct' is of kind conversations; this stage trains on preference rows "
+        "(datasets.instruct.kind)",
+        "preference.eval_dataset: dataset 'align' is of kind conversations; this stage trains on preference rows "
+        "(datasets.align.kind)"]
+    assert problems("instruct.dataset=preference") == [
+        "instruct.dataset: dataset 'preference' is of kind preference; this stage trains on conversations rows "
+        "(datasets.preference.kind)"]
+    assert problems("align=null") == ["instruct.init_projector: no stage before instruct trains a projector (align "
+                                      "is null); name an official `mm_projector.bin`"]
+    assert problems("align=null", "instruct.init_projector=mm_projector.bin") == []
+    assert problems("instruct=null") == ["preference.init_from: instruct is null, so name the model to tune (an "
+                                         "export or hub id)"]
+    assert problems("instruct=null", "preference=null") == [
+        "instruct: null leaves no model to export; keep instruct or add a preference stage"]
+    assert problems("instruct=null", "preference.packing=true", "preference.init_from=llava-hf/x")[0].startswith(
+        "preference.packing: a pair's two answers share one prompt")
+
+
 def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
     from llava_core.workflow import RunContext, check_upstream, compute_hashes
 
