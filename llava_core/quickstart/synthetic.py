@@ -37,7 +37,7 @@ DESCRIBE_PROMPTS = (
     "What does this image show? Describe it in detail.",
 )
 OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
-GENERATOR_VERSION = 4  # part of the dataset's hash: bump it when a change here should regenerate existing data
+GENERATOR_VERSION = 5  # part of the dataset's hash: bump it when a change here should regenerate existing data
 TEXT_ONLY_QA = (
     ("Name a primary colour.", "red"),
     ("How many sides does a triangle have?", "three"),
@@ -160,7 +160,27 @@ def invented_shape(scene: list[Shape], rng: random.Random) -> Shape:
 
 def with_invented_shape(scene: list[Shape], rng: random.Random) -> list[Shape]:
     """The scene plus an invented shape, in caption order (left, right, top, bottom)."""
-    return sorted(scene + [invented_shape(scene, rng)], key=lambda shape: POSITIONS.index(shape.position))
+    return in_caption_order(scene + [invented_shape(scene, rng)])
+
+
+def companion(scene: list[Shape]) -> Shape:
+    """The shape noisy captions habitually add to a scene: a co-occurrence habit, as COCO's captions name a dining
+    table beside chairs (the objects CHAIR found models hallucinate). It follows from the caption's first shape alone
+    (the next colour and kind, in their lists' order, that no shape of the scene has), so it is a language prior a
+    model learns from the text, and the real shapes' words stay faithful: the instruct model's perception is not
+    taught noise, only the habit of adding the companion."""
+    colours, first = list(COLOURS), scene[0]
+    colour = next(c for i in range(1, len(colours)) for c in [colours[(colours.index(first.colour) + i) % len(colours)]]
+                  if c not in {shape.colour for shape in scene})
+    kind = next(k for i in range(1, len(SHAPES)) for k in [SHAPES[(SHAPES.index(first.kind) + i) % len(SHAPES)]]
+                if k not in {shape.kind for shape in scene})
+    taken = {shape.position for shape in scene}
+    position = OPPOSITE[first.position] if len(scene) == 1 else next(p for p in POSITIONS if p not in taken)
+    return Shape(colour, kind, position)
+
+
+def in_caption_order(scene: list[Shape]) -> list[Shape]:
+    return sorted(scene, key=lambda shape: POSITIONS.index(shape.position))
 
 
 def substituted(scene: list[Shape], rng: random.Random) -> list[Shape]:
@@ -231,9 +251,10 @@ def qa_row(idx: int, image: str, qa: list[tuple[str, str, str]], rng: random.Ran
 
 
 def description_row(idx: int, image: str, scene: list[Shape], noisy: bool, rng: random.Random) -> dict:
-    """An instruct row asking for a description, answered with the caption, or (`noisy`) with one more shape that the
-    image does not show, as noisy human or GPT captions do: SFT on them teaches a model to hallucinate."""
-    described = with_invented_shape(scene, rng) if noisy else scene
+    """An instruct row asking for a description, answered with the caption, or (`noisy`) with the scene's `companion`
+    added, a shape the image does not show, as noisy human or GPT captions do: SFT on them teaches a model to
+    hallucinate."""
+    described = in_caption_order(scene + [companion(scene)]) if noisy else scene
     return {
         "id": f"describe-{idx:06d}",
         "image": image,

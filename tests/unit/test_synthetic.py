@@ -1,5 +1,6 @@
 """The synthetic scenes' masks and per-patch labels (the tiny vision tower's pretraining on them:
 tests/end_to_end/test_synthetic.py), and the preference stage's data: descriptions, DPO pairs, the `chair` set."""
+import dataclasses
 import json
 import os
 import random
@@ -165,3 +166,18 @@ def test_zero_counts_leave_the_dataset_as_it_was(tmp_path, with_preference):
     assert len(json.load(open(again["preference"]))) == 2
     small(tmp_path / "plain")  # back to 0: the stale file goes
     assert not os.path.exists(again["preference"])
+
+
+def test_the_companion_shape_is_a_habit_of_the_text_never_a_shape_of_the_scene():
+    """Noisy descriptions add the scene's companion: decided by the caption's first shape (the same for every scene
+    that starts with it, so learnable from the text), with a colour and a kind no shape of the scene has."""
+    rng = random.Random(0)
+    for _ in range(200):
+        scene = synthetic.random_scene(rng)
+        extra = synthetic.companion(scene)
+        assert extra.colour not in {s.colour for s in scene} and extra.kind not in {s.kind for s in scene}
+        assert extra.position not in {s.position for s in scene}
+        if len(scene) == 1:
+            assert extra == synthetic.companion([dataclasses.replace(scene[0])])  # the first shape decides
+    red_circle = synthetic.Shape("red", "circle", "left")
+    assert synthetic.companion([red_circle]) == synthetic.Shape("green", "square", "right")
