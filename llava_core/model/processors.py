@@ -8,6 +8,9 @@ processor needs) is not installed.
 """
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 from PIL import Image
 from transformers import (
@@ -246,9 +249,19 @@ def onevision_video_processor_dict(image_processor) -> dict:
 
 def load_processor(path: str, model_type: str):
     """A saved model's processor: `AutoProcessor`'s, except a OneVision processor without torchvision, which loads
-    as `ImageOnlyOnevisionProcessor` (images and frames) instead of degrading to a bare tokenizer."""
+    as `ImageOnlyOnevisionProcessor` (images and frames) instead of degrading to a bare tokenizer. Its tokenizer
+    keeps the class the directory names (`SOURCE_TOKENIZER_CLASS`): transformers 5 distrusts the one LLaVA repos
+    name and loads them as its generic `TokenizersBackend`, and would save them under that name, which transformers
+    4 (and vLLM with it) cannot load."""
     from transformers import AutoProcessor
 
     if model_type == "llava_onevision" and not is_torchvision_available():
-        return ImageOnlyOnevisionProcessor.from_pretrained(path)
-    return AutoProcessor.from_pretrained(path)
+        processor = ImageOnlyOnevisionProcessor.from_pretrained(path)
+    else:
+        processor = AutoProcessor.from_pretrained(path)
+    with open(os.path.join(path, "tokenizer_config.json")) as f:
+        setattr(processor.tokenizer, SOURCE_TOKENIZER_CLASS, json.load(f).get("tokenizer_class"))
+    return processor
+
+
+SOURCE_TOKENIZER_CLASS = "llava_ray_source_tokenizer_class"

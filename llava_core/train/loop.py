@@ -131,7 +131,7 @@ def train_loop_per_worker(train_loop_config: dict) -> None:
     writer = (MetricsWriter(config.stage_name, stage, tensorboard_dir(config), config.output_dir, history)
               if rank == 0 else None)
     if rank == 0:
-        log_start(config.stage_name, parts, total_steps, start_step, plan)
+        log_start(config.stage_name, parts, total_steps, start_step, plan, "pairs" if pairs else "samples")
     pixels = pixel_inputs(processor, llava_of(model).config.model_type, llava_of(model).config)
     pad_id, image_token_id = processor.tokenizer.pad_token_id, llava_of(model).config.image_token_id
     collation = preference_passes.Collation(image_token_id, pixels, pad_id)
@@ -293,11 +293,11 @@ def progress_line(stage_name: str, record: dict, total_steps: int, start_time: f
             f"{record['samples_per_s']:.1f} tokens/s {record['tokens_per_s']:.0f}{mfu}")
 
 
-def log_start(stage_name: str, parts, total_steps, start_step, plan) -> None:
+def log_start(stage_name: str, parts, total_steps, start_step, plan, rows: str = "samples") -> None:
     trained = {k: f"{v['parameters']:,} @ lr {v['lr']:g}" for k, v in parts["trained"].items()}
     frozen = {k: f"{v:,}" for k, v in parts["frozen"].items()}
     say(f"[{stage_name}] training {trained} | frozen {frozen} | {total_steps} steps of "
-        f"{plan.global_batch_size} {'packed rows' if plan.packing else 'samples'} "
+        f"{plan.global_batch_size} {'packed rows' if plan.packing else rows} "
         f"({plan.world_size} workers x {plan.micro_batch_size} x "
         f"{plan.grad_accum} accumulation)" + (f" | resuming at step {start_step}" if start_step else ""))
 

@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from llava_core.model.lora import is_kept_original, is_peft, llava_of, plain_name, trained_module
+from llava_core.model.processors import SOURCE_TOKENIZER_CLASS
 from llava_core.model.zero3 import full_shape, gathered
 
 MAX_SHARD_BYTES = 5 * 2**30  # as transformers' save_pretrained used to: 7B in bf16 is 3 shards
@@ -211,7 +212,8 @@ def save_hf_model(model, processor, directory: str, dtype: torch.dtype, writer: 
 
 def write_portable_tokenizer_config(directory: str, processor) -> None:
     """tokenizer_config.json as transformers 4.x reads it too: transformers 5 lists the added special tokens as
-    `extra_special_tokens`, which 4.x takes for a mapping (and fails on); both read `additional_special_tokens`. The
+    `extra_special_tokens`, which 4.x takes for a mapping (and fails on); both read `additional_special_tokens`. A
+    model loaded and saved again keeps the tokenizer class its directory named (`processors.load_processor`). The
     processor it names is the one processor_config.json names (OneVision's image-only stand-in saves as
     transformers' LlavaOnevisionProcessor)."""
     path = os.path.join(directory, "tokenizer_config.json")
@@ -219,6 +221,9 @@ def write_portable_tokenizer_config(directory: str, processor) -> None:
         config = json.load(f)
     if isinstance(config.get("extra_special_tokens"), list):
         config["additional_special_tokens"] = config.pop("extra_special_tokens")
+    source_class = getattr(processor.tokenizer, SOURCE_TOKENIZER_CLASS, None)
+    if config.get("tokenizer_class") == "TokenizersBackend" and source_class:
+        config["tokenizer_class"] = source_class  # a loaded model saved again: the class its directory named
     config["processor_class"] = processor.to_dict()["processor_class"]
     with open(path, "w") as f:
         json.dump(config, f, indent=2, ensure_ascii=False)

@@ -79,7 +79,7 @@ def test_preference_tuning_cuts_hallucination_and_keeps_the_answers(first_run):
     heldout = summary["preference"]["preference_eval"]
     assert heldout["pairs"] == 200
     assert heldout["seen"]["reward_accuracy"] >= 0.90, heldout
-    assert heldout["seen"]["reward_accuracy"] - heldout["blind"]["reward_accuracy"] >= 0.30, heldout  # it looks
+    assert heldout["seen"]["reward_accuracy"] - heldout["blind"]["reward_accuracy"] >= 0.25, heldout  # it looks
     tuned, instruct = summary["evaluate"], summary["evaluate"]["instruct"]
     before, after = instruct["sets"]["describe"], tuned["sets"]["describe"]
     assert before["chair_i"] >= 0.20, before  # the noisy descriptions taught the instruct model to hallucinate
