@@ -112,8 +112,10 @@ EXTRA = {"llava-onevision-qwen2-7b": [
     f"image_folder: {BUCKET}/LLaVA-Instruct/images}}]",
     "knowledge.global_batch_size=16", "knowledge.micro_batch_size=4"]}
 # The DPO recipe has its own data (the pairs, as written) and batch: only these sizes change.
-OWN_DATA = {"llava-onevision-qwen2-7b-dpo": ["preference.global_batch_size=8", "preference.micro_batch_size=1",
-                                             "prepare.max_length=4096", *PREPARE]}
+OWN_DATA = {"llava-onevision-qwen2-7b-dpo": [f"datasets.preference.path={BUCKET}/dpo/llava_ov_dpo.json",
+                                             f"datasets.preference.image_folder={BUCKET}/dpo/images",
+                                             "preference.global_batch_size=8", "preference.micro_batch_size=1",
+                                             *PREPARE]}
 
 
 def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.CompletedProcess:
