@@ -155,12 +155,13 @@ def stage_export(ctx: RunContext) -> dict:
 
 
 def stage_evaluate(ctx: RunContext) -> dict:
-    """The export's scores; after preference tuning, the instruct model's beside them (`instruct`), scored alike."""
+    """The export's scores; after preference tuning from this run's instruct model, that model's beside them
+    (`instruct`), scored alike (not when evaluate asks a live endpoint: that serves one model)."""
     from llava_core.eval.evaluate import run_evaluate
 
     w, out = ctx.workflow, ctx.stage_dir("evaluate")
     metrics = run_evaluate(ctx.stage_dir("export"), w.evaluate, out, title=f"{w.name}: evaluation")
-    if w.preference is not None and not w.preference.init_from:
+    if w.preference is not None and not w.preference.init_from and w.evaluate.endpoint is None:
         metrics["instruct"] = run_evaluate(storage.join(ctx.stage_dir("instruct"), "model"), w.evaluate,
                                            storage.join(out, "instruct"), title=f"{w.name}: the instruct model")
     return metrics

@@ -597,10 +597,12 @@ def test_missing_answer_names_the_question(tmp_path, image_folder):
 # --- the workflow's evaluate section -------------------------------------------------------------------------------
 
 
-def test_quickstart_has_one_primary_llava_set():
+def test_quickstart_has_one_primary_llava_set_and_a_chair_set():
     e = load_workflow("workflows/quickstart.yaml").evaluate
-    assert list(e.all_sets()) == ["main"] and e.primary_set() == "main" and e.endpoint is None
+    assert list(e.all_sets()) == ["main", "describe"] and e.primary_set() == "main" and e.endpoint is None
     assert e.all_sets()["main"].layout == "llava" and e.all_sets()["main"].questions.startswith("/")
+    describe = e.all_sets()["describe"]
+    assert describe.layout == "chair" and e.answer_tokens(describe) == 24 > e.answer_tokens(e.all_sets()["main"])
 
 
 @pytest.mark.parametrize("override, message", [
