@@ -169,6 +169,12 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, pixels) -> dic
     when there are no images), as `pixels` (`data.image_layouts.CropPixels` / `TilePixels`) makes them from its
     `columns`."""
     picked = table.take(pa.array(rows))
+    images = pixels(*(picked.column(name).to_pylist() for name in pixels.columns))
+    return {**padded_tokens(picked, pad_token_id), **images}
+
+
+def padded_tokens(picked: pa.Table, pad_token_id: int) -> dict:
+    """Right-padded input_ids/labels/attention_mask of the table's rows, in order."""
     ids, offsets = _flat_lists(picked.column("input_ids"))
     labels, label_offsets = _flat_lists(picked.column("labels"))
     sizes = np.diff(offsets)
@@ -180,8 +186,7 @@ def collate(table: pa.Table, rows: np.ndarray, pad_token_id: int, pixels) -> dic
         batch_ids[i, :n] = ids[offsets[i]:offsets[i + 1]]
         batch_labels[i, :n] = labels[label_offsets[i]:label_offsets[i + 1]]
         attention[i, :n] = 1
-    images = pixels(*(picked.column(name).to_pylist() for name in pixels.columns))
-    return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention, **images}
+    return {"input_ids": batch_ids, "labels": batch_labels, "attention_mask": attention}
 
 
 def _flat_lists(column: pa.ChunkedArray) -> tuple[torch.Tensor, np.ndarray]:
@@ -221,23 +226,24 @@ def collate_packed(table: pa.Table, bins: list[np.ndarray], pad_token_id: int, p
 PAIR_COLUMNS = ["rejected_input_ids", "rejected_labels"]  # a preference row's second sequence (data/rows.py)
 
 
-def pair_sequences(picked: pa.Table) -> pa.Table:
-    """A micro-batch of n preference pairs as its 2n sequences: the n chosen, then the n rejected, each row with its
-    pair's media (the forward runs both answers in one batch, as TRL's concatenated forward does)."""
-    chosen = picked.drop_columns(PAIR_COLUMNS)
-    rejected = picked.drop_columns(["input_ids", "labels"])
-    rejected = rejected.rename_columns([{"rejected_input_ids": "input_ids", "rejected_labels": "labels"}.get(n, n)
-                                        for n in rejected.column_names])
-    return pa.concat_tables([chosen, rejected.select(chosen.column_names)])
+def collate_pairs(picked: pa.Table, pad_token_id: int, pixels) -> dict:
+    """A micro-batch of n preference pairs as its 2n sequences, the n chosen then the n rejected (the forward runs
+    both answers in one batch, as TRL's concatenated forward does). Each pair's images are decoded once and given to
+    both of its sequences: the model's image inputs are in row order, so they repeat as the rows do."""
+    sequences = pa.table({key: pa.chunked_array(picked.column(key).chunks + picked.column(other).chunks)
+                          for key, other in (("input_ids", PAIR_COLUMNS[0]), ("labels", PAIR_COLUMNS[1]))})
+    images = pixels(*(picked.column(name).to_pylist() for name in pixels.columns))
+    return {**padded_tokens(sequences, pad_token_id),
+            **{key: None if value is None else torch.cat([value, value]) for key, value in images.items()}}
 
 
 def collate_micro_batch(picked: pa.Table, micro: list[np.ndarray], packing: bool, pad_token_id: int, pixels,
                         pairs: bool = False) -> dict:
     """One micro-batch from a table of exactly its samples in plan order (what `streaming.RowReader.take` reads
     for `np.concatenate(micro)`): its rows are renumbered 0..n-1, so collate sees the same samples as before.
-    `pairs`: preference rows, collated as their chosen then their rejected sequences (`pair_sequences`)."""
+    `pairs`: preference rows, collated as their chosen then their rejected sequences (`collate_pairs`)."""
     if pairs:
-        picked = pair_sequences(picked)
+        return collate_pairs(picked, pad_token_id, pixels)
     if packing:
         return collate_packed(picked, [np.arange(s.start, s.stop) for s in spans_of(micro)], pad_token_id, pixels)
     return collate(picked, np.arange(picked.num_rows), pad_token_id, pixels)

@@ -1,7 +1,7 @@
 """The preference stage's passes over the DeepSpeed engine (inside Ray Train workers): the reference pass before
 training, one optimizer step of the preference loss, and the held-out pairs' rewards after the last step.
 
-A collated micro-batch of n pairs holds 2n sequences, the chosen then the rejected (`batching.pair_sequences`), plus
+A collated micro-batch of n pairs holds 2n sequences, the chosen then the rejected (`batching.collate_pairs`), plus
 a blank image row when it has no image (`engine.model_inputs`); the n pairs are the first 2n rows.
 
 The reference is the starting model's summed answer log-probs, computed once in eval mode over exactly the

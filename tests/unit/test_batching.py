@@ -9,6 +9,7 @@ from llava_core.train.batching import (
     BatchPlan,
     capped_steps,
     collate,
+    collate_micro_batch,
     collate_packed,
     epoch_and_step,
     pack,
@@ -111,3 +112,26 @@ def test_max_steps_caps_the_epochs_and_a_rank_streams_its_micro_batches_from_a_r
     stream = list(plan.rank_micro_batches(lengths, images, epoch_steps, start_step=4, rank=1))
     expected = [plan.micro_batches(lengths, images, e, s, 1) for e, s in ((0, 4), (1, 0), (1, 1))]
     assert [flat([m]) for m in stream] == [flat([m]) for step in expected for m in step]
+
+
+def test_pairs_collate_as_their_chosen_then_rejected_sequences_each_with_its_pairs_image():
+    """n pairs -> 2n rows, the chosen ones first; the images follow the rows (decoded once per pair), exactly as if
+    every sequence were a row of its own carrying its pair's image."""
+    def image(v):
+        return {"uint8": np.full((3, 2, 2), v, dtype=np.uint8).tobytes(), "scale": [1.0] * 3, "offset": [0.0] * 3}
+    no_image = {"uint8": b"", "scale": [1.0] * 3, "offset": [0.0] * 3}
+    pairs = pa.table({"input_ids": [[5, 6, 7], [8, 9]], "labels": [[-100, 6, 7], [-100, 9]],
+                      "rejected_input_ids": [[5, 6], [8, 4, 4]], "rejected_labels": [[-100, 6], [-100, 4, 4]],
+                      "pixel_values": [image(1), image(3)]})
+    batch = collate_micro_batch(pairs, [np.array([0]), np.array([1])], False, 0, CropPixels((3, 2, 2)), pairs=True)
+    as_rows = pa.table({"input_ids": [[5, 6, 7], [8, 9], [5, 6], [8, 4, 4]],
+                        "labels": [[-100, 6, 7], [-100, 9], [-100, 6], [-100, 4, 4]],
+                        "pixel_values": [image(1), image(3), image(1), image(3)]})
+    expected = collate(as_rows, np.arange(4), pad_token_id=0, pixels=CropPixels((3, 2, 2)))
+    assert batch.keys() == expected.keys()
+    assert all(torch.equal(batch[k], expected[k]) for k in expected)
+    assert batch["pixel_values"][:, 0, 0, 0].tolist() == [1.0, 3.0, 1.0, 3.0]
+    text_only = pairs.set_column(4, "pixel_values", pa.array([no_image, no_image]))
+    unimaged = collate_micro_batch(text_only, [np.array([0]), np.array([1])], False, 0, CropPixels((3, 2, 2)),
+                                   pairs=True)
+    assert unimaged["pixel_values"] is None and unimaged["input_ids"].shape == (4, 3)
