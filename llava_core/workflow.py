@@ -87,9 +87,9 @@ def _train(ctx: RunContext, stage_name: str, stage, init_from: str | None = None
         values = [r[key] for r in history if r.get(key) is not None]
         if values:
             metrics[key] = round(sum(values) / len(values), 4)
-    heldout = storage.join(ctx.stage_dir(stage_name), "preference_eval.json")
-    if held_out and storage.exists(heldout):
-        metrics["preference_eval"] = storage.read_json(heldout)
+    report = storage.join(ctx.stage_dir(stage_name), "preference_eval.json")  # written when held-out pairs exist
+    if held_out and storage.exists(report):
+        metrics["preference_eval"] = storage.read_json(report)
     return metrics
 
 

@@ -85,13 +85,6 @@ def supervised_sequence_logps(kept_logits: torch.Tensor, labels: torch.Tensor,
     return sums, keep.sum(dim=1)
 
 
-def sequence_logps(logits: torch.Tensor, labels: torch.Tensor,
-                   chunk_bytes: int = CHUNK_BYTES) -> tuple[torch.Tensor, torch.Tensor]:
-    """`supervised_sequence_logps` from full (batch, positions, vocabulary) logits: only the supervised rows are
-    taken, and those in chunks, so no full-vocabulary fp32 log-softmax of every position is ever built."""
-    return supervised_sequence_logps(logits[supervised_positions(labels)], labels, chunk_bytes)
-
-
 def preference_loss(logps: PairLogps, loss_type: str = "sigmoid", beta: float = 0.1, label_smoothing: float = 0.0,
                     dpo_alpha: float = 1.0, gamma: float = 0.0) -> PreferenceLoss:
     """The weighted loss of a batch of pairs, its two terms and TRL's metrics (formulas in the module docstring)."""

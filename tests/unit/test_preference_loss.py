@@ -14,9 +14,14 @@ from llava_core.train.preference import (
     PairLogps,
     pair_losses,
     preference_loss,
-    sequence_logps,
     supervised_sequence_logps,
 )
+
+
+def sequence_logps(logits, labels, chunk_bytes=None):
+    """The loop's path from full logits: the supervised positions' rows only, as the model returns them."""
+    kwargs = {} if chunk_bytes is None else {"chunk_bytes": chunk_bytes}
+    return supervised_sequence_logps(logits[supervised_positions(labels)], labels, **kwargs)
 
 
 def softplus(x: float) -> float:
