@@ -152,10 +152,15 @@ def invented_shape(scene: list[Shape], rng: random.Random) -> Shape:
     scene has, opposite a lone shape, or on the free axis beside a pair."""
     colour = rng.choice([c for c in COLOURS if c not in {shape.colour for shape in scene}])
     kind = rng.choice([k for k in SHAPES if k not in {shape.kind for shape in scene}])
-    taken = {shape.position for shape in scene}
-    position = OPPOSITE[scene[0].position] if len(scene) == 1 else rng.choice(
-        [p for p in POSITIONS if p not in taken])
-    return Shape(colour, kind, position)
+    return Shape(colour, kind, added_position(scene, rng.choice))
+
+
+def added_position(scene: list[Shape], choose) -> str:
+    """Where a shape added to the scene goes, as a drawn scene's other shape would be: opposite a lone shape, or
+    `choose`n among the free axis's two places beside a pair."""
+    if len(scene) == 1:
+        return OPPOSITE[scene[0].position]
+    return choose([p for p in POSITIONS if p not in {shape.position for shape in scene}])
 
 
 def with_invented_shape(scene: list[Shape], rng: random.Random) -> list[Shape]:
@@ -169,14 +174,15 @@ def companion(scene: list[Shape]) -> Shape:
     (the next colour and kind, in their lists' order, that no shape of the scene has), so it is a language prior a
     model learns from the text, and the real shapes' words stay faithful: the instruct model's perception is not
     taught noise, only the habit of adding the companion."""
-    colours, first = list(COLOURS), scene[0]
-    colour = next(c for i in range(1, len(colours)) for c in [colours[(colours.index(first.colour) + i) % len(colours)]]
-                  if c not in {shape.colour for shape in scene})
-    kind = next(k for i in range(1, len(SHAPES)) for k in [SHAPES[(SHAPES.index(first.kind) + i) % len(SHAPES)]]
-                if k not in {shape.kind for shape in scene})
-    taken = {shape.position for shape in scene}
-    position = OPPOSITE[first.position] if len(scene) == 1 else next(p for p in POSITIONS if p not in taken)
-    return Shape(colour, kind, position)
+    colour = next_absent(list(COLOURS), scene[0].colour, {shape.colour for shape in scene})
+    kind = next_absent(list(SHAPES), scene[0].kind, {shape.kind for shape in scene})
+    return Shape(colour, kind, added_position(scene, lambda free: free[0]))
+
+
+def next_absent(options: list[str], after: str, present: set[str]) -> str:
+    """The first of `options` after `after`, going round, that is not in `present`."""
+    at = options.index(after)
+    return next(option for option in options[at + 1:] + options[:at] if option not in present)
 
 
 def in_caption_order(scene: list[Shape]) -> list[Shape]:
