@@ -12,7 +12,8 @@ QUICKSTART = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..",
 CLI = [sys.executable, "-m", "llava_core.cli"]
 SMALL = ["synthetic.tiny_model.tower_pretraining_steps=0",  # a random tower: accuracy is not tested here
          "synthetic.align_rows=24", "synthetic.instruct_rows=24", "synthetic.eval_questions=4",
-         "synthetic.text_only_rows=2", "prepare.max_reject_fraction=0.2"]
+         "synthetic.text_only_rows=2", "synthetic.description_rows=0", "synthetic.preference_pairs=8",
+         "synthetic.preference_eval_pairs=4", "synthetic.describe_questions=4", "prepare.max_reject_fraction=0.2"]
 
 
 def cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
