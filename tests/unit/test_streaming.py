@@ -45,6 +45,22 @@ def test_the_index_covers_every_row_of_every_group(shards):
     assert len(reader.footers) == 1 and reader.group_reads == 6  # 62 and 63 share a group
 
 
+def test_the_cache_keeps_recent_groups_within_its_bytes_and_counts_them_as_they_come_and_go(shards):
+    rows = TrainingRows.open(shards)
+    table = in_memory(shards).select(["input_ids", "pixel_values"])
+    one_group = RowReader(rows, columns=["input_ids", "pixel_values"]).groups([0])[0].nbytes
+    reader = RowReader(rows, columns=["input_ids", "pixel_values"], cache_bytes=3 * one_group)
+    order = np.random.default_rng(0).permutation(rows.num_rows)
+    for start in range(0, len(order), 5):
+        wanted = order[start:start + 5]
+        assert reader.take(wanted).to_pylist() == table.take(wanted).to_pylist()
+        assert reader.cached_bytes == sum(t.nbytes for t in reader.cache.values())
+        needed = len(set(rows.locate(wanted)[0].tolist()))
+        # over the budget only by what this call needs: the groups it just read are never dropped
+        assert reader.cached_bytes <= 3 * one_group or len(reader.cache) == needed
+    assert reader.group_reads > len(rows.group_starts)  # groups were dropped and read again
+
+
 def footer_scan(paths) -> TrainingRows:
     """The footer scan as it was before the plan index, written out here: what the index must reproduce."""
     lengths, images, counts = [], [], []
