@@ -409,7 +409,8 @@ class PreferenceSettings(TrainStageSettings):
     gamma: Float = setting(0.0, "the weight of an SFT term on the chosen answers, their mean token NLL (LLaVA-NeXT's "
                                 "`--gamma`; its DPO scripts pass 0)", ge=0)
     init_from: Str = setting("", "the model to tune and the reference: an HF LLaVA directory (an export, local or "
-                                 "`s3://`) or hub id; \"\": this run's instruct model")
+                                 "`s3://`) or hub id, whose own processor prepares the stage's pairs; \"\": this "
+                                 "run's instruct model")
     eval_dataset: Str = setting("", "a `preference` dataset of held-out pairs: after the last step, the implicit "
                                     "reward's accuracy on them, and with their images blanked (`preference_eval` in "
                                     "the stage's metrics)")

@@ -48,7 +48,25 @@ def banner(text: str) -> None:
 def stage_prepare(ctx: RunContext) -> dict:
     from llava_core.data.pipeline import run_prepare
 
-    return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"))
+    start = named_start(ctx.workflow, ctx.run_dir)
+    checkpoints = {name: start for name in preference_datasets(ctx.workflow)} if start else {}
+    return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"), checkpoints)
+
+
+def preference_datasets(w: Workflow) -> list[str]:
+    return [name for name in (w.preference.dataset, w.preference.eval_dataset) if name] if w.preference else []
+
+
+def named_start(w: Workflow, run_dir: str) -> str:
+    """The model a preference stage starts from when it names one (`init_from`; "" when it starts from the instruct
+    model): a hub id from the mirror, or fetched once into the run directory. Prepare reads its processor too: its
+    pairs must have the token ids and image processing the model was trained with, which a base LLM's tokenizer
+    with `<image>` added need not give."""
+    if w.preference is None or not w.preference.init_from:
+        return ""
+    from llava_core.model.base_models import base_model_location
+
+    return base_model_location(w.preference.init_from, w.model.mirror, run_dir)
 
 
 def saves_full_model(stage_name: str, stage) -> bool:
@@ -138,11 +156,8 @@ def stage_instruct(ctx: RunContext) -> dict:
 
 def stage_preference(ctx: RunContext) -> dict:
     """Preference tuning from the instruct model (or the model `init_from` names), which is also its reference."""
-    from llava_core.model.base_models import base_model_location
-
     w = ctx.workflow
-    start = (base_model_location(w.preference.init_from, w.model.mirror, ctx.run_dir) if w.preference.init_from
-             else storage.join(ctx.stage_dir("instruct"), "model"))  # a hub id: from the mirror, or fetched once
+    start = named_start(w, ctx.run_dir) or storage.join(ctx.stage_dir("instruct"), "model")
     metrics = _train(ctx, "preference", w.preference, start)
     metrics["loss_curves"] = plot_training(ctx, "preference")
     return metrics
@@ -185,7 +200,9 @@ def stage_settings(w: Workflow, stage: str):
         # The shards' format too: shards written before the row-group size (one group a shard) would make every
         # random row read its whole shard, and those before the image-token columns cannot feed the trainer.
         "prepare": (w.model, w.datasets, w.prepare, w.synthetic,
-                    {"row_group_rows": ROW_GROUP_ROWS, "columns": OUTPUT_COLUMNS}),
+                    {"row_group_rows": ROW_GROUP_ROWS, "columns": OUTPUT_COLUMNS},
+                    # only where it is set: every other workflow's prepare hash stays as it was
+                    *([{"processor_of": w.preference.init_from}] if w.preference and w.preference.init_from else [])),
         "align": (w.align, w.scaling.num_workers),
         "knowledge": (w.knowledge, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),

@@ -47,15 +47,13 @@ class CropImages:
     """Prepare side of the crop format (LLaVA-1.5): the export's own processor (`processors.base_processor`, whose
     image processor pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
 
-    def __init__(self, vision_path: str, llm_path: str, layout: str, template: str, limits: images.ImageLimits):
-        from llava_core.model.families import family, features_per_view, vision_config
-        from llava_core.model.processors import base_processor
+    def __init__(self, processor, tower_path: str, limits: images.ImageLimits):
+        from llava_core.model.families import features_per_view, vision_config
         from llava_core.model.tokens import IMAGE_TOKEN
 
-        processor = base_processor(family("llava"), vision_path, llm_path, template, layout)
         self.tokenizer, self.image_processor = processor.tokenizer, processor.image_processor
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.tokens_per_image = features_per_view(vision_config(vision_path))
+        self.tokens_per_image = features_per_view(vision_config(tower_path))
         self.limits = limits
         self.scale, self.offset = images.normalisation(self.image_processor)
 
@@ -77,14 +75,12 @@ class CropImages:
 class TiledImages:
     """Prepare side of the tile format (LLaVA-NeXT, LLaVA-OneVision)."""
 
-    def __init__(self, vision_path: str, llm_path: str, family_name: str, layout: str, template: str,
-                 limits: images.ImageLimits):
+    def __init__(self, processor, family_name: str, limits: images.ImageLimits):
         from llava_core.model.families import family
-        from llava_core.model.processors import base_processor
         from llava_core.model.tokens import IMAGE_TOKEN
 
         self.family = family(family_name)
-        self.processor = base_processor(self.family, vision_path, llm_path, template, layout)
+        self.processor = processor
         self.tokenizer = self.processor.tokenizer
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.limits = limits
@@ -102,11 +98,21 @@ class TiledImages:
 
 
 def shard_images(vision_path: str, llm_path: str, family_name: str, layout: str, template: str,
-                 limits: images.ImageLimits):
-    """The prepare side of `family_name`'s shard format."""
+                 limits: images.ImageLimits, checkpoint: str = ""):
+    """The prepare side of `family_name`'s shard format, with the processor the model trains with: a `checkpoint`'s
+    own saved one when the stage starts from one (what `build.load_llava` loads beside it: its media token ids, image
+    processing and tile grids), else the one a fresh model is assembled with from the base models."""
+    from llava_core.model.families import family
+    from llava_core.model.processors import base_processor, saved_processor
+
+    if checkpoint:
+        processor, tower_path = saved_processor(checkpoint), checkpoint
+    else:
+        processor = base_processor(family(family_name), vision_path, llm_path, template, layout)
+        tower_path = vision_path
     if family_name == "llava":
-        return CropImages(vision_path, llm_path, layout, template, limits)
-    return TiledImages(vision_path, llm_path, family_name, layout, template, limits)
+        return CropImages(processor, tower_path, limits)
+    return TiledImages(processor, family_name, limits)
 
 
 @dataclass

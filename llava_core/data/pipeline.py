@@ -249,15 +249,16 @@ def length_stats(lengths: np.ndarray) -> dict:
             "mean": float(lengths.mean())}
 
 
-def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str) -> dict:
-    """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot."""
+def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str, checkpoints: dict | None = None) -> dict:
+    """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot.
+    `checkpoints`: dataset name -> the model its stage starts from (its processor prepares the dataset)."""
     p = workflow.prepare
     manifest, all_lengths = {"datasets": {}}, {}
     for name, dataset in workflow.datasets.items():
         sources = dataset_sources(dataset)
         # Every prepare setting reaches the rows, with the dataset's template and the model's family.
         settings = RowSettings(**dataclasses.asdict(p), template=dataset.template, family=workflow.model.family,
-                               kind=dataset.kind)
+                               kind=dataset.kind, checkpoint=(checkpoints or {}).get(name, ""))
         entry, lengths = prepare_dataset(name, sources, vision_path, llm_path, settings, out_dir)
         manifest["datasets"][name] = entry
         all_lengths[name] = lengths

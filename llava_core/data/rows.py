@@ -27,6 +27,7 @@ class RowSettings(PrepareSettings):
     family: str = "llava"  # the model family: which processor, image layout and shard format
     image_folder: str = ""  # the default for rows whose staged `image_folder` is empty
     kind: str = "conversations"  # the dataset's: `preference` rows become pairs (`data/preference.py`)
+    checkpoint: str = ""  # the model the dataset's stage starts from, whose own processor prepares it ("": a new one)
 
     @property
     def layout(self) -> str:
@@ -77,7 +78,8 @@ class RowPreparer:
     def __init__(self, vision_path: str, llm_path: str, settings: RowSettings | dict):
         """`settings`: a RowSettings, or a mapping of its fields (tests and benchmarks name only what they change)."""
         self.settings = s = settings if isinstance(settings, RowSettings) else RowSettings(**settings)
-        self.images = shard_images(vision_path, llm_path, s.family, s.layout, s.template, s.image_limits)
+        self.images = shard_images(vision_path, llm_path, s.family, s.layout, s.template, s.image_limits,
+                                   s.checkpoint)
         self.videos = shard_videos(self.images, s.family, s.video_sampling, s.image_limits)  # None: no video
         self.tokenizer = self.images.tokenizer
         self.image_token_id = self.images.image_token_id

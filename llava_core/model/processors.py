@@ -264,4 +264,11 @@ def load_processor(path: str, model_type: str):
     return processor
 
 
+def saved_processor(path: str):
+    """A saved model's processor (`load_processor`), local or a storage URI, read without its weights."""
+    local = storage.local_copy(path, without_weights=True)
+    with open(os.path.join(local, "config.json")) as f:
+        return load_processor(local, json.load(f)["model_type"])
+
+
 SOURCE_TOKENIZER_CLASS = "llava_ray_source_tokenizer_class"

@@ -8,7 +8,7 @@ whose nodes share no disk:
 - the base models are the faithful stand-ins of their hub repos (`llava_core.quickstart.standins`), in a mirror bucket
   under their hub ids (`model.mirror`), so the workflows keep naming `lmsys/vicuna-7b-v1.5` and friends; the DPO
   recipe's starting checkpoint (`llava-hf/llava-onevision-qwen2-7b-ov-hf`) is OneVision assembled from the SigLIP and
-  Qwen2 stand-ins and saved in the hub's layout;
+  Qwen2 stand-ins and saved in the hub's layout, and prepare reads its processor from there;
 - the data is a small dataset in the official layout (one JSON array per stage, images in a folder) in S3, and the run
   directory is in S3 too, all on a real S3 protocol server (moto);
 - every node has a private HOME and temp directory, and the driver has its own: nothing a worker or replica opens
@@ -89,8 +89,8 @@ def s3_world(tmp_path_factory):
 
 def save_onevision_checkpoint(hub: str) -> None:
     """The stand-in of the official OneVision checkpoint: the family's model assembled from the SigLIP and Qwen2
-    stand-ins (so prepare's tokenizer, read from those, is the checkpoint's), saved as exports are, in the hub's key
-    layout with its processor and chat template."""
+    stand-ins, saved as exports are, in the hub's key layout with its processor and chat template (which prepare
+    reads from the mirror, as the stage's training does)."""
     import torch
 
     from llava_core.model.build import assemble

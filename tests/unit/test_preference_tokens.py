@@ -99,3 +99,42 @@ def test_prepare_writes_a_pair_as_one_row_with_both_sequences_and_counts_its_rej
     missing = preparer.prepare(json.dumps({**row, "image": "nowhere.png"}), tiny_dataset["image_folder"])
     assert same["reason"] == "identical_answers" and missing["reason"] == "image_missing"
     assert same["rejected_input_ids"] == [] and same["length"] == 0
+
+
+def test_a_stage_starting_from_a_checkpoint_gets_its_pairs_prepared_with_the_checkpoints_processor(tiny_dataset,
+                                                                                                   tmp_path):
+    """`preference.init_from` names a model whose tokenizer gave `<image>` another id than the base LLM's tokenizer
+    with `<image>` added does (here a token added before it, as checkpoints converted with other added tokens
+    have): prepare's pairs carry the checkpoint's id, the one its config and its training load read."""
+    import json
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from llava_core.data.rows import RowPreparer
+    from llava_core.model.build import assemble
+    from llava_core.train.save import save_hf_model
+
+    other_llm = str(tmp_path / "llm")
+    shutil.copytree(tiny_dataset["llm"], other_llm)
+    tokenizer = AutoTokenizer.from_pretrained(other_llm)
+    tokenizer.add_tokens(["<extra_0>"], special_tokens=True)
+    tokenizer.save_pretrained(other_llm)
+    torch.manual_seed(0)
+    model, processor = assemble("llava", tiny_dataset["vision"], other_llm)
+    checkpoint = str(tmp_path / "checkpoint")
+    save_hf_model(model, processor, checkpoint, torch.float32)
+    checkpoint_image_id = json.load(open(f"{checkpoint}/config.json"))["image_token_index"]  # the hub's key
+
+    settings = {"template": "vicuna_v1", "max_length": 512, "kind": "preference"}
+    image = json.load(open(tiny_dataset["instruct"]))[0]["image"]
+    row = json.dumps({**ROW, "image": image})
+    base = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"], settings)
+    started = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"], {**settings, "checkpoint": checkpoint})
+    ours, theirs = (p.prepare(row, tiny_dataset["image_folder"]) for p in (base, started))
+    assert started.image_token_id == checkpoint_image_id == base.image_token_id + 1
+    assert theirs["input_ids"].count(checkpoint_image_id) == theirs["image_tokens"][0] == ours["image_tokens"][0] > 0
+    assert ours["input_ids"].count(checkpoint_image_id) == 0  # the base tokenizer's ids would not fit the model
+    assert started.tokenizer.decode(theirs["rejected_input_ids"]) == base.tokenizer.decode(ours["rejected_input_ids"])
+    assert theirs["pixel_values"] == ours["pixel_values"]  # the same tower's crops
