@@ -30,8 +30,8 @@ OPTIONAL_STAGES = ("align", "knowledge", "instruct", "preference")  # run when t
 class RunContext:
     workflow: Workflow
     run_dir: str
-    vision_path: str  # where every process reads the base models: a storage URI, a local path or a hub id
-    llm_path: str
+    vision_path: str  # where every process reads the base models: a storage URI, a local path or a hub id;
+    llm_path: str  # "" where nothing reads them (`needs_base_models`)
     hashes: dict = field(default_factory=dict)
 
     def stage_dir(self, stage: str) -> str:
@@ -294,8 +294,17 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
         from llava_core.quickstart.bootstrap import ensure_synthetic
 
         ensure_synthetic(w)
+    if not needs_base_models(w):
+        return "", ""
     return (base_model_location(w.model.vision_tower, w.model.mirror, w.run_dir),
             base_model_location(w.model.llm, w.model.mirror, w.run_dir))
+
+
+def needs_base_models(w: Workflow) -> bool:
+    """False for a workflow that only preference-tunes a model it names: that model's processor prepares its pairs
+    and its weights start the stage, so a hub id in `model:` would be fetched (Qwen2-7B: ~15 GB) for nothing."""
+    only_named_start = w.training_stages() == ["preference"] and bool(w.preference.init_from)
+    return not (only_named_start and set(w.datasets) <= set(preference_datasets(w)))
 
 
 def needed_stage(w: Workflow, stage: str) -> str | None:

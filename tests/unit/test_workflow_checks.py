@@ -198,3 +198,21 @@ def test_plan_takes_rows_and_tokens_from_the_prepare_manifest_when_it_exists(tmp
     assert (stages["align"]["rows"], stages["align"]["rows_from"]) == (512, "prepare manifest")
     assert (stages["align"]["tokens_per_row"], stages["align"]["tokens_from"]) == (600, "prepare manifest")
     assert stages["instruct"]["rows"] == 0 and stages["instruct"]["rows_from"] == "counted"  # not prepared: "[]"
+
+
+def test_a_workflow_that_only_preference_tunes_a_named_model_reads_no_base_model(monkeypatch):
+    """The DPO recipe without a mirror: its base models' hub ids are fetched by nobody (prepare and training read the
+    checkpoint `init_from` names); with a stage or a dataset that reads them, they are resolved as always."""
+    from llava_core.model import base_models
+    from llava_core.workflow import needs_base_models, resolve_base_models
+
+    def no_fetch(name, mirror, run_dir):
+        raise AssertionError(f"{name} was resolved")
+
+    dpo = os.path.join(ROOT, "workflows", "llava-onevision-qwen2-7b-dpo.yaml")
+    monkeypatch.setattr(base_models, "base_model_location", no_fetch)
+    only_dpo = load_workflow(dpo)
+    assert not needs_base_models(only_dpo) and resolve_base_models(only_dpo) == ("", "")
+    with_captions = load_workflow(dpo, ["datasets.captions.path=s3://b/c.json", "datasets.captions.template=plain"])
+    assert needs_base_models(with_captions)  # a dataset prepared with the base models' processor
+    assert needs_base_models(load_workflow(os.path.join(ROOT, "workflows", "quickstart.yaml")))  # stages from them
