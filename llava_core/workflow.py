@@ -170,15 +170,17 @@ def stage_export(ctx: RunContext) -> dict:
 
 
 def stage_evaluate(ctx: RunContext) -> dict:
-    """The export's scores; after preference tuning from this run's instruct model, that model's beside them
-    (`instruct`), scored alike (not when evaluate asks a live endpoint: that serves one model)."""
+    """The export's scores; after preference tuning, those of the instruct model it started from beside them
+    (`instruct`: this run's, or the one `init_from` names), scored alike (not when evaluate asks a live endpoint:
+    that serves one model)."""
     from llava_core.eval.evaluate import run_evaluate
 
     w, out = ctx.workflow, ctx.stage_dir("evaluate")
     metrics = run_evaluate(ctx.stage_dir("export"), w.evaluate, out, title=f"{w.name}: evaluation")
-    if w.preference is not None and not w.preference.init_from and w.evaluate.endpoint is None:
-        metrics["instruct"] = run_evaluate(storage.join(ctx.stage_dir("instruct"), "model"), w.evaluate,
-                                           storage.join(out, "instruct"), title=f"{w.name}: the instruct model")
+    if w.preference is not None and w.evaluate.endpoint is None:
+        start = named_start(w, ctx.run_dir) or storage.join(ctx.stage_dir("instruct"), "model")
+        metrics["instruct"] = run_evaluate(start, w.evaluate, storage.join(out, "instruct"),
+                                           title=f"{w.name}: the instruct model")
     return metrics
 
 

@@ -237,6 +237,8 @@ def check_dpo_run(run_dir: str, summary: dict) -> None:
         pytest.approx(math.log(2), abs=1e-4)
     assert set(storage.read_json(storage.join(run_dir, "preference", "trainable.json"))["trained"]) == \
         {"vision", "projector", "llm"}
+    # evaluate scores the starting checkpoint beside the export (the recipe names no eval sets: nothing to score)
+    assert summary["evaluate"]["instruct"] == {"sets": {}} and summary["evaluate"]["sets"] == {}
 
 
 def check_training_stages(name: str, run_dir: str, summary: dict) -> None:
