@@ -54,6 +54,7 @@ def stage_prepare(ctx: RunContext) -> dict:
 
 
 def preference_datasets(w: Workflow) -> list[str]:
+    """The datasets the preference stage reads: its pairs and its held-out pairs."""
     return [name for name in (w.preference.dataset, w.preference.eval_dataset) if name] if w.preference else []
 
 

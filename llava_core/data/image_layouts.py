@@ -44,8 +44,9 @@ class PreparedImages:
 
 
 class CropImages:
-    """Prepare side of the crop format (LLaVA-1.5): the export's own processor (`processors.base_processor`, whose
-    image processor pads to a square for `pad`) computes the crops, so prepare and every reader of the export agree."""
+    """Prepare side of the crop format (LLaVA-1.5): the processor the model trains with and its export saves
+    (`shard_images`; for a new model `processors.base_processor`, whose image processor pads to a square for `pad`)
+    computes the crops, so prepare and every reader of the export agree."""
 
     def __init__(self, processor, tower_path: str, limits: images.ImageLimits):
         from llava_core.model.families import features_per_view, vision_config
