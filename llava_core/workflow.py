@@ -30,8 +30,9 @@ OPTIONAL_STAGES = ("align", "knowledge", "instruct", "preference")  # run when t
 class RunContext:
     workflow: Workflow
     run_dir: str
-    vision_path: str  # where every process reads the base models: a storage URI, a local path or a hub id;
-    llm_path: str  # "" where nothing reads them (`needs_base_models`)
+    # where every process reads the base models: a storage URI, a local path or a hub id ("": `needs_base_models`)
+    vision_path: str
+    llm_path: str
     hashes: dict = field(default_factory=dict)
 
     def stage_dir(self, stage: str) -> str:
@@ -48,14 +49,17 @@ def banner(text: str) -> None:
 def stage_prepare(ctx: RunContext) -> dict:
     from llava_core.data.pipeline import run_prepare
 
-    start = named_start(ctx.workflow, ctx.run_dir)
-    checkpoints = {name: start for name in preference_datasets(ctx.workflow)} if start else {}
-    return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"), checkpoints)
+    start = named_start(ctx.workflow, ctx.run_dir)  # the checkpoint's location (a hub id: its mirror or fetched copy)
+    return run_prepare(ctx.workflow, ctx.vision_path, ctx.llm_path, ctx.stage_dir("prepare"),
+                       {name: start for name in checkpoint_datasets(ctx.workflow)})
 
 
-def preference_datasets(w: Workflow) -> list[str]:
-    """The datasets the preference stage reads: its pairs and its held-out pairs."""
-    return [name for name in (w.preference.dataset, w.preference.eval_dataset) if name] if w.preference else []
+def checkpoint_datasets(w: Workflow) -> dict[str, str]:
+    """Dataset name -> the checkpoint whose own processor prepares it: a preference stage's pairs and held-out pairs
+    when the stage starts from a model it names (`init_from`); none otherwise."""
+    if w.preference is None or not w.preference.init_from:
+        return {}
+    return {name: w.preference.init_from for name in (w.preference.dataset, w.preference.eval_dataset) if name}
 
 
 def named_start(w: Workflow, run_dir: str) -> str:
@@ -155,11 +159,16 @@ def stage_instruct(ctx: RunContext) -> dict:
     return metrics
 
 
+def preference_start(ctx: RunContext) -> str:
+    """The model preference tuning starts from (and its reference): the one `init_from` names, else this run's
+    instruct model."""
+    return named_start(ctx.workflow, ctx.run_dir) or storage.join(ctx.stage_dir("instruct"), "model")
+
+
 def stage_preference(ctx: RunContext) -> dict:
     """Preference tuning from the instruct model (or the model `init_from` names), which is also its reference."""
     w = ctx.workflow
-    start = named_start(w, ctx.run_dir) or storage.join(ctx.stage_dir("instruct"), "model")
-    metrics = _train(ctx, "preference", w.preference, start)
+    metrics = _train(ctx, "preference", w.preference, preference_start(ctx))
     metrics["loss_curves"] = plot_training(ctx, "preference")
     return metrics
 
@@ -179,8 +188,7 @@ def stage_evaluate(ctx: RunContext) -> dict:
     w, out = ctx.workflow, ctx.stage_dir("evaluate")
     metrics = run_evaluate(ctx.stage_dir("export"), w.evaluate, out, title=f"{w.name}: evaluation")
     if w.preference is not None and w.evaluate.endpoint is None:
-        start = named_start(w, ctx.run_dir) or storage.join(ctx.stage_dir("instruct"), "model")
-        metrics["instruct"] = run_evaluate(start, w.evaluate, storage.join(out, "instruct"),
+        metrics["instruct"] = run_evaluate(preference_start(ctx), w.evaluate, storage.join(out, "instruct"),
                                            title=f"{w.name}: the instruct model")
     return metrics
 
@@ -205,7 +213,7 @@ def stage_settings(w: Workflow, stage: str):
         "prepare": (w.model, w.datasets, w.prepare, w.synthetic,
                     {"row_group_rows": ROW_GROUP_ROWS, "columns": OUTPUT_COLUMNS},
                     # only where it is set: every other workflow's prepare hash stays as it was
-                    *([{"processor_of": w.preference.init_from}] if w.preference and w.preference.init_from else [])),
+                    *([{"processors_of": checkpoint_datasets(w)}] if checkpoint_datasets(w) else [])),
         "align": (w.align, w.scaling.num_workers),
         "knowledge": (w.knowledge, w.scaling.num_workers),
         "instruct": (w.instruct, w.scaling.num_workers),
@@ -306,8 +314,7 @@ def resolve_base_models(w: Workflow) -> tuple[str, str]:
 def needs_base_models(w: Workflow) -> bool:
     """False for a workflow that only preference-tunes a model it names: that model's processor prepares its pairs
     and its weights start the stage, so a hub id in `model:` would be fetched (Qwen2-7B: ~15 GB) for nothing."""
-    only_named_start = w.training_stages() == ["preference"] and bool(w.preference.init_from)
-    return not (only_named_start and set(w.datasets) <= set(preference_datasets(w)))
+    return not (w.training_stages() == ["preference"] and set(w.datasets) <= checkpoint_datasets(w).keys())
 
 
 def needed_stage(w: Workflow, stage: str) -> str | None:
