@@ -11,6 +11,7 @@ import io
 import json
 import os
 import shutil
+from typing import NamedTuple
 
 import openai
 import pytest
@@ -22,7 +23,6 @@ from tests.other_readers import VLLM_PYTHON
 from tests.ports import free_port
 from tests.serve_requests import image_part, png_bytes
 
-MODEL = "tiny-vllm"
 # vLLM's CPU engine, small: in the replica's own process (starts in seconds), 1 GiB of KV cache, threads unbound.
 CPU_ENGINE = {"python": VLLM_PYTHON,
               "env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind",
@@ -34,22 +34,41 @@ def vllm_settings(**changes):
     from llava_core.config import serve_settings_from_dict
 
     return serve_settings_from_dict({"engine": "vllm", "port": free_port(), "gpus_per_replica": 0,
-                                     "model_name": MODEL, "vllm": CPU_ENGINE, **changes})
+                                     "vllm": CPU_ENGINE, **changes})
+
+
+class Served(NamedTuple):
+    url: str
+    model: str  # the name `llava-ray serve` serves the export by without --model-name: its folder's
+    printed: str  # what it printed
 
 
 @pytest.fixture(scope="module")
 def server(ray_session, tiny_llava_dir):
-    from llava_core.serve.client import deploy, shutdown
+    """`llava-ray serve EXPORT --set engine=vllm ...` as a user types it: the CLI's settings and its deploy, on this
+    test session's Ray (its `ray.init` is the one thing left out) and without blocking until Ctrl-C. One vLLM start-up
+    (~1 min on 2 cores) serves every test of the module but the serve stage's, which deploys its own."""
+    from llava_core import cli
+    from llava_core.serve.client import shutdown
+    from llava_core.serve.deploy_config import default_model_name
 
     if not os.path.exists(VLLM_PYTHON):
         pytest.fail(f"{VLLM_PYTHON} is missing: `make readers` (part of `make test`) builds it")
-    yield deploy(tiny_llava_dir, vllm_settings(), MODEL)
+    port, printed = free_port(), io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
+        patch.setattr(cli, "init_ray", lambda: None)
+        patch.setattr("llava_core.serve.client.serve_until_interrupted", lambda: None)
+        assert cli.main(["serve", tiny_llava_dir, "--port", str(port), "--set", "engine=vllm",
+                         "--set", "gpus_per_replica=0", "--set", f"vllm.python={VLLM_PYTHON}",
+                         "--set", f"vllm.engine_kwargs={json.dumps(CPU_ENGINE['engine_kwargs'])}",
+                         "--set", f"vllm.env_vars={json.dumps(CPU_ENGINE['env_vars'])}"]) == 0
+    yield Served(f"http://127.0.0.1:{port}", default_model_name(tiny_llava_dir), printed.getvalue())
     shutdown()
 
 
 @pytest.fixture(scope="module")
 def client(server):
-    return openai.OpenAI(base_url=server + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
@@ -77,16 +96,16 @@ def same_answer(vllm_text: str, completion) -> bool:
     return vllm_text.rstrip("\ufffd").removeprefix(" ") == completion.text.rstrip("\ufffd")
 
 
-def test_text_image_and_streamed_answers_are_our_engines(client, engine):
+def test_text_image_and_streamed_answers_are_our_engines(server, client, engine):
     image = Image.new("RGB", (56, 40), (200, 40, 40))
     question = "What colour is the shape?"
-    plain = client.chat.completions.create(model=MODEL, max_tokens=8, temperature=0,
+    plain = client.chat.completions.create(model=server.model, max_tokens=8, temperature=0,
                                            messages=[{"role": "user", "content": question}])
     with_image = client.chat.completions.create(
-        model=MODEL, max_tokens=8, temperature=0,
+        model=server.model, max_tokens=8, temperature=0,
         messages=[{"role": "user", "content": [image_part(png_bytes(image)), {"type": "text", "text": question}]}])
     stream = client.chat.completions.create(
-        model=MODEL, max_tokens=8, temperature=0, stream=True,
+        model=server.model, max_tokens=8, temperature=0, stream=True,
         messages=[{"role": "user", "content": [image_part(png_bytes(image)), {"type": "text", "text": question}]}])
     streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream if chunk.choices)
     for answer, ours in ((plain, our_completion(engine, question, [], 8)),
@@ -104,17 +123,31 @@ def test_an_unknown_model_is_a_404(client):
                                        messages=[{"role": "user", "content": "hi"}])
 
 
-def test_a_request_without_max_tokens_is_not_cut_by_the_export(client):
+def test_a_request_without_max_tokens_is_not_cut_by_the_export(server, client):
     """vLLM takes generation_config.json's values as request defaults: the export sets no answer length, so a
     request that sets none runs to the end of the context (here forced past any end of sequence)."""
-    answer = client.chat.completions.create(model=MODEL, temperature=0, extra_body={"ignore_eos": True},
+    answer = client.chat.completions.create(model=server.model, temperature=0, extra_body={"ignore_eos": True},
                                             messages=[{"role": "user", "content": "Describe the shape."}])
     assert answer.usage.completion_tokens > 64 and answer.choices[0].finish_reason == "length"
 
 
+def test_llava_ray_serve_with_engine_vllm_answers_the_openai_client(server, client, engine):
+    """What `llava-ray serve` (the module's server) printed: the model under its export folder's name, which then
+    answers an image as our engine does."""
+    assert f"serving '{server.model}' at {server.url}/v1/chat/completions" in server.printed
+    image = Image.new("RGB", (48, 64), (40, 200, 40))
+    answer = client.chat.completions.create(
+        model=server.model, max_tokens=8, temperature=0,
+        messages=[{"role": "user", "content": [image_part(png_bytes(image)), {"type": "text", "text": "What shape?"}]}])
+    ours = our_completion(engine, "What shape?", [image], 8)
+    assert same_answer(answer.choices[0].message.content, ours)
+    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (ours.prompt_tokens, ours.completion_tokens)
+
+
 def test_the_workflows_serve_stage_serves_with_vllm(server, engine, tiny_llava_dir, tmp_path):
     """The serve stage of a workflow with `serve.engine: vllm` deploys vLLM (in place of the module's app, on its
-    port: one Serve, one set of HTTP options) and asks it the demo question."""
+    port: one Serve, one set of HTTP options) and asks it the demo question. Last in the module: it ends the
+    module's app."""
     from llava_core.serve.client import shutdown
     from llava_core.workflow import RunContext, compute_hashes, stage_serve
 
@@ -127,7 +160,7 @@ def test_the_workflows_serve_stage_serves_with_vllm(server, engine, tiny_llava_d
         {"from": "human", "value": "<image>\nWhat colour is the shape?"}, {"from": "gpt", "value": "red"}]}]))
     workflow = Workflow(name="vllm-stage", datasets={"instruct": DatasetSettings(path=str(data),
                                                                                  image_folder=str(tmp_path))},
-                        serve=vllm_settings(model_name="", port=int(server.rsplit(":", 1)[1])))
+                        serve=vllm_settings(model_name="", port=int(server.url.rsplit(":", 1)[1])))
     ctx = RunContext(workflow, run_dir, "", "", hashes=compute_hashes(workflow))
     try:
         with contextlib.redirect_stdout(io.StringIO()):
@@ -138,36 +171,3 @@ def test_the_workflows_serve_stage_serves_with_vllm(server, engine, tiny_llava_d
                           demo["max_tokens"])
     assert demo["model"] == "vllm-stage" and demo["usage"]["prompt_tokens"] == ours.prompt_tokens
     assert same_answer(demo["answer"], ours)
-
-
-def test_llava_ray_serve_with_engine_vllm_answers_the_openai_client(ray_session, engine, tiny_llava_dir, monkeypatch,
-                                                                   capsys):
-    """`llava-ray serve EXPORT --set engine=vllm ...` as a user types it: the CLI's settings and its deploy, on this
-    test session's Ray (its `ray.init` is the one thing left out) and without blocking until Ctrl-C."""
-    from llava_core import cli
-    from llava_core.serve.client import shutdown
-    from llava_core.serve.deploy_config import default_model_name
-
-    monkeypatch.setattr(cli, "init_ray", lambda: None)
-    monkeypatch.setattr("llava_core.serve.client.serve_until_interrupted", lambda: None)
-    port = free_port()
-    engine_kwargs = json.dumps(CPU_ENGINE["engine_kwargs"])
-    env_vars = json.dumps(CPU_ENGINE["env_vars"])
-    try:
-        assert cli.main(["serve", tiny_llava_dir, "--port", str(port), "--set", "engine=vllm",
-                         "--set", "gpus_per_replica=0", "--set", f"vllm.python={VLLM_PYTHON}",
-                         "--set", f"vllm.engine_kwargs={engine_kwargs}", "--set", f"vllm.env_vars={env_vars}"]) == 0
-        printed = capsys.readouterr().out
-        name = default_model_name(tiny_llava_dir)  # the export's folder names the model
-        assert f"serving '{name}' at http://127.0.0.1:{port}/v1/chat/completions" in printed
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-        image = Image.new("RGB", (48, 64), (40, 200, 40))
-        answer = client.chat.completions.create(
-            model=name, max_tokens=8, temperature=0,
-            messages=[{"role": "user", "content": [image_part(png_bytes(image)),
-                                                   {"type": "text", "text": "What shape?"}]}])
-    finally:
-        shutdown()
-    ours = our_completion(engine, "What shape?", [image], 8)
-    assert same_answer(answer.choices[0].message.content, ours)
-    assert (answer.usage.prompt_tokens, answer.usage.completion_tokens) == (ours.prompt_tokens, ours.completion_tokens)
