@@ -15,12 +15,13 @@ import yaml
 
 from tests.docs_helpers import EXAMPLE_IMAGE, ROOT, SERVED_NAME, at, fenced_blocks, readme, the_block, validate_lines
 from tests.ports import free_port
+from tests.workflow_checks_helpers import OFFLINE_AWS
 
 SEVEN_B = os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml")
 
 
 def cli_env() -> dict:
-    return {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return {**os.environ, **OFFLINE_AWS, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 
 def run_cli(args: list[str], cwd: str = ROOT) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ import pytest
 
 from llava_core import preflight
 from llava_core.config import WorkflowError, load_workflow, readable_sections
-from tests.workflow_checks_helpers import ROOT, validate
+from tests.workflow_checks_helpers import OFFLINE_AWS, ROOT, validate
 
 
 def cluster_workflow(tmp_path, *overrides):
@@ -151,8 +151,11 @@ def test_a_stage_whose_input_is_missing_is_refused_before_work(tmp_path):
         check_upstream(RunContext(official, official.run_dir, "", "", hashes=compute_hashes(official)), ["instruct"])
 
 
-def test_plan_memory_follows_the_zero_stage():
+def test_plan_memory_follows_the_zero_stage(monkeypatch):
     from llava_core.plan import build_plan
+
+    for name, value in OFFLINE_AWS.items():  # the recipe's example bucket: a region set, no lookup of it
+        monkeypatch.setenv(name, value)
 
     base = os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml")
     memory = {zero: next(s for s in build_plan(load_workflow(base, [f"instruct.zero_stage={zero}"]))["stages"]
