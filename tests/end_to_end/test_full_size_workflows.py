@@ -16,6 +16,10 @@ whose nodes share no disk:
 
 Afterwards the export loads in plain transformers and gives the endpoint's answer to the serve stage's demo request.
 
+The LoRA recipe's stage 1 is the 7B recipe's (its header says so; the official `finetune_lora.sh` starts from the
+pretraining run's `mm_projector.bin`): it runs with `align: null` and `instruct.init_projector` naming the 7B run's
+projector in the bucket, as a team that has run both would, instead of training the same projector again.
+
 `llava-v1.5-13b.yaml` is not run here (~2.7 min of `make test`): it is the 7B recipe with another LLM id and ZeRO-3 in
 stage 2, and a Vicuna LLM trained under ZeRO-3 and exported runs in NeXT's recipe; its checks and plan are tested in
 tests/end_to_end/test_workflow_checks.py.
@@ -122,12 +126,42 @@ OWN_DATA = {"llava-onevision-qwen2-7b-dpo": [f"datasets.preference.path={BUCKET}
                                              *PREPARE]}
 
 
+# Recipes whose stage 1 is another's: name -> that recipe, whose run's projector this one starts from.
+STAGE_ONE_OF = {"llava-v1.5-7b-lora": "llava-v1.5-7b"}
+
+
+def stage_one_projector(name: str) -> str:
+    return f"{BUCKET}/runs/{STAGE_ONE_OF[name]}/align/mm_projector.bin"
+
+
+def stage_one_overrides(name: str) -> list[str]:
+    return ["align=null", f"instruct.init_projector={stage_one_projector(name)}"] if name in STAGE_ONE_OF else []
+
+
+@pytest.fixture(scope="module")
+def runs(cluster, s3_world):
+    """Each workflow's run, once (name -> the finished CLI process); a recipe whose stage 1 is another's runs after
+    that one."""
+    gcs, root, _ = cluster
+    done = {}
+
+    def run(name: str) -> subprocess.CompletedProcess:
+        if name in STAGE_ONE_OF:
+            first = run(STAGE_ONE_OF[name])
+            assert first.returncode == 0, f"{STAGE_ONE_OF[name]}, whose projector {name} starts from, failed"
+        if name not in done:
+            done[name] = run_workflow(name, gcs, root, s3_world)
+        return done[name]
+    return run
+
+
 def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.CompletedProcess:
     driver_home = os.path.join(root, f"driver-{name}", "home")
     os.makedirs(driver_home)
     overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
                  f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers",
-                 *OWN_DATA.get(name, [*DATA, *SIZES]), *SCALING, *EXTRA.get(name, [])]
+                 *OWN_DATA.get(name, [*DATA, *SIZES]), *SCALING, *EXTRA.get(name, []),
+                 *stage_one_overrides(name)]
     driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
                   "TMPDIR": os.path.dirname(driver_home)}
     return subprocess.run(
@@ -190,12 +224,14 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
 
 @pytest.mark.parametrize("name", ["llava-v1.5-7b", "llava-v1.5-7b-lora", "llava-next-vicuna-7b",
                                   "llava-onevision-qwen2-7b", "llava-onevision-qwen2-7b-dpo"])
-def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, tmp_path):
+def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, runs, tmp_path):
     from llava_core import storage
 
     gcs, root, dashboard = cluster
-    run = run_workflow(name, gcs, root, s3_world)
+    run = runs(name)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
+    if name in STAGE_ONE_OF:  # stage 2 started from the other run's projector, read from the bucket by the workers
+        assert f"loaded the official projector {stage_one_projector(name)}" in run.stdout + run.stderr
     assert len(training_worker_nodes(dashboard)) == 2  # one training worker per node
     driver_home = os.path.join(root, f"driver-{name}", "home")
     assert not os.path.exists(os.path.join(driver_home, ".cache", "llava-ray")), "the driver mirrored a model"
@@ -245,9 +281,11 @@ def check_training_stages(name: str, run_dir: str, summary: dict) -> None:
     """align -> [knowledge] -> instruct, each handing on what the next needs; the rows and image tokens counted."""
     from llava_core import storage
 
-    stages = ["prepare", "align", *(["knowledge"] if name in EXTRA else []), "instruct", "export", "evaluate",
+    stage_one = [] if name in STAGE_ONE_OF else ["align"]  # or the other recipe's (the module's docstring)
+    stages = ["prepare", *stage_one, *(["knowledge"] if name in EXTRA else []), "instruct", "export", "evaluate",
               "serve"]
     assert [summary[s]["status"] for s in stages] == ["done"] * len(stages)
+    assert ("align" in summary) == bool(stage_one)
     manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
     assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
     # Every image token is counted: CLIP-L/336's 576 a view; AnyRes's base view and the unpadded tile of a
@@ -258,7 +296,8 @@ def check_training_stages(name: str, run_dir: str, summary: dict) -> None:
         assert set(storage.read_json(storage.join(run_dir, "knowledge", "trainable.json"))["trained"]) == \
             {"vision", "projector", "llm"}
     # Align hands on the projector alone (the official mm_projector.bin), not a model copy.
-    align_files = {name for name, _, _ in storage.listing(storage.join(run_dir, "align"))}
+    align_run = f"{BUCKET}/runs/{STAGE_ONE_OF[name]}" if name in STAGE_ONE_OF else run_dir
+    align_files = {name for name, _, _ in storage.listing(storage.join(align_run, "align"))}
     assert "mm_projector.bin" in align_files and not any(f.startswith("model/") for f in align_files)
     assert ("adapter/adapter_config.json" in set(summary["export"]["files"]) or
             "adapter" in summary["export"]) == name.endswith("lora")
