@@ -58,10 +58,11 @@ def server(ray_session, tiny_llava_dir):
     with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(printed):
         patch.setattr(cli, "init_ray", lambda: None)
         patch.setattr("llava_core.serve.client.serve_until_interrupted", lambda: None)
-        assert cli.main(["serve", tiny_llava_dir, "--port", str(port), "--set", "engine=vllm",
+        code = cli.main(["serve", tiny_llava_dir, "--port", str(port), "--set", "engine=vllm",
                          "--set", "gpus_per_replica=0", "--set", f"vllm.python={VLLM_PYTHON}",
                          "--set", f"vllm.engine_kwargs={json.dumps(CPU_ENGINE['engine_kwargs'])}",
-                         "--set", f"vllm.env_vars={json.dumps(CPU_ENGINE['env_vars'])}"]) == 0
+                         "--set", f"vllm.env_vars={json.dumps(CPU_ENGINE['env_vars'])}"])
+    assert code == 0, printed.getvalue()
     yield Served(f"http://127.0.0.1:{port}", default_model_name(tiny_llava_dir), printed.getvalue())
     shutdown()
 
