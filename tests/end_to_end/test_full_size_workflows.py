@@ -18,7 +18,8 @@ Afterwards the export loads in plain transformers and gives the endpoint's answe
 
 The LoRA recipe's stage 1 is the 7B recipe's (its header says so; the official `finetune_lora.sh` starts from the
 pretraining run's `mm_projector.bin`): it runs with `align: null` and `instruct.init_projector` naming the 7B run's
-projector in the bucket, as a team that has run both would, instead of training the same projector again.
+projector in the bucket, as a team that has run both would, instead of training the same projector again (its
+64 align rows are still prepared: `--set` cannot delete a dataset, which docs/cluster.md tells a user to do).
 
 `llava-v1.5-13b.yaml` is not run here (~2.7 min of `make test`): it is the 7B recipe with another LLM id and ZeRO-3 in
 stage 2, and a Vicuna LLM trained under ZeRO-3 and exported runs in NeXT's recipe; its checks and plan are tested in
@@ -140,17 +141,19 @@ def stage_one_overrides(name: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def runs(cluster, s3_world):
-    """Each workflow's run, once (name -> the finished CLI process); a recipe whose stage 1 is another's runs after
-    that one."""
-    gcs, root, _ = cluster
+    """Each workflow's run, once: name -> (the finished CLI process, the nodes that hosted the training workers this
+    run started); a recipe whose stage 1 is another's runs after that one."""
+    gcs, root, dashboard = cluster
     done = {}
 
-    def run(name: str) -> subprocess.CompletedProcess:
+    def run(name: str) -> tuple[subprocess.CompletedProcess, set]:
         if name in STAGE_ONE_OF:
-            first = run(STAGE_ONE_OF[name])
+            first, _ = run(STAGE_ONE_OF[name])
             assert first.returncode == 0, f"{STAGE_ONE_OF[name]}, whose projector {name} starts from, failed"
         if name not in done:
-            done[name] = run_workflow(name, gcs, root, s3_world)
+            before = training_workers(dashboard)
+            process = run_workflow(name, gcs, root, s3_world)
+            done[name] = process, {node for actor, node in training_workers(dashboard).items() if actor not in before}
         return done[name]
     return run
 
@@ -175,17 +178,18 @@ def family_of(workflow_name: str) -> str:
         "-".join(workflow_name.split("-")[:2]), "llava")
 
 
-def training_worker_nodes(dashboard: str) -> set:
-    """Nodes that hosted Ray Train workers, from the dashboard's state API (dead actors included)."""
+def training_workers(dashboard: str) -> dict[str, str]:
+    """Every Ray Train worker the cluster has hosted (dead ones included): actor id -> node id, from the dashboard's
+    state API."""
     import requests
 
     from llava_core.submit import auth_headers
 
     reply = requests.get(f"{dashboard}/api/v0/actors", headers=auth_headers(), timeout=30, params={
         "filter_keys": "class_name", "filter_predicates": "=", "filter_values": "RayTrainWorker", "detail": "1",
-        "limit": "100"})
+        "limit": "1000"})
     reply.raise_for_status()
-    return {actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
+    return {actor["actor_id"]: actor["node_id"] for actor in reply.json()["data"]["result"]["result"]}
 
 
 def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: bytes, max_new_tokens: int) -> str:
@@ -227,12 +231,12 @@ def answer_in_plain_transformers(export_dir: str, question: str, image_bytes: by
 def test_full_size_workflow_runs_every_stage_on_two_nodes_with_private_disks(name, cluster, s3_world, runs, tmp_path):
     from llava_core import storage
 
-    gcs, root, dashboard = cluster
-    run = runs(name)
+    root = cluster[1]
+    run, worker_nodes = runs(name)
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-6000:]
     if name in STAGE_ONE_OF:  # stage 2 started from the other run's projector, read from the bucket by the workers
         assert f"loaded the official projector {stage_one_projector(name)}" in run.stdout + run.stderr
-    assert len(training_worker_nodes(dashboard)) == 2  # one training worker per node
+    assert len(worker_nodes) == 2  # this run's training workers, one per node (not an earlier run's)
     driver_home = os.path.join(root, f"driver-{name}", "home")
     assert not os.path.exists(os.path.join(driver_home, ".cache", "llava-ray")), "the driver mirrored a model"
     for node in ("head", "worker1"):  # each node mirrored the models it used into its own cache
