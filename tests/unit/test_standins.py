@@ -183,3 +183,10 @@ def test_qwen2_is_sharded_safetensors_with_its_byte_level_bpe_tokenizer_and_chat
         assert tokenizer.decode(tokenizer(text)["input_ids"]) == text
     assert tokenizer.convert_ids_to_tokens(tokenizer("is 42")["input_ids"])[-3:] == ["Ġ", "4", "2"]  # digits split
     assert tokenizer.convert_ids_to_tokens(tokenizer("é")["input_ids"]) == ["Ã", "©"]  # bytes, never <unk>
+
+
+@pytest.mark.parametrize("width, vicuna, qwen2", [(0, 256, 640), (96, 96, 96)])
+def test_the_llms_mlp_width_is_the_hub_models_ratio_unless_the_workflow_sets_one(width, vicuna, qwen2):
+    cfg = standins.TinyModelConfig(llm_hidden=128, llm_intermediate=width)
+    assert standins.llama_config(cfg, 400).intermediate_size == vicuna  # Vicuna-7B: 11008 / 4096
+    assert standins.qwen2_config_json(cfg, 400, 400)["intermediate_size"] == qwen2  # Qwen2-7B: 18944 / 3584
