@@ -147,7 +147,7 @@ class TinyModelSettings:
     llm_layers: Int = setting(2, "the LLM's decoder layers", ge=1)
     llm_heads: Int = setting(4, "the LLM's attention heads", ge=1)
     llm_intermediate: Int = setting(
-        0, "the LLM's MLP width; 0: its hub model's ratio to the hidden size (2x for Vicuna, 5x for Qwen2)", ge=0)
+        0, "the LLM's MLP width; 0: its hub model's ratio to the hidden size, rounded down", ge=0)
     vocab_size: Int = setting(600, "the tokenizer trained on the synthetic corpus: its vocabulary", ge=1)
     tower_pretraining_steps: Int = setting(
         1000, "steps of the tiny tower's own pretraining (it learns what each patch shows, as CLIP has); 0: a random "

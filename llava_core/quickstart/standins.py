@@ -59,9 +59,13 @@ class TinyModelConfig(TinyModelSettings):
     seed: int = 0
 
 
+# The stand-in LLMs' MLP width per unit of hidden size where a workflow sets none (`llm_intermediate: 0`): the hub
+# models' ratios rounded down, Vicuna-7B's 11008 / 4096 (2.7) and Qwen2-7B's 18944 / 3584 (5.3).
+VICUNA_MLP_RATIO, QWEN2_MLP_RATIO = 2, 5
+
+
 def mlp_width(cfg: TinyModelConfig, hub_ratio: int) -> int:
-    """The stand-in LLM's MLP width: the workflow's, or the hub model's ratio to the hidden size (Vicuna-7B 11008 /
-    4096, Qwen2-7B 18944 / 3584, rounded)."""
+    """The stand-in LLM's MLP width: the workflow's `llm_intermediate`, else `hub_ratio` times the hidden size."""
     return cfg.llm_intermediate or cfg.llm_hidden * hub_ratio
 
 
@@ -162,7 +166,7 @@ VICUNA_SPECIAL_TOKENS_MAP = {"bos_token": _special("<s>"), "eos_token": _special
 
 def llama_config(cfg: TinyModelConfig, vocab_size: int) -> LlamaConfig:
     config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=cfg.llm_hidden, intermediate_size=mlp_width(cfg, 2),
+        vocab_size=vocab_size, hidden_size=cfg.llm_hidden, intermediate_size=mlp_width(cfg, VICUNA_MLP_RATIO),
         num_hidden_layers=cfg.llm_layers, num_attention_heads=cfg.llm_heads, num_key_value_heads=cfg.llm_heads,
         max_position_embeddings=cfg.max_positions, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
         pad_token_id=0, tie_word_embeddings=False)
@@ -395,7 +399,8 @@ def qwen2_config_json(cfg: TinyModelConfig, tokens: int, first_special_id: int) 
     return {
         "architectures": ["Qwen2ForCausalLM"], "attention_dropout": 0.0, "bos_token_id": first_special_id,
         "eos_token_id": first_special_id + 2, "hidden_act": "silu", "hidden_size": cfg.llm_hidden,
-        "initializer_range": 0.02, "intermediate_size": mlp_width(cfg, 5), "max_position_embeddings": 32768,
+        "initializer_range": 0.02, "intermediate_size": mlp_width(cfg, QWEN2_MLP_RATIO),
+        "max_position_embeddings": 32768,
         "max_window_layers": cfg.llm_layers, "model_type": "qwen2", "num_attention_heads": heads,
         "num_hidden_layers": cfg.llm_layers, "num_key_value_heads": max(1, heads // 2), "rms_norm_eps": 1e-06,
         "rope_theta": 1000000.0, "sliding_window": 131072, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
