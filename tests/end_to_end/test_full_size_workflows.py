@@ -1,6 +1,7 @@
 """The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-7b-lora.yaml`,
 `llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml` and its preference tuning, `-dpo.yaml`), with `--set`
-overrides only for where the models and data are, how big the batches and epochs are and how many CPU workers run,
+overrides only for where the models and data are, how big the batches and epochs are, how many steps the stages on
+the instruct data take and how many CPU workers run,
 through every stage including `serve` (with the transformers engine: the workflows' vLLM needs the image's GPU
 environment; tests/end_to_end/test_serve_vllm.py runs that path with vLLM's CPU build), on a two-node Ray cluster
 whose nodes share no disk:
@@ -44,9 +45,10 @@ BUCKET = "s3://llava-test"
 HUB_IDS = {"openai/clip-vit-large-patch14-336": 336, "lmsys/vicuna-7b-v1.5": 336,
            "google/siglip-so400m-patch14-384": 384, "Qwen/Qwen2-7B-Instruct": 384}
 ONEVISION_CHECKPOINT = "llava-hf/llava-onevision-qwen2-7b-ov-hf"  # the DPO recipe's starting model
+STEPS = 3  # of each stage on the 200 instruct rows (13 at batch 16): they plumb, the quickstarts measure learning
 PREPARE = ["prepare.num_actors=2", "prepare.rows_per_shard=100"]
 SIZES = ["align.global_batch_size=16", "align.micro_batch_size=4", "instruct.global_batch_size=16",
-         "instruct.micro_batch_size=4", "instruct.epochs=1", *PREPARE]
+         "instruct.micro_batch_size=4", "instruct.epochs=1", f"instruct.max_steps={STEPS}", *PREPARE]
 SCALING = ["scaling.num_workers=2", "scaling.use_gpu=false", "scaling.cpus_per_worker=1",
            "scaling.local_dir=''"]  # the system temp directory: no /mnt/scratch here
 DATA = [f"datasets.align.path={BUCKET}/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json",
@@ -119,7 +121,7 @@ def cluster(s3_world, tmp_path_factory):
 EXTRA = {"llava-onevision-qwen2-7b": [
     f"datasets.knowledge.sources=[{{path: {BUCKET}/LLaVA-Instruct/llava_v1_5_mix665k.json, "
     f"image_folder: {BUCKET}/LLaVA-Instruct/images}}]",
-    "knowledge.global_batch_size=16", "knowledge.micro_batch_size=4"]}
+    "knowledge.global_batch_size=16", "knowledge.micro_batch_size=4", f"knowledge.max_steps={STEPS}"]}
 # The DPO recipe has its own data (the pairs, as written) and batch: only these sizes change.
 OWN_DATA = {"llava-onevision-qwen2-7b-dpo": [f"datasets.preference.path={BUCKET}/dpo/llava_ov_dpo.json",
                                              f"datasets.preference.image_folder={BUCKET}/dpo/images",
@@ -290,6 +292,8 @@ def check_training_stages(name: str, run_dir: str, summary: dict) -> None:
               "serve"]
     assert [summary[s]["status"] for s in stages] == ["done"] * len(stages)
     assert ("align" in summary) == bool(stage_one)
+    assert {s: summary[s]["steps"] for s in ("knowledge", "instruct") if s in stages} == \
+        {s: STEPS for s in ("knowledge", "instruct") if s in stages}
     manifest = storage.read_json(storage.join(run_dir, "prepare", "manifest.json"))
     assert manifest["datasets"]["instruct"]["rows_rejected"] == 2
     # Every image token is counted: CLIP-L/336's 576 a view; AnyRes's base view and the unpadded tile of a
