@@ -91,10 +91,24 @@ def zero3_loading(ds_config: dict):
         import deepspeed
         from transformers.integrations import HfDeepSpeedConfig
 
+        without_cpu_inference_comm_op()
         deepspeed.init_distributed()  # zero.Init checks the batch sizes against DeepSpeed's view of the world size
 
         _ZERO3_CONFIG.append(HfDeepSpeedConfig(ds_config))
     yield
+
+
+def without_cpu_inference_comm_op() -> None:
+    """Before DeepSpeed's communication backend starts on CPU: its CPU accelerator would JIT-compile a shared-memory
+    all-reduce (`deepspeed_shm_comm`), ~25 s of C++ build on every new install path and one more per torch
+    extensions cache, while every rank waits, for a kernel only DeepSpeed inference's `inference_all_reduce` calls.
+    Training's collectives go through torch.distributed (gloo). GPU accelerators have no such op: untouched."""
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() == "cpu":
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # DeepSpeed caches this dict: it sticks
 
 
 def build_optimizer(groups: list[dict], stage: TrainStageSettings, use_gpu: bool):
@@ -120,6 +134,7 @@ def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps:
     import deepspeed
     from transformers import get_cosine_schedule_with_warmup
 
+    without_cpu_inference_comm_op()
     model = apply_stage_training(model, stage.trainable, stage.lora)
     if stage.gradient_checkpointing:
         llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -51,6 +51,15 @@ def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one
     assert calls == {False: 1, True: 2}  # once forward; checkpointed: once more in backward
 
 
+def test_deepspeed_on_cpu_starts_without_compiling_its_inference_all_reduce(tiny_dataset, one_rank):
+    import deepspeed.comm.comm as ds_comm
+
+    build(tiny_dataset, stage_settings())
+    # DeepSpeed's CPU backend would JIT-build `deepspeed_shm_comm` here (~25 s on a new install path); training's
+    # collectives never call it
+    assert ds_comm.cdb is not None and ds_comm.cdb.shm_comm_op is None
+
+
 def test_the_schedule_is_transformers_cosine_with_hf_trainers_warmup_steps(tiny_dataset, one_rank):
     engine, _ = build(tiny_dataset, stage_settings(warmup_ratio=0.03, lr=1e-3), total_steps=100)
     scheduler = engine.lr_scheduler
