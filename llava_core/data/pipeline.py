@@ -2,8 +2,9 @@
 
 A dataset is one source or a mixture of sources (each with its image folder and sampling). Every source is first
 streamed once into arrow blocks of raw rows in the object store (`sources.staged_blocks`); a pool of
-`RowPreparer` actors turns each row into an example or a rejection, written in one streaming pass. Per dataset it
-writes `<out>/<name>/rows/status=written/*.parquet` (the shards), `<out>/<name>/rows/status=rejected/`,
+`RowPreparer` actors turns each row into an example or a rejection, written in one streaming pass (every dataset of
+a run through one pool, each row with its own dataset's settings). Per dataset it writes
+`<out>/rows/dataset=<name>/status=written/*.parquet` (the shards), `<out>/rows/dataset=<name>/status=rejected/`,
 `<out>/<name>/rejects.jsonl` (every rejected row with its reason, row id, source and index),
 `<out>/<name>/plan_index.parquet` (every written row's location, length and image count, for the trainer) and counts
 in `<out>/manifest.json`, with `rows_in == rows_written + rows_rejected` for the dataset and for every source.
@@ -16,9 +17,11 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections import Counter
 
 import numpy as np
+import pyarrow as pa
 import ray
 from ray.data import ActorPoolStrategy
 
@@ -33,38 +36,42 @@ log = logging.getLogger(__name__)
 
 
 
+DATASET_COLUMN = "dataset"  # the staged rows' tag, and the first partition of the written rows
+
+
 class TooManyRejects(RuntimeError):
     pass
 
 
 def prepare_dataset(name: str, sources: list[SourceSettings], vision_path: str, llm_path: str, settings: RowSettings,
                     out_dir: str) -> tuple[dict, np.ndarray]:
-    """Prepare one dataset (a mixture of sources) with its settings (the workflow's `prepare` section, the dataset's
-    template, the model's family): its manifest entry and the token length of every row."""
-    dataset_dir = storage.join(out_dir, name)
-    storage.delete_dir(dataset_dir)  # a re-run replaces, never appends to, an earlier attempt
+    """Prepare one dataset (a mixture of sources) with its settings: its manifest entry and every row's length."""
+    return prepare_datasets({name: (sources, settings)}, vision_path, llm_path, out_dir)[name]
+
+
+def prepare_datasets(datasets: dict[str, tuple[list[SourceSettings], RowSettings]], vision_path: str, llm_path: str,
+                     out_dir: str) -> dict[str, tuple[dict, np.ndarray]]:
+    """Prepare every dataset (each a mixture of sources, with its settings: the workflow's `prepare` section, its
+    template and kind, the model's family) in one streaming pass through one pool of actors: a pool costs its
+    actors' start (~5-7 s here: a process, transformers, the processor), once per run rather than once per dataset.
+    Returns each dataset's manifest entry and the token length of every row it wrote."""
+    rows_dir = storage.join(out_dir, "rows")
+    for path in (rows_dir, *(storage.join(out_dir, name) for name in datasets)):
+        storage.delete_dir(path)  # a re-run replaces, never appends to, an earlier attempt
     start = time.perf_counter()
     blocks, selected = [], {}
-    for source in sources:
-        source_blocks, total = _stage(source)
-        selected[source.path] = select_indices(source.sampling, total, source.seed)
-        if len(selected[source.path]) < total:
-            source_blocks = [ray.put(keep_indices(ray.get(ref), selected[source.path])) for ref in source_blocks]
-        blocks += source_blocks
-        log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total,
-                 len(selected[source.path]), source.sampling)
-    rows_total = sum(len(s) for s in selected.values())
-    if rows_total == 0:
-        raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
+    for name, (sources, _) in datasets.items():
+        blocks += _stage_dataset(name, sources, selected.setdefault(name, {}))
+    rows_total = sum(len(s) for chosen in selected.values() for s in chosen.values())
 
     counter = RowCounter.remote()
     prepared = ray.data.from_arrow_refs(blocks).map_batches(
         CountedRowPreparer,
         fn_constructor_kwargs={"counter": counter, "vision_path": vision_path, "llm_path": llm_path,
-                               "settings": settings},
+                               "settings": {name: settings for name, (_, settings) in datasets.items()}},
         batch_format="pyarrow",
         batch_size=32,
-        compute=ActorPoolStrategy(size=settings.num_actors),
+        compute=ActorPoolStrategy(size=max(settings.num_actors for _, settings in datasets.values())),
         num_cpus=1,
         **_worker_env(),
     )
@@ -72,9 +79,38 @@ def prepare_dataset(name: str, sources: list[SourceSettings], vision_path: str, 
     # seeded order over the shards' rows, so without this the same seed trains on other batches every run. Ray
     # holds a finished batch back until the ones before it are written (a few batches per actor in the object store).
     prepared.context.execution_options.preserve_order = True
-    rows_dir = storage.join(dataset_dir, "rows")
-    with reporting_rows(f"prepare {name}", rows_total, counter):
-        _write_streaming(prepared, rows_dir, settings.rows_per_shard)
+    with reporting_rows(f"prepare {', '.join(datasets)}", rows_total, counter):
+        _write_streaming(prepared, rows_dir, min(s.rows_per_shard for _, s in datasets.values()))
+    return {name: _finish_dataset(name, sources, settings.template, selected[name], dataset_rows(rows_dir, name),
+                                  storage.join(out_dir, name), start)
+            for name, (sources, settings) in datasets.items()}
+
+
+def dataset_rows(rows_dir: str, name: str) -> str:
+    """Where the partitioned write put a dataset's rows (pyarrow's hive partitioning escapes the value as a URI)."""
+    return storage.join(rows_dir, f"{DATASET_COLUMN}={urllib.parse.quote(name, safe='')}")
+
+
+def _stage_dataset(name: str, sources: list[SourceSettings], selected: dict) -> list:
+    """The dataset's sampled rows as blocks in the object store, each row tagged with the dataset's name; `selected`
+    gets each source's chosen row indices."""
+    blocks = []
+    for source in sources:
+        source_blocks, total = _stage(source, name)
+        selected[source.path] = select_indices(source.sampling, total, source.seed)
+        if len(selected[source.path]) < total:
+            source_blocks = [ray.put(keep_indices(ray.get(ref), selected[source.path])) for ref in source_blocks]
+        blocks += source_blocks
+        log.info("prepare %s: %s: %d rows, %d sampled (%s)", name, source.path, total, len(selected[source.path]),
+                 source.sampling)
+    if not sum(len(s) for s in selected.values()):
+        raise ValueError(f"dataset {name!r}: its sources hold no rows ({', '.join(s.path for s in sources)})")
+    return blocks
+
+
+def _finish_dataset(name: str, sources, template: str, selected: dict, rows_dir: str, dataset_dir: str,
+                    start: float) -> tuple[dict, np.ndarray]:
+    """A written dataset's plan index, rejects and manifest entry, and its rows' lengths."""
     shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
     index_path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
     # On a worker, while the driver reads the summary below: the scan is ~one request per row group on S3.
@@ -88,12 +124,12 @@ def prepare_dataset(name: str, sources: list[SourceSettings], vision_path: str, 
     storage.write_text(storage.join(dataset_dir, "rejects.jsonl"),
                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     written = summary[summary["reason"] == ""]
-    log.info("prepare %s: %d rows in %.1f s", name, len(summary), time.perf_counter() - start)
+    log.info("prepare %s: %d rows (%.1f s since prepare started)", name, len(summary), time.perf_counter() - start)
     indexed = ray.get(index_rows)
     if indexed != len(written):
         raise RuntimeError(f"dataset {name!r}: the plan index {index_path} holds {indexed} rows, the shards "
                            f"{len(written)}")
-    entry = _manifest_entry(sources, settings.template, selected, written, rejects, shards, index_path)
+    entry = _manifest_entry(sources, template, selected, written, rejects, shards, index_path)
     return entry, np.asarray(written["length"], dtype=np.int64)
 
 
@@ -112,18 +148,31 @@ class RowCounter:
         return self.rows
 
 
-class CountedRowPreparer(RowPreparer):
-    """A RowPreparer that tells the RowCounter each finished batch's size (one small message per batch of 32,
-    sent without waiting)."""
+class CountedRowPreparer:
+    """The pool's actor: each dataset's rows through that dataset's RowPreparer (made on its first row: a dataset
+    may start from another model, whose processor prepares it), tagged with the dataset for the partitioned write;
+    it tells the RowCounter each finished batch's size (one small message per batch of 32, sent without waiting)."""
 
-    def __init__(self, counter, **kwargs):
-        super().__init__(**kwargs)
-        self.counter = counter
+    def __init__(self, counter, vision_path: str, llm_path: str, settings: dict[str, RowSettings]):
+        self.counter, self.vision_path, self.llm_path, self.settings = counter, vision_path, llm_path, settings
+        self.preparers: dict[str, RowPreparer] = {}
 
-    def __call__(self, batch):
-        out = super().__call__(batch)
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names = batch.column(DATASET_COLUMN).to_pylist()
+        parts, first = [], 0
+        for end in range(1, len(names) + 1):  # a batch may straddle two datasets: each run of rows to its own
+            if end == len(names) or names[end] != names[first]:
+                prepared = self.preparer(names[first])(batch.slice(first, end - first))
+                parts.append(prepared.append_column(DATASET_COLUMN, pa.array([names[first]] * prepared.num_rows,
+                                                                              pa.string())))
+                first = end
         self.counter.add.remote(batch.num_rows)
-        return out
+        return pa.concat_tables(parts)
+
+    def preparer(self, name: str) -> RowPreparer:
+        if name not in self.preparers:
+            self.preparers[name] = RowPreparer(self.vision_path, self.llm_path, self.settings[name])
+        return self.preparers[name]
 
 
 @contextlib.contextmanager
@@ -151,8 +200,9 @@ def reporting_rows(label: str, total: int, counter, every_s: float = REPORT_EVER
 
 
 def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:
-    """One streaming pass: written rows to `rows/status=written/` (the shards), rejected ones (tiny: no tokens, no
-    pixels) to `rows/status=rejected/`. Nothing is materialised: at 665K images that would be ~225 GB of pixels."""
+    """One streaming pass: written rows to `rows/dataset=<name>/status=written/` (the shards), rejected ones (tiny:
+    no tokens, no pixels) to `.../status=rejected/`. Nothing is materialised: at 665K images that would be ~225 GB
+    of pixels."""
     import warnings
 
     fs, path = storage.filesystem(rows_dir)
@@ -163,8 +213,9 @@ def _write_streaming(prepared, rows_dir: str, rows_per_shard: int) -> None:
         # Writing is I/O: with a CPU reserved, the writes wait for an actor to finish and pile up at the end.
         # row_group_size goes to pyarrow's write_dataset as min and max rows per group (small: the trainer reads
         # rows at random, a group at a time); without it a shard would be one row group.
-        prepared.write_parquet(path, filesystem=fs, partition_cols=["status"], min_rows_per_file=rows_per_shard,
-                               row_group_size=ROW_GROUP_ROWS, ray_remote_args={"num_cpus": 0})
+        prepared.write_parquet(path, filesystem=fs, partition_cols=[DATASET_COLUMN, "status"],
+                               min_rows_per_file=rows_per_shard, row_group_size=ROW_GROUP_ROWS,
+                               ray_remote_args={"num_cpus": 0})
 
 
 def _read_columns(paths: list[str], columns: list[str]):
@@ -188,11 +239,12 @@ def _worker_env() -> dict:
     return {"runtime_env": {"env_vars": env}} if env else {}
 
 
-def _stage(source: SourceSettings) -> tuple[list, int]:
-    """Stream a source file once into blocks in the object store: no process holds the whole file."""
+def _stage(source: SourceSettings, dataset: str) -> tuple[list, int]:
+    """Stream a source file once into blocks in the object store, each row tagged with its dataset: no process holds
+    the whole file."""
     refs, total = [], 0
     for block in staged_blocks(source):
-        refs.append(ray.put(block))
+        refs.append(ray.put(block.append_column(DATASET_COLUMN, pa.array([dataset] * block.num_rows, pa.string()))))
         total += block.num_rows
     return refs, total
 
@@ -253,15 +305,15 @@ def run_prepare(workflow, vision_path: str, llm_path: str, out_dir: str, checkpo
     """The prepare stage: every dataset of the workflow, then the manifest, length statistics and their plot.
     `checkpoints`: dataset name -> the model its stage starts from (its processor prepares the dataset)."""
     p = workflow.prepare
-    manifest, all_lengths = {"datasets": {}}, {}
+    datasets = {}
     for name, dataset in workflow.datasets.items():
-        sources = dataset_sources(dataset)
         # Every prepare setting reaches the rows, with the dataset's template and the model's family.
         settings = RowSettings(**dataclasses.asdict(p), template=dataset.template, family=workflow.model.family,
                                kind=dataset.kind, checkpoint=(checkpoints or {}).get(name, ""))
-        entry, lengths = prepare_dataset(name, sources, vision_path, llm_path, settings, out_dir)
-        manifest["datasets"][name] = entry
-        all_lengths[name] = lengths
+        datasets[name] = (dataset_sources(dataset), settings)
+    prepared = prepare_datasets(datasets, vision_path, llm_path, out_dir)
+    manifest = {"datasets": {name: entry for name, (entry, _) in prepared.items()}}
+    all_lengths = {name: lengths for name, (_, lengths) in prepared.items()}
     storage.write_json(storage.join(out_dir, "manifest.json"), manifest)
     storage.write_json(storage.join(out_dir, "stats.json"),
                        {name: length_stats(lengths) for name, lengths in all_lengths.items()})

@@ -61,8 +61,9 @@ def _metadata(shard_paths: list[str], shard_rows: list[int]) -> dict:
 def write_plan_index(shard_paths: list[str], path: str) -> int:
     """Scan the shards and write their index to `path`; returns its row count (prepare's Ray task)."""
     table = scan_shards(shard_paths)
-    fs, inner = storage.filesystem(path)
-    pq.write_table(table, inner, filesystem=fs)
+    sink = pa.BufferOutputStream()  # ~20 bytes a row: ~13 MB for 665K rows
+    pq.write_table(table, sink)
+    storage.write_bytes(path, sink.getvalue().to_pybytes())  # its directory made first, on whichever node this runs
     return table.num_rows
 
 

@@ -1,5 +1,10 @@
 """The benchmarks whose `--smoke` run takes over ~40 s (tests/benchmarks_helpers.py says what each run checks); the
-quicker ones are tests/integration/test_benchmarks.py."""
+quicker ones are tests/integration/test_benchmarks.py.
+
+The smokes run two at a time, started together by the module's first test, longest first: each alone keeps ~1.0-1.6
+of the two cores busy (Ray and vLLM start-ups wait more than they compute), and at smoke sizes they measure nothing
+that sharing the machine could spoil. Each test checks its own run's summary."""
+import concurrent.futures
 import os
 
 import pytest
@@ -7,18 +12,38 @@ import pytest
 from tests.benchmarks_helpers import fraction, positive, smoke
 from tests.other_readers import VLLM_PYTHON
 
+# name -> the smoke's extra arguments (a cache directory under its own working directory) and timeout, longest first
+SMOKES = {
+    "serve_vllm_load": ((), 600),  # ~2 min alone: vLLM's CPU start-up, twice
+    "train_memory": ((), 300),  # ~55 s alone: two training stages
+    "train_step": ((), 300),
+    "prepare_throughput": (("--cache-dir", "cache"), 300),
+    "eval_throughput": ((), 300),
+    "serve_load": ((), 300),
+}
 
-# over 40 s measured with the machine's load at ~13
-def test_prepare_throughput(tmp_path):
-    summary = smoke("prepare_throughput", tmp_path, "--cache-dir", str(tmp_path / "cache"))
+
+@pytest.fixture(scope="module")
+def smokes(tmp_path_factory):
+    """Every smoke's summary, as a future."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {}
+        for name, (args, timeout) in SMOKES.items():
+            cwd = tmp_path_factory.mktemp(name)
+            args = [str(cwd / a) if a == "cache" else a for a in args]
+            futures[name] = pool.submit(smoke, name, cwd, *args, timeout=timeout)
+        yield futures
+
+
+def test_prepare_throughput(smokes):
+    summary = smokes["prepare_throughput"].result()
     assert summary["rows"] == 16 and summary["floor_rows"] == 8 and summary["cores"] == 1
     assert positive(summary["samples_per_s"]) and positive(summary["floor_samples_per_s_single_core"])
     assert positive(summary["efficiency"])
 
 
-# over 40 s measured with the machine's load at ~13
-def test_serve_load(tmp_path):
-    summary = smoke("serve_load", tmp_path)
+def test_serve_load(smokes):
+    summary = smokes["serve_load"].result()
     assert summary["clients"] == 2 and summary["max_tokens"] == 2
     for phase in ("concurrent", "sequential"):
         assert summary[phase]["requests"] == 4 and summary[phase]["errors"] == 0
@@ -27,9 +52,8 @@ def test_serve_load(tmp_path):
     assert positive(summary["speedup"])
 
 
-# over 40 s measured with the machine's load at ~13
-def test_eval_throughput(tmp_path):
-    summary = smoke("eval_throughput", tmp_path)
+def test_eval_throughput(smokes):
+    summary = smokes["eval_throughput"].result()
     assert summary["prompts"] == 8  # 4 questions, each with its image and blind
     assert summary["actors"] == 1 and summary["max_new_tokens"] == 2
     assert positive(summary["in_process_prompts_per_s"]) and positive(summary["endpoint_prompts_per_s"])
@@ -37,27 +61,24 @@ def test_eval_throughput(tmp_path):
     assert len(summary["accuracy"]) == 2 and all(fraction(a) for a in summary["accuracy"])
 
 
-# ~2 min 45 s measured with the machine's load at ~15
-def test_train_step(tmp_path):
-    summary = smoke("train_step", tmp_path)
+def test_train_step(smokes):
+    summary = smokes["train_step"].result()
     assert summary["steps"] == 4 and summary["warmup"] == 1
     assert positive(summary["project_tokens_per_s"]) and positive(summary["bare_tokens_per_s"])
     assert positive(summary["ratio"])
 
 
-# ~3 min 50 s measured with the machine's load at ~13: two training stages
-def test_train_memory(tmp_path):
-    summary = smoke("train_memory", tmp_path)
+def test_train_memory(smokes):
+    summary = smokes["train_memory"].result()
     assert summary["rows"] == 32 and summary["steps"] == 4
     assert positive(summary["rss_gib_small"]) and positive(summary["rss_gib_large"]) and positive(summary["ratio"])
     assert fraction(summary["data_wait_fraction"])
 
 
-# ~2.5 min: vLLM's CPU start-up, twice
-def test_serve_vllm_load(tmp_path):
+def test_serve_vllm_load(smokes):
     if not os.path.exists(VLLM_PYTHON):
         pytest.fail(f"{VLLM_PYTHON} is missing: `make readers` (part of `make test`) builds it")
-    summary = smoke("serve_vllm_load", tmp_path, timeout=600)
+    summary = smokes["serve_vllm_load"].result()
     assert summary["clients"] == 2 and summary["requests"] == 4
     assert "default" not in summary  # the smoke runs the path nothing else deploys (the default: test_serve_vllm.py)
     path = summary["direct_streaming"]
