@@ -34,8 +34,6 @@ from llava_core.progress import REPORT_EVERY_S, RowProgress
 
 log = logging.getLogger(__name__)
 
-
-
 DATASET_COLUMN = "dataset"  # the staged rows' tag, and the first partition of the written rows
 
 
