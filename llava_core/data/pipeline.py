@@ -79,9 +79,21 @@ def prepare_datasets(datasets: dict[str, tuple[list[SourceSettings], RowSettings
     prepared.context.execution_options.preserve_order = True
     with reporting_rows(f"prepare {', '.join(datasets)}", rows_total, counter):
         _write_streaming(prepared, rows_dir, min(s.rows_per_shard for _, s in datasets.values()))
+    shards = {name: storage.list_files(storage.join(dataset_rows(rows_dir, name), "status=written"), ".parquet")
+              for name in datasets}
+    # On workers, every dataset's at once, while the driver reads the summaries: a scan is ~one request per row group
+    # on S3 (83K for LLaVA-1.5's 665K rows).
+    indexes = {name: _start_plan_index(shards[name], storage.join(out_dir, name)) for name in datasets}
+    log.info("prepare: %d rows written in %.1f s", rows_total, time.perf_counter() - start)
     return {name: _finish_dataset(name, sources, settings.template, selected[name], dataset_rows(rows_dir, name),
-                                  storage.join(out_dir, name), start)
+                                  shards[name], indexes[name], storage.join(out_dir, name))
             for name, (sources, settings) in datasets.items()}
+
+
+def tagged(table: pa.Table, dataset: str) -> pa.Table:
+    """`table` with every row tagged with its dataset (the staged rows for the pool, the prepared ones for the
+    partitioned write)."""
+    return table.append_column(DATASET_COLUMN, pa.repeat(dataset, table.num_rows))
 
 
 def dataset_rows(rows_dir: str, name: str) -> str:
@@ -106,14 +118,17 @@ def _stage_dataset(name: str, sources: list[SourceSettings], selected: dict) -> 
     return blocks
 
 
-def _finish_dataset(name: str, sources, template: str, selected: dict, rows_dir: str, dataset_dir: str,
-                    start: float) -> tuple[dict, np.ndarray]:
-    """A written dataset's plan index, rejects and manifest entry, and its rows' lengths."""
-    shards = storage.list_files(storage.join(rows_dir, "status=written"), ".parquet")
-    index_path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
-    # On a worker, while the driver reads the summary below: the scan is ~one request per row group on S3.
-    index_rows = _plan_index_task.options(**_worker_env()).remote(shards, index_path)
+def _start_plan_index(shards: list[str], dataset_dir: str) -> tuple:
+    """The plan index task of a dataset's shards, started: (its result's ref, the index's path)."""
+    path = storage.absolute(storage.join(dataset_dir, INDEX_NAME))  # the task may run in another directory
+    return _plan_index_task.options(**_worker_env()).remote(shards, path), path
 
+
+def _finish_dataset(name: str, sources, template: str, selected: dict, rows_dir: str, shards: list[str], index: tuple,
+                    dataset_dir: str) -> tuple[dict, np.ndarray]:
+    """A written dataset's rejects and manifest entry, once its plan index (`index`, started) holds every row; and
+    its rows' lengths."""
+    index_rows, index_path = index
     # The small columns of every row, read back from the files: the rejects and every count of the manifest.
     summary = _read_columns(storage.list_files(rows_dir, ".parquet"),
                             ["id", "source", "index", "reason", "detail", "length", "num_images", "num_supervised"])
@@ -122,7 +137,6 @@ def _finish_dataset(name: str, sources, template: str, selected: dict, rows_dir:
     storage.write_text(storage.join(dataset_dir, "rejects.jsonl"),
                        "".join(json.dumps(r, sort_keys=True) + "\n" for r in rejects))
     written = summary[summary["reason"] == ""]
-    log.info("prepare %s: %d rows (%.1f s since prepare started)", name, len(summary), time.perf_counter() - start)
     indexed = ray.get(index_rows)
     if indexed != len(written):
         raise RuntimeError(f"dataset {name!r}: the plan index {index_path} holds {indexed} rows, the shards "
@@ -161,8 +175,7 @@ class CountedRowPreparer:
         for end in range(1, len(names) + 1):  # a batch may straddle two datasets: each run of rows to its own
             if end == len(names) or names[end] != names[first]:
                 prepared = self.preparer(names[first])(batch.slice(first, end - first))
-                parts.append(prepared.append_column(DATASET_COLUMN, pa.array([names[first]] * prepared.num_rows,
-                                                                              pa.string())))
+                parts.append(tagged(prepared, names[first]))
                 first = end
         self.counter.add.remote(batch.num_rows)
         return pa.concat_tables(parts)
@@ -242,7 +255,7 @@ def _stage(source: SourceSettings, dataset: str) -> tuple[list, int]:
     the whole file."""
     refs, total = [], 0
     for block in staged_blocks(source):
-        refs.append(ray.put(block.append_column(DATASET_COLUMN, pa.array([dataset] * block.num_rows, pa.string()))))
+        refs.append(ray.put(tagged(block, dataset)))
         total += block.num_rows
     return refs, total
 

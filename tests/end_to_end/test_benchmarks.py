@@ -12,26 +12,26 @@ import pytest
 from tests.benchmarks_helpers import fraction, positive, smoke
 from tests.other_readers import VLLM_PYTHON
 
-# name -> the smoke's extra arguments (a cache directory under its own working directory) and timeout, longest first
-SMOKES = {
-    "serve_vllm_load": ((), 600),  # ~2 min alone: vLLM's CPU start-up, twice
-    "train_memory": ((), 300),  # ~55 s alone: two training stages
-    "train_step": ((), 300),
-    "prepare_throughput": (("--cache-dir", "cache"), 300),
-    "eval_throughput": ((), 300),
-    "serve_load": ((), 300),
+SMOKES = {  # name -> timeout (s), longest first
+    "serve_vllm_load": 600,  # ~2 min alone: vLLM's CPU start-up, twice
+    "train_memory": 300,  # ~55 s alone: two training stages
+    "train_step": 300,
+    "prepare_throughput": 300,
+    "eval_throughput": 300,
+    "serve_load": 300,
 }
 
 
 @pytest.fixture(scope="module")
-def smokes(tmp_path_factory):
-    """Every smoke's summary, as a future."""
+def smokes(request, tmp_path_factory):
+    """The summary of each selected test's smoke (`test_<name>`), as a future: a `-k` run starts only its own."""
+    selected = {item.name.removeprefix("test_") for item in request.session.items if item.module is request.module}
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
         futures = {}
-        for name, (args, timeout) in SMOKES.items():
+        for name in (n for n in SMOKES if n in selected):
             cwd = tmp_path_factory.mktemp(name)
-            args = [str(cwd / a) if a == "cache" else a for a in args]
-            futures[name] = pool.submit(smoke, name, cwd, *args, timeout=timeout)
+            args = ["--cache-dir", str(cwd / "cache")] if name == "prepare_throughput" else []  # not ~/.cache
+            futures[name] = pool.submit(smoke, name, cwd, *args, timeout=SMOKES[name])
         yield futures
 
 

@@ -122,23 +122,24 @@ def test_shards_hold_the_rows_in_source_order_whatever_actor_finishes_first(ray_
 def test_datasets_of_one_run_share_one_pool_and_each_row_gets_its_own_datasets_settings(ray_session, tiny_dataset,
                                                                                         tmp_path):
     """Every dataset of a run goes through one actor pool in one pass; a batch of 32 straddles the two datasets here
-    (20 rows each), and each row is still prepared with its own dataset's settings, as preparing it alone does."""
+    (20 rows each), and each row is still prepared with its own dataset's settings, as preparing it alone does. The
+    second name has a space, which pyarrow's partitioned write escapes in the directory it writes."""
     import dataclasses
 
     from llava_core.data.rows import RowPreparer
 
-    rows, sources = {}, {}
-    for name in ("align", "instruct"):
-        rows[name] = json.load(open(tiny_dataset[name]))[:20]
-        (tmp_path / f"{name}.json").write_text(json.dumps(rows[name]))
-        sources[name] = SourceSettings(str(tmp_path / f"{name}.json"), tiny_dataset["image_folder"])
-    settings = {"align": dataclasses.replace(ROW_SETTINGS, template="plain"), "instruct": ROW_SETTINGS}
+    rows, sources, folder = {}, {}, {"align": "dataset=align", "instruct mix": "dataset=instruct%20mix"}
+    for name, source in (("align", "align"), ("instruct mix", "instruct")):
+        rows[name] = json.load(open(tiny_dataset[source]))[:20]
+        (tmp_path / f"{source}.json").write_text(json.dumps(rows[name]))
+        sources[name] = SourceSettings(str(tmp_path / f"{source}.json"), tiny_dataset["image_folder"])
+    settings = {"align": dataclasses.replace(ROW_SETTINGS, template="plain"), "instruct mix": ROW_SETTINGS}
     prepared = pipeline.prepare_datasets({name: ([sources[name]], settings[name]) for name in rows},
                                          tiny_dataset["vision"], tiny_dataset["llm"], str(tmp_path / "out"))
-    assert list(prepared) == ["align", "instruct"]
+    assert list(prepared) == ["align", "instruct mix"]
     for name, (entry, lengths) in prepared.items():
         assert entry["rows_in"] == 20 and entry["rows_written"] >= 18 and entry["template"] == settings[name].template
-        assert entry["shards"] and all(f"/rows/dataset={name}/status=written/" in s for s in entry["shards"])
+        assert entry["shards"] and all(f"/rows/{folder[name]}/status=written/" in s for s in entry["shards"])
         written = pq.read_table(entry["shards"], columns=["id", "index", "input_ids", "labels"]).to_pylist()
         assert [r["index"] for r in written] == sorted(r["index"] for r in written)  # source order
         alone = RowPreparer(tiny_dataset["vision"], tiny_dataset["llm"], settings[name])
