@@ -41,6 +41,9 @@ BASE_MODELS = {"llava": ("openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v
                "llava_onevision": ("google/siglip-so400m-patch14-384", "Qwen/Qwen2-7B-Instruct")}
 QUESTIONS = 100
 MAX_NEW_TOKENS = 16
+# Each stand-in's weights come from this seed: an untrained model must answer the questions in >= 5 ways for
+# agreement to mean something, which seed 1 gives every family (seed 0's NeXT answers in 2).
+SEED = 1
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +76,9 @@ def exports(held_out):
         base = os.path.join(held_out["root"], name)
         vision, llm = (os.path.join(base, part) for part in ("vision", "llm"))
         for hub_id, path in zip(BASE_MODELS[name], (vision, llm)):
+            # Seeded here, not left to what ran before in the process: unseeded, whether enough answers differed
+            # changed with Python's hash seed (2 failures in 6 runs of this module alone).
+            torch.manual_seed(SEED)
             standins.save_standin(hub_id, path, held_out["corpus"], cfg)
         torch.manual_seed(0)
         model, processor = build.assemble(name, vision, llm)
