@@ -79,14 +79,14 @@ def prepare_datasets(datasets: dict[str, tuple[list[SourceSettings], RowSettings
     prepared.context.execution_options.preserve_order = True
     with reporting_rows(f"prepare {', '.join(datasets)}", rows_total, counter):
         _write_streaming(prepared, rows_dir, min(s.rows_per_shard for _, s in datasets.values()))
-    shards = {name: storage.list_files(storage.join(dataset_rows(rows_dir, name), "status=written"), ".parquet")
-              for name in datasets}
+    files = {name: storage.list_files(dataset_rows(rows_dir, name), ".parquet") for name in datasets}  # one listing
+    shards = {name: [f for f in files[name] if f.rsplit("/", 2)[-2] == "status=written"] for name in datasets}
     # On workers, every dataset's at once, while the driver reads the summaries: a scan is ~one request per row group
     # on S3 (83K for LLaVA-1.5's 665K rows).
     indexes = {name: _start_plan_index(shards[name], storage.join(out_dir, name)) for name in datasets}
     log.info("prepare: %d rows written in %.1f s", rows_total, time.perf_counter() - start)
-    return {name: _finish_dataset(name, sources, settings.template, selected[name], dataset_rows(rows_dir, name),
-                                  shards[name], indexes[name], storage.join(out_dir, name))
+    return {name: _finish_dataset(name, sources, settings.template, selected[name], files[name], shards[name],
+                                  indexes[name], storage.join(out_dir, name))
             for name, (sources, settings) in datasets.items()}
 
 
@@ -124,13 +124,13 @@ def _start_plan_index(shards: list[str], dataset_dir: str) -> tuple:
     return _plan_index_task.options(**_worker_env()).remote(shards, path), path
 
 
-def _finish_dataset(name: str, sources, template: str, selected: dict, rows_dir: str, shards: list[str], index: tuple,
-                    dataset_dir: str) -> tuple[dict, np.ndarray]:
+def _finish_dataset(name: str, sources, template: str, selected: dict, files: list[str], shards: list[str],
+                    index: tuple, dataset_dir: str) -> tuple[dict, np.ndarray]:
     """A written dataset's rejects and manifest entry, once its plan index (`index`, started) holds every row; and
-    its rows' lengths."""
+    its rows' lengths. `files`: every file of its rows (written and rejected), `shards` the written ones."""
     index_rows, index_path = index
     # The small columns of every row, read back from the files: the rejects and every count of the manifest.
-    summary = _read_columns(storage.list_files(rows_dir, ".parquet"),
+    summary = _read_columns(files,
                             ["id", "source", "index", "reason", "detail", "length", "num_images", "num_supervised"])
     rejects = summary[summary["reason"] != ""].sort_values(["source", "index"])
     rejects = rejects[["id", "source", "index", "reason", "detail"]].to_dict("records")
