@@ -9,12 +9,15 @@ TORCH_SPEC ?= torch==2.13.0
 # The workflow `make run` runs: the LLaVA-1.5 quickstart, or QUICKSTART=workflows/quickstart-onevision.yaml
 QUICKSTART ?= workflows/quickstart.yaml
 
-# Installs go through uv (installed into the venv by pip first): ~30 s where pip took ~80 for the project, ~40
-# where it took ~100 for vLLM's environment (docs/results.md, 2026-12-07 late). uv does not read pip's settings:
-# the folders pip finds local wheels in (PIP_FIND_LINKS; this machine's CPU build of torch) are handed over.
+# Installs go through uv (installed into the venv by pip first): ~1 min where pip took ~3 for the project and both
+# readers (docs/results.md, 2026-12-07 late). uv does not read pip's settings: the folders pip finds local wheels in
+# (PIP_FIND_LINKS, else pip's config; on the CPU machines, the CPU build of torch) are handed over.
 UV := $(BIN)/uv
 UV_INSTALL := $(UV) pip install -q --compile-bytecode
-export UV_FIND_LINKS ?= $(PIP_FIND_LINKS)
+ifndef UV_FIND_LINKS
+UV_FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+endif
+export UV_FIND_LINKS
 
 # Other readers of the export, each in its own environment (tests/other_readers.py).
 # transformers 4.x: its own transformers, huggingface-hub and tokenizers, the rest (torch, safetensors, ...) seen
