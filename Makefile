@@ -13,9 +13,12 @@ QUICKSTART ?= workflows/quickstart.yaml
 # readers (docs/results.md, 2026-12-07 late). uv does not read pip's settings: the folders pip finds local wheels in
 # (PIP_FIND_LINKS, else pip's config; on the CPU machines, the CPU build of torch) are handed over.
 UV := $(BIN)/uv
+comma := ,
 UV_INSTALL := $(UV) pip install -q --compile-bytecode
 ifndef UV_FIND_LINKS
-UV_FIND_LINKS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+PIP_WHEEL_FOLDERS := $(or $(PIP_FIND_LINKS),$(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null))
+# pip separates them with white space, uv with commas
+UV_FIND_LINKS := $(subst $() ,$(comma),$(strip $(PIP_WHEEL_FOLDERS)))
 endif
 export UV_FIND_LINKS
 
