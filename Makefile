@@ -13,6 +13,8 @@ QUICKSTART ?= workflows/quickstart.yaml
 # readers (docs/results.md, 2026-12-07 late). uv does not read pip's settings: the folders pip finds local wheels in
 # (PIP_FIND_LINKS, else pip's config; on the CPU machines, the CPU build of torch) are handed over.
 UV := $(BIN)/uv
+# uv is 0.x and changes between minor releases (its settings' syntax among them): the series these lines were checked on
+UV_SPEC ?= uv>=0.13.10,<0.14
 comma := ,
 UV_INSTALL := $(UV) pip install -q --compile-bytecode
 ifndef UV_FIND_LINKS
@@ -37,7 +39,7 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(UV): | $(BIN)/python
-	$(BIN)/python -m pip install -q uv
+	$(BIN)/python -m pip install -q '$(UV_SPEC)'
 
 $(VENV)/.installed: pyproject.toml | $(UV)
 	$(UV_INSTALL) --python $(BIN)/python $(if $(TORCH_SPEC),'$(TORCH_SPEC)') -e '.[dev]'
