@@ -1,4 +1,4 @@
-"""Padded-token fraction of three batching strategies on a length mix shaped like LLaVA-1.5's 665K instruct data.
+"""Padded-token fraction of four batching strategies on a length mix shaped like LLaVA-1.5's 665K instruct data.
 
 The mix (token counts with a Vicuna tokenizer, 576 image tokens per image, max length 2048), approximated from the
 published composition of llava_v1_5_mix665k.json:
@@ -6,10 +6,10 @@ published composition of llava_v1_5_mix665k.json:
   467K academic VQA / OCR / grounding image + several short QA pairs merged per image, ~90 text tokens
    40K ShareGPT                       text only, long, ~600 tokens, capped at 2048
 The strategies use the project's own BatchPlan: `naive` (random order, micro-batch 16, padded to its longest row),
-`length_grouped`, and `packed` (rows of up to 4096 tokens, 2 rows per micro-batch: about the tokens of a naive
-micro-batch). Rows of 2048 pack worse (printed to stderr, not in the JSON): image samples are >= 584 tokens, so the
-gaps they leave can only be filled by the few text-only rows. Last line: {"naive", "length_grouped", "packed",
-"rows"}, the first three padded fractions.
+`length_grouped`, `modality_grouped` (LLaVA-1.5's, as its recipes ship), and `packed` (rows of up to 4096 tokens, 2
+rows per micro-batch: about the tokens of a naive micro-batch). Rows of 2048 pack worse (printed to stderr, not in the JSON): image samples are >= 584 tokens, so the
+gaps they leave can only be filled by the few text-only rows. Last line: {"naive", "length_grouped",
+"modality_grouped", "packed", "rows"}, the first four padded fractions.
 
     PYTHONPATH=. python benchmarks/padding.py [--rows 665000] [--smoke]
 
@@ -47,6 +47,7 @@ def main() -> None:
     plans = {
         "naive": BatchPlan(args.workers, 16, 1, seed=0),
         "length_grouped": BatchPlan(args.workers, 16, 1, seed=0, sampling="length_grouped"),
+        "modality_grouped": BatchPlan(args.workers, 16, 1, seed=0, sampling="modality_grouped"),
         "packed": BatchPlan(args.workers, 2, 1, seed=0, packing=True, pack_length=2 * MAX_LENGTH),
         "packed_2048x4": BatchPlan(args.workers, 4, 1, seed=0, packing=True, pack_length=MAX_LENGTH),
     }

@@ -51,8 +51,9 @@ def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = to
     processor = base_processor(fam, vision_path, llm_path, template, layout)
     tokenizer = processor.tokenizer
     placement = {"device_map": {"": device}} if device is not None else {}
-    vision = load_vision_tower(fam, vision_path, dtype, attn_implementation, placement)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attn_implementation,
+    attention = attention_by_part(attn_implementation)
+    vision = load_vision_tower(fam, vision_path, dtype, attention["vision_config"], placement)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype, attn_implementation=attention["text_config"],
                                                **placement)
     padded_vocab = pad_embeddings(llm, len(tokenizer))
 
@@ -68,9 +69,23 @@ def assemble(name: str, vision_path: str, llm_path: str, dtype: torch.dtype = to
     if fam.takes_image_sizes():
         model.model.image_newline = new_image_newline(llm.config.hidden_size, dtype, device)
     model.config.text_config = llm.config
-    model.set_attn_implementation(attn_implementation)
+    model.set_attn_implementation(attention)
     set_generation_defaults(model, tokenizer, padded_vocab)
     return model, processor
+
+
+# Attentions that read a packed row's sequence boundaries from keyword arguments (`train/engine.py` flatten_packed).
+VARLEN_ATTENTIONS = ("flash_attention_2",)
+
+
+def attention_by_part(attn_implementation: str) -> dict[str, str]:
+    """Each part's attention (transformers' per-sub-config form): `attn_implementation` throughout, except that the
+    vision tower takes SDPA where the LLM takes flash attention. The LLaVA classes pass the model's keyword arguments
+    to the tower as well as to the LLM, a packed micro-batch's `cu_seq_lens_*` among them, and the tower's flash
+    attention would read those as its own sequences' boundaries and attend across images. The tower's attention is
+    unmasked and of fixed length: torch's SDPA runs a flash kernel for it anyway on A100s and later."""
+    tower = "sdpa" if attn_implementation in VARLEN_ATTENTIONS else attn_implementation
+    return {"": attn_implementation, "text_config": attn_implementation, "vision_config": tower}
 
 
 TOWER_CLASSES = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
@@ -163,8 +178,8 @@ def load_llava(path: str, dtype: torch.dtype = torch.float32, attn_implementatio
     path = storage.local_copy(path)
     model_type = AutoConfig.from_pretrained(path).model_type
     placement = {"device_map": {"": device}} if device is not None else {}
-    model = model_class_of(path, model_type).from_pretrained(path, dtype=dtype,
-                                                             attn_implementation=attn_implementation, **placement)
+    model = model_class_of(path, model_type).from_pretrained(
+        path, dtype=dtype, attn_implementation=attention_by_part(attn_implementation), **placement)
     return model, load_processor(path, model_type)
 
 

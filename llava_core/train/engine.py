@@ -181,7 +181,7 @@ def optimizer_step(engine, batches: list[dict], normalization: str, device: torc
         per_micro = tokens.clamp(min=1) / micro_batches  # the global count, as each micro-batch's share
     numerator = torch.zeros((), device=device)
     for batch in batches:
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = on_device(batch, device)
         if normalization == "token":
             loss = next_token_loss(engine, batch, per_micro)
             numerator += loss.detach().float() * per_micro
@@ -234,8 +234,22 @@ def model_inputs(batch: dict, image_token_id: int, pixels, pad_id: int, flatten:
 def flatten_packed(batch: dict) -> dict:
     """Packed rows as one row, for flash attention's variable-length kernel (transformers takes that path only for a
     batch of one row whose position ids restart). Each row's padding tail is already its own unsupervised segment,
-    so the segments stay separate; images keep their order."""
+    so the segments stay separate; images keep their order.
+
+    The segments' boundaries go with it as transformers' `FlashAttentionKwargs` (`cu_seq_lens_*`, `max_length_*`),
+    found here once per micro-batch on the host: without them transformers finds them from `position_ids` in every
+    attention call (a `nonzero` and host syncs per layer, again in each recomputation)."""
     flat = dict(batch)
     for key in ("input_ids", "labels", "position_ids"):
         flat[key] = batch[key].reshape(1, -1)
+    positions = flat["position_ids"][0]
+    starts = torch.nonzero(positions == 0).flatten()
+    bounds = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
+    longest = int(bounds.diff().max())  # an int: flash attention's kernel takes it on the host
+    flat.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
     return flat
+
+
+def on_device(batch: dict, device: torch.device) -> dict:
+    """A micro-batch's tensors on the training device; its other values (`max_length_*`) as they are."""
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from llava_core.schema import PreferenceSettings
-from llava_core.train.engine import model_inputs
+from llava_core.train.engine import model_inputs, on_device
 from llava_core.train.loss import supervised_logits
 from llava_core.train.preference import PairLogps, preference_loss, supervised_sequence_logps
 from llava_core.train.streaming import BatchPrefetcher
@@ -60,7 +60,7 @@ def reference_pass(engine, batches: Iterable[PairBatch], device) -> torch.Tensor
     try:
         sums = []
         for batch, pairs in batches:
-            logps, _ = answer_logps(engine, {k: _to(v, device) for k, v in batch.items()})
+            logps, _ = answer_logps(engine, on_device(batch, device))
             sums.append(pair_columns(logps, pairs).double())
     finally:
         engine.train()
@@ -86,7 +86,7 @@ def preference_step(engine, batches: list[PairBatch], reference: torch.Tensor, s
     total = torch.zeros((), device=device)
     metrics: dict[str, torch.Tensor] = {}
     for (batch, pairs), ref in zip(batches, reference):
-        logps, counts = answer_logps(engine, {k: _to(v, device) for k, v in batch.items()})
+        logps, counts = answer_logps(engine, on_device(batch, device))
         policy, tokens, ref = pair_columns(logps, pairs), pair_columns(counts, pairs), ref.to(logps.dtype)
         out = preference_loss(PairLogps(policy[:, 0], policy[:, 1], ref[:, 0], ref[:, 1], tokens[:, 0], tokens[:, 1]),
                               s.loss_type, s.beta, s.label_smoothing, s.dpo_alpha, s.gamma)
@@ -117,7 +117,7 @@ def heldout_pass(engine, batches: Iterable[tuple[np.ndarray, PairBatch]], rows: 
     engine.eval()
     try:
         for indices, (batch, pairs) in batches:
-            batch = {k: _to(v, device) for k, v in batch.items()}
+            batch = on_device(batch, device)
             at = torch.as_tensor(np.minimum(indices, rows), device=device)
             for view, inputs in enumerate((batch, blanked(batch))):
                 logps, _ = answer_logps(engine, inputs)
@@ -159,10 +159,6 @@ def read_reference(data: bytes, device) -> tuple[torch.Tensor, torch.Tensor | No
     with np.load(io.BytesIO(data)) as arrays:
         heldout = torch.from_numpy(arrays["heldout"]).to(device) if "heldout" in arrays else None
         return torch.from_numpy(arrays["train"]).to(device), heldout
-
-
-def _to(value, device):
-    return value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
 
 
 def _share(flags: torch.Tensor) -> float:

@@ -6,10 +6,10 @@ from tests.benchmarks_helpers import fraction, positive, smoke
 def test_padding(tmp_path):
     summary = smoke("padding", tmp_path)
     assert summary["rows"] == 2000
-    assert set(summary) == {"naive", "length_grouped", "packed", "rows"}
-    # the length mix pads a random micro-batch heavily; grouping by length and packing cut that
+    assert set(summary) == {"naive", "length_grouped", "modality_grouped", "packed", "rows"}
+    # the length mix pads a random micro-batch heavily; grouping by length (within a modality too) and packing cut that
     assert 0 < summary["packed"] < summary["naive"] < 1
-    assert 0 < summary["length_grouped"] < summary["naive"]
+    assert 0 < summary["length_grouped"] < summary["naive"] and 0 < summary["modality_grouped"] < summary["naive"]
 
 
 def test_annotation_reader(tmp_path):

@@ -92,3 +92,71 @@ def test_text_only_batch_runs_the_vision_path_without_changing_the_loss(tiny_dat
         assert torch.allclose(loss, plain, atol=1e-6)
         projector = model.model.multi_modal_projector.linear_1.weight
         assert projector.grad is not None and torch.count_nonzero(projector.grad) == 0  # in the graph, weight 0
+
+
+def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Flash attention's variable-length path on the CPU (its kernel needs a GPU), as transformers drives it when
+    given `cu_seq_lens_*`: the batch's rows read as one sequence, attention within each segment the boundaries give
+    (positions past the last are left zero); records who called it with which boundaries."""
+    bounds, longest = kwargs["cu_seq_lens_q"], kwargs["max_length_q"]
+    assert isinstance(longest, int)  # on the host: no sync to read it
+    varlen_reference.calls.append((module, bounds))
+    batch, heads, length, dim = query.shape
+    q, k, v = (t.transpose(0, 1).reshape(1, t.shape[1], batch * length, dim) for t in (query, key, value))
+    out = torch.zeros_like(q)
+    for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+        b = min(b, batch * length)
+        if a < b:
+            out[:, :, a:b] = F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b],
+                                                            is_causal=module.is_causal, scale=scaling, enable_gqa=True)
+    return out.reshape(heads, batch, length, dim).permute(1, 2, 0, 3), None
+
+
+def test_flattened_packed_rows_carry_their_boundaries_to_every_llm_layer_and_never_to_the_tower(tiny_dataset):
+    """Flash attention's packing path: the sequences' boundaries found once per micro-batch, as transformers would
+    find them from the position ids, reach every decoder layer (the same tensor: nothing recomputed per layer), give
+    each sample its own logits, and stay out of the tower, which the LLaVA classes hand the same keyword arguments."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
+    from llava_core.model.build import attention_by_part
+    from llava_core.train.engine import model_inputs
+
+    AttentionInterface.register("varlen_reference", varlen_reference)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("varlen_reference", flash_attention_mask)
+    torch.manual_seed(0)
+    model, processor = assemble("llava", tiny_dataset["vision"], tiny_dataset["llm"])
+    model.eval()
+    table, pixels = sample_table(model, processor)
+    sizes = table.column("length").to_pylist()
+    batch = collate_packed(table, [np.array([0, 1]), np.array([2])], pad_token_id=0, pixels=pixels)
+    inputs = model_inputs(batch, model.config.image_token_index, pixels, 0, flatten=True)
+
+    (theirs, _), (longest, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
+    width = batch["input_ids"].shape[1]  # the second row: sample 2, then its padding tail as a segment of its own
+    assert inputs["cu_seq_lens_q"].tolist() == theirs.tolist() == [0, sizes[0], width, width + sizes[2], 2 * width]
+    assert inputs["max_length_q"] == int(longest) and inputs["cu_seq_lens_k"] is inputs["cu_seq_lens_q"]
+
+    # flash attention's kernel replaced by its CPU reference wherever the training model would run it
+    parts = {part: "varlen_reference" if attention == "flash_attention_2" else attention
+             for part, attention in attention_by_part("flash_attention_2").items()}
+
+    def logits_with(tower_attention):
+        varlen_reference.calls = []
+        model.set_attn_implementation({**parts, "vision_config": tower_attention})
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in inputs.items() if k != "labels"}, use_cache=False).logits[0]
+        return torch.cat([logits[:sizes[0] + sizes[1]], logits[width:width + sizes[2]]])
+
+    packed = logits_with(parts["vision_config"])
+    layers = model.model.language_model.layers
+    assert [module for module, _ in varlen_reference.calls] == [layer.self_attn for layer in layers]
+    assert all(bounds is inputs["cu_seq_lens_q"] for _, bounds in varlen_reference.calls)
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():
+        alone = torch.cat([model(**collate_packed(table, [np.array([k])], 0, pixels), use_cache=False).logits[0]
+                           for k in range(3)])
+    assert torch.allclose(packed, alone, atol=1e-4)
+    # A tower on a varlen attention would take the LLM's boundaries for its own: the check above can fail.
+    assert not torch.allclose(logits_with("varlen_reference"), alone, atol=1e-3)
