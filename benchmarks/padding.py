@@ -7,9 +7,9 @@ published composition of llava_v1_5_mix665k.json:
    40K ShareGPT                       text only, long, ~600 tokens, capped at 2048
 The strategies use the project's own BatchPlan: `naive` (random order, micro-batch 16, padded to its longest row),
 `length_grouped`, `modality_grouped` (LLaVA-1.5's, as its recipes ship), and `packed` (rows of up to 4096 tokens, 2
-rows per micro-batch: about the tokens of a naive micro-batch). Rows of 2048 pack worse (printed to stderr, not in the JSON): image samples are >= 584 tokens, so the
-gaps they leave can only be filled by the few text-only rows. Last line: {"naive", "length_grouped",
-"modality_grouped", "packed", "rows"}, the first four padded fractions.
+rows per micro-batch: about the tokens of a naive micro-batch). Rows of 2048 pack worse (printed to stderr, not in
+the JSON): image samples are >= 584 tokens, so the gaps they leave can only be filled by the few text-only rows.
+Last line: {"naive", "length_grouped", "modality_grouped", "packed", "rows"}, the first four padded fractions.
 
     PYTHONPATH=. python benchmarks/padding.py [--rows 665000] [--smoke]
 
