@@ -236,6 +236,7 @@ class RowAverages:
     supervised: float  # labelled tokens
     source: str
     sequences: int = 1
+    longest: int | None = None  # the longest row's tokens (a pair's: both sequences), when prepare measured it
 
 
 def row_averages(workflow, dataset: str, size: ModelSize, prepared: dict) -> RowAverages:
@@ -247,7 +248,8 @@ def row_averages(workflow, dataset: str, size: ModelSize, prepared: dict) -> Row
         rows = entry["rows_written"]
         image_rows = rows - entry.get("text_only_rows", 0)
         return RowAverages(entry["tokens"] / rows / sequences, size.views_per_image * image_rows / rows,
-                           entry["supervised_tokens"] / rows / sequences, "prepare manifest", sequences)
+                           entry["supervised_tokens"] / rows / sequences, "prepare manifest", sequences,
+                           entry.get("longest_row"))
     template = workflow.datasets[dataset].template
     fraction = IMAGE_ROW_FRACTION.get(template, 1.0)
     return RowAverages(fraction * size.tokens_per_image + DEFAULT_TEXT_TOKENS.get(template, 250),
@@ -264,13 +266,24 @@ def stage_flops_per_row(stage, size: ModelSize, row: RowAverages, trainable: lis
     return row.sequences * flops(row.tokens, row.views, row.tokens ** 2, row.supervised)
 
 
+def micro_batch_tokens(stage, row: RowAverages) -> tuple[float, str]:
+    """(the tokens of the micro-batch the stage's memory must fit, where that figure comes from): every row as long
+    as the longest prepared row, or a full packed row, as grouping by length puts the longest rows together; before
+    prepare has measured the rows, the average row's (the plan says so)."""
+    if stage.packing and stage.pack_length:
+        return stage.micro_batch_size * stage.pack_length, "packed rows"
+    if row.longest:
+        return stage.micro_batch_size * row.longest, "the longest prepared row"
+    return stage.micro_batch_size * row.tokens * row.sequences, "average rows: prepare measures the longest"
+
+
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
     """bf16 weights (2 B), fp32 gradients (4 B: they accumulate and reduce in fp32, `train/engine.py`) and fp32 Adam
     (master + 2 moments, 12 B) per parameter, divided over the workers as the ZeRO stage shards them; offloaded state
     lives in CPU memory instead. Activations: the
     checkpointed layer inputs (2 B x hidden per token per layer) plus one layer's working set (~34 B x hidden per
     token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
-    SDPA/flash attention never store)."""
+    SDPA/flash attention never store), for a micro-batch of `tokens`."""
     zero = stage.zero_stage
     total = sum(size.params.values())
     trained = sum(trained_params(stage, size).values())
@@ -282,11 +295,10 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     if stage.offload_params and zero >= 3:
         weights = 0.0
     per_token_layer = 2 * size.hidden
-    sequence = stage.micro_batch_size * tokens  # a micro-batch's tokens (a pair's: both sequences)
     if stage.gradient_checkpointing:
-        activations = sequence * (per_token_layer * size.layers + 34 * size.hidden)
+        activations = tokens * (per_token_layer * size.layers + 34 * size.hidden)
     else:
-        activations = sequence * 34 * size.hidden * size.layers
+        activations = tokens * 34 * size.hidden * size.layers
     gb = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
     gb = {k: round(v / 1e9, 3) for k, v in gb.items()}
     gb["total"] = round(sum(gb.values()), 3)
@@ -314,6 +326,7 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
     row = row_averages(workflow, stage.dataset, size, prepared)
     tokens = row.tokens
     workers = scaling.num_workers
+    micro_tokens, micro_source = micro_batch_tokens(stage, row)
     plan = {
         "stage": stage_name, "dataset": stage.dataset, "rows": rows, "rows_from": rows_source,
         "workers": workers, "resources_per_worker": worker_resources(scaling),
@@ -321,7 +334,8 @@ def training_plan(workflow, stage_name: str, size: ModelSize, prepared: dict, gp
         "zero_stage": stage.zero_stage,
         "grad_accum": stage.global_batch_size // (workers * stage.micro_batch_size),
         "tokens_per_row": round(tokens * row.sequences), "tokens_from": row.source,
-        "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, tokens * row.sequences),
+        "memory_per_gpu_gb": memory_per_gpu_gb(stage, size, workers, micro_tokens),
+        "memory_micro_batch": {"tokens": round(micro_tokens), "from": micro_source},
         "checkpoint_gb": checkpoint_gb(stage, size, workers), "checkpoint_every": stage.checkpoint_every,
     }
     if rows is None:
@@ -418,8 +432,10 @@ def format_plan(plan: dict) -> str:
                      f"            no mid-stage checkpoints (checkpoint_every 0; one would be ~{ckpt['total']:.0f} GB)")
         mem = s["memory_per_gpu_gb"]
         device = "GPU" if "GPU" in s["resources_per_worker"] else "worker"
+        micro = s["memory_micro_batch"]
         lines.append(f"            memory per {device} ~{mem['total']:.1f} GB (weights {mem['weights']:.1f}, gradients "
-                     f"{mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f})")
+                     f"{mem['gradients']:.1f}, optimizer {mem['optimizer']:.1f}, activations {mem['activations']:.1f} "
+                     f"for micro-batches of {micro['tokens']:,} tokens: {micro['from']})")
         advice = memory_advice(s, plan["assumptions"]["gpu"])
         if advice:
             lines.append(f"            warning: {advice}")

@@ -337,9 +337,10 @@ class TrainStageSettings:
     gradient_checkpointing: Bool = setting(
         False, "recompute each decoder layer in backward (the model trains in train mode, so LoRA dropout is active)")
     attn_implementation: OneOf(ATTN_IMPLEMENTATIONS) = setting(
-        "sdpa", "`sdpa`, `eager`, or `flash_attention_2` (GPU; `pip install flash-attn`): with packing, a "
-                "micro-batch's packed rows then go to the model as one row whose position ids restart per sample, "
-                "which transformers sends to flash attention's variable-length kernel (no padding, no mask)")
+        "sdpa", "`sdpa`, `eager`, or `flash_attention_2` (GPU; `pip install flash-attn`; the vision tower then takes "
+                "SDPA, which runs a flash kernel for its unmasked attention): with packing, a micro-batch's packed "
+                "rows then go to the model as one row with its samples' boundaries, which flash attention's "
+                "variable-length kernel reads (no padding, no mask)")
     loss_normalization: OneOf(LOSS_NORMALIZATIONS) = setting(
         "token", "`token`: the summed loss of every supervised token in the optimizer step divided by their number "
                  "over all ranks and micro-batches (HF Trainer's since 4.46: every token weighs the same); `sample`: "

@@ -269,6 +269,7 @@ def _counts(rows_in: int, written, rejects: list[dict]) -> dict:
         "text_only_rows": int((written["num_images"] == 0).sum()),
         "tokens": int(written["length"].sum()),
         "supervised_tokens": int(written["num_supervised"].sum()),
+        "longest_row": int(written["length"].max()) if len(written) else 0,  # what training memory must fit
     }
     assert counts["rows_in"] == counts["rows_written"] + counts["rows_rejected"], counts  # nothing may vanish
     return counts

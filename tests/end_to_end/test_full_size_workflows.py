@@ -1,7 +1,7 @@
 """The full-size workflows exactly as shipped (`workflows/llava-v1.5-7b.yaml`, `-7b-lora.yaml`,
 `llava-next-vicuna-7b.yaml`, `llava-onevision-qwen2-7b.yaml` and its preference tuning, `-dpo.yaml`), with `--set`
 overrides only for where the models and data are, how big the batches and epochs are, how many steps the stages on
-the instruct data take and how many CPU workers run,
+the instruct data take and how many CPU workers run (with SDPA where the recipes name flash attention, a GPU kernel),
 through every stage including `serve` (with the transformers engine: the workflows' vLLM needs the image's GPU
 environment; tests/end_to_end/test_serve_vllm.py runs that path with vLLM's CPU build), on a two-node Ray cluster
 whose nodes share no disk:
@@ -165,7 +165,7 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
     os.makedirs(driver_home)
     overrides = [f"storage={BUCKET}/runs", f"ray_address={gcs}", f"model.mirror={BUCKET}/hub",
                  f"serve.port={free_port()}", "serve.host=127.0.0.1", "serve.engine=transformers",
-                 *OWN_DATA.get(name, [*DATA, *SIZES]), *SCALING, *EXTRA.get(name, []),
+                 *OWN_DATA.get(name, [*DATA, *SIZES]), *SCALING, *cpu_attention(name), *EXTRA.get(name, []),
                  *stage_one_overrides(name)]
     driver_env = {**os.environ, **AUTH_ENV, **env, "HOME": driver_home, "RAY_AUTH_TOKEN_PATH": cluster_token_path(),
                   "TMPDIR": os.path.dirname(driver_home)}
@@ -173,6 +173,15 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
         [sys.executable, "-m", "llava_core.cli", "run", os.path.join(WORKFLOWS, f"{name}.yaml"), "--exit-after-serve",
          *[arg for o in overrides for arg in ("--set", o)]],
         cwd=os.path.dirname(driver_home), env=driver_env, capture_output=True, text=True, timeout=1500)
+
+
+def cpu_attention(name: str) -> list[str]:
+    """SDPA for each stage the recipe trains with flash attention, whose kernel runs on GPUs only."""
+    import yaml
+
+    recipe = yaml.safe_load(open(os.path.join(WORKFLOWS, f"{name}.yaml")))
+    return [f"{stage}.attn_implementation=sdpa" for stage, section in recipe.items()
+            if isinstance(section, dict) and section.get("attn_implementation") == "flash_attention_2"]
 
 
 def family_of(workflow_name: str) -> str:

@@ -42,6 +42,7 @@ def test_dirty_dataset_rejects_exactly_the_bad_rows(ray_session, tiny_dataset, d
     image_row = by_id["image-row"]
     assert image_row["length"] == len(image_row["input_ids"]) == len(image_row["labels"])
     assert sorted(lengths.tolist()) == sorted(r["length"] for r in by_id.values())
+    assert entry["longest_row"] == max(r["length"] for r in by_id.values())  # what the plan sizes memory for
 
     # What the trainer reads: collate turns the stored crops into the processor's own float32 pixels.
     from transformers import AutoImageProcessor

@@ -194,13 +194,21 @@ def test_plan_takes_rows_and_tokens_from_the_prepare_manifest_when_it_exists(tmp
     from llava_core.plan import build_plan
 
     workflow = cluster_workflow(tmp_path, f"storage={tmp_path / 'runs'}")
+    unprepared = {s["stage"]: s for s in build_plan(workflow)["stages"]}
     storage.write_json(storage.join(workflow.run_dir, "prepare", "manifest.json"),
                        {"datasets": {"align": {"rows_written": 512, "tokens": 512 * 600, "text_only_rows": 0,
-                                                   "supervised_tokens": 512 * 20}}})
+                                                   "supervised_tokens": 512 * 20, "longest_row": 1500}}})
     stages = {s["stage"]: s for s in build_plan(workflow)["stages"]}
     assert (stages["align"]["rows"], stages["align"]["rows_from"]) == (512, "prepare manifest")
     assert (stages["align"]["tokens_per_row"], stages["align"]["tokens_from"]) == (600, "prepare manifest")
     assert stages["instruct"]["rows"] == 0 and stages["instruct"]["rows_from"] == "counted"  # not prepared: "[]"
+    # memory is sized for micro-batches of the longest prepared row (length grouping puts those together)
+    micro = workflow.align.micro_batch_size
+    assert stages["align"]["memory_micro_batch"] == {"tokens": micro * 1500, "from": "the longest prepared row"}
+    before = unprepared["align"]["memory_micro_batch"]
+    assert before["from"].startswith("average rows") and before["tokens"] < micro * 1500
+    activations = [plan["align"]["memory_per_gpu_gb"]["activations"] for plan in (stages, unprepared)]
+    assert activations[0] / activations[1] == pytest.approx(micro * 1500 / before["tokens"], rel=0.01)
 
 
 def test_a_workflow_that_only_preference_tunes_a_named_model_reads_no_base_model(monkeypatch):
