@@ -280,10 +280,10 @@ def micro_batch_tokens(stage, row: RowAverages) -> tuple[float, str]:
 def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> dict[str, float]:
     """bf16 weights (2 B), fp32 gradients (4 B: they accumulate and reduce in fp32, `train/engine.py`) and fp32 Adam
     (master + 2 moments, 12 B) per parameter, divided over the workers as the ZeRO stage shards them; offloaded state
-    lives in CPU memory instead. Activations: the
-    checkpointed layer inputs (2 B x hidden per token per layer) plus one layer's working set (~34 B x hidden per
-    token), or ~34 B x hidden x layers without checkpointing (Korthikanti et al., without the attention scores that
-    SDPA/flash attention never store), for a micro-batch of `tokens`."""
+    lives in CPU memory instead. Activations, for a micro-batch of `tokens`: ~34 B x hidden per token in each decoder
+    layer that keeps its activations (Korthikanti et al., without the attention scores that SDPA and flash attention
+    never store); in each layer that recomputes (`gradient_checkpointing`, `recompute_every`), its input (2 B x hidden
+    per token), plus one such layer's working set during its backward."""
     zero = stage.zero_stage
     total = sum(size.params.values())
     trained = sum(trained_params(stage, size).values())
@@ -294,11 +294,10 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
         optimizer = 0.0
     if stage.offload_params and zero >= 3:
         weights = 0.0
-    per_token_layer = 2 * size.hidden
-    if stage.gradient_checkpointing:
-        activations = tokens * (per_token_layer * size.layers + 34 * size.hidden)
-    else:
-        activations = tokens * 34 * size.hidden * size.layers
+    recomputed = -(-size.layers // stage.recompute_every) if stage.gradient_checkpointing else 0
+    kept = size.layers - recomputed
+    working_set = 34 * size.hidden if recomputed else 0  # one recomputed layer's activations during its backward
+    activations = tokens * (2 * size.hidden * recomputed + 34 * size.hidden * kept + working_set)
     gb = {"weights": weights, "gradients": grads, "optimizer": optimizer, "activations": activations}
     gb = {k: round(v / 1e9, 3) for k, v in gb.items()}
     gb["total"] = round(sum(gb.values()), 3)
@@ -363,7 +362,8 @@ def memory_advice(stage_plan: dict, gpu: str) -> str:
     if "GPU" not in stage_plan["resources_per_worker"] or need <= 0.9 * capacity:
         return ""
     return (f"needs ~{need:.0f} GB of the {gpu}'s {capacity} GB: raise zero_stage (3 shards the weights), set "
-            f"offload_optimizer, turn on gradient_checkpointing, or lower micro_batch_size")
+            "offload_optimizer, turn on gradient_checkpointing (recompute_every 1: every layer), or lower "
+            "micro_batch_size")
 
 
 def worker_resources(scaling) -> dict:

@@ -336,6 +336,10 @@ class TrainStageSettings:
                                "CPU trains in fp32")
     gradient_checkpointing: Bool = setting(
         False, "recompute each decoder layer in backward (the model trains in train mode, so LoRA dropout is active)")
+    recompute_every: Int = setting(
+        1, "with `gradient_checkpointing`: only every n-th of the LLM's decoder layers recomputes (the first "
+           "included), the others keep their activations: less compute for more memory (`validate --plan` counts "
+           "it); 1: every layer. The vision tower's layers all recompute", ge=1)
     attn_implementation: OneOf(ATTN_IMPLEMENTATIONS) = setting(
         "sdpa", "`sdpa`, `eager`, or `flash_attention_2` (GPU; `pip install flash-attn`; the vision tower then takes "
                 "SDPA, which runs a flash kernel for its unmasked attention): with packing, a micro-batch's packed "
@@ -380,6 +384,8 @@ class TrainStageSettings:
             if self.offload_params and self.zero_stage != 3 else None,
             ("offload_optimizer", "needs zero_stage 1, 2 or 3") if self.offload_optimizer and self.zero_stage == 0
             else None,
+            ("recompute_every", "needs gradient_checkpointing")
+            if self.recompute_every > 1 and not self.gradient_checkpointing else None,
             ("lora", "LoRA trains the LLM; add 'llm' to trainable or remove lora")
             if self.lora is not None and "llm" not in self.trainable else None,
             ("packing", "packs rows of any modality together; use sampling random or length_grouped with packing")

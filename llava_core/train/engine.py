@@ -127,6 +127,18 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
     return math.ceil(total_steps * warmup_ratio)
 
 
+def enable_recompute(llava, every: int) -> None:
+    """Activation checkpointing (non-reentrant) on each layer of the vision tower and on every `every`-th decoder
+    layer of the LLM, the first included; the LLM's other layers keep their activations. transformers'
+    `every_n_layers` counts layers over the whole model, tower first, so it is applied to the LLM alone: which layers
+    recompute is then the LLM's own count, as the plan's memory counts them."""
+    kwargs = {"use_reentrant": False}
+    llava.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    if every > 1:
+        llava.model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
+                                                                    every_n_layers=every)
+
+
 def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps: int, use_gpu: bool,
                  device: torch.device):
     """(engine, scheduler, parameter groups): the model frozen per stage, checkpointed if asked, on `device` unless
@@ -137,7 +149,7 @@ def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps:
     without_cpu_inference_comm_op()
     model = apply_stage_training(model, stage.trainable, stage.lora)
     if stage.gradient_checkpointing:
-        llava_of(model).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_recompute(llava_of(model), stage.recompute_every)
     if stage.zero_stage != 3:
         model = model.to(device)  # before the optimizer: fused AdamW wants its parameters on the GPU
     groups = parameter_groups(model, stage.lr, stage.projector_lr, stage.weight_decay, stage.vision_lr)

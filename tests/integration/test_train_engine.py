@@ -31,24 +31,29 @@ def one_rank():
     yield
 
 
-def test_gradient_checkpointing_recomputes_every_decoder_layer(tiny_dataset, one_rank):
+def test_gradient_checkpointing_recomputes_the_decoder_layers_it_is_asked_to(tiny_dataset, one_rank):
     from llava_core.model.lora import llava_of
     from llava_core.train.engine import optimizer_step
 
-    calls = {}
-    for checkpointing in (False, True):
-        engine, _ = build(tiny_dataset, stage_settings(gradient_checkpointing=checkpointing, micro_batch_size=2,
-                                                   global_batch_size=2))
+    calls, weights = {}, {}
+    for checkpointing, every in ((False, 1), (True, 1), (True, 2)):
+        engine, _ = build(tiny_dataset, stage_settings(gradient_checkpointing=checkpointing, recompute_every=every,
+                                                   micro_batch_size=2, global_batch_size=2))
         assert engine.module.training
         # transformers checkpoints a decoder layer's `forward` (its own hooks stay outside): count calls of a module
         # inside it, as they start (torch stops a recomputation once it has every saved tensor back).
-        inside = llava_of(engine.module).model.language_model.layers[0].mlp
-        count = []
-        handle = inside.register_forward_pre_hook(lambda *_: count.append(1))  # noqa: B023 - removed below
+        layers = llava_of(engine.module).model.language_model.layers
+        count = [[] for _ in layers]
+        handles = [layer.mlp.register_forward_pre_hook(lambda *_, n=n: n.append(1)) for layer, n in zip(layers, count)]
         optimizer_step(engine, [batch_of(samples(engine, 2))], "token", torch.device("cpu"))
-        handle.remove()
-        calls[checkpointing] = len(count)
-    assert calls == {False: 1, True: 2}  # once forward; checkpointed: once more in backward
+        for handle in handles:
+            handle.remove()
+        calls[checkpointing, every] = [len(n) for n in count]
+        weights[checkpointing, every] = layers[-1].mlp.down_proj.weight.detach().clone()
+    # once forward; recomputed: once more in backward. Every 2nd of the LLM's 2 layers is its first (counted over the
+    # whole model, after the tower's 3 layers, it would be the second).
+    assert calls == {(False, 1): [1, 1], (True, 1): [2, 2], (True, 2): [2, 1]}
+    assert torch.allclose(weights[True, 1], weights[False, 1]) and torch.allclose(weights[True, 2], weights[False, 1])
 
 
 def test_deepspeed_on_cpu_starts_without_compiling_its_inference_all_reduce(tiny_dataset, one_rank):

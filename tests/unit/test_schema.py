@@ -38,9 +38,11 @@ def test_three_mistakes_are_reported_at_once_each_with_its_path(tmp_path):
 def test_a_sections_contradicting_settings_are_all_reported():
     with pytest.raises(WorkflowError) as error:
         load_workflow(QUICKSTART, ["instruct.offload_params=true", "instruct.packing=true",
-                                   "instruct.sampling=modality_grouped", "serve.max_queued_requests=0"])
+                                   "instruct.sampling=modality_grouped", "instruct.gradient_checkpointing=false",
+                                   "instruct.recompute_every=2", "serve.max_queued_requests=0"])
     assert error.value.problems == [
         "instruct.offload_params: needs zero_stage 3 (ZeRO 1/2 keep parameters on the device)",
+        "instruct.recompute_every: needs gradient_checkpointing",
         "instruct.packing: packs rows of any modality together; use sampling random or length_grouped with packing",
         "serve.max_queued_requests: a positive number, or -1 for no limit",
     ]

@@ -165,6 +165,25 @@ def test_plan_memory_follows_the_zero_stage(monkeypatch):
     assert memory[3]["optimizer"] == memory[2]["optimizer"]
 
 
+def test_plan_memory_keeps_the_activations_of_the_layers_that_do_not_recompute(monkeypatch):
+    from llava_core.plan import build_plan
+
+    for name, value in OFFLINE_AWS.items():
+        monkeypatch.setenv(name, value)
+    base = os.path.join(ROOT, "workflows", "llava-v1.5-7b.yaml")
+
+    def align(*overrides):
+        stage = next(s for s in build_plan(load_workflow(base, list(overrides)))["stages"] if s["stage"] == "align")
+        return stage["memory_per_gpu_gb"]["activations"] * 1e9 / stage["memory_micro_batch"]["tokens"] / 4096
+
+    # bytes per token / hidden size: Vicuna-7B's 32 layers, 2 B each input of a recomputed layer, 34 B each layer
+    # that keeps its activations, one recomputed layer's 34 B while it runs backward
+    assert align("align.gradient_checkpointing=false", "align.recompute_every=1") == pytest.approx(34 * 32, rel=1e-3)
+    assert align("align.recompute_every=1") == pytest.approx(2 * 32 + 34, rel=1e-3)
+    assert align("align.recompute_every=4") == pytest.approx(2 * 8 + 34 * 24 + 34, rel=1e-3)
+    assert align("align.recompute_every=5") == pytest.approx(2 * 7 + 34 * 25 + 34, rel=1e-3)  # 0, 5, ..., 30
+
+
 def test_plan_counts_the_rows_of_local_files_it_has_no_known_size_for(tmp_path):
     """A dataset file of any name is counted by streaming it: JSONL (blank lines skipped), JSON array, parquet."""
     import pyarrow as pa
