@@ -250,6 +250,16 @@ def validate(w: Workflow) -> None:
         raise WorkflowError.of(problems)
 
 
+def fitting_micro_batch(global_batch: int, workers: int, micro: int) -> str:
+    """The largest micro-batch below `micro` that divides the global batch over the workers, as advice: on more
+    nodes the recipe's step (its global batch) stays and each GPU's share of it shrinks."""
+    fits = [m for m in range(micro - 1, 0, -1) if global_batch % (workers * m) == 0]
+    if not fits:
+        return ""
+    accumulation = global_batch // (workers * fits[0])
+    return f" (micro_batch_size {fits[0]} gives accumulation {accumulation})"
+
+
 def stage_problems(w: Workflow) -> list[str]:
     problems = []
     for name in w.training_stages():
@@ -259,7 +269,11 @@ def stage_problems(w: Workflow) -> list[str]:
         if stage.global_batch_size % per_step:
             problems.append(
                 f"{name}.global_batch_size: {stage.global_batch_size} is not divisible by scaling.num_workers "
-                f"x {name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number")
+                f"x {name}.micro_batch_size = {per_step}; gradient accumulation must be a whole number"
+                + fitting_micro_batch(stage.global_batch_size, w.scaling.num_workers, stage.micro_batch_size))
+        if w.scaling.num_workers % stage.zero_hpz_partition_size:
+            problems.append(f"{name}.zero_hpz_partition_size: {stage.zero_hpz_partition_size} does not divide "
+                            f"scaling.num_workers = {w.scaling.num_workers} (it is the ranks of one node)")
         if stage.attn_implementation == "flash_attention_2" and not w.scaling.use_gpu:
             problems.append(f"{name}.attn_implementation: flash_attention_2 runs on GPUs only (scaling.use_gpu is "
                             f"false); use sdpa")

@@ -288,6 +288,8 @@ def memory_per_gpu_gb(stage, size: ModelSize, workers: int, tokens: float) -> di
     total = sum(size.params.values())
     trained = sum(trained_params(stage, size).values())
     weights = 2 * total / (workers if zero >= 3 else 1)
+    if zero >= 3 and stage.zero_hpz_partition_size > 1:  # ZeRO++'s second, node-local partition
+        weights += 2 * total / stage.zero_hpz_partition_size
     grads = (4 if stage.bf16 else 2) * trained / (workers if zero >= 2 else 1)
     optimizer = 12 * trained / (workers if zero >= 1 else 1)
     if stage.offload_optimizer:

@@ -332,6 +332,11 @@ class TrainStageSettings:
            "output is gathered one module at a time, rank 0 streaming each tensor into its safetensors shard")
     offload_optimizer: Bool = setting(False, "ZeRO 1-3: optimizer state in CPU memory (DeepSpeed CPU Adam on GPU)")
     offload_params: Bool = setting(False, "ZeRO 3 only: parameters in CPU memory")
+    zero_hpz_partition_size: Int = setting(
+        1, "ZeRO 3 across nodes: ZeRO++'s hierarchical partitioning, a second copy of the weights partitioned over "
+           "groups of this many ranks (the GPUs of one node), so the gathers of forward and backward stay on the "
+           "node's NVLink and only gradients cross nodes; costs the bf16 weights / this size per GPU (13B on 8: "
+           "3.3 GB). 1: off; use it with several nodes only", ge=1)
     bf16: Bool = setting(True, "bf16 on GPU only (the model loads in bf16, straight onto the GPU under ZeRO 0-2); "
                                "CPU trains in fp32")
     gradient_checkpointing: Bool = setting(
@@ -384,6 +389,8 @@ class TrainStageSettings:
             if self.offload_params and self.zero_stage != 3 else None,
             ("offload_optimizer", "needs zero_stage 1, 2 or 3") if self.offload_optimizer and self.zero_stage == 0
             else None,
+            ("zero_hpz_partition_size", "needs zero_stage 3 (it partitions the weights a second time)")
+            if self.zero_hpz_partition_size > 1 and self.zero_stage != 3 else None,
             ("recompute_every", "needs gradient_checkpointing")
             if self.recompute_every > 1 and not self.gradient_checkpointing else None,
             ("lora", "LoRA trains the LLM; add 'llm' to trainable or remove lora")

@@ -64,6 +64,8 @@ def deepspeed_config(stage: TrainStageSettings, world_size: int, use_gpu: bool, 
         if layer_params:  # prefetch the next decoder layer whole while this one computes (HF's "auto", 0.9 x
             # hidden^2, is one matrix of a layer's seven: its gathers then wait on each other)
             zero["stage3_prefetch_bucket_size"] = layer_params
+        if stage.zero_hpz_partition_size > 1:
+            zero["zero_hpz_partition_size"] = stage.zero_hpz_partition_size
     bf16 = training_dtype(stage, use_gpu) == torch.bfloat16
     return {
         "train_batch_size": stage.global_batch_size,
@@ -95,7 +97,36 @@ def zero3_loading(ds_config: dict):
         deepspeed.init_distributed()  # zero.Init checks the batch sizes against DeepSpeed's view of the world size
 
         _ZERO3_CONFIG.append(HfDeepSpeedConfig(ds_config))
-    yield
+    hpz = ds_config["zero_optimization"].get("zero_hpz_partition_size", 1) > 1
+    with hpz_group_reused() if hpz else contextlib.nullcontext():
+        yield
+
+
+@contextlib.contextmanager
+def hpz_group_reused():
+    """Every `deepspeed.zero.Init` after the first reuses ZeRO++'s intra-node group instead of failing on it.
+    DeepSpeed (0.19.8) creates the group in each Init and asserts when it exists ("ZeRO parameter intra parallel
+    group is already initialized", deepspeedai/DeepSpeed#4901), and transformers opens one Init per model it loads:
+    the tower, the LLM, then the projector's. The reuse is the fix proposed upstream (deepspeedai/DeepSpeed#8361):
+    the same size makes the same groups; another size is refused."""
+    from deepspeed.utils import groups
+
+    create = groups._create_zero_param_parallel_group
+
+    def create_once(group_size: int):
+        existing = groups._get_zero_param_intra_parallel_group()
+        if existing is None:
+            return create(group_size)
+        wanted = min(group_size, torch.distributed.get_world_size())
+        if torch.distributed.get_world_size(existing) != wanted:
+            raise RuntimeError(f"ZeRO++ intra-node groups of {torch.distributed.get_world_size(existing)} ranks "
+                               f"exist; this stage asks for {wanted}")
+
+    groups._create_zero_param_parallel_group = create_once
+    try:
+        yield
+    finally:
+        groups._create_zero_param_parallel_group = create
 
 
 def without_cpu_inference_comm_op() -> None:

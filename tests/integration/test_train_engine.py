@@ -96,16 +96,21 @@ def test_lora_dropout_is_active_while_training(tiny_dataset, one_rank):
     assert torch.equal(eval_in, eval_out)  # none in eval mode
 
 
-def bf16_lora_rank(rank: int, world: int, port: int, models: dict, zero_stage: int, out_dir: str):
-    """The LoRA recipe's stage (LoRA on the LLM, the projector in full) under ZeRO in bf16, as on GPUs."""
+def bf16_lora_rank(rank: int, world: int, port: int, models: dict, zero: tuple[int, int], out_dir: str):
+    """The LoRA recipe's stage (LoRA on the LLM, the projector in full) under ZeRO (stage, hpZ size) in bf16, as on
+    GPUs."""
     from llava_core.train.engine import BF16_ON_CPU_ENV, optimizer_step
 
     os.environ["LOCAL_RANK"], os.environ[BF16_ON_CPU_ENV] = str(rank), "1"
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     torch.manual_seed(0)
-    stage = stage_settings(lora=LoraSettings(r=4, alpha=8, dropout=0.0), zero_stage=zero_stage, micro_batch_size=1,
-                           global_batch_size=4, lr=1e-2)  # 2 micro-batches a rank: gradients accumulate
+    stage = stage_settings(lora=LoraSettings(r=4, alpha=8, dropout=0.0), zero_stage=zero[0], micro_batch_size=1,
+                           zero_hpz_partition_size=zero[1], global_batch_size=4,
+                           lr=1e-2)  # 2 micro-batches a rank: gradients accumulate
     engine, _ = build(models, stage, world)
+    # under hpZ every partitioned parameter, the tower's and the LLM's loaded in their own zero.Init, has the group
+    hpz_groups = {id(getattr(p, "ds_zero_param_process_group", None)) for p in engine.module.parameters()
+                  if hasattr(p, "ds_id")}
     dtypes = sorted({str(p.dtype) for p in engine.module.parameters() if p.requires_grad})
     rows = samples(engine, 2, seed=rank)
     numerator, denominator = optimizer_step(engine, [batch_of(rows[:1]), batch_of(rows[1:])], "token",
@@ -118,19 +123,23 @@ def bf16_lora_rank(rank: int, world: int, port: int, models: dict, zero_stage: i
     if rank == 0:
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump({"dtypes": dtypes, "loss": float(numerator / denominator), "moved": moved,
+                       "hpz_groups": len(hpz_groups), "no_hpz": id(None) in hpz_groups,
                        "accumulate_and_reduce": [str(engine.get_data_types()[1]), str(engine.communication_data_type)]},
                       f)
     dist.barrier()
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_the_lora_recipe_trains_in_bf16_and_accumulates_gradients_in_fp32(tiny_dataset, tmp_path, zero_stage):
+@pytest.mark.parametrize("zero", [(2, 1), (3, 1), (3, 2)], ids=["zero2", "zero3", "zero3-hpz"])
+def test_the_lora_recipe_trains_in_bf16_and_accumulates_gradients_in_fp32(tiny_dataset, tmp_path, zero):
     """peft upcasts new adapters to fp32 by default; DeepSpeed's ZeRO-3 then refuses a parameter group of mixed
-    dtypes (fp32 LoRA, bf16 projector copy). Only bf16 shows it: this runs the CPU test mode."""
-    mp.start_processes(bf16_lora_rank, args=(2, free_port(), tiny_dataset, zero_stage, str(tmp_path)), nprocs=2,
+    dtypes (fp32 LoRA, bf16 projector copy). Only bf16 shows it: this runs the CPU test mode. With ZeRO++'s hpZ,
+    DeepSpeed refused the second zero.Init (the LLM's, after the tower's) unless its group is reused."""
+    mp.start_processes(bf16_lora_rank, args=(2, free_port(), tiny_dataset, zero, str(tmp_path)), nprocs=2,
                        start_method="spawn")
     result = json.load(open(tmp_path / "result.json"))
+    if zero[0] == 3:  # one group for every partitioned parameter: hpZ's when asked for, none otherwise
+        assert (result["hpz_groups"], result["no_hpz"]) == (1, zero[1] == 1)
     assert result["dtypes"] == ["torch.bfloat16"]
     assert result["accumulate_and_reduce"] == ["torch.float32", "torch.float32"]
     assert math.isfinite(result["loss"]) and result["loss"] > 0

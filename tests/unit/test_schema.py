@@ -48,12 +48,26 @@ def test_a_sections_contradicting_settings_are_all_reported():
     ]
 
 
+def test_hpz_needs_zero3_and_divides_the_workers():
+    recipe = os.path.join(os.path.dirname(QUICKSTART), "llava-v1.5-13b.yaml")
+    with pytest.raises(WorkflowError) as refused:
+        load_workflow(recipe, ["align.zero_hpz_partition_size=8"])  # align runs ZeRO-2
+    assert refused.value.problems == [
+        "align.zero_hpz_partition_size: needs zero_stage 3 (it partitions the weights a second time)"]
+    with pytest.raises(WorkflowError) as refused:
+        load_workflow(recipe, ["instruct.zero_hpz_partition_size=3"])
+    assert refused.value.problems == [
+        "instruct.zero_hpz_partition_size: 3 does not divide scaling.num_workers = 8 (it is the ranks of one node)"]
+
+
 def test_rules_across_sections_are_all_reported_once_the_sections_are_valid():
     with pytest.raises(WorkflowError) as error:
         load_workflow(QUICKSTART, ["align.dataset=nothing", "instruct.micro_batch_size=5",
                                    "prepare.image_aspect_ratio=anyres"])
     assert [p.split(":")[0] for p in error.value.problems] == [
         "align.dataset", "instruct.global_batch_size", "prepare.image_aspect_ratio"]
+    # 32 rows a step over 2 workers: 5 a worker cannot make a whole accumulation; the advice keeps the step
+    assert error.value.problems[1].endswith("must be a whole number (micro_batch_size 4 gives accumulation 4)")
 
 
 @pytest.mark.parametrize("override, message", [
