@@ -161,13 +161,11 @@ def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
 def enable_recompute(llava, every: int) -> None:
     """Activation checkpointing (non-reentrant) on each layer of the vision tower and on every `every`-th decoder
     layer of the LLM, the first included; the LLM's other layers keep their activations. transformers'
-    `every_n_layers` counts layers over the whole model, tower first, so it is applied to the LLM alone: which layers
-    recompute is then the LLM's own count, as the plan's memory counts them."""
-    kwargs = {"use_reentrant": False}
-    llava.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    if every > 1:
-        llava.model.language_model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs,
-                                                                    every_n_layers=every)
+    `every_n_layers` would count layers over the whole model, tower first: the LLM's layers are chosen by their own
+    index instead, as the plan's memory counts them."""
+    llava.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    for index, layer in enumerate(llava.model.language_model.layers):
+        layer.gradient_checkpointing = index % every == 0  # the flag transformers' layers read on each call
 
 
 def build_engine(model, stage: TrainStageSettings, world_size: int, total_steps: int, use_gpu: bool,
@@ -280,15 +278,16 @@ def flatten_packed(batch: dict) -> dict:
     so the segments stay separate; images keep their order.
 
     The segments' boundaries go with it as transformers' `FlashAttentionKwargs` (`cu_seq_lens_*`, `max_length_*`),
-    found here once per micro-batch on the host: without them transformers finds them from `position_ids` in every
-    attention call (a `nonzero` and host syncs per layer, again in each recomputation)."""
+    found by transformers' own function once per micro-batch on the host: without them transformers finds them from
+    `position_ids` on the GPU in every attention call (a `nonzero` and host syncs per layer, again in each
+    recomputation)."""
+    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
+
     flat = dict(batch)
     for key in ("input_ids", "labels", "position_ids"):
         flat[key] = batch[key].reshape(1, -1)
-    positions = flat["position_ids"][0]
-    starts = torch.nonzero(positions == 0).flatten()
-    bounds = torch.cat([starts, torch.tensor([positions.numel()])]).to(torch.int32)
-    longest = int(bounds.diff().max())  # an int: flash attention's kernel takes it on the host
+    (bounds, _), (longest, _) = prepare_fa_kwargs_from_position_ids(flat["position_ids"])  # on the host, here
+    longest = int(longest)  # an int: flash attention's kernel takes it on the host
     flat.update(cu_seq_lens_q=bounds, cu_seq_lens_k=bounds, max_length_q=longest, max_length_k=longest)
     return flat
 

@@ -177,9 +177,9 @@ def run_workflow(name: str, gcs: str, root: str, env: dict) -> subprocess.Comple
 
 def cpu_attention(name: str) -> list[str]:
     """SDPA for each stage the recipe trains with flash attention, whose kernel runs on GPUs only."""
-    import yaml
+    from llava_core.config import read_yaml
 
-    recipe = yaml.safe_load(open(os.path.join(WORKFLOWS, f"{name}.yaml")))
+    recipe = read_yaml(open(os.path.join(WORKFLOWS, f"{name}.yaml")))
     return [f"{stage}.attn_implementation=sdpa" for stage, section in recipe.items()
             if isinstance(section, dict) and section.get("attn_implementation") == "flash_attention_2"]
 

@@ -49,7 +49,7 @@ def test_a_sections_contradicting_settings_are_all_reported():
 
 
 def test_hpz_needs_zero3_and_divides_the_workers():
-    recipe = os.path.join(os.path.dirname(QUICKSTART), "llava-v1.5-13b.yaml")
+    recipe = os.path.join(ROOT, "workflows", "llava-v1.5-13b.yaml")
     with pytest.raises(WorkflowError) as refused:
         load_workflow(recipe, ["align.zero_hpz_partition_size=8"])  # align runs ZeRO-2
     assert refused.value.problems == [

@@ -42,4 +42,3 @@ def test_the_deepspeed_config_of_a_bf16_zero3_stage_across_nodes():
     assert zero["stage3_param_persistence_threshold"] == 40_960
     cpu = deepspeed_config(stage, 32, use_gpu=False)  # fp32 on CPU: nothing to accumulate in a wider type
     assert cpu["bf16"] == {"enabled": False} and "data_types" not in cpu
-

@@ -113,12 +113,11 @@ def varlen_reference(module, query, key, value, attention_mask, scaling=None, dr
 
 
 def test_flattened_packed_rows_carry_their_boundaries_to_every_llm_layer_and_never_to_the_tower(tiny_dataset):
-    """Flash attention's packing path: the sequences' boundaries found once per micro-batch, as transformers would
-    find them from the position ids, reach every decoder layer (the same tensor: nothing recomputed per layer), give
-    each sample its own logits, and stay out of the tower, which the LLaVA classes hand the same keyword arguments."""
+    """Flash attention's packing path: the sequences' boundaries, found once per micro-batch, reach every decoder
+    layer (the same tensor: nothing recomputed per layer), give each sample its own logits, and stay out of the
+    tower, which the LLaVA classes hand the same keyword arguments."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, flash_attention_mask
-    from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
 
     from llava_core.model.build import attention_by_part
     from llava_core.train.engine import model_inputs
@@ -133,10 +132,10 @@ def test_flattened_packed_rows_carry_their_boundaries_to_every_llm_layer_and_nev
     batch = collate_packed(table, [np.array([0, 1]), np.array([2])], pad_token_id=0, pixels=pixels)
     inputs = model_inputs(batch, model.config.image_token_index, pixels, 0, flatten=True)
 
-    (theirs, _), (longest, _) = prepare_fa_kwargs_from_position_ids(inputs["position_ids"])
     width = batch["input_ids"].shape[1]  # the second row: sample 2, then its padding tail as a segment of its own
-    assert inputs["cu_seq_lens_q"].tolist() == theirs.tolist() == [0, sizes[0], width, width + sizes[2], 2 * width]
-    assert inputs["max_length_q"] == int(longest) and inputs["cu_seq_lens_k"] is inputs["cu_seq_lens_q"]
+    assert inputs["cu_seq_lens_q"].tolist() == [0, sizes[0], width, width + sizes[2], 2 * width]
+    assert inputs["max_length_q"] == max(sizes[0], width - sizes[0], sizes[2], width - sizes[2])
+    assert inputs["cu_seq_lens_k"] is inputs["cu_seq_lens_q"]
 
     # flash attention's kernel replaced by its CPU reference wherever the training model would run it
     parts = {part: "varlen_reference" if attention == "flash_attention_2" else attention
